@@ -1,0 +1,123 @@
+"""Audit log: the chain verifies, and every kind of tampering is caught and located."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vsphere_av.errors import AuditIntegrityError, StoreError
+from vsphere_av.store.audit import AuditLog, to_cef, to_jsonl
+
+
+def _log_with(tmp_path: Path, n: int = 5) -> AuditLog:
+    log = AuditLog.open(tmp_path)
+    for i in range(n):
+        log.append(actor="alice", action="scan.end", details={"vm": f"vm-{i}", "files": i})
+    return log
+
+
+def _sql(tmp_path: Path, statement: str, *args: object) -> None:
+    db = sqlite3.connect(tmp_path / "audit.sqlite")
+    db.execute(statement, args)
+    db.commit()
+    db.close()
+
+
+def test_intact_chain_verifies(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    result = log.verify()
+    assert result.ok
+    assert result.entries == 5
+    log.require_intact()
+
+
+def test_empty_log_verifies(tmp_path: Path) -> None:
+    assert AuditLog.open(tmp_path).verify().ok
+
+
+def test_entries_survive_reopen_and_keep_chaining(tmp_path: Path) -> None:
+    _log_with(tmp_path, 3).close()
+    log = AuditLog.open(tmp_path)
+    entry = log.append(actor="bob", action="quarantine.purge", details={"id": 7})
+    assert entry.seq == 4
+    assert log.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("tamper", "bad_seq"),
+    [
+        ("UPDATE audit SET details = '{\"vm\": \"vm-9\", \"files\": 2}' WHERE seq = 3", 3),
+        ("UPDATE audit SET actor = 'mallory' WHERE seq = 1", 1),
+        ("UPDATE audit SET time = '2020-01-01T00:00:00+00:00' WHERE seq = 5", 5),
+        ("DELETE FROM audit WHERE seq = 2", 2),
+    ],
+)
+def test_tampering_is_located(tmp_path: Path, tamper: str, bad_seq: int) -> None:
+    log = _log_with(tmp_path)
+    _sql(tmp_path, tamper)
+    result = log.verify()
+    assert not result.ok
+    assert result.first_bad_seq == bad_seq
+    with pytest.raises(AuditIntegrityError, match=f"entry {bad_seq}"):
+        log.require_intact()
+
+
+def test_reordering_is_caught(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    # swap the contents of entries 2 and 3, keeping their seq numbers
+    db = sqlite3.connect(tmp_path / "audit.sqlite")
+    rows = {r[0]: r[1:] for r in db.execute(
+        "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit WHERE seq IN (2, 3)")}
+    for seq, other in ((2, 3), (3, 2)):
+        db.execute("UPDATE audit SET time=?, actor=?, action=?, details=?, prev_hash=?, hash=? "
+                   "WHERE seq=?", (*rows[other], seq))
+    db.commit()
+    db.close()
+    result = log.verify()
+    assert not result.ok
+    assert result.first_bad_seq == 2
+
+
+def test_truncated_tail_is_caught(tmp_path: Path) -> None:
+    log = _log_with(tmp_path)
+    _sql(tmp_path, "DELETE FROM audit WHERE seq >= 4")
+    _sql(tmp_path, "UPDATE audit_head SET seq = 3, hash = (SELECT hash FROM audit WHERE seq = 3)")
+    result = log.verify()
+    assert not result.ok
+    assert "ends at entry 5" in result.message
+
+
+def test_secrets_are_refused(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path)
+    with pytest.raises(StoreError, match="secrets"):
+        log.append(actor="a", action="config.change", details={"guest": {"password": "x"}})
+    assert log.verify().entries == 0
+
+
+def test_exports(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path)
+    entry = log.append(actor="ctl", action="detection", details={
+        "vm": "web|01", "path": "/tmp/a=b", "threat": "EICAR", "sha256": "ab" * 32})
+    line = to_cef(entry, version="1.0")
+    assert line.startswith("CEF:0|vsphere-av|vsphere-av|1.0|detection|detection: EICAR|8|")
+    assert "dhost=web|01" in line          # pipes are only escaped in the header
+    assert "filePath=/tmp/a\\=b" in line   # '=' is escaped in extensions
+    assert json.loads(to_jsonl(entry))["hash"] == entry.hash
+
+
+def test_cli_verify_exit_codes(tmp_path: Path) -> None:
+    _log_with(tmp_path).close()
+    env = {"VSPHERE_AV_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "vsphere_av", "audit", "verify"]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "5 entries" in ok.stdout
+    _sql(tmp_path, "UPDATE audit SET action = 'scan.start' WHERE seq = 4")
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "vsphere-av: error: audit log broken at entry 4: entry 4 was altered"

@@ -1,0 +1,1 @@
+"""Persistent state: SQLite stores and the hash-chained audit log."""

@@ -1,0 +1,279 @@
+"""Tamper-evident audit log: append-only, every entry chained to the previous by SHA-256.
+
+Called by everything that changes protection (scans, remediation, quarantine, signatures,
+appliances, configuration) and by ``cli.py`` (``audit verify`` / ``audit export``).
+Calls only SQLite (``<state_dir>/audit.sqlite``).
+
+Each entry stores ``hash = sha256(prev_hash || canonical JSON of seq, time, actor, action,
+details)``. Altering, removing or reordering any entry breaks the chain from that entry on;
+truncating the tail is caught by the head record kept in a second table and in the file
+``audit.head`` beside the database (written after every append), so an attacker must
+rewrite three places consistently. Writes are durable (WAL, synchronous=FULL) before
+``append`` returns, so a crash never loses an acknowledged entry.
+
+Secrets never reach this module: callers pass only names and identifiers. As a second
+line of defence, keys that look like secrets are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vsphere_av.errors import AuditIntegrityError, StoreError
+
+GENESIS = "0" * 64
+_SECRET_KEYS = ("password", "secret", "token", "private_key")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq       INTEGER PRIMARY KEY,
+    time      TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    details   TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit record."""
+
+    seq: int
+    time: str
+    actor: str
+    action: str
+    details: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON export."""
+        return {"seq": self.seq, "time": self.time, "actor": self.actor, "action": self.action,
+                "details": dict(self.details), "prev_hash": self.prev_hash, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Result of walking the chain."""
+
+    ok: bool
+    entries: int
+    first_bad_seq: int | None = None
+    message: str = ""
+
+
+def current_actor() -> str:
+    """Who is acting: VSPHERE_AV_ACTOR if set (the controller sets its role), else the OS user."""
+    actor = os.environ.get("VSPHERE_AV_ACTOR")
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def entry_hash(*, prev_hash: str, seq: int, time: str, actor: str, action: str,
+               details: Mapping[str, Any]) -> str:
+    """The chained hash of one entry."""
+    body = json.dumps({"seq": seq, "time": time, "actor": actor, "action": action,
+                       "details": details}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=str)
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def _check_no_secrets(details: Mapping[str, Any], where: str = "details") -> None:
+    for key, value in details.items():
+        if any(s in key.lower() for s in _SECRET_KEYS):
+            raise StoreError(f"audit {where} must not carry secrets (key {key!r})")
+        if isinstance(value, Mapping):
+            _check_no_secrets(value, f"{where}.{key}")
+
+
+class AuditLog:
+    """The hash-chained audit log of one state directory. Safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.head_path = path.with_name("audit.head")
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                       timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open audit log {path}: {exc}") from exc
+
+    @classmethod
+    def open(cls, state_dir: Path | str) -> AuditLog:
+        """Open (creating if needed) ``<state_dir>/audit.sqlite``."""
+        return cls(Path(state_dir) / "audit.sqlite")
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> AuditEntry:
+        """Append one entry durably and return it."""
+        details = dict(details or {})
+        _check_no_secrets(details)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+                now = datetime.now(UTC).isoformat(timespec="microseconds")
+                digest = entry_hash(prev_hash=prev, seq=seq, time=now, actor=actor, action=action,
+                                    details=details)
+                self._db.execute(
+                    "INSERT INTO audit (seq, time, actor, action, details, prev_hash, hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (seq, now, actor, action, json.dumps(details, sort_keys=True, default=str),
+                     prev, digest))
+                self._db.execute("INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)",
+                                 (seq, digest))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot write audit log {self.path}: {exc}") from exc
+            self._write_head(seq, digest)
+        return AuditEntry(seq, now, actor, action, details, prev, digest)
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        tmp = self.head_path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write(f"{seq} {digest}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.head_path)
+
+    def entries(self) -> Iterator[AuditEntry]:
+        """Every entry in stored order (by seq)."""
+        cur = self._db.execute(
+            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit ORDER BY seq")
+        for seq, time, actor, action, details, prev, digest in cur:
+            try:
+                parsed = json.loads(details)
+            except json.JSONDecodeError:
+                parsed = {"_unparseable": details}
+            yield AuditEntry(seq, time, actor, action, parsed, prev, digest)
+
+    def verify(self) -> Verification:
+        """Walk the chain; report the first entry that does not verify."""
+        prev = GENESIS
+        expected_seq = 1
+        count = 0
+        for entry in self.entries():
+            count += 1
+            if entry.seq != expected_seq:
+                return Verification(False, count, expected_seq,
+                                    f"entry {expected_seq} is missing (next stored entry is {entry.seq})")
+            if entry.prev_hash != prev:
+                return Verification(False, count, entry.seq,
+                                    f"entry {entry.seq} does not chain to entry {entry.seq - 1}")
+            digest = entry_hash(prev_hash=entry.prev_hash, seq=entry.seq, time=entry.time,
+                                actor=entry.actor, action=entry.action, details=entry.details)
+            if digest != entry.hash:
+                return Verification(False, count, entry.seq, f"entry {entry.seq} was altered")
+            prev = entry.hash
+            expected_seq += 1
+        last_seq = expected_seq - 1
+        heads = []
+        row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        if row:
+            heads.append(("head record", int(row[0]), str(row[1])))
+        if self.head_path.exists():
+            parts = self.head_path.read_text(encoding="ascii", errors="replace").split()
+            if len(parts) == 2 and parts[0].isdigit():
+                heads.append(("head file", int(parts[0]), parts[1]))
+            else:
+                return Verification(False, count, last_seq + 1, f"{self.head_path.name} is malformed")
+        elif last_seq:
+            return Verification(False, count, last_seq + 1, f"{self.head_path.name} is missing")
+        for name, seq, digest in heads:
+            if seq != last_seq or (last_seq and digest != prev):
+                bad = min(seq, last_seq) + 1 if seq != last_seq else last_seq
+                return Verification(False, count, bad,
+                                    f"{name} says the log ends at entry {seq}, but it ends at {last_seq}"
+                                    if seq != last_seq else f"entry {last_seq} does not match the {name}")
+        return Verification(True, count)
+
+    def require_intact(self) -> None:
+        """Raise AuditIntegrityError when the chain does not verify."""
+        result = self.verify()
+        if not result.ok:
+            raise AuditIntegrityError(f"audit log broken at entry {result.first_bad_seq}: {result.message}")
+
+
+_CEF_SEVERITY = {"detection": 8, "remediation": 6, "quarantine": 5, "isolation": 7,
+                 "signatures": 3, "scan": 2, "appliance": 4, "config": 5}
+
+
+def _cef_escape_header(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _cef_escape_ext(value: str) -> str:
+    return (value.replace("\\", "\\\\").replace("=", "\\=").replace("\r", "\\r")
+            .replace("\n", "\\n"))
+
+
+def to_cef(entry: AuditEntry, *, version: str) -> str:
+    """One entry as an ArcSight CEF:0 line, the form SIEMs take from antivirus products."""
+    family = entry.action.split(".", 1)[0]
+    severity = _CEF_SEVERITY.get(family, 3)
+    details = entry.details
+    name = entry.action
+    if details.get("threat"):
+        name = f"{entry.action}: {details['threat']}"
+    ext: dict[str, Any] = {
+        "rt": entry.time, "suser": entry.actor, "act": entry.action,
+        "cs1Label": "auditSeq", "cs1": entry.seq, "cs2Label": "auditHash", "cs2": entry.hash,
+    }
+    mapping = {"vm": "dhost", "path": "filePath", "sha256": "fileHash", "host": "dvchost",
+               "threat": "cs3", "action_taken": "outcome"}
+    for key, cef_key in mapping.items():
+        if key in details and details[key] not in (None, ""):
+            ext[cef_key] = details[key]
+    if "cs3" in ext:
+        ext["cs3Label"] = "threat"
+    rest = {k: v for k, v in details.items() if k not in mapping}
+    if rest:
+        ext["msg"] = json.dumps(rest, sort_keys=True, default=str)
+    header = "|".join(_cef_escape_header(str(x)) for x in (
+        "CEF:0", "vsphere-av", "vsphere-av", version, entry.action, name, severity))
+    return header + "|" + " ".join(f"{k}={_cef_escape_ext(str(v))}" for k, v in ext.items())
+
+
+def to_jsonl(entry: AuditEntry) -> str:
+    """One entry as a JSON line."""
+    return json.dumps(entry.as_dict(), sort_keys=True, default=str)
