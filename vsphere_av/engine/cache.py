@@ -1,0 +1,250 @@
+"""Persistent verdict cache: (content SHA-256, signature version, context) -> verdict.
+
+Called by ``engine.Session`` (and scan-files workers); calls sqlite3 only. One SQLite file,
+``<state_dir>/verdicts.sqlite``, shared by every process that scans (WAL mode, busy timeout).
+
+* ``context`` is "" unless the version's rules read the name externals or ``owner``: then it
+  holds those values, so a cached verdict always equals what a full scan would say. It also
+  carries a fingerprint of the engine limits (archive depth, sizes) that shape a verdict.
+* Bounded: at most ``max_entries`` rows; least recently used rows go first. "Used" is
+  refreshed at most once an hour per row so a warm pass does not turn into a write storm.
+* Writes are buffered and committed in batches (``flush``), so a cold pass over thousands
+  of small files is not one transaction per file.
+* ``files`` memoises SHA-256 of local files by (device, inode, size, mtime, ctime); only
+  used by ``scan-files`` on local paths, and only for files not modified in the last
+  seconds (a write within the same timestamp tick would otherwise go unnoticed).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vsphere_av.errors import EngineError
+
+TOUCH_EVERY = 3600          # seconds between LRU refreshes of one row
+FLUSH_EVERY = 512           # buffered writes before a commit
+RACY_SECONDS = 3            # files changed this recently are not memoised
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    sha256 BLOB NOT NULL, version INTEGER NOT NULL, context TEXT NOT NULL,
+    status TEXT NOT NULL, reason TEXT NOT NULL, detections TEXT NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (sha256, version, context)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verdicts_lru ON verdicts (last_used);
+CREATE TABLE IF NOT EXISTS files (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, sha256 BLOB NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (dev, ino)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_lru ON files (last_used);
+"""
+
+
+@dataclass(frozen=True)
+class CachedVerdict:
+    """What the cache remembers of one scan."""
+
+    status: str
+    reason: str
+    detections: tuple[tuple[str, str, str, str], ...]   # (threat, source, rule, member)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """The identity of a local file's content as far as the kernel tells it."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class VerdictCache:
+    """SQLite-backed, LRU-bounded verdict cache (thread-safe within a process)."""
+
+    def __init__(self, *, path: Path, max_entries: int) -> None:
+        self.path = Path(path)
+        self.max_entries = max(1, max_entries)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._count = int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise EngineError(f"verdict cache {self.path} cannot be opened: {exc}") from exc
+        self._pending: dict[tuple[bytes, int, str], tuple[bytes, int, str, str, str, str, int]] = {}
+        self._touches: list[tuple[int, bytes, int, str]] = []
+        self._file_rows: list[tuple[int, int, int, int, int, bytes, int]] = []
+
+    @classmethod
+    def open(cls, state_dir: Path, *, max_entries: int) -> VerdictCache:
+        """The cache of a state directory."""
+        return cls(path=Path(state_dir) / "verdicts.sqlite", max_entries=max_entries)
+
+    # -- verdicts ---------------------------------------------------------------------
+    def get(self, sha256: str, version: int, context: str = "") -> CachedVerdict | None:
+        """The cached verdict, or None."""
+        found = self.get_many([(sha256, context)], version)
+        return found.get((sha256, context))
+
+    def get_many(self, keys: Sequence[tuple[str, str]], version: int,
+                 ) -> dict[tuple[str, str], CachedVerdict]:
+        """Cached verdicts for many (sha256, context) keys of one version."""
+        out: dict[tuple[str, str], CachedVerdict] = {}
+        if not keys:
+            return out
+        now = int(time.time())
+        with self._lock:
+            try:
+                for start in range(0, len(keys), 400):
+                    chunk = keys[start:start + 400]
+                    blobs = list({bytes.fromhex(sha) for sha, _ in chunk})
+                    marks = ",".join("?" * len(blobs))
+                    rows = self._db.execute(
+                        "SELECT sha256, context, status, reason, detections, last_used "
+                        f"FROM verdicts "
+                        f"WHERE version = ? AND sha256 IN ({marks})", [version, *blobs]).fetchall()
+                    wanted = set(chunk)
+                    for sha, context in chunk:
+                        row = self._pending.get((bytes.fromhex(sha), version, context))
+                        if row is not None:
+                            out[(sha, context)] = CachedVerdict(
+                                status=row[3], reason=row[4],
+                                detections=tuple(tuple(d) for d in json.loads(row[5])))
+                    for sha, context, status, reason, dets, last_used in rows:
+                        key = (sha.hex(), context)
+                        if key not in wanted or key in out:
+                            continue
+                        out[key] = CachedVerdict(status=status, reason=reason, detections=tuple(
+                            tuple(d) for d in json.loads(dets)))
+                        if now - last_used > TOUCH_EVERY:
+                            self._touches.append((now, sha, version, context))
+            except sqlite3.Error as exc:
+                raise EngineError(f"verdict cache read failed: {exc}") from exc
+            if len(self._touches) >= FLUSH_EVERY:
+                self._flush_locked()
+        return out
+
+    def put(self, sha256: str, version: int, context: str, verdict: CachedVerdict) -> None:
+        """Remember a verdict (buffered; see ``flush``)."""
+        row = (bytes.fromhex(sha256), version, context, verdict.status, verdict.reason,
+               json.dumps([list(d) for d in verdict.detections]), int(time.time()))
+        with self._lock:
+            self._pending[row[:3]] = row
+            if len(self._pending) >= FLUSH_EVERY:
+                self._flush_locked()
+
+    # -- local file memo --------------------------------------------------------------
+    def file_hashes(self, stats: Sequence[FileStat]) -> dict[FileStat, str]:
+        """Known SHA-256 of local files whose identity (inode, size, times) is unchanged."""
+        out: dict[FileStat, str] = {}
+        with self._lock:
+            try:
+                for start in range(0, len(stats), 300):
+                    chunk = stats[start:start + 300]
+                    marks = ",".join("(?,?)" for _ in chunk)
+                    params: list[int] = []
+                    for st in chunk:
+                        params += [st.dev, st.ino]
+                    rows = self._db.execute(
+                        f"SELECT dev, ino, size, mtime_ns, ctime_ns, sha256 FROM files "
+                        f"WHERE (dev, ino) IN (VALUES {marks})", params).fetchall()
+                    known = {(r[0], r[1]): r for r in rows}
+                    for st in chunk:
+                        r = known.get((st.dev, st.ino))
+                        if r and (r[2], r[3], r[4]) == (st.size, st.mtime_ns, st.ctime_ns):
+                            out[st] = r[5].hex()
+            except sqlite3.Error as exc:
+                raise EngineError(f"verdict cache read failed: {exc}") from exc
+        return out
+
+    def remember_file(self, st: FileStat, sha256: str) -> None:
+        """Memoise a local file's SHA-256 unless it changed too recently to trust its times."""
+        now = time.time()
+        if now - st.mtime_ns / 1e9 < RACY_SECONDS or now - st.ctime_ns / 1e9 < RACY_SECONDS:
+            return
+        with self._lock:
+            self._file_rows.append((st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns,
+                                    bytes.fromhex(sha256), int(now)))
+            if len(self._file_rows) >= FLUSH_EVERY:
+                self._flush_locked()
+
+    # -- housekeeping -----------------------------------------------------------------
+    def flush(self) -> None:
+        """Commit buffered writes and evict least recently used rows over the bound."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not (self._pending or self._touches or self._file_rows):
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._pending:
+                    before = self._db.total_changes
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?)",
+                        list(self._pending.values()))
+                    self._count += self._db.total_changes - before
+                if self._touches:
+                    self._db.executemany(
+                        "UPDATE verdicts SET last_used = ? WHERE sha256 = ? AND version = ? "
+                        "AND context = ?", self._touches)
+                if self._file_rows:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)", self._file_rows)
+                if self._count > self.max_entries:
+                    self._count = int(self._db.execute(
+                        "SELECT count(*) FROM verdicts").fetchone()[0])
+                    excess = self._count - self.max_entries
+                    if excess > 0:
+                        # Evict a little more than needed so eviction is not paid on every flush.
+                        victims = excess + self.max_entries // 20
+                        self._db.execute(
+                            "DELETE FROM verdicts WHERE (sha256, version, context) IN ("
+                            "SELECT sha256, version, context FROM verdicts "
+                            "ORDER BY last_used LIMIT ?)", (victims,))
+                        self._count = max(0, self._count - victims)
+                    files = int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
+                    if files > self.max_entries:
+                        self._db.execute(
+                            "DELETE FROM files WHERE (dev, ino) IN (SELECT dev, ino FROM files "
+                            "ORDER BY last_used LIMIT ?)", (files - self.max_entries,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise EngineError(f"verdict cache write failed: {exc}") from exc
+        finally:
+            self._pending.clear()
+            self._touches.clear()
+            self._file_rows.clear()
+
+    def count(self) -> int:
+        """Number of cached verdicts (after flushing)."""
+        self.flush()
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
+
+    def close(self) -> None:
+        """Flush and close the database."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._db.close()
+
