@@ -1,0 +1,602 @@
+"""One hardened security appliance per ESXi host: the pure plan and its idempotent application.
+
+Called by ``cli.py`` (``appliances reconcile``) and by the controller's ``serve`` loop through
+:func:`reconcile_once`. Calls only the collaborators it is handed: an :class:`ApplianceAdapter`
+(``vsphere_av.vsphere.appliances.VsphereApplianceAdapter`` in production, which does every
+vSphere call) and the audit log. :func:`plan` is a pure function of the desired spec and the
+observed inventory; :func:`apply` performs the actions and is idempotent because every adapter
+method re-reads what it changes (adding a group that exists edits it, powering on a running VM
+is a no-op, destroying a VM that is gone succeeds).
+
+Desired state, for every connected host of the configured clusters (all when none are named):
+exactly one VM named ``<name_prefix><host name>`` marked with extraConfig
+``vsphere-av.role = appliance`` and ``vsphere-av.host = <host moref>``, carrying the hardening
+keys of :data:`HARDENING`, running on that host, pinned there (mandatory VM-Host rule, DRS and
+HA overrides disabled) and powered on; powered off cleanly while the host is in maintenance
+mode. Appliances of hosts that left the inventory (or the configured clusters) are destroyed
+and their rules and groups removed.
+
+How the controller finds an appliance's management address (SSH, engine service): the IP
+address VMware Tools reports (``guest.ipAddress``). When ``appliances.addresses`` names a pool,
+the controller assigns one address per appliance at deploy time as the OVF property /
+extraConfig ``guestinfo.ipaddress``, which the appliance image applies to its NIC at boot
+(and which the bundled simulator reports back as ``guest.ipAddress``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
+
+ROLE_KEY = "vsphere-av.role"
+ROLE_VALUE = "appliance"
+HOST_KEY = "vsphere-av.host"
+ADDRESS_KEY = "guestinfo.ipaddress"
+
+# VMware security configuration guide, VM controls (see shared design vsphere-api.md).
+HARDENING: Mapping[str, str] = {
+    "isolation.tools.copy.disable": "TRUE",
+    "isolation.tools.paste.disable": "TRUE",
+    "isolation.tools.dnd.disable": "TRUE",
+    "isolation.tools.diskShrink.disable": "TRUE",
+    "isolation.tools.diskWiper.disable": "TRUE",
+    "isolation.device.connectable.disable": "TRUE",
+    "mks.enable3d": "FALSE",
+    "tools.guestlib.enableHostInfo": "FALSE",
+    "RemoteDisplay.maxConnections": "1",
+    "tools.setInfo.sizeLimit": "1048576",
+    "log.keepOld": "10",
+    "log.rotateSize": "2048000",
+}
+
+POWERED_ON = "poweredOn"
+POWERED_OFF = "poweredOff"
+
+# Order in which a plan's actions are applied: clean-up first (so names and addresses are
+# free), then creation, then the fixes that depend on the VM existing.
+KINDS = ("destroy", "unpin", "deploy", "configure", "relocate", "pin", "power_on", "shutdown")
+MAX_ADDRESSES = 4096
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ApplianceSettings:
+    """The ``[appliances]`` section of the config file."""
+
+    enabled: bool = False
+    source: str = "ovf"                     # ovf | template
+    ovf: str = str(DATA_DIR / "appliance.ovf")
+    template: str = ""                      # template VM name when source = "template"
+    clusters: tuple[str, ...] = ()          # cluster names; empty = every host
+    name_prefix: str = "vsphere-av-appliance-"
+    datastore: str = ""                     # empty: the host's local datastore, else its first
+    network: str = ""                       # empty: the host's first network
+    folder: str = ""                        # VM folder name; empty: the datacenter's VM folder
+    addresses: tuple[str, ...] = ()         # pool: "127.0.0.11", "127.0.0.11-127.0.0.40", CIDR
+    ssh_user: str = "vsphere-av"
+    ssh_port: int = 22
+    ssh_key_file: str = ""                  # private key (keys only, never passwords)
+    engine_port: int = 8443
+    engine_token_file: str = ""             # bearer token shared with the engine services
+    engine_service: str = "vsphere-av-engine"  # systemd unit restarted over SSH
+    signature_dir: str = "/var/lib/vsphere-av/signatures"  # where bundles land on the appliance
+
+    def address_pool(self) -> list[str]:
+        """Expand ``addresses`` into a list of IPv4/IPv6 strings (bounded)."""
+        return expand_addresses(self.addresses)
+
+
+_SETTING_KINDS: Mapping[str, type] = {
+    "enabled": bool, "source": str, "ovf": str, "template": str, "clusters": tuple,
+    "name_prefix": str, "datastore": str, "network": str, "folder": str, "addresses": tuple,
+    "ssh_user": str, "ssh_port": int, "ssh_key_file": str, "engine_port": int,
+    "engine_token_file": str, "engine_service": str, "signature_dir": str,
+}
+
+
+def settings_from(extra: Mapping[str, Any]) -> ApplianceSettings:
+    """Parse ``settings.extra["appliances"]``; ConfigError on anything malformed."""
+    section = extra.get("appliances", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError("appliances must be a table")
+    unknown = set(section) - set(_SETTING_KINDS)
+    if unknown:
+        raise ConfigError(f"appliances: unknown setting(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key, kind in _SETTING_KINDS.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"appliances.{key} must be a list of strings")
+            value = tuple(value)
+        elif (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise ConfigError(f"appliances.{key} must be {kind.__name__}")
+        values[key] = value
+    result = ApplianceSettings(**values)
+    if result.source not in ("ovf", "template"):
+        raise ConfigError("appliances.source must be ovf or template")
+    if result.source == "template" and not result.template:
+        raise ConfigError("appliances.template must name a template VM when source = template")
+    if not result.name_prefix or len(result.name_prefix) > 40:
+        raise ConfigError("appliances.name_prefix must be 1 to 40 characters")
+    for port_key in ("ssh_port", "engine_port"):
+        if not 0 < getattr(result, port_key) < 65536:
+            raise ConfigError(f"appliances.{port_key} must be a TCP port")
+    result.address_pool()  # validate now, not at deploy time
+    return result
+
+
+def expand_addresses(entries: Iterable[str]) -> list[str]:
+    """Expand single addresses, ``A-B`` ranges and CIDR blocks, in order, without duplicates."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(addr: Any) -> None:
+        text = str(addr)
+        if text not in seen:
+            if len(out) >= MAX_ADDRESSES:
+                raise ConfigError(f"appliances.addresses: more than {MAX_ADDRESSES} addresses")
+            seen.add(text)
+            out.append(text)
+
+    for raw in entries:
+        entry = raw.strip()
+        try:
+            if "/" in entry:
+                net = ipaddress.ip_network(entry, strict=False)
+                hosts = list(net.hosts()) if net.num_addresses > 2 else list(net)
+                if len(hosts) > MAX_ADDRESSES:
+                    raise ConfigError(f"appliances.addresses: {entry} is too large")
+                for addr in hosts:
+                    add(addr)
+            elif "-" in entry:
+                first_text, last_text = (p.strip() for p in entry.split("-", 1))
+                first, last = ipaddress.ip_address(first_text), ipaddress.ip_address(last_text)
+                if first.version != last.version or int(last) < int(first):
+                    raise ConfigError(f"appliances.addresses: bad range {entry!r}")
+                if int(last) - int(first) >= MAX_ADDRESSES:
+                    raise ConfigError(f"appliances.addresses: {entry} is too large")
+                for value in range(int(first), int(last) + 1):
+                    add(ipaddress.ip_address(value))
+            else:
+                add(ipaddress.ip_address(entry))
+        except ValueError as exc:
+            raise ConfigError(
+                f"appliances.addresses: {entry!r} is not an address, range or CIDR") from exc
+    return out
+
+
+# ----------------------------------------------------------------------------- observed state
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """One ESXi host as vCenter sees it."""
+
+    id: str                     # moref value, e.g. "host-21"
+    name: str
+    cluster_id: str | None      # None for a standalone host
+    cluster_name: str = ""
+    connected: bool = True
+    maintenance: bool = False
+
+
+@dataclass(frozen=True)
+class ApplianceVm:
+    """A VM carrying our appliance marker (``vsphere-av.role = appliance``)."""
+
+    id: str
+    name: str
+    marker_host: str            # the host moref in ``vsphere-av.host``
+    host_id: str | None         # where it runs now
+    power_state: str            # poweredOn | poweredOff | suspended
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    drs_disabled: bool = False  # a cluster DRS override with enabled = False exists
+    ha_disabled: bool = False   # a cluster HA override with restartPriority = disabled exists
+    address: str = ""           # guest.ipAddress reported by VMware Tools
+    tools_running: bool = False
+
+
+@dataclass(frozen=True)
+class HostPin:
+    """The groups and rule that pin one host's appliance, as found in its cluster."""
+
+    cluster_id: str
+    host_id: str
+    vm_group: frozenset[str] | None     # None: the VM group does not exist
+    host_group: frozenset[str] | None   # None: the host group does not exist
+    rule_ok: bool                       # rule exists, mandatory, enabled, names both groups
+    rule_exists: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything :func:`plan` needs to know about the inventory."""
+
+    hosts: tuple[HostInfo, ...] = ()
+    appliances: tuple[ApplianceVm, ...] = ()
+    pins: tuple[HostPin, ...] = ()
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the configuration asks for (the part of :class:`ApplianceSettings` plan reads)."""
+
+    clusters: frozenset[str] = frozenset()
+    name_prefix: str = "vsphere-av-appliance-"
+    addresses: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: ApplianceSettings) -> Desired:
+        """Build from the ``[appliances]`` settings."""
+        return cls(clusters=frozenset(settings.clusters), name_prefix=settings.name_prefix,
+                   addresses=tuple(settings.address_pool()))
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change to make; ``vm_id`` is empty for a VM this plan deploys."""
+
+    kind: str
+    host: str                   # host name (for people)
+    host_id: str
+    vm: str                     # VM name
+    vm_id: str = ""
+    cluster_id: str = ""
+    reason: str = ""
+    extra_config: tuple[tuple[str, str], ...] = ()   # deploy / configure: keys to set
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: kind, host, vm plus the identifiers and reason."""
+        out: dict[str, Any] = {"kind": self.kind, "host": self.host, "host_id": self.host_id,
+                               "vm": self.vm, "vm_id": self.vm_id or None,
+                               "reason": self.reason}
+        if self.cluster_id:
+            out["cluster_id"] = self.cluster_id
+        if self.extra_config:
+            out["extra_config"] = dict(self.extra_config)
+        return out
+
+
+def appliance_name(desired: Desired, host: HostInfo) -> str:
+    """``<prefix><host name>``: the name of the appliance VM for ``host``."""
+    return f"{desired.name_prefix}{host.name}"
+
+
+def expected_extra_config(host_id: str) -> dict[str, str]:
+    """The extraConfig every appliance of ``host_id`` must carry (markers + hardening)."""
+    return {**HARDENING, ROLE_KEY: ROLE_VALUE, HOST_KEY: host_id}
+
+
+def _in_scope(desired: Desired, host: HostInfo) -> bool:
+    return not desired.clusters or host.cluster_name in desired.clusters
+
+
+def _keeper(apps: Sequence[ApplianceVm], host: HostInfo, name: str) -> ApplianceVm:
+    """The one appliance to keep among several for the same host (deterministic)."""
+    def score(app: ApplianceVm) -> tuple[int, int, int, str]:
+        return (0 if app.host_id == host.id else 1,
+                0 if app.power_state == POWERED_ON else 1,
+                0 if app.name == name else 1,
+                app.id)
+    return min(apps, key=score)
+
+
+def _free_address(desired: Desired, taken: set[str]) -> str:
+    for addr in desired.addresses:
+        if addr not in taken:
+            taken.add(addr)
+            return addr
+    if desired.addresses:
+        raise ApplianceError("appliances.addresses: the address pool is exhausted")
+    return ""
+
+
+def _host_name(hosts: Mapping[str, HostInfo], host_id: str | None) -> str:
+    host = hosts.get(host_id or "")
+    return host.name if host else str(host_id)
+
+
+def plan(desired: Desired, observed: Observed) -> list[Action]:
+    """The actions that turn ``observed`` into ``desired``; empty when nothing must change."""
+    hosts = {h.id: h for h in observed.hosts}
+    scope = {h.id: h for h in observed.hosts if _in_scope(desired, h)}
+    by_host: dict[str, list[ApplianceVm]] = {}
+    for app in sorted(observed.appliances, key=lambda a: a.id):
+        by_host.setdefault(app.marker_host, []).append(app)
+    taken = {a.extra_config.get(ADDRESS_KEY, "") for a in observed.appliances} | {
+        a.address for a in observed.appliances}
+    taken.discard("")
+    actions: list[Action] = []
+
+    def add(kind: str, host: HostInfo | None, host_id: str, vm: str, vm_id: str = "",
+            **kw: Any) -> None:
+        actions.append(Action(kind=kind, host=host.name if host else host_id, host_id=host_id,
+                              vm=vm, vm_id=vm_id, **kw))
+
+    # Appliances whose host is gone or out of scope.
+    for host_id, apps in sorted(by_host.items()):
+        if host_id not in scope:
+            why = "host removed" if host_id not in hosts else "host not in the configured clusters"
+            for app in apps:
+                add("destroy", hosts.get(host_id), host_id, app.name, app.id, reason=why)
+
+    # Pin rules and groups whose host is gone, out of scope or now in another cluster.
+    for pin in sorted(observed.pins, key=lambda p: (p.cluster_id, p.host_id)):
+        host = scope.get(pin.host_id)
+        if host is None or host.cluster_id != pin.cluster_id:
+            if pin.host_id not in hosts:
+                why = "host removed"
+            elif host is None:
+                why = "host not in the configured clusters"
+            else:
+                why = "host moved to another cluster"
+            add("unpin", hosts.get(pin.host_id), pin.host_id, "", cluster_id=pin.cluster_id,
+                reason=why)
+
+    pins = {(p.cluster_id, p.host_id): p for p in observed.pins}
+    for host in sorted(scope.values(), key=lambda h: (h.name, h.id)):
+        if not host.connected:
+            continue  # nothing can be changed on it; its VMs are unprotected meanwhile
+        name = appliance_name(desired, host)
+        apps = by_host.get(host.id, [])
+        want_extra = expected_extra_config(host.id)
+        if not apps:
+            if host.maintenance:
+                continue  # nothing can be deployed onto a host in maintenance mode
+            extra = dict(want_extra)
+            address = _free_address(desired, taken)
+            if address:
+                extra[ADDRESS_KEY] = address
+            add("deploy", host, host.id, name, reason="no appliance",
+                extra_config=tuple(sorted(extra.items())))
+            if host.cluster_id:
+                add("pin", host, host.id, name, cluster_id=host.cluster_id,
+                    reason="new appliance")
+            add("power_on", host, host.id, name, reason="new appliance")
+            continue
+
+        keep = _keeper(apps, host, name)
+        for dup in apps:
+            if dup is not keep:
+                add("destroy", host, host.id, dup.name, dup.id, reason="duplicate appliance")
+        drift = {k: v for k, v in want_extra.items() if keep.extra_config.get(k) != v}
+        if drift:
+            add("configure", host, host.id, keep.name, keep.id,
+                reason="hardening or markers changed: " + ", ".join(sorted(drift)),
+                extra_config=tuple(sorted(drift.items())))
+        if keep.host_id != host.id and not host.maintenance:
+            add("relocate", host, host.id, keep.name, keep.id,
+                reason=f"moved to {_host_name(hosts, keep.host_id)}")
+        if host.cluster_id:
+            found = pins.get((host.cluster_id, host.id))
+            wrong = []
+            if found is None or found.vm_group != frozenset({keep.id}):
+                wrong.append("vm group")
+            if found is None or found.host_group != frozenset({host.id}):
+                wrong.append("host group")
+            if found is None or not found.rule_ok:
+                wrong.append("rule")
+            if not keep.drs_disabled:
+                wrong.append("drs override")
+            if not keep.ha_disabled:
+                wrong.append("ha override")
+            if wrong:
+                add("pin", host, host.id, keep.name, keep.id, cluster_id=host.cluster_id,
+                    reason="not pinned: " + ", ".join(wrong))
+        if host.maintenance:
+            if keep.power_state == POWERED_ON:
+                add("shutdown", host, host.id, keep.name, keep.id,
+                    reason="host in maintenance mode")
+        elif keep.power_state != POWERED_ON:
+            add("power_on", host, host.id, keep.name, keep.id,
+                reason=f"found {keep.power_state}")
+
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    return sorted(actions, key=lambda a: order[a.kind])  # stable: host order kept per kind
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def appliance_down_hosts(desired: Desired, observed: Observed) -> dict[str, str]:
+    """Host moref -> reason, for every in-scope host whose appliance cannot scan now."""
+    down: dict[str, str] = {}
+    by_host: dict[str, list[ApplianceVm]] = {}
+    for app in observed.appliances:
+        by_host.setdefault(app.marker_host, []).append(app)
+    for host in observed.hosts:
+        if not _in_scope(desired, host):
+            continue
+        running = [a for a in by_host.get(host.id, [])
+                   if a.power_state == POWERED_ON and a.host_id == host.id]
+        if host.maintenance:
+            down[host.id] = "appliance down (host in maintenance mode)"
+        elif not host.connected:
+            down[host.id] = "appliance down (host disconnected)"
+        elif not running:
+            down[host.id] = "appliance down"
+    return down
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+class ApplianceAdapter(Protocol):
+    """The side effects :func:`apply` needs; every method is idempotent."""
+
+    def observe(self, *, desired: Desired) -> Observed:
+        """Read hosts, appliance VMs and pin rules."""
+        ...
+
+    def deploy(self, *, host_id: str, name: str, extra_config: Mapping[str, str]) -> str:
+        """Deploy a new appliance VM on ``host_id`` (powered off); return its moref."""
+        ...
+
+    def reconfigure(self, *, vm_id: str, extra_config: Mapping[str, str]) -> None:
+        """Set these extraConfig keys on the VM."""
+        ...
+
+    def relocate(self, *, vm_id: str, host_id: str) -> None:
+        """Move the VM back onto ``host_id``."""
+        ...
+
+    def pin(self, *, cluster_id: str, host_id: str, vm_id: str) -> None:
+        """Ensure VM group, host group, mandatory rule, DRS and HA overrides for the VM."""
+        ...
+
+    def unpin(self, *, cluster_id: str, host_id: str) -> None:
+        """Remove the rule and groups of ``host_id`` from the cluster."""
+        ...
+
+    def power_on(self, *, vm_id: str) -> None:
+        """Power the VM on (no-op when it runs)."""
+        ...
+
+    def shutdown(self, *, vm_id: str) -> None:
+        """Shut the guest down cleanly (power off when Tools do not run)."""
+        ...
+
+    def destroy(self, *, vm_id: str) -> None:
+        """Power off and delete the VM (no-op when it is gone)."""
+        ...
+
+
+class Audit(Protocol):
+    """The part of ``store.audit.AuditLog`` used here."""
+
+    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
+        """Record one entry."""
+        ...
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What happened to one action."""
+
+    action: Action
+    ok: bool
+    vm_id: str = ""
+    error: str = ""
+    skipped: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: the action plus outcome."""
+        out = self.action.as_dict()
+        out.update(ok=self.ok, vm_id=self.vm_id or out["vm_id"], error=self.error or None,
+                   skipped=self.skipped)
+        return out
+
+
+def apply(actions: Sequence[Action], *, adapter: ApplianceAdapter, audit: Audit,
+          actor: str) -> list[ActionResult]:
+    """Perform the actions in order; a failure skips that host's later actions, not others'."""
+    deployed: dict[tuple[str, str], str] = {}   # (host_id, name) -> new moref
+    failed_hosts: set[str] = set()
+    results: list[ActionResult] = []
+    for action in actions:
+        if action.host_id in failed_hosts and action.kind != "unpin":
+            results.append(ActionResult(action, ok=False, skipped=True,
+                                        error="skipped after an earlier failure on this host"))
+            continue
+        vm_id = action.vm_id or deployed.get((action.host_id, action.vm), "")
+        try:
+            vm_id = _perform(action, vm_id, adapter=adapter)
+        except VsphereAvError as exc:
+            failed_hosts.add(action.host_id)
+            results.append(ActionResult(action, ok=False, vm_id=vm_id, error=str(exc)))
+            audit.append(actor=actor, action=f"appliance.{action.kind}.failed",
+                         details={**_audit_details(action, vm_id), "error": str(exc)})
+            continue
+        if action.kind == "deploy":
+            deployed[(action.host_id, action.vm)] = vm_id
+        results.append(ActionResult(action, ok=True, vm_id=vm_id))
+        audit.append(actor=actor, action=f"appliance.{action.kind}",
+                     details=_audit_details(action, vm_id))
+    return results
+
+
+def _audit_details(action: Action, vm_id: str) -> dict[str, Any]:
+    return {"host": action.host, "host_id": action.host_id, "vm": action.vm,
+            "vm_id": vm_id or None, "cluster_id": action.cluster_id or None,
+            "reason": action.reason}
+
+
+def _perform(action: Action, vm_id: str, *, adapter: ApplianceAdapter) -> str:
+    kind = action.kind
+    if kind == "deploy":
+        return adapter.deploy(host_id=action.host_id, name=action.vm,
+                              extra_config=dict(action.extra_config))
+    if kind == "unpin":
+        adapter.unpin(cluster_id=action.cluster_id, host_id=action.host_id)
+        return ""
+    if not vm_id:
+        raise ApplianceError(f"{kind} {action.vm}: the VM was not deployed")
+    if kind == "configure":
+        adapter.reconfigure(vm_id=vm_id, extra_config=dict(action.extra_config))
+    elif kind == "relocate":
+        adapter.relocate(vm_id=vm_id, host_id=action.host_id)
+    elif kind == "pin":
+        adapter.pin(cluster_id=action.cluster_id, host_id=action.host_id, vm_id=vm_id)
+    elif kind == "power_on":
+        adapter.power_on(vm_id=vm_id)
+    elif kind == "shutdown":
+        adapter.shutdown(vm_id=vm_id)
+    elif kind == "destroy":
+        adapter.destroy(vm_id=vm_id)
+    else:  # pragma: no cover - plan() only emits KINDS
+        raise ApplianceError(f"unknown appliance action {kind!r}")
+    return vm_id
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """One reconcile round: the plan and, unless dry-run, what applying it did."""
+
+    actions: tuple[Action, ...]
+    results: tuple[ActionResult, ...] = ()
+    dry_run: bool = False
+    down: Mapping[str, str] = field(default_factory=dict)   # host moref -> reason, after apply
+
+    @property
+    def ok(self) -> bool:
+        """True when every applied action succeeded."""
+        return all(r.ok for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"actions": [...], "dry_run": ..., "ok": ...}``."""
+        if self.dry_run or not self.results:
+            actions = [a.as_dict() for a in self.actions]
+        else:
+            actions = [r.as_dict() for r in self.results]
+        return {"actions": actions, "dry_run": self.dry_run, "ok": self.ok,
+                "down": dict(self.down)}
+
+
+def reconcile_once(*, adapter: ApplianceAdapter, audit: Audit, desired: Desired, actor: str,
+                   dry_run: bool = False) -> ReconcileResult:
+    """Observe, plan and (unless ``dry_run``) apply one round; level-based and idempotent."""
+    observed = adapter.observe(desired=desired)
+    actions = plan(desired, observed)
+    if dry_run or not actions:
+        return ReconcileResult(tuple(actions), dry_run=dry_run,
+                               down=appliance_down_hosts(desired, observed))
+    results = apply(actions, adapter=adapter, audit=audit, actor=actor)
+    after = adapter.observe(desired=desired)
+    return ReconcileResult(tuple(actions), tuple(results),
+                           down=appliance_down_hosts(desired, after))
