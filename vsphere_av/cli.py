@@ -88,6 +88,127 @@ Command = Callable[..., Any]
 
 # --- engine commands (signatures, scan-files, engine serve) ---
 
+@main.group("signatures")
+def signatures_group() -> None:
+    """Signature versions: import, list, activate, roll back."""
+
+
+def _signature_store(ctx: click.Context) -> Any:
+    from vsphere_av.engine import Engine
+
+    return Engine.open(settings_from(ctx), use_cache=False).store
+
+
+@signatures_group.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--skip-invalid", is_flag=True, help="Import the valid files and list the others.")
+@click.option("--no-activate", is_flag=True, help="Store the new version without activating it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def signatures_import(ctx: click.Context, path: str, skip_invalid: bool, no_activate: bool,
+                      as_json: bool) -> None:
+    """Compile and check a bundle (directory or .tar.gz) and store it as the next version."""
+    from pathlib import Path
+
+    store = _signature_store(ctx)
+    result = store.import_bundle(Path(path), skip_invalid=skip_invalid, activate=not no_activate)
+    if as_json:
+        print_json({**result.info.as_dict(), "skipped": list(result.skipped)})
+        return
+    info = result.info
+    state = "active" if info.active else "stored, not active"
+    click.echo(f"imported version {info.version} ({state}): {info.rule_count} rules, "
+               f"{info.hash_entries} hashes, hash {info.content_hash[:16]}")
+    for problem in result.skipped:
+        click.echo(f"skipped: {problem}")
+
+
+@signatures_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def signatures_list(ctx: click.Context, as_json: bool) -> None:
+    """Show every stored signature version."""
+    infos = _signature_store(ctx).infos()
+    if as_json:
+        print_json([i.as_dict() for i in infos])
+        return
+    print_table([{"version": i.version, "active": "*" if i.active else "",
+                  "rules": i.rule_count, "hashes": i.hash_entries,
+                  "hash": i.content_hash[:16], "imported at": i.imported_at,
+                  "source": i.source} for i in infos],
+                ["version", "active", "rules", "hashes", "hash", "imported at", "source"],
+                title="signature versions")
+
+
+@signatures_group.command("activate")
+@click.argument("version", type=int)
+@click.pass_context
+def signatures_activate(ctx: click.Context, version: int) -> None:
+    """Make VERSION the active signature version."""
+    info = _signature_store(ctx).activate(version)
+    click.echo(f"active signature version: {info.version} ({info.rule_count} rules)")
+
+
+@signatures_group.command("rollback")
+@click.pass_context
+def signatures_rollback(ctx: click.Context) -> None:
+    """Go back to the previously active signature version."""
+    info = _signature_store(ctx).rollback()
+    click.echo(f"rolled back; active signature version: {info.version} ({info.rule_count} rules)")
+
+
+@main.command("scan-files")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the verdict cache.")
+@click.pass_context
+def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_json: bool,
+               no_cache: bool) -> None:
+    """Scan local files and directories with the active signatures (exit 1 on detection)."""
+    from vsphere_av.engine.localscan import scan_paths
+
+    settings = settings_from(ctx)
+    if as_json or not sys.stderr.isatty():
+        report = scan_paths(settings=settings, paths=paths, jobs=jobs, use_cache=not no_cache)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("scanning"), BarColumn(bar_width=None),
+                      TextColumn("{task.fields[files]} files"), DownloadColumn(),
+                      TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as bar:
+            task = bar.add_task("scan", total=None, files=0)
+
+            def advance(files: int, nbytes: int) -> None:
+                bar.update(task, completed=nbytes, files=files)
+
+            report = scan_paths(settings=settings, paths=paths, jobs=jobs,
+                                use_cache=not no_cache, progress=advance)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        for outcome in report.detected:
+            for d in outcome.detections:
+                where = f" ({d.member})" if d.member else ""
+                click.echo(f"INFECTED {outcome.path}{where}: {d.threat} [{d.source} {d.rule}]")
+        for outcome in report.skipped:
+            click.echo(f"skipped  {outcome.path}: {outcome.reason}")
+        for outcome in report.errors:
+            click.echo(f"error    {outcome.path}: {outcome.reason}", err=True)
+        mb = report.bytes / 1e6
+        rate = mb / report.seconds if report.seconds else 0.0
+        click.echo(f"{report.files} files, {mb:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s, "
+                   f"{report.cached} from cache), signature version {report.signature_version}: "
+                   f"{len(report.detected)} infected, {len(report.skipped)} skipped, "
+                   f"{len(report.errors)} errors")
+    if report.detected:
+        sys.exit(EXIT_DETECTED)
+    if report.errors:
+        sys.exit(EXIT_ERROR)
+
+
 # --- guest scan commands (scan, status, detections, quarantine, audit) ---
 
 # --- audit commands ---

@@ -156,8 +156,9 @@ class Session:
     """Scans with one pinned signature version (use through ``Engine.session()``)."""
 
     def __init__(self, *, loaded: LoadedVersion, settings: Any, cache: VerdictCache | None,
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, cache_writes: bool = True) -> None:
         self._loaded = loaded
+        self._cache_writes = cache_writes
         self._settings = settings
         self._limits = settings.engine
         self._cache = cache
@@ -198,7 +199,8 @@ class Session:
                            size=size, detections=detections, reason=hit.reason, cached=True)
 
     def _remember(self, outcome: FileOutcome, context: str) -> None:
-        if self._cache is None or outcome.status not in ("clean", "infected"):
+        if self._cache is None or not self._cache_writes or \
+                outcome.status not in ("clean", "infected"):
             return
         self._cache.put(outcome.sha256, self.version, context, CachedVerdict(
             status=outcome.status, reason=outcome.reason,

@@ -266,7 +266,7 @@ class SignatureStore:
 
     # -- import -----------------------------------------------------------------------
     def import_bundle(self, source: Path, *, skip_invalid: bool = False, activate: bool = True,
-                      audit: bool = True) -> ImportResult:
+                      audit: bool = True, label: str = "") -> ImportResult:
         """Compile and check a bundle; store it as the next version (and activate it)."""
         source = Path(source)
         with _unpacked(source) as root:
@@ -319,14 +319,15 @@ class SignatureStore:
                     "version": version, "hash": content_hash, "rules": rule_count,
                     "hash_entries": len(hashes),
                     "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "source": str(source), "externals": sorted(used), "skipped": problems,
+                    "source": label or str(source), "externals": sorted(used), "skipped": problems,
                 }
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
                 os.rename(tmp, final)
                 if audit:
                     _audit("signatures.import", {"version": version, "hash": content_hash,
                                                  "rules": rule_count, "hash_entries": len(hashes),
-                                                 "source": str(source), "skipped": len(problems)},
+                                                 "source": label or str(source),
+                                                 "skipped": len(problems)},
                            self.state_dir)
                 if activate:
                     self._activate_locked(version, audit=audit)
@@ -345,7 +346,7 @@ class SignatureStore:
                 return
         builtin = resources.files("vsphere_av.engine") / "builtin"
         with resources.as_file(builtin) as path:
-            self.import_bundle(Path(path), activate=True, audit=True)
+            self.import_bundle(Path(path), activate=True, audit=True, label="built-in (EICAR)")
 
     # -- switching --------------------------------------------------------------------
     def _activate_locked(self, version: int, *, audit: bool, action: str = "signatures.activate",

@@ -1,0 +1,236 @@
+"""Scanning local files and directories on all cores (``vsphere-av scan-files``, the benchmark).
+
+Called by ``cli.py`` and ``bench/engine.py``; calls ``engine.Engine`` (signatures, cache) and
+starts worker processes (multiprocessing), each loading the compiled rules once.
+
+The parent walks the trees, asks the verdict cache in batches (local files whose inode,
+size and timestamps are unchanged skip even the hashing), and hands only the misses to the
+workers. Workers scan without touching the cache; the parent alone writes verdicts, so
+there is one SQLite writer and no lock contention. One signature version is pinned for the
+whole run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vsphere_av.engine import Engine, FileOutcome, Session, _owner_name
+from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
+from vsphere_av.engine.signatures import SignatureStore
+
+BATCH = 256
+
+Progress = Callable[[int, int], None]   # (files done, bytes done)
+
+
+@dataclass
+class ScanReport:
+    """Everything ``scan-files`` prints."""
+
+    signature_version: int
+    files: int = 0
+    bytes: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+    detected: list[FileOutcome] = field(default_factory=list)
+    skipped: list[FileOutcome] = field(default_factory=list)
+    errors: list[FileOutcome] = field(default_factory=list)
+
+    def add(self, outcome: FileOutcome) -> None:
+        """Count one outcome."""
+        self.files += 1
+        self.bytes += outcome.size
+        self.cached += outcome.cached
+        if outcome.status == "infected":
+            self.detected.append(outcome)
+        elif outcome.status == "skipped":
+            self.skipped.append(outcome)
+        elif outcome.status == "error":
+            self.errors.append(outcome)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON document of ``scan-files --json``."""
+        return {
+            "files": self.files, "bytes": self.bytes,
+            "signature_version": self.signature_version, "cached": self.cached,
+            "seconds": round(self.seconds, 3),
+            "detections": [{"path": o.path, "threat": d.threat, "sha256": o.sha256,
+                            "source": d.source, "rule": d.rule, "member": d.member}
+                           for o in self.detected for d in o.detections],
+            "skipped": [{"path": o.path, "reason": o.reason} for o in self.skipped],
+            "errors": [{"path": o.path, "reason": o.reason} for o in self.errors],
+        }
+
+
+def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[str, os.stat_result | None,
+                                                                    str]]:
+    """(path, stat or None, error) for every regular file under ``paths`` (symlinks skipped)."""
+    for top in paths:
+        text = os.fspath(top)
+        try:
+            st = os.stat(text)
+        except OSError as exc:
+            yield text, None, f"cannot stat: {exc.strerror or exc}"
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield text, st, ""
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        stack = [text]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError as exc:
+                yield directory, None, f"cannot list: {exc.strerror or exc}"
+                continue
+            subdirs = []
+            for entry in entries:
+                try:
+                    if entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield entry.path, entry.stat(follow_symlinks=False), ""
+                except OSError as exc:
+                    yield entry.path, None, f"cannot stat: {exc.strerror or exc}"
+            stack.extend(reversed(subdirs))
+
+
+# -- worker side ------------------------------------------------------------------------
+_WORKER: Session | None = None
+
+
+def _init_worker(settings: Any, version: int, use_cache: bool) -> None:
+    global _WORKER
+    store = SignatureStore(state_dir=Path(settings.state_dir))
+    # Workers read the cache (identical content under another inode) but never write it.
+    cache = VerdictCache.open(Path(settings.state_dir),
+                              max_entries=settings.engine.cache_max_entries) if use_cache else None
+    _WORKER = Session(loaded=store.load(version), settings=settings, cache=cache,
+                      cache_writes=False)
+
+
+def _scan_one(path: str) -> FileOutcome:
+    assert _WORKER is not None
+    return _WORKER.scan_file(path)
+
+
+# -- parent side ------------------------------------------------------------------------
+def _file_stat(st: os.stat_result) -> FileStat:
+    return FileStat(dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                    ctime_ns=st.st_ctime_ns)
+
+
+def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: int | None = None,
+               use_cache: bool = True, progress: Progress | None = None) -> ScanReport:
+    """Scan files and directories recursively with the active signatures."""
+    started = time.monotonic()
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    engine = Engine.open(settings, use_cache=use_cache)
+    cache = engine.cache
+    try:
+        with engine.session() as session:
+            report = ScanReport(signature_version=session.version)
+            pool = None
+            if jobs > 1:
+                pool = multiprocessing.get_context("fork").Pool(
+                    jobs, initializer=_init_worker, initargs=(settings, session.version, use_cache))
+            try:
+                for batch in _batches(walk(paths)):
+                    misses = _from_cache(batch, session=session, cache=cache, report=report,
+                                         use_cache=use_cache, progress=progress)
+                    stats = {path: st for path, st in misses}
+                    results: Iterator[FileOutcome] = (
+                        pool.imap_unordered(_scan_one, list(stats), chunksize=4) if pool
+                        else (session.scan_file(p) for p in stats))
+                    for outcome in results:
+                        report.add(outcome)
+                        if use_cache and cache is not None and outcome.sha256:
+                            st = stats[outcome.path]
+                            _store(outcome, st, session=session, cache=cache)
+                        if progress:
+                            progress(report.files, report.bytes)
+            finally:
+                if pool is not None:
+                    pool.close()
+                    pool.join()
+    finally:
+        engine.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _batches(items: Iterator[tuple[str, os.stat_result | None, str]],
+             ) -> Iterator[list[tuple[str, os.stat_result | None, str]]]:
+    # The first batch is small so progress starts at once; later ones amortise the queries.
+    size = 32
+    batch: list[tuple[str, os.stat_result | None, str]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+            size = BATCH * 4
+    if batch:
+        yield batch
+
+
+def _from_cache(batch: list[tuple[str, os.stat_result | None, str]], *, session: Session,
+                cache: Any, report: ScanReport, use_cache: bool, progress: Progress | None,
+                ) -> list[tuple[str, os.stat_result]]:
+    """Settle what the cache knows; return the (path, stat) pairs that need scanning."""
+    todo: list[tuple[str, os.stat_result]] = []
+    for path, st, error in batch:
+        if st is None:
+            report.add(FileOutcome(path=path, status="error", sha256="", size=0, reason=error))
+        else:
+            todo.append((path, st))
+    if not use_cache or cache is None or not todo:
+        return todo
+    known = cache.file_hashes([_file_stat(st) for _, st in todo])
+    if not known:
+        return todo
+    keys: list[tuple[str, str]] = []
+    for path, st in todo:
+        sha = known.get(_file_stat(st))
+        if sha:
+            keys.append((sha, _context(session, path, st)))
+    verdicts: dict[tuple[str, str], CachedVerdict] = cache.get_many(keys, session.version)
+    misses = []
+    for path, st in todo:
+        sha = known.get(_file_stat(st))
+        hit = verdicts.get((sha, _context(session, path, st))) if sha else None
+        if hit is None:
+            misses.append((path, st))
+            continue
+        report.add(session._from_cached(hit, path=path, sha256=sha or "", size=st.st_size))
+    if progress:
+        progress(report.files, report.bytes)
+    return misses
+
+
+def _context(session: Session, path: str, st: os.stat_result) -> str:
+    return session.cache_context(path=path, owner=_owner_name(st.st_uid) if session.uses_owner
+                                 else "")
+
+
+def _store(outcome: FileOutcome, st: os.stat_result, *, session: Session, cache: Any) -> None:
+    if outcome.status not in ("clean", "infected"):
+        return
+    if outcome.cached:
+        cache.remember_file(_file_stat(st), outcome.sha256)
+        return
+    cache.put(outcome.sha256, session.version, _context(session, outcome.path, st), CachedVerdict(
+        status=outcome.status, reason=outcome.reason,
+        detections=tuple((d.threat, d.source, d.rule, d.member) for d in outcome.detections)))
+    cache.remember_file(_file_stat(st), outcome.sha256)
