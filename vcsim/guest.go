@@ -4,30 +4,186 @@
 //
 // Called by main.go (installGuest after model.Create and NewServer; vmRootDir and
 // copyTree from clone and snapshot handling).
+// Guest operations for the bundled simulator: per-VM guest file trees under
+// opts.GuestRoot, our own GuestFileManager and GuestProcessManager (replacing the
+// library's Docker-only singletons) and the /guestFile transfer endpoint.
+//
+// Called by main.go: installGuest after NewServer; vmRootDir and copyTree from clone
+// and snapshot handling. Calls the govmomi simulator registry (Map.Get/WithLock/Put/
+// AddHandler) and the host file system below opts.GuestRoot only.
+//
+// Locking: our managers opt out of the registry's per-object lock (no-op Lock/Unlock);
+// a VM is read under Map.WithLock(vm) and nothing else is held meanwhile. Our own
+// mutexes (tickets, processes) are leaf locks: nothing that takes a registry lock is
+// called while one of them is held.
 package main
 
 import (
+	"crypto/subtle"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+var (
+	guestFileManagerRef = types.ManagedObjectReference{
+		Type: "GuestFileManager", Value: "guestOperationsFileManager"}
+	guestProcessManagerRef = types.ManagedObjectReference{
+		Type: "GuestProcessManager", Value: "guestOperationsProcessManager"}
+	// guestScheme and guestPort form transfer URLs https://*:PORT/guestFile?...
+	guestScheme = "https"
+	guestPort   = "443"
 )
 
 // installGuest registers the guest operation handlers on svc and replaces the
 // library's GuestFileManager / GuestProcessManager singletons.
 func installGuest(svc *simulator.Service, srv *simulator.Server) {
-	_ = svc
-	_ = srv
+	if srv != nil && srv.URL != nil {
+		guestScheme = srv.URL.Scheme
+		guestPort = srv.URL.Port()
+	}
+	fm := &guestFileManager{}
+	fm.Self = guestFileManagerRef
+	simulator.Map.Put(fm)
+	pm := &guestProcessManager{}
+	pm.Self = guestProcessManagerRef
+	simulator.Map.Put(pm)
+	simulator.Map.AddHandler(guestObserver{})
+	svc.ServeMux.HandleFunc(guestFilePattern, serveGuestFile)
 }
 
 // vmRootDir returns the guest root directory of the named VM, creating it on demand.
 func vmRootDir(vmName string) string {
-	dir := filepath.Join(opts.GuestRoot, filepath.Base(filepath.Clean("/"+vmName)))
+	root := opts.GuestRoot
+	if root == "" {
+		root = filepath.Join(os.TempDir(), "vcsim-guest")
+	}
+	// vSphere already escapes "/" in names as %2f; never let a name be a path.
+	name := strings.ReplaceAll(vmName, "/", "%2f")
+	if name == "" || name == "." || name == ".." {
+		name = "_" + name
+	}
+	dir := filepath.Join(root, name)
 	_ = os.MkdirAll(dir, 0o755)
 	return dir
+}
+
+// guestVM is what one guest operation needs to know about its VM, read once under
+// the VM's lock after the preconditions passed.
+type guestVM struct {
+	ref     types.ManagedObjectReference
+	name    string
+	windows bool
+	root    string // host path of the VM root, symlinks resolved
+	boot    time.Time
+}
+
+// guestPrepare checks the preconditions of every guest operation, in vSphere's order:
+// power state, then tools, then credentials.
+func guestPrepare(ref types.ManagedObjectReference, auth types.BaseGuestAuthentication) (*guestVM, *soap.Fault) {
+	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return nil, simulator.Fault(fmt.Sprintf("managed object not found: %s", ref.Value),
+			&types.ManagedObjectNotFound{Obj: ref})
+	}
+	var (
+		power   types.VirtualMachinePowerState
+		tools   string
+		guestID string
+		g       = &guestVM{ref: ref}
+	)
+	simulator.Map.WithLock(vm, func() {
+		power = vm.Runtime.PowerState
+		if vm.Guest != nil {
+			tools = vm.Guest.ToolsRunningStatus
+		}
+		if vm.Config != nil {
+			guestID = vm.Config.GuestId
+		}
+		g.name = vm.Name
+		if vm.Summary.Runtime.BootTime != nil {
+			g.boot = *vm.Summary.Runtime.BootTime
+		}
+	})
+	if power != types.VirtualMachinePowerStatePoweredOn {
+		return nil, simulator.Fault(fmt.Sprintf("VM %q is not powered on (state %s)", g.name, power),
+			&types.InvalidPowerState{
+				RequestedState: types.VirtualMachinePowerStatePoweredOn,
+				ExistingState:  power,
+			})
+	}
+	if tools != string(types.VirtualMachineToolsRunningStatusGuestToolsRunning) {
+		return nil, simulator.Fault(fmt.Sprintf("guest operations agent (VMware Tools) is not running in VM %q", g.name),
+			&types.GuestOperationsUnavailable{})
+	}
+	if !guestLoginOK(auth) {
+		return nil, simulator.Fault("failed to authenticate with the guest operating system using the supplied credentials",
+			&types.InvalidGuestLogin{})
+	}
+	g.windows = strings.HasPrefix(strings.ToLower(guestID), "win")
+	root := vmRootDir(g.name)
+	if real, err := filepath.EvalSymlinks(root); err == nil {
+		root = real
+	}
+	g.root = filepath.Clean(root)
+	if g.windows && guestLookupFold(g.root, "C") == "C" {
+		_ = os.Mkdir(filepath.Join(g.root, "C"), 0o755) // a Windows guest always has C:
+	}
+	return g, nil
+}
+
+// guestLoginOK accepts only NamePasswordAuthentication with the configured account.
+func guestLoginOK(auth types.BaseGuestAuthentication) bool {
+	creds, ok := auth.(*types.NamePasswordAuthentication)
+	if !ok || creds == nil || creds.Username == "" || opts.GuestUser == "" {
+		return false
+	}
+	u := subtle.ConstantTimeCompare([]byte(creds.Username), []byte(opts.GuestUser))
+	p := subtle.ConstantTimeCompare([]byte(creds.Password), []byte(opts.GuestPassword))
+	return u&p == 1
+}
+
+// guestObserver watches the registry: a VM whose power state changes (or that is
+// destroyed) loses its transfer tickets and its simulated processes.
+type guestObserver struct{}
+
+func (guestObserver) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "VcsimGuestObserver", Value: "guest-operations"}
+}
+
+func (guestObserver) PutObject(mo.Reference) {}
+
+func (guestObserver) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	ref := obj.Reference()
+	if ref.Type != "VirtualMachine" {
+		return
+	}
+	for i := range changes {
+		if changes[i].Name == "runtime.powerState" || changes[i].Name == "summary.runtime.powerState" {
+			guestVMStopped(ref)
+			return
+		}
+	}
+}
+
+func (guestObserver) RemoveObject(ref types.ManagedObjectReference) {
+	if ref.Type == "VirtualMachine" {
+		guestVMStopped(ref)
+	}
+}
+
+// guestVMStopped forgets everything tied to one run of the VM.
+func guestVMStopped(ref types.ManagedObjectReference) {
+	dropGuestTickets(ref)
+	dropGuestProcesses(ref)
 }
 
 // copyTree copies the directory tree src to dst (dst is replaced), preserving modes
@@ -73,7 +229,7 @@ func copyTree(src, dst string) error {
 			dirs = append(dirs, dirTime{target, fi.ModTime(), mode.Perm()})
 			return nil
 		case mode.IsRegular():
-			if err := copyFile(p, target, mode.Perm()); err != nil {
+			if err := copyTreeFile(p, target, mode.Perm()); err != nil {
 				return err
 			}
 			return os.Chtimes(target, fi.ModTime(), fi.ModTime())
@@ -97,7 +253,7 @@ func copyTree(src, dst string) error {
 	return nil
 }
 
-func copyFile(src, dst string, perm os.FileMode) error {
+func copyTreeFile(src, dst string, perm os.FileMode) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
