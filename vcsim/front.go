@@ -1,0 +1,266 @@
+package main
+
+// The front handler: every SOAP call on /sdk and /sdk/vimService passes through here. The
+// library has no per-method hook, so behaviour changes are made around the call: the body is
+// decoded once, a few methods are rewritten before the call (MigrateVM_Task, QueryEvents),
+// the call is passed to the library's handler into a buffer, and, only if it succeeded, the
+// inventory is corrected (placement, snapshots, tools, events) before the client sees the
+// answer. No Map lock is held while the library handles the call (locks are not re-entrant).
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"io/ioutil"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strconv"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+	"github.com/vmware/govmomi/vim25/xml"
+)
+
+// maxSOAPBody bounds what one SOAP request may carry.
+const maxSOAPBody = 64 << 20
+
+// internalCtx is the simulator context our own calls into library objects use.
+func internalCtx() *simulator.Context {
+	return &simulator.Context{
+		Context: context.Background(),
+		Session: &simulator.Session{
+			UserSession: types.UserSession{Key: "vcsim-internal", UserName: "vcsim"},
+			Registry:    simulator.NewRegistry(),
+		},
+		Map: simulator.Map,
+	}
+}
+
+// installCore wires the pieces this file set owns into a started server.
+func installCore(srv *simulator.Server) {
+	installHosts()
+	installTools()
+	srv.Config.Handler = &front{next: srv.Config.Handler}
+}
+
+type front struct {
+	next http.Handler
+}
+
+// call is one decoded SOAP request on its way through the front handler.
+type soapCall struct {
+	r      *http.Request
+	body   []byte
+	method *simulator.Method
+}
+
+// pass hands a (possibly rewritten) body to the library and returns the buffered answer.
+func (f *front) pass(c *soapCall, body []byte) *httptest.ResponseRecorder {
+	r2 := c.r.Clone(c.r.Context())
+	r2.Body = ioutil.NopCloser(bytes.NewReader(body))
+	r2.ContentLength = int64(len(body))
+	r2.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	rec := httptest.NewRecorder()
+	f.next.ServeHTTP(rec, r2)
+	return rec
+}
+
+func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost || (r.URL.Path != "/sdk" && r.URL.Path != "/sdk/vimService") {
+		f.next.ServeHTTP(w, r)
+		return
+	}
+	body, err := ioutil.ReadAll(io.LimitReader(r.Body, maxSOAPBody+1))
+	_ = r.Body.Close()
+	if err != nil || len(body) > maxSOAPBody {
+		http.Error(w, "request body unreadable or too large", http.StatusRequestEntityTooLarge)
+		return
+	}
+	c := &soapCall{r: r, body: body}
+	method, err := simulator.UnmarshalBody(types.TypeFunc(), body)
+	if err != nil {
+		// The library answers malformed requests with its own fault.
+		writeRecorded(w, f.pass(c, body))
+		return
+	}
+	c.method = method
+
+	var rec *httptest.ResponseRecorder
+	switch req := method.Body.(type) {
+	case *types.MigrateVM_Task:
+		rec = f.migrate(c, req)
+	case *types.QueryEvents:
+		rec = f.queryEvents(c, req)
+	case *types.PostEvent:
+		rec = f.postEvent(c, req)
+	default:
+		before := fixupFor(method)
+		rec = f.pass(c, body)
+		if rec.Code == http.StatusOK && before != nil {
+			before(rec.Body.Bytes())
+		}
+	}
+	writeRecorded(w, rec)
+}
+
+// prepare runs before the call (recording what the fix-up needs) and returns the fix-up.
+func fixupFor(method *simulator.Method) func(response []byte) {
+	switch req := method.Body.(type) {
+	case *types.CreateSnapshot_Task:
+		return afterCreateSnapshot(req)
+	case *types.RevertToSnapshot_Task:
+		return afterRevertToSnapshot(req)
+	case *types.RevertToCurrentSnapshot_Task:
+		return afterRevertToCurrentSnapshot(req)
+	case *types.RemoveSnapshot_Task:
+		return afterRemoveSnapshot(req)
+	case *types.RemoveAllSnapshots_Task:
+		return afterRemoveAllSnapshots(req)
+	case *types.CloneVM_Task:
+		return afterClone(req)
+	case *types.RelocateVM_Task:
+		return afterRelocate(req.This, req.Spec, "", "")
+	case *types.ReconfigVM_Task:
+		return func(response []byte) {
+			if succeeded(response) {
+				syncToolsLocked(req.This)
+			}
+		}
+	case *types.CreateCollectorForEvents:
+		return afterCreateEventCollector(req)
+	}
+	return nil
+}
+
+func writeRecorded(w http.ResponseWriter, rec *httptest.ResponseRecorder) {
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(rec.Body.Len()))
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(rec.Body.Bytes())
+}
+
+var taskReturnval = regexp.MustCompile(`<returnval type="Task">([^<]+)</returnval>`)
+
+// finishedTask returns the task a *_Task response names (tasks run synchronously in this
+// library, so it is finished), or nil.
+func finishedTask(response []byte) *simulator.Task {
+	m := taskReturnval.FindSubmatch(response)
+	if m == nil {
+		return nil
+	}
+	ref := types.ManagedObjectReference{Type: "Task", Value: string(m[1])}
+	task, _ := simulator.Map.Get(ref).(*simulator.Task)
+	return task
+}
+
+// succeeded reports whether a *_Task response names a task that ended in success.
+func succeeded(response []byte) bool {
+	task := finishedTask(response)
+	if task == nil {
+		return false
+	}
+	ok := false
+	simulator.Map.WithLock(task, func() { ok = task.Info.State == types.TaskInfoStateSuccess })
+	return ok
+}
+
+// taskResult returns the result of a successful task, or nil.
+func taskResult(response []byte) (*simulator.Task, types.AnyType) {
+	task := finishedTask(response)
+	if task == nil {
+		return nil, nil
+	}
+	var res types.AnyType
+	simulator.Map.WithLock(task, func() {
+		if task.Info.State == types.TaskInfoStateSuccess {
+			res = task.Info.Result
+		}
+	})
+	if res == nil {
+		return task, nil
+	}
+	return task, res
+}
+
+// renameTask gives a task the name and descriptionId a real vCenter uses.
+func renameTask(task *simulator.Task, name, descriptionID string) {
+	if task == nil {
+		return
+	}
+	simulator.Map.WithLock(task, func() {
+		simulator.Map.Update(task, []types.PropertyChange{
+			{Name: "info.name", Val: name},
+			{Name: "info.descriptionId", Val: descriptionID},
+		})
+	})
+}
+
+// soapRequest encodes a request body as a SOAP envelope the library's handler accepts.
+func soapRequest(body interface{}) ([]byte, error) {
+	var out bytes.Buffer
+	out.WriteString(xml.Header)
+	env := soap.Envelope{Body: body}
+	if err := xml.NewEncoder(&out).Encode(env); err != nil {
+		return nil, err
+	}
+	return out.Bytes(), nil
+}
+
+// responseEnvelope is the SOAP envelope of answers the front handler writes itself.
+type responseEnvelope struct {
+	XMLName xml.Name    `xml:"soapenv:Envelope"`
+	Env     string      `xml:"xmlns:soapenv,attr"`
+	XSD     string      `xml:"xmlns:xsd,attr"`
+	XSI     string      `xml:"xmlns:xsi,attr"`
+	Body    interface{} `xml:"soapenv:Body"`
+}
+
+// soapResponse encodes a methods.*Body with its Res set as a complete SOAP answer.
+func soapResponse(body interface{}) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	rec.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	var out bytes.Buffer
+	out.WriteString(xml.Header)
+	err := xml.NewEncoder(&out).Encode(&responseEnvelope{
+		Env:  "http://schemas.xmlsoap.org/soap/envelope/",
+		XSD:  "http://www.w3.org/2001/XMLSchema",
+		XSI:  "http://www.w3.org/2001/XMLSchema-instance",
+		Body: body,
+	})
+	if err != nil {
+		log.Printf("encoding a response: %s", err)
+		rec.WriteHeader(http.StatusInternalServerError)
+		return rec
+	}
+	rec.WriteHeader(http.StatusOK)
+	rec.Body.Write(out.Bytes())
+	return rec
+}
+
+// migrate serves MigrateVM_Task (missing in this library) as RelocateVM_Task to the same
+// pool and host, then renames the answer and the task.
+func (f *front) migrate(c *soapCall, req *types.MigrateVM_Task) *httptest.ResponseRecorder {
+	relocate := &types.RelocateVM_Task{
+		This:     req.This,
+		Spec:     types.VirtualMachineRelocateSpec{Pool: req.Pool, Host: req.Host},
+		Priority: req.Priority,
+	}
+	body, err := soapRequest(&methods.RelocateVM_TaskBody{Req: relocate})
+	if err != nil {
+		return f.pass(c, c.body)
+	}
+	after := afterRelocate(req.This, relocate.Spec, "MigrateVM_Task", "VirtualMachine.migrate")
+	rec := f.pass(c, body)
+	out := bytes.Replace(rec.Body.Bytes(), []byte("RelocateVM_TaskResponse"), []byte("MigrateVM_TaskResponse"), -1)
+	if rec.Code == http.StatusOK {
+		after(out)
+	}
+	rec.Body = bytes.NewBuffer(out)
+	return rec
+}
