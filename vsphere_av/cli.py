@@ -211,6 +211,148 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
 
 # --- guest scan commands (scan, status, detections, quarantine, audit) ---
 
+def _app(ctx: click.Context) -> Any:
+    from vsphere_av.app import App
+
+    app = App(settings_from(ctx))
+    ctx.call_on_close(app.close)
+    return app
+
+
+def _scan_progress(enabled: bool) -> Any:
+    """A rich progress display on a terminal (stderr), else a no-op context."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                    TextColumn("{task.fields[files]} files, {task.fields[mb]:.1f} MB"),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+
+@main.command("scan")
+@click.argument("vms", nargs=-1)
+@click.option("--all", "all_vms", is_flag=True, help="Scan every VM (powered-off ones are skipped).")
+@click.option("--full", is_flag=True, help="Download every file, even unchanged ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool,
+             as_json: bool) -> None:
+    """Scan running VMs' files through Guest Operations and remediate detections."""
+    if bool(vms) == all_vms:
+        raise errors.ConfigError("name one or more VMs, or use --all (not both)")
+    app = _app(ctx)
+    show = not as_json and sys.stderr.isatty()
+    with _scan_progress(show) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_start(selected: list[Any]) -> None:
+            if progress is not None:
+                for vm in selected:
+                    tasks[vm.name] = progress.add_task(vm.name, files=0, mb=0.0)
+
+        def on_progress(event: Any) -> None:
+            if progress is not None and event.vm in tasks:
+                progress.update(tasks[event.vm], files=event.files, mb=event.bytes / 1e6,
+                                description=f"{event.vm}" + (" done" if event.done else ""))
+
+        report = app.scan(names=vms, all_vms=all_vms, full=full, on_progress=on_progress,
+                          on_start=on_start)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        rows = [{"vm": r.vm, "host": r.host, "status": r.status, "scanned": r.scanned,
+                 "unchanged": r.unchanged, "skipped": r.skipped, "errors": r.errors,
+                 "detections": len(r.found), "reason": r.reason} for r in report.results]
+        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped", "errors",
+                           "detections", "reason"],
+                    title=f"guest scan (signature version {report.signature_version})")
+        for r in report.results:
+            for f in r.found:
+                member = f" [{f.member}]" if f.member else ""
+                click.echo(f"{r.vm}: {f.path}{member}: {f.threat} -> {f.action}"
+                           + (f" (quarantine id {f.quarantine_id})" if f.quarantine_id else "")
+                           + (f" ({f.detail})" if f.detail else ""))
+        s = report.summary()
+        click.echo(f"{s['vms']} VM(s): {s['scanned']} scanned, {s['unchanged']} unchanged, "
+                   f"{s['skipped_files']} skipped, {s['errors']} errors, "
+                   f"{s['detections']} detection(s) in {s['duration']:.1f}s")
+    ctx.exit(report.exit_code())
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Every VM's protection state: protected, stale, infected, unprotected, unreachable."""
+    rows = _app(ctx).status()
+    if as_json:
+        print_json({"vms": rows})
+        return
+    print_table(rows, ["name", "moref", "host", "state", "reason", "last_scan", "signature_version"],
+                title="protection status")
+
+
+@main.command("detections")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def detections_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Every detection found by guest scans and what was done about it."""
+    rows = _app(ctx).detections()
+    if as_json:
+        print_json({"detections": rows})
+        return
+    print_table(rows, ["time", "vm", "path", "threat", "sha256", "action"], title="detections")
+
+
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Files taken out of guests: list, restore, purge."""
+
+
+@quarantine_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def quarantine_list_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Quarantined files (id, VM, guest path, threat, sha256, size, when)."""
+    rows = _app(ctx).quarantine_list()
+    if as_json:
+        print_json({"items": rows})
+        return
+    print_table(rows, ["id", "vm", "path", "threat", "sha256", "size", "time", "restored"],
+                title="quarantine")
+
+
+@quarantine_group.command("restore")
+@click.argument("item_id", metavar="ID")
+@click.option("--force", is_flag=True, help="Overwrite a file that now exists at the path.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def quarantine_restore_cmd(ctx: click.Context, item_id: str, force: bool, as_json: bool) -> None:
+    """Put the identical bytes back at the original guest path."""
+    row = _app(ctx).quarantine_restore(item_id, force=force)
+    if as_json:
+        print_json(row)
+    else:
+        click.echo(f"restored {row['path']} in {row['vm']} ({row['size']} bytes, sha256 {row['sha256']})")
+
+
+@quarantine_group.command("purge")
+@click.argument("item_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def quarantine_purge_cmd(ctx: click.Context, item_id: str, as_json: bool) -> None:
+    """Delete a quarantined file's bytes for good."""
+    row = _app(ctx).quarantine_purge(item_id)
+    if as_json:
+        print_json(row)
+    else:
+        click.echo(f"purged {row['id']} ({row['path']} from {row['vm']})")
+
+
 # --- audit commands ---
 
 

@@ -1,0 +1,308 @@
+"""Application wiring for guest scans: builds the adapter, store, engine and threads.
+
+Called by ``cli.py`` (``scan``, ``status``, ``detections``, ``quarantine ...``) and reusable
+by the controller. Calls ``vsphere.connection`` / ``inventory`` / ``guest``, ``engine``,
+``store.state``, ``store.audit``, ``quarantine`` and ``scanning``. This is the only module
+of the scan path that starts threads: one small pool per ESXi host (at most
+``scan.per_host_limit`` VMs of that host at once) with all hosts in parallel, under a global
+cap of ``scan.global_limit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsphere_av import errors
+from vsphere_av.config import Settings
+from vsphere_av.engine import Engine
+from vsphere_av.models import QuarantineItem, VmInfo
+from vsphere_av.quarantine import Quarantine
+from vsphere_av.scanning import ERROR, FOUND, UNREACHABLE_STATUS, Progress, ScanResult, scan_vm
+from vsphere_av.store.audit import AuditLog, current_actor
+from vsphere_av.store.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class HostSlots:
+    """Per-host concurrency cap with statistics (modelled on Trio's CapacityLimiter)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.borrowed = 0
+        self.peak = 0
+        self.waiting = 0
+
+    def __enter__(self) -> HostSlots:
+        with self._lock:
+            self.waiting += 1
+        self._sem.acquire()
+        with self._lock:
+            self.waiting -= 1
+            self.borrowed += 1
+            self.peak = max(self.peak, self.borrowed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.borrowed -= 1
+        self._sem.release()
+
+    def statistics(self) -> dict[str, int]:
+        """borrowed, total, waiting and peak, for displays and tests."""
+        with self._lock:
+            return {"borrowed": self.borrowed, "total": self.limit, "waiting": self.waiting,
+                    "peak": self.peak}
+
+
+@dataclass
+class ScanReport:
+    """The outcome of one `vsphere-av scan` run over several VMs."""
+
+    results: list[ScanResult]
+    signature_version: int | None
+    duration: float
+    peak_per_host: dict[str, int] = field(default_factory=dict)
+
+    def exit_code(self) -> int:
+        """0 clean, 1 something detected, 2 a VM could not be scanned (detection wins)."""
+        if any(r.status == FOUND for r in self.results):
+            return 1
+        if any(r.status in (ERROR, UNREACHABLE_STATUS) for r in self.results):
+            return 2
+        return 0
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over all VMs."""
+        total: dict[str, Any] = {"vms": len(self.results)}
+        for status in ("clean", "infected", "skipped", "unreachable", "error"):
+            total[status] = sum(1 for r in self.results if r.status == status)
+        for key in ("scanned", "unchanged", "shared", "skipped_files", "vanished", "errors", "bytes"):
+            attr = "skipped" if key == "skipped_files" else key
+            total[key] = sum(getattr(r, attr) for r in self.results)
+        total["detections"] = sum(len(r.found) for r in self.results)
+        total["duration"] = round(self.duration, 3)
+        return total
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``scan --json``)."""
+        return {"vms": [r.as_dict() for r in self.results], "summary": self.summary(),
+                "signature_version": self.signature_version, "peak_per_host": self.peak_per_host}
+
+
+class App:
+    """Everything a guest-scan command needs, opened once per command (or controller)."""
+
+    def __init__(self, settings: Settings, *, actor: str | None = None) -> None:
+        self.settings = settings
+        self.actor = actor or current_actor()
+        self.store = StateStore.open(settings.state_dir)
+        self.audit = AuditLog.open(settings.state_dir)
+        self.quarantine = Quarantine.open(settings.state_dir, store=self.store)
+        self._engine: Engine | None = None
+        self._conn: Any = None
+
+    def close(self) -> None:
+        """Log out and close files."""
+        if self._conn is not None:
+            self._conn.close()
+        if self._engine is not None:
+            self._engine.close()
+        self.audit.close()
+        self.store.close()
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The scan engine (opened on first use)."""
+        if self._engine is None:
+            self._engine = Engine.open(self.settings)
+        return self._engine
+
+    @property
+    def connection(self) -> Any:
+        """The vCenter session (logged in on first use)."""
+        if self._conn is None:
+            from vsphere_av.vsphere.connection import connect
+            self._conn = connect(self.settings.vcenter)
+        return self._conn
+
+    # --- scanning --------------------------------------------------------------------------
+
+    def select_vms(self, *, names: Sequence[str] = (), all_vms: bool = False) -> list[VmInfo]:
+        """The VMs to scan: by name (or moref), or every VM; records the inventory."""
+        from vsphere_av.vsphere import inventory
+
+        if not names and not all_vms:
+            raise errors.ConfigError("name at least one VM, or use --all")
+        vms, _hosts = inventory.read_inventory(self.connection)
+        self.store.sync_inventory(vms)
+        if all_vms:
+            return [vm for vm in vms if vm.marker("vsphere-av.role") != "appliance"]
+        by_key = {vm.name: vm for vm in vms} | {str(vm.moref): vm for vm in vms}
+        missing = [n for n in names if n not in by_key]
+        if missing:
+            raise errors.NotFound(f"no VM named {', '.join(repr(m) for m in missing)} in vCenter")
+        out: list[VmInfo] = []
+        for n in names:
+            if by_key[n] not in out:
+                out.append(by_key[n])
+        return out
+
+    def scan_one(self, vm: VmInfo, *, full: bool = False,
+                 on_progress: Callable[[Progress], None] | None = None) -> ScanResult:
+        """Scan one VM in the calling thread; any failure becomes the result's reason."""
+        from vsphere_av.vsphere.guest import GuestFiles
+
+        host = vm.host.name if vm.host else ""
+        try:
+            user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
+            if vm.powered_on and not user:
+                self.audit.append(actor=self.actor, action="scan.skipped", details={
+                    "vm": vm.name, "moref": vm.moref, "host": host,
+                    "reason": "no guest credentials configured"})
+                self.store.upsert_vm(vm)
+                self.store.set_protection(vm.moref, state="unreachable",
+                                          reason="no guest credentials configured")
+                return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=UNREACHABLE_STATUS,
+                                  reason="no guest credentials configured", full=full)
+            guest = GuestFiles(connection=self.connection, vm=vm, user=user, password=password)
+            with self.engine.session() as session:
+                return scan_vm(vm=vm, guest=guest, session=session, store=self.store,
+                               audit=self.audit, quarantine=self.quarantine,
+                               policy=self.settings.scan, full=full, actor=self.actor,
+                               engine_max_file_size=self.settings.engine.max_file_size,
+                               on_progress=on_progress)
+        except Exception as exc:  # one VM's failure never stops the others
+            log.exception("scan of %s failed", vm.name)
+            reason = str(exc) if isinstance(exc, errors.VsphereAvError) else f"internal error: {exc!r}"
+            return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=ERROR, reason=reason,
+                              full=full)
+
+    def scan(self, *, names: Sequence[str] = (), all_vms: bool = False, full: bool = False,
+             on_progress: Callable[[Progress], None] | None = None,
+             on_start: Callable[[list[VmInfo]], None] | None = None) -> ScanReport:
+        """Scan VMs: per host at most ``per_host_limit`` at once, hosts in parallel."""
+        started = time.monotonic()
+        vms = self.select_vms(names=names, all_vms=all_vms)
+        version = self.engine.active_version()
+        if on_start:
+            on_start(vms)
+        policy = self.settings.scan
+        by_host: dict[str, list[VmInfo]] = {}
+        for vm in vms:
+            by_host.setdefault(vm.host.moref if vm.host else "", []).append(vm)
+        slots = {h: HostSlots(policy.per_host_limit) for h in by_host}
+        global_cap = threading.BoundedSemaphore(policy.global_limit)
+
+        def job(vm: VmInfo, host_key: str) -> ScanResult:
+            if not vm.powered_on:      # nothing to read: no slot needed
+                return self.scan_one(vm, full=full, on_progress=on_progress)
+            with slots[host_key], global_cap:
+                return self.scan_one(vm, full=full, on_progress=on_progress)
+
+        # Threads start here and only here; each pool is joined before returning.
+        pools = [ThreadPoolExecutor(max_workers=min(policy.per_host_limit, len(host_vms)),
+                                    thread_name_prefix=f"scan-{h or 'nohost'}")
+                 for h, host_vms in by_host.items()]
+        futures: dict[str, Future[ScanResult]] = {}
+        try:
+            for pool, (h, host_vms) in zip(pools, by_host.items(), strict=True):
+                for vm in host_vms:
+                    futures[vm.moref] = pool.submit(job, vm, h)
+            results = [futures[vm.moref].result() for vm in vms]
+        finally:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+        hosts = {vm.host.moref: vm.host.name for vm in vms if vm.host}
+        peaks = {hosts.get(h, h or "(none)"): s.peak for h, s in slots.items()}
+        return ScanReport(results=results, signature_version=version,
+                          duration=time.monotonic() - started, peak_per_host=peaks)
+
+    # --- reports ---------------------------------------------------------------------------
+
+    def status(self, *, refresh: bool = True) -> list[dict[str, Any]]:
+        """Every VM's protection state (refreshing the VM list from vCenter when configured)."""
+        if refresh and self.settings.vcenter.server:
+            from vsphere_av.vsphere import inventory
+            self.store.sync_inventory(inventory.list_vms(self.connection))
+        version = self.engine.active_version()
+        return [{"name": s.name, "moref": s.moref, "host": s.host, "state": s.state,
+                 "reason": s.reason, "last_scan": s.last_scan or None,
+                 "last_full_scan": s.last_full_scan or None,
+                 "signature_version": s.signature_version}
+                for s in self.store.vm_states(current_version=version)]
+
+    def detections(self) -> list[dict[str, Any]]:
+        """Every recorded detection, oldest first."""
+        return [{"id": d.id, "vm": d.vm_name, "moref": d.vm_moref, "path": d.path,
+                 "threat": d.threat, "member": d.member, "sha256": d.sha256, "size": d.size,
+                 "action": d.action, "quarantine_id": d.quarantine_id or None, "time": d.time}
+                for d in self.store.detections()]
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    @staticmethod
+    def quarantine_row(item: QuarantineItem) -> dict[str, Any]:
+        """JSON-ready form of one quarantine item (``quarantine list --json``)."""
+        return {"id": item.id, "vm": item.vm_name, "moref": item.vm_moref, "path": item.guest_path,
+                "threat": item.threat, "sha256": item.sha256, "size": item.size, "time": item.time,
+                "restored": item.restored_at or None}
+
+    def quarantine_list(self) -> list[dict[str, Any]]:
+        """Items in quarantine (purged ones left out)."""
+        return [self.quarantine_row(i) for i in self.quarantine.items()]
+
+    def quarantine_restore(self, item_id: str, *, force: bool = False) -> dict[str, Any]:
+        """Put the identical bytes back at the original guest path (no overwrite unless force)."""
+        from vsphere_av.vsphere import inventory
+        from vsphere_av.vsphere.guest import GuestFiles, parent_of
+
+        item = self.quarantine.get(item_id)
+        details = {"id": item.id, "vm": item.vm_name, "moref": item.vm_moref,
+                   "path": item.guest_path, "sha256": item.sha256, "size": item.size,
+                   "force": force}
+        try:
+            vm = inventory.get_vm(self.connection, item.vm_moref)
+            user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
+            guest = GuestFiles(connection=self.connection, vm=vm, user=user, password=password)
+            parent = parent_of(item.guest_path, windows=vm.is_windows)
+            if parent:
+                guest.make_dir(parent, parents=True)
+            with self.quarantine.reader(item.id) as body:
+                try:
+                    guest.upload(item.guest_path, body, size=item.size, overwrite=force,
+                                 permissions=item.permissions)
+                except errors.GuestFileExists as exc:
+                    raise errors.GuestFileExists(
+                        f"{item.guest_path} already exists in {vm.name}; use --force to overwrite"
+                    ) from exc
+        except errors.VsphereAvError as exc:
+            self.audit.append(actor=self.actor, action="quarantine.restore",
+                              details={**details, "result": "failed", "error": str(exc)})
+            raise
+        self.quarantine.mark_restored(item.id)
+        self.audit.append(actor=self.actor, action="quarantine.restore",
+                          details={**details, "result": "restored"})
+        return self.quarantine_row(self.quarantine.get(item.id))
+
+    def quarantine_purge(self, item_id: str) -> dict[str, Any]:
+        """Delete a quarantined file's bytes for good."""
+        item = self.quarantine.purge(item_id)
+        self.audit.append(actor=self.actor, action="quarantine.purge", details={
+            "id": item.id, "vm": item.vm_name, "moref": item.vm_moref, "path": item.guest_path,
+            "sha256": item.sha256, "threat": item.threat})
+        return self.quarantine_row(item)

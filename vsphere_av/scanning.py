@@ -1,0 +1,514 @@
+"""One VM's scan job: walk the guest, filter by policy, stream through the engine, remediate.
+
+Called by ``app.py`` (CLI scans) and the controller's workers, one call per VM job; pure
+of threads. Everything it touches comes in as keyword-only collaborators: the guest file
+access (``vsphere.guest.GuestFiles``), an engine ``Session`` (one signature version), the
+``StateStore``, the ``AuditLog``, the ``Quarantine`` and the clock. It never raises for
+one VM's trouble: the result says what happened and why.
+
+Counting rules (the summary a person reads):
+  scanned    files read and given a verdict (clean or infected)
+  unchanged  not downloaded: same path, size and mtime already found clean under this
+             signature version (in this VM, or in any VM when sharing is on)
+  skipped    listed but not scanned: over the size limit, not scannable by the engine,
+             or vanished between listing and download (``vanished`` counts those alone)
+  errors     files that could not be read after one retry, and unreadable directories
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vsphere_av import errors
+from vsphere_av.config import ScanPolicy
+from vsphere_av.models import (
+    INFECTED,
+    PROTECTED,
+    UNPROTECTED,
+    UNREACHABLE,
+    FileRecord,
+    GuestFile,
+    VmInfo,
+)
+
+log = logging.getLogger(__name__)
+
+INDEX_BATCH = 200
+GLOB_CHARS = frozenset("*?[")
+
+# Scan statuses (per VM, in results and the scans table).
+CLEAN = "clean"
+FOUND = "infected"
+SKIPPED = "skipped"
+UNREACHABLE_STATUS = "unreachable"
+ERROR = "error"
+
+REASON_LOGIN = "invalid guest login"
+REASON_TOOLS = "guest operations unavailable"
+REASON_OFF = "powered off"
+
+
+# --- collaborator interfaces (what this module needs, nothing more) ---------------------------
+
+class DownloadLike(Protocol):
+    """An open guest file stream."""
+
+    size: int
+
+    def chunks(self) -> Iterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class GuestAccess(Protocol):
+    """Guest file access on one VM (``vsphere.guest.GuestFiles``)."""
+
+    windows: bool
+
+    def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
+             on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]: ...
+    def open_download(self, path: str) -> DownloadLike: ...
+    def delete_file(self, path: str) -> None: ...
+
+
+class EngineSession(Protocol):
+    """An engine session pinned to one signature version (``engine.Session``)."""
+
+    version: int
+
+    def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
+                    owner: str = "", size_hint: int | None = None) -> Any: ...
+    def lookup(self, sha256: str, *, path: str) -> Any: ...
+
+
+class AuditSink(Protocol):
+    """Where security-relevant actions are recorded (``store.audit.AuditLog``)."""
+
+    def append(self, *, actor: str, action: str, details: dict[str, Any]) -> Any: ...
+
+
+# --- policy filters (pure) -------------------------------------------------------------------
+
+def normalise(path: str, *, windows: bool) -> str:
+    """Path as filters see it: forward slashes, lower case on Windows."""
+    return path.replace("\\", "/").lower() if windows else path
+
+
+def _pattern(pattern: str, *, windows: bool) -> str:
+    p = pattern.replace("\\", "/") if windows else pattern
+    p = p.lower() if windows else p
+    return p.rstrip("/") if len(p) > 1 and not p.endswith(":/") else p
+
+
+def matches(pattern: str, path: str, *, windows: bool) -> bool:
+    """Does a policy pattern match a guest path?
+
+    A pattern without wildcards is a path prefix (``/proc`` covers ``/proc/1/maps``); one
+    with wildcards and a slash is a glob on the whole path (``*/pagefile.sys``); one with
+    wildcards and no slash is a glob on the file name (``*.iso``). Windows: case-insensitive,
+    ``\\`` and ``/`` alike.
+    """
+    p = _pattern(pattern, windows=windows)
+    target = normalise(path, windows=windows)
+    if not GLOB_CHARS & set(p):
+        if p in ("/", "c:/") or p.endswith(":/"):
+            return target.startswith(p)
+        return target == p or target.startswith(p + "/")
+    if "/" in p:
+        return fnmatch.fnmatchcase(target, p)
+    return fnmatch.fnmatchcase(posixpath.basename(target), p)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The policy's include/exclude rules for one guest OS family."""
+
+    excludes: tuple[str, ...]
+    includes: tuple[str, ...]
+    max_file_size: int
+    windows: bool
+
+    @classmethod
+    def from_policy(cls, policy: ScanPolicy, *, windows: bool, engine_max: int | None = None) -> Filters:
+        """Filters of ``policy`` (default exclusions first) for a Linux or Windows guest."""
+        limit = policy.max_file_size if engine_max is None else min(policy.max_file_size, engine_max)
+        return cls(excludes=(*policy.default_excludes, *policy.exclude), includes=policy.include,
+                   max_file_size=limit, windows=windows)
+
+    def prune(self, directory: str) -> bool:
+        """True when a directory is excluded as a whole."""
+        return any(matches(p, directory, windows=self.windows) for p in self.excludes)
+
+    def wanted(self, path: str) -> bool:
+        """True when a file passes the include and exclude globs."""
+        if any(matches(p, path, windows=self.windows) for p in self.excludes):
+            return False
+        return not self.includes or any(matches(p, path, windows=self.windows) for p in self.includes)
+
+
+def remediation_plan(action: str, fallback: str) -> tuple[str, ...]:
+    """Actions to try in order: the policy's action, then its fallback when different."""
+    plan = [action]
+    if fallback and fallback != action and action != "report":
+        plan.append(fallback)
+    return tuple(plan)
+
+
+def protection_after(status: str, *, previous: str | None) -> str | None:
+    """The VM protection state a scan result leads to (None: leave it as it was)."""
+    if status == CLEAN:
+        return PROTECTED
+    if status == FOUND:
+        return INFECTED
+    if status == UNREACHABLE_STATUS:
+        return INFECTED if previous == INFECTED else UNREACHABLE
+    if status == SKIPPED:
+        return UNPROTECTED if previous in (None, UNPROTECTED, UNREACHABLE) else None
+    return UNREACHABLE if previous != INFECTED else None
+
+
+# --- results ---------------------------------------------------------------------------------
+
+@dataclass
+class Found:
+    """One infected file and what was done about it."""
+
+    path: str
+    threat: str
+    sha256: str
+    size: int
+    action: str                  # reported | quarantined | deleted | failed
+    member: str = ""
+    detail: str = ""
+    quarantine_id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"path": self.path, "threat": self.threat, "sha256": self.sha256, "size": self.size,
+                "action": self.action, "member": self.member, "detail": self.detail,
+                "quarantine_id": self.quarantine_id}
+
+
+@dataclass
+class ScanResult:
+    """What one VM's scan did."""
+
+    vm: str
+    moref: str
+    host: str
+    status: str = CLEAN
+    reason: str = ""
+    full: bool = False
+    signature_version: int | None = None
+    scanned: int = 0
+    unchanged: int = 0
+    shared: int = 0
+    skipped: int = 0
+    vanished: int = 0
+    errors: int = 0
+    bytes: int = 0
+    duration: float = 0.0
+    found: list[Found] = field(default_factory=list)
+    scan_id: int | None = None
+
+    def counts(self) -> dict[str, int]:
+        """The counters stored with the scan record."""
+        return {"scanned": self.scanned, "unchanged": self.unchanged, "skipped": self.skipped,
+                "errors": self.errors, "detections": len(self.found), "bytes": self.bytes}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``scan --json``)."""
+        return {"vm": self.vm, "moref": self.moref, "host": self.host, "status": self.status,
+                "reason": self.reason, "full": self.full,
+                "signature_version": self.signature_version, "scanned": self.scanned,
+                "unchanged": self.unchanged, "shared": self.shared, "skipped": self.skipped,
+                "vanished": self.vanished, "errors": self.errors, "bytes": self.bytes,
+                "duration": round(self.duration, 3),
+                "detections": [f.as_dict() for f in self.found]}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress tick for displays."""
+
+    vm: str
+    files: int
+    bytes: int
+    path: str
+    done: bool = False
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def scan_vm(*, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any, audit: AuditSink,
+            quarantine: Any, policy: ScanPolicy, full: bool = False, actor: str = "",
+            engine_max_file_size: int | None = None,
+            share_across_vms: bool | None = None,
+            clock: Callable[[], float] = time.monotonic,
+            on_progress: Callable[[Progress], None] | None = None) -> ScanResult:
+    """Scan one VM's files and remediate; never raises for the VM's own trouble."""
+    job = _Job(vm=vm, guest=guest, session=session, store=store, audit=audit,
+               quarantine=quarantine, policy=policy, full=full, actor=actor,
+               share=policy.share_across_vms if share_across_vms is None else share_across_vms,
+               engine_max=engine_max_file_size, clock=clock, on_progress=on_progress)
+    return job.run()
+
+
+class _Job:
+    def __init__(self, *, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any,
+                 audit: AuditSink, quarantine: Any, policy: ScanPolicy, full: bool, actor: str,
+                 share: bool, engine_max: int | None, clock: Callable[[], float],
+                 on_progress: Callable[[Progress], None] | None) -> None:
+        self.vm, self.guest, self.session, self.store = vm, guest, session, store
+        self.audit, self.quarantine, self.policy, self.full = audit, quarantine, policy, full
+        self.actor, self.share, self.clock, self.on_progress = actor, share, clock, on_progress
+        self.filters = Filters.from_policy(policy, windows=vm.is_windows, engine_max=engine_max)
+        host = vm.host.name if vm.host else ""
+        self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full)
+        self.pending: list[FileRecord] = []
+
+    # audit details always name the VM and its host, so storms can be checked afterwards
+    def _audit(self, action: str, **details: Any) -> None:
+        base = {"vm": self.vm.name, "moref": self.vm.moref,
+                "host": self.vm.host.name if self.vm.host else "",
+                "host_moref": self.vm.host.moref if self.vm.host else ""}
+        self.audit.append(actor=self.actor, action=action, details={**base, **details})
+
+    def run(self) -> ScanResult:
+        r = self.result
+        started = self.clock()
+        previous = self.store.vm_state(self.vm.moref)
+        prev_state = previous.state if previous else None
+        if not self.vm.powered_on:
+            r.status, r.reason = SKIPPED, REASON_OFF
+            self.store.upsert_vm(self.vm)
+            self._audit("scan.skipped", reason=REASON_OFF, power_state=self.vm.power_state)
+            self._set_protection(prev_state)
+            return r
+        r.signature_version = self.session.version
+        r.scan_id = self.store.begin_scan(self.vm, full=self.full, signature_version=r.signature_version)
+        self._audit("scan.start", full=self.full, signature_version=r.signature_version,
+                    scan_id=r.scan_id)
+        try:
+            self._walk()
+        except errors.GuestLoginError:
+            r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
+        except errors.GuestUnavailable:
+            r.status, r.reason = UNREACHABLE_STATUS, REASON_TOOLS
+        except errors.InvalidPowerState:
+            r.status, r.reason = SKIPPED, REASON_OFF
+        except errors.NotFound:
+            r.status, r.reason = ERROR, "VM no longer exists"
+        except errors.VsphereError as exc:
+            r.status, r.reason = UNREACHABLE_STATUS, str(exc)
+        except errors.VsphereAvError as exc:
+            r.status, r.reason = ERROR, str(exc)
+        finally:
+            self._flush_index()
+        if r.found:
+            interrupted = f"; scan interrupted: {r.reason}" if r.reason else ""
+            r.status = FOUND
+            r.reason = self._found_reason() + interrupted
+        elif r.status == CLEAN:
+            r.reason = "clean" + (f" ({r.errors} file error(s))" if r.errors else "")
+        r.duration = self.clock() - started
+        self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
+        self._set_protection(prev_state)
+        self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
+                    signature_version=r.signature_version, **r.counts())
+        if self.on_progress:
+            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged, bytes=r.bytes,
+                                      path="", done=True))
+        return r
+
+    def _found_reason(self) -> str:
+        threats = sorted({f.threat for f in self.result.found})
+        actions = sorted({f.action for f in self.result.found})
+        return (f"{len(self.result.found)} detection(s): {', '.join(threats)}"
+                f" ({', '.join(actions)})")
+
+    def _set_protection(self, prev_state: str | None) -> None:
+        r = self.result
+        state = protection_after(r.status, previous=prev_state)
+        if state is None:
+            return
+        clean_version = r.signature_version if state == PROTECTED else None
+        self.store.set_protection(self.vm.moref, state=state, reason=r.reason or r.status,
+                                  clean_signature_version=clean_version,
+                                  scanned=r.status in (CLEAN, FOUND),
+                                  full=self.full and r.status in (CLEAN, FOUND))
+
+    def _walk(self) -> None:
+        roots = self.policy.windows_roots if self.vm.is_windows else self.policy.linux_roots
+
+        def on_error(path: str, exc: errors.GuestError) -> None:
+            if isinstance(exc, errors.GuestFileNotFound) and path not in roots:
+                self.result.vanished += 1      # a directory removed while we walked
+                self.result.skipped += 1
+                return
+            self.result.errors += 1
+            log.info("%s: cannot list %s: %s", self.vm.name, path, exc)
+
+        for entry in self.guest.walk(list(roots), prune=self.filters.prune, on_error=on_error):
+            if not self.filters.wanted(entry.path):
+                continue
+            self._file(entry)
+
+    def _file(self, entry: GuestFile) -> None:
+        r = self.result
+        version = self.session.version
+        if entry.size > self.filters.max_file_size:
+            r.skipped += 1
+            return
+        if not self.full and entry.mtime:
+            known = self.store.file_record(self.vm.moref, entry.path)
+            if (known is not None and known.verdict == "clean" and known.size == entry.size
+                    and known.mtime == entry.mtime and known.signature_version == version):
+                r.unchanged += 1
+                return
+            if self.share and self._reuse_shared(entry, version):
+                return
+        outcome = self._download_and_scan(entry)
+        if outcome is None:
+            return
+        if outcome.status == "skipped":
+            r.skipped += 1
+            return
+        if outcome.status == "error":
+            r.errors += 1
+            log.info("%s: %s: %s", self.vm.name, entry.path, outcome.reason)
+            return
+        r.scanned += 1
+        r.bytes += outcome.size
+        if self.on_progress:
+            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged, bytes=r.bytes,
+                                      path=entry.path))
+        if outcome.status == "infected":
+            self._infected(entry, outcome)
+        else:
+            self._index(entry, outcome.sha256, "clean")
+
+    def _reuse_shared(self, entry: GuestFile, version: int) -> bool:
+        shared = self.store.shared_record(path=entry.path, size=entry.size, mtime=entry.mtime,
+                                          signature_version=version)
+        if shared is None:
+            return False
+        outcome = self.session.lookup(shared.sha256, path=entry.path)
+        if outcome is None or outcome.status != "clean":
+            return False
+        self.result.unchanged += 1
+        self.result.shared += 1
+        self._index(entry, shared.sha256, "clean")
+        return True
+
+    def _download_and_scan(self, entry: GuestFile) -> Any:
+        r = self.result
+        for attempt in (1, 2):
+            try:
+                download = self.guest.open_download(entry.path)
+                try:
+                    return self.session.scan_stream(download.chunks(), path=entry.path,
+                                                    name=entry.name, size_hint=download.size)
+                finally:
+                    download.close()
+            except errors.GuestFileNotFound:
+                r.vanished += 1
+                r.skipped += 1
+                self.store.forget_file(self.vm.moref, entry.path)
+                return None
+            except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
+                    errors.NotFound):
+                raise
+            except (errors.TransientError, errors.GuestError) as exc:
+                if attempt == 2:
+                    r.errors += 1
+                    log.info("%s: %s: %s", self.vm.name, entry.path, exc)
+                    return None
+        return None
+
+    def _infected(self, entry: GuestFile, outcome: Any) -> None:
+        first = outcome.detections[0] if outcome.detections else None
+        threat = first.threat if first else "unknown"
+        for d in outcome.detections:
+            self._audit("detection", path=entry.path, threat=d.threat, rule=d.rule, source=d.source,
+                        member=d.member, sha256=outcome.sha256, size=outcome.size,
+                        scan_id=self.result.scan_id)
+        action, qid, detail = self._remediate(entry, outcome, threat)
+        for d in outcome.detections or ():
+            self.store.add_detection(
+                scan_id=self.result.scan_id, vm_moref=self.vm.moref, vm_name=self.vm.name,
+                path=entry.path, threat=d.threat, sha256=outcome.sha256, size=outcome.size,
+                rule=d.rule, source=d.source, member=d.member, action=action, detail=detail,
+                quarantine_id=qid)
+            self.result.found.append(Found(path=entry.path, threat=d.threat, sha256=outcome.sha256,
+                                           size=outcome.size, action=action, member=d.member,
+                                           detail=detail, quarantine_id=qid))
+        if action in ("quarantined", "deleted"):
+            self.store.forget_file(self.vm.moref, entry.path)
+        else:
+            self._index(entry, outcome.sha256, "infected")
+
+    def _remediate(self, entry: GuestFile, outcome: Any, threat: str) -> tuple[str, str, str]:
+        """Try the policy's action then its fallback; returns (action, quarantine id, detail)."""
+        failures: list[str] = []
+        for act in remediation_plan(self.policy.action, self.policy.fallback_action):
+            try:
+                if act == "report":
+                    self._audit("remediation", path=entry.path, action="report", result="reported",
+                                threat=threat, sha256=outcome.sha256)
+                    return "reported", "", "; ".join(failures)
+                if act == "quarantine":
+                    qid = self._quarantine(entry, outcome, threat)
+                    self._audit("remediation", path=entry.path, action="quarantine",
+                                result="quarantined", quarantine_id=qid, threat=threat,
+                                sha256=outcome.sha256)
+                    return "quarantined", qid, "; ".join(failures)
+                if act == "delete":
+                    self.guest.delete_file(entry.path)
+                    self._audit("remediation", path=entry.path, action="delete", result="deleted",
+                                threat=threat, sha256=outcome.sha256)
+                    return "deleted", "", "; ".join(failures)
+            except errors.VsphereAvError as exc:
+                failures.append(f"{act} failed: {exc}")
+                self._audit("remediation", path=entry.path, action=act, result="failed",
+                            error=str(exc), threat=threat, sha256=outcome.sha256)
+        return "failed", "", "; ".join(failures)
+
+    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str) -> str:
+        """Copy the file's bytes into the quarantine, check they are the scanned ones, delete it."""
+        download = self.guest.open_download(entry.path)
+        try:
+            item = self.quarantine.put(
+                download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
+                guest_path=entry.path, threat=threat, is_windows=self.vm.is_windows,
+                permissions=entry.permissions, max_size=max(self.filters.max_file_size, outcome.size))
+        finally:
+            download.close()
+        if item.sha256 != outcome.sha256:
+            self.quarantine.discard(item.id)
+            raise errors.GuestError(f"{entry.path} changed between scan and quarantine")
+        try:
+            self.guest.delete_file(entry.path)
+        except errors.VsphereAvError:
+            self.quarantine.discard(item.id)
+            raise
+        return str(item.id)
+
+    def _index(self, entry: GuestFile, sha256: str, verdict: str) -> None:
+        if not entry.mtime or not sha256:
+            return
+        self.pending.append(FileRecord(vm_moref=self.vm.moref, path=entry.path, size=entry.size,
+                                       mtime=entry.mtime, sha256=sha256,
+                                       signature_version=self.session.version, verdict=verdict))
+        if len(self.pending) >= INDEX_BATCH:
+            self._flush_index()
+
+    def _flush_index(self) -> None:
+        if self.pending:
+            self.store.record_files(self.pending)
+            self.pending = []

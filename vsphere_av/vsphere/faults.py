@@ -1,0 +1,98 @@
+"""Translate pyVmomi faults and transport errors into ``vsphere_av.errors`` at the edge.
+
+Called by every module of the adapter (``connection``, ``inventory``, ``guest`` and the ones
+that come later) through :func:`translating` / :func:`translate`; calls nothing.
+Messages are one line and never contain credentials: the guest password is inside the
+request, never inside a fault's text.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import requests
+from pyVmomi import vim, vmodl
+
+from vsphere_av import errors
+
+
+def _fault_text(exc: BaseException) -> str:
+    msg = getattr(exc, "msg", "") or ""
+    if not msg:
+        faults = getattr(exc, "faultMessage", None) or []
+        msg = "; ".join(str(getattr(m, "message", "")) for m in faults if getattr(m, "message", ""))
+    text = msg or type(exc).__name__
+    return " ".join(str(text).split())
+
+
+def is_not_authenticated(exc: BaseException) -> bool:
+    """True for the fault vCenter answers when the session is gone."""
+    return isinstance(exc, vim.fault.NotAuthenticated)
+
+
+def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
+    """Return the product error for ``exc``; ``what`` names the operation (no secrets)."""
+    if isinstance(exc, errors.VsphereAvError):
+        return exc
+    text = _fault_text(exc)
+    if isinstance(exc, vim.fault.InvalidGuestLogin):
+        return errors.GuestLoginError(f"{what}: invalid guest login")
+    if isinstance(exc, vim.fault.GuestOperationsUnavailable | vim.fault.TooManyGuestLogons):
+        return errors.GuestUnavailable(f"{what}: guest operations unavailable ({text})")
+    if isinstance(exc, vim.fault.GuestComponentsOutOfDate | vim.fault.OperationDisabledByGuest
+                  | vim.fault.OperationNotSupportedByGuest):
+        return errors.GuestUnavailable(f"{what}: guest operations unavailable ({text})")
+    if isinstance(exc, vim.fault.GuestPermissionDenied):
+        return errors.GuestError(f"{what}: guest permission denied ({text})")
+    if isinstance(exc, vim.fault.FileNotFound):
+        return errors.GuestFileNotFound(f"{what}: file not found in guest ({text})")
+    if isinstance(exc, vim.fault.FileAlreadyExists):
+        return errors.GuestFileExists(f"{what}: file exists in guest ({text})")
+    if isinstance(exc, vim.fault.InvalidPowerState):
+        return errors.InvalidPowerState(f"{what}: VM is not powered on ({text})")
+    if isinstance(exc, vim.fault.InvalidState):
+        return errors.InvalidPowerState(f"{what}: invalid VM state ({text})")
+    if isinstance(exc, vmodl.fault.ManagedObjectNotFound):
+        return errors.NotFound(f"{what}: object no longer exists")
+    if isinstance(exc, vim.fault.NotAuthenticated):
+        return errors.TransientError(f"{what}: vCenter session lost")
+    if isinstance(exc, vim.fault.InvalidLogin):
+        return errors.VsphereError(f"{what}: vCenter rejected the login (check user and password)")
+    if isinstance(exc, vim.fault.NoPermission):
+        privilege = getattr(exc, "privilegeId", "") or ""
+        return errors.VsphereError(f"{what}: permission denied{' (needs ' + privilege + ')' if privilege else ''}")
+    if isinstance(exc, vim.fault.FileFault):
+        return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
+    if isinstance(exc, vim.fault.GuestOperationsFault):
+        return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
+    if isinstance(exc, ssl.SSLCertVerificationError | requests.exceptions.SSLError):
+        return errors.TlsVerificationError(f"{what}: TLS verification failed: {_one_line(exc)}")
+    if isinstance(exc, ConnectionError | socket.timeout | TimeoutError | http.client.HTTPException
+                  | requests.exceptions.ConnectionError | requests.exceptions.Timeout
+                  | requests.exceptions.ChunkedEncodingError):
+        return errors.TransientError(f"{what}: connection problem: {_one_line(exc)}")
+    if isinstance(exc, vmodl.MethodFault):
+        return errors.VsphereError(f"{what}: {type(exc).__name__} ({text})")
+    if isinstance(exc, OSError):
+        return errors.TransientError(f"{what}: {_one_line(exc)}")
+    return errors.VsphereError(f"{what}: {type(exc).__name__}: {_one_line(exc)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+@contextmanager
+def translating(what: str) -> Iterator[None]:
+    """Re-raise anything from pyVmomi / requests inside the block as a product error."""
+    try:
+        yield
+    except errors.VsphereAvError:
+        raise
+    except (vmodl.MethodFault, OSError, http.client.HTTPException,
+            requests.exceptions.RequestException) as exc:
+        raise translate(exc, what=what) from exc

@@ -1,0 +1,330 @@
+"""Guest file operations on one VM: list (paged), walk, stream out, upload, delete, move, mkdir.
+
+Called by ``scanning.py`` (through the collaborator it is given) and ``app.py`` (quarantine
+restore); calls ``Connection.call`` for the SOAP side (GuestFileManager) and ``requests`` for
+the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable``,
+``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or
+``TransientError``. The guest password travels only inside the SOAP request.
+
+Transfers (``https://*:PORT/guestFile?...``) go to the ESXi host the VM runs on: ``*`` is
+replaced by the host's management address. TLS for that hop, in this order:
+  1. the host certificate's SHA-256, computed from the PEM vCenter reports in
+     ``HostSystem.config.certificate``, is pinned (the way govmomi pins ESXi hosts);
+  2. otherwise, with a CA file for vCenter, the host certificate must chain to the same CA
+     and name the host (vCenter's VMCA signs ESXi certificates);
+  3. otherwise, with a pinned vCenter thumbprint, that thumbprint is pinned for the host too
+     (true when vCenter and the transfer endpoint are the same server, as in the simulator;
+     on a real vCenter step 1 applies first);
+  4. ``insecure`` skips verification, as for vCenter.
+Bodies are streamed (64 KiB chunks) and each transfer uses a fresh connection with
+``Connection: close``: transfer URLs are single-use and ESXi wants no keep-alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3
+from pyVmomi import vim
+from requests.adapters import HTTPAdapter
+
+from vsphere_av import errors
+from vsphere_av.config import Secret
+from vsphere_av.models import GuestFile, HostInfo, VmInfo
+from vsphere_av.vsphere.connection import Connection, TlsTrust
+from vsphere_av.vsphere.faults import translate
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+PAGE = 200                   # entries per ListFilesInGuest call
+TRANSFER_TIMEOUT = (15.0, 120.0)
+MAX_DEPTH = 64
+MAX_ENTRIES = 5_000_000
+
+
+class SupportsRead(Protocol):
+    """A readable byte stream of known length (quarantine blobs, local files)."""
+
+    def read(self, size: int = -1) -> bytes: ...
+
+
+def join(directory: str, name: str, *, windows: bool) -> str:
+    """Join a guest directory and an entry name with the guest's separator."""
+    sep = "\\" if windows else "/"
+    if directory.endswith(("/", "\\")):
+        return directory + name
+    return directory + sep + name
+
+
+def parent_of(path: str, *, windows: bool) -> str:
+    """The directory part of a guest path ("" at the root)."""
+    if windows:
+        norm = path.replace("/", "\\").rstrip("\\")
+        head = norm.rsplit("\\", 1)[0] if "\\" in norm else ""
+        return head + "\\" if len(head) == 2 and head.endswith(":") else head
+    head = posixpath.dirname(path.rstrip("/"))
+    return head
+
+
+def _mtime(attrs: Any) -> str:
+    value = getattr(attrs, "modificationTime", None)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value) if value else ""
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """requests adapter that pins a SHA-256 certificate fingerprint (no CA check)."""
+
+    def __init__(self, *, fingerprint: str, assert_hostname: str | None = None) -> None:
+        self._fingerprint = fingerprint.replace(":", "").lower()
+        self._assert_hostname = assert_hostname
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        pool_kwargs["assert_fingerprint"] = self._fingerprint
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+
+def _http_session(host: HostInfo | None, trust: TlsTrust) -> tuple[requests.Session, bool | str]:
+    """A session and a `verify` value implementing the module's transfer trust rules."""
+    session = requests.Session()
+    session.trust_env = False          # never route guest bytes through a proxy from the env
+    session.headers["Connection"] = "close"
+    if host is not None and host.certificate_sha256:
+        session.mount("https://", _PinnedAdapter(fingerprint=host.certificate_sha256))
+        return session, False
+    if trust.ca_file:
+        return session, trust.ca_file
+    if trust.thumbprint:
+        session.mount("https://", _PinnedAdapter(fingerprint=trust.thumbprint))
+        return session, False
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked for: --insecure
+    return session, False
+
+
+def transfer_url(url: str, host_address: str) -> str:
+    """Replace the `*` host of a guest transfer URL with the ESXi host's address."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("*", None) and "*" not in parts.netloc:
+        return url
+    if not host_address:
+        raise errors.GuestError("transfer URL needs the ESXi host address, which vCenter did not report")
+    host = f"[{host_address}]" if ":" in host_address else host_address
+    netloc = parts.netloc.replace("*", host, 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass
+class Download:
+    """An open guest file transfer: iterate :meth:`chunks` once, then it is closed."""
+
+    path: str
+    size: int
+    _response: requests.Response
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes in chunks; TransientError when the stream ends early."""
+        got = 0
+        try:
+            for chunk in self._response.iter_content(chunk_size=CHUNK):
+                if chunk:
+                    got += len(chunk)
+                    yield chunk
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise errors.TransientError(f"download of {self.path} broke off: {exc}") from exc
+        finally:
+            self._response.close()
+        if got != self.size:
+            raise errors.TransientError(f"download of {self.path}: got {got} of {self.size} bytes")
+
+    def close(self) -> None:
+        """Release the connection."""
+        self._response.close()
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GuestFiles:
+    """Guest file operations on one VM with one guest account."""
+
+    def __init__(self, *, connection: Connection, vm: VmInfo, user: str, password: Secret) -> None:
+        self._conn = connection
+        self.vm = vm
+        self._user = user
+        self._password = password
+        self.windows = vm.is_windows
+
+    def __repr__(self) -> str:
+        return f"GuestFiles(vm={self.vm.name!r}, user={self._user!r})"
+
+    # --- SOAP side -------------------------------------------------------------------------
+
+    def _auth(self) -> Any:
+        return vim.vm.guest.NamePasswordAuthentication(
+            username=self._user, password=self._password.reveal(), interactiveSession=False)
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        def run(content: Any) -> Any:
+            fm = content.guestOperationsManager.fileManager
+            vm_ref = self._conn.ref("VirtualMachine", self.vm.moref)
+            return getattr(fm, method)(vm=vm_ref, auth=self._auth(), **kwargs)
+        return self._conn.call(f"{what} on {self.vm.name}", run)
+
+    def list_dir(self, path: str, *, pattern: str | None = None) -> Iterator[GuestFile]:
+        """Entries of one guest directory (all pages); "." and ".." left out."""
+        index = 0
+        extra: dict[str, Any] = {"matchPattern": pattern} if pattern else {}
+        while True:
+            result = self._call(f"list {path}", "ListFilesInGuest", filePath=path, index=index,
+                                maxResults=PAGE, **extra)
+            files = list(result.files or [])
+            for info in files:
+                name = str(info.path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+                if name in (".", "..", ""):
+                    continue
+                attrs = info.attributes
+                perms = getattr(attrs, "permissions", None)
+                yield GuestFile(path=join(path, name, windows=self.windows), name=name,
+                                type=str(info.type), size=int(info.size or 0), mtime=_mtime(attrs),
+                                permissions=int(perms) if perms is not None else None)
+            index += len(files)
+            if not files or not result.remaining:
+                return
+
+    def stat(self, path: str) -> GuestFile | None:
+        """The entry for one path (listed from its parent), or None when it does not exist."""
+        parent = parent_of(path, windows=self.windows) or ("C:\\" if self.windows else "/")
+        name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        flags = "(?i)" if self.windows else ""
+        try:
+            for entry in self.list_dir(parent, pattern=f"{flags}^{re.escape(name)}$"):
+                if entry.name == name or (self.windows and entry.name.lower() == name.lower()):
+                    return entry
+        except errors.GuestFileNotFound:
+            return None
+        return None
+
+    def walk(self, roots: list[str] | tuple[str, ...], *,
+             prune: Callable[[str], bool] = lambda p: False,
+             on_error: Callable[[str, errors.GuestError], None] = lambda p, e: None,
+             max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES) -> Iterator[GuestFile]:
+        """Every regular file under ``roots``, depth first, not following symlinks.
+
+        ``prune(dir_path)`` True skips a directory; errors on one directory (vanished,
+        permission) go to ``on_error`` and the walk goes on; login, tools and power errors end it.
+        """
+        seen = 0
+        stack: list[tuple[str, int]] = [(r, 0) for r in reversed(roots)]
+        while stack:
+            directory, depth = stack.pop()
+            try:
+                entries = list(self.list_dir(directory))
+            except (errors.GuestLoginError, errors.GuestUnavailable):
+                raise
+            except errors.GuestError as exc:
+                on_error(directory, exc)
+                continue
+            subdirs: list[str] = []
+            for entry in entries:
+                seen += 1
+                if seen > max_entries:
+                    on_error(directory, errors.GuestError(f"more than {max_entries} entries: walk stopped"))
+                    return
+                if entry.type == "directory":
+                    if depth + 1 > max_depth:
+                        on_error(entry.path, errors.GuestError(f"deeper than {max_depth} levels: not walked"))
+                    elif not prune(entry.path):
+                        subdirs.append(entry.path)
+                elif entry.type == "file":
+                    yield entry
+            stack.extend((d, depth + 1) for d in reversed(subdirs))
+
+    def open_download(self, path: str) -> Download:
+        """Start streaming one guest file out (InitiateFileTransferFromGuest + HTTPS GET)."""
+        info = self._call(f"download {path}", "InitiateFileTransferFromGuest", guestFilePath=path)
+        url = transfer_url(str(info.url), self.vm.host.address if self.vm.host else "")
+        session, verify = _http_session(self.vm.host, self._conn.trust)
+        try:
+            response = session.get(url, stream=True, verify=verify, timeout=TRANSFER_TIMEOUT)
+        except requests.exceptions.RequestException as exc:
+            session.close()
+            raise translate(exc, what=f"download {path} from {self.vm.name}") from exc
+        session.close()     # the response keeps its own connection until read or closed
+        if response.status_code == 404:
+            response.close()
+            raise errors.GuestFileNotFound(f"download {path} from {self.vm.name}: gone (HTTP 404)")
+        if response.status_code != 200:
+            response.close()
+            raise errors.TransientError(
+                f"download {path} from {self.vm.name}: HTTP {response.status_code}")
+        return Download(path=path, size=int(info.size), _response=response)
+
+    def upload(self, path: str, body: SupportsRead, *, size: int, overwrite: bool = False,
+               permissions: int | None = None) -> None:
+        """Write ``size`` bytes read from ``body`` to a guest path (InitiateFileTransferToGuest + PUT)."""
+        if self.windows:
+            attrs: Any = vim.vm.guest.FileManager.WindowsFileAttributes()
+        else:
+            attrs = vim.vm.guest.FileManager.PosixFileAttributes()
+            if permissions is not None:
+                attrs.permissions = permissions
+        url = self._call(f"upload {path}", "InitiateFileTransferToGuest", guestFilePath=path,
+                         fileAttributes=attrs, fileSize=size, overwrite=overwrite)
+        url = transfer_url(str(url), self.vm.host.address if self.vm.host else "")
+        session, verify = _http_session(self.vm.host, self._conn.trust)
+        try:
+            response = session.put(url, data=_Sized(body, size), verify=verify,
+                                   timeout=TRANSFER_TIMEOUT,
+                                   headers={"Content-Type": "application/octet-stream"})
+        except requests.exceptions.RequestException as exc:
+            raise translate(exc, what=f"upload {path} to {self.vm.name}") from exc
+        finally:
+            session.close()
+        if response.status_code not in (200, 201, 204):
+            raise errors.GuestError(f"upload {path} to {self.vm.name}: HTTP {response.status_code}")
+
+    def delete_file(self, path: str) -> None:
+        """Delete one guest file."""
+        self._call(f"delete {path}", "DeleteFileInGuest", filePath=path)
+
+    def move_file(self, src: str, dst: str, *, overwrite: bool = False) -> None:
+        """Rename / move one guest file."""
+        self._call(f"move {src}", "MoveFileInGuest", srcFilePath=src, dstFilePath=dst,
+                   overwrite=overwrite)
+
+    def make_dir(self, path: str, *, parents: bool = True) -> None:
+        """Create a guest directory (and its parents); an existing one is fine."""
+        try:
+            self._call(f"mkdir {path}", "MakeDirectoryInGuest", directoryPath=path,
+                       createParentDirectories=parents)
+        except errors.GuestFileExists:
+            pass
+
+
+class _Sized:
+    """File-like with a length, so requests streams it with Content-Length (not chunked)."""
+
+    def __init__(self, body: SupportsRead, size: int) -> None:
+        self._body = body
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        return self._body.read(CHUNK if n is None or n < 0 else n)

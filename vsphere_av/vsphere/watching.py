@@ -1,0 +1,238 @@
+"""Watch vCenter: a private PropertyCollector on a ContainerView, and a resumable event tail.
+
+Called by ``controller.py`` (its watch threads, started from ``app.py``). Calls pyVmomi through
+``Connection.call`` (re-login on session loss, faults translated into ``vsphere_av.errors``).
+Returns only plain dataclasses from ``vsphere_av.watching`` (:class:`ObjectChange`,
+:class:`VcEvent`), never live vim objects.
+
+Cleanup rules: :class:`InventoryWatch` creates its own PropertyCollector (one wait loop per
+collector) and ContainerView; :class:`EventTail` creates one EventHistoryCollector (about 32
+per session exist at most). Both destroy what they created in ``close()``, which the callers
+run in ``finally`` (they are context managers). A lost session invalidates server-side
+objects; callers then close and build new ones (the inventory is re-listed in full; the
+event tail resumes from the last processed key and time).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pyVmomi import vim, vmodl
+
+from vsphere_av import errors
+from vsphere_av.store.jobs import EventCursor
+from vsphere_av.vsphere.connection import Connection
+from vsphere_av.watching import HOST_PROPERTIES, VM_PROPERTIES, ObjectChange, VcEvent
+
+log = logging.getLogger(__name__)
+
+MAX_OBJECTS_PER_UPDATE = 500       # WaitOptions.maxObjectUpdates: bounds one reply
+EVENT_PAGE_SIZE = 200
+
+
+def _plain(value: Any) -> Any:
+    """A property value as plain data: morefs become their id string."""
+    if isinstance(value, vmodl.ManagedObject):
+        return value._moId
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value if not isinstance(value, str) else str(value)
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    return str(value)
+
+
+class InventoryWatch:
+    """WaitForUpdatesEx over every VM and host; ``wait()`` returns plain changes or None."""
+
+    def __init__(self, conn: Connection, *, vm_paths: Sequence[str] = VM_PROPERTIES,
+                 host_paths: Sequence[str] = HOST_PROPERTIES) -> None:
+        self._conn = conn
+        self._version = ""
+        self._collector: Any = None
+        self._view: Any = None
+        self._filter: Any = None
+
+        def create(content: Any) -> None:
+            self._view = content.viewManager.CreateContainerView(
+                content.rootFolder, [vim.VirtualMachine, vim.HostSystem], True)
+            self._collector = content.propertyCollector.CreatePropertyCollector()
+            traverse = vmodl.query.PropertyCollector.TraversalSpec(
+                name="view", type=vim.view.ContainerView, path="view", skip=False)
+            spec = vmodl.query.PropertyCollector.FilterSpec(
+                objectSet=[vmodl.query.PropertyCollector.ObjectSpec(
+                    obj=self._view, skip=True, selectSet=[traverse])],
+                propSet=[
+                    vmodl.query.PropertyCollector.PropertySpec(
+                        type=vim.VirtualMachine, pathSet=list(vm_paths)),
+                    vmodl.query.PropertyCollector.PropertySpec(
+                        type=vim.HostSystem, pathSet=list(host_paths)),
+                ])
+            self._filter = self._collector.CreateFilter(spec, partialUpdates=False)
+
+        try:
+            conn.call("create inventory watch", create)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, max_wait: float) -> list[ObjectChange] | None:
+        """Changes since the last call (the first call lists everything); None on timeout."""
+        options = vmodl.query.PropertyCollector.WaitOptions(
+            maxWaitSeconds=max(0, int(max_wait)), maxObjectUpdates=MAX_OBJECTS_PER_UPDATE)
+        out: list[ObjectChange] = []
+        while True:
+            try:
+                result = self._conn.call(
+                    "wait for inventory updates",
+                    lambda _c: self._collector.WaitForUpdatesEx(self._version, options))
+            except errors.VsphereError as exc:
+                if isinstance(exc.__cause__, vmodl.fault.InvalidCollectorVersion):
+                    raise errors.TransientError("property collector version is stale") from exc
+                raise
+            if result is None:
+                return out or None
+            self._version = result.version
+            for fs in result.filterSet or []:
+                for upd in fs.objectSet or []:
+                    obj = upd.obj
+                    kind = ("VirtualMachine" if isinstance(obj, vim.VirtualMachine)
+                            else "HostSystem" if isinstance(obj, vim.HostSystem)
+                            else type(obj).__name__)
+                    changes = tuple((c.name, None if c.op == "remove" else _plain(c.val))
+                                    for c in (upd.changeSet or []))
+                    # A property that cannot be read (a VM without snapshots has none)
+                    # comes back in missingSet: treat it as empty.
+                    missing = tuple((m.path, None) for m in (upd.missingSet or []))
+                    out.append(ObjectChange(kind=kind, moref=obj._moId, op=str(upd.kind),
+                                            changes=changes + missing))
+            if not result.truncated:
+                return out
+            # Truncated: the next version is single use; fetch the rest at once.
+            options = vmodl.query.PropertyCollector.WaitOptions(
+                maxWaitSeconds=0, maxObjectUpdates=MAX_OBJECTS_PER_UPDATE)
+
+    def close(self) -> None:
+        """Destroy the filter, collector and view; never raises."""
+        for what, obj, method in (("filter", self._filter, "Destroy"),
+                                  ("collector", self._collector, "Destroy"),
+                                  ("view", self._view, "Destroy")):
+            if obj is None:
+                continue
+            try:
+                getattr(obj, method)()
+            except Exception as exc:  # the session may be gone already: nothing to free
+                log.debug("destroying %s failed: %s", what, exc)
+        self._filter = self._collector = self._view = None
+
+    def __enter__(self) -> InventoryWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _event_type(ev: Any) -> str:
+    if isinstance(ev, vim.event.EventEx | vim.event.ExtendedEvent):
+        return str(getattr(ev, "eventTypeId", "") or type(ev).__name__)
+    return type(ev).__name__.rsplit(".", 1)[-1]
+
+
+def to_event(ev: Any) -> VcEvent:
+    """A vim event as a plain :class:`VcEvent`."""
+    vm_arg = getattr(ev, "vm", None)
+    host_arg = getattr(ev, "host", None)
+    vm = getattr(vm_arg, "vm", None) if vm_arg is not None else None
+    host = getattr(host_arg, "host", None) if host_arg is not None else None
+    vm_name = getattr(vm_arg, "name", "") if vm_arg is not None else ""
+    entity = getattr(ev, "objectId", "") if isinstance(ev, vim.event.EventEx) else ""
+    if vm is None and entity and getattr(ev, "objectType", "") == "VirtualMachine":
+        vm_id = str(entity)
+    else:
+        vm_id = vm._moId if vm is not None else ""
+    if not vm_id and isinstance(ev, vim.event.EventEx):
+        # Some EventEx carry the VM only in the generic entity argument.
+        ent = getattr(ev, "vm", None)
+        vm_id = ent.vm._moId if ent is not None and getattr(ent, "vm", None) is not None else ""
+    source = getattr(ev, "sourceHost", None)
+    source_host = source.host._moId if source is not None and source.host is not None else ""
+    description_id = ""
+    info = getattr(ev, "info", None)
+    if info is not None:
+        description_id = str(getattr(info, "descriptionId", "") or "")
+    created = ev.createdTime
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return VcEvent(key=int(ev.key), created=created, type_id=_event_type(ev), vm=vm_id,
+                   vm_name=str(vm_name or ""), host=host._moId if host is not None else "",
+                   source_host=source_host, description_id=description_id,
+                   message=str(getattr(ev, "fullFormattedMessage", "") or "")[:300])
+
+
+class EventTail:
+    """Reads new vCenter events in key order, resuming after ``since`` (key and time)."""
+
+    def __init__(self, conn: Connection, *, since: EventCursor | None,
+                 type_ids: Sequence[str] = (), start: datetime | None = None) -> None:
+        self._conn = conn
+        self._collector: Any = None
+        self._last_key = since.key if since else 0
+        begin = datetime.fromisoformat(since.time) if since else (start or datetime.now(UTC))
+
+        def create(content: Any) -> None:
+            spec = vim.event.EventFilterSpec(
+                time=vim.event.EventFilterSpec.ByTime(beginTime=begin))
+            if type_ids:
+                spec.eventTypeId = list(type_ids)
+            self._collector = content.eventManager.CreateCollectorForEvents(spec)
+            self._collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
+            # ReadNextEvents starts after the latest page: rewind to the start of the range.
+            self._collector.ResetCollector()
+
+        try:
+            conn.call("create event collector", create)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def last_key(self) -> int:
+        """Key of the last event returned."""
+        return self._last_key
+
+    def read(self, *, limit: int = 2000) -> list[VcEvent]:
+        """New events since the last call, oldest first, never one seen before."""
+        out: list[VcEvent] = []
+        while len(out) < limit:
+            page = self._conn.call("read events",
+                                   lambda _c: self._collector.ReadNextEvents(EVENT_PAGE_SIZE))
+            if not page:
+                break
+            for ev in sorted(page, key=lambda e: e.key):
+                if ev.key <= self._last_key:
+                    continue
+                try:
+                    out.append(to_event(ev))
+                except (AttributeError, TypeError, ValueError) as exc:
+                    log.debug("skipping unreadable event %s: %s", getattr(ev, "key", "?"), exc)
+        out.sort(key=lambda e: e.key)
+        if out:
+            self._last_key = max(self._last_key, out[-1].key)
+        return out
+
+    def close(self) -> None:
+        """Destroy the collector; never raises."""
+        if self._collector is not None:
+            try:
+                self._collector.DestroyCollector()
+            except Exception as exc:  # the session may be gone already
+                log.debug("destroying event collector failed: %s", exc)
+        self._collector = None
+
+    def __enter__(self) -> EventTail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
