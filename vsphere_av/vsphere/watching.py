@@ -15,6 +15,7 @@ event tail resumes from the last processed key and time).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -30,12 +31,15 @@ from vsphere_av.watching import HOST_PROPERTIES, VM_PROPERTIES, ObjectChange, Vc
 log = logging.getLogger(__name__)
 
 MAX_OBJECTS_PER_UPDATE = 500       # WaitOptions.maxObjectUpdates: bounds one reply
-EVENT_PAGE_SIZE = 200
+EVENT_PAGE_SIZE = 1000          # the largest page vCenter allows
+
+
+_MANAGED_OBJECT: Any = vim.ManagedObject  # type: ignore[attr-defined]  # pyVmomi's dynamic types
 
 
 def _plain(value: Any) -> Any:
     """A property value as plain data: morefs become their id string."""
-    if isinstance(value, vmodl.ManagedObject):
+    if isinstance(value, _MANAGED_OBJECT):
         return value._moId
     if isinstance(value, str | int | float | bool) or value is None:
         return value if not isinstance(value, str) else str(value)
@@ -85,11 +89,10 @@ class InventoryWatch:
         out: list[ObjectChange] = []
         while True:
             try:
-                result = self._conn.call(
-                    "wait for inventory updates",
-                    lambda _c: self._collector.WaitForUpdatesEx(self._version, options))
+                result = self._conn.call("wait for inventory updates",
+                                         functools.partial(self._wait_once, options))
             except errors.VsphereError as exc:
-                if isinstance(exc.__cause__, vmodl.fault.InvalidCollectorVersion):
+                if type(exc.__cause__).__name__.endswith("InvalidCollectorVersion"):
                     raise errors.TransientError("property collector version is stale") from exc
                 raise
             if result is None:
@@ -113,6 +116,9 @@ class InventoryWatch:
             # Truncated: the next version is single use; fetch the rest at once.
             options = vmodl.query.PropertyCollector.WaitOptions(
                 maxWaitSeconds=0, maxObjectUpdates=MAX_OBJECTS_PER_UPDATE)
+
+    def _wait_once(self, options: Any, _content: Any) -> Any:
+        return self._collector.WaitForUpdatesEx(self._version, options)
 
     def close(self) -> None:
         """Destroy the filter, collector and view; never raises."""
@@ -188,8 +194,9 @@ class EventTail:
                 spec.eventTypeId = list(type_ids)
             self._collector = content.eventManager.CreateCollectorForEvents(spec)
             self._collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
-            # ReadNextEvents starts after the latest page: rewind to the start of the range.
-            self._collector.ResetCollector()
+            # The scrollable view starts at the latest page: rewind to the oldest matching
+            # event so ReadNextEvents walks the whole range forward.
+            self._collector.RewindCollector()
 
         try:
             conn.call("create event collector", create)
@@ -204,21 +211,31 @@ class EventTail:
 
     def read(self, *, limit: int = 2000) -> list[VcEvent]:
         """New events since the last call, oldest first, never one seen before."""
-        out: list[VcEvent] = []
-        while len(out) < limit:
+        # Two sources, de-duplicated by key: the scrollable view (ReadNextEvents walks the
+        # whole time range forward on vCenter, including events missed while we were down)
+        # and the latest page (where new events land at once, also on simulators whose
+        # scrollable view does not move forward).
+        raw: dict[int, Any] = {}
+        for _ in range(max(1, limit // EVENT_PAGE_SIZE)):
             page = self._conn.call("read events",
                                    lambda _c: self._collector.ReadNextEvents(EVENT_PAGE_SIZE))
             if not page:
                 break
-            for ev in sorted(page, key=lambda e: e.key):
-                if ev.key <= self._last_key:
-                    continue
-                try:
-                    out.append(to_event(ev))
-                except (AttributeError, TypeError, ValueError) as exc:
-                    log.debug("skipping unreadable event %s: %s", getattr(ev, "key", "?"), exc)
-        out.sort(key=lambda e: e.key)
+            for ev in page:
+                if ev.key > self._last_key:
+                    raw[ev.key] = ev
+        latest = self._conn.call("read latest events", lambda _c: self._collector.latestPage)
+        for ev in latest or []:
+            if ev.key > self._last_key:
+                raw[ev.key] = ev
+        out: list[VcEvent] = []
+        for key in sorted(raw)[:limit]:
+            try:
+                out.append(to_event(raw[key]))
+            except (AttributeError, TypeError, ValueError) as exc:
+                log.debug("skipping unreadable event %s: %s", key, exc)
         if out:
+            # Beyond ``limit`` the rest stays above the mark and comes with the next read.
             self._last_key = max(self._last_key, out[-1].key)
         return out
 

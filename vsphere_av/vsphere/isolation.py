@@ -1,0 +1,126 @@
+"""Network isolation without NSX: disconnect every vNIC of a VM, and restore it exactly.
+
+Called by ``controller.py`` (instant-on containment, release after a clean scan). Calls
+pyVmomi through ``Connection.call``; waits for the ReconfigVM task. Returns plain
+:class:`NicState` records; the caller stores them (``store.jobs.JobStore.record_isolation``)
+*before* cutting, so the exact previous state survives a crash in between.
+
+Isolation sets ``connectable.connected = False`` and ``startConnected = False`` on every
+``VirtualEthernetCard`` (so the NIC stays down across a guest reboot, a reset or a snapshot
+revert), and ``allowGuestControl = False`` so the guest cannot reconnect it. Guest operations
+go through the host, not the guest network, so scanning and remediation keep working.
+Restore writes back the three recorded flags per NIC key, nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pyVmomi import vim
+
+from vsphere_av import errors
+from vsphere_av.vsphere.connection import Connection
+
+TASK_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class NicState:
+    """One vNIC's connection flags, keyed by device key."""
+
+    key: int
+    label: str
+    mac: str
+    connected: bool
+    start_connected: bool
+    allow_guest_control: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for the job store."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NicState:
+        """Inverse of :meth:`as_dict`."""
+        return cls(key=int(data["key"]), label=str(data.get("label", "")),
+                   mac=str(data.get("mac", "")), connected=bool(data["connected"]),
+                   start_connected=bool(data["start_connected"]),
+                   allow_guest_control=bool(data.get("allow_guest_control", True)))
+
+
+def _nics(content: Any, vm: Any) -> list[Any]:
+    del content
+    devices = vm.config.hardware.device if vm.config else []
+    return [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+
+def _state(dev: Any) -> NicState:
+    c = dev.connectable
+    return NicState(key=int(dev.key), label=str(dev.deviceInfo.label if dev.deviceInfo else ""),
+                    mac=str(getattr(dev, "macAddress", "") or ""),
+                    connected=bool(c.connected) if c else False,
+                    start_connected=bool(c.startConnected) if c else False,
+                    allow_guest_control=bool(c.allowGuestControl) if c else False)
+
+
+def read_nics(conn: Connection, vm_moref: str) -> list[NicState]:
+    """The VM's vNICs and their connection flags, by device key."""
+    ref = conn.ref("VirtualMachine", vm_moref)
+    devs = conn.call(f"read NICs of {vm_moref}", lambda c: _nics(c, ref))
+    return sorted((_state(d) for d in devs), key=lambda n: n.key)
+
+
+def _wait(conn: Connection, task: Any, what: str) -> None:
+    deadline = time.monotonic() + TASK_TIMEOUT
+    while True:
+        state = conn.call(what, lambda _c: task.info.state)
+        if state == "success":
+            return
+        if state == "error":
+            fault = conn.call(what, lambda _c: task.info.error)
+            raise errors.VsphereError(f"{what}: {type(fault).__name__}"
+                                      f" ({getattr(fault, 'msg', '') or 'task failed'})")
+        if time.monotonic() > deadline:
+            raise errors.TransientError(f"{what}: task did not finish in {TASK_TIMEOUT:.0f}s")
+        time.sleep(0.05)
+
+
+def _apply(conn: Connection, vm_moref: str, wanted: Mapping[int, NicState], what: str) -> int:
+    """Edit the NICs whose flags differ from ``wanted``; returns how many were changed."""
+    ref = conn.ref("VirtualMachine", vm_moref)
+    devs = conn.call(what, lambda c: _nics(c, ref))
+    changes = []
+    for dev in devs:
+        target = wanted.get(int(dev.key))
+        if target is None:
+            continue
+        if _state(dev) == target:
+            continue
+        if dev.connectable is None:
+            dev.connectable = vim.vm.device.VirtualDevice.ConnectInfo()
+        dev.connectable.connected = target.connected
+        dev.connectable.startConnected = target.start_connected
+        dev.connectable.allowGuestControl = target.allow_guest_control
+        changes.append(vim.vm.device.VirtualDeviceSpec(
+            operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=dev))
+    if not changes:
+        return 0
+    spec = vim.vm.ConfigSpec(deviceChange=changes)
+    task = conn.call(what, lambda _c: ref.ReconfigVM_Task(spec=spec))
+    _wait(conn, task, what)
+    return len(changes)
+
+
+def disconnect_all(conn: Connection, vm_moref: str, nics: Sequence[NicState]) -> int:
+    """Cut every NIC in ``nics`` (connected, startConnected, guest control off); edits made."""
+    wanted = {n.key: NicState(key=n.key, label=n.label, mac=n.mac, connected=False,
+                              start_connected=False, allow_guest_control=False) for n in nics}
+    return _apply(conn, vm_moref, wanted, f"isolate {vm_moref}")
+
+
+def restore(conn: Connection, vm_moref: str, nics: Sequence[NicState]) -> int:
+    """Put back the exact recorded flags of every NIC that still exists; returns edits made."""
+    return _apply(conn, vm_moref, {n.key: n for n in nics}, f"restore network of {vm_moref}")
