@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -24,8 +21,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
-REPO = Path(__file__).resolve().parents[2]
-VCSIM = REPO / "build" / "vcsim"
+from vsphere_av import errors, simulator
+
 GUEST_USER = "root"
 GUEST_PASSWORD = "vmware"
 LINUX_VM, WINDOWS_VM, POWER_VM, TOOLS_VM = 0, 1, 2, 3
@@ -33,14 +30,22 @@ LINUX_VM, WINDOWS_VM, POWER_VM, TOOLS_VM = 0, 1, 2, 3
 
 @dataclass
 class Sim:
-    """A running simulator with a guest root and a connection."""
+    """A running simulator (shared launcher) and a pyVmomi connection to it."""
 
-    proc: subprocess.Popen[str]
-    url: str
-    port: int
-    cert: Path
-    guest_root: Path
+    sim: simulator.Simulator
     si: vim.ServiceInstance
+
+    @property
+    def port(self) -> int:
+        return self.sim.port
+
+    @property
+    def cert(self) -> Path:
+        return self.sim.cert_file
+
+    @property
+    def guest_root(self) -> Path:
+        return self.sim.guest_root
 
     @property
     def content(self) -> vim.ServiceInstanceContent:
@@ -58,50 +63,37 @@ class Sim:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    if not VCSIM.exists():
-        pytest.fail("build/vcsim is missing: run `make vcsim`")
-    work = tmp_path_factory.mktemp("vcsim-guest")
-    cert = work / "cert.pem"
-    root = work / "guests"
-    proc = subprocess.Popen(
-        [str(VCSIM), "-listen", "127.0.0.1:0", "-hosts", "1", "-vms", "4",
-         "-guest-root", str(root), "-guest-user", GUEST_USER,
-         "-guest-password", GUEST_PASSWORD, "-cert", str(cert)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    """One private simulator for this module (it changes power state and guest trees)."""
     try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        parts = urlsplit(url)
-        assert parts.scheme == "https" and parts.port, url
-        ctx = ssl.create_default_context(cafile=str(cert))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                si = SmartConnect(host="127.0.0.1", port=parts.port, user=parts.username,
-                                  pwd=parts.password, sslContext=ctx)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        s = Sim(proc, url, parts.port, cert, root, si)
+        running = simulator.start(
+            guest_root=tmp_path_factory.mktemp("vcsim-guest"),
+            hosts=1,
+            vms=4,
+            guest_user=GUEST_USER,
+            guest_password=GUEST_PASSWORD,
+        )
+    except errors.SimulatorMissing as exc:
+        pytest.fail(str(exc))
+    try:
+        si = SmartConnect(
+            host=running.host,
+            port=running.port,
+            user=running.username,
+            pwd=running.password,
+            sslContext=running.ssl_context(),
+        )
+        s = Sim(running, si)
         win = s.vms()[WINDOWS_VM]
         WaitForTask(win.ReconfigVM_Task(spec=vim.vm.ConfigSpec(guestId="windows9_64Guest")))
         yield s
         Disconnect(si)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        running.stop()
 
 
-def auth(user: str = GUEST_USER, pwd: str = GUEST_PASSWORD) -> vim.vm.guest.NamePasswordAuthentication:
+def auth(
+    user: str = GUEST_USER, pwd: str = GUEST_PASSWORD
+) -> vim.vm.guest.NamePasswordAuthentication:
     return vim.vm.guest.NamePasswordAuthentication(username=user, password=pwd)
 
 
@@ -141,9 +133,12 @@ def upload(sim: Sim, url: str, data: bytes) -> requests.Response:
     return requests.put(local_url(sim, url), data=data, verify=str(sim.cert), timeout=10)
 
 
-def put_file(sim: Sim, vm: vim.VirtualMachine, path: str, data: bytes, overwrite: bool = False) -> None:
+def put_file(
+    sim: Sim, vm: vim.VirtualMachine, path: str, data: bytes, overwrite: bool = False
+) -> None:
     url = fm(sim).InitiateFileTransferToGuest(
-        vm, auth(), path, vim.vm.guest.FileManager.FileAttributes(), len(data), overwrite)
+        vm, auth(), path, vim.vm.guest.FileManager.FileAttributes(), len(data), overwrite
+    )
     r = upload(sim, url, data)
     assert r.status_code == 200, r.text
 
@@ -180,7 +175,9 @@ def test_fault_order_power_then_tools_then_login(sim: Sim) -> None:
             m.ListFilesInGuest(vm, auth(pwd="wrong"), "/")  # power state wins over login
         assert e.value.msg
         with pytest.raises(vim.fault.InvalidPowerState):
-            pm(sim).StartProgramInGuest(vm, auth(), vim.vm.guest.ProcessManager.ProgramSpec(programPath="/bin/false"))
+            pm(sim).StartProgramInGuest(
+                vm, auth(), vim.vm.guest.ProcessManager.ProgramSpec(programPath="/bin/false")
+            )
     finally:
         WaitForTask(vm.PowerOnVM_Task())
     assert m.ListFilesInGuest(vm, auth(), "/").remaining == 0
@@ -212,14 +209,18 @@ def test_list_paging_default_and_remaining(sim: Sim) -> None:
         (d / f"f{i:03d}.txt").write_bytes(b"x" * i)
     m = fm(sim)
     page = m.ListFilesInGuest(vm, auth(), "/paging")
-    assert len(page.files) == 50 and page.remaining == 7
+    assert len(page.files) == 50
+    assert page.remaining == 7
     assert names(page) == [f"f{i:03d}.txt" for i in range(50)]
     page = m.ListFilesInGuest(vm, auth(), "/paging", index=50, maxResults=5)
-    assert names(page) == [f"f{i:03d}.txt" for i in range(50, 55)] and page.remaining == 2
+    assert names(page) == [f"f{i:03d}.txt" for i in range(50, 55)]
+    assert page.remaining == 2
     page = m.ListFilesInGuest(vm, auth(), "/paging", index=55, maxResults=5)
-    assert len(page.files) == 2 and page.remaining == 0
+    assert len(page.files) == 2
+    assert page.remaining == 0
     page = m.ListFilesInGuest(vm, auth(), "/paging", index=100)
-    assert not page.files and page.remaining == 0
+    assert not page.files
+    assert page.remaining == 0
     with pytest.raises(vmodl.fault.InvalidArgument):
         m.ListFilesInGuest(vm, auth(), "/paging", index=-1)
 
@@ -236,20 +237,24 @@ def test_list_regex_types_and_posix_attributes(sim: Sim) -> None:
     (d / "link").symlink_to("a.exe")
     m = fm(sim)
     page = m.ListFilesInGuest(vm, auth(), "/attrs", matchPattern=r"\.exe$")
-    assert names(page) == ["a.exe"] and page.remaining == 0
+    assert names(page) == ["a.exe"]
+    assert page.remaining == 0
     info = page.files[0]
-    assert info.type == "file" and info.size == 5
+    assert info.type == "file"
+    assert info.size == 5
     a = info.attributes
     assert isinstance(a, vim.vm.guest.FileManager.PosixFileAttributes)
     assert a.permissions & 0o7777 == 0o640
-    assert a.ownerId == os.getuid() and a.groupId == os.getgid()
+    assert a.ownerId == os.getuid()
+    assert a.groupId == os.getgid()
     assert int(a.modificationTime.timestamp()) == 1_600_000_100
     assert int(a.accessTime.timestamp()) == 1_600_000_000
     types = {x.path: x.type for x in m.ListFilesInGuest(vm, auth(), "/attrs").files}
     assert types == {"a.exe": "file", "b.txt": "file", "sub": "directory", "link": "symlink"}
     # A file path returns itself.
     one = m.ListFilesInGuest(vm, auth(), "/attrs/a.exe")
-    assert names(one) == ["a.exe"] and one.remaining == 0
+    assert names(one) == ["a.exe"]
+    assert one.remaining == 0
     with pytest.raises(vim.fault.FileNotFound):
         m.ListFilesInGuest(vm, auth(), "/attrs/missing")
     with pytest.raises(vmodl.fault.InvalidArgument):
@@ -271,7 +276,8 @@ def test_download_streams_with_content_length_and_is_single_use(sim: Sim) -> Non
     assert info.size == len(data)
     assert isinstance(info.attributes, vim.vm.guest.FileManager.PosixFileAttributes)
     m = re.fullmatch(r"https://\*:(\d+)/guestFile\?id=([A-Za-z]+)&token=([A-Za-z]+)", info.url)
-    assert m and int(m.group(1)) == sim.port, info.url
+    assert m, info.url
+    assert int(m.group(1)) == sim.port
     r = download(sim, info.url)
     assert r.status_code == 200
     assert r.headers["Content-Length"] == str(len(data))
@@ -297,26 +303,31 @@ def test_upload_exact_size_overwrite_and_attributes(sim: Sim) -> None:
     assert target.stat().st_mode & 0o777 == 0o600
     assert upload(sim, url, b"hello").status_code == 404  # single use
     # Wrong length: 400, nothing written.
-    url = m.InitiateFileTransferToGuest(vm, auth(), "/ul/short.txt",
-                                        vim.vm.guest.FileManager.FileAttributes(), 10, False)
+    url = m.InitiateFileTransferToGuest(
+        vm, auth(), "/ul/short.txt", vim.vm.guest.FileManager.FileAttributes(), 10, False
+    )
     assert upload(sim, url, b"only7by").status_code == 400
     assert not (root / "ul" / "short.txt").exists()
-    url = m.InitiateFileTransferToGuest(vm, auth(), "/ul/long.txt",
-                                        vim.vm.guest.FileManager.FileAttributes(), 2, False)
+    url = m.InitiateFileTransferToGuest(
+        vm, auth(), "/ul/long.txt", vim.vm.guest.FileManager.FileAttributes(), 2, False
+    )
     assert upload(sim, url, b"too long").status_code == 400
     assert sorted(p.name for p in (root / "ul").iterdir()) == ["new.txt"]  # no temp left
     # Overwrite respected.
     with pytest.raises(vim.fault.FileAlreadyExists):
-        m.InitiateFileTransferToGuest(vm, auth(), "/ul/new.txt",
-                                      vim.vm.guest.FileManager.FileAttributes(), 3, False)
+        m.InitiateFileTransferToGuest(
+            vm, auth(), "/ul/new.txt", vim.vm.guest.FileManager.FileAttributes(), 3, False
+        )
     put_file(sim, vm, "/ul/new.txt", b"bye", overwrite=True)
     assert get_file(sim, vm, "/ul/new.txt") == b"bye"
     with pytest.raises(vim.fault.FileNotFound):  # parent missing
-        m.InitiateFileTransferToGuest(vm, auth(), "/ul/no/such/x",
-                                      vim.vm.guest.FileManager.FileAttributes(), 1, True)
+        m.InitiateFileTransferToGuest(
+            vm, auth(), "/ul/no/such/x", vim.vm.guest.FileManager.FileAttributes(), 1, True
+        )
     with pytest.raises(vim.fault.NotAFile):
-        m.InitiateFileTransferToGuest(vm, auth(), "/ul",
-                                      vim.vm.guest.FileManager.FileAttributes(), 1, True)
+        m.InitiateFileTransferToGuest(
+            vm, auth(), "/ul", vim.vm.guest.FileManager.FileAttributes(), 1, True
+        )
 
 
 def test_tickets_die_when_the_vm_powers_off(sim: Sim) -> None:
@@ -324,8 +335,9 @@ def test_tickets_die_when_the_vm_powers_off(sim: Sim) -> None:
     (vm_root(sim, vm) / "t.txt").write_bytes(b"data")
     m = fm(sim)
     down = m.InitiateFileTransferFromGuest(vm, auth(), "/t.txt").url
-    up = m.InitiateFileTransferToGuest(vm, auth(), "/u.txt",
-                                       vim.vm.guest.FileManager.FileAttributes(), 1, True)
+    up = m.InitiateFileTransferToGuest(
+        vm, auth(), "/u.txt", vim.vm.guest.FileManager.FileAttributes(), 1, True
+    )
     WaitForTask(vm.PowerOffVM_Task())
     WaitForTask(vm.PowerOnVM_Task())
     assert download(sim, down).status_code == 404
@@ -345,7 +357,8 @@ def test_dotdot_is_contained_in_the_vm_root(sim: Sim) -> None:
     assert not (sim.guest_root / "escape.txt").exists()
     assert not (sim.guest_root.parent / "escape.txt").exists()
     top = names(fm(sim).ListFilesInGuest(vm, auth(), "/../..", maxResults=1000))
-    assert "escape.txt" in top and vm.name not in top
+    assert "escape.txt" in top
+    assert vm.name not in top
     fm(sim).MakeDirectoryInGuest(vm, auth(), "/a/../../b", False)
     assert (root / "b").is_dir()
 
@@ -376,21 +389,30 @@ def test_symlinks_pointing_outside_are_never_followed(sim: Sim, tmp_path: Path) 
         with pytest.raises(vim.fault.GuestPermissionDenied):
             m.InitiateFileTransferFromGuest(vm, auth(), bad)
     with pytest.raises(vim.fault.GuestPermissionDenied):
-        m.InitiateFileTransferToGuest(vm, auth(), "/esc/to_secret",
-                                      vim.vm.guest.FileManager.FileAttributes(), 1, True)
+        m.InitiateFileTransferToGuest(
+            vm, auth(), "/esc/to_secret", vim.vm.guest.FileManager.FileAttributes(), 1, True
+        )
     with pytest.raises(vim.fault.GuestPermissionDenied):
-        m.InitiateFileTransferToGuest(vm, auth(), "/esc/to_dir/new.txt",
-                                      vim.vm.guest.FileManager.FileAttributes(), 1, True)
+        m.InitiateFileTransferToGuest(
+            vm, auth(), "/esc/to_dir/new.txt", vim.vm.guest.FileManager.FileAttributes(), 1, True
+        )
     with pytest.raises(vim.fault.GuestPermissionDenied):
         m.ListFilesInGuest(vm, auth(), "/esc/to_dir/inner.txt")  # through a link: refused
     with pytest.raises(vim.fault.GuestPermissionDenied):
-        m.ChangeFileAttributesInGuest(vm, auth(), "/esc/to_secret",
-                                      vim.vm.guest.FileManager.PosixFileAttributes(permissions=0o777))
+        m.ChangeFileAttributesInGuest(
+            vm,
+            auth(),
+            "/esc/to_secret",
+            vim.vm.guest.FileManager.PosixFileAttributes(permissions=0o777),
+        )
     with pytest.raises(vim.fault.GuestPermissionDenied):
         m.MakeDirectoryInGuest(vm, auth(), "/esc/to_dir/x", True)
     with pytest.raises(vim.fault.GuestPermissionDenied):
-        pm(sim).StartProgramInGuest(vm, auth(), vim.vm.guest.ProcessManager.ProgramSpec(
-            programPath="/esc/to_secret", arguments=""))
+        pm(sim).StartProgramInGuest(
+            vm,
+            auth(),
+            vim.vm.guest.ProcessManager.ProgramSpec(programPath="/esc/to_secret", arguments=""),
+        )
     # A link inside the tree works.
     assert get_file(sim, vm, "/esc/ok") == b"inside"
     # Deleting or moving a link touches the link only.
@@ -400,7 +422,8 @@ def test_symlinks_pointing_outside_are_never_followed(sim: Sim, tmp_path: Path) 
     assert (outside_dir / "inner.txt").read_bytes() == b"inner"
     assert secret.stat().st_mode & 0o777 != 0o777
     assert not (outside_dir / "x").exists()
-    assert (d / "moved").is_symlink() and not (d / "to_secret").exists()
+    assert (d / "moved").is_symlink()
+    assert not (d / "to_secret").exists()
 
 
 # --- file operations ------------------------------------------------------------------
@@ -433,7 +456,8 @@ def test_directories_moves_deletes_and_faults(sim: Sim) -> None:
     with pytest.raises(vim.fault.FileAlreadyExists):
         m.MoveFileInGuest(vm, auth(), "/ops/g.txt", "/ops/x/f.txt", False)
     m.MoveFileInGuest(vm, auth(), "/ops/g.txt", "/ops/x/f.txt", True)
-    assert (root / "ops/x/f.txt").read_bytes() == b"two" and not (root / "ops/g.txt").exists()
+    assert (root / "ops/x/f.txt").read_bytes() == b"two"
+    assert not (root / "ops/g.txt").exists()
     with pytest.raises(vim.fault.FileNotFound):
         m.MoveFileInGuest(vm, auth(), "/ops/g.txt", "/ops/h.txt", False)
     with pytest.raises(vim.fault.NotAFile):
@@ -448,7 +472,8 @@ def test_directories_moves_deletes_and_faults(sim: Sim) -> None:
     with pytest.raises(vim.fault.FileNotFound):
         m.MoveDirectoryInGuest(vm, auth(), "/ops/none", "/ops/none2")
     m.MoveDirectoryInGuest(vm, auth(), "/ops/x", "/ops/renamed")
-    assert (root / "ops/renamed/y/z").is_dir() and not (root / "ops/x").exists()
+    assert (root / "ops/renamed/y/z").is_dir()
+    assert not (root / "ops/x").exists()
     m.DeleteDirectoryInGuest(vm, auth(), "/ops/other", False)
     m.DeleteDirectoryInGuest(vm, auth(), "/ops/renamed", True)
     m.DeleteFileInGuest(vm, auth(), "/ops/h.txt")
@@ -466,9 +491,11 @@ def test_temporary_files_and_directories(sim: Sim) -> None:
     assert re.fullmatch(r"/tmp/scan-\w+\.tmp", p), p
     assert (root / p.lstrip("/")).is_file()
     d = m.CreateTemporaryDirectoryInGuest(vm, auth(), "job", "")
-    assert d.startswith("/tmp/job") and (root / d.lstrip("/")).is_dir()
+    assert d.startswith("/tmp/job")
+    assert (root / d.lstrip("/")).is_dir()
     inner = m.CreateTemporaryFileInGuest(vm, auth(), "x", "y", d)
-    assert inner.startswith(d + "/x") and inner.endswith("y")
+    assert inner.startswith(d + "/x")
+    assert inner.endswith("y")
     with pytest.raises(vim.fault.FileNotFound):
         m.CreateTemporaryFileInGuest(vm, auth(), "a", "b", "/no/such/dir")
     with pytest.raises(vmodl.fault.InvalidArgument):
@@ -481,7 +508,7 @@ def test_change_file_attributes(sim: Sim) -> None:
     put_file(sim, vm, "/chattr.txt", b"abc")
     when = vim.vm.guest.FileManager.PosixFileAttributes(
         permissions=0o751,
-        modificationTime=datetime(2021, 3, 4, 5, 6, 7, tzinfo=timezone.utc),
+        modificationTime=datetime(2021, 3, 4, 5, 6, 7, tzinfo=UTC),
         ownerId=os.getuid(),
         groupId=os.getgid(),
     )
@@ -496,7 +523,8 @@ def test_change_file_attributes(sim: Sim) -> None:
     if os.getuid() != 0:
         with pytest.raises(vim.fault.GuestPermissionDenied):
             fm(sim).ChangeFileAttributesInGuest(
-                vm, auth(), "/chattr.txt", vim.vm.guest.FileManager.PosixFileAttributes(ownerId=0))
+                vm, auth(), "/chattr.txt", vim.vm.guest.FileManager.PosixFileAttributes(ownerId=0)
+            )
 
 
 # --- Windows guests ------------------------------------------------------------------
@@ -515,16 +543,24 @@ def test_windows_paths_case_insensitive_and_attributes(sim: Sim) -> None:
     assert names(listing) == ["Report.TXT"]
     a = listing.files[0].attributes
     assert isinstance(a, vim.vm.guest.FileManager.WindowsFileAttributes)
-    assert a.hidden is False and a.readOnly is False
-    assert a.createTime is not None and a.modificationTime is not None
+    assert a.hidden is False
+    assert a.readOnly is False
+    assert a.createTime is not None
+    assert a.modificationTime is not None
     info = m.InitiateFileTransferFromGuest(vm, auth(), r"C:\Users\Scan Data\Report.txt")
     assert isinstance(info.attributes, vim.vm.guest.FileManager.WindowsFileAttributes)
-    m.ChangeFileAttributesInGuest(vm, auth(), r"C:\Users\Scan Data\REPORT.txt",
-                                  vim.vm.guest.FileManager.WindowsFileAttributes(readOnly=True))
+    m.ChangeFileAttributesInGuest(
+        vm,
+        auth(),
+        r"C:\Users\Scan Data\REPORT.txt",
+        vim.vm.guest.FileManager.WindowsFileAttributes(readOnly=True),
+    )
     ro = m.ListFilesInGuest(vm, auth(), r"C:\Users\Scan Data\report.txt").files[0].attributes
     assert ro.readOnly is True
     # Case-only rename keeps one file with the new case.
-    m.MoveFileInGuest(vm, auth(), r"C:\Users\Scan Data\Report.TXT", r"C:\Users\Scan Data\report.txt", False)
+    m.MoveFileInGuest(
+        vm, auth(), r"C:\Users\Scan Data\Report.TXT", r"C:\Users\Scan Data\report.txt", False
+    )
     assert [p.name for p in (root / "C/Users/Scan Data").iterdir()] == ["report.txt"]
     with pytest.raises(vim.fault.FileAlreadyExists):
         m.MakeDirectoryInGuest(vm, auth(), r"c:\users", False)
@@ -546,7 +582,9 @@ def spec(program: str, args: str = "") -> vim.vm.guest.ProcessManager.ProgramSpe
     return vim.vm.guest.ProcessManager.ProgramSpec(programPath=program, arguments=args)
 
 
-def proc_info(sim: Sim, vm: vim.VirtualMachine, pid: int) -> vim.vm.guest.ProcessManager.ProcessInfo:
+def proc_info(
+    sim: Sim, vm: vim.VirtualMachine, pid: int
+) -> vim.vm.guest.ProcessManager.ProcessInfo:
     (info,) = pm(sim).ListProcessesInGuest(vm, auth(), [pid])
     return info
 
@@ -563,15 +601,20 @@ def test_processes_exit_codes_terminate_and_listing(sim: Sim) -> None:
     short = p.StartProgramInGuest(vm, auth(), spec("sleep", "0.5"))
     assert len({ok, bad, long, short}) == 4
     info = proc_info(sim, vm, ok)
-    assert info.name == "scanner" and info.owner == GUEST_USER
+    assert info.name == "scanner"
+    assert info.owner == GUEST_USER
     assert info.cmdLine == "/usr/bin/scanner --all /"
-    assert info.endTime is not None and info.exitCode == 0 and info.startTime is not None
+    assert info.endTime is not None
+    assert info.exitCode == 0
+    assert info.startTime is not None
     assert proc_info(sim, vm, bad).exitCode == 1
     running = proc_info(sim, vm, long)
-    assert running.endTime is None and running.exitCode is None
+    assert running.endTime is None
+    assert running.exitCode is None
     p.TerminateProcessInGuest(vm, auth(), long)
     done = proc_info(sim, vm, long)
-    assert done.endTime is not None and done.exitCode not in (None, 0)
+    assert done.endTime is not None
+    assert done.exitCode not in (None, 0)
     with pytest.raises(vim.fault.GuestProcessNotFound):
         p.TerminateProcessInGuest(vm, auth(), long)
     with pytest.raises(vim.fault.GuestProcessNotFound):
@@ -584,8 +627,13 @@ def test_processes_exit_codes_terminate_and_listing(sim: Sim) -> None:
     with pytest.raises(vim.fault.FileNotFound):
         p.StartProgramInGuest(vm, auth(), spec("/bin/definitely-not-there"))
     with pytest.raises(vim.fault.FileNotFound):
-        p.StartProgramInGuest(vm, auth(), vim.vm.guest.ProcessManager.ProgramSpec(
-            programPath="/bin/false", arguments="", workingDirectory="/no/such/dir"))
+        p.StartProgramInGuest(
+            vm,
+            auth(),
+            vim.vm.guest.ProcessManager.ProgramSpec(
+                programPath="/bin/false", arguments="", workingDirectory="/no/such/dir"
+            ),
+        )
     with pytest.raises(vim.fault.InvalidGuestLogin):
         p.StartProgramInGuest(vm, auth(pwd="nope"), spec("/bin/false"))
 
@@ -603,6 +651,7 @@ def test_processes_end_with_power_off_and_windows_programs(sim: Sim) -> None:
     (root / "C/Windows/System32/cmd.exe").write_bytes(b"MZ")
     wpid = p.StartProgramInGuest(win, auth(), spec(r"c:\windows\system32\CMD.EXE", "/c dir"))
     info = proc_info(sim, win, wpid)
-    assert info.name == "CMD.EXE" and info.exitCode == 0
+    assert info.name == "CMD.EXE"
+    assert info.exitCode == 0
     with pytest.raises(vim.fault.FileNotFound):
         p.StartProgramInGuest(win, auth(), spec(r"C:\Program Files\none.exe"))
