@@ -273,11 +273,11 @@ class _Job:
         self.pending: list[FileRecord] = []
 
     # audit details always name the VM and its host, so storms can be checked afterwards
-    def _audit(self, action: str, **details: Any) -> None:
+    def _audit(self, event: str, **details: Any) -> None:
         base = {"vm": self.vm.name, "moref": self.vm.moref,
                 "host": self.vm.host.name if self.vm.host else "",
                 "host_moref": self.vm.host.moref if self.vm.host else ""}
-        self.audit.append(actor=self.actor, action=action, details={**base, **details})
+        self.audit.append(actor=self.actor, action=event, details={**base, **details})
 
     def run(self) -> ScanResult:
         r = self.result

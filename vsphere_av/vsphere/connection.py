@@ -197,14 +197,8 @@ class Connection:
         return getattr(vim, kind)(moref, self._si._stub)
 
     def session_key(self) -> str:
-        """Key of the current session (used by tests to end it on purpose)."""
+        """Key of the current vCenter session (what an administrator would terminate)."""
         return str(self.call("read session", lambda c: c.sessionManager.currentSession.key))
-
-    def terminate_session(self) -> None:
-        """End this session on the server side, as an expired session would (tests use it)."""
-        key = self.session_key()
-        self.call("terminate session",
-                  lambda c: c.sessionManager.TerminateSession(sessionId=[key]))
 
     def close(self) -> None:
         """Log out; never raises."""
