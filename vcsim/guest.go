@@ -22,6 +22,7 @@ import (
 	"crypto/subtle"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,6 +59,24 @@ func installGuest(svc *simulator.Service, srv *simulator.Server) {
 	simulator.Map.Put(pm)
 	simulator.Map.AddHandler(guestObserver{})
 	svc.ServeMux.HandleFunc(guestFilePattern, serveGuestFile)
+	if srv != nil && srv.Config != nil {
+		srv.Config.Handler = &guestFileGuard{next: srv.Config.Handler}
+	}
+}
+
+// guestFileGuard answers 404 for the library's own "/guestFile/..." endpoint: it is
+// unauthenticated and shells out to docker with a client-chosen path, and nothing we
+// hand out points there (our transfers use the exact path "/guestFile").
+type guestFileGuard struct {
+	next http.Handler
+}
+
+func (h *guestFileGuard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if strings.HasPrefix(r.URL.Path, guestFilePattern+"/") {
+		http.NotFound(w, r)
+		return
+	}
+	h.next.ServeHTTP(w, r)
 }
 
 // vmRootDir returns the guest root directory of the named VM, creating it on demand.

@@ -283,6 +283,9 @@ def test_download_streams_with_content_length_and_is_single_use(sim: Sim) -> Non
     assert r.headers["Content-Length"] == str(len(data))
     assert r.content == data
     assert download(sim, info.url).status_code == 404  # single use
+    # The library's docker-backed "/guestFile/<path>" endpoint is closed.
+    lib = f"https://*:{sim.port}/guestFile/dl/blob.bin?id=x&token=y"
+    assert download(sim, lib).status_code == 404
     with pytest.raises(vim.fault.NotAFile):
         fm(sim).InitiateFileTransferFromGuest(vm, auth(), "/dl")
     with pytest.raises(vim.fault.FileNotFound):
