@@ -201,6 +201,24 @@ func renameTask(task *simulator.Task, name, descriptionID string) {
 	})
 }
 
+// retargetTask makes a snapshot task's entity the VM, as on a real vCenter (the library
+// names the snapshot, which is no ManagedEntity: pyVmomi refuses to read such a task).
+func retargetTask(task *simulator.Task, snapshot types.ManagedObjectReference) {
+	snap, ok := simulator.Map.Get(snapshot).(*simulator.VirtualMachineSnapshot)
+	if task == nil || !ok {
+		return
+	}
+	var vmRef types.ManagedObjectReference
+	simulator.Map.WithLock(snap, func() { vmRef = snap.Vm })
+	_, p := placementOf(vmRef)
+	simulator.Map.WithLock(task, func() {
+		simulator.Map.Update(task, []types.PropertyChange{
+			{Name: "info.entity", Val: &vmRef},
+			{Name: "info.entityName", Val: p.name},
+		})
+	})
+}
+
 // soapRequest encodes a request body as a SOAP envelope the library's handler accepts.
 func soapRequest(body interface{}) ([]byte, error) {
 	var out bytes.Buffer

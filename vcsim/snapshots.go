@@ -67,6 +67,7 @@ func afterRevertToSnapshot(req *types.RevertToSnapshot_Task) func([]byte) {
 	return func(response []byte) {
 		task := finishedTask(response)
 		renameTask(task, "RevertToSnapshot_Task", "vm.Snapshot.revert")
+		retargetTask(task, req.This)
 		if !succeeded(response) {
 			return
 		}
@@ -209,8 +210,22 @@ func entityEvent(vm *simulator.VirtualMachine) types.Event {
 }
 
 func afterRemoveSnapshot(req *types.RemoveSnapshot_Task) func([]byte) {
+	// The snapshot is gone after the call: find its VM first.
+	var vmRef types.ManagedObjectReference
+	if snap, ok := simulator.Map.Get(req.This).(*simulator.VirtualMachineSnapshot); ok {
+		simulator.Map.WithLock(snap, func() { vmRef = snap.Vm })
+	}
 	// Children removed with it keep their trees until RemoveAllSnapshots; they are small.
 	return func(response []byte) {
+		if task := finishedTask(response); task != nil && vmRef.Value != "" {
+			_, p := placementOf(vmRef)
+			simulator.Map.WithLock(task, func() {
+				simulator.Map.Update(task, []types.PropertyChange{
+					{Name: "info.entity", Val: &vmRef},
+					{Name: "info.entityName", Val: p.name},
+				})
+			})
+		}
 		if !succeeded(response) {
 			return
 		}

@@ -88,19 +88,23 @@ Command = Callable[..., Any]
 
 
 @main.command("vcsim")
-@click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT (port 0: a free port).")
-@click.option("--datacenters", type=int, default=1, show_default=True, help="Number of datacenters.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True,
+              help="HOST:PORT (port 0: a free port).")
+@click.option("--datacenters", type=int, default=1, show_default=True,
+              help="Number of datacenters.")
 @click.option("--clusters", type=int, default=1, show_default=True, help="Clusters per datacenter.")
 @click.option("--hosts", type=int, default=3, show_default=True, help="Hosts per cluster.")
 @click.option("--vms", type=int, default=2, show_default=True, help="VMs per cluster.")
 @click.option("--username", default="user", show_default=True, help="vCenter login user.")
 @click.option("--password", default="pass", show_default=True, help="vCenter login password.")
 @click.option("--guest-root", type=click.Path(file_okay=False), default=None,
-              help="Directory with one guest file tree per VM (<root>/<VM name>/); default: a temporary one.")
-@click.option("--guest-user", default="root", show_default=True, help="The guest account every VM accepts.")
+              help="One guest file tree per VM (<root>/<VM name>/); default: a temporary one.")
+@click.option("--guest-user", default="root", show_default=True,
+              help="The guest account every VM accepts.")
 @click.option("--guest-password", default="vmware", show_default=True, help="Its password.")
-def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms: int, username: str,
-                  password: str, guest_root: str | None, guest_user: str, guest_password: str) -> None:
+def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms: int,
+                  username: str, password: str, guest_root: str | None, guest_user: str,
+                  guest_password: str) -> None:
     """Run the bundled vSphere simulator in the foreground (first line: the SDK URL)."""
     from pathlib import Path
 

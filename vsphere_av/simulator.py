@@ -55,7 +55,8 @@ def command_line(
     cert_file: Path | None = None,
 ) -> list[str]:
     """The argv that starts the simulator with these settings (validated)."""
-    for name, value in (("datacenters", datacenters), ("clusters", clusters), ("hosts", hosts), ("vms", vms)):
+    counts = {"datacenters": datacenters, "clusters": clusters, "hosts": hosts, "vms": vms}
+    for name, value in counts.items():
         if not 0 <= value <= 1000:
             raise errors.ConfigError(f"--{name} must be between 0 and 1000, got {value}")
     if datacenters < 1:
@@ -206,7 +207,8 @@ def _wait_ready(sim: Simulator, deadline: float) -> None:
     ctx = sim.ssl_context()
     while True:
         if not sim.running():
-            raise errors.VsphereAvError(f"the simulator exited with status {sim.process.returncode}")
+            status = sim.process.returncode
+            raise errors.VsphereAvError(f"the simulator exited with status {status}")
         try:
             with socket.create_connection((sim.host, sim.port), timeout=2.0) as raw, \
                     ctx.wrap_socket(raw, server_hostname=sim.host):

@@ -1,0 +1,439 @@
+"""The bundled simulator's core (issue 2, points 2 and 6-9), driven with pyVmomi.
+
+Runs ``build/vcsim`` through the fixtures of ``conftest.py``: start-up contract (URL line,
+thumbprint, clean exit, missing binary), inventory sizes, tools status seen through
+WaitForUpdatesEx, the tools-disabled extraConfig key, snapshot revert (guest files, power
+state, EventEx), clone / relocate / migrate placement, eventTypeId event filters and the
+hosts' management address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import connect
+from pyVim.task import WaitForTask
+from pyVmomi import SoapStubAdapter, vim, vmodl
+
+from vsphere_av import cli, errors, simulator
+
+REVERTED = "com.vmware.vc.vm.VmStateRevertedToSnapshot"
+Factory = Callable[..., simulator.Simulator]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def objects(si: vim.ServiceInstance, kind: type) -> list[Any]:
+    """All managed objects of one kind (container view destroyed after use)."""
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
+    try:
+        return list(view.view)
+    finally:
+        view.DestroyView()
+
+
+def by_name(si: vim.ServiceInstance, kind: type, name: str) -> Any:
+    for obj in objects(si, kind):
+        if obj.name == name:
+            return obj
+    raise AssertionError(f"no {kind.__name__} named {name}")
+
+
+def run(task: vim.Task) -> Any:
+    WaitForTask(task)
+    return task.info.result
+
+
+def host_vm_names(si: vim.ServiceInstance) -> dict[str, set[str]]:
+    return {h.name: {v.name for v in h.vm} for h in objects(si, vim.HostSystem)}
+
+
+def other_host(si: vim.ServiceInstance, vm: vim.VirtualMachine, *,
+               skip: tuple[str, ...] = ()) -> Any:
+    for h in objects(si, vim.HostSystem):
+        if h != vm.runtime.host and h.name not in skip:
+            return h
+    raise AssertionError("no other host")
+
+
+class Watch:
+    """One property of one object, watched with WaitForUpdatesEx (filter destroyed at close)."""
+
+    def __init__(self, si: vim.ServiceInstance, obj: Any, path: str) -> None:
+        self.pc = si.content.propertyCollector.CreatePropertyCollector()
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=obj, skip=False)],
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=type(obj), pathSet=[path])],
+        )
+        self.filter = self.pc.CreateFilter(spec, partialUpdates=False)
+        self.version = ""
+        self.path = path
+
+    def next_values(self, timeout: int = 10) -> list[Any]:
+        """Values of the property in the next update batch (empty on timeout)."""
+        opts = vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=timeout)
+        update = self.pc.WaitForUpdatesEx(self.version, opts)
+        if update is None:
+            return []
+        self.version = update.version
+        return [c.val for fs in update.filterSet for o in fs.objectSet for c in o.changeSet
+                if c.name == self.path]
+
+    def wait_for(self, value: Any, timeout: float = 10.0) -> list[Any]:
+        """Read updates until the property takes value; returns everything seen."""
+        seen: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen += self.next_values(timeout=max(1, int(deadline - time.monotonic())))
+            if seen and seen[-1] == value:
+                return seen
+        raise AssertionError(f"{self.path} never became {value!r}; saw {seen!r}")
+
+    def close(self) -> None:
+        self.pc.Destroy()
+
+
+def extra_config(key: str, value: str) -> vim.vm.ConfigSpec:
+    return vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key=key, value=value)])
+
+
+def tools_of(vm: vim.VirtualMachine) -> tuple[str, str]:
+    return vm.guest.toolsRunningStatus, str(vm.guest.toolsStatus)
+
+
+def reverted_events(si: vim.ServiceInstance, vm: vim.VirtualMachine) -> list[Any]:
+    spec = vim.event.EventFilterSpec(
+        eventTypeId=[REVERTED],
+        entity=vim.event.EventFilterSpec.ByEntity(entity=vm, recursion="self"),
+    )
+    return list(si.content.eventManager.QueryEvents(spec))
+
+
+# --- start-up contract ----------------------------------------------------------------------
+
+def test_url_line_and_thumbprint_match_the_served_certificate(vcsim: simulator.Simulator) -> None:
+    assert re.fullmatch(r"https://user:pass@127\.0\.0\.1:\d+/sdk", vcsim.url)
+    assert vcsim.port > 0
+    pem = ssl.get_server_certificate((vcsim.host, vcsim.port))
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    assert vcsim.thumbprint == ":".join(digest[i:i + 2] for i in range(0, 64, 2))
+    assert "pass" not in repr(vcsim)
+
+
+def test_certificate_is_rsa_2048_for_127_0_0_1(vcsim: simulator.Simulator) -> None:
+    out = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(vcsim.cert_file)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Public-Key: (2048 bit)" in out
+    assert "IP Address:127.0.0.1" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_gives_a_clean_exit_zero(vcsim_factory: Factory, sig: int) -> None:
+    sim = vcsim_factory(vms=0, hosts=1)
+    sim.process.send_signal(sig)
+    assert sim.process.wait(timeout=15) == 0
+
+
+def test_wrong_password_is_refused(vcsim: simulator.Simulator) -> None:
+    stub = SoapStubAdapter(host=vcsim.host, port=vcsim.port, sslContext=vcsim.ssl_context())
+    try:
+        content = vim.ServiceInstance("ServiceInstance", stub).RetrieveContent()
+        with pytest.raises(vim.fault.InvalidLogin):
+            content.sessionManager.Login(vcsim.username, "wrong")
+    finally:
+        stub.DropConnections()
+
+
+def test_missing_binary_says_run_make_vcsim(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    monkeypatch.setenv(simulator.BINARY_ENV, str(tmp_path / "absent"))
+    with pytest.raises(errors.SimulatorMissing, match=r"not found at .*absent: run `make vcsim`"):
+        simulator.binary_path()
+    result = CliRunner().invoke(cli.main, ["vcsim"])
+    assert result.exit_code == cli.EXIT_ERROR
+    assert "run `make vcsim`" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"hosts": -1}, "--hosts must be between"),
+    ({"datacenters": 0}, "--datacenters must be at least 1"),
+    ({"listen": "nonsense"}, "want HOST:PORT"),
+])
+def test_bad_options_are_one_line_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(errors.ConfigError, match=message):
+        simulator.command_line(**kwargs)
+
+
+def test_inventory_sizes_follow_the_flags(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(datacenters=2, clusters=2, hosts=2, vms=3)
+    si = connect(sim)
+    assert len(objects(si, vim.Datacenter)) == 2
+    clusters = objects(si, vim.ClusterComputeResource)
+    assert len(clusters) == 4
+    assert len(objects(si, vim.HostSystem)) == 8
+    assert len(objects(si, vim.VirtualMachine)) == 12
+    for cluster in clusters:
+        assert len(cluster.host) == 2
+        assert len(cluster.resourcePool.vm) == 3
+        assert sum(len(h.vm) for h in cluster.host) == 3
+
+
+def test_default_inventory(vcsim: simulator.Simulator) -> None:
+    si = connect(vcsim)
+    names = sorted(v.name for v in objects(si, vim.VirtualMachine))
+    assert names == ["DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"]
+    assert len(objects(si, vim.HostSystem)) == 3
+
+
+def test_hosts_report_the_listen_address_as_management_address(vcsim: simulator.Simulator) -> None:
+    si = connect(vcsim)
+    for host in objects(si, vim.HostSystem):
+        nic = host.config.network.vnic[0]
+        assert nic.device == "vmk0"
+        assert nic.portgroup == "Management Network"
+        assert nic.spec.ip.ipAddress == "127.0.0.1"
+        assert host.summary.managementServerIp == "127.0.0.1"
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+def test_tools_follow_power_state_through_wait_for_updates(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=2))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    assert vm.runtime.powerState == "poweredOn"
+    assert tools_of(vm) == ("guestToolsRunning", "toolsOk")
+    assert vm.guest.guestOperationsReady is True
+    watch = Watch(si, vm, "guest.toolsRunningStatus")
+    try:
+        assert watch.next_values() == ["guestToolsRunning"]  # the initial state
+        run(vm.PowerOffVM_Task())
+        assert watch.wait_for("guestToolsNotRunning")
+        assert tools_of(vm) == ("guestToolsNotRunning", "toolsNotRunning")
+        assert vm.guest.guestOperationsReady is False
+        run(vm.PowerOnVM_Task())
+        assert watch.wait_for("guestToolsRunning")
+        assert tools_of(vm) == ("guestToolsRunning", "toolsOk")
+    finally:
+        watch.close()
+
+    # VMs created later follow the same rule.
+    folder = vm.parent
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(), powerOn=False)
+    clone = run(vm.CloneVM_Task(folder=folder, name="later", spec=spec))
+    assert clone.runtime.powerState == "poweredOff"
+    assert tools_of(clone) == ("guestToolsNotRunning", "toolsNotRunning")
+    run(clone.PowerOnVM_Task())
+    assert tools_of(clone) == ("guestToolsRunning", "toolsOk")
+
+
+def test_tools_disabled_key_keeps_tools_not_running(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    watch = Watch(si, vm, "guest.toolsRunningStatus")
+    try:
+        watch.next_values()
+        key = simulator.TOOLS_DISABLED_KEY
+        run(vm.ReconfigVM_Task(extra_config(key, "TRUE")))
+        assert watch.wait_for("guestToolsNotRunning")
+        assert vm.runtime.powerState == "poweredOn"
+        run(vm.PowerOffVM_Task())
+        run(vm.PowerOnVM_Task())
+        assert tools_of(vm) == ("guestToolsNotRunning", "toolsNotRunning")
+        assert vm.guest.guestOperationsReady is False
+        run(vm.ReconfigVM_Task(extra_config(key, "FALSE")))
+        assert watch.wait_for("guestToolsRunning")
+    finally:
+        watch.close()
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+def test_revert_restores_guest_files_power_state_and_posts_event(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=1, vms=1)
+    si = connect(sim)
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    root = sim.guest_root / vm.name
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "kept.conf").write_text("original\n")
+    (root / "etc" / "deleted-later").write_text("bring me back\n")
+
+    snap = run(vm.CreateSnapshot_Task(name="clean", description="", memory=True, quiesce=False))
+    assert vm.snapshot.currentSnapshot == snap
+
+    (root / "etc" / "added-later").write_text("malware\n")
+    (root / "etc" / "deleted-later").unlink()
+    (root / "etc" / "kept.conf").write_text("changed\n")
+    run(vm.PowerOffVM_Task())
+    events_before = len(reverted_events(si, vm))
+
+    task = snap.RevertToSnapshot_Task()
+    WaitForTask(task)
+    assert task.info.descriptionId == "vm.Snapshot.revert"
+    assert sorted(p.name for p in (root / "etc").iterdir()) == ["deleted-later", "kept.conf"]
+    assert (root / "etc" / "kept.conf").read_text() == "original\n"
+    assert (root / "etc" / "deleted-later").read_text() == "bring me back\n"
+    assert vm.runtime.powerState == "poweredOn"  # the snapshot's power state
+    assert tools_of(vm) == ("guestToolsRunning", "toolsOk")
+    assert vm.snapshot.currentSnapshot == snap
+
+    events = reverted_events(si, vm)
+    assert len(events) == events_before + 1
+    event = events[0]
+    assert isinstance(event, vim.event.EventEx)
+    assert event.eventTypeId == REVERTED
+    assert event.vm.vm == vm
+    assert event.host.host == vm.runtime.host
+    assert event.datacenter is not None
+    assert event.objectId == vm._moId
+
+
+def test_revert_to_current_snapshot_and_suppress_power_on(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=1, vms=1)
+    si = connect(sim)
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    root = sim.guest_root / vm.name
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "one").write_text("1")
+    first = run(vm.CreateSnapshot_Task(name="one", memory=False, quiesce=False))
+    (root / "two").write_text("2")
+    run(vm.PowerOffVM_Task())
+    second = run(vm.CreateSnapshot_Task(name="two-off", memory=False, quiesce=False))
+
+    # Back to the first (powered on) snapshot, but with suppressPowerOn.
+    run(first.RevertToSnapshot_Task(suppressPowerOn=True))
+    assert sorted(p.name for p in root.iterdir()) == ["one"]
+    assert vm.runtime.powerState == "poweredOff"
+    assert vm.snapshot.currentSnapshot == first
+
+    # The current snapshot is now the first one: reverting to it powers the VM on.
+    (root / "junk").write_text("x")
+    task = vm.RevertToCurrentSnapshot_Task()
+    WaitForTask(task)
+    assert task.info.descriptionId == "VirtualMachine.revertToCurrentSnapshot"
+    assert sorted(p.name for p in root.iterdir()) == ["one"]
+    assert vm.runtime.powerState == "poweredOn"
+
+    # The second snapshot was taken powered off: reverting powers the VM off.
+    run(second.RevertToSnapshot_Task())
+    assert sorted(p.name for p in root.iterdir()) == ["one", "two"]
+    assert vm.runtime.powerState == "poweredOff"
+    assert tools_of(vm) == ("guestToolsNotRunning", "toolsNotRunning")
+    assert len(reverted_events(si, vm)) == 3
+
+    run(vm.RemoveAllSnapshots_Task())
+    assert not any((sim.guest_root / ".snapshots").iterdir())
+
+
+# --- placement ------------------------------------------------------------------------------
+
+def test_clone_lands_on_the_requested_host_powered_on_with_guest_tree(
+        vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=3, vms=1)
+    si = connect(sim)
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    (sim.guest_root / vm.name / "data").mkdir(parents=True, exist_ok=True)
+    (sim.guest_root / vm.name / "data" / "file.txt").write_text("payload")
+    target = other_host(si, vm)
+
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(host=target), powerOn=True)
+    clone = run(vm.CloneVM_Task(folder=vm.parent, name="clone-on-host", spec=spec))
+    assert clone.runtime.host == target
+    assert clone.summary.runtime.host == target
+    assert clone.runtime.powerState == "poweredOn"
+    assert tools_of(clone) == ("guestToolsRunning", "toolsOk")
+    lists = host_vm_names(si)
+    assert "clone-on-host" in lists[target.name]
+    assert sum("clone-on-host" in names for names in lists.values()) == 1
+    assert (sim.guest_root / "clone-on-host" / "data" / "file.txt").read_text() == "payload"
+
+    # Only a pool: the clone goes to a host of that pool's cluster, powered off as asked.
+    pool = vm.resourcePool
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool), powerOn=False)
+    clone2 = run(vm.CloneVM_Task(folder=vm.parent, name="clone-in-pool", spec=spec))
+    cluster = pool.owner
+    assert clone2.runtime.host in list(cluster.host)
+    assert clone2.runtime.powerState == "poweredOff"
+    assert clone2 in list(clone2.runtime.host.vm)
+
+
+def test_relocate_and_migrate_keep_host_lists_right(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=3, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    first = vm.runtime.host
+    second = other_host(si, vm)
+
+    run(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=second)))
+    assert vm.runtime.host == second
+    lists = host_vm_names(si)
+    assert vm.name in lists[second.name]
+    assert vm.name not in lists[first.name]
+
+    third = other_host(si, vm, skip=(first.name,))
+    task = vm.MigrateVM_Task(host=third, priority="defaultPriority")
+    WaitForTask(task)
+    assert task.info.descriptionId == "VirtualMachine.migrate"
+    assert vm.runtime.host == third
+    lists = host_vm_names(si)
+    assert [name for name, vms in lists.items() if vm.name in vms] == [third.name]
+
+
+# --- events ---------------------------------------------------------------------------------
+
+def test_event_type_id_filters_return_matching_event_ex(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=2))
+    em = si.content.eventManager
+    vm0 = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    vm1 = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM1")
+
+    def collector(ids: list[str], entity: Any = None) -> Any:
+        spec = vim.event.EventFilterSpec(eventTypeId=ids)
+        if entity is not None:
+            spec.entity = vim.event.EventFilterSpec.ByEntity(entity=entity, recursion="self")
+        return em.CreateCollectorForEvents(spec)
+
+    waiting = collector([REVERTED])  # created before the events: sees them as they come
+    waiting_vm1 = collector([REVERTED], vm1)
+    snap = run(vm0.CreateSnapshot_Task(name="s", memory=False, quiesce=False))
+    run(snap.RevertToSnapshot_Task())
+    em.PostEvent(vim.event.EventEx(eventTypeId="com.example.custom", severity="info",
+                                    createdTime=datetime.now(UTC), chainId=0, key=0, userName="",
+                                    vm=vim.event.VmEventArgument(vm=vm1, name=vm1.name)))
+
+    later = collector([REVERTED])  # created after: finds them in the history
+    for c in (waiting, later):
+        page = c.latestPage
+        assert [e.eventTypeId for e in page] == [REVERTED]
+        assert page[0].vm.vm == vm0
+    assert waiting_vm1.latestPage == []
+
+    custom = collector(["com.example.custom"]).latestPage
+    assert [(e.eventTypeId, e.vm.vm) for e in custom] == [("com.example.custom", vm1)]
+    both = [REVERTED, "com.example.custom"]
+    queried = em.QueryEvents(vim.event.EventFilterSpec(eventTypeId=both))
+    assert sorted(e.eventTypeId for e in queried) == sorted([REVERTED, "com.example.custom"])
+
+    # Class filters still work, and do not let EventEx through.
+    powered = collector(["VmPoweredOffEvent", "VmPoweredOnEvent"]).latestPage
+    assert powered
+    power_events = vim.event.VmPoweredOffEvent | vim.event.VmPoweredOnEvent
+    assert all(isinstance(e, power_events) for e in powered)
+    keys = [e.key for e in powered]
+    assert keys == sorted(keys, reverse=True)  # newest first
+    run(vm1.PowerOffVM_Task())
+    tail = collector(["VmPoweredOffEvent"], vm1)
+    assert [e.vm.vm for e in tail.latestPage] == [vm1]
+    for c in (waiting, waiting_vm1, later, tail):
+        c.DestroyCollector()
