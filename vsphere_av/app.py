@@ -85,7 +85,8 @@ class ScanReport:
         total: dict[str, Any] = {"vms": len(self.results)}
         for status in ("clean", "infected", "skipped", "unreachable", "error"):
             total[status] = sum(1 for r in self.results if r.status == status)
-        for key in ("scanned", "unchanged", "shared", "skipped_files", "vanished", "errors", "bytes"):
+        for key in ("scanned", "unchanged", "shared", "skipped_files", "vanished", "errors",
+                    "bytes"):
             attr = "skipped" if key == "skipped_files" else key
             total[key] = sum(getattr(r, attr) for r in self.results)
         total["detections"] = sum(len(r.found) for r in self.results)
@@ -188,7 +189,8 @@ class App:
                                on_progress=on_progress)
         except Exception as exc:  # one VM's failure never stops the others
             log.exception("scan of %s failed", vm.name)
-            reason = str(exc) if isinstance(exc, errors.VsphereAvError) else f"internal error: {exc!r}"
+            reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
+                      else f"internal error: {exc!r}")
             return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=ERROR, reason=reason,
                               full=full)
 
@@ -227,7 +229,7 @@ class App:
         finally:
             for pool in pools:
                 pool.shutdown(wait=True, cancel_futures=True)
-        hosts = {vm.host.moref: vm.host.name for vm in vms if vm.host}
+        hosts: dict[str, str] = {vm.host.moref: vm.host.name for vm in vms if vm.host}
         peaks = {hosts.get(h, h or "(none)"): s.peak for h, s in slots.items()}
         return ScanReport(results=results, signature_version=version,
                           duration=time.monotonic() - started, peak_per_host=peaks)
@@ -306,3 +308,150 @@ class App:
             "id": item.id, "vm": item.vm_name, "moref": item.vm_moref, "path": item.guest_path,
             "sha256": item.sha256, "threat": item.threat})
         return self.quarantine_row(item)
+
+
+# --- controller (vsphere-av serve) wiring ------------------------------------------------------
+# Owned by the controller area. Builds the real collaborators of ``controller.Controller``
+# and starts its threads: this is the only place the controller's threads start.
+
+
+class _Nics:
+    """``controller.NicPort`` over ``vsphere.isolation`` (NIC states as plain dicts)."""
+
+    def __init__(self, connection: Callable[[], Any]) -> None:
+        self._connection = connection
+
+    def read(self, vm: str) -> list[dict[str, Any]]:
+        from vsphere_av.vsphere import isolation
+        return [n.as_dict() for n in isolation.read_nics(self._connection(), vm)]
+
+    def disconnect(self, vm: str, nics: Sequence[Any]) -> int:
+        from vsphere_av.vsphere import isolation
+        return isolation.disconnect_all(self._connection(), vm,
+                                        [isolation.NicState.from_dict(n) for n in nics])
+
+    def restore(self, vm: str, nics: Sequence[Any]) -> int:
+        from vsphere_av.vsphere import isolation
+        return isolation.restore(self._connection(), vm,
+                                 [isolation.NicState.from_dict(n) for n in nics])
+
+
+class _Fresh:
+    """A vCenter session per watch loop, replaced after it breaks (reconnect with backoff)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.conn: Any = None
+
+    def get(self) -> Any:
+        from vsphere_av.vsphere.connection import connect
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = connect(self._settings.vcenter)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+@dataclass
+class ControllerRuntime:
+    """A running controller: its object, threads and sessions (``stop()`` ends it)."""
+
+    controller: Any
+    app: App
+    stop_event: threading.Event
+    threads: list[threading.Thread]
+    sessions: list[_Fresh]
+    jobs: Any
+
+    def stop(self, *, grace: float | None = None) -> None:
+        """Stop the loops; in-flight scans finish or are put back; close everything."""
+        import os
+        self.stop_event.set()
+        self.controller.shutdown()
+        deadline = time.monotonic() + (self.controller.options.shutdown_grace
+                                       if grace is None else grace)
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:
+            log.warning("threads still running at exit: %s", ", ".join(alive))
+        self.jobs.stop_beating(os.getpid())
+        self.controller._audit("controller.stop", pid=os.getpid(),
+                               queued=len(self.controller.scheduler.queued()))
+        for s in self.sessions:
+            s.close()
+        self.jobs.close()
+        self.app.close()
+
+
+def start_controller(settings: Settings, *, stop_event: threading.Event | None = None,
+                     periodic: Sequence[Callable[[], None]] = ()) -> ControllerRuntime:
+    """Build the controller against vCenter and start its threads; returns the runtime."""
+    import os
+
+    from vsphere_av.controller import Controller, ControllerOptions
+    from vsphere_av.store.jobs import JobStore
+    from vsphere_av.vsphere import inventory
+    from vsphere_av.vsphere.watching import EventTail, InventoryWatch
+    from vsphere_av.watching import WATCHED_EVENT_TYPES
+
+    options = ControllerOptions.from_settings(settings)
+    stop_event = stop_event or threading.Event()
+    app = App(settings)
+    jobs = JobStore.open(settings.state_dir)
+    watch_session, event_session = _Fresh(settings), _Fresh(settings)
+    try:
+        app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
+
+        def scan(vm: VmInfo, *, full: bool = False,
+                 on_progress: Callable[[Any], None] | None = None) -> Any:
+            return app.scan_one(vm, full=full, on_progress=on_progress)
+
+        controller = Controller(
+            options=options, state=app.store, jobs=jobs, audit=app.audit, actor=app.actor,
+            active_version=app.engine.active_version,
+            read_inventory=lambda: inventory.read_inventory(app.connection),
+            open_inventory_watch=lambda: InventoryWatch(watch_session.get()),
+            open_event_tail=lambda cursor: EventTail(event_session.get(), since=cursor,
+                                                     type_ids=WATCHED_EVENT_TYPES),
+            nics=_Nics(lambda: app.connection), scan=scan, now=time.time,
+            periodic=periodic)
+        restored = controller.restore_queue()
+        controller._audit("controller.start", pid=os.getpid(), restored_jobs=restored,
+                          per_host_limit=options.per_host_limit,
+                          global_limit=options.global_limit,
+                          isolate_stale=options.isolate_stale)
+    except BaseException:
+        watch_session.close()
+        event_session.close()
+        jobs.close()
+        app.close()
+        raise
+    loops: list[tuple[str, Callable[[threading.Event], None]]] = [
+        ("watch-inventory", controller.watch_inventory),
+        ("tail-events", controller.tail_events),
+        ("housekeeping", controller.housekeeping),
+    ]
+    loops += [(f"contain-{i}", controller.containing)
+              for i in range(options.containment_threads)]
+    loops += [(f"scan-{i}", controller.work) for i in range(options.global_limit)]
+    threads = [threading.Thread(target=fn, args=(stop_event,), name=name, daemon=True)
+               for name, fn in loops]
+    for t in threads:
+        t.start()
+    return ControllerRuntime(controller=controller, app=app, stop_event=stop_event,
+                             threads=threads, sessions=[watch_session, event_session], jobs=jobs)
+
+
+def run_controller(settings: Settings, stop_event: threading.Event) -> None:
+    """Run ``vsphere-av serve`` until ``stop_event`` is set (SIGTERM / SIGINT)."""
+    runtime = start_controller(settings, stop_event=stop_event)
+    try:
+        while not stop_event.wait(1.0):
+            pass
+    finally:
+        runtime.stop()

@@ -57,7 +57,8 @@ class BlobReader:
         out = _xor(raw, self._item.key, self._pos)
         self._pos += len(raw)
         self._digest.update(out)
-        if not raw and self._pos == self._item.size and self._digest.hexdigest() != self._item.sha256:
+        if (not raw and self._pos == self._item.size
+                and self._digest.hexdigest() != self._item.sha256):
             raise StoreError(f"quarantine item {self._item.id} is corrupt (SHA-256 mismatch)")
         return out
 
@@ -115,7 +116,8 @@ class Quarantine:
             with os.fdopen(fd, "wb") as fh:
                 for chunk in chunks:
                     if max_size is not None and size + len(chunk) > max_size:
-                        raise StoreError(f"{guest_path}: larger than the quarantine limit of {max_size} bytes")
+                        raise StoreError(
+                            f"{guest_path}: larger than the quarantine limit of {max_size} bytes")
                     digest.update(chunk)
                     fh.write(_xor(chunk, key, size))
                     size += len(chunk)

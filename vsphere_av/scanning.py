@@ -134,9 +134,12 @@ class Filters:
     windows: bool
 
     @classmethod
-    def from_policy(cls, policy: ScanPolicy, *, windows: bool, engine_max: int | None = None) -> Filters:
+    def from_policy(cls, policy: ScanPolicy, *, windows: bool,
+                    engine_max: int | None = None) -> Filters:
         """Filters of ``policy`` (default exclusions first) for a Linux or Windows guest."""
-        limit = policy.max_file_size if engine_max is None else min(policy.max_file_size, engine_max)
+        limit = policy.max_file_size
+        if engine_max is not None:
+            limit = min(limit, engine_max)
         return cls(excludes=(*policy.default_excludes, *policy.exclude), includes=policy.include,
                    max_file_size=limit, windows=windows)
 
@@ -148,7 +151,8 @@ class Filters:
         """True when a file passes the include and exclude globs."""
         if any(matches(p, path, windows=self.windows) for p in self.excludes):
             return False
-        return not self.includes or any(matches(p, path, windows=self.windows) for p in self.includes)
+        return not self.includes or any(matches(p, path, windows=self.windows)
+                                        for p in self.includes)
 
 
 def remediation_plan(action: str, fallback: str) -> tuple[str, ...]:
@@ -291,7 +295,8 @@ class _Job:
             self._set_protection(prev_state)
             return r
         r.signature_version = self.session.version
-        r.scan_id = self.store.begin_scan(self.vm, full=self.full, signature_version=r.signature_version)
+        r.scan_id = self.store.begin_scan(self.vm, full=self.full,
+                                          signature_version=r.signature_version)
         self._audit("scan.start", full=self.full, signature_version=r.signature_version,
                     scan_id=r.scan_id)
         try:
@@ -486,7 +491,8 @@ class _Job:
             item = self.quarantine.put(
                 download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
                 guest_path=entry.path, threat=threat, is_windows=self.vm.is_windows,
-                permissions=entry.permissions, max_size=max(self.filters.max_file_size, outcome.size))
+                permissions=entry.permissions,
+                max_size=max(self.filters.max_file_size, outcome.size))
         finally:
             download.close()
         if item.sha256 != outcome.sha256:

@@ -55,7 +55,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[simulator.Simulato
                       sslContext=s.ssl_context())
     try:
         content = si.RetrieveContent()
-        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine],
+                                                       True)
         vms = {vm.name: vm for vm in view.view}
         view.DestroyView()
         _wait(vms[WINDOWS].ReconfigVM_Task(vim.vm.ConfigSpec(guestId="windows9_64Guest")))
@@ -83,7 +84,8 @@ def eicar_zip() -> bytes:
     return buf.getvalue()
 
 
-def settings_for(sim: simulator.Simulator, state: Path, *, toml: str = "", **env: str) -> config.Settings:
+def settings_for(sim: simulator.Simulator, state: Path, *, toml: str = "",
+                 **env: str) -> config.Settings:
     base = {"VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
             "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
             "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password, "BAD_GUEST_PASSWORD": "wrong"}
@@ -121,28 +123,33 @@ def test_linux_guest_detections_at_several_depths_archive_and_oversized(sim, tmp
         assert {f.action for f in result.found} == {"quarantined"}
         zip_hit = next(f for f in result.found if f.path == "/srv/archive.zip")
         assert zip_hit.member.endswith("docs/payload/eicar.txt")
-        assert result.skipped >= 1 and result.errors == 0
+        assert result.skipped >= 1
+        assert result.errors == 0
         assert result.scanned >= 6
         assert report.exit_code() == 1
         for p in infected:
             assert not (sim.guest_root / LINUX / p.lstrip("/")).exists(), p
         assert clean.read_bytes() == b"linux-vm\n"
-        assert big.exists() and proc.exists()
+        assert big.exists()
+        assert proc.exists()
         items = app.quarantine_list()
         assert sorted(i["path"] for i in items) == sorted(infected)
         status = {row["name"]: row for row in app.status()}
         assert status[LINUX]["state"] == "infected"
         detections = app.detections()
         assert {d["path"] for d in detections} == set(infected)
-        assert all(set(d) >= {"vm", "path", "threat", "sha256", "action", "time"} for d in detections)
+        wanted = {"vm", "path", "threat", "sha256", "action", "time"}
+        assert all(set(d) >= wanted for d in detections)
 
     actions = [a for a in audit_actions(state) if not a[0].startswith("signatures.")]
     names = [a for a, _ in actions]
-    assert names[0] == "scan.start" and names[-1] == "scan.end"
+    assert names[0] == "scan.start"
+    assert names[-1] == "scan.end"
     assert names.count("detection") >= len(infected)
     assert names.count("remediation") == len(infected)
     start = actions[0][1]
-    assert start["vm"] == LINUX and start["host"].startswith("DC0_C0_H")
+    assert start["vm"] == LINUX
+    assert start["host"].startswith("DC0_C0_H")
     # quarantined blobs are not the runnable bytes and are private
     blobs = list((state / "quarantine").glob("*.qbin"))
     assert len(blobs) == len(infected)
@@ -161,7 +168,8 @@ def test_windows_guest_paths_exclusions_and_detection(sim, tmp_path):
     assert result.status == "infected", result.reason
     assert {f.path for f in result.found} == {"C:\\Users\\Bob\\Downloads\\invoice.exe"}
     assert not (sim.guest_root / WINDOWS / "C/Users/Bob/Downloads/invoice.exe").exists()
-    assert page.exists() and recycled.exists()
+    assert page.exists()
+    assert recycled.exists()
 
 
 def test_incremental_skips_unchanged_files_and_full_reads_everything(sim, tmp_path):
@@ -169,14 +177,19 @@ def test_incremental_skips_unchanged_files_and_full_reads_everything(sim, tmp_pa
         plant(sim, CLEAN, f"/data/file{i}.txt", f"clean {i}\n".encode() * 100)
     with App(settings_for(sim, tmp_path / "state")) as app:
         first = app.scan(names=[CLEAN]).results[0]
-        assert first.status == "clean" and first.scanned >= 5 and first.unchanged == 0
+        assert first.status == "clean"
+        assert first.scanned >= 5
+        assert first.unchanged == 0
         second = app.scan(names=[CLEAN]).results[0]
-        assert second.scanned == 0 and second.unchanged == first.scanned
+        assert second.scanned == 0
+        assert second.unchanged == first.scanned
         plant(sim, CLEAN, "/data/file0.txt", b"changed and longer than before\n" * 100)
         third = app.scan(names=[CLEAN]).results[0]
-        assert third.scanned == 1 and third.unchanged == first.scanned - 1
+        assert third.scanned == 1
+        assert third.unchanged == first.scanned - 1
         full = app.scan(names=[CLEAN], full=True).results[0]
-        assert full.scanned == first.scanned and full.unchanged == 0
+        assert full.scanned == first.scanned
+        assert full.unchanged == 0
         row = next(r for r in app.status() if r["name"] == CLEAN)
         assert row["state"] == "protected"
         assert row["signature_version"] == app.engine.active_version()
@@ -192,7 +205,8 @@ def test_unreachable_and_powered_off_vms_do_not_stop_the_others(sim, tmp_path):
     with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
         report = app.scan(names=[BADPASS, NOTOOLS, OFF, CLEAN])
         by_vm = {r.vm: r for r in report.results}
-        assert (by_vm[BADPASS].status, by_vm[BADPASS].reason) == ("unreachable", "invalid guest login")
+        assert (by_vm[BADPASS].status, by_vm[BADPASS].reason) == (
+            "unreachable", "invalid guest login")
         assert (by_vm[NOTOOLS].status, by_vm[NOTOOLS].reason) == (
             "unreachable", "guest operations unavailable")
         assert (by_vm[OFF].status, by_vm[OFF].reason) == ("skipped", "powered off")
@@ -206,7 +220,8 @@ def test_unreachable_and_powered_off_vms_do_not_stop_the_others(sim, tmp_path):
         assert status[OFF]["state"] == "unprotected"
         assert status[CLEAN]["state"] == "protected"
     text = json.dumps(audit_actions(tmp_path / "state"))
-    assert "wrong" not in text and sim.guest_password not in text
+    assert "wrong" not in text
+    assert sim.guest_password not in text
 
 
 def test_quarantine_restore_round_trip_is_byte_identical(sim, tmp_path):
@@ -221,7 +236,8 @@ def test_quarantine_restore_round_trip_is_byte_identical(sim, tmp_path):
     with App(settings_for(sim, state)) as app:
         (result,) = app.scan(names=[LINUX]).results
         hit = next(f for f in result.found if f.path == "/home/bob/tools/dropper.bin")
-        assert hit.action == "quarantined" and hit.sha256 == hashlib.sha256(payload).hexdigest()
+        assert hit.action == "quarantined"
+        assert hit.sha256 == hashlib.sha256(payload).hexdigest()
         assert not target.exists()
         restored = app.quarantine_restore(hit.quarantine_id)
         assert restored["restored"]
@@ -274,7 +290,8 @@ def test_file_vanishing_between_listing_and_download_is_counted(sim, tmp_path):
                              audit=app.audit, quarantine=app.quarantine, policy=settings.scan,
                              full=True, actor="test")
     assert result.status == "clean"
-    assert result.vanished == 1 and result.errors == 0
+    assert result.vanished == 1
+    assert result.errors == 0
 
 
 def _terminate(sim, key: str) -> None:
@@ -305,7 +322,8 @@ def test_wrong_thumbprint_is_refused_naming_both(sim, tmp_path):
     settings = settings_for(sim, tmp_path / "state", VSPHERE_AV_THUMBPRINT=wrong)
     with pytest.raises(errors.TlsVerificationError) as info:
         vconn.connect(settings.vcenter)
-    assert wrong in str(info.value) and sim.thumbprint in str(info.value)
+    assert wrong in str(info.value)
+    assert sim.thumbprint in str(info.value)
 
 
 def test_ca_file_trust_verifies_vcenter_and_transfers(sim, tmp_path):
@@ -315,7 +333,8 @@ def test_ca_file_trust_verifies_vcenter_and_transfers(sim, tmp_path):
     with App(settings) as app:
         assert app.connection.trust.describe() == "ca"
         (result,) = app.scan(names=[CLEAN], full=True).results
-        assert result.status == "clean" and result.scanned >= 1
+        assert result.status == "clean"
+        assert result.scanned >= 1
 
 
 def test_no_trust_configured_is_a_config_error(sim, tmp_path):
@@ -329,7 +348,8 @@ def test_per_host_limit_is_respected(sim, tmp_path):
     with App(settings) as app:
         report = app.scan(all_vms=True)
     assert len(report.results) == 6
-    assert report.peak_per_host and max(report.peak_per_host.values()) == 1
+    assert report.peak_per_host
+    assert max(report.peak_per_host.values()) == 1
 
 
 def _cli(sim, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -358,7 +378,8 @@ def test_cli_json_shapes_and_exit_codes(sim, tmp_path):
     status = json.loads(_cli(sim, state, "status", "--json").stdout)
     assert set(status) == {"vms"}
     for row in status["vms"]:
-        assert {"name", "moref", "host", "state", "reason", "last_scan", "signature_version"} <= set(row)
+        assert {"name", "moref", "host", "state", "reason", "last_scan",
+                "signature_version"} <= set(row)
         assert row["state"] in ("protected", "stale", "infected", "unprotected", "unreachable")
 
     dets = json.loads(_cli(sim, state, "detections", "--json").stdout)["detections"]
@@ -367,6 +388,8 @@ def test_cli_json_shapes_and_exit_codes(sim, tmp_path):
     assert {"id", "vm", "path", "threat", "sha256", "size", "time"} <= set(items[0])
 
     run = _cli(sim, state, "scan", "no-such-vm")
-    assert run.returncode == 2 and "no-such-vm" in run.stderr
+    assert run.returncode == 2
+    assert "no-such-vm" in run.stderr
     run = _cli(sim, state, "quarantine", "restore", "ffffffffffff")
-    assert run.returncode == 2 and "no quarantine item" in run.stderr
+    assert run.returncode == 2
+    assert "no quarantine item" in run.stderr

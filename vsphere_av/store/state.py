@@ -239,7 +239,8 @@ class StateStore:
     def vm_states(self, *, current_version: int | None = None,
                   include_absent: bool = False) -> list[VmState]:
         """Every VM's protection record; ``protected`` turns ``stale`` under a newer version."""
-        sql = "SELECT * FROM vms" + ("" if include_absent else " WHERE present = 1") + " ORDER BY name"
+        where = "" if include_absent else " WHERE present = 1"
+        sql = f"SELECT * FROM vms{where} ORDER BY name"
         return [self._vm_state(r, current_version) for r in self.query(sql)]
 
     def vm_state(self, vm_moref: VmId, *, current_version: int | None = None) -> VmState | None:
@@ -254,7 +255,8 @@ class StateStore:
         if state == PROTECTED and current_version is not None and (
                 version is None or version < current_version):
             state = STALE
-            reason = f"last clean scan used signature version {version}, active is {current_version}"
+            reason = (f"last clean scan used signature version {version}, "
+                      f"active is {current_version}")
         return VmState(moref=VmId(r["moref"]), name=r["name"], instance_uuid=r["instance_uuid"],
                        host=r["host"], host_moref=r["host_moref"], state=state, reason=reason,
                        last_scan=r["last_scan"], last_full_scan=r["last_full_scan"],
@@ -273,7 +275,8 @@ class StateStore:
                  signature_version))
             return ScanId(int(cur.lastrowid or 0))
 
-    def finish_scan(self, scan_id: ScanId, *, status: str, reason: str, counts: dict[str, int]) -> None:
+    def finish_scan(self, scan_id: ScanId, *, status: str, reason: str,
+                    counts: dict[str, int]) -> None:
         """Close a scan record with its outcome and counters."""
         cols = ("scanned", "unchanged", "skipped", "errors", "detections", "bytes")
         with self.transaction() as db:
@@ -307,7 +310,8 @@ class StateStore:
                  action, detail, quarantine_id, now_iso()))
             return DetectionId(int(cur.lastrowid or 0))
 
-    def detections(self, *, vm_moref: VmId | None = None, limit: int = 10_000) -> list[DetectionRecord]:
+    def detections(self, *, vm_moref: VmId | None = None,
+                   limit: int = 10_000) -> list[DetectionRecord]:
         """Detections, oldest first."""
         where, params = ("WHERE vm_moref = ?", [vm_moref]) if vm_moref else ("", [])
         rows = self.query(f"SELECT * FROM detections {where} ORDER BY id LIMIT ?", (*params, limit))
@@ -328,8 +332,9 @@ class StateStore:
                       signature_version: int) -> FileRecord | None:
         """A clean record of the same file (path, size, mtime) in any VM under this version."""
         rows = self.query(
-            "SELECT * FROM files WHERE path = ? AND size = ? AND mtime = ? AND signature_version = ?"
-            " AND verdict = 'clean' LIMIT 1", (path, size, mtime, signature_version))
+            "SELECT * FROM files WHERE path = ? AND size = ? AND mtime = ?"
+            " AND signature_version = ? AND verdict = 'clean' LIMIT 1",
+            (path, size, mtime, signature_version))
         return _file(rows[0]) if rows else None
 
     def record_files(self, records: Sequence[FileRecord]) -> None:
@@ -339,8 +344,8 @@ class StateStore:
         stamp = now_iso()
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO files (vm_moref, path, size, mtime, sha256, signature_version, verdict,"
-                " scanned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO files (vm_moref, path, size, mtime, sha256, signature_version,"
+                " verdict, scanned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (vm_moref, path) DO UPDATE SET size = excluded.size,"
                 " mtime = excluded.mtime, sha256 = excluded.sha256,"
                 " signature_version = excluded.signature_version, verdict = excluded.verdict,"
@@ -367,18 +372,21 @@ class StateStore:
     def quarantine_items(self, *, include_purged: bool = False) -> list[QuarantineItem]:
         """Quarantine records, oldest first."""
         where = "" if include_purged else "WHERE purged_at = ''"
-        return [_qitem(r) for r in self.query(f"SELECT * FROM quarantine {where} ORDER BY time, id")]
+        rows = self.query(f"SELECT * FROM quarantine {where} ORDER BY time, id")
+        return [_qitem(r) for r in rows]
 
     def quarantine_item(self, item_id: str) -> QuarantineItem | None:
         """One quarantine record by id, or None."""
         rows = self.query("SELECT * FROM quarantine WHERE id = ?", (item_id,))
         return _qitem(rows[0]) if rows else None
 
-    def mark_quarantine(self, item_id: str, *, restored: bool = False, purged: bool = False) -> None:
+    def mark_quarantine(self, item_id: str, *, restored: bool = False,
+                        purged: bool = False) -> None:
         """Stamp a quarantine record as restored and/or purged."""
         with self.transaction() as db:
             if restored:
-                db.execute("UPDATE quarantine SET restored_at = ? WHERE id = ?", (now_iso(), item_id))
+                db.execute("UPDATE quarantine SET restored_at = ? WHERE id = ?",
+                           (now_iso(), item_id))
             if purged:
                 db.execute("UPDATE quarantine SET purged_at = ? WHERE id = ?", (now_iso(), item_id))
 
@@ -389,7 +397,8 @@ class StateStore:
 
 
 def _file(r: sqlite3.Row) -> FileRecord:
-    return FileRecord(vm_moref=VmId(r["vm_moref"]), path=r["path"], size=r["size"], mtime=r["mtime"],
+    return FileRecord(vm_moref=VmId(r["vm_moref"]), path=r["path"], size=r["size"],
+                      mtime=r["mtime"],
                       sha256=r["sha256"], signature_version=r["signature_version"],
                       verdict=r["verdict"])
 

@@ -149,7 +149,8 @@ class Connection:
         except (vmodl.MethodFault, OSError) as exc:
             if "Thumbprint" in str(exc) or "thumbprint" in str(exc):
                 raise errors.TlsVerificationError(
-                    f"certificate of {s.server}:{s.port} does not match the pinned thumbprint") from exc
+                    f"certificate of {s.server}:{s.port} does not match the pinned thumbprint"
+                ) from exc
             raise translate(exc, what=f"connect to {s.server}:{s.port}") from exc
         self._content = self._si.RetrieveContent()
 
@@ -219,7 +220,8 @@ class Connection:
 def connect(settings: VcenterSettings) -> Connection:
     """Log in to vCenter with the configured TLS trust."""
     if not settings.server:
-        raise errors.ConfigError("no vCenter server configured: set VSPHERE_AV_SERVER or vcenter.server")
+        raise errors.ConfigError(
+            "no vCenter server configured: set VSPHERE_AV_SERVER or vcenter.server")
     if not settings.user:
         raise errors.ConfigError("no vCenter user configured: set VSPHERE_AV_USER or vcenter.user")
     return Connection(settings=settings, trust=trust_from(settings))

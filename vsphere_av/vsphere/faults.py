@@ -64,7 +64,8 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
         return errors.VsphereError(f"{what}: vCenter rejected the login (check user and password)")
     if isinstance(exc, vim.fault.NoPermission):
         privilege = getattr(exc, "privilegeId", "") or ""
-        return errors.VsphereError(f"{what}: permission denied{' (needs ' + privilege + ')' if privilege else ''}")
+        needs = f" (needs {privilege})" if privilege else ""
+        return errors.VsphereError(f"{what}: permission denied{needs}")
     if isinstance(exc, vim.fault.FileFault):
         return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
     if isinstance(exc, vim.fault.GuestOperationsFault):

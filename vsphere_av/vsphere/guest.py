@@ -22,10 +22,11 @@ Bodies are streamed (64 KiB chunks) and each transfer uses a fresh connection wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -119,7 +120,8 @@ def transfer_url(url: str, host_address: str) -> str:
     if parts.hostname not in ("*", None) and "*" not in parts.netloc:
         return url
     if not host_address:
-        raise errors.GuestError("transfer URL needs the ESXi host address, which vCenter did not report")
+        raise errors.GuestError(
+            "transfer URL needs the ESXi host address, which vCenter did not report")
     host = f"[{host_address}]" if ":" in host_address else host_address
     netloc = parts.netloc.replace("*", host, 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
@@ -219,7 +221,7 @@ class GuestFiles:
             return None
         return None
 
-    def walk(self, roots: list[str] | tuple[str, ...], *,
+    def walk(self, roots: Sequence[str], *,
              prune: Callable[[str], bool] = lambda p: False,
              on_error: Callable[[str, errors.GuestError], None] = lambda p, e: None,
              max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES) -> Iterator[GuestFile]:
@@ -243,11 +245,13 @@ class GuestFiles:
             for entry in entries:
                 seen += 1
                 if seen > max_entries:
-                    on_error(directory, errors.GuestError(f"more than {max_entries} entries: walk stopped"))
+                    on_error(directory, errors.GuestError(
+                        f"more than {max_entries} entries: walk stopped"))
                     return
                 if entry.type == "directory":
                     if depth + 1 > max_depth:
-                        on_error(entry.path, errors.GuestError(f"deeper than {max_depth} levels: not walked"))
+                        on_error(entry.path, errors.GuestError(
+                            f"deeper than {max_depth} levels: not walked"))
                     elif not prune(entry.path):
                         subdirs.append(entry.path)
                 elif entry.type == "file":
@@ -276,7 +280,7 @@ class GuestFiles:
 
     def upload(self, path: str, body: SupportsRead, *, size: int, overwrite: bool = False,
                permissions: int | None = None) -> None:
-        """Write ``size`` bytes read from ``body`` to a guest path (InitiateFileTransferToGuest + PUT)."""
+        """Write ``size`` bytes from ``body`` to a guest path (transfer to guest + PUT)."""
         if self.windows:
             attrs: Any = vim.vm.guest.FileManager.WindowsFileAttributes()
         else:
@@ -309,11 +313,9 @@ class GuestFiles:
 
     def make_dir(self, path: str, *, parents: bool = True) -> None:
         """Create a guest directory (and its parents); an existing one is fine."""
-        try:
+        with contextlib.suppress(errors.GuestFileExists):
             self._call(f"mkdir {path}", "MakeDirectoryInGuest", directoryPath=path,
                        createParentDirectories=parents)
-        except errors.GuestFileExists:
-            pass
 
 
 class _Sized:

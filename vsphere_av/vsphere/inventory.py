@@ -20,8 +20,9 @@ from vsphere_av.vsphere.connection import Connection
 
 MARKER_PREFIX = "vsphere-av."
 
-VM_PATHS = ["name", "config.instanceUuid", "config.guestId", "config.template", "config.extraConfig",
-            "runtime.host", "runtime.powerState", "guest.toolsRunningStatus", "parent"]
+VM_PATHS = ["name", "config.instanceUuid", "config.guestId", "config.template",
+            "config.extraConfig", "runtime.host", "runtime.powerState",
+            "guest.toolsRunningStatus", "parent"]
 HOST_PATHS = ["name", "config.network.vnic", "config.certificate", "runtime.connectionState",
               "runtime.inMaintenanceMode"]
 FOLDER_PATHS = ["name", "parent"]
@@ -33,13 +34,15 @@ def _retrieve(content: Any, types: Sequence[tuple[type, list[str]]]) -> list[Any
     try:
         traverse = vmodl.query.PropertyCollector.TraversalSpec(
             name="view", type=vim.view.ContainerView, path="view", skip=False)
-        obj_spec = vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[traverse])
+        obj_spec = vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True,
+                                                            selectSet=[traverse])
         prop_specs = [vmodl.query.PropertyCollector.PropertySpec(type=t, pathSet=paths)
                       for t, paths in types]
         spec = vmodl.query.PropertyCollector.FilterSpec(objectSet=[obj_spec], propSet=prop_specs)
         collector = content.propertyCollector
         out: list[Any] = []
-        result = collector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        options = vmodl.query.PropertyCollector.RetrieveOptions()
+        result = collector.RetrievePropertiesEx([spec], options)
         while result is not None:
             out.extend(result.objects)
             if not result.token:
@@ -156,7 +159,7 @@ def list_hosts(conn: Connection) -> list[HostInfo]:
 
 
 def find_vms(conn: Connection, names: Iterable[str]) -> list[VmInfo]:
-    """The VMs with these names (or moref values), in the order asked; NotFound names the missing."""
+    """The VMs with these names (or morefs), in the order asked; NotFound names the missing."""
     vms = list_vms(conn)
     by_name = {vm.name: vm for vm in vms}
     by_moref = {str(vm.moref): vm for vm in vms}
