@@ -135,12 +135,14 @@ def _keygen(path: Path) -> None:
 
 
 def _start_sshd(config: Path, host: str, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = config.with_name("sshd.log")
+    with log.open("ab") as err_file:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=err_file)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            err = log.read_text(errors="replace")
             raise RuntimeError(f"sshd exited with {process.returncode}: {err.strip()}")
         try:
             with socket.create_connection((host, port), timeout=0.5) as s:
@@ -156,6 +158,10 @@ def start_sshd(directory: Path, host: str) -> Sshd:
     """Start ``/usr/sbin/sshd`` on ``host`` (a free port) with its own host and client keys."""
     if not os.path.exists(SSHD):
         raise RuntimeError(f"{SSHD} is missing: run `make system-deps` (openssh-server)")
+    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+        # sshd started as root insists on its privilege-separation directory (Debian's
+        # service unit creates it at boot via RuntimeDirectory; we are not started by it).
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     host_key, client_key = directory / "host_ed25519", directory / "client_ed25519"
     _keygen(host_key)
