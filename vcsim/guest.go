@@ -51,6 +51,7 @@ func installGuest(svc *simulator.Service, srv *simulator.Server) {
 		guestScheme = srv.URL.Scheme
 		guestPort = srv.URL.Port()
 	}
+	setTicketTTL()
 	fm := &guestFileManager{}
 	fm.Self = guestFileManagerRef
 	simulator.Map.Put(fm)

@@ -3,8 +3,9 @@
 //
 // A ticket is a URL https://*:PORT/guestFile?id=ID&token=TOKEN (ID and TOKEN letters
 // only, so clients that rewrite "443" in URLs cannot damage them). It is single-use,
-// expires after guestTicketTTL, and dies when its VM's power state changes or the VM goes
-// away (guestObserver) or boots again (checked at use). GET streams a file with
+// expires after 10 minutes (the environment variable VCSIM_GUEST_TICKET_TTL, a Go
+// duration such as "2s", shortens that for tests), and dies when its VM's power state
+// changes or the VM goes away (guestObserver) or boots again (checked at use). GET streams a file with
 // Content-Length; PUT must carry exactly the announced fileSize bytes (anything else
 // is 400 and nothing is written); the upload goes to a temporary file in the target
 // directory and is renamed into place.
@@ -29,7 +30,6 @@ import (
 
 const (
 	guestFilePattern = "/guestFile" // exact; the library owns "/guestFile/"
-	guestTicketTTL   = 10 * time.Minute
 	guestMaxTickets  = 10000
 	guestMaxUpload   = 4 << 30 // bytes per uploaded file
 )
@@ -43,6 +43,18 @@ type guestTicket struct {
 	overwrite bool
 	attrs     types.BaseGuestFileAttributes
 	expires   time.Time
+}
+
+// guestTicketTTL is how long a transfer URL stays valid (see installGuest).
+var guestTicketTTL = 10 * time.Minute
+
+// setTicketTTL applies VCSIM_GUEST_TICKET_TTL when it holds a positive duration.
+func setTicketTTL() {
+	if v := os.Getenv("VCSIM_GUEST_TICKET_TTL"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d > 0 {
+			guestTicketTTL = d
+		}
+	}
 }
 
 var guestTickets = struct {

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
+from conftest import connect
 from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
@@ -391,6 +392,24 @@ def test_transfers_stream_large_files_without_buffering(sim: Sim) -> None:
     (root / "big-up.bin").unlink()
 
 
+def test_tickets_expire(
+    vcsim_factory: Callable[..., simulator.Simulator],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VCSIM_GUEST_TICKET_TTL", "1s")  # instead of 10 minutes
+    running = vcsim_factory(hosts=1, vms=1, guest_user=GUEST_USER, guest_password=GUEST_PASSWORD)
+    s = Sim(running, connect(running))
+    vm = s.vms()[0]
+    (vm_root(s, vm) / "f.txt").write_bytes(b"ttl")
+    stale = fm(s).InitiateFileTransferFromGuest(vm, auth(), "/f.txt").url
+    time.sleep(1.3)
+    fresh = fm(s).InitiateFileTransferFromGuest(vm, auth(), "/f.txt").url
+    assert download(s, stale).status_code == 404
+    r = download(s, fresh)
+    assert r.status_code == 200
+    assert r.content == b"ttl"
+
+
 # --- containment ----------------------------------------------------------------------
 
 
@@ -458,8 +477,16 @@ def test_symlinks_pointing_outside_are_never_followed(sim: Sim, tmp_path: Path) 
             auth(),
             vim.vm.guest.ProcessManager.ProgramSpec(programPath="/esc/to_secret", arguments=""),
         )
-    # A link inside the tree works.
+    # A link inside the tree works, for files and for directories.
     assert get_file(sim, vm, "/esc/ok") == b"inside"
+    (d / "sub").mkdir()
+    (d / "sub" / "deep.txt").write_bytes(b"deep")
+    (d / "subdir").symlink_to("sub")
+    assert names(m.ListFilesInGuest(vm, auth(), "/esc/subdir")) == ["deep.txt"]
+    assert get_file(sim, vm, "/esc/subdir/deep.txt") == b"deep"
+    (d / "loop").symlink_to("loop")
+    with pytest.raises(vim.fault.GuestPermissionDenied):
+        m.InitiateFileTransferFromGuest(vm, auth(), "/esc/loop")
     # Deleting or moving a link touches the link only.
     m.DeleteFileInGuest(vm, auth(), "/esc/to_secret")
     m.MoveFileInGuest(vm, auth(), "/esc/to_dir", "/esc/moved", False)
@@ -516,6 +543,8 @@ def test_directories_moves_deletes_and_faults(sim: Sim) -> None:
         m.MoveDirectoryInGuest(vm, auth(), "/ops/h.txt", "/ops/h2")
     with pytest.raises(vim.fault.FileNotFound):
         m.MoveDirectoryInGuest(vm, auth(), "/ops/none", "/ops/none2")
+    with pytest.raises(vmodl.fault.InvalidArgument):
+        m.MoveDirectoryInGuest(vm, auth(), "/ops/x", "/ops/x/y/inside")
     m.MoveDirectoryInGuest(vm, auth(), "/ops/x", "/ops/renamed")
     assert (root / "ops/renamed/y/z").is_dir()
     assert not (root / "ops/x").exists()
@@ -664,6 +693,9 @@ def test_processes_exit_codes_terminate_and_listing(sim: Sim) -> None:
         p.TerminateProcessInGuest(vm, auth(), long)
     with pytest.raises(vim.fault.GuestProcessNotFound):
         p.TerminateProcessInGuest(vm, auth(), 999_999)
+    assert (
+        proc_info(sim, vm, p.StartProgramInGuest(vm, auth(), spec("sleep", "soon"))).exitCode == 1
+    )
     time.sleep(0.7)
     assert proc_info(sim, vm, short).exitCode == 0
     every = {i.pid for i in p.ListProcessesInGuest(vm, auth())}
