@@ -71,8 +71,9 @@ def test_first_contact_pins_the_host_key(sshd: Sshd, state: Path, audit: AuditLo
     with conn(sshd, state, audit) as c:          # second contact: no new pin
         c.run(["true"])
     assert actions(audit).count("appliance.ssh.host_key_pinned") == 1
-    ssh_keygen_fp = subprocess.run(["ssh-keygen", "-l", "-f", str(sshd.host_key.with_suffix(".pub"))],
-                                   capture_output=True, text=True, check=True).stdout.split()[1]
+    pub = str(sshd.host_key.with_suffix(".pub"))
+    ssh_keygen_fp = subprocess.run(["ssh-keygen", "-l", "-f", pub], capture_output=True,
+                                   text=True, check=True).stdout.split()[1]
     assert entry.details["fingerprint"] == ssh_keygen_fp
 
 
@@ -82,8 +83,8 @@ def test_changed_host_key_is_refused_and_audited(sshd: Sshd, state: Path,
         pass
     pinned = (state / "known_hosts").read_text()
     sshd.regenerate_host_key()
-    with pytest.raises(HostKeyMismatch, match="SSH host key of appliance "
-                       "vsphere-av-appliance-esx1 .* changed: pinned SHA256:.*presented SHA256:"):
+    with pytest.raises(HostKeyMismatch, match=r"SSH host key of appliance "
+                       r"vsphere-av-appliance-esx1 .* changed: pinned SHA256:.*presented SHA256:"):
         conn(sshd, state, audit).connect()
     assert (state / "known_hosts").read_text() == pinned   # nothing re-pinned
     mismatch = [e for e in audit.entries() if e.action == "appliance.ssh.host_key_mismatch"]
@@ -96,7 +97,7 @@ def test_wrong_client_key_fails_without_password_fallback(sshd: Sshd, state: Pat
                                                           audit: AuditLog, tmp_path: Path) -> None:
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    with pytest.raises(ApplianceError, match="SSH key authentication to .* failed"):
+    with pytest.raises(ApplianceError, match=r"SSH key authentication to .* failed"):
         conn(sshd, state, audit, key=other).connect()
     with pytest.raises(ApplianceError, match="SSH key file not found"):
         conn(sshd, state, audit, key=tmp_path / "missing").connect()
@@ -107,7 +108,7 @@ def test_unreachable_appliance(state: Path, audit: AuditLog, tmp_path: Path) -> 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     c = ApplianceSsh(host="127.0.0.22", port=1, user="x", key_file=key, state_dir=state,
                      audit=audit, actor="t", timeout=2)
-    with pytest.raises(ApplianceError, match="SSH connection to 127.0.0.22:1 failed"):
+    with pytest.raises(ApplianceError, match=r"SSH connection to 127\.0\.0\.22:1 failed"):
         c.connect()
 
 
