@@ -63,6 +63,7 @@ class Trigger(StrEnum):
     POWERED_OFF = "powered-off"      # stopped running (scans cannot run; jobs wait)
     TOOLS_READY = "tools-ready"      # guest operations became possible
     CHANGED = "changed"              # name or other identity changed: refresh
+    LISTED = "listed"                # running when the watch (re)started: not a power-on
 
 
 @dataclass(frozen=True)

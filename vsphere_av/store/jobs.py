@@ -101,6 +101,10 @@ CREATE TABLE IF NOT EXISTS requests (
     created    REAL NOT NULL,
     taken      REAL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS seen_events (
     event_key INTEGER PRIMARY KEY,
     time      REAL NOT NULL
@@ -410,6 +414,18 @@ class JobStore:
         """True once the controller picked the request up."""
         rows = self._query("SELECT taken FROM requests WHERE request_id = ?", (request_id,))
         return bool(rows) and rows[0][0] is not None
+
+    # -- small named values (e.g. the signature version last swept) ----------------------
+
+    def get_meta(self, name: str) -> str | None:
+        """A stored value, or None."""
+        rows = self._query("SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        """Store a value."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     # -- processed events (so a replayed event is not handled twice) ---------------------
 

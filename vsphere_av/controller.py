@@ -1,0 +1,698 @@
+"""The controller behind ``vsphere-av serve``: instant-on containment, storm-safe scans, restarts.
+
+Called by ``app.run_controller`` (which builds the real collaborators and starts one thread
+per loop: :meth:`Controller.watch_inventory`, :meth:`Controller.tail_events`,
+:meth:`Controller.containing`, :meth:`Controller.housekeeping` and ``global_limit`` x
+:meth:`Controller.work`). Calls only its collaborators, all passed as keyword arguments:
+vCenter ports (inventory watch and event tail factories, an inventory reader, NIC
+isolation), a scan function, the state store, the job store, the audit log, the engine's
+active signature version and the clock. No pyVmomi here; no thread starts here.
+
+Flow (level-based, as controller-runtime): watch loops turn changes into
+``watching.Attention`` keys; :meth:`Controller.attend` re-reads what it knows and decides.
+A stale VM that starts running (power on, resume, HA restart, reset, revert while running)
+is *contained*: its exposure is opened, its vNICs are cut (``isolate_stale``, the exact
+previous state saved first) and it is queued at instant-on priority. Workers take jobs from
+the :class:`scheduling.Scheduler` (per-host and global caps), scan, and then release the VM's
+network on a clean result or keep it cut on a detection (until a later scan is clean).
+
+Restart safety: the queue, the event cursor, exposures and isolation records are in
+``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
+restart; events that arrived while the controller was down are read from the last processed
+key and time; an isolation already recorded is never recorded again (so the state to restore
+is never overwritten by the cut state).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+
+from vsphere_av import errors
+from vsphere_av.models import INFECTED, STALE, HostInfo, VmInfo
+from vsphere_av.scheduling import CronTicker, Job, Priority, Schedule, Scheduler
+from vsphere_av.store.jobs import EventCursor, JobStore
+from vsphere_av.watching import (
+    Attention,
+    ObjectChange,
+    Protection,
+    Trigger,
+    VcEvent,
+    Watcher,
+    marks_stale,
+    needs_instant_on,
+    staleness,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+# -- collaborator interfaces ---------------------------------------------------------------
+
+
+class InventoryWatchLike(AbstractContextManager["InventoryWatchLike"], Protocol):
+    """``vsphere.watching.InventoryWatch``."""
+
+    def wait(self, max_wait: float) -> list[ObjectChange] | None: ...
+    def close(self) -> None: ...
+
+
+class EventTailLike(AbstractContextManager["EventTailLike"], Protocol):
+    """``vsphere.watching.EventTail``."""
+
+    def read(self, *, limit: int = 2000) -> list[VcEvent]: ...
+    def close(self) -> None: ...
+
+
+class NicPort(Protocol):
+    """vNIC isolation (``vsphere.isolation``), with NIC states as plain dicts."""
+
+    def read(self, vm: str) -> list[dict[str, Any]]: ...
+    def disconnect(self, vm: str, nics: Sequence[Mapping[str, Any]]) -> int: ...
+    def restore(self, vm: str, nics: Sequence[Mapping[str, Any]]) -> int: ...
+
+
+class ScanOutcome(Protocol):
+    """What the scan function returns (``scanning.ScanResult`` fits)."""
+
+    status: str      # clean | infected | skipped | unreachable | error
+    reason: str
+    bytes: int
+
+
+class ScanFn(Protocol):
+    """Scan one VM (``App.scan_one`` fits); ``on_progress`` may raise to stop the scan."""
+
+    def __call__(self, vm: VmInfo, *, full: bool = ...,
+                 on_progress: Callable[[Any], None] | None = ...) -> Any: ...
+
+
+class StateLike(Protocol):
+    """The parts of ``store.state.StateStore`` the controller reads and marks."""
+
+    def vm_state(self, vm_moref: Any, *, current_version: int | None = None) -> Any: ...
+    def upsert_vm(self, vm: VmInfo) -> None: ...
+    def sync_inventory(self, vms: Sequence[VmInfo]) -> None: ...
+    def set_protection(self, vm_moref: Any, *, state: str, reason: str,
+                       clean_signature_version: int | None = None, scanned: bool = False,
+                       full: bool = False) -> None: ...
+
+
+class AuditLike(Protocol):
+    """``store.audit.AuditLog``."""
+
+    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
+        ...
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Tunables of the serve loop (from ``Settings.scan`` and the ``[controller]`` section)."""
+
+    isolate_stale: bool = True
+    per_host_limit: int = 4
+    global_limit: int = 16
+    schedules: tuple[Schedule, ...] = ()
+    watch_wait: float = 1.0                  # WaitForUpdatesEx maxWaitSeconds
+    event_poll: float = 0.25                 # seconds between event tail reads
+    housekeeping: float = 1.0
+    retry_base: float = 2.0                  # first retry after a transient guest failure
+    retry_max: float = 60.0
+    max_attempts: int = 20
+    reconnect_max: float = 30.0              # backoff cap when vCenter is unreachable
+    inventory_max_age: float = 2.0
+    containment_threads: int = 8
+    shutdown_grace: float = 20.0
+    instant_on_full: bool = False            # instant-on scans read every byte
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ControllerOptions:
+        """Options from ``config.Settings`` (``[controller]`` may override the timings)."""
+        from vsphere_av.scheduling import parse_schedules
+
+        section = dict(settings.extra.get("controller", {}))
+        allowed = {"watch_wait", "event_poll", "housekeeping", "retry_base", "retry_max",
+                   "max_attempts", "reconnect_max", "inventory_max_age", "containment_threads",
+                   "shutdown_grace", "instant_on_full"}
+        unknown = set(section) - allowed
+        if unknown:
+            raise errors.ConfigError(
+                f"controller: unknown setting(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            default = getattr(cls, key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise errors.ConfigError(f"controller.{key} must be true or false")
+            elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise errors.ConfigError(f"controller.{key} must be a positive number")
+            values[key] = type(default)(value)
+        return cls(isolate_stale=settings.scan.isolate_stale,
+                   per_host_limit=settings.scan.per_host_limit,
+                   global_limit=settings.scan.global_limit,
+                   schedules=tuple(parse_schedules(settings.extra)), **values)
+
+
+class ScanInterrupted(errors.VsphereAvError):
+    """Raised from the progress callback to stop a scan (shutdown, time window closed)."""
+
+
+@dataclass
+class Stats:
+    """Counters for logs, the benchmark and tests."""
+
+    contained: int = 0
+    isolated: int = 0
+    released: int = 0
+    kept_isolated: int = 0
+    scans: int = 0
+    retries: int = 0
+    bytes: int = 0
+    events: int = 0
+    reconnects: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+
+
+class Controller:
+    """See the module docstring. One instance per ``vsphere-av serve`` process."""
+
+    def __init__(self, *, options: ControllerOptions, state: StateLike, jobs: JobStore,
+                 audit: AuditLike, actor: str, active_version: Callable[[], int | None],
+                 read_inventory: Callable[[], tuple[list[VmInfo], list[HostInfo]]],
+                 open_inventory_watch: Callable[[], InventoryWatchLike],
+                 open_event_tail: Callable[[EventCursor | None], EventTailLike],
+                 nics: NicPort, scan: ScanFn, now: Clock,
+                 sleep: Callable[[float], None] | None = None,
+                 periodic: Sequence[Callable[[], None]] = ()) -> None:
+        self.options = options
+        self.state = state
+        self.jobs = jobs
+        self.audit = audit
+        self.actor = actor
+        self._active_version = active_version
+        self._read_inventory = read_inventory
+        self._open_watch = open_inventory_watch
+        self._open_tail = open_event_tail
+        self.nics = nics
+        self._scan = scan
+        self.now = now
+        self._sleep = sleep
+        # Hooks run by housekeeping (the appliance reconcile loop plugs in here).
+        self.periodic: list[Callable[[], None]] = list(periodic)
+        self.scheduler = Scheduler(per_host_limit=options.per_host_limit,
+                                   global_limit=options.global_limit, now=now, journal=jobs)
+        self.watcher = Watcher()
+        self._watch_lock = threading.Lock()
+        self.stats = Stats()
+        self._stats_lock = threading.Lock()
+        self._inv_lock = threading.Lock()
+        self._inv_vms: dict[str, VmInfo] = {}
+        self._inv_hosts: dict[str, HostInfo] = {}
+        self._inv_time = float("-inf")
+        self._containing: queue.Queue[tuple[str, Attention, str]] = queue.Queue()
+        self._containing_now: set[str] = set()
+        self._contain_lock = threading.Lock()
+        self._swept_version: int | None = None
+        self._ticker = CronTicker(list(options.schedules),
+                                  started=datetime.fromtimestamp(now(), UTC))
+        self.inventory_ready = threading.Event()
+        self.events_ready = threading.Event()
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def restore_queue(self) -> int:
+        """Queue again what the store holds (queued and interrupted jobs); returns how many."""
+        pending = self.jobs.pending_jobs()
+        interrupted = [j for j, running in pending if running]
+        for job in interrupted:
+            self._audit("job.resumed", vm=job.vm, host_moref=job.host, job_id=job.job_id,
+                        priority=job.priority.label, reason="interrupted by a controller stop")
+        count = self.scheduler.restore(j for j, _ in pending)
+        # Isolations that were only an intent when the process died: cut them now (their
+        # saved state is the one from before, so restoring later is still exact).
+        for rec in self.jobs.isolations():
+            if rec.state == "pending":
+                self._queue_containment(rec.vm, Attention(rec.vm, Trigger.POWERED_ON,
+                                                          "resume pending isolation", self.now()),
+                                        rec.reason)
+        return count
+
+    # -- inventory -------------------------------------------------------------------------
+
+    def inventory(self, *, max_age: float | None = None) -> tuple[dict[str, VmInfo],
+                                                                   dict[str, HostInfo]]:
+        """VMs and hosts by moref, re-read from vCenter when older than ``max_age``."""
+        limit = self.options.inventory_max_age if max_age is None else max_age
+        with self._inv_lock:
+            if self.now() - self._inv_time > limit:
+                vms, hosts = self._read_inventory()
+                self._inv_vms = {str(v.moref): v for v in vms}
+                self._inv_hosts = {str(h.moref): h for h in hosts}
+                self._inv_time = self.now()
+            return dict(self._inv_vms), dict(self._inv_hosts)
+
+    def _vm(self, moref: str) -> VmInfo | None:
+        vms, _ = self.inventory()
+        vm = vms.get(moref)
+        facts = self.watcher.facts(moref)
+        if vm is None or (facts is not None and (facts.power_state != vm.power_state
+                                                 or (facts.host and vm.host is not None
+                                                     and facts.host != vm.host.moref))):
+            vms, _ = self.inventory(max_age=0.0)     # the cache is behind the watch: re-read
+            vm = vms.get(moref)
+        return vm
+
+    # -- attention: the level-based decision ---------------------------------------------
+
+    def attend(self, items: Iterable[Attention]) -> None:
+        """Decide what each attention item needs; containment is handed to its own threads."""
+        version = self._active_version()
+        for item in items:
+            try:
+                self._attend_one(item, version)
+            except errors.VsphereAvError as exc:
+                log.warning("handling %s of %s failed: %s", item.trigger.value, item.vm, exc)
+
+    def _attend_one(self, item: Attention, version: int | None) -> None:
+        vm = item.vm
+        if item.trigger is Trigger.REMOVED:
+            if self.scheduler.cancel_vm(vm):
+                self._audit("job.cancelled", moref=vm, reason="VM removed from the inventory")
+            return
+        if item.trigger is Trigger.MIGRATED and item.host:
+            self.scheduler.note_vm_host(vm, item.host)
+        facts = self.watcher.facts(vm)
+        if facts is not None and facts.template:
+            return
+        mark = marks_stale(item, watched_hosts=self.watcher.hosts)
+        record = self.state.vm_state(vm, current_version=version)
+        if mark is not None:
+            if record is None:
+                info = self._vm(vm)
+                if info is not None:
+                    self.state.upsert_vm(info)
+                    record = self.state.vm_state(vm, current_version=version)
+            if record is not None and record.state != INFECTED:
+                self.state.set_protection(vm, state=STALE, reason=mark)
+                record = self.state.vm_state(vm, current_version=version)
+                self._audit("vm.stale", moref=vm, vm=facts.name if facts else "",
+                            reason=mark, cause=item.cause)
+        protection = (Protection(record.state, record.signature_version, record.reason)
+                      if record is not None else None)
+        reason = staleness(protection, active_version=version)
+        running = facts.running if facts is not None else False
+        if item.trigger is Trigger.LISTED:
+            # Running when the controller started: not an instant-on event. Stale ones are
+            # rescanned in the background; isolated ones (a crash before release) too.
+            if running and (reason is not None or self.jobs.isolation(vm) is not None):
+                self.scheduler.submit(vm=vm, host=facts.host if facts else item.host,
+                                      priority=Priority.SWEEP, reason=f"running at start: {reason}")
+            return
+        if needs_instant_on(item, running=running, stale_reason=reason):
+            assert reason is not None
+            self._queue_containment(vm, item, reason)
+
+    # -- containment (instant-on) ----------------------------------------------------------
+
+    def _queue_containment(self, vm: str, item: Attention, reason: str) -> None:
+        with self._contain_lock:
+            if vm in self._containing_now:
+                return
+            self._containing_now.add(vm)
+        self._containing.put((vm, item, reason))
+
+    def containing(self, stop: threading.Event) -> None:
+        """Containment thread: open the exposure, cut the network, queue first."""
+        while not stop.is_set():
+            try:
+                vm, item, reason = self._containing.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.contain(vm, item, reason)
+            except errors.VsphereAvError as exc:
+                log.warning("containing %s failed: %s", vm, exc)
+                # Still scan it first: a failed isolation must not also delay the scan.
+                facts = self.watcher.facts(vm)
+                self.scheduler.submit(vm=vm, host=facts.host if facts else item.host,
+                                      priority=Priority.INSTANT_ON, reason=reason)
+            finally:
+                with self._contain_lock:
+                    self._containing_now.discard(vm)
+
+    def contain(self, vm: str, item: Attention, reason: str) -> None:
+        """Instant-on for one stale running VM (idempotent)."""
+        facts = self.watcher.facts(vm)
+        name = facts.name if facts else ""
+        host = facts.host if facts else item.host
+        seen = self.now()
+        self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
+                                started=min(item.at, seen), seen=seen, event_key=item.event_key)
+        with self._stats_lock:
+            self.stats.contained += 1
+        if self.options.isolate_stale:
+            self.isolate(vm, name=name, host=host, reason=reason)
+        job = self.scheduler.submit(vm=vm, host=host, priority=Priority.INSTANT_ON,
+                                    reason=f"{item.trigger.value}: {reason}")
+        self._audit("instant-on", vm=name, moref=vm, host_moref=host, trigger=item.cause,
+                    event_key=item.event_key, reason=reason, job_id=job.job_id)
+
+    def isolate(self, vm: str, *, name: str, host: str, reason: str) -> bool:
+        """Cut every vNIC, saving the exact previous state first; False if already isolated."""
+        existing = self.jobs.isolation(vm)
+        if existing is not None:
+            if existing.state == "pending":
+                # The process died between saving and cutting: finish the cut.
+                self.nics.disconnect(vm, existing.nics)
+                self.jobs.confirm_isolation(vm)
+                self.jobs.mark_exposure(vm, isolated=self.now())
+            return False
+        before = self.nics.read(vm)
+        self.jobs.record_isolation(vm=vm, vm_name=name, nics=before, reason=reason,
+                                   state="pending")
+        changed = self.nics.disconnect(vm, before)
+        self.jobs.confirm_isolation(vm)
+        self.jobs.mark_exposure(vm, isolated=self.now())
+        with self._stats_lock:
+            self.stats.isolated += 1
+        self._audit("isolation.isolate", vm=name, moref=vm, host_moref=host, reason=reason,
+                    nics=[n.get("label", n.get("key")) for n in before], changed=changed)
+        return True
+
+    def release(self, vm: str, *, name: str, host: str) -> bool:
+        """Put back the exact saved vNIC state; False when the VM was not isolated."""
+        rec = self.jobs.isolation(vm)
+        if rec is None:
+            return False
+        changed = self.nics.restore(vm, rec.nics)
+        self.jobs.clear_isolation(vm)
+        with self._stats_lock:
+            self.stats.released += 1
+        self._audit("isolation.release", vm=name or rec.vm_name, moref=vm, host_moref=host,
+                    reason="scanned clean", changed=changed)
+        return True
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def work(self, stop: threading.Event) -> None:
+        """Worker thread: take the most urgent job that may start, run it, report back."""
+        while not stop.is_set():
+            job = self.scheduler.take(stop=stop, timeout=0.5)
+            if job is None:
+                continue
+            try:
+                self.run_job(job, stop=stop)
+            except Exception:
+                # A bug must not kill the worker or lose the job: retry later.
+                log.exception("job %s for %s failed", job.job_id, job.vm)
+                self.scheduler.finish(job, retry_after=self.options.retry_max)
+
+    def run_job(self, job: Job, *, stop: threading.Event | None = None) -> None:
+        """Scan one job's VM (re-reading its state first) and act on the verdict."""
+        try:
+            vm = self._vm(job.vm)
+        except errors.VsphereAvError as exc:
+            self._retry(job, f"cannot read inventory: {exc}")
+            return
+        if vm is None:
+            self.scheduler.finish(job)
+            self._audit("job.dropped", moref=job.vm, job_id=job.job_id, reason="VM is gone")
+            return
+        if not vm.powered_on:
+            # Nothing to read; it stays stale and is contained when it starts running.
+            self.scheduler.finish(job)
+            self._audit("job.dropped", vm=vm.name, moref=job.vm, job_id=job.job_id,
+                        reason=f"VM is {vm.power_state}")
+            return
+        host = vm.host.moref if vm.host else job.host
+        window_close = self._window_close(job)
+        interrupted: list[str] = []
+
+        def on_progress(_tick: Any) -> None:
+            if stop is not None and stop.is_set():
+                interrupted.append("controller stopping")
+            elif window_close is not None and self.now() >= window_close:
+                interrupted.append("time window closed")
+            if interrupted:
+                raise ScanInterrupted(f"scan interrupted: {interrupted[0]}")
+
+        result = self._scan(vm, full=job.full, on_progress=on_progress)
+        with self._stats_lock:
+            self.stats.scans += 1
+            self.stats.bytes += int(getattr(result, "bytes", 0) or 0)
+            self.stats.results[result.status] = self.stats.results.get(result.status, 0) + 1
+        if interrupted:
+            again = self.scheduler.put_back(job)
+            self._audit("job.interrupted", vm=vm.name, moref=job.vm, job_id=job.job_id,
+                        reason=interrupted[0], requeued=again is not None)
+            return
+        status = result.status
+        if status == "clean":
+            self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, clean=self.now(), outcome="clean", close=True)
+            self.release(job.vm, name=vm.name, host=host)
+        elif status == "infected":
+            self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, outcome="infected", close=True)
+            if self.jobs.isolation(job.vm) is not None:
+                with self._stats_lock:
+                    self.stats.kept_isolated += 1
+                self._audit("isolation.keep", vm=vm.name, moref=job.vm, host_moref=host,
+                            reason="detection: stays isolated until a rescan is clean")
+        elif status == "unreachable" and "invalid guest login" in result.reason:
+            # Permanent until the configuration changes; a stale VM stays contained.
+            self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, outcome="unreachable: invalid guest login",
+                                    close=True)
+        elif status in ("unreachable", "error"):
+            self._retry(job, result.reason)
+        else:                                      # skipped (powered off meanwhile)
+            self.scheduler.finish(job)
+
+    def _retry(self, job: Job, reason: str) -> None:
+        if job.attempts >= self.options.max_attempts:
+            self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, outcome=f"gave up: {reason}", close=True)
+            self._audit("job.failed", moref=job.vm, job_id=job.job_id, reason=reason,
+                        attempts=job.attempts)
+            return
+        delay = min(self.options.retry_max, self.options.retry_base * 2 ** (job.attempts - 1))
+        with self._stats_lock:
+            self.stats.retries += 1
+        self.scheduler.finish(job, retry_after=delay)
+        log.info("retrying %s in %.0fs: %s", job.vm, delay, reason)
+
+    def _window_close(self, job: Job) -> float | None:
+        if job.window is None:
+            return None
+        return job.window.closes_at(datetime.fromtimestamp(self.now(), UTC)).timestamp()
+
+    # -- watch loops -----------------------------------------------------------------------
+
+    def _pause(self, stop: threading.Event, seconds: float) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            stop.wait(seconds)
+
+    def watch_inventory(self, stop: threading.Event) -> None:
+        """Property watch thread: WaitForUpdatesEx on a container view; reconnects with backoff."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                with self._open_watch() as watch:
+                    backoff = 1.0
+                    first = True
+                    while not stop.is_set():
+                        changes = watch.wait(self.options.watch_wait)
+                        if changes is None:
+                            continue
+                        with self._watch_lock:
+                            if first:
+                                self.watcher.synced = False
+                            items = self.watcher.apply_changes(changes, at=self.now())
+                            if first:
+                                items = [self._listed(i) for i in items]
+                                self.watcher.synced = True
+                        self.attend(items)
+                        if first:
+                            first = False
+                            self.inventory_ready.set()
+            except errors.VsphereAvError as exc:
+                with self._stats_lock:
+                    self.stats.reconnects += 1
+                log.warning("inventory watch lost (%s); reconnecting in %.0fs", exc, backoff)
+                self._pause(stop, backoff)
+                backoff = min(self.options.reconnect_max, backoff * 2)
+
+    def _listed(self, item: Attention) -> Attention:
+        # The first listing after (re)connecting reports every running VM: that is not a
+        # power-on. Power-ons missed meanwhile arrive through the event tail.
+        if item.trigger is Trigger.POWERED_ON:
+            return Attention(item.vm, Trigger.LISTED, "initial listing", item.at, host=item.host)
+        return item
+
+    def tail_events(self, stop: threading.Event) -> None:
+        """Event thread: read new events from the last processed key and time, reconnecting."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                with self._open_tail(self.jobs.cursor()) as tail:
+                    backoff = 1.0
+                    while not stop.is_set():
+                        events = tail.read()
+                        if events:
+                            self.handle_events(events)
+                        self.events_ready.set()
+                        self._pause(stop, self.options.event_poll)
+            except errors.VsphereAvError as exc:
+                with self._stats_lock:
+                    self.stats.reconnects += 1
+                log.warning("event tail lost (%s); reconnecting in %.0fs", exc, backoff)
+                self._pause(stop, backoff)
+                backoff = min(self.options.reconnect_max, backoff * 2)
+
+    def handle_events(self, events: Sequence[VcEvent]) -> None:
+        """Handle one page of events, then move the durable cursor past them."""
+        fresh = [e for e in events if not self.jobs.seen_event(e.key)]
+        with self._watch_lock:
+            items = self.watcher.apply_events(fresh)
+        # Events can run ahead of the property watch: give the watch a moment to see the
+        # power state the event talks about, since the decision reads it.
+        self.attend(items)
+        with self._stats_lock:
+            self.stats.events += len(fresh)
+        if events:
+            last = max(events, key=lambda e: e.key)
+            self.jobs.mark_events([e.key for e in fresh])
+            self.jobs.save_cursor(EventCursor(last.key, last.created.isoformat()))
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def housekeeping(self, stop: threading.Event) -> None:
+        """Housekeeping thread: hand-over requests, sweeps, schedules, published state, hooks."""
+        while not stop.is_set():
+            try:
+                self.housekeep_once()
+            except errors.VsphereAvError as exc:
+                log.warning("housekeeping: %s", exc)
+            self._pause(stop, self.options.housekeeping)
+
+    def housekeep_once(self) -> None:
+        """One round of housekeeping (also called by tests)."""
+        self.jobs.beat(os.getpid())
+        self._take_requests()
+        self._sweep_if_new_version()
+        self._fire_schedules()
+        self.publish()
+        for hook in self.periodic:
+            try:
+                hook()
+            except errors.VsphereAvError as exc:
+                log.warning("periodic task %s: %s", getattr(hook, "__name__", hook), exc)
+
+    def _take_requests(self) -> None:
+        requests = self.jobs.take_requests()
+        if not requests:
+            return
+        vms, _ = self.inventory(max_age=0.0)
+        by_name = {v.name: v for v in vms.values()} | vms
+        for request_id, key, full in requests:
+            vm = by_name.get(key)
+            if vm is None:
+                self._audit("job.rejected", vm=key, request_id=request_id, reason="no such VM")
+                continue
+            job = self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref if vm.host else "",
+                                        priority=Priority.ON_DEMAND, full=full,
+                                        reason="on-demand scan")
+            self._audit("job.queued", vm=vm.name, moref=vm.moref, job_id=job.job_id,
+                        priority="on-demand", request_id=request_id)
+
+    def _sweep_if_new_version(self) -> None:
+        version = self._active_version()
+        if version is None:
+            return
+        if self._swept_version is None:
+            stored = self.jobs.get_meta("swept_version")
+            self._swept_version = int(stored) if stored else version
+            if not stored:
+                self.jobs.set_meta("swept_version", str(version))
+        if version <= self._swept_version:
+            return
+        count = self.sweep(version)
+        self._swept_version = version
+        self.jobs.set_meta("swept_version", str(version))
+        self._audit("signatures.sweep", signature_version=version, queued=count)
+
+    def sweep(self, version: int) -> int:
+        """Queue every running VM not clean under ``version`` (running first; the rest wait)."""
+        vms, _ = self.inventory(max_age=0.0)
+        count = 0
+        for vm in sorted(vms.values(), key=lambda v: (not v.powered_on, v.name)):
+            if not vm.powered_on or vm.template or vm.marker("vsphere-av.role") == "appliance":
+                continue      # powered-off VMs are stale now and contained when they start
+            record = self.state.vm_state(vm.moref, current_version=version)
+            protection = (Protection(record.state, record.signature_version, record.reason)
+                          if record is not None else None)
+            if staleness(protection, active_version=version) is None:
+                continue
+            self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref if vm.host else "",
+                                  priority=Priority.SWEEP,
+                                  reason=f"signature version {version}")
+            count += 1
+        return count
+
+    def _fire_schedules(self) -> None:
+        now = datetime.fromtimestamp(self.now(), UTC)
+        fired = self._ticker.due(now)
+        if not fired:
+            return
+        vms, _ = self.inventory(max_age=0.0)
+        for schedule, at in fired:
+            count = 0
+            for vm in vms.values():
+                if vm.template or vm.marker("vsphere-av.role") == "appliance":
+                    continue
+                if not fnmatchcase(vm.name, schedule.vms):
+                    continue
+                self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref if vm.host else "",
+                                      priority=Priority.SCHEDULED, full=schedule.full,
+                                      reason=f"schedule {schedule.name}",
+                                      delay=schedule.offset_for(str(vm.moref), at),
+                                      window=schedule.window)
+                count += 1
+            self._audit("schedule.fired", schedule=schedule.name, queued=count,
+                        at=at.isoformat())
+
+    def publish(self) -> None:
+        """Write per-host queue and slot counts for ``status --json``."""
+        _, hosts = self.inventory()
+        stats = self.scheduler.host_stats()
+        rows: dict[str, tuple[str, int, int]] = {
+            moref: (h.name, 0, 0) for moref, h in hosts.items()}
+        for moref, s in stats.items():
+            name = hosts[moref].name if moref in hosts else moref
+            rows[moref] = (name, s.waiting, s.borrowed)
+        self.jobs.publish_hosts(rows)
+
+    # -- misc --------------------------------------------------------------------------------
+
+    def _audit(self, action: str, **details: Any) -> None:
+        self.audit.append(actor=self.actor, action=action, details=details)
+
+    def shutdown(self) -> None:
+        """Wake every waiting worker (called after the stop event is set)."""
+        self.scheduler.close()
