@@ -64,6 +64,9 @@ func eventCollectors(em *simulator.EventManager) map[types.ManagedObjectReferenc
 // history returns the manager's events, newest first; the caller holds its lock.
 func eventHistory(em *simulator.EventManager) []types.BaseEvent {
 	v := unexportedField(em, "page")
+	if !v.IsValid() {
+		return nil
+	}
 	r, ok := v.Interface().(*ring.Ring)
 	if !ok || r == nil {
 		return nil
@@ -283,6 +286,9 @@ func rebuildPage(em *simulator.EventManager, c *simulator.EventHistoryCollector)
 		return
 	}
 	pageField := unexportedField(c, "page")
+	if !pageField.IsValid() {
+		return
+	}
 	old, ok := pageField.Interface().(*ring.Ring)
 	if !ok || old == nil {
 		return

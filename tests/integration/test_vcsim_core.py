@@ -14,6 +14,7 @@ import re
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -437,3 +438,48 @@ def test_event_type_id_filters_return_matching_event_ex(vcsim_factory: Factory) 
     assert [e.vm.vm for e in tail.latestPage] == [vm1]
     for c in (waiting, waiting_vm1, later, tail):
         c.DestroyCollector()
+
+
+def test_cli_runs_the_simulator_in_the_foreground(tmp_path: Path) -> None:
+    simulator.binary_path()  # fails the test with the one-line hint if not built
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vsphere_av", "vcsim", "--vms", "1", "--hosts", "1",
+         "--username", "admin", "--password", "s3cret", "--guest-root", str(tmp_path / "g")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        assert re.fullmatch(r"https://admin:s3cret@127\.0\.0\.1:\d+/sdk", first)
+        assert proc.stdout.readline().startswith("thumbprint=")
+        assert (tmp_path / "g").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_another_loopback_listen_address_is_reported_by_hosts(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(listen="127.0.0.2:0", hosts=2, vms=0)
+    assert sim.url.startswith(f"https://user:pass@127.0.0.2:{sim.port}/")
+    si = connect(sim)
+    for host in objects(si, vim.HostSystem):
+        assert host.config.network.vnic[0].spec.ip.ipAddress == "127.0.0.2"
+
+
+def test_relocate_to_a_pool_keeps_the_vm_in_that_cluster(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(clusters=2, hosts=2, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    target_cluster = by_name(si, vim.ClusterComputeResource, "DC0_C1")
+    run(vm.RelocateVM_Task(vim.vm.RelocateSpec(pool=target_cluster.resourcePool)))
+    assert vm.resourcePool == target_cluster.resourcePool
+    assert vm.runtime.host in list(target_cluster.host)
+    assert vm in list(target_cluster.resourcePool.vm)
+    source_pool = by_name(si, vim.ClusterComputeResource, "DC0_C0").resourcePool
+    assert vm not in list(source_pool.vm)
+    lists = host_vm_names(si)
+    assert [name for name, vms in lists.items() if vm.name in vms] == [vm.runtime.host.name]
