@@ -164,7 +164,7 @@ class Session:
         self._cache = cache
         self._spool_dir = spool_dir
         self._matcher = Matcher(rules=loaded.rules, hashes=loaded.hashes,
-                                hash_list_names=loaded.hash_lists)
+                                hash_list_names=loaded.hash_lists, pe_rules=loaded.pe_rules)
         self._fingerprint = _limits_fingerprint(settings)
         self.version: int = loaded.version
         self.uses_name_externals: bool = bool(loaded.externals & NAME_EXTERNALS)
@@ -340,7 +340,7 @@ class Session:
             hits += self._matcher.match_data(blob.data, externals)
         else:
             assert blob.path is not None
-            hits += self._matcher.match_file(blob.path, externals)
+            hits += self._matcher.match_file(blob.path, externals, head=blob.head)
         for hit in hits:
             findings.detections.append(Detection(threat=hit.threat, source=hit.source,  # type: ignore[arg-type]
                                                  rule=hit.rule, member=member))

@@ -142,14 +142,16 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
         with engine.session() as session:
             report = ScanReport(signature_version=session.version)
             pool = None
-            if jobs > 1:
-                pool = multiprocessing.get_context("fork").Pool(
-                    jobs, initializer=_init_worker, initargs=(settings, session.version, use_cache))
             try:
                 for batch in _batches(walk(paths)):
                     misses = _from_cache(batch, session=session, cache=cache, report=report,
                                          use_cache=use_cache, progress=progress)
                     stats = {path: st for path, st in misses}
+                    if stats and pool is None and jobs > 1:
+                        # Started on the first miss only: a warm pass never pays for workers.
+                        pool = multiprocessing.get_context("fork").Pool(
+                            jobs, initializer=_init_worker,
+                            initargs=(settings, session.version, use_cache))
                     results: Iterator[FileOutcome] = (
                         pool.imap_unordered(_scan_one, list(stats), chunksize=4) if pool
                         else (session.scan_file(p) for p in stats))
@@ -200,16 +202,16 @@ def _from_cache(batch: list[tuple[str, os.stat_result | None, str]], *, session:
     known = cache.file_hashes([_file_stat(st) for _, st in todo])
     if not known:
         return todo
-    keys: list[tuple[str, str]] = []
+    keyed: list[tuple[str, os.stat_result, tuple[str, str] | None]] = []
     for path, st in todo:
         sha = known.get(_file_stat(st))
-        if sha:
-            keys.append((sha, _context(session, path, st)))
-    verdicts: dict[tuple[str, str], CachedVerdict] = cache.get_many(keys, session.version)
+        keyed.append((path, st, (sha, _context(session, path, st)) if sha else None))
+    verdicts: dict[tuple[str, str], CachedVerdict] = cache.get_many(
+        [key for _, _, key in keyed if key], session.version)
     misses = []
-    for path, st in todo:
-        sha = known.get(_file_stat(st))
-        hit = verdicts.get((sha, _context(session, path, st))) if sha else None
+    for path, st, key in keyed:
+        sha = key[0] if key else None
+        hit = verdicts.get(key) if key else None
         if hit is None:
             misses.append((path, st))
             continue

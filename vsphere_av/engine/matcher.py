@@ -20,7 +20,7 @@ import ntpath
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +88,8 @@ def file_type(head: bytes, *, extension: str = "") -> str:
 
 def split_name(path: str, name: str | None = None) -> tuple[str, str, str]:
     """(filename, filepath, extension) for a POSIX or Windows path (filepath is the directory)."""
-    module = ntpath if "\\" in path or re.match(r"^[A-Za-z]:", path) else posixpath
-    directory, base = module.split(path)
+    windows = "\\" in path or (path[1:2] == ":" and path[:1].isalpha())
+    directory, base = (ntpath if windows else posixpath).split(path)
     if name is not None:
         base = name
     extension = os.path.splitext(base)[1].lower()
@@ -111,6 +111,61 @@ def externals_used(source: str) -> frozenset[str]:
     """Which external variables a rule source reads (conservative: comments and strings ignored)."""
     stripped = _COMMENT_OR_STRING.sub(" ", source)
     return frozenset(name for name in EXTERNAL_NAMES if re.search(rf"\b{name}\b", stripped))
+
+
+_MZ_GATES = frozenset({"uint16(0)==0x5a4d", "uint16be(0)==0x4d5a", "uint16(0)==23117"})
+_TOKEN = re.compile(r"\(|\)|\band\b|\bor\b|[^()\s]+")
+
+
+def _conditions(stripped: str) -> Iterator[str]:
+    for m in re.finditer(r"\bcondition\s*:", stripped):
+        depth, j = 0, m.end()
+        while j < len(stripped):
+            c = stripped[j]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                if depth == 0:
+                    break
+                depth -= 1
+            j += 1
+        yield stripped[m.end():j]
+
+
+def _mz_gated(condition: str) -> bool:
+    """True when the condition is a top-level conjunction containing 'uint16(0) == 0x5a4d'."""
+    depth = 0
+    parts: list[str] = []
+    current: list[str] = []
+    for token in _TOKEN.findall(condition):
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+        if depth == 0 and token == "or":
+            return False
+        if depth == 0 and token == "and":
+            parts.append("".join(current).lower())
+            current = []
+            continue
+        current.append(token)
+    parts.append("".join(current).lower())
+    return bool(_MZ_GATES.intersection(parts))
+
+
+def pe_only(source: str) -> bool:
+    """True when no rule of this file can match anything but a file starting with "MZ".
+
+    Such files are compiled into a second rule set that only MZ files are scanned with:
+    fewer strings in the automaton for every other file, the same verdicts for all.
+    Conservative: any top-level 'or', any global rule, any rule without the gate keeps the
+    file in the set every file is scanned with.
+    """
+    stripped = _COMMENT_OR_STRING.sub(' "" ', source)
+    if re.search(r"\bglobal\b", stripped):
+        return False
+    conditions = list(_conditions(stripped))
+    return bool(conditions) and all(_mz_gated(c) for c in conditions)
 
 
 @dataclass(frozen=True)
@@ -135,8 +190,10 @@ class Matcher:
     """YARA rules plus a SHA-256 list of one signature version."""
 
     def __init__(self, *, rules: yara.Rules, hashes: Mapping[str, str],
-                 hash_list_names: Mapping[str, str] | None = None, timeout: int = 60) -> None:
+                 hash_list_names: Mapping[str, str] | None = None, timeout: int = 60,
+                 pe_rules: yara.Rules | None = None) -> None:
         self._rules = rules
+        self._pe_rules = pe_rules
         self._hashes = hashes
         self._hash_list_names = hash_list_names or {}
         self._timeout = timeout
@@ -151,11 +208,17 @@ class Matcher:
     def match_data(self, data: bytes | memoryview, externals: Mapping[str, str]) -> list[Hit]:
         """YARA hits for an in-memory buffer."""
         matches = self._rules.match(data=data, externals=dict(externals), timeout=self._timeout)
+        if self._pe_rules is not None and data[:2] == b"MZ":
+            matches += self._pe_rules.match(data=data, externals=dict(externals),
+                                            timeout=self._timeout)
         return [Hit(threat=_threat_of(m), source="yara", rule=f"{m.namespace}:{m.rule}")
                 for m in matches]
 
-    def match_file(self, path: str, externals: Mapping[str, str]) -> list[Hit]:
+    def match_file(self, path: str, externals: Mapping[str, str], *, head: bytes) -> list[Hit]:
         """YARA hits for a file on disk (libyara maps it; nothing is read into Python)."""
         matches = self._rules.match(filepath=path, externals=dict(externals), timeout=self._timeout)
+        if self._pe_rules is not None and head[:2] == b"MZ":
+            matches += self._pe_rules.match(filepath=path, externals=dict(externals),
+                                            timeout=self._timeout)
         return [Hit(threat=_threat_of(m), source="yara", rule=f"{m.namespace}:{m.rule}")
                 for m in matches]

@@ -9,6 +9,7 @@ Layout under ``<state_dir>/signatures/``::
     state.json           {"active": N, "history": [previously active versions]}
     v0001/manifest.json  version, content hash, counts, externals used, import time, skipped
     v0001/rules.yarc     compiled rules (yara.Rules.save): startup never recompiles
+    v0001/rules-pe.yarc  compiled rules that can only match files starting with "MZ"
     v0001/hashes.tsv     "<sha256>\t<threat>\t<list file>" lines
 
 A version directory is written under a temporary name and renamed into place, and
@@ -36,7 +37,7 @@ from typing import Any
 
 import yara
 
-from vsphere_av.engine.matcher import EXTERNAL_DEFAULTS, externals_used
+from vsphere_av.engine.matcher import EXTERNAL_DEFAULTS, externals_used, pe_only
 from vsphere_av.errors import SignatureError
 
 RULE_SUFFIXES = (".yar", ".yara")
@@ -76,6 +77,7 @@ class LoadedVersion:
 
     version: int
     rules: yara.Rules
+    pe_rules: yara.Rules | None   # rules that can only match files starting with "MZ"
     hashes: dict[str, str]
     hash_lists: dict[str, str]
     externals: frozenset[str] = field(default_factory=frozenset)
@@ -180,6 +182,17 @@ def _unpacked(source: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _compile(files: dict[str, Path]) -> yara.Rules:
+    """One rule set, one namespace per file (so equal rule names in two files do not clash)."""
+    try:
+        if not files:
+            return yara.compile(source="", externals=EXTERNAL_DEFAULTS)
+        return yara.compile(filepaths={rel: str(p) for rel, p in files.items()},
+                            externals=EXTERNAL_DEFAULTS, includes=False)
+    except yara.Error as exc:
+        raise SignatureError(f"bundle rejected: {exc}") from exc
+
+
 class SignatureStore:
     """Versions stored under one state directory."""
 
@@ -272,6 +285,7 @@ class SignatureStore:
         with _unpacked(source) as root:
             files = _bundle_files(root)
             rule_files: dict[str, Path] = {}
+            pe_files: dict[str, Path] = {}   # files whose every rule needs an MZ header
             hashes: dict[str, tuple[str, str]] = {}
             problems: list[str] = []
             digest = hashlib.sha256()
@@ -286,24 +300,21 @@ class SignatureStore:
                 else:
                     problem = _check_rule_file(path, rel)
                     if problem is None:
-                        rule_files[rel] = path
-                        used |= externals_used(path.read_text(encoding="utf-8", errors="replace"))
+                        text = path.read_text(encoding="utf-8", errors="replace")
+                        (pe_files if pe_only(text) else rule_files)[rel] = path
+                        used |= externals_used(text)
                 if problem is not None:
                     if not skip_invalid:
                         raise SignatureError(f"bundle rejected: {problem}")
                     problems.append(problem)
                     continue
                 digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-            if not rule_files and not hashes:
+            if not rule_files and not pe_files and not hashes:
                 raise SignatureError(
                     f"{source}: no valid .yar/.yara rule files or .sha256 hash lists")
-            try:
-                rules = yara.compile(filepaths={rel: str(p) for rel, p in rule_files.items()},
-                                     externals=EXTERNAL_DEFAULTS, includes=False) \
-                    if rule_files else yara.compile(source="", externals=EXTERNAL_DEFAULTS)
-            except yara.Error as exc:   # e.g. the same rule twice in one file set
-                raise SignatureError(f"bundle rejected: {exc}") from exc
-            rule_count = sum(1 for _ in rules)
+            rules = _compile(rule_files)
+            pe_rules = _compile(pe_files) if pe_files else None
+            rule_count = sum(1 for _ in rules) + (sum(1 for _ in pe_rules) if pe_rules else 0)
             content_hash = digest.hexdigest()
             with self._locked():
                 version = max(self.versions(), default=0) + 1
@@ -312,6 +323,8 @@ class SignatureStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 rules.save(str(tmp / "rules.yarc"))
+                if pe_rules is not None:
+                    pe_rules.save(str(tmp / "rules-pe.yarc"))
                 with (tmp / "hashes.tsv").open("w", encoding="utf-8") as fh:
                     for sha, (threat, rel) in sorted(hashes.items()):
                         fh.write(f"{sha}\t{threat}\t{rel}\n")
@@ -393,6 +406,8 @@ class SignatureStore:
         directory = self._version_dir(version)
         try:
             rules = yara.load(str(directory / "rules.yarc"))
+            pe_path = directory / "rules-pe.yarc"
+            pe_rules = yara.load(str(pe_path)) if pe_path.exists() else None
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
             hashes: dict[str, str] = {}
             lists: dict[str, str] = {}
@@ -403,7 +418,8 @@ class SignatureStore:
                     lists[sha] = rel
         except (OSError, ValueError, yara.Error) as exc:
             raise SignatureError(f"signature version {version} cannot be loaded: {exc}") from exc
-        loaded = LoadedVersion(version=version, rules=rules, hashes=hashes, hash_lists=lists,
+        loaded = LoadedVersion(version=version, rules=rules, pe_rules=pe_rules, hashes=hashes,
+                               hash_lists=lists,
                                externals=frozenset(manifest.get("externals", [])))
         self._loaded[version] = loaded
         return loaded
