@@ -177,6 +177,10 @@ def to_event(ev: Any) -> VcEvent:
                    message=str(getattr(ev, "fullFormattedMessage", "") or "")[:300])
 
 
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 class EventTail:
     """Reads new vCenter events in key order, resuming after ``since`` (key and time)."""
 
@@ -186,6 +190,9 @@ class EventTail:
         self._collector: Any = None
         self._last_key = since.key if since else 0
         begin = datetime.fromisoformat(since.time) if since else (start or datetime.now(UTC))
+        # Without a cursor (first start) history is not ours to replay: vCenter honours the
+        # time filter, some simulators do not, so events older than ``begin`` are dropped too.
+        self._not_before = None if since else begin
 
         def create(content: Any) -> None:
             spec = vim.event.EventFilterSpec(
@@ -228,6 +235,9 @@ class EventTail:
         for ev in latest or []:
             if ev.key > self._last_key:
                 raw[ev.key] = ev
+        if self._not_before is not None:
+            cutoff = self._not_before
+            raw = {k: ev for k, ev in raw.items() if _aware(ev.createdTime) >= cutoff}
         out: list[VcEvent] = []
         for key in sorted(raw)[:limit]:
             try:
