@@ -102,6 +102,12 @@ func run() error {
 	if !ip.IsUnspecified() {
 		listenIP = ip.String()
 	}
+	// The library panics when it cannot listen: find out first, with a clear error.
+	probe, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("-listen %q: %s", *listen, err)
+	}
+	_ = probe.Close()
 
 	opts.GuestUser = *guestUser
 	opts.GuestPassword = *guestPassword

@@ -483,3 +483,8 @@ def test_relocate_to_a_pool_keeps_the_vm_in_that_cluster(vcsim_factory: Factory)
     assert vm not in list(source_pool.vm)
     lists = host_vm_names(si)
     assert [name for name, vms in lists.items() if vm.name in vms] == [vm.runtime.host.name]
+
+
+def test_unusable_listen_address_fails_fast(tmp_path: Path) -> None:
+    with pytest.raises(errors.VsphereAvError, match=r"did not start \(exit status 2\)"):
+        simulator.start(listen="192.0.2.1:0", guest_root=tmp_path, timeout=20)
