@@ -70,6 +70,9 @@ func run() error {
 	guestPassword := flag.String("guest-password", "vmware", "password of the guest account")
 	certFile := flag.String("cert", "", "write the server's PEM certificate to this file")
 	flag.Parse()
+	// Catch signals before anything is printed: a client may stop us as soon as it reads the URL.
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
 
 	if flag.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments: %s", strings.Join(flag.Args(), " "))
@@ -179,8 +182,6 @@ func run() error {
 		return err
 	}
 
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
 	sig := <-signals
 	log.Printf("%s: shutting down", sig)
 	return nil
