@@ -206,8 +206,11 @@ func guestVMStopped(ref types.ManagedObjectReference) {
 	dropGuestProcesses(ref)
 }
 
-// copyTree copies the directory tree src to dst (dst is replaced), preserving modes
-// and modification times; symlinks are copied as links and never followed.
+// copyTree copies the directory tree src to dst (dst is replaced, its parent created),
+// preserving modes and modification times; symlinks are copied as links and never
+// followed. An absolute link that points inside src is rewritten to the same place
+// inside dst, so a clone's links stay in the clone and a snapshot round trip restores
+// them unchanged; every other link is copied verbatim.
 func copyTree(src, dst string) error {
 	st, err := os.Lstat(src)
 	if err != nil {
@@ -219,6 +222,10 @@ func copyTree(src, dst string) error {
 	if err := os.RemoveAll(dst); err != nil {
 		return err
 	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	srcClean := filepath.Clean(src)
 	type dirTime struct {
 		path string
 		mt   time.Time
@@ -241,15 +248,20 @@ func copyTree(src, dst string) error {
 			if err != nil {
 				return err
 			}
+			if filepath.IsAbs(link) {
+				if rel, ok := guestWithinRoot(srcClean, filepath.Clean(link)); ok {
+					link = filepath.Join(dst, rel)
+				}
+			}
 			return os.Symlink(link, target)
 		case mode.IsDir():
 			if err := os.Mkdir(target, 0o700); err != nil {
 				return err
 			}
-			dirs = append(dirs, dirTime{target, fi.ModTime(), mode.Perm()})
+			dirs = append(dirs, dirTime{target, fi.ModTime(), mode & keepModeBits})
 			return nil
 		case mode.IsRegular():
-			if err := copyTreeFile(p, target, mode.Perm()); err != nil {
+			if err := copyTreeFile(p, target, mode&keepModeBits); err != nil {
 				return err
 			}
 			return os.Chtimes(target, fi.ModTime(), fi.ModTime())
@@ -272,6 +284,9 @@ func copyTree(src, dst string) error {
 	}
 	return nil
 }
+
+// keepModeBits are the mode bits copyTree preserves.
+const keepModeBits = os.ModePerm | os.ModeSetuid | os.ModeSetgid | os.ModeSticky
 
 func copyTreeFile(src, dst string, perm os.FileMode) error {
 	in, err := os.Open(src)

@@ -601,6 +601,35 @@ def test_change_file_attributes(sim: Sim) -> None:
             )
 
 
+def test_clone_copies_the_guest_tree_with_modes_times_and_links(sim: Sim) -> None:
+    vm = linux(sim)
+    root = vm_root(sim, vm)
+    src = root / "clonesrc"
+    (src / "sub").mkdir(parents=True)
+    f = src / "sub" / "tool.sh"
+    f.write_bytes(b"#!/bin/sh\n")
+    f.chmod(0o751)
+    os.utime(f, (1_500_000_000, 1_500_000_000))
+    (src / "rel").symlink_to("sub/tool.sh")
+    (src / "abs").symlink_to(f)  # absolute, inside the source tree
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(), powerOn=True)
+    WaitForTask(vm.CloneVM_Task(folder=vm.parent, name="zz-guest-clone", spec=spec))
+    clone = next(v for v in sim.vms() if v.name == "zz-guest-clone")
+    croot = sim.guest_root / clone.name
+    copied = croot / "clonesrc" / "sub" / "tool.sh"
+    assert copied.read_bytes() == b"#!/bin/sh\n"
+    assert copied.stat().st_mode & 0o7777 == 0o751
+    assert int(copied.stat().st_mtime) == 1_500_000_000
+    assert os.readlink(croot / "clonesrc" / "rel") == "sub/tool.sh"
+    assert Path(os.readlink(croot / "clonesrc" / "abs")) == copied  # rewritten into the clone
+    assert get_file(sim, clone, "/clonesrc/abs") == b"#!/bin/sh\n"
+    # The clone's tree is its own.
+    fm(sim).DeleteFileInGuest(clone, auth(), "/clonesrc/sub/tool.sh")
+    assert f.exists()
+    WaitForTask(clone.PowerOffVM_Task())
+    WaitForTask(clone.Destroy_Task())
+
+
 # --- Windows guests ------------------------------------------------------------------
 
 
