@@ -221,7 +221,8 @@ def main() -> None:
           f"{'met' if goals['warm_vs_cold'] else 'NOT met'})")
     print(f"peak memory:      {ratios['peak_rss_mb']} MB (goal < 500 MB: "
           f"{'met' if goals['peak_rss_mb'] else 'NOT met'})")
-    print(f"files matched: yara CLI {y_hits}, vsphere-av {len({d['path'] for d in cold['detections']})}"
+    matched = len({d["path"] for d in cold["detections"]})
+    print(f"files matched: yara CLI {y_hits}, vsphere-av {matched}"
           f" (+{len(cold['skipped'])} skipped, {len(cold['errors'])} errors); "
           f"warm pass answered {warm['cached']} of {warm['files']} from the cache")
 

@@ -1,4 +1,4 @@
-"""Unit tests of the engine's pure helpers: externals, filetype, rule-source analysis, hash lists."""
+"""Unit tests of the engine's pure helpers: externals, filetype, rule analysis, hash lists."""
 
 from __future__ import annotations
 

@@ -179,7 +179,13 @@ def _unpacked(source: Path) -> Iterator[Path]:
                 tar.extractall(tmp, members=members, filter="data")
         except (tarfile.TarError, OSError) as exc:
             raise SignatureError(f"{source}: cannot unpack bundle: {exc}") from exc
-        yield Path(tmp)
+        root = Path(tmp)
+        entries = list(root.iterdir())
+        # A tarball usually wraps everything in one top directory: paths are relative to it,
+        # so the same rules give the same content hash as a directory or as a .tar.gz.
+        if len(entries) == 1 and entries[0].is_dir():
+            root = entries[0]
+        yield root
 
 
 def _compile(files: dict[str, Path]) -> yara.Rules:
