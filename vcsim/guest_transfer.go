@@ -214,7 +214,7 @@ func serveGuestUpload(w http.ResponseWriter, r *http.Request, t *guestTicket) {
 		return
 	}
 	if f := g.checkUploadTarget(gp, t.overwrite); f != nil {
-		http.Error(w, f.String, http.StatusConflict)
+		http.Error(w, f.String, faultHTTPStatus(f))
 		return
 	}
 	res, err := g.resolve(gp.comps, true)
@@ -285,4 +285,17 @@ func guestHTTPStatus(err error) int {
 		return http.StatusForbidden
 	}
 	return http.StatusInternalServerError
+}
+
+// faultHTTPStatus maps a guest fault met while serving a transfer to an HTTP status.
+func faultHTTPStatus(f *soap.Fault) int {
+	switch f.Detail.Fault.(type) {
+	case *types.FileNotFound:
+		return http.StatusNotFound
+	case *types.GuestPermissionDenied:
+		return http.StatusForbidden
+	case *types.FileAlreadyExists, *types.NotAFile:
+		return http.StatusConflict
+	}
+	return http.StatusBadRequest
 }

@@ -324,6 +324,21 @@ def test_upload_exact_size_overwrite_and_attributes(sim: Sim) -> None:
         )
     put_file(sim, vm, "/ul/new.txt", b"bye", overwrite=True)
     assert get_file(sim, vm, "/ul/new.txt") == b"bye"
+    # The target changed between initiate and PUT: 409 when it appeared, 404 when its
+    # directory went away; nothing is written either way.
+    url = m.InitiateFileTransferToGuest(
+        vm, auth(), "/ul/race.txt", vim.vm.guest.FileManager.FileAttributes(), 3, False
+    )
+    (root / "ul" / "race.txt").write_bytes(b"first")
+    assert upload(sim, url, b"new").status_code == 409
+    assert (root / "ul" / "race.txt").read_bytes() == b"first"
+    (root / "ul" / "gone").mkdir()
+    url = m.InitiateFileTransferToGuest(
+        vm, auth(), "/ul/gone/x.txt", vim.vm.guest.FileManager.FileAttributes(), 3, False
+    )
+    (root / "ul" / "gone").rmdir()
+    assert upload(sim, url, b"new").status_code == 404
+    assert not (root / "ul" / "gone").exists()
     with pytest.raises(vim.fault.FileNotFound):  # parent missing
         m.InitiateFileTransferToGuest(
             vm, auth(), "/ul/no/such/x", vim.vm.guest.FileManager.FileAttributes(), 1, True
