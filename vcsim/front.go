@@ -10,8 +10,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
-	"io/ioutil"
 	"log"
 	"net/http"
 	"net/http/httptest"
@@ -59,13 +59,50 @@ type soapCall struct {
 }
 
 // pass hands a (possibly rewritten) body to the library and returns the buffered answer.
-func (f *front) pass(c *soapCall, body []byte) *httptest.ResponseRecorder {
+// A panic in the library (e.g. Fetch of an unset property such as a VM's `snapshot`) becomes
+// a proper answer instead of a dropped connection; the library's locks are released by
+// their deferred unlocks.
+func (f *front) pass(c *soapCall, body []byte) (rec *httptest.ResponseRecorder) {
 	r2 := c.r.Clone(c.r.Context())
-	r2.Body = ioutil.NopCloser(bytes.NewReader(body))
+	r2.Body = io.NopCloser(bytes.NewReader(body))
 	r2.ContentLength = int64(len(body))
 	r2.Header.Set("Content-Length", strconv.Itoa(len(body)))
-	rec := httptest.NewRecorder()
+	rec = httptest.NewRecorder()
+	defer func() {
+		if p := recover(); p != nil {
+			name := ""
+			if c.method != nil {
+				name = c.method.Name
+			}
+			rec = panicAnswer(name, p)
+		}
+	}()
 	f.next.ServeHTTP(rec, r2)
+	return rec
+}
+
+const envelopeStart = xml.Header + `<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" ` +
+	`xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>`
+
+const envelopeEnd = `</soapenv:Body></soapenv:Envelope>`
+
+// panicAnswer is what the client gets when the library panicked: an unset property for
+// Fetch (what a real vCenter answers), a SystemError fault otherwise.
+func panicAnswer(method string, p interface{}) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	rec.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	if method == "Fetch" {
+		rec.WriteHeader(http.StatusOK)
+		rec.Body.WriteString(envelopeStart + `<FetchResponse xmlns="urn:vim25"></FetchResponse>` + envelopeEnd)
+		return rec
+	}
+	log.Printf("%s: internal error: %v", method, p)
+	var msg bytes.Buffer
+	_ = xml.EscapeText(&msg, []byte(fmt.Sprintf("internal simulator error in %s", method)))
+	rec.WriteHeader(http.StatusInternalServerError)
+	rec.Body.WriteString(envelopeStart + `<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>` +
+		msg.String() + `</faultstring><detail><SystemErrorFault xmlns="urn:vim25" xsi:type="SystemError"><reason>` +
+		msg.String() + `</reason></SystemErrorFault></detail></soapenv:Fault>` + envelopeEnd)
 	return rec
 }
 
@@ -74,7 +111,7 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.next.ServeHTTP(w, r)
 		return
 	}
-	body, err := ioutil.ReadAll(io.LimitReader(r.Body, maxSOAPBody+1))
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxSOAPBody+1))
 	_ = r.Body.Close()
 	if err != nil || len(body) > maxSOAPBody {
 		http.Error(w, "request body unreadable or too large", http.StatusRequestEntityTooLarge)

@@ -21,7 +21,6 @@ import (
 	"encoding/pem"
 	"flag"
 	"fmt"
-	"io/ioutil"
 	"log"
 	"math/big"
 	"net"
@@ -115,7 +114,7 @@ func run() error {
 	opts.GuestUser = *guestUser
 	opts.GuestPassword = *guestPassword
 	if *guestRoot == "" {
-		dir, terr := ioutil.TempDir("", "vcsim-guests-")
+		dir, terr := os.MkdirTemp("", "vcsim-guests-")
 		if terr != nil {
 			return terr
 		}
@@ -134,7 +133,7 @@ func run() error {
 	}
 	if *certFile != "" {
 		block := &pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}
-		if err = ioutil.WriteFile(*certFile, pem.EncodeToMemory(block), 0o644); err != nil {
+		if err = os.WriteFile(*certFile, pem.EncodeToMemory(block), 0o644); err != nil {
 			return fmt.Errorf("-cert: %s", err)
 		}
 	}

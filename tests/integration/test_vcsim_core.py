@@ -196,6 +196,8 @@ def test_default_inventory(vcsim: simulator.Simulator) -> None:
     si = connect(vcsim)
     names = sorted(v.name for v in objects(si, vim.VirtualMachine))
     assert names == ["DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"]
+    # An unset property reads as None (the library alone drops the connection).
+    assert all(v.snapshot is None for v in objects(si, vim.VirtualMachine))
     assert len(objects(si, vim.HostSystem)) == 3
 
 
@@ -299,6 +301,13 @@ def test_revert_restores_guest_files_power_state_and_posts_event(vcsim_factory: 
     assert event.host.host == vm.runtime.host
     assert event.datacenter is not None
     assert event.objectId == vm._moId
+
+    # Removing the snapshot: a task about the VM, and the recorded tree goes with it.
+    task = snap.RemoveSnapshot_Task(removeChildren=False)
+    WaitForTask(task)
+    assert task.info.entity == vm
+    assert vm.snapshot is None
+    assert not (sim.guest_root / ".snapshots" / snap._moId).exists()
 
 
 def test_revert_to_current_snapshot_and_suppress_power_on(vcsim_factory: Factory) -> None:
