@@ -173,7 +173,10 @@ def start(
         url_line = _read_line(process.stdout, deadline)
         thumb_line = _read_line(process.stdout, deadline)
         if not url_line.startswith("https://") or not thumb_line.startswith("thumbprint="):
-            code = process.poll()
+            try:
+                code: int | None = process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
             raise errors.VsphereAvError(
                 f"the simulator did not start (exit status {code}); see its stderr above"
             )
