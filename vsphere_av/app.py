@@ -455,3 +455,36 @@ def run_controller(settings: Settings, stop_event: threading.Event) -> None:
             pass
     finally:
         runtime.stop()
+
+
+def controller_status(settings: Settings, *,
+                      read_hosts: Callable[[], Sequence[Any]] | None = None) -> dict[str, Any]:
+    """For ``status --json``: ``hosts`` (name, moref, queued, active_scans) and isolated VMs.
+
+    Counts come from the running controller's last publication; without a running
+    controller, ``queued`` is the durable queue and ``active_scans`` 0. Hosts the controller
+    never published are read with ``read_hosts`` (vCenter) when given.
+    """
+    from vsphere_av.store.jobs import JobStore
+
+    with JobStore.open(settings.state_dir) as jobs:
+        alive = jobs.controller_alive()
+        published = jobs.hosts()
+        isolated = sorted(r.vm for r in jobs.isolations())
+        pending = jobs.pending_jobs()
+    hosts: dict[str, dict[str, Any]] = {}
+    for h in published:
+        hosts[h.moref] = {"name": h.name, "moref": h.moref,
+                          "queued": h.queued if alive else 0,
+                          "active_scans": h.active_scans if alive else 0}
+    if read_hosts is not None:
+        for info in read_hosts():
+            hosts.setdefault(str(info.moref), {"name": info.name, "moref": str(info.moref),
+                                               "queued": 0, "active_scans": 0})
+    if not alive:
+        for job, _running in pending:
+            row = hosts.setdefault(job.host, {"name": job.host, "moref": job.host,
+                                              "queued": 0, "active_scans": 0})
+            row["queued"] += 1
+    return {"hosts": sorted(hosts.values(), key=lambda r: (r["name"], r["moref"])),
+            "isolated": isolated, "controller_running": alive}

@@ -182,34 +182,77 @@ def _aware(moment: datetime) -> datetime:
 
 
 class EventTail:
-    """Reads new vCenter events in key order, resuming after ``since`` (key and time)."""
+    """Reads new vCenter events in key order, resuming after ``since`` (key and time).
+
+    With a cursor, a one-shot catch-up collector filtered from the cursor's time is drained
+    first (events that happened while the controller was down), then destroyed. The live
+    collector has no time filter (a filter on time would also be applied to events as they
+    are posted); its new events are read from the latest page and the scrollable view.
+    """
 
     def __init__(self, conn: Connection, *, since: EventCursor | None,
                  type_ids: Sequence[str] = (), start: datetime | None = None) -> None:
         self._conn = conn
         self._collector: Any = None
+        self._type_ids = list(type_ids)
         self._last_key = since.key if since else 0
-        begin = datetime.fromisoformat(since.time) if since else (start or datetime.now(UTC))
-        # Without a cursor (first start) history is not ours to replay: vCenter honours the
-        # time filter, some simulators do not, so events older than ``begin`` are dropped too.
-        self._not_before = None if since else begin
-
-        def create(content: Any) -> None:
-            spec = vim.event.EventFilterSpec(
-                time=vim.event.EventFilterSpec.ByTime(beginTime=begin))
-            if type_ids:
-                spec.eventTypeId = list(type_ids)
-            self._collector = content.eventManager.CreateCollectorForEvents(spec)
-            self._collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
-            # The scrollable view starts at the latest page: rewind to the oldest matching
-            # event so ReadNextEvents walks the whole range forward.
-            self._collector.RewindCollector()
-
+        self._backlog: dict[int, Any] = {}
+        # Without a cursor (first start) history is not ours to replay.
+        self._not_before = None if since else (start or datetime.now(UTC))
         try:
-            conn.call("create event collector", create)
+            if since is not None:
+                self._catch_up(datetime.fromisoformat(since.time))
+            self._collector = conn.call("create event collector", self._create_live)
         except BaseException:
             self.close()
             raise
+
+    def _spec(self, begin: datetime | None) -> Any:
+        spec = vim.event.EventFilterSpec()
+        if begin is not None:
+            spec.time = vim.event.EventFilterSpec.ByTime(beginTime=begin)
+        if self._type_ids:
+            spec.eventTypeId = self._type_ids
+        return spec
+
+    def _create_live(self, content: Any) -> Any:
+        collector = content.eventManager.CreateCollectorForEvents(self._spec(None))
+        try:
+            collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
+            # Everything now in the view is history (or backlog): new events come after it.
+            for ev in collector.latestPage or []:
+                if ev.key > self._last_key and self._not_before is None:
+                    self._backlog[ev.key] = ev
+            collector.ResetCollector()
+        except BaseException:
+            collector.DestroyCollector()
+            raise
+        return collector
+
+    def _catch_up(self, begin: datetime, *, limit: int = 100_000) -> None:
+        def drain(content: Any) -> None:
+            collector = content.eventManager.CreateCollectorForEvents(self._spec(begin))
+            try:
+                collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
+                collector.RewindCollector()
+                while len(self._backlog) < limit:
+                    page = collector.ReadNextEvents(EVENT_PAGE_SIZE)
+                    if not page:
+                        break
+                    self._add(page, self._backlog)
+                self._add(collector.latestPage or [], self._backlog)
+            finally:
+                collector.DestroyCollector()
+
+        self._conn.call("read missed events", drain)
+
+    def _add(self, events: Sequence[Any], into: dict[int, Any]) -> None:
+        for ev in events:
+            if ev.key <= self._last_key:
+                continue
+            if self._not_before is not None and _aware(ev.createdTime) < self._not_before:
+                continue
+            into[ev.key] = ev
 
     @property
     def last_key(self) -> int:
@@ -218,35 +261,29 @@ class EventTail:
 
     def read(self, *, limit: int = 2000) -> list[VcEvent]:
         """New events since the last call, oldest first, never one seen before."""
-        # Two sources, de-duplicated by key: the scrollable view (ReadNextEvents walks the
-        # whole time range forward on vCenter, including events missed while we were down)
-        # and the latest page (where new events land at once, also on simulators whose
-        # scrollable view does not move forward).
-        raw: dict[int, Any] = {}
+        raw: dict[int, Any] = dict(self._backlog)
+        self._backlog.clear()
         for _ in range(max(1, limit // EVENT_PAGE_SIZE)):
             page = self._conn.call("read events",
                                    lambda _c: self._collector.ReadNextEvents(EVENT_PAGE_SIZE))
             if not page:
                 break
-            for ev in page:
-                if ev.key > self._last_key:
-                    raw[ev.key] = ev
-        latest = self._conn.call("read latest events", lambda _c: self._collector.latestPage)
-        for ev in latest or []:
-            if ev.key > self._last_key:
-                raw[ev.key] = ev
-        if self._not_before is not None:
-            cutoff = self._not_before
-            raw = {k: ev for k, ev in raw.items() if _aware(ev.createdTime) >= cutoff}
+            self._add(page, raw)
+        # New events also land on the latest page at once (some simulators do not move the
+        # scrollable view forward); keys de-duplicate the two sources.
+        self._add(self._conn.call("read latest events",
+                                  lambda _c: self._collector.latestPage) or [], raw)
         out: list[VcEvent] = []
-        for key in sorted(raw)[:limit]:
+        keys = sorted(raw)
+        for key in keys[:limit]:
             try:
                 out.append(to_event(raw[key]))
             except (AttributeError, TypeError, ValueError) as exc:
                 log.debug("skipping unreadable event %s: %s", key, exc)
-        if out:
-            # Beyond ``limit`` the rest stays above the mark and comes with the next read.
-            self._last_key = max(self._last_key, out[-1].key)
+        for key in keys[limit:]:
+            self._backlog[key] = raw[key]        # beyond the limit: next read
+        if keys[:limit]:
+            self._last_key = max(self._last_key, keys[:limit][-1])
         return out
 
     def close(self) -> None:
