@@ -322,9 +322,19 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
 @click.pass_context
 def status_cmd(ctx: click.Context, as_json: bool) -> None:
     """Every VM's protection state: protected, stale, infected, unprotected, unreachable."""
-    rows = _app(ctx).status()
+    app = _app(ctx)
+    rows = app.status()
+    # controller (issue 5): per-host queues and scans, and which VMs are network-isolated
+    from vsphere_av.app import controller_status
+    from vsphere_av.vsphere import inventory
+
+    ctl = controller_status(app.settings, read_hosts=(
+        (lambda: inventory.list_hosts(app.connection)) if app.settings.vcenter.server else None))
+    isolated = set(ctl["isolated"])
+    for row in rows:
+        row["isolated"] = row["moref"] in isolated
     if as_json:
-        print_json({"vms": rows})
+        print_json({"vms": rows, "hosts": ctl["hosts"]})
         return
     print_table(rows, ["name", "moref", "host", "state", "reason", "last_scan", "signature_version"],
                 title="protection status")
