@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
@@ -44,7 +45,23 @@ func internalCtx() *simulator.Context {
 func installCore(srv *simulator.Server) {
 	installHosts()
 	installTools()
+	if addr, ok := srv.Listener.Addr().(*net.TCPAddr); ok {
+		nfcFrom = []byte("https://*/nfc/")
+		nfcTo = []byte("https://*:" + strconv.Itoa(addr.Port) + "/nfc/")
+	}
 	srv.Config.Handler = &front{next: srv.Config.Handler}
+}
+
+// The library's ImportVApp / ExportVm lease URLs are https://*/nfc/... without the port; a
+// client that puts the host's address in place of `*` would dial port 443. Every SOAP answer
+// carrying such a URL gets the simulator's port.
+var nfcFrom, nfcTo []byte
+
+func fixNFCURLs(rec *httptest.ResponseRecorder) {
+	if len(nfcFrom) == 0 || !bytes.Contains(rec.Body.Bytes(), nfcFrom) {
+		return
+	}
+	rec.Body = bytes.NewBuffer(bytes.Replace(rec.Body.Bytes(), nfcFrom, nfcTo, -1))
 }
 
 type front struct {
@@ -141,6 +158,7 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			before(rec.Body.Bytes())
 		}
 	}
+	fixNFCURLs(rec)
 	writeRecorded(w, rec)
 }
 

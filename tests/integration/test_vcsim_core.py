@@ -497,3 +497,31 @@ def test_relocate_to_a_pool_keeps_the_vm_in_that_cluster(vcsim_factory: Factory)
 def test_unusable_listen_address_fails_fast(tmp_path: Path) -> None:
     with pytest.raises(errors.VsphereAvError, match=r"did not start \(exit status 2\)"):
         simulator.start(listen="192.0.2.1:0", guest_root=tmp_path, timeout=20)
+
+
+def test_import_lease_urls_carry_the_simulator_port(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=1, vms=1)
+    si = connect(sim)
+    pool = by_name(si, vim.ClusterComputeResource, "DC0_C0").resourcePool
+    controller = vim.vm.device.ParaVirtualSCSIController(
+        key=1000, busNumber=0, sharedBus="noSharing")
+    disk = vim.vm.device.VirtualDisk(
+        key=2000, controllerKey=1000, unitNumber=0, capacityInKB=1024,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName="", diskMode="persistent"),
+    )
+    add = vim.vm.device.VirtualDeviceSpec.Operation.add
+    config = vim.vm.ConfigSpec(
+        name="imported", guestId="otherGuest", files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"),
+        deviceChange=[
+            vim.vm.device.VirtualDeviceSpec(operation=add, device=controller),
+            vim.vm.device.VirtualDeviceSpec(operation=add, device=disk, fileOperation="create"),
+        ],
+    )
+    lease = pool.ImportVApp(vim.VirtualMachineImportSpec(configSpec=config))
+    try:
+        urls = [d.url for d in lease.info.deviceUrl]
+        assert urls
+        for url in urls:
+            assert url.startswith(f"https://*:{sim.port}/nfc/")
+    finally:
+        lease.HttpNfcLeaseComplete()
