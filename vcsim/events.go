@@ -374,11 +374,11 @@ func widen(em *simulator.EventManager, ev types.BaseEvent) func() {
 }
 
 // postEventEx posts an EventEx / ExtendedEvent of ours so eventTypeId filters see it.
-func postEventEx(ev types.BaseEvent) {
+func postEventEx(ev types.BaseEvent, user string) {
 	exMu.Lock()
 	defer exMu.Unlock()
 	em := simulator.Map.EventManager()
-	ctx := internalCtx()
+	ctx := internalCtx(user)
 	simulator.Map.WithLock(em, func() {
 		undo := widen(em, ev)
 		em.PostEvent(ctx, &types.PostEvent{This: em.Self, EventToPost: ev})

@@ -18,6 +18,7 @@ import (
 	"net/http/httptest"
 	"regexp"
 	"strconv"
+	"sync"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -30,11 +31,12 @@ import (
 const maxSOAPBody = 64 << 20
 
 // internalCtx is the simulator context our own calls into library objects use.
-func internalCtx() *simulator.Context {
+// user is the vCenter user on whose behalf we act (events name them).
+func internalCtx(user string) *simulator.Context {
 	return &simulator.Context{
 		Context: context.Background(),
 		Session: &simulator.Session{
-			UserSession: types.UserSession{Key: "vcsim-internal", UserName: "vcsim"},
+			UserSession: types.UserSession{Key: "vcsim-internal", UserName: user},
 			Registry:    simulator.NewRegistry(),
 		},
 		Map: simulator.Map,
@@ -152,10 +154,13 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case *types.PostEvent:
 		rec = f.postEvent(c, req)
 	default:
-		before := fixupFor(method)
+		before := fixupFor(method, userOf(r))
 		rec = f.pass(c, body)
 		if rec.Code == http.StatusOK && before != nil {
 			before(rec.Body.Bytes())
+		}
+		if login, ok := method.Body.(*types.Login); ok && rec.Code == http.StatusOK {
+			rememberUser(rec, login.UserName)
 		}
 	}
 	fixNFCURLs(rec)
@@ -163,20 +168,20 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // prepare runs before the call (recording what the fix-up needs) and returns the fix-up.
-func fixupFor(method *simulator.Method) func(response []byte) {
+func fixupFor(method *simulator.Method, user string) func(response []byte) {
 	switch req := method.Body.(type) {
 	case *types.CreateSnapshot_Task:
 		return afterCreateSnapshot(req)
 	case *types.RevertToSnapshot_Task:
-		return afterRevertToSnapshot(req)
+		return afterRevertToSnapshot(req, user)
 	case *types.RevertToCurrentSnapshot_Task:
-		return afterRevertToCurrentSnapshot(req)
+		return afterRevertToCurrentSnapshot(req, user)
 	case *types.RemoveSnapshot_Task:
 		return afterRemoveSnapshot(req)
 	case *types.RemoveAllSnapshots_Task:
 		return afterRemoveAllSnapshots(req)
 	case *types.CloneVM_Task:
-		return afterClone(req)
+		return afterClone(req, user)
 	case *types.RelocateVM_Task:
 		return afterRelocate(req.This, req.Spec, "", "")
 	case *types.ReconfigVM_Task:
@@ -198,6 +203,27 @@ func writeRecorded(w http.ResponseWriter, rec *httptest.ResponseRecorder) {
 	w.Header().Set("Content-Length", strconv.Itoa(rec.Body.Len()))
 	w.WriteHeader(rec.Code)
 	_, _ = w.Write(rec.Body.Bytes())
+}
+
+// sessionUsers maps session cookies to the user who logged in with them.
+var sessionUsers sync.Map
+
+func rememberUser(rec *httptest.ResponseRecorder, user string) {
+	for _, c := range (&http.Response{Header: rec.Header()}).Cookies() {
+		if c.Name == soap.SessionCookieName && c.Value != "" {
+			sessionUsers.Store(c.Value, user)
+		}
+	}
+}
+
+// userOf names the user of a request's session ("vcsim" if unknown).
+func userOf(r *http.Request) string {
+	if c, err := r.Cookie(soap.SessionCookieName); err == nil {
+		if u, ok := sessionUsers.Load(c.Value); ok {
+			return u.(string)
+		}
+	}
+	return "vcsim"
 }
 
 var taskReturnval = regexp.MustCompile(`<returnval type="Task">([^<]+)</returnval>`)

@@ -206,7 +206,7 @@ func afterRelocate(ref types.ManagedObjectReference, spec types.VirtualMachineRe
 }
 
 // afterClone places the clone, copies the guest tree and powers it on if asked.
-func afterClone(req *types.CloneVM_Task) func([]byte) {
+func afterClone(req *types.CloneVM_Task, user string) func([]byte) {
 	_, source := placementOf(req.This)
 	return func(response []byte) {
 		_, res := taskResult(response)
@@ -234,15 +234,15 @@ func afterClone(req *types.CloneVM_Task) func([]byte) {
 			}
 		}
 		if req.Spec.PowerOn && !now.template && !req.Spec.Template {
-			setPowerState(clone, types.VirtualMachinePowerStatePoweredOn)
+			setPowerState(clone, types.VirtualMachinePowerStatePoweredOn, user)
 		}
 	}
 }
 
 // setPowerState drives a VM to a power state through the library's own tasks, so events,
 // tools status and properties follow as for a client's request.
-func setPowerState(vm *simulator.VirtualMachine, want types.VirtualMachinePowerState) {
-	ctx := internalCtx()
+func setPowerState(vm *simulator.VirtualMachine, want types.VirtualMachinePowerState, user string) {
+	ctx := internalCtx(user)
 	simulator.Map.WithLock(vm, func() {
 		have := vm.Runtime.PowerState
 		if have == want {

@@ -63,7 +63,7 @@ func afterCreateSnapshot(req *types.CreateSnapshot_Task) func([]byte) {
 	}
 }
 
-func afterRevertToSnapshot(req *types.RevertToSnapshot_Task) func([]byte) {
+func afterRevertToSnapshot(req *types.RevertToSnapshot_Task, user string) func([]byte) {
 	return func(response []byte) {
 		task := finishedTask(response)
 		renameTask(task, "RevertToSnapshot_Task", "vm.Snapshot.revert")
@@ -77,11 +77,11 @@ func afterRevertToSnapshot(req *types.RevertToSnapshot_Task) func([]byte) {
 		}
 		var vmRef types.ManagedObjectReference
 		simulator.Map.WithLock(snap, func() { vmRef = snap.Vm })
-		revert(vmRef, req.This, req.SuppressPowerOn != nil && *req.SuppressPowerOn)
+		revert(vmRef, req.This, req.SuppressPowerOn != nil && *req.SuppressPowerOn, user)
 	}
 }
 
-func afterRevertToCurrentSnapshot(req *types.RevertToCurrentSnapshot_Task) func([]byte) {
+func afterRevertToCurrentSnapshot(req *types.RevertToCurrentSnapshot_Task, user string) func([]byte) {
 	var current *types.ManagedObjectReference
 	if vm, ok := simulator.Map.Get(req.This).(*simulator.VirtualMachine); ok {
 		simulator.Map.WithLock(vm, func() {
@@ -97,12 +97,12 @@ func afterRevertToCurrentSnapshot(req *types.RevertToCurrentSnapshot_Task) func(
 		if current == nil || !succeeded(response) {
 			return
 		}
-		revert(req.This, *current, req.SuppressPowerOn != nil && *req.SuppressPowerOn)
+		revert(req.This, *current, req.SuppressPowerOn != nil && *req.SuppressPowerOn, user)
 	}
 }
 
 // revert restores a VM's guest tree and power state from a snapshot and logs the event.
-func revert(vmRef, snap types.ManagedObjectReference, suppressPowerOn bool) {
+func revert(vmRef, snap types.ManagedObjectReference, suppressPowerOn bool, user string) {
 	vm, p := placementOf(vmRef)
 	if vm == nil {
 		return
@@ -121,18 +121,18 @@ func revert(vmRef, snap types.ManagedObjectReference, suppressPowerOn bool) {
 	// A revert that changes the power state stops the guest first, so the tree is replaced
 	// while the VM is off; a running VM reverted to a running snapshot keeps running.
 	if p.power != types.VirtualMachinePowerStatePoweredOff && want != p.power {
-		setPowerState(vm, types.VirtualMachinePowerStatePoweredOff)
+		setPowerState(vm, types.VirtualMachinePowerStatePoweredOff, user)
 	}
 	if err := restoreTree(snap, p.name); err != nil {
 		log.Printf("revert %s to %s: %s", p.name, snap.Value, err)
 	}
-	setPowerState(vm, want)
+	setPowerState(vm, want, user)
 
 	simulator.Map.WithLock(vm, func() {
 		s := snap
 		simulator.Map.Update(vm, []types.PropertyChange{{Name: "snapshot.currentSnapshot", Val: &s}})
 	})
-	postReverted(vm, name)
+	postReverted(vm, name, user)
 }
 
 // restoreTree replaces the VM's guest tree with the snapshot's copy.
@@ -148,7 +148,7 @@ func restoreTree(snap types.ManagedObjectReference, vmName string) error {
 	return copyTree(src, dst)
 }
 
-func postReverted(vm *simulator.VirtualMachine, snapshotName string) {
+func postReverted(vm *simulator.VirtualMachine, snapshotName, user string) {
 	ev := &types.EventEx{
 		EventTypeId: RevertedEventTypeID,
 		Severity:    "info",
@@ -162,7 +162,7 @@ func postReverted(vm *simulator.VirtualMachine, snapshotName string) {
 		ev.FullFormattedMessage = fmt.Sprintf("The virtual machine %s has been reverted to the state of snapshot %s", vm.Name, snapshotName)
 	})
 	ev.Arguments = []types.KeyAnyValue{{Key: "snapshotName", Value: snapshotName}}
-	postEventEx(ev)
+	postEventEx(ev, user)
 }
 
 // entityEvent fills the Vm/Host/ComputeResource/Datacenter arguments of an event about a VM;

@@ -301,6 +301,7 @@ def test_revert_restores_guest_files_power_state_and_posts_event(vcsim_factory: 
     assert event.host.host == vm.runtime.host
     assert event.datacenter is not None
     assert event.objectId == vm._moId
+    assert event.userName == sim.username
 
     # Removing the snapshot: a task about the VM, and the recorded tree goes with it.
     task = snap.RemoveSnapshot_Task(removeChildren=False)
