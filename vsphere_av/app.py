@@ -242,11 +242,29 @@ class App:
             from vsphere_av.vsphere import inventory
             self.store.sync_inventory(inventory.list_vms(self.connection))
         version = self.engine.active_version()
+        states = self.appliance_overlay(self.store.vm_states(current_version=version),
+                                        live=refresh)
         return [{"name": s.name, "moref": s.moref, "host": s.host, "state": s.state,
                  "reason": s.reason, "last_scan": s.last_scan or None,
                  "last_full_scan": s.last_full_scan or None,
                  "signature_version": s.signature_version}
-                for s in self.store.vm_states(current_version=version)]
+                for s in states]
+
+    # --- appliances (added by the appliance area; see appliance_manager.py) ---------------
+
+    def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
+        """With appliances enabled, VMs on a host whose appliance is down show unprotected."""
+        from vsphere_av import appliances
+        from vsphere_av.appliance_manager import open_manager, read_health
+
+        if not appliances.settings_from(self.settings.extra).enabled:
+            return list(states)
+        if live and self.settings.vcenter.server:
+            down = open_manager(self.settings, connection=self.connection, audit=self.audit,
+                                actor=self.actor).down_hosts()
+        else:
+            down = read_health(self.settings.state_dir)
+        return appliances.overlay_states(states, down)
 
     def detections(self) -> list[dict[str, Any]]:
         """Every recorded detection, oldest first."""

@@ -56,6 +56,7 @@ HARDENING: Mapping[str, str] = {
 
 POWERED_ON = "poweredOn"
 POWERED_OFF = "poweredOff"
+APPLIANCE_DOWN = "appliance down"   # the status reason of VMs whose appliance cannot scan
 
 # Order in which a plan's actions are applied: clean-up first (so names and addresses are
 # free), then creation, then the fixes that depend on the VM existing.
@@ -86,8 +87,9 @@ class ApplianceSettings:
     ssh_key_file: str = ""                  # private key (keys only, never passwords)
     engine_port: int = 8443
     engine_token_file: str = ""             # bearer token shared with the engine services
-    engine_service: str = "vsphere-av-engine"  # systemd unit restarted over SSH
-    signature_dir: str = "/var/lib/vsphere-av/signatures"  # where bundles land on the appliance
+    engine_ca_file: str = ""                # CA of the engine services' TLS certs: https if set
+    restart_command: str = "sudo -n systemctl restart vsphere-av-engine"  # run over SSH
+    remote_state_dir: str = "/var/lib/vsphere-av"   # the appliance engine's state directory
 
     def address_pool(self) -> list[str]:
         """Expand ``addresses`` into a list of IPv4/IPv6 strings (bounded)."""
@@ -98,7 +100,8 @@ _SETTING_KINDS: Mapping[str, type] = {
     "enabled": bool, "source": str, "ovf": str, "template": str, "clusters": tuple,
     "name_prefix": str, "datastore": str, "network": str, "folder": str, "addresses": tuple,
     "ssh_user": str, "ssh_port": int, "ssh_key_file": str, "engine_port": int,
-    "engine_token_file": str, "engine_service": str, "signature_dir": str,
+    "engine_token_file": str, "engine_ca_file": str, "restart_command": str,
+    "remote_state_dir": str,
 }
 
 
@@ -430,8 +433,25 @@ def appliance_down_hosts(desired: Desired, observed: Observed) -> dict[str, str]
         elif not host.connected:
             down[host.id] = "appliance down (host disconnected)"
         elif not running:
-            down[host.id] = "appliance down"
+            down[host.id] = APPLIANCE_DOWN
     return down
+
+
+def overlay_states(states: Sequence[Any], down: Mapping[str, str]) -> list[Any]:
+    """VM states with every VM on a host in ``down`` shown ``unprotected`` with that reason.
+
+    ``states`` are ``models.VmState`` (anything with ``host_moref``, ``state``, ``reason``);
+    a VM whose host's appliance is down or unhealthy is never reported as protected.
+    """
+    from dataclasses import replace as _replace
+
+    out = []
+    for state in states:
+        reason = down.get(getattr(state, "host_moref", "") or "")
+        if reason:
+            state = _replace(state, state="unprotected", reason=reason)
+        out.append(state)
+    return out
 
 
 # ----------------------------------------------------------------------------- apply

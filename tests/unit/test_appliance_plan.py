@@ -359,3 +359,23 @@ def test_power_on_after_someone_powered_it_off_is_audited() -> None:
     assert log.entries == [("appliance.power_on", {
         "host": "esx1", "host_id": "host-1", "vm": "vsphere-av-appliance-esx1", "vm_id": vm_id,
         "cluster_id": None, "reason": "found poweredOff"})]
+
+
+# ------------------------------------------------------------------ status overlay
+
+
+def test_overlay_marks_vms_on_down_hosts_unprotected() -> None:
+    from vsphere_av.models import VmId, VmState
+
+    def state(name: str, host: str, current: str) -> VmState:
+        return VmState(moref=VmId(name), name=name, instance_uuid="", host=host,
+                       host_moref=host, state=current, reason="", last_scan="",
+                       last_full_scan="", signature_version=1)
+
+    states = [state("a", "host-1", "protected"), state("b", "host-2", "protected"),
+              state("c", "host-1", "infected")]
+    out = ap.overlay_states(states, {"host-1": "appliance down"})
+    assert [(s.name, s.state, s.reason) for s in out] == [
+        ("a", "unprotected", "appliance down"), ("b", "protected", ""),
+        ("c", "unprotected", "appliance down")]
+    assert ap.overlay_states(states, {}) == states

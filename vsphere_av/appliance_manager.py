@@ -1,0 +1,249 @@
+"""Running the appliances: reconcile, push signatures, check health, route scans to them.
+
+Called by ``cli.py`` (``appliances ...``), ``app.py`` (status overlay, scan dispatch) and the
+controller's ``serve`` loop (``reconcile_once`` each resync, ``check_health``). Calls the
+vSphere adapter (``vsphere.appliances``), ``ssh`` (paramiko), ``engine_service.EngineClient``,
+the engine's signature store (to find the active version directory) and the audit log.
+
+Health is remembered in ``<state_dir>/appliances/health.json`` (host moref -> reason, time):
+written by :meth:`ApplianceManager.reconcile` (appliances down) and
+:meth:`ApplianceManager.check_health` (engine not answering, wrong signature version), read by
+``status`` so that VMs on such a host show ``unprotected`` with the reason, never silently
+``protected``; the controller keeps those hosts' jobs queued until the reason clears.
+
+Management addresses: the appliance's ``guest.ipAddress`` as VMware Tools reports it (see
+``appliances`` module docstring). SSH goes to ``<address>:<ssh_port>``; the engine service
+is reached at ``http(s)://<address>:<engine_port>`` (https with ``engine_ca_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vsphere_av import appliances as ap
+from vsphere_av.errors import ConfigError, VsphereAvError
+
+HEALTH_FILE = Path("appliances") / "health.json"
+
+
+@dataclass(frozen=True)
+class ApplianceCheck:
+    """The outcome of one health check or signature push on one appliance."""
+
+    host_id: str
+    host: str
+    vm: str
+    address: str
+    ok: bool
+    reason: str = ""
+    signature_version: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"host_id": self.host_id, "host": self.host, "vm": self.vm,
+                "address": self.address, "ok": self.ok, "reason": self.reason or None,
+                "signature_version": self.signature_version}
+
+
+def read_health(state_dir: Path | str) -> dict[str, str]:
+    """Host moref -> reason for every host whose appliance was last seen down or unhealthy."""
+    path = Path(state_dir) / HEALTH_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}
+    hosts = data.get("hosts", {}) if isinstance(data, dict) else {}
+    return {str(k): str(v) for k, v in hosts.items() if isinstance(v, str) and v}
+
+
+def _write_health(state_dir: Path | str, *, down: Mapping[str, str],
+                  unhealthy: Mapping[str, str], clock: Callable[[], float]) -> None:
+    path = Path(state_dir) / HEALTH_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    hosts = dict(down)
+    for host_id, reason in unhealthy.items():
+        hosts.setdefault(host_id, reason)
+    document = {"hosts": hosts, "down": dict(down), "unhealthy": dict(unhealthy),
+                "checked_at": clock(), "previous": old.get("hosts", {})}
+    tmp = path.with_name(f".health.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ApplianceManager:
+    """The appliances of one controller (one vCenter, one state directory)."""
+
+    def __init__(self, *, state_dir: Path | str, settings: ap.ApplianceSettings, adapter: Any,
+                 audit: Any, actor: str, clock: Callable[[], float] = time.time,
+                 ssh_open: Callable[..., Any] | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.settings = settings
+        self.desired = ap.Desired.from_settings(settings)
+        self.adapter = adapter
+        self.audit = audit
+        self.actor = actor
+        self.clock = clock
+        self._ssh_open = ssh_open
+        self._unhealthy: dict[str, str] = {}
+
+    # -- vSphere side ----------------------------------------------------------------------
+    def reconcile(self, *, dry_run: bool = False) -> ap.ReconcileResult:
+        """One reconcile round (see ``appliances.reconcile_once``); remembers who is down."""
+        result = ap.reconcile_once(adapter=self.adapter, audit=self.audit, desired=self.desired,
+                                   actor=self.actor, dry_run=dry_run)
+        if not dry_run:
+            previous = read_health(self.state_dir)
+            _write_health(self.state_dir, down=result.down, unhealthy=self._unhealthy,
+                          clock=self.clock)
+            for host_id in sorted(set(previous) - set(result.down) - set(self._unhealthy)):
+                self.audit.append(actor=self.actor, action="appliance.back",
+                                  details={"host_id": host_id, "was": previous[host_id]})
+        return result
+
+    def appliances(self) -> list[Any]:
+        """Every appliance with its host and management address."""
+        return list(self.adapter.addresses(desired=self.desired))
+
+    def down_hosts(self) -> dict[str, str]:
+        """Host moref -> reason: appliance down now (live) or unhealthy at the last check."""
+        observed = self.adapter.observe(desired=self.desired)
+        down = ap.appliance_down_hosts(self.desired, observed)
+        for host_id, reason in read_health(self.state_dir).items():
+            if reason.startswith("appliance unhealthy"):
+                down.setdefault(host_id, reason)
+        return down
+
+    # -- engine side -----------------------------------------------------------------------
+    def _token(self) -> str:
+        from vsphere_av.engine_service import load_token
+
+        if not self.settings.engine_token_file:
+            raise ConfigError("appliances.engine_token_file is not set")
+        return load_token(token_file=self.settings.engine_token_file)
+
+    def engine_url(self, address: str) -> str:
+        """Base URL of the engine service at ``address``."""
+        scheme = "https" if self.settings.engine_ca_file else "http"
+        host = f"[{address}]" if ":" in address else address
+        return f"{scheme}://{host}:{self.settings.engine_port}"
+
+    def engine_for_host(self, host_id: str) -> Any:
+        """A ``RemoteEngine`` for the appliance of ``host_id``; None when it has none running."""
+        from vsphere_av.engine_service import EngineClient, RemoteEngine
+
+        for app in self.appliances():
+            if app.host_id == host_id and app.powered_on and app.address:
+                client = EngineClient(self.engine_url(app.address), token=self._token(),
+                                      ca_file=self.settings.engine_ca_file)
+                return RemoteEngine(client)
+        return None
+
+    # -- SSH side --------------------------------------------------------------------------
+    def _ssh(self, app: Any) -> Any:
+        if self._ssh_open is not None:
+            return self._ssh_open(app)
+        from vsphere_av.ssh import ApplianceSsh
+
+        if not self.settings.ssh_key_file:
+            raise ConfigError("appliances.ssh_key_file is not set (SSH uses keys only)")
+        return ApplianceSsh(host=app.address, port=self.settings.ssh_port,
+                            user=self.settings.ssh_user, key_file=self.settings.ssh_key_file,
+                            state_dir=self.state_dir, audit=self.audit, actor=self.actor,
+                            appliance=app.vm)
+
+    def _each(self, fn: Callable[[Any, Any], ApplianceCheck]) -> list[ApplianceCheck]:
+        out = []
+        for app in self.appliances():
+            if not app.powered_on or not app.address:
+                out.append(ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
+                                          reason=ap.APPLIANCE_DOWN if not app.powered_on
+                                          else "appliance has no management address yet"))
+                continue
+            try:
+                conn = self._ssh(app)
+                conn.connect()
+                try:
+                    out.append(fn(app, conn))
+                finally:
+                    conn.close()
+            except VsphereAvError as exc:
+                out.append(ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
+                                          reason=str(exc)))
+        return out
+
+    def push_signatures(self, *, version_dir: Path) -> list[ApplianceCheck]:
+        """Push one signature version to every running appliance (checksum verified there)."""
+        def push(app: Any, conn: Any) -> ApplianceCheck:
+            result = conn.push_signatures(version_dir=version_dir,
+                                          remote_state_dir=self.settings.remote_state_dir)
+            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=True,
+                                  signature_version=result.version)
+        return self._each(push)
+
+    def check_health(self, *, expected_version: int | None = None) -> list[ApplianceCheck]:
+        """Ask every appliance's engine for its health over SSH; remember the unhealthy ones."""
+        token = self._token()
+
+        def check(app: Any, conn: Any) -> ApplianceCheck:
+            health = conn.engine_health(token=token, port=self.settings.engine_port)
+            version = health.get("signature_version")
+            if health.get("status") != "ok":
+                reason = f"appliance unhealthy: engine status {health.get('status')}"
+            elif expected_version is not None and version != expected_version:
+                reason = (f"appliance unhealthy: signature version {version}, "
+                          f"expected {expected_version}")
+            else:
+                reason = ""
+            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=not reason,
+                                  reason=reason, signature_version=version)
+
+        results = self._each(check)
+        self._unhealthy = {}
+        for r in results:
+            if not r.ok:
+                reason = r.reason if r.reason.startswith("appliance ") else \
+                    f"appliance unhealthy: {r.reason}"
+                self._unhealthy[r.host_id] = reason
+        observed_down = ap.appliance_down_hosts(self.desired,
+                                                self.adapter.observe(desired=self.desired))
+        _write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
+                      clock=self.clock)
+        return results
+
+    def restart_engines(self) -> list[ApplianceCheck]:
+        """Restart the engine service on every running appliance."""
+        def restart(app: Any, conn: Any) -> ApplianceCheck:
+            conn.restart_engine(command=self.settings.restart_command)
+            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=True)
+        return self._each(restart)
+
+
+def open_manager(settings: Any, *, connection: Any, audit: Any, actor: str) -> ApplianceManager:
+    """Wire a manager from ``config.Settings`` and a vCenter ``Connection``."""
+    from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
+
+    section = ap.settings_from(settings.extra)
+    adapter = VsphereApplianceAdapter(connection=connection, settings=section)
+    return ApplianceManager(state_dir=settings.state_dir, settings=section, adapter=adapter,
+                            audit=audit, actor=actor)
+
+
+def reconcile_once(settings: Any, *, connection: Any, audit: Any, actor: str,
+                   dry_run: bool = False) -> ap.ReconcileResult:
+    """What ``serve`` calls each resync: one reconcile round when appliances are enabled."""
+    manager = open_manager(settings, connection=connection, audit=audit, actor=actor)
+    if not manager.settings.enabled:
+        return ap.ReconcileResult(actions=(), dry_run=dry_run)
+    return manager.reconcile(dry_run=dry_run)
