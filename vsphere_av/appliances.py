@@ -159,10 +159,9 @@ def expand_addresses(entries: Iterable[str]) -> list[str]:
         try:
             if "/" in entry:
                 net = ipaddress.ip_network(entry, strict=False)
-                hosts = list(net.hosts()) if net.num_addresses > 2 else list(net)
-                if len(hosts) > MAX_ADDRESSES:
+                if net.num_addresses > MAX_ADDRESSES + 2:   # checked before expanding
                     raise ConfigError(f"appliances.addresses: {entry} is too large")
-                for addr in hosts:
+                for addr in (net.hosts() if net.num_addresses > 2 else net):
                     add(addr)
             elif "-" in entry:
                 first_text, last_text = (p.strip() for p in entry.split("-", 1))
