@@ -181,7 +181,8 @@ class App:
                 return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=UNREACHABLE_STATUS,
                                   reason="no guest credentials configured", full=full)
             guest = GuestFiles(connection=self.connection, vm=vm, user=user, password=password)
-            with self.engine.session() as session:
+            guest, engine = self.appliance_route(vm, guest)
+            with engine.session() as session:
                 return scan_vm(vm=vm, guest=guest, session=session, store=self.store,
                                audit=self.audit, quarantine=self.quarantine,
                                policy=self.settings.scan, full=full, actor=self.actor,
@@ -251,6 +252,27 @@ class App:
                 for s in states]
 
     # --- appliances (added by the appliance area; see appliance_manager.py) ---------------
+
+    def appliance_route(self, vm: VmInfo, guest: Any) -> tuple[Any, Any]:
+        """(guest, engine) for a scan: the VM's host appliance when appliances are enabled.
+
+        The appliance pulls the guest transfer URLs itself; with appliances enabled and the
+        host's appliance down, ApplianceError("appliance down") (the job waits, nothing is
+        scanned silently elsewhere). Without appliances: the in-process engine.
+        """
+        from vsphere_av import appliances
+
+        if not appliances.settings_from(self.settings.extra).enabled:
+            return guest, self.engine
+        from vsphere_av.appliance_manager import open_manager
+        from vsphere_av.vsphere.appliances import ApplianceGuestFiles
+
+        manager = open_manager(self.settings, connection=self.connection, audit=self.audit,
+                               actor=self.actor)
+        remote = manager.engine_for_host(vm.host.moref if vm.host else "")
+        if remote is None:
+            raise errors.ApplianceError(appliances.APPLIANCE_DOWN)
+        return ApplianceGuestFiles(guest, connection=self.connection), remote
 
     def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
         """With appliances enabled, VMs on a host whose appliance is down show unprotected."""
@@ -342,6 +364,13 @@ class _Nics:
     def read(self, vm: str) -> list[dict[str, Any]]:
         from vsphere_av.vsphere import isolation
         return [n.as_dict() for n in isolation.read_nics(self._connection(), vm)]
+
+    def isolate(self, vm: str, *, before_cut: Callable[[list[dict[str, Any]]], None]
+                ) -> tuple[list[dict[str, Any]], int]:
+        from vsphere_av.vsphere import isolation
+        before, changed = isolation.isolate(
+            self._connection(), vm, before_cut=lambda nics: before_cut([n.as_dict() for n in nics]))
+        return [n.as_dict() for n in before], changed
 
     def disconnect(self, vm: str, nics: Sequence[Any]) -> int:
         from vsphere_av.vsphere import isolation

@@ -78,6 +78,9 @@ class NicPort(Protocol):
     """vNIC isolation (``vsphere.isolation``), with NIC states as plain dicts."""
 
     def read(self, vm: str) -> list[dict[str, Any]]: ...
+    def isolate(self, vm: str, *,
+                before_cut: Callable[[list[dict[str, Any]]], None]) -> tuple[list[dict[str, Any]],
+                                                                              int]: ...
     def disconnect(self, vm: str, nics: Sequence[Mapping[str, Any]]) -> int: ...
     def restore(self, vm: str, nics: Sequence[Mapping[str, Any]]) -> int: ...
 
@@ -134,7 +137,7 @@ class ControllerOptions:
     max_attempts: int = 20
     reconnect_max: float = 30.0              # backoff cap when vCenter is unreachable
     inventory_max_age: float = 2.0
-    containment_threads: int = 8
+    containment_threads: int = 16
     shutdown_grace: float = 20.0
     instant_on_full: bool = False            # instant-on scans read every byte
 
@@ -354,43 +357,60 @@ class Controller:
                     self._containing_now.discard(vm)
 
     def contain(self, vm: str, item: Attention, reason: str) -> None:
-        """Instant-on for one stale running VM (idempotent)."""
+        """Instant-on for one stale running VM (idempotent: a repeat only re-queues)."""
         facts = self.watcher.facts(vm)
         name = facts.name if facts else ""
         host = facts.host if facts else item.host
         seen = self.now()
+        if (item.trigger is Trigger.POWERED_ON and self.jobs.open_exposure_for(vm) is not None
+                and self.scheduler.is_busy(vm)):
+            return      # the same power-on seen again (property change, then its events)
         self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
                                 started=min(item.at, seen), seen=seen, event_key=item.event_key)
         with self._stats_lock:
             self.stats.contained += 1
+        nics: list[Any] = []
+        changed = 0
+        isolated = False
         if self.options.isolate_stale:
-            self.isolate(vm, name=name, host=host, reason=reason)
+            isolated, nics, changed = self.isolate(vm, name=name, reason=reason)
         job = self.scheduler.submit(vm=vm, host=host, priority=Priority.INSTANT_ON,
                                     reason=f"{item.trigger.value}: {reason}")
-        self._audit("instant-on", vm=name, moref=vm, host_moref=host, trigger=item.cause,
-                    event_key=item.event_key, reason=reason, job_id=job.job_id)
+        # One audit entry per containment (the log is fsynced: a storm must not queue on it).
+        self._audit("isolation.isolate" if isolated else "instant-on", vm=name, moref=vm,
+                    host_moref=host, trigger=item.cause, event_key=item.event_key,
+                    reason=reason, job_id=job.job_id, priority="instant-on",
+                    isolated=isolated or self.jobs.isolation(vm) is not None,
+                    nics=[n.get("label", n.get("key")) for n in nics], changed=changed)
 
-    def isolate(self, vm: str, *, name: str, host: str, reason: str) -> bool:
-        """Cut every vNIC, saving the exact previous state first; False if already isolated."""
+    def isolate(self, vm: str, *, name: str, reason: str) -> tuple[bool, list[Any], int]:
+        """Cut every vNIC, saving the exact previous state first.
+
+        Returns (cut now, previous NIC states, NICs edited); (False, [], 0) when the VM was
+        isolated already, so the state to restore is never replaced by the cut one.
+        """
         existing = self.jobs.isolation(vm)
         if existing is not None:
             if existing.state == "pending":
                 # The process died between saving and cutting: finish the cut.
-                self.nics.disconnect(vm, existing.nics)
+                changed = self.nics.disconnect(vm, existing.nics)
                 self.jobs.confirm_isolation(vm)
                 self.jobs.mark_exposure(vm, isolated=self.now())
-            return False
-        before = self.nics.read(vm)
-        self.jobs.record_isolation(vm=vm, vm_name=name, nics=before, reason=reason,
-                                   state="pending")
-        changed = self.nics.disconnect(vm, before)
+                return True, list(existing.nics), changed
+            self.jobs.mark_exposure(vm, isolated=self.now())
+            return False, [], 0
+
+        def save(nics: list[dict[str, Any]]) -> None:
+            # The exact previous state is durable before the first NIC is touched.
+            self.jobs.record_isolation(vm=vm, vm_name=name, nics=nics, reason=reason,
+                                       state="pending")
+
+        before, changed = self.nics.isolate(vm, before_cut=save)
         self.jobs.confirm_isolation(vm)
         self.jobs.mark_exposure(vm, isolated=self.now())
         with self._stats_lock:
             self.stats.isolated += 1
-        self._audit("isolation.isolate", vm=name, moref=vm, host_moref=host, reason=reason,
-                    nics=[n.get("label", n.get("key")) for n in before], changed=changed)
-        return True
+        return True, before, changed
 
     def release(self, vm: str, *, name: str, host: str) -> bool:
         """Put back the exact saved vNIC state; False when the VM was not isolated."""

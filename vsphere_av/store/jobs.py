@@ -17,7 +17,10 @@ Tables:
   ``status --json`` and ``scan`` can see a running controller.
 - ``requests``: on-demand scans handed over by ``vsphere-av scan`` to a running controller.
 
-Writes use WAL and synchronous=FULL: an acknowledged write survives a crash.
+Writes use WAL with synchronous=NORMAL: a committed write survives the process dying
+(kill -9, a crash), which is what restart safety needs; only a power loss can take the last
+few commits. FULL would put an fsync on every containment step and a storm of power-ons
+would wait on the disk (the audit log, which is evidence, stays FULL).
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ class JobStore:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                        timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open job store {path}: {exc}") from exc

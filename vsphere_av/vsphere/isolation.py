@@ -15,11 +15,11 @@ Restore writes back the three recorded flags per NIC key, nothing else.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
 from vsphere_av.vsphere.connection import Connection
@@ -52,8 +52,19 @@ class NicState:
 
 
 def _nics(content: Any, vm: Any) -> list[Any]:
-    del content
-    devices = vm.config.hardware.device if vm.config else []
+    """The VM's virtual Ethernet cards, reading only ``config.hardware.device``."""
+    pc = vmodl.query.PropertyCollector
+    spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vm, skip=False)],
+                         propSet=[pc.PropertySpec(type=vim.VirtualMachine,
+                                                  pathSet=["config.hardware.device"])])
+    result = content.propertyCollector.RetrieveContents([spec])
+    devices: list[Any] = []
+    for obj in result or []:
+        for prop in obj.propSet or []:
+            devices.extend(prop.val or [])
+        for missing in obj.missingSet or []:
+            if isinstance(missing.fault, vmodl.fault.ManagedObjectNotFound):
+                raise errors.NotFound(f"VM {vm._moId} no longer exists")
     return [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
 
 
@@ -75,6 +86,7 @@ def read_nics(conn: Connection, vm_moref: str) -> list[NicState]:
 
 def _wait(conn: Connection, task: Any, what: str) -> None:
     deadline = time.monotonic() + TASK_TIMEOUT
+    pause = 0.005          # short first: containment is measured in milliseconds
     while True:
         state = conn.call(what, lambda _c: task.info.state)
         if state == "success":
@@ -85,13 +97,16 @@ def _wait(conn: Connection, task: Any, what: str) -> None:
                                       f" ({getattr(fault, 'msg', '') or 'task failed'})")
         if time.monotonic() > deadline:
             raise errors.TransientError(f"{what}: task did not finish in {TASK_TIMEOUT:.0f}s")
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(0.1, pause * 2)
 
 
-def _apply(conn: Connection, vm_moref: str, wanted: Mapping[int, NicState], what: str) -> int:
+def _apply(conn: Connection, vm_moref: str, wanted: Mapping[int, NicState], what: str,
+           *, devs: Sequence[Any] | None = None) -> int:
     """Edit the NICs whose flags differ from ``wanted``; returns how many were changed."""
     ref = conn.ref("VirtualMachine", vm_moref)
-    devs = conn.call(what, lambda c: _nics(c, ref))
+    if devs is None:
+        devs = conn.call(what, lambda c: _nics(c, ref))
     changes = []
     for dev in devs:
         target = wanted.get(int(dev.key))
@@ -119,6 +134,19 @@ def disconnect_all(conn: Connection, vm_moref: str, nics: Sequence[NicState]) ->
     wanted = {n.key: NicState(key=n.key, label=n.label, mac=n.mac, connected=False,
                               start_connected=False, allow_guest_control=False) for n in nics}
     return _apply(conn, vm_moref, wanted, f"isolate {vm_moref}")
+
+
+def isolate(conn: Connection, vm_moref: str, *,
+            before_cut: Callable[[list[NicState]], None]) -> tuple[list[NicState], int]:
+    """Read the NICs once, hand their state to ``before_cut`` (to save it), then cut them all."""
+    ref = conn.ref("VirtualMachine", vm_moref)
+    what = f"isolate {vm_moref}"
+    devs = conn.call(what, lambda c: _nics(c, ref))
+    before = sorted((_state(d) for d in devs), key=lambda n: n.key)
+    before_cut(before)
+    wanted = {n.key: NicState(key=n.key, label=n.label, mac=n.mac, connected=False,
+                              start_connected=False, allow_guest_control=False) for n in before}
+    return before, _apply(conn, vm_moref, wanted, what, devs=devs)
 
 
 def restore(conn: Connection, vm_moref: str, nics: Sequence[NicState]) -> int:
