@@ -94,6 +94,7 @@ class _Stats:
     started: float
     active: int = 0
     total: int = 0
+    pulls: int = 0      # scans whose bytes the service pulled itself (/v1/scan-url)
 
 
 class _Body:
@@ -229,7 +230,8 @@ class EngineService:
                        uptime_seconds=round(self._clock() - self._stats.started, 3),
                        active_scans=active, max_concurrent=self.max_concurrent,
                        load=round(active / self.max_concurrent, 3),
-                       loadavg=list(os.getloadavg()), scans_total=total)
+                       loadavg=list(os.getloadavg()), scans_total=total,
+                       pulls_total=self._stats.pulls)
         return out
 
     @contextlib.contextmanager
@@ -258,6 +260,8 @@ class EngineService:
 
     def fetch(self, url: str, *, thumbprint: str) -> Iterable[bytes]:
         """Open a guest transfer URL (see :func:`fetch_transfer_url`)."""
+        with self._lock:
+            self._stats.pulls += 1
         return self._fetch(url, thumbprint=thumbprint)
 
 
@@ -512,6 +516,27 @@ def outcome_from_json(document: dict[str, Any]) -> Any:
         raise EngineError(f"malformed scan result from the engine service: {exc}") from exc
 
 
+class TransferChunks:
+    """A guest file not yet downloaded: its single-use transfer URL, for the appliance to pull.
+
+    Iterating it streams the file through the controller instead (``fallback``), so code that
+    only knows ``Iterable[bytes]`` (the in-process engine, quarantine) still works.
+    """
+
+    def __init__(self, *, url: str, thumbprint: str, size: int,
+                 fallback: Callable[[], Iterable[bytes]]) -> None:
+        self.url = url
+        self.thumbprint = thumbprint
+        self.size = size
+        self._fallback = fallback
+
+    def __repr__(self) -> str:
+        return f"TransferChunks(size={self.size})"   # the URL carries a ticket: not shown
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._fallback())
+
+
 class RemoteSession:
     """Shape of ``engine.Session`` for the scan path: ``version``, ``scan_stream``, ``scan_url``."""
 
@@ -521,9 +546,16 @@ class RemoteSession:
 
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> Any:
-        """Stream through the appliance's engine."""
+        """Scan through the appliance: it pulls a transfer URL itself, or gets the stream."""
+        if isinstance(chunks, TransferChunks) and chunks.thumbprint:
+            return self.client.scan_url(chunks.url, path=path, thumbprint=chunks.thumbprint,
+                                        owner=owner, size_hint=chunks.size)
         return self.client.scan_stream(chunks, path=path, name=name, owner=owner,
                                        size_hint=size_hint)
+
+    def lookup(self, sha256: str, *, path: str, **_: Any) -> None:
+        """No controller-side verdict cache for remote scans (the appliance keeps its own)."""
+        return None
 
     def scan_url(self, url: str, *, path: str, thumbprint: str, owner: str = "",
                  size_hint: int | None = None) -> Any:

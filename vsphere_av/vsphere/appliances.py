@@ -51,6 +51,7 @@ from vsphere_av.appliances import (
     HostPin,
     Observed,
 )
+from vsphere_av.engine_service import TransferChunks
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url
 from vsphere_av.vsphere.inventory import _host_from, _props, _retrieve
@@ -583,3 +584,68 @@ def _ovf_network_name(descriptor: str) -> str:
                 if key.endswith("}name"):
                     return value
     return "VM Network"
+
+
+# ----------------------------------------------------------------------------- scan dispatch
+
+
+class DeferredDownload:
+    """A started guest transfer whose bytes the appliance pulls (see ``ApplianceGuestFiles``)."""
+
+    def __init__(self, *, path: str, size: int, chunks: TransferChunks) -> None:
+        self.path = path
+        self.size = size
+        self._chunks = chunks
+        self._opened: Any = None
+
+    def chunks(self) -> TransferChunks:
+        """The transfer (iterating it streams through the controller instead)."""
+        return self._chunks
+
+    def open_fallback(self, opener: Any) -> Iterable[bytes]:
+        """Open a normal download (a fresh ticket: transfer URLs are single-use)."""
+        self._opened = opener(self.path)
+        return self._opened.chunks()
+
+    def close(self) -> None:
+        """Close the fallback download if one was opened."""
+        if self._opened is not None:
+            self._opened.close()
+
+
+class ApplianceGuestFiles:
+    """``GuestFiles`` for scans dispatched to an appliance: downloads are handed over as URLs.
+
+    ``open_download`` only initiates the transfer (``InitiateFileTransferFromGuest``) and
+    returns the single-use URL with ``*`` replaced by the VM's host address and the host
+    certificate's SHA-256 to pin; the appliance's engine service fetches it from its own
+    host. Every other operation (walk, delete, upload, ...) is the wrapped object's.
+    """
+
+    def __init__(self, guest: Any, *, connection: Connection) -> None:
+        self._guest = guest
+        self._conn = connection
+        host = guest.vm.host
+        self.thumbprint = (host.certificate_sha256 if host is not None else "") or \
+            connection.trust.thumbprint
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._guest, name)
+
+    def open_download(self, path: str) -> Any:
+        """Initiate the transfer; the appliance pulls it (or the controller, as a fallback)."""
+        if not self.thumbprint:   # nothing to pin the ESXi certificate with: stream it here
+            return self._guest.open_download(path)
+        info = self._guest._call(f"download {path}", "InitiateFileTransferFromGuest",
+                                 guestFilePath=path)
+        host = self._guest.vm.host
+        url = transfer_url(str(info.url), host.address if host is not None else "")
+        holder: dict[str, DeferredDownload] = {}
+
+        def fallback() -> Iterable[bytes]:
+            return holder["download"].open_fallback(self._guest.open_download)
+
+        download = DeferredDownload(path=path, size=int(info.size), chunks=TransferChunks(
+            url=url, thumbprint=self.thumbprint, size=int(info.size), fallback=fallback))
+        holder["download"] = download
+        return download
