@@ -18,6 +18,7 @@ is reached at ``http(s)://<address>:<engine_port>`` (https with ``engine_ca_file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -103,14 +104,17 @@ class ApplianceManager:
         """One reconcile round (see ``appliances.reconcile_once``); remembers who is down."""
         result = ap.reconcile_once(adapter=self.adapter, audit=self.audit, desired=self.desired,
                                    actor=self.actor, dry_run=dry_run)
-        if not dry_run:
-            previous = read_health(self.state_dir)
-            _write_health(self.state_dir, down=result.down, unhealthy=self._unhealthy,
-                          clock=self.clock)
-            for host_id in sorted(set(previous) - set(result.down) - set(self._unhealthy)):
-                self.audit.append(actor=self.actor, action="appliance.back",
-                                  details={"host_id": host_id, "was": previous[host_id]})
-        return result
+        if dry_run:
+            return result
+        previous = read_health(self.state_dir)
+        _write_health(self.state_dir, down=result.down, unhealthy=self._unhealthy,
+                      clock=self.clock)
+        back = tuple(sorted(set(previous) - set(result.down) - set(self._unhealthy)))
+        for host_id in back:
+            self.audit.append(actor=self.actor, action="appliance.back",
+                              details={"host_id": host_id, "was": previous[host_id]})
+        # The controller rescans the VMs of ``back`` hosts (started or changed meanwhile).
+        return dataclasses.replace(result, back=back)
 
     def appliances(self) -> list[Any]:
         """Every appliance with its host and management address."""
@@ -197,7 +201,9 @@ class ApplianceManager:
         token = self._token()
 
         def check(app: Any, conn: Any) -> ApplianceCheck:
-            health = conn.engine_health(token=token, port=self.settings.engine_port)
+            # Through the SSH connection, to the address the service listens on there.
+            health = conn.engine_health(token=token, port=self.settings.engine_port,
+                                        address=app.address)
             version = health.get("signature_version")
             if health.get("status") != "ok":
                 reason = f"appliance unhealthy: engine status {health.get('status')}"

@@ -591,6 +591,7 @@ class ReconcileResult:
     results: tuple[ActionResult, ...] = ()
     dry_run: bool = False
     down: Mapping[str, str] = field(default_factory=dict)   # host moref -> reason, after apply
+    back: tuple[str, ...] = ()   # hosts whose appliance was down and runs again: rescan them
 
     @property
     def ok(self) -> bool:
@@ -604,7 +605,7 @@ class ReconcileResult:
         else:
             actions = [r.as_dict() for r in self.results]
         return {"actions": actions, "dry_run": self.dry_run, "ok": self.ok,
-                "down": dict(self.down)}
+                "down": dict(self.down), "back": list(self.back)}
 
 
 def reconcile_once(*, adapter: ApplianceAdapter, audit: Audit, desired: Desired, actor: str,
