@@ -52,16 +52,16 @@ class ApplianceCheck:
                 "signature_version": self.signature_version}
 
 
-def read_health(state_dir: Path | str) -> dict[str, str]:
+def read_health(state_dir: Path | str, *, section: str = "hosts") -> dict[str, str]:
     """Host moref -> reason for every host whose appliance was last seen down or unhealthy."""
     path = Path(state_dir) / HEALTH_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
     except (OSError, ValueError):
         return {}
-    hosts = data.get("hosts", {}) if isinstance(data, dict) else {}
+    hosts = data.get(section, {}) if isinstance(data, dict) else {}
+    if not isinstance(hosts, dict):
+        return {}
     return {str(k): str(v) for k, v in hosts.items() if isinstance(v, str) and v}
 
 
@@ -97,7 +97,7 @@ class ApplianceManager:
         self.actor = actor
         self.clock = clock
         self._ssh_open = ssh_open
-        self._unhealthy: dict[str, str] = {}
+        self._unhealthy: dict[str, str] | None = None   # None: no check run by this manager
 
     # -- vSphere side ----------------------------------------------------------------------
     def reconcile(self, *, dry_run: bool = False) -> ap.ReconcileResult:
@@ -107,9 +107,10 @@ class ApplianceManager:
         if dry_run:
             return result
         previous = read_health(self.state_dir)
-        _write_health(self.state_dir, down=result.down, unhealthy=self._unhealthy,
-                      clock=self.clock)
-        back = tuple(sorted(set(previous) - set(result.down) - set(self._unhealthy)))
+        unhealthy = self._unhealthy if self._unhealthy is not None else \
+            read_health(self.state_dir, section="unhealthy")   # keep the last check's verdict
+        _write_health(self.state_dir, down=result.down, unhealthy=unhealthy, clock=self.clock)
+        back = tuple(sorted(set(previous) - set(result.down) - set(unhealthy)))
         for host_id in back:
             self.audit.append(actor=self.actor, action="appliance.back",
                               details={"host_id": host_id, "was": previous[host_id]})
@@ -124,9 +125,8 @@ class ApplianceManager:
         """Host moref -> reason: appliance down now (live) or unhealthy at the last check."""
         observed = self.adapter.observe(desired=self.desired)
         down = ap.appliance_down_hosts(self.desired, observed)
-        for host_id, reason in read_health(self.state_dir).items():
-            if reason.startswith("appliance unhealthy"):
-                down.setdefault(host_id, reason)
+        for host_id, reason in read_health(self.state_dir, section="unhealthy").items():
+            down.setdefault(host_id, reason)
         return down
 
     # -- engine side -----------------------------------------------------------------------
@@ -253,3 +253,34 @@ def reconcile_once(settings: Any, *, connection: Any, audit: Any, actor: str,
     if not manager.settings.enabled:
         return ap.ReconcileResult(actions=(), dry_run=dry_run)
     return manager.reconcile(dry_run=dry_run)
+
+
+def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, actor: str,
+                  on_back: Callable[[tuple[str, ...]], None] | None = None,
+                  health_every: int = 1) -> Callable[[], None]:
+    """A ``Controller(periodic=[...])`` hook: reconcile, then check engine health over SSH.
+
+    ``connection`` returns the current vCenter session (it may be replaced after a loss);
+    ``on_back`` gets the hosts whose appliance runs again so their VMs are rescanned. Does
+    nothing when ``[appliances] enabled`` is false. Health checks need ``ssh_key_file`` and
+    ``engine_token_file``; without them only the reconcile runs.
+    """
+    section = ap.settings_from(settings.extra)
+    rounds = {"n": 0}
+
+    def appliances_reconcile() -> None:
+        if not section.enabled:
+            return
+        manager = open_manager(settings, connection=connection(), audit=audit, actor=actor)
+        rounds["n"] += 1
+        if section.ssh_key_file and section.engine_token_file and \
+                rounds["n"] % max(1, health_every) == 0:
+            from vsphere_av.engine.signatures import SignatureStore
+
+            expected = SignatureStore(state_dir=Path(settings.state_dir)).active_version()
+            manager.check_health(expected_version=expected or None)
+        result = manager.reconcile()
+        if result.back and on_back is not None:
+            on_back(result.back)
+
+    return appliances_reconcile
