@@ -376,7 +376,7 @@ def test_cli_json_shapes_and_exit_codes(sim, tmp_path):
     assert run.returncode == 0, run.stderr
 
     status = json.loads(_cli(sim, state, "status", "--json").stdout)
-    assert set(status) == {"vms"}
+    assert "vms" in status
     for row in status["vms"]:
         assert {"name", "moref", "host", "state", "reason", "last_scan",
                 "signature_version"} <= set(row)
