@@ -284,3 +284,31 @@ def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, a
             on_back(result.back)
 
     return appliances_reconcile
+
+
+def start_local_engines(manager: ApplianceManager, *, engine_settings: Any,
+                        token: str) -> list[Any]:
+    """Start one engine service per running appliance on its own address, in this process.
+
+    For the bundled simulator and ``make demo`` only: there the "appliances" are loopback
+    addresses (127.0.0.N) on this machine, so their engine services run here. On real
+    appliances ``vsphere-av engine serve`` runs inside each VM instead. The caller stops
+    them with ``shutdown()``.
+    """
+    from vsphere_av.engine import Engine
+    from vsphere_av.engine_service import EngineService
+
+    services: list[Any] = []
+    engine = Engine.open(engine_settings, use_cache=False)   # nothing to close afterwards
+    try:
+        for app in manager.appliances():
+            if app.powered_on and app.address:
+                service = EngineService(engine=engine, token=token,
+                                        listen=(app.address, manager.settings.engine_port))
+                service.start()
+                services.append(service)
+    except BaseException:
+        for service in services:
+            service.shutdown()
+        raise
+    return services
