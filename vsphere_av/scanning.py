@@ -313,6 +313,17 @@ class _Job:
             r.status, r.reason = UNREACHABLE_STATUS, str(exc)
         except errors.VsphereAvError as exc:
             r.status, r.reason = ERROR, str(exc)
+        except Exception as exc:
+            # Stopped from outside (a progress callback raising: shutdown, time window) or a
+            # bug: close the records so start/end pairs stay balanced, leave protection as it
+            # was, and let the caller see the exception.
+            self._flush_index()
+            r.status, r.reason = ERROR, f"interrupted: {exc}"
+            r.duration = self.clock() - started
+            self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
+            self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
+                        signature_version=r.signature_version, **r.counts())
+            raise
         finally:
             self._flush_index()
         if r.found:

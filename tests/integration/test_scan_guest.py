@@ -393,3 +393,27 @@ def test_cli_json_shapes_and_exit_codes(sim, tmp_path):
     run = _cli(sim, state, "quarantine", "restore", "ffffffffffff")
     assert run.returncode == 2
     assert "no quarantine item" in run.stderr
+
+
+def test_scan_stopped_by_progress_callback_closes_its_records(sim, tmp_path):
+    for i in range(4):
+        plant(sim, CLEAN, f"/stop/f{i}.txt", f"file {i}".encode())
+    state = tmp_path / "state"
+    with App(settings_for(sim, state)) as app:
+        vm = inventory.find_vms(app.connection, [CLEAN])[0]
+        ticks: list[str] = []
+
+        def stop_after_two(tick) -> None:
+            ticks.append(tick.path)
+            if len(ticks) == 2:
+                raise RuntimeError("controller stopping")
+
+        result = app.scan_one(vm, full=True, on_progress=stop_after_two)
+        assert result.status == "error"
+        assert "controller stopping" in result.reason
+        (scan,) = app.store.scans(vm_moref=vm.moref)
+        assert scan["status"] == "error"
+        assert scan["finished"]
+    ends = [d for a, d in audit_actions(state) if a == "scan.end"]
+    assert len(ends) == 1
+    assert ends[0]["reason"].startswith("interrupted")
