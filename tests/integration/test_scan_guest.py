@@ -417,3 +417,34 @@ def test_scan_stopped_by_progress_callback_closes_its_records(sim, tmp_path):
     ends = [d for a, d in audit_actions(state) if a == "scan.end"]
     assert len(ends) == 1
     assert ends[0]["reason"].startswith("interrupted")
+
+
+def test_windows_quarantine_restore_and_stat(sim, tmp_path):
+    target = plant(sim, WINDOWS, "C/ProgramData/Tasks/updater.com", EICAR)
+    with App(settings_for(sim, tmp_path / "state")) as app:
+        (result,) = app.scan(names=[WINDOWS], full=True).results
+        hit = next(f for f in result.found if f.path == "C:\\ProgramData\\Tasks\\updater.com")
+        assert not target.exists()
+        target.parent.rmdir()                      # the restore recreates the directory
+        app.quarantine_restore(hit.quarantine_id)
+        assert target.read_bytes() == EICAR
+        vm = inventory.find_vms(app.connection, [WINDOWS])[0]
+        guest = GuestFiles(connection=app.connection, vm=vm, user=sim.guest_user,
+                           password=config.Secret(sim.guest_password))
+        entry = guest.stat("c:\\programdata\\tasks\\UPDATER.COM")
+        assert entry is not None
+        assert (entry.type, entry.size) == ("file", len(EICAR))
+        assert guest.stat("C:\\ProgramData\\Tasks\\missing.exe") is None
+        assert guest.stat("C:\\NoSuchDir\\x") is None
+    target.unlink()
+
+
+def test_insecure_mode_scans_without_verification(sim, tmp_path):
+    plant(sim, CLEAN, "/srv/insecure.txt", b"ok")
+    settings = settings_for(sim, tmp_path / "state", VSPHERE_AV_THUMBPRINT="",
+                            VSPHERE_AV_INSECURE="1")
+    with App(settings) as app:
+        assert app.connection.trust.describe() == "insecure"
+        (result,) = app.scan(names=[CLEAN], full=True).results
+    assert result.status == "clean"
+    assert result.scanned >= 1

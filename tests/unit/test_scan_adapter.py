@@ -10,6 +10,7 @@ from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
 from vsphere_av.config import Secret, VcenterSettings
+from vsphere_av.models import HostId, HostInfo
 from vsphere_av.vsphere.connection import TlsTrust, format_thumbprint, trust_from
 from vsphere_av.vsphere.faults import translate
 from vsphere_av.vsphere.guest import join, parent_of, transfer_url
@@ -123,3 +124,27 @@ def test_fault_translation(fault: BaseException, expected: type[errors.VsphereAv
 def test_invalid_guest_login_message_is_fixed() -> None:
     err = translate(vim.fault.InvalidGuestLogin(msg="bad password hunter2"), what="list /")
     assert str(err) == "list /: invalid guest login"
+
+
+@pytest.mark.parametrize(("host_pin", "trust", "adapter_pin", "verify"), [
+    (THUMB, TlsTrust(ca_file="/ca.pem"), THUMB, False),      # the host's own certificate first
+    ("", TlsTrust(ca_file="/ca.pem"), "", "/ca.pem"),
+    ("", TlsTrust(thumbprint="11:" * 31 + "11"), "11:" * 31 + "11", False),
+    ("", TlsTrust(insecure=True), "", False),
+])
+def test_transfer_trust_order(host_pin: str, trust: TlsTrust, adapter_pin: str,
+                              verify: bool | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    from vsphere_av.vsphere import guest
+
+    # no CA file on disk here: the context itself is not what this test checks
+    monkeypatch.setattr(guest, "_context",
+                        lambda ca_file="": ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    host = HostInfo(moref=HostId("host-1"), name="esx1", address="10.0.0.1",
+                    certificate_sha256=host_pin)
+    session, got_verify = guest._http_session(host, trust)
+    adapter = session.get_adapter("https://10.0.0.1/guestFile")
+    assert got_verify == verify
+    assert adapter._fingerprint == adapter_pin.replace(":", "").lower()
+    assert session.headers["Connection"] == "close"
