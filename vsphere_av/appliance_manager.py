@@ -110,10 +110,12 @@ class ApplianceManager:
         unhealthy = self._unhealthy if self._unhealthy is not None else \
             read_health(self.state_dir, section="unhealthy")   # keep the last check's verdict
         _write_health(self.state_dir, down=result.down, unhealthy=unhealthy, clock=self.clock)
-        back = tuple(sorted(set(previous) - set(result.down) - set(unhealthy)))
+        back = tuple(sorted((set(previous) | set(result.back)) - set(result.down)
+                            - set(unhealthy)))
         for host_id in back:
             self.audit.append(actor=self.actor, action="appliance.back",
-                              details={"host_id": host_id, "was": previous[host_id]})
+                              details={"host_id": host_id,
+                                       "was": previous.get(host_id, ap.APPLIANCE_DOWN)})
         # The controller rescans the VMs of ``back`` hosts (started or changed meanwhile).
         return dataclasses.replace(result, back=back)
 

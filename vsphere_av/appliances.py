@@ -617,6 +617,7 @@ def reconcile_once(*, adapter: ApplianceAdapter, audit: Audit, desired: Desired,
         return ReconcileResult(tuple(actions), dry_run=dry_run,
                                down=appliance_down_hosts(desired, observed))
     results = apply(actions, adapter=adapter, audit=audit, actor=actor)
-    after = adapter.observe(desired=desired)
-    return ReconcileResult(tuple(actions), tuple(results),
-                           down=appliance_down_hosts(desired, after))
+    before = appliance_down_hosts(desired, observed)
+    down = appliance_down_hosts(desired, adapter.observe(desired=desired))
+    return ReconcileResult(tuple(actions), tuple(results), down=down,
+                           back=tuple(sorted(set(before) - set(down))))

@@ -408,6 +408,7 @@ def fetch_transfer_url(url: str, *, thumbprint: str, timeout: float = 60.0) -> I
             super().init_poolmanager(*args, **kwargs)
 
     http_session = requests.Session()
+    http_session.trust_env = False     # straight to the ESXi host: no proxy from the env
     http_session.mount("https://", _Pinned())
     try:
         response = http_session.get(url, stream=True, verify=False, timeout=timeout,
@@ -446,7 +447,7 @@ class EngineClient:
         self._token = token
         self._timeout = timeout
         self._http = requests.Session()
-        # Passed per request: a Session-level verify loses against REQUESTS_CA_BUNDLE.
+        self._http.trust_env = False       # straight to the appliance: no proxy from the env
         self._verify: str | bool = ca_file or True
 
     def __repr__(self) -> str:
@@ -580,4 +581,7 @@ class RemoteEngine:
     @contextlib.contextmanager
     def session(self) -> Iterator[RemoteSession]:
         """A session bound to the appliance's active version at the time of the call."""
-        yield RemoteSession(self.client, self.active_version())
+        try:
+            yield RemoteSession(self.client, self.active_version())
+        finally:
+            self.client.close()   # pooled connections only; the client opens new ones later

@@ -29,7 +29,7 @@ def test_down_then_back_is_remembered_and_reported(tmp_path: Path) -> None:
     assert read_health(tmp_path) == {}              # dry run writes nothing
     first = m.reconcile()
     assert first.down == {}
-    assert first.back == ()
+    assert first.back == ("host-1", "host-2")     # newly protected: their VMs get scanned
     vm_id = next(v.id for v in world.vms.values() if v.marker_host == "host-1")
     world.hosts = (replace(H1, maintenance=True), H2)
     m.reconcile()
