@@ -270,6 +270,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "vsphere-av-engine"
     sys_version = ""
+    timeout = 120   # seconds of socket silence before a connection is dropped (slow clients)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the access log would carry guest paths; the controller logs what it needs
