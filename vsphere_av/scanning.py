@@ -362,8 +362,12 @@ class _Job:
     def _walk(self) -> None:
         roots = self.policy.windows_roots if self.vm.is_windows else self.policy.linux_roots
 
+        failed_roots: list[str] = []
+
         def on_error(path: str, exc: errors.GuestError) -> None:
-            if isinstance(exc, errors.GuestFileNotFound) and path not in roots:
+            if path in roots:
+                failed_roots.append(f"{path} ({exc})")
+            elif isinstance(exc, errors.GuestFileNotFound):
                 self.result.vanished += 1      # a directory removed while we walked
                 self.result.skipped += 1
                 return
@@ -374,6 +378,9 @@ class _Job:
             if not self.filters.wanted(entry.path):
                 continue
             self._file(entry)
+        if roots and len(failed_roots) == len(roots):
+            # Nothing was read: this is not a clean scan.
+            raise errors.GuestError(f"cannot list {', '.join(failed_roots)}")
 
     def _file(self, entry: GuestFile) -> None:
         r = self.result

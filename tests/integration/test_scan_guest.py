@@ -448,3 +448,13 @@ def test_insecure_mode_scans_without_verification(sim, tmp_path):
         (result,) = app.scan(names=[CLEAN], full=True).results
     assert result.status == "clean"
     assert result.scanned >= 1
+
+
+def test_unlistable_root_is_an_error_not_a_clean_scan(sim, tmp_path):
+    toml = '[scan]\nlinux_roots = ["/no/such/root"]\n'
+    with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
+        (result,) = app.scan(names=[CLEAN]).results
+        assert result.status == "unreachable"
+        assert "cannot list /no/such/root" in result.reason
+        row = next(r for r in app.status() if r["name"] == CLEAN)
+        assert row["state"] == "unreachable"
