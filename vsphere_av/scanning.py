@@ -393,6 +393,7 @@ class _Job:
             if (known is not None and known.verdict == "clean" and known.size == entry.size
                     and known.mtime == entry.mtime and known.signature_version == version):
                 r.unchanged += 1
+                self._tick(entry.path)
                 return
             if self.share and self._reuse_shared(entry, version):
                 return
@@ -408,13 +409,17 @@ class _Job:
             return
         r.scanned += 1
         r.bytes += outcome.size
-        if self.on_progress:
-            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged, bytes=r.bytes,
-                                      path=entry.path))
+        self._tick(entry.path)
         if outcome.status == "infected":
             self._infected(entry, outcome)
         else:
             self._index(entry, outcome.sha256, "clean")
+
+    def _tick(self, path: str) -> None:
+        if self.on_progress:
+            r = self.result
+            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged,
+                                      bytes=r.bytes, path=path))
 
     def _reuse_shared(self, entry: GuestFile, version: int) -> bool:
         shared = self.store.shared_record(path=entry.path, size=entry.size, mtime=entry.mtime,
