@@ -38,10 +38,12 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title
 
     table = Table(title=title or None)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*["" if row.get(c) is None else str(row.get(c)) for c in columns])
-    Console().print(table)
+    # On a terminal fit its width; in a pipe or a log never cut a VM name or a path.
+    console = Console() if sys.stdout.isatty() else Console(width=400)
+    console.print(table)
 
 
 class _Group(click.Group):
