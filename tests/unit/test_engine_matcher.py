@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vsphere_av.engine import archives
-from vsphere_av.engine.matcher import externals_for, externals_used, file_type, pe_only, split_name
+from vsphere_av.engine.matcher import externals_for, externals_used, file_type, split_name
 from vsphere_av.engine.signatures import _parse_hash_list
 
 
@@ -62,22 +62,6 @@ def test_externals_for_sets_all_five() -> None:
 ])
 def test_externals_used(source: str, expected: set[str]) -> None:
     assert externals_used(source) == frozenset(expected)
-
-
-@pytest.mark.parametrize(("source", "expected"), [
-    ("rule a { strings: $a = \"x\" condition: uint16(0) == 0x5a4d and $a }", True),
-    ("rule a { condition: uint16(0)==0x5A4D and filesize < 10KB }\n"
-     "rule b { condition: filesize < 1MB and uint16(0) == 0x5a4d and (1 of them or true) }", True),
-    ("rule a { condition: uint16(0) == 0x5a4d or filesize < 10 }", False),
-    ("rule a { condition: uint16(0) == 0x5a4d and $a }\nrule b { condition: $b }", False),
-    ("rule a { condition: not uint16(0) == 0x5a4d and $a }", False),
-    ("global rule g { condition: uint16(0) == 0x5a4d }", False),
-    ("rule a { condition: (uint16(0) == 0x5a4d and $a) or $b }", False),
-    ("rule a { strings: $h = { 4D 5A } condition: uint16(0) == 0x5a4d and $h }", True),
-    ("import \"pe\"", False),
-])
-def test_pe_only_is_conservative(source: str, expected: bool) -> None:
-    assert pe_only(source) is expected
 
 
 def test_hash_list_parsing(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ class Session:
         self._cache = cache
         self._spool_dir = spool_dir
         self._matcher = Matcher(rules=loaded.rules, hashes=loaded.hashes,
-                                hash_list_names=loaded.hash_lists, pe_rules=loaded.pe_rules)
+                                hash_list_names=loaded.hash_lists, non_pe=loaded.non_pe)
         self._fingerprint = _limits_fingerprint(settings)
         self.version: int = loaded.version
         self.uses_name_externals: bool = bool(loaded.externals & NAME_EXTERNALS)

@@ -20,11 +20,13 @@ import ntpath
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yara
+
+from vsphere_av.engine.partition import SENTINEL
 
 EXTERNAL_NAMES: tuple[str, ...] = ("filename", "filepath", "extension", "filetype", "owner")
 EXTERNAL_DEFAULTS: dict[str, str] = {name: "" for name in EXTERNAL_NAMES}
@@ -113,61 +115,6 @@ def externals_used(source: str) -> frozenset[str]:
     return frozenset(name for name in EXTERNAL_NAMES if re.search(rf"\b{name}\b", stripped))
 
 
-_MZ_GATES = frozenset({"uint16(0)==0x5a4d", "uint16be(0)==0x4d5a", "uint16(0)==23117"})
-_TOKEN = re.compile(r"\(|\)|\band\b|\bor\b|[^()\s]+")
-
-
-def _conditions(stripped: str) -> Iterator[str]:
-    for m in re.finditer(r"\bcondition\s*:", stripped):
-        depth, j = 0, m.end()
-        while j < len(stripped):
-            c = stripped[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                if depth == 0:
-                    break
-                depth -= 1
-            j += 1
-        yield stripped[m.end():j]
-
-
-def _mz_gated(condition: str) -> bool:
-    """True when the condition is a top-level conjunction containing 'uint16(0) == 0x5a4d'."""
-    depth = 0
-    parts: list[str] = []
-    current: list[str] = []
-    for token in _TOKEN.findall(condition):
-        if token == "(":
-            depth += 1
-        elif token == ")":
-            depth -= 1
-        if depth == 0 and token == "or":
-            return False
-        if depth == 0 and token == "and":
-            parts.append("".join(current).lower())
-            current = []
-            continue
-        current.append(token)
-    parts.append("".join(current).lower())
-    return bool(_MZ_GATES.intersection(parts))
-
-
-def pe_only(source: str) -> bool:
-    """True when no rule of this file can match anything but a file starting with "MZ".
-
-    Such files are compiled into a second rule set that only MZ files are scanned with:
-    fewer strings in the automaton for every other file, the same verdicts for all.
-    Conservative: any top-level 'or', any global rule, any rule without the gate keeps the
-    file in the set every file is scanned with.
-    """
-    stripped = _COMMENT_OR_STRING.sub(' "" ', source)
-    if re.search(r"\bglobal\b", stripped):
-        return False
-    conditions = list(_conditions(stripped))
-    return bool(conditions) and all(_mz_gated(c) for c in conditions)
-
-
 @dataclass(frozen=True)
 class Hit:
     """One raw hit before it becomes a Detection (member path is added by the caller)."""
@@ -191,9 +138,9 @@ class Matcher:
 
     def __init__(self, *, rules: yara.Rules, hashes: Mapping[str, str],
                  hash_list_names: Mapping[str, str] | None = None, timeout: int = 60,
-                 pe_rules: yara.Rules | None = None) -> None:
+                 non_pe: yara.Rules | None = None) -> None:
         self._rules = rules
-        self._pe_rules = pe_rules
+        self._non_pe = non_pe
         self._hashes = hashes
         self._hash_list_names = hash_list_names or {}
         self._timeout = timeout
@@ -205,20 +152,23 @@ class Matcher:
             return []
         return [Hit(threat=threat, source="hash", rule=self._hash_list_names.get(sha256, "sha256"))]
 
-    def match_data(self, data: bytes | memoryview, externals: Mapping[str, str]) -> list[Hit]:
-        """YARA hits for an in-memory buffer."""
-        matches = self._rules.match(data=data, externals=dict(externals), timeout=self._timeout)
-        if self._pe_rules is not None and data[:2] == b"MZ":
-            matches += self._pe_rules.match(data=data, externals=dict(externals),
-                                            timeout=self._timeout)
+    def _match(self, head: bytes, externals: Mapping[str, str], **target: Any) -> list[Hit]:
+        ext = dict(externals)
+        if self._non_pe is not None and not head.startswith(b"MZ"):
+            # The pe-free set gives the same verdicts on such files, unless a sentinel says
+            # that a rule reading pe has its strings here: then all rules decide.
+            matches = self._non_pe.match(externals=ext, timeout=self._timeout, **target)
+            if not any(m.rule.startswith(SENTINEL) for m in matches):
+                return [Hit(threat=_threat_of(m), source="yara", rule=f"{m.namespace}:{m.rule}")
+                        for m in matches]
+        matches = self._rules.match(externals=ext, timeout=self._timeout, **target)
         return [Hit(threat=_threat_of(m), source="yara", rule=f"{m.namespace}:{m.rule}")
                 for m in matches]
 
+    def match_data(self, data: bytes | memoryview, externals: Mapping[str, str]) -> list[Hit]:
+        """YARA hits for an in-memory buffer."""
+        return self._match(bytes(data[:2]), externals, data=data)
+
     def match_file(self, path: str, externals: Mapping[str, str], *, head: bytes) -> list[Hit]:
         """YARA hits for a file on disk (libyara maps it; nothing is read into Python)."""
-        matches = self._rules.match(filepath=path, externals=dict(externals), timeout=self._timeout)
-        if self._pe_rules is not None and head[:2] == b"MZ":
-            matches += self._pe_rules.match(filepath=path, externals=dict(externals),
-                                            timeout=self._timeout)
-        return [Hit(threat=_threat_of(m), source="yara", rule=f"{m.namespace}:{m.rule}")
-                for m in matches]
+        return self._match(head, externals, filepath=path)

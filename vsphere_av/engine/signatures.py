@@ -9,7 +9,8 @@ Layout under ``<state_dir>/signatures/``::
     state.json           {"active": N, "history": [previously active versions]}
     v0001/manifest.json  version, content hash, counts, externals used, import time, skipped
     v0001/rules.yarc     compiled rules (yara.Rules.save): startup never recompiles
-    v0001/rules-pe.yarc  compiled rules that can only match files starting with "MZ"
+    v0001/rules-non-pe.yarc  the same verdicts for files not starting with "MZ", without
+                         the pe module (see partition.py); absent when not possible
     v0001/hashes.tsv     "<sha256>\t<threat>\t<list file>" lines
 
 A version directory is written under a temporary name and renamed into place, and
@@ -37,7 +38,8 @@ from typing import Any
 
 import yara
 
-from vsphere_av.engine.matcher import EXTERNAL_DEFAULTS, externals_used, pe_only
+from vsphere_av.engine.matcher import EXTERNAL_DEFAULTS, externals_used
+from vsphere_av.engine.partition import non_pe_source
 from vsphere_av.errors import SignatureError
 
 RULE_SUFFIXES = (".yar", ".yara")
@@ -77,9 +79,10 @@ class LoadedVersion:
 
     version: int
     rules: yara.Rules
-    pe_rules: yara.Rules | None   # rules that can only match files starting with "MZ"
     hashes: dict[str, str]
     hash_lists: dict[str, str]
+    # Same verdicts for files not starting with "MZ", without the costly pe module
+    non_pe: yara.Rules | None = None
     externals: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -98,22 +101,22 @@ def _audit(action: str, details: dict[str, Any], state_dir: Path) -> None:
         log.append(actor=current_actor(), action=action, details=details)
 
 
-def _check_rule_file(path: Path, rel: str) -> str | None:
-    """None when the file compiles alone, else 'file line N: reason'."""
+def _check_rule_file(path: Path, rel: str) -> tuple[str | None, int]:
+    """(None, rule count) when the file compiles alone, else ('file line N: reason', 0)."""
     try:
-        yara.compile(filepath=str(path), externals=EXTERNAL_DEFAULTS, includes=False)
+        compiled = yara.compile(filepath=str(path), externals=EXTERNAL_DEFAULTS, includes=False)
     except yara.SyntaxError as exc:
         text = str(exc)
         m = _YARA_ERROR.match(text)
         if m:
-            return f"{rel} line {m.group(1)}: {m.group(2)}"
+            return f"{rel} line {m.group(1)}: {m.group(2)}", 0
         m2 = re.match(r"^line (\d+):\s*(.*)$", text)
         if m2:
-            return f"{rel} line {m2.group(1)}: {m2.group(2)}"
-        return f"{rel}: {text}"
+            return f"{rel} line {m2.group(1)}: {m2.group(2)}", 0
+        return f"{rel}: {text}", 0
     except yara.Error as exc:
-        return f"{rel}: {exc}"
-    return None
+        return f"{rel}: {exc}", 0
+    return None, sum(1 for _ in compiled)
 
 
 def _parse_hash_list(path: Path, rel: str, into: dict[str, tuple[str, str]]) -> str | None:
@@ -197,6 +200,17 @@ def _compile(files: dict[str, Path]) -> yara.Rules:
                             externals=EXTERNAL_DEFAULTS, includes=False)
     except yara.Error as exc:
         raise SignatureError(f"bundle rejected: {exc}") from exc
+
+
+def _compile_non_pe(non_pe: dict[str, str | None]) -> yara.Rules | None:
+    """The rule set for files not starting with "MZ" (None when the bundle does not allow it)."""
+    if not non_pe or any(text is None for text in non_pe.values()):
+        return None
+    try:
+        return yara.compile(sources={rel: text for rel, text in non_pe.items() if text},
+                            externals=EXTERNAL_DEFAULTS, includes=False)
+    except yara.Error:
+        return None     # the analysis misread something: scan every file with all rules
 
 
 class SignatureStore:
@@ -291,7 +305,8 @@ class SignatureStore:
         with _unpacked(source) as root:
             files = _bundle_files(root)
             rule_files: dict[str, Path] = {}
-            pe_files: dict[str, Path] = {}   # files whose every rule needs an MZ header
+            non_pe: dict[str, str | None] = {}
+            rule_count = 0
             hashes: dict[str, tuple[str, str]] = {}
             problems: list[str] = []
             digest = hashlib.sha256()
@@ -304,10 +319,12 @@ class SignatureStore:
                 if rel.lower().endswith(HASH_SUFFIX):
                     problem = _parse_hash_list(path, rel, hashes)
                 else:
-                    problem = _check_rule_file(path, rel)
+                    problem, count = _check_rule_file(path, rel)
                     if problem is None:
                         text = path.read_text(encoding="utf-8", errors="replace")
-                        (pe_files if pe_only(text) else rule_files)[rel] = path
+                        rule_files[rel] = path
+                        non_pe[rel] = non_pe_source(text, expected_rules=count)
+                        rule_count += count
                         used |= externals_used(text)
                 if problem is not None:
                     if not skip_invalid:
@@ -315,12 +332,11 @@ class SignatureStore:
                     problems.append(problem)
                     continue
                 digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-            if not rule_files and not pe_files and not hashes:
+            if not rule_files and not hashes:
                 raise SignatureError(
                     f"{source}: no valid .yar/.yara rule files or .sha256 hash lists")
             rules = _compile(rule_files)
-            pe_rules = _compile(pe_files) if pe_files else None
-            rule_count = sum(1 for _ in rules) + (sum(1 for _ in pe_rules) if pe_rules else 0)
+            non_pe_rules = _compile_non_pe(non_pe)
             content_hash = digest.hexdigest()
             with self._locked():
                 version = max(self.versions(), default=0) + 1
@@ -329,8 +345,8 @@ class SignatureStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 rules.save(str(tmp / "rules.yarc"))
-                if pe_rules is not None:
-                    pe_rules.save(str(tmp / "rules-pe.yarc"))
+                if non_pe_rules is not None:
+                    non_pe_rules.save(str(tmp / "rules-non-pe.yarc"))
                 with (tmp / "hashes.tsv").open("w", encoding="utf-8") as fh:
                     for sha, (threat, rel) in sorted(hashes.items()):
                         fh.write(f"{sha}\t{threat}\t{rel}\n")
@@ -412,8 +428,8 @@ class SignatureStore:
         directory = self._version_dir(version)
         try:
             rules = yara.load(str(directory / "rules.yarc"))
-            pe_path = directory / "rules-pe.yarc"
-            pe_rules = yara.load(str(pe_path)) if pe_path.exists() else None
+            non_pe_path = directory / "rules-non-pe.yarc"
+            non_pe = yara.load(str(non_pe_path)) if non_pe_path.exists() else None
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
             hashes: dict[str, str] = {}
             lists: dict[str, str] = {}
@@ -424,7 +440,7 @@ class SignatureStore:
                     lists[sha] = rel
         except (OSError, ValueError, yara.Error) as exc:
             raise SignatureError(f"signature version {version} cannot be loaded: {exc}") from exc
-        loaded = LoadedVersion(version=version, rules=rules, pe_rules=pe_rules, hashes=hashes,
+        loaded = LoadedVersion(version=version, rules=rules, non_pe=non_pe, hashes=hashes,
                                hash_lists=lists,
                                externals=frozenset(manifest.get("externals", [])))
         self._loaded[version] = loaded
