@@ -148,3 +148,12 @@ def test_transfer_trust_order(host_pin: str, trust: TlsTrust, adapter_pin: str,
     assert got_verify == verify
     assert adapter._fingerprint == adapter_pin.replace(":", "").lower()
     assert session.headers["Connection"] == "close"
+
+
+def test_pyvmomi_thumbprint_mismatch_names_both() -> None:
+    from pyVmomi.Security import ThumbprintMismatchException
+
+    err = translate(ThumbprintMismatchException("aa" * 32, "bb" * 32), what="connect to vc:443")
+    assert isinstance(err, errors.TlsVerificationError)
+    assert "aa" * 32 in str(err)
+    assert "bb" * 32 in str(err)

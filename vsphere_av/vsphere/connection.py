@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from pyVim import connect as pyvim_connect
 from pyVmomi import vim, vmodl
+from pyVmomi.Security import ThumbprintMismatchException
 
 from vsphere_av import errors
 from vsphere_av.config import VcenterSettings
@@ -146,11 +147,7 @@ class Connection:
         except vim.fault.InvalidLogin as exc:
             raise errors.VsphereError(
                 f"vCenter {s.server}:{s.port} rejected the login for user {s.user!r}") from exc
-        except (vmodl.MethodFault, OSError) as exc:
-            if "Thumbprint" in str(exc) or "thumbprint" in str(exc):
-                raise errors.TlsVerificationError(
-                    f"certificate of {s.server}:{s.port} does not match the pinned thumbprint"
-                ) from exc
+        except (vmodl.MethodFault, OSError, ThumbprintMismatchException) as exc:
             raise translate(exc, what=f"connect to {s.server}:{s.port}") from exc
         self._content = self._si.RetrieveContent()
         self._singletons: dict[str, Any] = {}
@@ -184,7 +181,7 @@ class Connection:
                 if is_not_authenticated(exc) and attempt == 1:
                     self.relogin(generation)
                     continue
-                if isinstance(exc, vmodl.MethodFault | OSError):
+                if isinstance(exc, vmodl.MethodFault | OSError | ThumbprintMismatchException):
                     raise translate(exc, what=what) from exc
                 raise
         raise errors.TransientError(f"{what}: vCenter session lost twice in a row")

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import requests
 from pyVmomi import vim, vmodl
+from pyVmomi.Security import ThumbprintMismatchException
 
 from vsphere_av import errors
 
@@ -38,6 +39,10 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
     """Return the product error for ``exc``; ``what`` names the operation (no secrets)."""
     if isinstance(exc, errors.VsphereAvError):
         return exc
+    if isinstance(exc, ThumbprintMismatchException):
+        return errors.TlsVerificationError(
+            f"{what}: certificate does not match the pinned thumbprint: "
+            f"expected {exc.expected}, got {exc.actual}")
     text = _fault_text(exc)
     if isinstance(exc, vim.fault.InvalidGuestLogin):
         return errors.GuestLoginError(f"{what}: invalid guest login")
@@ -95,5 +100,5 @@ def translating(what: str) -> Iterator[None]:
     except errors.VsphereAvError:
         raise
     except (vmodl.MethodFault, OSError, http.client.HTTPException,
-            requests.exceptions.RequestException) as exc:
+            requests.exceptions.RequestException, ThumbprintMismatchException) as exc:
         raise translate(exc, what=what) from exc
