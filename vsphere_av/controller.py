@@ -241,7 +241,7 @@ class Controller:
         pending = self.jobs.pending_jobs()
         interrupted = [j for j, running in pending if running]
         for job in interrupted:
-            self._audit("job.resumed", vm=job.vm, host_moref=job.host, job_id=job.job_id,
+            self._audit("job.resumed", moref=job.vm, host_moref=job.host, job_id=job.job_id,
                         priority=job.priority.label, reason="interrupted by a controller stop")
         count = self.scheduler.restore(j for j, _ in pending)
         # Isolations that were only an intent when the process died: cut them now (their
@@ -320,6 +320,10 @@ class Controller:
         if item.trigger is Trigger.LISTED:
             # Running when the controller started: not an instant-on event. Stale ones are
             # rescanned in the background; isolated ones (a crash before release) too.
+            with self._contain_lock:
+                containing = vm in self._containing_now
+            if containing or self.scheduler.is_busy(vm):
+                return      # restored from the store, or contained from the event catch-up
             if running and (reason is not None or self.jobs.isolation(vm) is not None):
                 self.scheduler.submit(vm=vm, host=facts.host if facts else item.host,
                                       priority=Priority.SWEEP, reason=f"running at start: {reason}")
@@ -547,10 +551,14 @@ class Controller:
                             if first:
                                 items = [self._listed(i) for i in items]
                                 self.watcher.synced = True
-                        self.attend(items)
                         if first:
                             first = False
                             self.inventory_ready.set()
+                            # Power-ons and reverts missed while we were down come from the
+                            # event tail's catch-up: let it contain those VMs before the
+                            # listing queues running VMs for background rescans.
+                            self.events_ready.wait(self.options.reconnect_max)
+                        self.attend(items)
             except errors.VsphereAvError as exc:
                 with self._stats_lock:
                     self.stats.reconnects += 1
@@ -568,6 +576,9 @@ class Controller:
     def tail_events(self, stop: threading.Event) -> None:
         """Event thread: read new events from the last processed key and time, reconnecting."""
         backoff = 1.0
+        # Events are judged against the VMs' current facts: wait for the first listing.
+        while not stop.is_set() and not self.inventory_ready.wait(0.2):
+            pass
         while not stop.is_set():
             try:
                 with self._open_tail(self.jobs.cursor()) as tail:

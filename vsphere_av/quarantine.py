@@ -128,6 +128,13 @@ class Quarantine:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        # Idempotent across a crash between storing and deleting in the guest (controller,
+        # issue 5 point 8): the same bytes from the same VM path, still held, are one item.
+        for held in self._store.quarantine_items():
+            if (held.vm_moref == vm_moref and held.guest_path == guest_path
+                    and held.sha256 == digest.hexdigest() and not held.restored_at):
+                final.unlink(missing_ok=True)
+                return held
         item = QuarantineItem(id=item_id, vm_moref=vm_moref, vm_name=vm_name, guest_path=guest_path,
                               threat=threat, sha256=digest.hexdigest(), size=size, time=now_iso(),
                               is_windows=is_windows, permissions=permissions, key=key)
