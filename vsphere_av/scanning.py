@@ -460,14 +460,17 @@ class _Job:
         return None
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
-        first = outcome.detections[0] if outcome.detections else None
-        threat = first.threat if first else "unknown"
-        for d in outcome.detections:
+        # A YARA rule and a hash list naming the same threat in the same member are one
+        # finding for the people reading the report, not two.
+        distinct = {(d.threat, d.member): d for d in reversed(outcome.detections or ())}
+        detections = sorted(distinct.values(), key=list(outcome.detections).index)
+        threat = detections[0].threat if detections else "unknown"
+        for d in detections:
             self._audit("detection", path=entry.path, threat=d.threat, rule=d.rule, source=d.source,
                         member=d.member, sha256=outcome.sha256, size=outcome.size,
                         scan_id=self.result.scan_id)
         action, qid, detail = self._remediate(entry, outcome, threat)
-        for d in outcome.detections or ():
+        for d in detections:
             self.store.add_detection(
                 scan_id=self.result.scan_id, vm_moref=self.vm.moref, vm_name=self.vm.name,
                 path=entry.path, threat=d.threat, sha256=outcome.sha256, size=outcome.size,

@@ -120,6 +120,7 @@ def test_linux_guest_detections_at_several_depths_archive_and_oversized(sim, tmp
         (result,) = report.results
         assert result.status == "infected", result.reason
         assert {f.path for f in result.found} == set(infected)
+        assert len(result.found) == len(infected)   # YARA + hash list on EICAR: one finding
         assert {f.action for f in result.found} == {"quarantined"}
         zip_hit = next(f for f in result.found if f.path == "/srv/archive.zip")
         assert zip_hit.member.endswith("docs/payload/eicar.txt")
