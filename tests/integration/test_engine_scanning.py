@@ -242,3 +242,17 @@ def test_error_outcome_when_stream_fails(engine: Engine) -> None:
         out = s.scan_stream(broken(), path="/guest/file")
     assert out.status == "error"
     assert "Input/output error" in out.reason
+
+
+def test_any_producer_failure_becomes_an_error_outcome(engine: Engine) -> None:
+    class DownloadBroke(Exception):
+        pass
+
+    def broken() -> Iterator[bytes]:
+        yield b"abc"
+        raise DownloadBroke("connection reset by guest")
+
+    with engine.session() as s:
+        out = s.scan_stream(broken(), path="/guest/file")
+    assert out.status == "error"
+    assert "connection reset by guest" in out.reason

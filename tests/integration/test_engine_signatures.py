@@ -411,3 +411,15 @@ def test_cli_signatures_commands(tmp_path: Path) -> None:
     nope = run_cli(state, "signatures", "activate", "42")
     assert nope.returncode == 2
     assert "does not exist" in nope.stderr
+
+
+def test_concurrent_first_start_imports_the_builtin_bundle_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(state)}
+    procs = [subprocess.Popen([*CLI, "signatures", "list", "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    listed = json.loads(run_cli(state, "signatures", "list", "--json").stdout)
+    assert [(v["version"], v["active"]) for v in listed] == [(1, True)]

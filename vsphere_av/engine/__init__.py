@@ -225,6 +225,9 @@ class Session:
             except OSError as exc:
                 return FileOutcome(path=path, status="error", sha256="", size=0,
                                    reason=f"read failed: {exc.strerror or exc}")
+            except Exception as exc:   # the producer (e.g. an HTTP download) failed
+                return FileOutcome(path=path, status="error", sha256="", size=0,
+                                   reason=f"read failed: {type(exc).__name__}: {exc}")
             return self._verdict(blob, path=path, name=name, owner=owner)
         finally:
             spool.discard()

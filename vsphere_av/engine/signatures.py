@@ -299,7 +299,8 @@ class SignatureStore:
 
     # -- import -----------------------------------------------------------------------
     def import_bundle(self, source: Path, *, skip_invalid: bool = False, activate: bool = True,
-                      audit: bool = True, label: str = "") -> ImportResult:
+                      audit: bool = True, label: str = "", only_if_new: bool = False,
+                      ) -> ImportResult:
         """Compile and check a bundle; store it as the next version (and activate it)."""
         source = Path(source)
         with _unpacked(source) as root:
@@ -339,6 +340,10 @@ class SignatureStore:
             non_pe_rules = _compile_non_pe(non_pe)
             content_hash = digest.hexdigest()
             with self._locked():
+                if only_if_new and self.versions():
+                    # Another process set up this state directory meanwhile.
+                    current = self.active_version() or self.versions()[-1]
+                    return ImportResult(info=self.info(current), skipped=())
                 version = max(self.versions(), default=0) + 1
                 final = self._version_dir(version)
                 tmp = self.root / f".v{version:04d}.{os.getpid()}.tmp"
@@ -381,7 +386,8 @@ class SignatureStore:
                 return
         builtin = resources.files("vsphere_av.engine") / "builtin"
         with resources.as_file(builtin) as path:
-            self.import_bundle(Path(path), activate=True, audit=True, label="built-in (EICAR)")
+            self.import_bundle(Path(path), activate=True, audit=True, label="built-in (EICAR)",
+                               only_if_new=True)
 
     # -- switching --------------------------------------------------------------------
     def _activate_locked(self, version: int, *, audit: bool, action: str = "signatures.activate",
