@@ -190,6 +190,8 @@ func fixupFor(method *simulator.Method, user string) func(response []byte) {
 				syncToolsLocked(req.This)
 			}
 		}
+	case *types.AddHost_Task:
+		return afterAddHost(req)
 	case *types.CreateCollectorForEvents:
 		return afterCreateEventCollector(req)
 	}

@@ -18,6 +18,10 @@ import (
 // ToolsDisabledKey is the extraConfig key that keeps a VM's tools "not running".
 const ToolsDisabledKey = "vcsim.tools.disabled"
 
+// GuestIPKey is the extraConfig key (an OVF property on real appliances) whose address the
+// guest applies at boot; while its tools run, the VM reports it as guest.ipAddress.
+const GuestIPKey = "guestinfo.ipaddress"
+
 // toolsVersion is what a current open-vm-tools reports.
 const toolsVersion = "12352"
 
@@ -53,22 +57,27 @@ func installTools() {
 	simulator.Map.AddHandler(&toolsWatcher{self: types.ManagedObjectReference{Type: "VcsimToolsWatcher", Value: "tools-watcher"}})
 }
 
+// extraConfigValue returns the last value set for key (ReconfigVM_Task appends).
+func extraConfigValue(vm *simulator.VirtualMachine, key string) (string, bool) {
+	if vm.Config == nil {
+		return "", false
+	}
+	value, found := "", false
+	for _, o := range vm.Config.ExtraConfig {
+		v := o.GetOptionValue()
+		if v.Key == key {
+			value, _ = v.Value.(string)
+			found = true
+		}
+	}
+	return strings.TrimSpace(value), found
+}
+
 // toolsDisabled reports whether the VM's extraConfig keeps its tools not running (the last
 // value set for the key wins, as ReconfigVM_Task appends).
 func toolsDisabled(vm *simulator.VirtualMachine) bool {
-	if vm.Config == nil {
-		return false
-	}
-	disabled := false
-	for _, o := range vm.Config.ExtraConfig {
-		v := o.GetOptionValue()
-		if v.Key != ToolsDisabledKey {
-			continue
-		}
-		s, _ := v.Value.(string)
-		disabled = strings.EqualFold(strings.TrimSpace(s), "true")
-	}
-	return disabled
+	v, _ := extraConfigValue(vm, ToolsDisabledKey)
+	return strings.EqualFold(v, "true")
 }
 
 // toolsRunning reports whether guest operations can reach the VM's tools right now.
@@ -101,6 +110,7 @@ func syncTools(ref types.ManagedObjectReference) {
 		status = types.VirtualMachineToolsStatusToolsOk
 		state = "running"
 	}
+	syncGuestIP(vm, running)
 	ready := vm.Guest.GuestOperationsReady
 	if vm.Guest.ToolsRunningStatus == runStatus && vm.Guest.ToolsStatus == status &&
 		vm.Guest.GuestState == state && ready != nil && *ready == running &&
@@ -124,5 +134,33 @@ func syncTools(ref types.ManagedObjectReference) {
 		types.PropertyChange{Name: "summary.guest.toolsVersionStatus", Val: "guestToolsCurrent"},
 		types.PropertyChange{Name: "summary.guest.toolsVersionStatus2", Val: "guestToolsCurrent"},
 	)
+	simulator.Map.Update(vm, changes)
+}
+
+// syncGuestIP reports guestinfo.ipaddress as the guest's address while its tools run (as an
+// appliance applying the property at boot would), and no address otherwise.
+func syncGuestIP(vm *simulator.VirtualMachine, running bool) {
+	ip, configured := extraConfigValue(vm, GuestIPKey)
+	if !configured {
+		return
+	}
+	if !running {
+		ip = ""
+	}
+	if vm.Guest.IpAddress == ip {
+		return
+	}
+	changes := []types.PropertyChange{
+		{Name: "guest.ipAddress", Val: ip},
+		{Name: "summary.guest.ipAddress", Val: ip},
+	}
+	if len(vm.Guest.Net) > 0 {
+		nets := append([]types.GuestNicInfo(nil), vm.Guest.Net...)
+		nets[0].IpAddress = nil
+		if ip != "" {
+			nets[0].IpAddress = []string{ip}
+		}
+		changes = append(changes, types.PropertyChange{Name: "guest.net", Val: nets})
+	}
 	simulator.Map.Update(vm, changes)
 }

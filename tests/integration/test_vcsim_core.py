@@ -526,3 +526,21 @@ def test_import_lease_urls_carry_the_simulator_port(vcsim_factory: Factory) -> N
             assert url.startswith(f"https://*:{sim.port}/nfc/")
     finally:
         lease.HttpNfcLeaseComplete()
+
+
+def test_host_added_to_a_cluster_mounts_its_datastores(vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=2, vms=1)
+    si = connect(sim)
+    cluster = by_name(si, vim.ClusterComputeResource, "DC0_C0")
+    spec = vim.host.ConnectSpec(hostName="esx-new", userName="root", password="x", force=True)
+    new = run(cluster.AddHost_Task(spec, True))
+    assert {d.name for d in new.datastore} == {d.name for d in cluster.datastore} == {"LocalDS_0"}
+    assert new in [m.key for m in new.datastore[0].host]
+    assert new.config.network.vnic[0].spec.ip.ipAddress == "127.0.0.1"
+    dvs = objects(si, vim.dvs.VmwareDistributedVirtualSwitch)[0]
+    assert new in list(dvs.summary.hostMember)
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    clone_spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(host=new), powerOn=True)
+    clone = run(vm.CloneVM_Task(folder=vm.parent, name="on-new-host", spec=clone_spec))
+    assert clone.runtime.host == new
+    assert [v.name for v in new.vm] == ["on-new-host"]
