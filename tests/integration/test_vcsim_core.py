@@ -537,7 +537,7 @@ def test_host_added_to_a_cluster_mounts_its_datastores(vcsim_factory: Factory) -
     assert {d.name for d in new.datastore} == {d.name for d in cluster.datastore} == {"LocalDS_0"}
     assert new in [m.key for m in new.datastore[0].host]
     assert new.config.network.vnic[0].spec.ip.ipAddress == "127.0.0.1"
-    dvs = objects(si, vim.dvs.VmwareDistributedVirtualSwitch)[0]
+    dvs = objects(si, vim.DistributedVirtualSwitch)[0]
     assert new in list(dvs.summary.hostMember)
     vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
     clone_spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(host=new), powerOn=True)
