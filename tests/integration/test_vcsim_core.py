@@ -544,3 +544,16 @@ def test_host_added_to_a_cluster_mounts_its_datastores(vcsim_factory: Factory) -
     clone = run(vm.CloneVM_Task(folder=vm.parent, name="on-new-host", spec=clone_spec))
     assert clone.runtime.host == new
     assert [v.name for v in new.vm] == ["on-new-host"]
+
+
+def test_guestinfo_ipaddress_is_reported_while_tools_run(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    assert vm.guest.ipAddress is None
+    run(vm.ReconfigVM_Task(extra_config("guestinfo.ipaddress", "127.0.0.77")))
+    assert vm.guest.ipAddress == "127.0.0.77"
+    assert vm.summary.guest.ipAddress == "127.0.0.77"
+    run(vm.PowerOffVM_Task())
+    assert not vm.guest.ipAddress
+    run(vm.PowerOnVM_Task())
+    assert vm.guest.ipAddress == "127.0.0.77"
