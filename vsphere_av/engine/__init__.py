@@ -163,12 +163,19 @@ class Session:
         self._limits = settings.engine
         self._cache = cache
         self._spool_dir = spool_dir
-        self._matcher = Matcher(rules=loaded.rules, hashes=loaded.hashes,
-                                hash_list_names=loaded.hash_lists, non_pe=loaded.non_pe)
+        self._matcher_obj: Matcher | None = None
         self._fingerprint = _limits_fingerprint(settings)
         self.version: int = loaded.version
         self.uses_name_externals: bool = bool(loaded.externals & NAME_EXTERNALS)
         self.uses_owner: bool = "owner" in loaded.externals
+
+    @property
+    def _matcher(self) -> Matcher:
+        if self._matcher_obj is None:
+            loaded = self._loaded
+            self._matcher_obj = Matcher(rules=loaded.rules, hashes=loaded.hashes,
+                                        hash_list_names=loaded.hash_lists, non_pe=loaded.non_pe)
+        return self._matcher_obj
 
     # -- cache ------------------------------------------------------------------------
     def cache_context(self, *, path: str, name: str | None = None, owner: str = "") -> str:
@@ -461,10 +468,16 @@ class Engine:
         return version
 
     @contextlib.contextmanager
-    def session(self, *, version: int | None = None) -> Iterator[Session]:
-        """Pin one signature version (the active one by default) for a whole scan."""
+    def session(self, *, version: int | None = None, lazy: bool = False) -> Iterator[Session]:
+        """Pin one signature version (the active one by default) for a whole scan.
+
+        The rules are loaded now (a broken version fails here, not mid-scan) unless ``lazy``:
+        then on the first file that needs them (a pass answered by the cache never loads them).
+        """
         with self._lock:
             loaded = self.store.load(version or self.active_version())
+            if not lazy:
+                _ = loaded.rules, loaded.hashes
         session = Session(loaded=loaded, settings=self.settings, cache=self.cache)
         try:
             yield session

@@ -16,16 +16,19 @@ import multiprocessing
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsphere_av.engine import Engine, FileOutcome, Session, _owner_name
+from vsphere_av.engine import Detection, Engine, FileOutcome, Session, _owner_name
 from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
 from vsphere_av.engine.signatures import SignatureStore
 
-BATCH = 256
+BATCH = 256            # files per verdict-cache query
+WINDOW = 20_000        # files walked before their misses are scheduled
+TASK_BYTES = 4 << 20   # a worker task: up to this many bytes ...
+TASK_FILES = 64        # ... or this many files
 
 Progress = Callable[[int, int], None]   # (files done, bytes done)
 
@@ -120,9 +123,41 @@ def _init_worker(settings: Any, version: int, use_cache: bool) -> None:
                       cache_writes=False)
 
 
-def _scan_one(path: str) -> FileOutcome:
+_Packed = tuple[str, str, str, int, str, bool, tuple[tuple[str, str, str, str], ...]]
+
+
+def _pack(o: FileOutcome) -> _Packed:
+    # Plain tuples cross the process boundary several times faster than dataclasses.
+    return (o.path, o.status, o.sha256, o.size, o.reason, o.cached,
+            tuple((d.threat, d.source, d.rule, d.member) for d in o.detections))
+
+
+def _unpack(t: _Packed) -> FileOutcome:
+    return FileOutcome(path=t[0], status=t[1], sha256=t[2], size=t[3],  # type: ignore[arg-type]
+                       reason=t[4], cached=t[5],
+                       detections=tuple(Detection(threat=a, source=b, rule=c, member=d)  # type: ignore[arg-type]
+                                        for a, b, c, d in t[6]))
+
+
+def _scan_many(paths: list[str]) -> list[_Packed]:
     assert _WORKER is not None
-    return _WORKER.scan_file(path)
+    return [_pack(_WORKER.scan_file(path)) for path in paths]
+
+
+def _tasks(items: list[tuple[str, os.stat_result]]) -> list[list[str]]:
+    """Largest files first, small ones grouped: workers finish together, IPC stays cheap."""
+    tasks: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for path, st in sorted(items, key=lambda item: -item[1].st_size):
+        current.append(path)
+        weight += st.st_size + 16_384        # a file costs some time whatever its size
+        if weight >= TASK_BYTES or len(current) >= TASK_FILES:
+            tasks.append(current)
+            current, weight = [], 0
+    if current:
+        tasks.append(current)
+    return tasks
 
 
 # -- parent side ------------------------------------------------------------------------
@@ -139,13 +174,16 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
     engine = Engine.open(settings, use_cache=use_cache)
     cache = engine.cache
     try:
-        with engine.session() as session:
+        with engine.session(lazy=jobs > 1) as session:
             report = ScanReport(signature_version=session.version)
             pool = None
             try:
-                for batch in _batches(walk(paths)):
-                    misses = _from_cache(batch, session=session, cache=cache, report=report,
-                                         use_cache=use_cache, progress=progress)
+                for window in _windows(walk(paths)):
+                    misses: list[tuple[str, os.stat_result]] = []
+                    for batch in _batches(window):
+                        misses += _from_cache(batch, session=session, cache=cache,
+                                              report=report, use_cache=use_cache,
+                                              progress=progress)
                     stats = {path: st for path, st in misses}
                     if stats and pool is None and jobs > 1:
                         # Started on the first miss only: a warm pass never pays for workers.
@@ -153,7 +191,8 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
                             jobs, initializer=_init_worker,
                             initargs=(settings, session.version, use_cache))
                     results: Iterator[FileOutcome] = (
-                        pool.imap_unordered(_scan_one, list(stats), chunksize=4) if pool
+                        (_unpack(t) for done in pool.imap_unordered(_scan_many, _tasks(misses))
+                         for t in done) if pool
                         else (session.scan_file(p) for p in stats))
                     for outcome in results:
                         report.add(outcome)
@@ -172,7 +211,20 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
     return report
 
 
-def _batches(items: Iterator[tuple[str, os.stat_result | None, str]],
+def _windows(items: Iterator[tuple[str, os.stat_result | None, str]],
+             ) -> Iterator[list[tuple[str, os.stat_result | None, str]]]:
+    """Walk results in windows of WINDOW files: bounded memory, few scheduling barriers."""
+    window: list[tuple[str, os.stat_result | None, str]] = []
+    for item in items:
+        window.append(item)
+        if len(window) >= WINDOW:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _batches(items: Iterable[tuple[str, os.stat_result | None, str]],
              ) -> Iterator[list[tuple[str, os.stat_result | None, str]]]:
     # The first batch is small so progress starts at once; later ones amortise the queries.
     size = 32

@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,57 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class LoadedVersion:
-    """One version ready to scan with: compiled rules and hash list in memory."""
+    """One stored version; its compiled rules and hash list are read on first use."""
 
     version: int
-    rules: yara.Rules
-    hashes: dict[str, str]
-    hash_lists: dict[str, str]
-    # Same verdicts for files not starting with "MZ", without the costly pe module
-    non_pe: yara.Rules | None = None
+    directory: Path
     externals: frozenset[str] = field(default_factory=frozenset)
+
+    @cached_property
+    def _compiled(self) -> tuple[yara.Rules, yara.Rules | None]:
+        try:
+            rules = yara.load(str(self.directory / "rules.yarc"))
+            non_pe_path = self.directory / "rules-non-pe.yarc"
+            non_pe = yara.load(str(non_pe_path)) if non_pe_path.exists() else None
+        except (OSError, yara.Error) as exc:
+            raise SignatureError(f"signature version {self.version} cannot be loaded: {exc}"
+                                 ) from exc
+        return rules, non_pe
+
+    @cached_property
+    def _hash_tables(self) -> tuple[dict[str, str], dict[str, str]]:
+        hashes: dict[str, str] = {}
+        lists: dict[str, str] = {}
+        try:
+            with (self.directory / "hashes.tsv").open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    sha, threat, rel = line.rstrip("\n").split("\t", 2)
+                    hashes[sha] = threat
+                    lists[sha] = rel
+        except (OSError, ValueError) as exc:
+            raise SignatureError(f"signature version {self.version} cannot be loaded: {exc}"
+                                 ) from exc
+        return hashes, lists
+
+    @property
+    def rules(self) -> yara.Rules:
+        """All compiled rules."""
+        return self._compiled[0]
+
+    @property
+    def non_pe(self) -> yara.Rules | None:
+        """Same verdicts for files not starting with "MZ", without the costly pe module."""
+        return self._compiled[1]
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """SHA-256 -> threat name."""
+        return self._hash_tables[0]
+
+    @property
+    def hash_lists(self) -> dict[str, str]:
+        """SHA-256 -> the list file that named it."""
+        return self._hash_tables[1]
 
 
 @dataclass(frozen=True)
@@ -427,27 +470,16 @@ class SignatureStore:
 
     # -- loading ----------------------------------------------------------------------
     def load(self, version: int) -> LoadedVersion:
-        """Compiled rules and hash list of one version (loaded once per process)."""
+        """One version (its rules and hashes are read once per process, on first use)."""
         loaded = self._loaded.get(version)
         if loaded is not None:
             return loaded
         directory = self._version_dir(version)
         try:
-            rules = yara.load(str(directory / "rules.yarc"))
-            non_pe_path = directory / "rules-non-pe.yarc"
-            non_pe = yara.load(str(non_pe_path)) if non_pe_path.exists() else None
             manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-            hashes: dict[str, str] = {}
-            lists: dict[str, str] = {}
-            with (directory / "hashes.tsv").open("r", encoding="utf-8") as fh:
-                for line in fh:
-                    sha, threat, rel = line.rstrip("\n").split("\t", 2)
-                    hashes[sha] = threat
-                    lists[sha] = rel
-        except (OSError, ValueError, yara.Error) as exc:
+        except (OSError, ValueError) as exc:
             raise SignatureError(f"signature version {version} cannot be loaded: {exc}") from exc
-        loaded = LoadedVersion(version=version, rules=rules, non_pe=non_pe, hashes=hashes,
-                               hash_lists=lists,
+        loaded = LoadedVersion(version=version, directory=directory,
                                externals=frozenset(manifest.get("externals", [])))
         self._loaded[version] = loaded
         return loaded
