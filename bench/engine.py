@@ -186,8 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         defines = [a for name in EXTERNALS for a in ("-d", f"{name}=")]
         compiled = os.path.join(tmp, "rules.yarc")
-        subprocess.run([yarac, *defines, *rule_files(args.rules), compiled], check=True,
-                       capture_output=True)
+        namespaced = [f"ns{i}:{path}" for i, path in enumerate(rule_files(args.rules))]
+        subprocess.run([yarac, *defines, *namespaced, compiled], check=True, capture_output=True)
         # Interleaved rounds, best of each: the machine is shared, so single runs are noisy.
         y_s = c_s = w_s = float("inf")
         y_cpu = c_cpu = w_cpu = float("inf")

@@ -203,7 +203,7 @@ def signatures_rollback(ctx: click.Context) -> None:
 def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_json: bool,
                no_cache: bool) -> None:
     """Scan local files and directories with the active signatures (exit 1 on detection)."""
-    from vsphere_av.engine.localscan import scan_paths
+    from vsphere_av.engine.localscan import detection_path, scan_paths
 
     settings = settings_from(ctx)
     if as_json or not sys.stderr.isatty():
@@ -227,8 +227,8 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
     else:
         for outcome in report.detected:
             for d in outcome.detections:
-                where = f" ({d.member})" if d.member else ""
-                click.echo(f"INFECTED {outcome.path}{where}: {d.threat} [{d.source} {d.rule}]")
+                click.echo(f"INFECTED {detection_path(outcome.path, d.member)}: {d.threat} "
+                           f"[{d.source} {d.rule}]")
         for outcome in report.skipped:
             click.echo(f"skipped  {outcome.path}: {outcome.reason}")
         for outcome in report.errors:

@@ -382,6 +382,16 @@ def test_cli_scan_files_json_and_exit_codes(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert json.loads(missing.stdout)["errors"][0]["reason"].startswith("cannot stat")
 
+    with zipfile.ZipFile(tree / "sub" / "pack.zip", "w") as zf:
+        zf.writestr("in/e.com", EICAR)
+    zipped = run_cli(state, "scan-files", "--json", str(tree / "sub" / "pack.zip"))
+    assert zipped.returncode == 1
+    hit = json.loads(zipped.stdout)["detections"][0]
+    assert hit["path"] == f"{tree / 'sub' / 'pack.zip'}!in/e.com"
+    assert hit["file"] == str(tree / "sub" / "pack.zip")
+    assert hit["member"] == "pack.zip!in/e.com"
+    (tree / "sub" / "pack.zip").unlink()
+
     text = run_cli(state, "scan-files", "--no-cache", "--jobs", "1", str(tree))
     assert text.returncode == 1
     assert "INFECTED" in text.stdout

@@ -64,12 +64,18 @@ class ScanReport:
             "files": self.files, "bytes": self.bytes,
             "signature_version": self.signature_version, "cached": self.cached,
             "seconds": round(self.seconds, 3),
-            "detections": [{"path": o.path, "threat": d.threat, "sha256": o.sha256,
-                            "source": d.source, "rule": d.rule, "member": d.member}
+            "detections": [{"path": detection_path(o.path, d.member), "file": o.path,
+                            "threat": d.threat, "sha256": o.sha256, "source": d.source,
+                            "rule": d.rule, "member": d.member}
                            for o in self.detected for d in o.detections],
             "skipped": [{"path": o.path, "reason": o.reason} for o in self.skipped],
             "errors": [{"path": o.path, "reason": o.reason} for o in self.errors],
         }
+
+
+def detection_path(path: str, member: str) -> str:
+    """'/dir/outer.zip!inner/x.exe' for a hit in an archive member, else the file's path."""
+    return f"{path}!{member.split('!', 1)[1]}" if "!" in member else path
 
 
 def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[str, os.stat_result | None,
