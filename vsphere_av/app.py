@@ -426,6 +426,7 @@ class ControllerRuntime:
         alive = [t.name for t in self.threads if t.is_alive()]
         if alive:
             log.warning("threads still running at exit: %s", ", ".join(alive))
+        self.controller.flush_audit()
         self.jobs.stop_beating(os.getpid())
         self.controller._audit("controller.stop", pid=os.getpid(),
                                queued=len(self.controller.scheduler.queued()))
@@ -482,6 +483,7 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
         ("watch-inventory", controller.watch_inventory),
         ("tail-events", controller.tail_events),
         ("housekeeping", controller.housekeeping),
+        ("auditing", controller.auditing),
     ]
     loops += [(f"contain-{i}", controller.containing)
               for i in range(options.containment_threads)]

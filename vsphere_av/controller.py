@@ -231,6 +231,8 @@ class Controller:
         self._swept_version: int | None = None
         self._ticker = CronTicker(list(options.schedules),
                                   started=datetime.fromtimestamp(now(), UTC))
+        self._outbox_wakeup = threading.Event()
+        self._outbox_lock = threading.Lock()
         self.inventory_ready = threading.Event()
         self.events_ready = threading.Event()
 
@@ -238,12 +240,19 @@ class Controller:
 
     def restore_queue(self) -> int:
         """Queue again what the store holds (queued and interrupted jobs); returns how many."""
+        self.flush_audit()        # entries queued by a controller that died
         pending = self.jobs.pending_jobs()
         interrupted = [j for j, running in pending if running]
         for job in interrupted:
             self._audit("job.resumed", moref=job.vm, host_moref=job.host, job_id=job.job_id,
                         priority=job.priority.label, reason="interrupted by a controller stop")
         count = self.scheduler.restore(j for j, _ in pending)
+        # Containments that were decided but had not run when the process died.
+        for exposure in self.jobs.exposures():
+            if exposure.closed is None and not self.scheduler.is_busy(exposure.vm):
+                self._queue_containment(exposure.vm, Attention(
+                    exposure.vm, Trigger.POWERED_ON, "resume open exposure", exposure.started,
+                    event_key=exposure.event_key), "contained before a controller stop")
         # Isolations that were only an intent when the process died: cut them now (their
         # saved state is the one from before, so restoring later is still exact).
         for rec in self.jobs.isolations():
@@ -339,6 +348,12 @@ class Controller:
             if vm in self._containing_now:
                 return
             self._containing_now.add(vm)
+        # The exposure is durable before the event cursor moves past its cause: a controller
+        # killed before the containment ran finds it open at restart and contains the VM then.
+        facts = self.watcher.facts(vm)
+        seen = self.now()
+        self.jobs.open_exposure(vm=vm, vm_name=facts.name if facts else "", trigger=item.cause,
+                                started=min(item.at, seen), seen=seen, event_key=item.event_key)
         self._containing.put((vm, item, reason))
 
     def containing(self, stop: threading.Event) -> None:
@@ -366,8 +381,7 @@ class Controller:
         name = facts.name if facts else ""
         host = facts.host if facts else item.host
         seen = self.now()
-        if (item.trigger is Trigger.POWERED_ON and self.jobs.open_exposure_for(vm) is not None
-                and self.scheduler.is_busy(vm)):
+        if item.trigger is Trigger.POWERED_ON and self.scheduler.is_busy(vm):
             return      # the same power-on seen again (property change, then its events)
         self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
                                 started=min(item.at, seen), seen=seen, event_key=item.event_key)
@@ -380,8 +394,9 @@ class Controller:
             isolated, nics, changed = self.isolate(vm, name=name, reason=reason)
         job = self.scheduler.submit(vm=vm, host=host, priority=Priority.INSTANT_ON,
                                     reason=f"{item.trigger.value}: {reason}")
-        # One audit entry per containment (the log is fsynced: a storm must not queue on it).
-        self._audit("isolation.isolate" if isolated else "instant-on", vm=name, moref=vm,
+        # One audit entry per containment, through the outbox: the audit log is fsynced and
+        # a storm of power-ons must not wait on it between two isolations.
+        self._audit_soon("isolation.isolate" if isolated else "instant-on", vm=name, moref=vm,
                     host_moref=host, trigger=item.cause, event_key=item.event_key,
                     reason=reason, job_id=job.job_id, priority="instant-on",
                     isolated=isolated or self.jobs.isolation(vm) is not None,
@@ -434,6 +449,11 @@ class Controller:
     def work(self, stop: threading.Event) -> None:
         """Worker thread: take the most urgent job that may start, run it, report back."""
         while not stop.is_set():
+            if not self._containing.empty():
+                # Containment first: cutting the network of every stale VM that just started
+                # closes exposure windows; scans can wait the few milliseconds that takes.
+                stop.wait(0.02)
+                continue
             job = self.scheduler.take(stop=stop, timeout=0.5)
             if job is None:
                 continue
@@ -458,6 +478,7 @@ class Controller:
         if not vm.powered_on:
             # Nothing to read; it stays stale and is contained when it starts running.
             self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, outcome=f"VM {vm.power_state}", close=True)
             self._audit("job.dropped", vm=vm.name, moref=job.vm, job_id=job.job_id,
                         reason=f"VM is {vm.power_state}")
             return
@@ -723,6 +744,37 @@ class Controller:
 
     def _audit(self, action: str, **details: Any) -> None:
         self.audit.append(actor=self.actor, action=action, details=details)
+
+    def _audit_soon(self, action: str, **details: Any) -> None:
+        """Durably queue an audit entry (job store) for the auditing thread."""
+        details.setdefault("at", datetime.fromtimestamp(self.now(), UTC).isoformat())
+        self.jobs.outbox_add(action, details)
+        self._outbox_wakeup.set()
+
+    def flush_audit(self) -> int:
+        """Move queued audit entries into the audit log, in order; returns how many."""
+        moved = 0
+        with self._outbox_lock:
+            while True:
+                batch = self.jobs.outbox()
+                if not batch:
+                    return moved
+                for outbox_id, action, details in batch:
+                    self.audit.append(actor=self.actor, action=action, details=details)
+                    # A crash between these two lines repeats one entry; never loses one.
+                    self.jobs.outbox_done(outbox_id)
+                    moved += 1
+
+    def auditing(self, stop: threading.Event) -> None:
+        """Auditing thread: move outbox entries into the audit log as they come."""
+        while not stop.is_set():
+            self._outbox_wakeup.wait(0.5)
+            self._outbox_wakeup.clear()
+            try:
+                self.flush_audit()
+            except errors.VsphereAvError as exc:
+                log.warning("audit outbox: %s", exc)
+        self.flush_audit()
 
     def shutdown(self) -> None:
         """Wake every waiting worker (called after the stop event is set)."""

@@ -16,6 +16,9 @@ Tables:
 - ``hosts``: host moref -> name, and a controller heartbeat with per-host counts, so
   ``status --json`` and ``scan`` can see a running controller.
 - ``requests``: on-demand scans handed over by ``vsphere-av scan`` to a running controller.
+- ``audit_outbox``: audit entries of containment steps, written here in the same moment as
+  the step (cheap) and moved to the fsynced audit log by one thread right after, so a storm
+  of power-ons does not queue behind the audit log; a restart moves what is left first.
 
 Writes use WAL with synchronous=NORMAL: a committed write survives the process dying
 (kill -9, a crash), which is what restart safety needs; only a power loss can take the last
@@ -103,6 +106,11 @@ CREATE TABLE IF NOT EXISTS requests (
     full       INTEGER NOT NULL,
     created    REAL NOT NULL,
     taken      REAL
+);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    outbox_id INTEGER PRIMARY KEY,
+    action    TEXT NOT NULL,
+    details   TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
@@ -417,6 +425,26 @@ class JobStore:
         """True once the controller picked the request up."""
         rows = self._query("SELECT taken FROM requests WHERE request_id = ?", (request_id,))
         return bool(rows) and rows[0][0] is not None
+
+    # -- audit outbox ---------------------------------------------------------------------
+
+    def outbox_add(self, action: str, details: Mapping[str, Any]) -> int:
+        """Queue one audit entry; returns its outbox id."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO audit_outbox (action, details) VALUES (?, ?)",
+                             (action, json.dumps(dict(details), sort_keys=True, default=str)))
+            return int(cur.lastrowid or 0)
+
+    def outbox(self, *, limit: int = 500) -> list[tuple[int, str, dict[str, Any]]]:
+        """Queued audit entries, oldest first."""
+        rows = self._query("SELECT outbox_id, action, details FROM audit_outbox"
+                           " ORDER BY outbox_id LIMIT ?", (limit,))
+        return [(int(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
+
+    def outbox_done(self, outbox_id: int) -> None:
+        """One queued entry is in the audit log now."""
+        with self._tx() as db:
+            db.execute("DELETE FROM audit_outbox WHERE outbox_id = ?", (outbox_id,))
 
     # -- small named values (e.g. the signature version last swept) ----------------------
 
