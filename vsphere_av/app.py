@@ -537,3 +537,67 @@ def controller_status(settings: Settings, *,
             row["queued"] += 1
     return {"hosts": sorted(hosts.values(), key=lambda r: (r["name"], r["moref"])),
             "isolated": isolated, "controller_running": alive}
+
+
+def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bool = False,
+                   full: bool = False, timeout: float = 3600.0,
+                   poll: float = 0.25) -> ScanReport | None:
+    """``vsphere-av scan`` with a controller running: queue the VMs there and wait for them.
+
+    Returns None when no controller is running (the caller scans by itself). Powered-off VMs
+    are reported as skipped without a request; the rest are queued at on-demand priority
+    under the controller's storm limits, and their scan records are read back when done.
+    """
+    from vsphere_av.models import VmId
+    from vsphere_av.scanning import SKIPPED, Found
+    from vsphere_av.store.jobs import JobStore
+
+    with JobStore.open(settings.state_dir) as jobs:
+        if not jobs.controller_alive():
+            return None
+        started = time.monotonic()
+        with App(settings) as app:
+            vms = app.select_vms(names=names, all_vms=all_vms)
+            version = app.engine.active_version()
+            baseline = {vm.moref: max((int(r["id"]) for r in app.store.scans(
+                vm_moref=vm.moref, limit=1)), default=0) for vm in vms}
+            for vm in vms:
+                if vm.powered_on:
+                    jobs.add_request(vm=str(vm.moref), full=full)
+            results: dict[str, ScanResult] = {}
+            deadline = time.monotonic() + timeout
+            while True:
+                for vm in vms:
+                    if vm.moref in results:
+                        continue
+                    host = vm.host.name if vm.host else ""
+                    if not vm.powered_on:
+                        results[vm.moref] = ScanResult(vm=vm.name, moref=vm.moref, host=host,
+                                                       status=SKIPPED, reason="powered off",
+                                                       full=full)
+                        continue
+                    rows = app.store.scans(vm_moref=vm.moref, limit=1)
+                    if not rows or int(rows[0]["id"]) <= baseline[vm.moref] \
+                            or not rows[0]["finished"]:
+                        continue
+                    r = rows[0]
+                    found = [Found(path=d.path, threat=d.threat, sha256=d.sha256, size=d.size,
+                                   action=d.action, member=d.member, detail=d.detail,
+                                   quarantine_id=d.quarantine_id)
+                             for d in app.store.detections(vm_moref=VmId(vm.moref))
+                             if d.scan_id == r["id"]]
+                    results[vm.moref] = ScanResult(
+                        vm=vm.name, moref=vm.moref, host=host, status=r["status"],
+                        reason=f"{r['reason']} (scanned by the running controller)",
+                        full=bool(r["full"]), signature_version=r["signature_version"],
+                        scanned=r["scanned"], unchanged=r["unchanged"], skipped=r["skipped"],
+                        errors=r["errors"], bytes=r["bytes"], found=found, scan_id=r["id"])
+                if len(results) == len(vms):
+                    break
+                if time.monotonic() > deadline:
+                    raise errors.TransientError(
+                        f"the running controller did not finish {len(vms) - len(results)} "
+                        f"scan(s) within {timeout:.0f}s; they stay queued there")
+                time.sleep(poll)
+    return ScanReport(results=[results[vm.moref] for vm in vms], signature_version=version,
+                      duration=time.monotonic() - started)

@@ -280,6 +280,10 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
     """Scan running VMs' files through Guest Operations and remediate detections."""
     if bool(vms) == all_vms:
         raise errors.ConfigError("name one or more VMs, or use --all (not both)")
+    # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
+    # storm limits) instead of scanning beside it; None when no controller is running.
+    from vsphere_av.app import hand_over_scan
+    handed = hand_over_scan(settings_from(ctx), names=vms, all_vms=all_vms, full=full)
     app = _app(ctx)
     show = not as_json and sys.stderr.isatty()
     with _scan_progress(show) as progress:
@@ -295,8 +299,8 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                 progress.update(tasks[event.vm], files=event.files, mb=event.bytes / 1e6,
                                 description=f"{event.vm}" + (" done" if event.done else ""))
 
-        report = app.scan(names=vms, all_vms=all_vms, full=full, on_progress=on_progress,
-                          on_start=on_start)
+        report = handed or app.scan(names=vms, all_vms=all_vms, full=full,
+                                    on_progress=on_progress, on_start=on_start)
     if as_json:
         print_json(report.as_dict())
     else:

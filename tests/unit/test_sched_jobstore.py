@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_isolation_record_is_kept_once(tmp_path: Path) -> None:
 def test_hosts_heartbeat_and_requests(tmp_path: Path) -> None:
     with JobStore.open(tmp_path) as store:
         assert not store.controller_alive()
-        store.beat(123)
+        store.beat(os.getpid())
         assert store.controller_alive()
         store.publish_hosts({"host-1": ("esx-1", 3, 4)})
         assert [(h.moref, h.name, h.queued, h.active_scans) for h in store.hosts()] == [
@@ -102,5 +103,5 @@ def test_hosts_heartbeat_and_requests(tmp_path: Path) -> None:
         assert store.take_requests() == [(rid, "vm-9", True)]
         assert store.take_requests() == []
         assert store.request_taken(rid)
-        store.stop_beating(123)
+        store.stop_beating(os.getpid())
         assert not store.controller_alive()

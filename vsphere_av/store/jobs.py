@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -400,9 +401,17 @@ class JobStore:
             db.execute("DELETE FROM heartbeat WHERE id = 1 AND pid = ?", (pid,))
 
     def controller_alive(self, *, max_age: float = 10.0) -> bool:
-        """True when a controller beat within ``max_age`` seconds."""
-        rows = self._query("SELECT time FROM heartbeat WHERE id = 1")
-        return bool(rows) and time.time() - float(rows[0][0]) <= max_age
+        """True when a controller beat within ``max_age`` seconds and its process exists."""
+        rows = self._query("SELECT pid, time FROM heartbeat WHERE id = 1")
+        if not rows or time.time() - float(rows[0][1]) > max_age:
+            return False
+        try:
+            os.kill(int(rows[0][0]), 0)       # the state directory is local: same machine
+        except ProcessLookupError:
+            return False                      # killed (kill -9) since its last beat
+        except PermissionError:
+            return True
+        return True
 
     # -- on-demand requests from `vsphere-av scan` ---------------------------------------
 
