@@ -280,7 +280,7 @@ func (m *matcher) entityMatch(ev types.BaseEvent) bool {
 
 // rebuildPage refills a collector's page from the history with matchesSpec, newest first;
 // the caller holds the EventManager's lock.
-func rebuildPage(em *simulator.EventManager, c *simulator.EventHistoryCollector) {
+func rebuildPage(em *simulator.EventManager, c *simulator.EventHistoryCollector, size int) {
 	spec, ok := c.Filter.(types.EventFilterSpec)
 	if !ok {
 		return
@@ -293,7 +293,9 @@ func rebuildPage(em *simulator.EventManager, c *simulator.EventHistoryCollector)
 	if !ok || old == nil {
 		return
 	}
-	size := old.Len()
+	if size <= 0 {
+		size = old.Len()
+	}
 	m := newMatcher(spec)
 	var picked []types.BaseEvent
 	for _, ev := range eventHistory(em) {
@@ -326,12 +328,15 @@ func afterCreateEventCollector(req *types.CreateCollectorForEvents) func([]byte)
 		if m == nil {
 			return
 		}
-		fixCollector(types.ManagedObjectReference{Type: "EventHistoryCollector", Value: string(m[1])})
+		fixCollector(types.ManagedObjectReference{Type: "EventHistoryCollector", Value: string(m[1])}, 0)
 	}
 }
 
 // fixCollector rebuilds a new collector's page; it returns the collector's latest page.
-func fixCollector(ref types.ManagedObjectReference) []types.BaseEvent {
+// size 0 keeps the page size; the library's own shrinking keeps the wrong part of the ring.
+func fixCollector(ref types.ManagedObjectReference, size int) []types.BaseEvent {
+	exMu.Lock() // no widened filter may be in place while the page is rebuilt
+	defer exMu.Unlock()
 	em := simulator.Map.EventManager()
 	var page []types.BaseEvent
 	simulator.Map.WithLock(em, func() {
@@ -339,7 +344,7 @@ func fixCollector(ref types.ManagedObjectReference) []types.BaseEvent {
 		if !ok {
 			return
 		}
-		rebuildPage(em, c)
+		rebuildPage(em, c, size)
 		page = c.GetLatestPage()
 	})
 	return page
@@ -420,7 +425,7 @@ func (f *front) queryEvents(c *soapCall, req *types.QueryEvents) *httptest.Respo
 		return f.pass(c, c.body)
 	}
 	ref := types.ManagedObjectReference{Type: "EventHistoryCollector", Value: string(m[1])}
-	page := fixCollector(ref)
+	page := fixCollector(ref, 0)
 	if destroy, derr := soapRequest(&methods.DestroyCollectorBody{Req: &types.DestroyCollector{This: ref}}); derr == nil {
 		f.pass(c, destroy)
 	}
@@ -428,4 +433,126 @@ func (f *front) queryEvents(c *soapCall, req *types.QueryEvents) *httptest.Respo
 		page = page[:req.Filter.MaxCount]
 	}
 	return soapResponse(&methods.QueryEventsBody{Res: &types.QueryEventsResponse{Returnval: page}})
+}
+
+// The scrollable view of event collectors, as vCenter defines it: a new collector is
+// positioned before its oldest event; ReadNextEvents returns events oldest to newest and
+// moves forward; ReadPreviousEvents returns them newest to oldest and moves back;
+// RewindCollector goes back before the oldest; ResetCollector goes to just before the latest
+// page. The library keeps an index into the latest page instead (so a reader never gets past
+// the page, and new events shift it); the position here is an event key: events with a
+// larger key are ahead of the view.
+var views = struct {
+	sync.Mutex
+	pos map[types.ManagedObjectReference]int32
+}{pos: map[types.ManagedObjectReference]int32{}}
+
+// collectorEvents returns a collector's matching history, oldest first, and its latest page.
+func collectorEvents(ref types.ManagedObjectReference) (all []types.BaseEvent, latest []types.BaseEvent, ok bool) {
+	exMu.Lock()
+	defer exMu.Unlock()
+	em := simulator.Map.EventManager()
+	simulator.Map.WithLock(em, func() {
+		c, found := eventCollectors(em)[ref]
+		if !found {
+			return
+		}
+		var spec types.EventFilterSpec
+		simulator.Map.WithLock(c, func() {
+			spec, found = c.Filter.(types.EventFilterSpec)
+			latest = c.GetLatestPage()
+		})
+		if !found {
+			return
+		}
+		ok = true
+		m := newMatcher(spec)
+		hist := eventHistory(em)
+		for i := len(hist) - 1; i >= 0; i-- {
+			if m.match(hist[i]) {
+				all = append(all, hist[i])
+			}
+		}
+	})
+	return all, latest, ok
+}
+
+// scroll serves ReadNextEvents / ReadPreviousEvents / ResetCollector / RewindCollector on
+// event collectors after the library has checked the session and the arguments.
+func (f *front) scroll(c *soapCall, ref types.ManagedObjectReference) *httptest.ResponseRecorder {
+	rec := f.pass(c, c.body)
+	if rec.Code != http.StatusOK || ref.Type != "EventHistoryCollector" {
+		return rec
+	}
+	all, latest, ok := collectorEvents(ref)
+	if !ok {
+		return rec
+	}
+	views.Lock()
+	defer views.Unlock()
+	pos := views.pos[ref]
+	switch req := c.method.Body.(type) {
+	case *types.RewindCollector:
+		views.pos[ref] = 0
+	case *types.ResetCollector:
+		p := int32(0)
+		for _, ev := range all {
+			if k := ev.GetEvent().Key; k > p {
+				p = k
+			}
+		}
+		for _, ev := range latest {
+			if k := ev.GetEvent().Key - 1; k < p {
+				p = k
+			}
+		}
+		views.pos[ref] = p
+	case *types.ReadNextEvents:
+		var out []types.BaseEvent
+		for _, ev := range all {
+			if len(out) == int(req.MaxCount) {
+				break
+			}
+			if ev.GetEvent().Key > pos {
+				out = append(out, ev)
+			}
+		}
+		if len(out) > 0 {
+			views.pos[ref] = out[len(out)-1].GetEvent().Key
+		}
+		return soapResponse(&methods.ReadNextEventsBody{Res: &types.ReadNextEventsResponse{Returnval: out}})
+	case *types.ReadPreviousEvents:
+		var out []types.BaseEvent
+		for i := len(all) - 1; i >= 0 && len(out) < int(req.MaxCount); i-- {
+			if all[i].GetEvent().Key <= pos {
+				out = append(out, all[i])
+			}
+		}
+		if len(out) > 0 {
+			views.pos[ref] = out[len(out)-1].GetEvent().Key - 1
+		}
+		return soapResponse(&methods.ReadPreviousEventsBody{Res: &types.ReadPreviousEventsResponse{Returnval: out}})
+	}
+	return rec
+}
+
+// afterSetPageSize rebuilds the page the library refilled its own way.
+func afterSetPageSize(req *types.SetCollectorPageSize) func([]byte) {
+	return func([]byte) {
+		size := int(req.MaxCount)
+		if size == 0 {
+			size = 10 // the library's default page size
+		}
+		if req.This.Type == "EventHistoryCollector" {
+			fixCollector(req.This, size)
+		}
+	}
+}
+
+func afterDestroyCollector(req *types.DestroyCollector) func([]byte) {
+	return func([]byte) {
+		views.Lock()
+		delete(views.pos, req.This)
+		views.Unlock()
+	}
 }

@@ -153,6 +153,14 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rec = f.queryEvents(c, req)
 	case *types.PostEvent:
 		rec = f.postEvent(c, req)
+	case *types.ReadNextEvents:
+		rec = f.scroll(c, req.This)
+	case *types.ReadPreviousEvents:
+		rec = f.scroll(c, req.This)
+	case *types.ResetCollector:
+		rec = f.scroll(c, req.This)
+	case *types.RewindCollector:
+		rec = f.scroll(c, req.This)
 	default:
 		before := fixupFor(method, userOf(r))
 		rec = f.pass(c, body)
@@ -192,6 +200,10 @@ func fixupFor(method *simulator.Method, user string) func(response []byte) {
 		}
 	case *types.AddHost_Task:
 		return afterAddHost(req)
+	case *types.SetCollectorPageSize:
+		return afterSetPageSize(req)
+	case *types.DestroyCollector:
+		return afterDestroyCollector(req)
 	case *types.CreateCollectorForEvents:
 		return afterCreateEventCollector(req)
 	}

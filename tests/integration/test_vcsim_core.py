@@ -557,3 +557,41 @@ def test_guestinfo_ipaddress_is_reported_while_tools_run(vcsim_factory: Factory)
     assert not vm.guest.ipAddress
     run(vm.PowerOnVM_Task())
     assert vm.guest.ipAddress == "127.0.0.77"
+
+
+def test_event_collector_scrolls_like_vcenter(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    for _ in range(3):
+        run(vm.PowerOffVM_Task())
+        run(vm.PowerOnVM_Task())
+    spec = vim.event.EventFilterSpec(
+        eventTypeId=["VmPoweredOnEvent", "VmPoweredOffEvent"],
+        entity=vim.event.EventFilterSpec.ByEntity(entity=vm, recursion="self"))
+    collector = si.content.eventManager.CreateCollectorForEvents(spec)
+    try:
+        # A new collector's view starts before the oldest event: reads go oldest to newest.
+        first = [e.key for e in collector.ReadNextEvents(3)]
+        rest = [e.key for e in collector.ReadNextEvents(100)]
+        assert len(first) == 3
+        assert len(first + rest) == 7  # the initial power-on and three off/on cycles
+        assert first + rest == sorted(first + rest)
+        assert collector.ReadNextEvents(10) == []
+        back = [e.key for e in collector.ReadPreviousEvents(2)]
+        assert back == sorted(first + rest, reverse=True)[:2]
+        collector.RewindCollector()
+        assert [e.key for e in collector.ReadNextEvents(100)] == first + rest
+
+        collector.SetCollectorPageSize(2)
+        latest = [e.key for e in collector.latestPage]
+        assert latest == sorted(first + rest, reverse=True)[:2]
+        collector.ResetCollector()
+        older = [e.key for e in collector.ReadPreviousEvents(100)]
+        assert older == sorted(first + rest, reverse=True)[2:]
+        collector.ResetCollector()
+        assert [e.key for e in collector.ReadNextEvents(100)] == sorted(latest)
+        run(vm.PowerOffVM_Task())
+        newest = collector.ReadNextEvents(100)
+        assert [type(e).__name__ for e in newest] == ["vim.event.VmPoweredOffEvent"]
+    finally:
+        collector.DestroyCollector()
