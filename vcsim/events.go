@@ -352,7 +352,9 @@ func fixCollector(ref types.ManagedObjectReference, size int) []types.BaseEvent 
 
 // widen lets the library's matching accept ev for every collector whose filter lists ev's
 // eventTypeId; it returns the undo. The caller holds the EventManager's lock and exMu.
-func widen(em *simulator.EventManager, ev types.BaseEvent) func() {
+// exact also lifts the entity filter of those collectors (the library's "children" matching
+// is broken); only safe when the lock is held until the undo, so no other event sees it.
+func widen(em *simulator.EventManager, ev types.BaseEvent, exact bool) func() {
 	type saved struct {
 		c    *simulator.EventHistoryCollector
 		spec types.EventFilterSpec
@@ -366,6 +368,9 @@ func widen(em *simulator.EventManager, ev types.BaseEvent) func() {
 		wide := spec
 		wide.EventTypeId = append(append([]string(nil), spec.EventTypeId...), "EventEx", "ExtendedEvent")
 		wide.Time = nil
+		if exact {
+			wide.Entity = nil
+		}
 		c := c
 		simulator.Map.WithLock(c, func() { c.Filter = wide })
 		undo = append(undo, saved{c, spec})
@@ -385,7 +390,7 @@ func postEventEx(ev types.BaseEvent, user string) {
 	em := simulator.Map.EventManager()
 	ctx := internalCtx(user)
 	simulator.Map.WithLock(em, func() {
-		undo := widen(em, ev)
+		undo := widen(em, ev, true)
 		em.PostEvent(ctx, &types.PostEvent{This: em.Self, EventToPost: ev})
 		undo()
 	})
@@ -400,7 +405,7 @@ func (f *front) postEvent(c *soapCall, req *types.PostEvent) *httptest.ResponseR
 	defer exMu.Unlock()
 	em := simulator.Map.EventManager()
 	var undo func()
-	simulator.Map.WithLock(em, func() { undo = widen(em, req.EventToPost) })
+	simulator.Map.WithLock(em, func() { undo = widen(em, req.EventToPost, false) })
 	rec := f.pass(c, c.body)
 	simulator.Map.WithLock(em, undo)
 	return rec

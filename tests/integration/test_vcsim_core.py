@@ -416,6 +416,10 @@ def test_event_type_id_filters_return_matching_event_ex(vcsim_factory: Factory) 
         return em.CreateCollectorForEvents(spec)
 
     waiting = collector([REVERTED])  # created before the events: sees them as they come
+    cluster = by_name(si, vim.ClusterComputeResource, "DC0_C0")
+    below_cluster = em.CreateCollectorForEvents(vim.event.EventFilterSpec(
+        eventTypeId=[REVERTED],
+        entity=vim.event.EventFilterSpec.ByEntity(entity=cluster, recursion="children")))
     waiting_vm1 = collector([REVERTED], vm1)
     snap = run(vm0.CreateSnapshot_Task(name="s", memory=False, quiesce=False))
     run(snap.RevertToSnapshot_Task())
@@ -429,6 +433,7 @@ def test_event_type_id_filters_return_matching_event_ex(vcsim_factory: Factory) 
         assert [e.eventTypeId for e in page] == [REVERTED]
         assert page[0].vm.vm == vm0
     assert waiting_vm1.latestPage == []
+    assert [e.vm.vm for e in below_cluster.latestPage] == [vm0]  # the VM is below the cluster
 
     custom = collector(["com.example.custom"]).latestPage
     assert [(e.eventTypeId, e.vm.vm) for e in custom] == [("com.example.custom", vm1)]
@@ -446,7 +451,7 @@ def test_event_type_id_filters_return_matching_event_ex(vcsim_factory: Factory) 
     run(vm1.PowerOffVM_Task())
     tail = collector(["VmPoweredOffEvent"], vm1)
     assert [e.vm.vm for e in tail.latestPage] == [vm1]
-    for c in (waiting, waiting_vm1, later, tail):
+    for c in (waiting, waiting_vm1, later, tail, below_cluster):
         c.DestroyCollector()
 
 
