@@ -175,7 +175,8 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	writeRecorded(w, rec)
 }
 
-// prepare runs before the call (recording what the fix-up needs) and returns the fix-up.
+// fixupFor runs before the call (recording what the fix-up needs) and returns the fix-up,
+// which runs only if the call answered without a fault.
 func fixupFor(method *simulator.Method, user string) func(response []byte) {
 	switch req := method.Body.(type) {
 	case *types.CreateSnapshot_Task:
