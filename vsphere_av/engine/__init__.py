@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -182,7 +181,7 @@ class Session:
         """The part of the cache key besides content and version."""
         context = self._fingerprint
         if self.uses_name_externals:
-            context += "|" + json.dumps(split_name(path, name))
+            context += "|" + "\0".join(split_name(path, name))
         if self.uses_owner:
             context += "|owner=" + owner
         return context

@@ -127,7 +127,8 @@ class VerdictCache:
                         key = (sha.hex(), context)
                         if key not in wanted or key in out:
                             continue
-                        out[key] = CachedVerdict(status=status, reason=reason, detections=tuple(
+                        out[key] = CachedVerdict(status=status, reason=reason, detections=() if
+                                                 dets == "[]" else tuple(
                             tuple(d) for d in json.loads(dets)))
                         if now - last_used > TOUCH_EVERY:
                             self._touches.append((now, sha, version, context))
@@ -150,22 +151,26 @@ class VerdictCache:
     def file_hashes(self, stats: Sequence[FileStat]) -> dict[FileStat, str]:
         """Known SHA-256 of local files whose identity (inode, size, times) is unchanged."""
         out: dict[FileStat, str] = {}
+        by_dev: dict[int, list[FileStat]] = {}
+        for st in stats:
+            by_dev.setdefault(st.dev, []).append(st)
         with self._lock:
             try:
-                for start in range(0, len(stats), 300):
-                    chunk = stats[start:start + 300]
-                    marks = ",".join("(?,?)" for _ in chunk)
-                    params: list[int] = []
-                    for st in chunk:
-                        params += [st.dev, st.ino]
-                    rows = self._db.execute(
-                        f"SELECT dev, ino, size, mtime_ns, ctime_ns, sha256 FROM files "
-                        f"WHERE (dev, ino) IN (VALUES {marks})", params).fetchall()
-                    known = {(r[0], r[1]): r for r in rows}
-                    for st in chunk:
-                        r = known.get((st.dev, st.ino))
-                        if r and (r[2], r[3], r[4]) == (st.size, st.mtime_ns, st.ctime_ns):
-                            out[st] = r[5].hex()
+                for dev, group in by_dev.items():
+                    for start in range(0, len(group), 500):
+                        chunk = group[start:start + 500]
+                        marks = ",".join("?" * len(chunk))
+                        # "dev = ? AND ino IN (...)" uses the primary key (a row-value IN
+                        # would scan the whole table on every batch).
+                        rows = self._db.execute(
+                            f"SELECT ino, size, mtime_ns, ctime_ns, sha256 FROM files "
+                            f"WHERE dev = ? AND ino IN ({marks})",
+                            [dev, *(st.ino for st in chunk)]).fetchall()
+                        known = {r[0]: r for r in rows}
+                        for st in chunk:
+                            r = known.get(st.ino)
+                            if r and (r[1], r[2], r[3]) == (st.size, st.mtime_ns, st.ctime_ns):
+                                out[st] = r[4].hex()
             except sqlite3.Error as exc:
                 raise EngineError(f"verdict cache read failed: {exc}") from exc
         return out

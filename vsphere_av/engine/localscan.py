@@ -97,7 +97,8 @@ def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[str, os.stat
         while stack:
             directory = stack.pop()
             try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+                with os.scandir(directory) as listing:
+                    entries = list(listing)
             except OSError as exc:
                 yield directory, None, f"cannot list: {exc.strerror or exc}"
                 continue
@@ -257,12 +258,13 @@ def _from_cache(batch: list[tuple[str, os.stat_result | None, str]], *, session:
             todo.append((path, st))
     if not use_cache or cache is None or not todo:
         return todo
-    known = cache.file_hashes([_file_stat(st) for _, st in todo])
+    stats = [_file_stat(st) for _, st in todo]
+    known = cache.file_hashes(stats)
     if not known:
         return todo
     keyed: list[tuple[str, os.stat_result, tuple[str, str] | None]] = []
-    for path, st in todo:
-        sha = known.get(_file_stat(st))
+    for (path, st), fst in zip(todo, stats, strict=True):
+        sha = known.get(fst)
         keyed.append((path, st, (sha, _context(session, path, st)) if sha else None))
     verdicts: dict[tuple[str, str], CachedVerdict] = cache.get_many(
         [key for _, _, key in keyed if key], session.version)
