@@ -21,12 +21,14 @@ import (
 	"encoding/pem"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"math/big"
 	"net"
 	"net/url"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -68,7 +70,11 @@ func run() error {
 	guestUser := flag.String("guest-user", "root", "the guest account every VM accepts")
 	guestPassword := flag.String("guest-password", "vmware", "password of the guest account")
 	certFile := flag.String("cert", "", "write the server's PEM certificate to this file")
+	verbose := flag.Bool("verbose", false, "keep the library's per-update property collector log lines")
 	flag.Parse()
+	if !*verbose {
+		log.SetOutput(&quietLog{out: os.Stderr})
+	}
 	// Catch signals before anything is printed: a client may stop us as soon as it reads the URL.
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
@@ -217,4 +223,25 @@ func selfSignedCert(listen net.IP) (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// chatter matches the library's log lines for every property collector update, which would
+// otherwise flood stderr while clients wait for updates.
+var chatter = regexp.MustCompile(`: applying \d+ updates to \d+ filters$|^\S+ has \d+ changes$`)
+
+// quietLog drops the library's per-update chatter from log output (one Write per line).
+type quietLog struct {
+	out io.Writer
+}
+
+func (q *quietLog) Write(p []byte) (int, error) {
+	line := strings.TrimRight(string(p), "\n")
+	if strings.HasPrefix(line, "vcsim: ") {
+		// prefix "vcsim: " then the date and time (two fields) then the message
+		fields := strings.SplitN(line, " ", 4)
+		if len(fields) == 4 && chatter.MatchString(fields[3]) {
+			return len(p), nil
+		}
+	}
+	return q.out.Write(p)
 }
