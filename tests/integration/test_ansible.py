@@ -1,0 +1,402 @@
+"""The Ansible roles in ``ansible/`` run for real: syntax, the vCenter role, the controller role.
+
+Called by pytest. Calls ``ansible-playbook`` from the test virtualenv (a subprocess) on
+``ansible/site.yml``: the ``vcenter`` play against a private bundled simulator (trusted through
+``SSL_CERT_FILE`` = its own certificate, so certificates stay verified), the ``controller``
+play on localhost (``connection: local``) into a temporary prefix, with user creation and
+service management off. Reads results back with pyVmomi (through ``conftest.connect``),
+``vsphere_av.config.load`` and the installed ``vsphere-av`` command. Each playbook runs twice:
+the second run must report ``changed=0`` (idempotence, counted from the PLAY RECAP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SimulatorFactory, connect
+from pyVmomi import vim
+
+from vsphere_av import config, simulator
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+PLAYBOOK = ANSIBLE_DIR / "site.yml"
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+
+ROLE_NAMES = ("vsphere-av-scanner", "vsphere-av-isolation", "vsphere-av-appliances")
+SYSTEM_PRIVILEGES = {"System.Anonymous", "System.View", "System.Read"}
+
+# Distinctive secrets: a leak into the config file cannot hide behind a common word.
+VC_PASSWORD = "Vc-Adm1n-7f2a9c"
+GUEST_PASSWORD = "Gu3st-Pw-41d8e"
+WIN_PASSWORD = "W1n-Pw-0c55aa"
+
+RECAP_RE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$", re.MULTILINE)
+
+pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
+                                reason="ansible is not installed (pip install -e '.[dev]')")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ansible-playbook run: its output and the PLAY RECAP counts per host."""
+
+    output: str
+    recap: dict[str, dict[str, int]]
+
+    def count(self, host: str, what: str) -> int:
+        """A PLAY RECAP counter (ok, changed, failed, ...) for a host."""
+        return self.recap[host][what]
+
+
+def _recap(output: str) -> dict[str, dict[str, int]]:
+    _, sep, tail = output.rpartition("PLAY RECAP")
+    assert sep, f"no PLAY RECAP in output:\n{output[-4000:]}"
+    recap = {}
+    for m in RECAP_RE.finditer(tail):
+        recap[m["host"]] = {k: int(v) for k, v in
+                            (pair.split("=") for pair in m["counts"].split())}
+    assert recap, f"PLAY RECAP without hosts:\n{tail}"
+    return recap
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    home = tmp / "home"
+    (home / ".ansible" / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VSPHERE_AV_", "ANSIBLE_"))}
+    env.update(
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCALHOST_WARNING="False",
+        ANSIBLE_LOCAL_TEMP=str(home / ".ansible" / "tmp"),
+        ANSIBLE_REMOTE_TEMP=str(home / ".ansible" / "tmp"),
+        ANSIBLE_RETRY_FILES_ENABLED="False",
+        HOME=str(home),
+        **extra,
+    )
+    return env
+
+
+def _playbook(tmp: Path, inventory: dict[str, Any], *args: str, env: dict[str, str],
+              expect_failure: bool = False) -> Run:
+    inv = tmp / "inventory.yml"
+    inv.write_text(json.dumps(inventory, indent=1), encoding="utf-8")  # JSON is YAML
+    proc = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(inv), str(PLAYBOOK), *args],
+        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    output = proc.stdout + proc.stderr
+    if expect_failure:
+        assert proc.returncode != 0, output[-4000:]
+    else:
+        assert proc.returncode == 0, output[-6000:]
+    return Run(output=output, recap=_recap(proc.stdout))
+
+
+# -- syntax ---------------------------------------------------------------------------------
+
+def test_site_playbook_passes_syntax_check(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "--syntax-check", "-i", str(ANSIBLE_DIR / "inventory.example.yml"),
+         "-e", "@" + str(ANSIBLE_DIR / "group_vars" / "all.example.yml"), str(PLAYBOOK)],
+        cwd=ANSIBLE_DIR, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "playbook: " in proc.stdout
+
+
+def test_role_defaults_never_turn_off_tls_or_hold_secrets() -> None:
+    vc = (ANSIBLE_DIR / "roles/vsphere_av_vcenter_role/defaults/main.yml").read_text()
+    ctl = (ANSIBLE_DIR / "roles/vsphere_av_controller/defaults/main.yml").read_text()
+    assert re.search(r"^vsphere_av_vcenter_role_validate_certs: true$", vc, re.MULTILINE)
+    assert re.search(r"^vsphere_av_controller_vcenter_insecure: false$", ctl, re.MULTILINE)
+    assert "validate_certs: false" not in vc + ctl
+    # Secret variables default to the environment or to nothing, never to a literal.
+    assert re.search(r"^vsphere_av_vcenter_role_password: \"\{\{ lookup\('ansible.builtin.env'",
+                     vc, re.MULTILINE)
+    for name in ("vcenter_password", "guest_password", "appliances_engine_token",
+                 "appliances_ssh_private_key"):
+        assert re.search(rf'^vsphere_av_controller_{name}: ""$', ctl, re.MULTILINE), name
+
+
+# -- vsphere_av_vcenter_role ----------------------------------------------------------------
+
+def _vcenter_inventory(sim: simulator.Simulator, **role_vars: Any) -> dict[str, Any]:
+    return {"all": {"children": {
+        "vcenter": {"hosts": {"sim": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "vsphere_av_vcenter_role_hostname": sim.host,
+            "vsphere_av_vcenter_role_port": sim.port,
+            "vsphere_av_vcenter_role_username": sim.username,
+            # the password comes from the environment, as the role default reads it
+            **role_vars,
+        }}},
+        "vsphere_av_controllers": {"hosts": {}},
+    }}}
+
+
+def _roles(sim: simulator.Simulator) -> dict[str, set[str]]:
+    si = connect(sim)
+    return {r.name: set(r.privilege) for r in si.content.authorizationManager.roleList}
+
+
+def test_vcenter_role_creates_least_privilege_roles_idempotently(
+        tmp_path: Path, vcsim_factory: SimulatorFactory) -> None:
+    sim = vcsim_factory(hosts=1, vms=0, password=VC_PASSWORD)
+    # Certificates stay verified: the control node trusts exactly the simulator's CA.
+    env = _env(tmp_path, VSPHERE_AV_VCENTER_ADMIN_PASSWORD=sim.password,
+               SSL_CERT_FILE=str(sim.cert_file))
+    grant = {"principal": "VSPHERE.LOCAL\\svc-vsphere-av", "role": "vsphere-av-scanner",
+             "object_name": "rootFolder", "object_type": "Folder"}
+    inventory = _vcenter_inventory(sim, vsphere_av_vcenter_role_permissions=[grant])
+    assert not set(ROLE_NAMES) & set(_roles(sim))
+
+    first = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
+    assert first.count("sim", "failed") == 0
+    assert first.count("sim", "changed") == 2      # the roles (one loop) and the grant
+    assert VC_PASSWORD not in first.output
+
+    second = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
+    assert second.count("sim", "changed") == 0, second.output[-4000:]
+    assert second.count("sim", "failed") == 0
+
+    roles = _roles(sim)
+    assert roles["vsphere-av-scanner"] == SYSTEM_PRIVILEGES | {
+        "VirtualMachine.GuestOperations.Query", "VirtualMachine.GuestOperations.Modify"}
+    assert roles["vsphere-av-isolation"] == SYSTEM_PRIVILEGES | {
+        "VirtualMachine.Config.EditDevice", "VirtualMachine.Interact.DeviceConnection"}
+    appliances = roles["vsphere-av-appliances"]
+    assert {"VApp.Import", "VirtualMachine.Inventory.Create", "Resource.AssignVMToPool",
+            "Datastore.AllocateSpace", "Network.Assign", "Host.Inventory.EditCluster",
+            "VirtualMachine.Interact.PowerOn", "VirtualMachine.Interact.PowerOff",
+            "VirtualMachine.Provisioning.Clone"} <= appliances
+    # Separation: scanning grants no power, deployment or guest-execution rights.
+    assert not roles["vsphere-av-scanner"] & appliances - SYSTEM_PRIVILEGES
+    assert not any("GuestOperations.Execute" in p for n in ROLE_NAMES for p in roles[n])
+    assert "vsphere-av-tagging" not in roles     # off by default: nothing tags yet
+
+    si = connect(sim)
+    auth = si.content.authorizationManager
+    scanner_id = next(r.roleId for r in auth.roleList if r.name == "vsphere-av-scanner")
+    perms = auth.RetrieveEntityPermissions(si.content.rootFolder, False)
+    assert any(p.principal == grant["principal"] and p.roleId == scanner_id and p.propagate
+               for p in perms)
+
+    # Someone widens a role by hand: the next run puts it back to exactly its privileges.
+    auth.UpdateAuthorizationRole(scanner_id, "vsphere-av-scanner",
+                                 [*roles["vsphere-av-scanner"], "VirtualMachine.Interact.PowerOff"])
+    third = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
+    assert third.count("sim", "changed") == 1
+    assert _roles(sim)["vsphere-av-scanner"] == roles["vsphere-av-scanner"]
+
+    # state=absent removes them (force: the scanner role is still granted).
+    gone = _playbook(tmp_path, _vcenter_inventory(
+        sim, vsphere_av_vcenter_role_state="absent", vsphere_av_vcenter_role_force_remove=True),
+        "--tags", "vcenter", env=env)
+    assert gone.count("sim", "changed") == 1
+    assert not set(ROLE_NAMES) & set(_roles(sim))
+
+
+def test_vcenter_role_refuses_to_run_without_credentials(
+        tmp_path: Path, vcsim: simulator.Simulator) -> None:
+    run = _playbook(tmp_path, _vcenter_inventory(vcsim), "--tags", "vcenter",
+                    env=_env(tmp_path, SSL_CERT_FILE=str(vcsim.cert_file)), expect_failure=True)
+    assert run.count("sim", "failed") == 1
+    assert "VSPHERE_AV_VCENTER_ADMIN_PASSWORD" in run.output
+
+
+def test_vcenter_role_verifies_certificates_by_default(
+        tmp_path: Path, vcsim: simulator.Simulator) -> None:
+    # No SSL_CERT_FILE: the self-signed simulator is not trusted, and the role must not
+    # quietly connect anyway.
+    run = _playbook(tmp_path, _vcenter_inventory(vcsim), "--tags", "vcenter",
+                    env=_env(tmp_path, VSPHERE_AV_VCENTER_ADMIN_PASSWORD=vcsim.password),
+                    expect_failure=True)
+    assert run.count("sim", "failed") == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in run.output or "certificate verify failed" in run.output
+
+
+# -- vsphere_av_controller ------------------------------------------------------------------
+
+def _prepare_venv(venv: Path) -> None:
+    """Pre-create the role's virtualenv so it sees the test venv's dependencies.
+
+    The role reuses an existing virtualenv. This machine has no package index for the
+    runtime dependencies, and a venv made from a venv inherits the *base* interpreter's
+    site-packages, not the test venv's; one .pth line appends the test venv's
+    site-packages to sys.path instead (plain path lines do not run that directory's own
+    .pth files, so the test venv's editable vsphere-av stays out). The role then installs
+    vsphere-av itself from the repository with ``--no-deps``.
+    """
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
+    site = Path(sysconfig.get_path("purelib"))
+    query = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", query], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    Path(purelib, "zz-test-deps.pth").write_text(f"{site}\n", encoding="utf-8")
+
+
+def _bundle(path: Path, marker: str) -> Path:
+    src = path.parent / (path.name + ".d")
+    shutil.rmtree(src, ignore_errors=True)
+    (src / "rules").mkdir(parents=True)
+    (src / "rules" / "ansible_test.yar").write_text(
+        f'rule AnsibleTest_{marker} {{ strings: $a = "vsphere-av-ansible-{marker}" '
+        "condition: $a }\n", encoding="utf-8")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src / "rules", arcname="rules")
+    return path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_controller_role_installs_configures_and_is_idempotent(
+        tmp_path: Path, vcsim_factory: SimulatorFactory) -> None:
+    sim = vcsim_factory(hosts=2, vms=1, password=VC_PASSWORD)
+    prefix = tmp_path / "root"
+    venv = tmp_path / "venv"
+    _prepare_venv(venv)
+    bundle = _bundle(tmp_path / "signatures.tar.gz", "one")
+    user = subprocess.run(["id", "-un"], check=True, capture_output=True, text=True).stdout.strip()
+    group = subprocess.run(["id", "-gn"], check=True, capture_output=True, text=True).stdout.strip()
+    host_vars: dict[str, Any] = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+        "vsphere_av_controller_prefix": str(prefix),
+        "vsphere_av_controller_venv": str(venv),
+        "vsphere_av_controller_source": str(REPO),
+        "vsphere_av_controller_pip_extra_args": "--no-deps",
+        "vsphere_av_controller_create_user": False,
+        "vsphere_av_controller_manage_service": False,
+        "vsphere_av_controller_user": user,
+        "vsphere_av_controller_group": group,
+        "vsphere_av_controller_vcenter_server": sim.host,
+        "vsphere_av_controller_vcenter_port": sim.port,
+        "vsphere_av_controller_vcenter_user": sim.username,
+        "vsphere_av_controller_vcenter_password": sim.password,
+        "vsphere_av_controller_vcenter_thumbprint": sim.thumbprint.lower(),
+        "vsphere_av_controller_guest_user": "root",
+        "vsphere_av_controller_guest_password": GUEST_PASSWORD,
+        "vsphere_av_controller_guest_credentials": [
+            {"user": "Administrator", "password": WIN_PASSWORD, "vm": "win-*"}],
+        "vsphere_av_controller_scan": {"action": "report", "per_host_limit": 2,
+                                       "exclude": ["/var/cache"]},
+        "vsphere_av_controller_appliances": {"enabled": True},
+        "vsphere_av_controller_appliances_reconcile": True,
+        "vsphere_av_controller_signature_bundle": str(bundle),
+    }
+    inventory = {"all": {"children": {
+        "vcenter": {"hosts": {}},
+        "vsphere_av_controllers": {"hosts": {"localhost": host_vars}},
+    }}}
+    env = _env(tmp_path)
+
+    first = _playbook(tmp_path, inventory, "--tags", "controller", env=env)
+    assert first.count("localhost", "failed") == 0
+    assert first.count("localhost", "changed") >= 5
+    for secret in (VC_PASSWORD, GUEST_PASSWORD, WIN_PASSWORD):
+        assert secret not in first.output
+
+    second = _playbook(tmp_path, inventory, "--tags", "controller", env=env)
+    assert second.count("localhost", "changed") == 0, second.output[-6000:]
+    assert second.count("localhost", "failed") == 0
+
+    # The package really is installed in the role's virtualenv and runs from there.
+    cli = venv / "bin" / "vsphere-av"
+    version = subprocess.run([str(cli), "--version"], check=True, capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert version.stdout.strip() == "vsphere-av, version 0.1.0"
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import vsphere_av; print(vsphere_av.__file__)"],
+                           check=True, capture_output=True, text=True, timeout=60, env=env,
+                           cwd=tmp_path)  # not the repository: "" on sys.path would find it
+    assert where.stdout.strip().startswith(str(venv))
+
+    # Configuration: 0600, no secret in it, and it loads to exactly what was asked for.
+    cfg = prefix / "etc" / "vsphere-av" / "vsphere-av.toml"
+    secrets = prefix / "etc" / "vsphere-av" / "secrets"
+    state = prefix / "var" / "lib" / "vsphere-av"
+    assert _mode(cfg) == 0o600
+    text = cfg.read_text(encoding="utf-8")
+    for secret in (VC_PASSWORD, GUEST_PASSWORD, WIN_PASSWORD):
+        assert secret not in text
+    assert "insecure" not in text
+    assert _mode(secrets) == 0o700
+    assert _mode(state) == 0o700
+    for name in ("vcenter.password", "guest.password", "guest-1.password"):
+        assert _mode(secrets / name) == 0o600, name
+    settings = config.load(config_file=cfg, env={})
+    assert settings.state_dir == state
+    assert (settings.vcenter.server, settings.vcenter.port) == (sim.host, sim.port)
+    assert settings.vcenter.password.reveal() == sim.password
+    assert settings.vcenter.thumbprint == sim.thumbprint
+    assert not settings.vcenter.insecure
+    assert settings.guest.for_vm(vm_name="win-7")[1].reveal() == WIN_PASSWORD
+    assert settings.guest.for_vm(vm_name="web-1")[1].reveal() == GUEST_PASSWORD
+    assert settings.scan.action == "report"
+    assert settings.scan.per_host_limit == 2
+
+    # The hardened unit (written, not started: service management is off).
+    unit = (prefix / "etc" / "systemd" / "system" / "vsphere-av.service").read_text()
+    assert f"ExecStart={cli} --config {cfg} serve" in unit
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", f"ReadWritePaths={state}",
+                 "PrivateTmp=yes", "ProtectHome=yes", "CapabilityBoundingSet=\n",
+                 f"User={user}"):
+        assert line in unit, line
+
+    # Signatures: the bundle is the active version, imported once.
+    listed = json.loads(subprocess.run(
+        [str(cli), "--config", str(cfg), "signatures", "list", "--json"], check=True,
+        capture_output=True, text=True, timeout=60, env=env).stdout)
+    ours = [v for v in listed if "/bundles/signatures-" in v["source"]]
+    assert len(ours) == 1
+    assert ours[0]["active"]
+    assert ours[0]["rules"] == 1
+
+    # Appliances: one per host, deployed by the first run only.
+    si = connect(sim)
+    view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.HostSystem,
+                                                      vim.VirtualMachine], True)
+    try:
+        hosts = [o for o in view.view if isinstance(o, vim.HostSystem)]
+        appliances = [o.name for o in view.view if isinstance(o, vim.VirtualMachine)
+                      and o.name.startswith("vsphere-av-appliance-")]
+    finally:
+        view.DestroyView()
+    assert sorted(appliances) == sorted(f"vsphere-av-appliance-{h.name}" for h in hosts)
+
+    audit = json.loads(subprocess.run(
+        [str(cli), "--config", str(cfg), "audit", "verify", "--json"], check=True,
+        capture_output=True, text=True, timeout=60, env=env).stdout)
+    assert audit["ok"]
+    assert audit["entries"] > 0
+
+    # A new bundle is copied and imported; nothing else changes.
+    _bundle(bundle, "two")
+    third = _playbook(tmp_path, inventory, "--tags", "controller", env=env)
+    assert third.count("localhost", "changed") == 2, third.output[-6000:]
+    listed = json.loads(subprocess.run(
+        [str(cli), "--config", str(cfg), "signatures", "list", "--json"], check=True,
+        capture_output=True, text=True, timeout=60, env=env).stdout)
+    ours = [v for v in listed if "/bundles/signatures-" in v["source"]]
+    assert len(ours) == 2
+    assert ours[-1]["active"]
