@@ -256,3 +256,17 @@ def test_any_producer_failure_becomes_an_error_outcome(engine: Engine) -> None:
         out = s.scan_stream(broken(), path="/guest/file")
     assert out.status == "error"
     assert "connection reset by guest" in out.reason
+
+
+def test_cached_archive_verdict_names_the_member_under_the_new_name(engine: Engine) -> None:
+    data = zip_bytes({"dir/inner.com": EICAR})
+    with engine.session() as s:
+        first = scan(s, data, "/a/first.zip", chunk=4096)
+        second = scan(s, data, "/b/second.zip", chunk=4096)
+        looked_up = s.lookup(first.sha256, path="/c/third.zip")
+    assert not first.cached
+    assert second.cached
+    assert {d.member for d in first.detections} == {"first.zip!dir/inner.com"}
+    assert {d.member for d in second.detections} == {"second.zip!dir/inner.com"}
+    assert looked_up is not None
+    assert {d.member for d in looked_up.detections} == {"third.zip!dir/inner.com"}

@@ -151,6 +151,13 @@ def _limits_fingerprint(settings: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
+def cacheable(outcome: FileOutcome) -> CachedVerdict:
+    """What the verdict cache stores of an outcome (member paths without the file's name)."""
+    return CachedVerdict(status=outcome.status, reason=outcome.reason, detections=tuple(
+        (d.threat, d.source, d.rule, "!" + d.member.split("!", 1)[1] if "!" in d.member else "")
+        for d in outcome.detections))
+
+
 class Session:
     """Scans with one pinned signature version (use through ``Engine.session()``)."""
 
@@ -195,11 +202,15 @@ class Session:
                                                                         owner=owner))
         if hit is None:
             return None
-        return self._from_cached(hit, path=path, sha256=sha256, size=size)
+        return self._from_cached(hit, path=path, sha256=sha256, size=size, name=name)
 
     def _from_cached(self, hit: CachedVerdict, *, path: str, sha256: str, size: int,
-                     ) -> FileOutcome:
-        detections = tuple(Detection(threat=t, source=s, rule=r, member=m)  # type: ignore[arg-type]
+                     name: str | None = None) -> FileOutcome:
+        # Members are cached without the file's own name ("!dir/x.exe"): the same content
+        # may come back under another name.
+        base = name if name is not None else split_name(path)[0]
+        detections = tuple(Detection(threat=t, source=s, rule=r,  # type: ignore[arg-type]
+                                     member=base + m if m.startswith("!") else m)
                            for t, s, r, m in hit.detections)
         return FileOutcome(path=path, status=hit.status, sha256=sha256,  # type: ignore[arg-type]
                            size=size, detections=detections, reason=hit.reason, cached=True)
@@ -208,9 +219,7 @@ class Session:
         if self._cache is None or not self._cache_writes or \
                 outcome.status not in ("clean", "infected"):
             return
-        self._cache.put(outcome.sha256, self.version, context, CachedVerdict(
-            status=outcome.status, reason=outcome.reason,
-            detections=tuple((d.threat, d.source, d.rule, d.member) for d in outcome.detections)))
+        self._cache.put(outcome.sha256, self.version, context, cacheable(outcome))
 
     # -- scanning ---------------------------------------------------------------------
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
@@ -305,7 +314,8 @@ class Session:
         if self._cache is not None:
             hit = self._cache.get(blob.sha256, self.version, context)
             if hit is not None:
-                return self._from_cached(hit, path=path, sha256=blob.sha256, size=blob.size)
+                return self._from_cached(hit, path=path, sha256=blob.sha256, size=blob.size,
+                                         name=name)
         outcome = self.analyse(blob, path=path, name=name, owner=owner)
         self._remember(outcome, context)
         return outcome

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsphere_av.engine import Detection, Engine, FileOutcome, Session, _owner_name
+from vsphere_av.engine import Detection, Engine, FileOutcome, Session, _owner_name, cacheable
 from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
 from vsphere_av.engine.signatures import SignatureStore
 
@@ -292,7 +292,6 @@ def _store(outcome: FileOutcome, st: os.stat_result, *, session: Session, cache:
     if outcome.cached:
         cache.remember_file(_file_stat(st), outcome.sha256)
         return
-    cache.put(outcome.sha256, session.version, _context(session, outcome.path, st), CachedVerdict(
-        status=outcome.status, reason=outcome.reason,
-        detections=tuple((d.threat, d.source, d.rule, d.member) for d in outcome.detections)))
+    cache.put(outcome.sha256, session.version, _context(session, outcome.path, st),
+              cacheable(outcome))
     cache.remember_file(_file_stat(st), outcome.sha256)
