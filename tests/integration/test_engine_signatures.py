@@ -433,3 +433,17 @@ def test_concurrent_first_start_imports_the_builtin_bundle_once(tmp_path: Path) 
     assert all(p.returncode == 0 for p in procs), outputs
     listed = json.loads(run_cli(state, "signatures", "list", "--json").stdout)
     assert [(v["version"], v["active"]) for v in listed] == [(1, True)]
+
+
+def test_non_utf8_rule_bytes_survive_the_pe_free_set(engine: Engine, tmp_path: Path) -> None:
+    rules = tmp_path / "latin"
+    rules.mkdir()
+    (rules / "r.yar").write_bytes(
+        b'import "pe"\nrule latin { strings: $a = "caf\xe9-bytes" condition: $a }\n'
+        b"rule pe_rule { condition: uint16(0) == 0x5a4d and pe.number_of_sections > 0 }\n")
+    version = engine.store.import_bundle(rules).info.version
+    vdir = engine.settings.state_dir / "signatures" / f"v{version:04d}"
+    assert (vdir / "rules-non-pe.yarc").is_file()
+    with engine.session() as s:
+        assert s.scan_stream([b"xx caf\xe9-bytes yy"], path="/x").status == "infected"
+        assert s.scan_stream(["xx café-bytes".encode()], path="/y").status == "clean"

@@ -246,14 +246,26 @@ def _compile(files: dict[str, Path]) -> yara.Rules:
 
 
 def _compile_non_pe(non_pe: dict[str, str | None]) -> yara.Rules | None:
-    """The rule set for files not starting with "MZ" (None when the bundle does not allow it)."""
+    """The rule set for files not starting with "MZ" (None when the bundle does not allow it).
+
+    Texts are Latin-1 decoded rule files; they are written back byte for byte and compiled
+    from files, so strings with non-UTF-8 bytes stay exactly as their authors wrote them.
+    """
     if not non_pe or any(text is None for text in non_pe.values()):
         return None
-    try:
-        return yara.compile(sources={rel: text for rel, text in non_pe.items() if text},
-                            externals=EXTERNAL_DEFAULTS, includes=False)
-    except yara.Error:
-        return None     # the analysis misread something: scan every file with all rules
+    with tempfile.TemporaryDirectory(prefix="vsphere-av-non-pe-") as tmp:
+        paths: dict[str, str] = {}
+        for number, (rel, text) in enumerate(sorted(non_pe.items())):
+            if not text:
+                continue
+            target = os.path.join(tmp, f"{number}.yar")
+            with open(target, "wb") as fh:
+                fh.write(text.encode("latin-1"))
+            paths[rel] = target
+        try:
+            return yara.compile(filepaths=paths, externals=EXTERNAL_DEFAULTS, includes=False)
+        except yara.Error:
+            return None     # the analysis misread something: scan every file with all rules
 
 
 class SignatureStore:
@@ -365,7 +377,8 @@ class SignatureStore:
                 else:
                     problem, count = _check_rule_file(path, rel)
                     if problem is None:
-                        text = path.read_text(encoding="utf-8", errors="replace")
+                        # Latin-1 maps every byte to one character and back.
+                        text = path.read_text(encoding="latin-1")
                         rule_files[rel] = path
                         non_pe[rel] = non_pe_source(text, expected_rules=count)
                         rule_count += count
