@@ -16,16 +16,23 @@ replaced by the host's management address. TLS for that hop, in this order:
      (true when vCenter and the transfer endpoint are the same server, as in the simulator;
      on a real vCenter step 1 applies first);
   4. ``insecure`` skips verification, as for vCenter.
-Bodies are streamed (64 KiB chunks) and each transfer uses a fresh connection with
-``Connection: close``: transfer URLs are single-use and ESXi wants no keep-alive.
+Bodies are streamed (1 MiB chunks) and each transfer uses a fresh connection with
+``Connection: close``: transfer URLs are single-use and ESXi wants no keep-alive. Downloads
+(the scan path, one per file) go through one :class:`_TransferClient` per host and trust:
+one prepared SSL context, the pin checked on every connection, and the TLS session of the
+previous transfer to that host offered again (resumption: no certificate exchange and no
+RSA signature on the host for each small file). Uploads (rare) use ``requests``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.client
 import logging
 import posixpath
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -145,6 +152,104 @@ def _http_session(host: HostInfo | None, trust: TlsTrust) -> tuple[requests.Sess
     return session, False
 
 
+def _transfer_trust(host: HostInfo | None, trust: TlsTrust) -> tuple[str, str]:
+    """(CA file, pinned SHA-256 hex) for a transfer, in the module's trust order."""
+    if host is not None and host.certificate_sha256:
+        return "", host.certificate_sha256
+    if trust.ca_file:
+        return trust.ca_file, ""
+    if trust.thumbprint:
+        return "", trust.thumbprint
+    return "", ""
+
+
+class _TransferClient:
+    """GETs of transfer URLs on one ESXi host with one trust (thread-safe).
+
+    Every GET is a new connection with ``Connection: close``; the TLS session of the last
+    one is offered for resumption (sessions never cross hosts or trusts: one client per
+    both). The pin is checked on every connection, resumed or not.
+    """
+
+    def __init__(self, *, ca_file: str, fingerprint: str) -> None:
+        self._context = _context(ca_file)     # CA file: chain and host name verified
+        self._pin = fingerprint.replace(":", "").lower()
+        self._session: ssl.SSLSession | None = None
+        self._single_use = False
+        self._lock = threading.Lock()
+
+    def get(self, host: str, port: int, target: str, *, what: str) -> http.client.HTTPResponse:
+        """Send ``GET target`` and return the response with its headers read."""
+        with self._lock:
+            offered = self._session
+        sock: socket.socket | None = None
+        try:
+            sock = socket.create_connection((host, port), timeout=TRANSFER_TIMEOUT[0])
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self._context.wrap_socket(sock, server_hostname=host, session=offered)
+            sock = tls
+            if self._pin:
+                got = hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest()
+                if got != self._pin:
+                    raise errors.TlsVerificationError(
+                        f"{what}: certificate of {host}:{port} does not match the pinned "
+                        f"thumbprint: expected {_colons(self._pin)}, got {_colons(got)}")
+            tls.settimeout(TRANSFER_TIMEOUT[1])
+            conn = http.client.HTTPConnection(host, port)
+            conn.sock = tls
+            conn.request("GET", target, headers={"Connection": "close",
+                                                 "Accept-Encoding": "identity"})
+            response = conn.getresponse()
+            self._keep_session(tls, offered)
+            conn.sock = None        # the response owns the socket now
+            return response
+        except errors.VsphereAvError:
+            if sock is not None:
+                sock.close()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            if sock is not None:
+                sock.close()
+            raise translate(exc, what=what) from exc
+
+
+    def _keep_session(self, tls: ssl.SSLSocket, offered: ssl.SSLSession | None) -> None:
+        # Reading a session out costs about as much as the resumed handshake saves, so a
+        # session the host accepted is kept; a host whose tickets are single-use (one that
+        # refused a session it issued) gets the new session of every connection.
+        resumed = tls.session_reused
+        if offered is not None and resumed and not self._single_use:
+            return
+        if offered is not None and not resumed:
+            self._single_use = True
+        session = tls.session
+        if session is not None:
+            with self._lock:
+                self._session = session
+
+
+def _colons(hex_digest: str) -> str:
+    return ":".join(hex_digest[i:i + 2] for i in range(0, len(hex_digest), 2)).upper()
+
+
+_CLIENTS: dict[tuple[str, str, str], _TransferClient] = {}
+_MAX_CLIENTS = 4096
+
+
+def _transfer_client(netloc: str, host: HostInfo | None, trust: TlsTrust) -> _TransferClient:
+    """The shared client for transfers to ``netloc`` under this trust."""
+    ca_file, pin = _transfer_trust(host, trust)
+    key = (netloc, ca_file, pin)
+    client = _CLIENTS.get(key)
+    if client is not None:
+        return client
+    fresh = _TransferClient(ca_file=ca_file, fingerprint=pin)
+    with _CONTEXTS_LOCK:
+        if len(_CLIENTS) >= _MAX_CLIENTS:
+            _CLIENTS.clear()
+        return _CLIENTS.setdefault(key, fresh)
+
+
 def transfer_url(url: str, host_address: str) -> str:
     """Replace the `*` host of a guest transfer URL with the ESXi host's address."""
     parts = urlsplit(url)
@@ -158,23 +263,31 @@ def transfer_url(url: str, host_address: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+class _Body(Protocol):
+    """What a download reads from: an HTTP response body."""
+
+    def read(self, amt: int | None = None) -> bytes: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class Download:
     """An open guest file transfer: iterate :meth:`chunks` once, then it is closed."""
 
     path: str
     size: int
-    _response: requests.Response
+    _response: _Body
+    local = True        # the bytes come through this process (scanning may read ahead)
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes in chunks; TransientError when the stream ends early."""
         got = 0
+        read = self._response.read
         try:
-            for chunk in self._response.iter_content(chunk_size=CHUNK):
-                if chunk:
-                    got += len(chunk)
-                    yield chunk
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            while chunk := read(CHUNK):
+                got += len(chunk)
+                yield chunk
+        except (http.client.HTTPException, OSError) as exc:
             raise errors.TransientError(f"download of {self.path} broke off: {exc}") from exc
         finally:
             self._response.close()
@@ -193,7 +306,9 @@ class Download:
 
 
 class GuestFiles:
-    """Guest file operations on one VM with one guest account."""
+    """Guest file operations on one VM with one guest account (thread-safe)."""
+
+    local_downloads = True      # downloads are read here: scanning may fetch them ahead
 
     def __init__(self, *, connection: Connection, vm: VmInfo, user: str, password: Secret) -> None:
         self._conn = connection
@@ -201,6 +316,7 @@ class GuestFiles:
         self._user = user
         self._password = password
         self.windows = vm.is_windows
+        self._prepared: tuple[Any, Any, Any] | None = None     # (stub, VM ref, auth)
 
     def __repr__(self) -> str:
         return f"GuestFiles(vm={self.vm.name!r}, user={self._user!r})"
@@ -216,8 +332,14 @@ class GuestFiles:
                                   lambda c: c.guestOperationsManager.fileManager)
 
         def run(content: Any) -> Any:
-            vm_ref = self._conn.ref("VirtualMachine", self.vm.moref)
-            return getattr(fm, method)(vm=vm_ref, auth=self._auth(), **kwargs)
+            # The VM reference and the credentials object are built once per SOAP stub
+            # (a new login may bring a new stub), not once per call.
+            stub = self._conn.stub
+            if self._prepared is None or self._prepared[0] is not stub:
+                self._prepared = (stub, self._conn.ref("VirtualMachine", self.vm.moref),
+                                  self._auth())
+            _, vm_ref, auth = self._prepared
+            return getattr(fm, method)(vm=vm_ref, auth=auth, **kwargs)
         return self._conn.call(f"{what} on {self.vm.name}", run)
 
     def list_dir(self, path: str, *, pattern: str | None = None) -> Iterator[GuestFile]:
@@ -293,22 +415,20 @@ class GuestFiles:
 
     def open_download(self, path: str) -> Download:
         """Start streaming one guest file out (InitiateFileTransferFromGuest + HTTPS GET)."""
+        what = f"download {path} from {self.vm.name}"
         info = self._call(f"download {path}", "InitiateFileTransferFromGuest", guestFilePath=path)
-        url = transfer_url(str(info.url), self.vm.host.address if self.vm.host else "")
-        session, verify = _http_session(self.vm.host, self._conn.trust)
-        try:
-            response = session.get(url, stream=True, verify=verify, timeout=TRANSFER_TIMEOUT)
-        except requests.exceptions.RequestException as exc:
-            session.close()
-            raise translate(exc, what=f"download {path} from {self.vm.name}") from exc
-        session.close()     # the response keeps its own connection until read or closed
-        if response.status_code == 404:
+        url = urlsplit(transfer_url(str(info.url), self.vm.host.address if self.vm.host else ""))
+        if url.scheme != "https" or not url.hostname:
+            raise errors.GuestError(f"{what}: unexpected transfer URL scheme {url.scheme!r}")
+        client = _transfer_client(url.netloc, self.vm.host, self._conn.trust)
+        target = f"{url.path or '/'}?{url.query}" if url.query else (url.path or "/")
+        response = client.get(url.hostname, url.port or 443, target, what=what)
+        if response.status == 404:
             response.close()
-            raise errors.GuestFileNotFound(f"download {path} from {self.vm.name}: gone (HTTP 404)")
-        if response.status_code != 200:
+            raise errors.GuestFileNotFound(f"{what}: gone (HTTP 404)")
+        if response.status != 200:
             response.close()
-            raise errors.TransientError(
-                f"download {path} from {self.vm.name}: HTTP {response.status_code}")
+            raise errors.TransientError(f"{what}: HTTP {response.status}")
         return Download(path=path, size=int(info.size), _response=response)
 
     def upload(self, path: str, body: SupportsRead, *, size: int, overwrite: bool = False,
