@@ -73,7 +73,7 @@ def _closing(tokens: list[re.Match[str]], at: int) -> int:
 # on every file not starting with "MZ": the pe module parses nothing there. YARA itself
 # evaluates it once on such data; false means the rule cannot match those files.
 _NOT_PE_ONLY = re.compile(
-    r"[$#@]|!(?!=)|\bfilesize\b|\bentrypoint\b|\bu?int(?:8|16|32)(?:be)?\s*\("
+    r"[$#@]|!(?!=)|\bthem\b|\bfilesize\b|\bentrypoint\b|\bu?int(?:8|16|32)(?:be)?\s*\("
     r"|\b(?:math|hash|elf|dotnet|cuckoo|magic|time|console|string|lnk|macho|dex|androguard)\."
     r"|\b(?:filename|filepath|extension|filetype|owner)\b")
 _PE_VERDICTS: dict[str, bool] = {}
@@ -148,7 +148,7 @@ def gate_of(condition: str, original: str | None = None, *,
 SENTINEL = "vsphere_av_sentinel_"   # rules of the no-pe set that say "rescan with all rules"
 _STRING_ATOMS = (
     re.compile(r"^\$\w*(\s+(at|in)\s+.*)?$", re.S),
-    re.compile(r"^(any|all|[1-9]\d*)\s+of\s+(them|\(.*\))(\s+(at|in)\s+.*)?$", re.S),
+    re.compile(r"^(any|all|[1-9]\d*)\s+of\s+(them|\(\s*\$[^()]*\))(\s+(at|in)\s+.*)?$", re.S),
     re.compile(r"^#\w*\s*(>\s*\d+|>=\s*[1-9]\d*)$"),
 )
 
