@@ -22,7 +22,7 @@ from controller_support import (
 )
 
 from vsphere_av import simulator
-from vsphere_av.app import ControllerRuntime, start_controller
+from vsphere_av.app import ControllerRuntime, instant_on_timeline, start_controller
 from vsphere_av.store.jobs import JobStore
 
 INFECTED, CLEAN, REVERTED, OTHER = (f"DC0_C0_RP0_VM{i}" for i in range(4))
@@ -88,6 +88,13 @@ def test_stale_infected_vm_is_isolated_scanned_first_and_stays_isolated(
     assert not (sim.guest_root / INFECTED / "home/bob/eicar.com").exists()   # quarantined
     with JobStore.open(state) as jobs:
         assert jobs.isolation(moref) is not None
+    timeline = [row["what"] for row in instant_on_timeline(controller.app.settings, moref)]
+    assert timeline[0].startswith("started running")
+    assert timeline[1].startswith("network isolated")
+    assert timeline.index("scan start (ahead of all other work)") > 1
+    assert any(w.startswith("detection: /home/bob/eicar.com") for w in timeline)
+    assert any(w.startswith("exposure closed: infected") for w in timeline)
+    assert timeline[-1] == "isolation.keep"
 
 
 def test_clean_stale_vm_is_isolated_then_reconnected_exactly(
