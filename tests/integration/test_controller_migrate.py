@@ -1,0 +1,71 @@
+"""A queued job follows its VM when it migrates (issue 5, point 5).
+
+One scan slot per host: while a big VM is being scanned on host A, a stale VM also on A
+waits in A's queue. When it is migrated to host B, its job moves with it and runs on B at
+once, while the scan on A is still going.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from controller_support import admin, audit_entries, plant, settings_for, wait_for, wait_task
+from pyVmomi import vim
+
+from vsphere_av import simulator
+from vsphere_av.app import start_controller
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
+    if not simulator.binary_path().exists():
+        pytest.skip("build/vcsim missing: run make vcsim")
+    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=4)
+    yield s
+    s.stop()
+
+
+def test_queued_job_moves_to_the_host_its_vm_migrated_to(sim: simulator.Simulator,
+                                                          tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with admin(sim) as a:
+        a.power_off(*a.vms)
+        by_host: dict[str, list[str]] = {}
+        for name, vm in sorted(a.vms.items()):
+            by_host.setdefault(vm.runtime.host._moId, []).append(name)
+        host_a = next(h for h, names in by_host.items() if len(names) >= 2)
+        host_b = next(h for h in by_host if h != host_a)
+        big, mover = by_host[host_a][:2]
+        for i in range(200):
+            plant(sim, big, f"/data/blob{i:03}.bin", os.urandom(256 * 1024))
+        plant(sim, mover, "/etc/hostname", b"mover\n")
+        settings = settings_for(sim, state, toml="[scan]\nper_host_limit = 1\n")
+        rt = start_controller(settings)
+        try:
+            c = rt.controller
+            assert c.inventory_ready.wait(20)
+            assert c.events_ready.wait(20)
+            wait_task(a.vms[big].PowerOnVM_Task())
+            wait_for(lambda: [j.vm for j in c.scheduler.running()] == [a.vms[big]._moId],
+                     timeout=20, what="big scan running")
+            wait_task(a.vms[mover].PowerOnVM_Task())
+            wait_for(lambda: any(j.vm == a.vms[mover]._moId for j in c.scheduler.queued()),
+                     timeout=10, what="mover queued behind the big scan")
+            (queued,) = [j for j in c.scheduler.queued() if j.vm == a.vms[mover]._moId]
+            assert queued.host == host_a
+            target = next(h for h in a.vms[big].runtime.host.parent.host if h._moId == host_b)
+            wait_task(a.vms[mover].MigrateVM_Task(
+                host=target, priority=vim.VirtualMachine.MovePriority.defaultPriority))
+            wait_for(lambda: any(e.outcome == "clean"
+                                 for e in rt.jobs.exposures(a.vms[mover]._moId)),
+                     timeout=30, what="mover scanned on its new host")
+            still_running = [j.vm for j in c.scheduler.running()]
+        finally:
+            rt.stop(grace=20)
+    assert a.vms[big]._moId in still_running, "the mover had to wait for the big scan"
+    starts = [d for act, d in audit_entries(state) if act == "scan.start"]
+    mover_start = next(d for d in starts if d["vm"] == mover)
+    assert mover_start["host_moref"] == host_b
