@@ -28,6 +28,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -154,7 +155,22 @@ func run() error {
 	if err = model.Create(); err != nil {
 		return fmt.Errorf("creating the inventory: %s", err)
 	}
-	defer model.Remove()
+	// Not model.Remove(): it walks the registry without a lock while requests may still run
+	// (a crash at exit). No VM has a container here, so removing the datastore directories
+	// it created is all there is to clean up.
+	var datastoreDirs []string
+	for _, e := range simulator.Map.All("Datastore") {
+		if ds, ok := e.(*simulator.Datastore); ok {
+			datastoreDirs = append(datastoreDirs, ds.Info.GetDatastoreInfo().Url)
+		}
+	}
+	defer func() {
+		for _, dir := range datastoreDirs {
+			if strings.HasPrefix(filepath.Base(dir), "govcsim-") {
+				_ = os.RemoveAll(dir)
+			}
+		}
+	}()
 
 	svc := model.Service
 	svc.RegisterEndpoints = true
