@@ -141,7 +141,8 @@ class VerdictCache:
     def put(self, sha256: str, version: int, context: str, verdict: CachedVerdict) -> None:
         """Remember a verdict (buffered; see ``flush``)."""
         row = (bytes.fromhex(sha256), version, context, verdict.status, verdict.reason,
-               json.dumps([list(d) for d in verdict.detections]), int(time.time()))
+               json.dumps([list(d) for d in verdict.detections]) if verdict.detections else "[]",
+               int(time.time()))
         with self._lock:
             self._pending[row[:3]] = row
             if len(self._pending) >= FLUSH_EVERY:
