@@ -60,6 +60,13 @@ class Run:
         """A PLAY RECAP counter (ok, changed, failed, ...) for a host."""
         return self.recap[host][what]
 
+    def status(self, task: str) -> str:
+        """How the (last) task whose name starts with ``task`` ended: ok, changed, skipping..."""
+        found = re.findall(rf"^TASK \[[^\]]*: {re.escape(task)}[^\n]*\n(\w+)", self.output,
+                           re.MULTILINE)
+        assert found, f"task {task!r} did not run"
+        return str(found[-1])
+
 
 def _recap(output: str) -> dict[str, dict[str, int]]:
     _, sep, tail = output.rpartition("PLAY RECAP")
@@ -174,6 +181,7 @@ def test_vcenter_role_creates_least_privilege_roles_idempotently(
     second = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
     assert second.count("sim", "changed") == 0, second.output[-4000:]
     assert second.count("sim", "failed") == 0
+    assert second.status("Check that each managed role exists with exactly its privileges") == "ok"
 
     roles = _roles(sim)
     assert roles["vsphere-av-scanner"] == SYSTEM_PRIVILEGES | {
@@ -277,6 +285,7 @@ def test_controller_role_installs_configures_and_is_idempotent(
     bundle = _bundle(tmp_path / "signatures.tar.gz", "one")
     user = subprocess.run(["id", "-un"], check=True, capture_output=True, text=True).stdout.strip()
     group = subprocess.run(["id", "-gn"], check=True, capture_output=True, text=True).stdout.strip()
+    has_systemd_analyze = shutil.which("systemd-analyze") is not None
     host_vars: dict[str, Any] = {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
@@ -287,6 +296,7 @@ def test_controller_role_installs_configures_and_is_idempotent(
         "vsphere_av_controller_pip_extra_args": "--no-deps",
         "vsphere_av_controller_create_user": False,
         "vsphere_av_controller_manage_service": False,
+        "vsphere_av_controller_verify_unit": has_systemd_analyze,
         "vsphere_av_controller_user": user,
         "vsphere_av_controller_group": group,
         "vsphere_av_controller_vcenter_server": sim.host,
@@ -319,6 +329,17 @@ def test_controller_role_installs_configures_and_is_idempotent(
     second = _playbook(tmp_path, inventory, "--tags", "controller", env=env)
     assert second.count("localhost", "changed") == 0, second.output[-6000:]
     assert second.count("localhost", "failed") == 0
+    # The role's own verify step ran (and would have failed the play otherwise).
+    for task in ("Check the installed version", "Check that the audit log is intact",
+                 "Check that the configuration file holds no secret",
+                 "Check the unit file with systemd-analyze",
+                 "Check the unit's exposure score"):
+        skipped = task.startswith("Check the unit") and not has_systemd_analyze
+        expected = "skipping" if skipped else "ok"
+        assert second.status(task) == expected, task
+    assert second.status("Install vsphere-av into the virtualenv") == "skipping"
+    assert second.status("Import and activate the signature bundle") == "skipping"
+    assert second.status("Reconcile the per-host appliances") == "ok"
 
     # The package really is installed in the role's virtualenv and runs from there.
     cli = venv / "bin" / "vsphere-av"
