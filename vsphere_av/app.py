@@ -636,6 +636,8 @@ def instant_on_timeline(settings: Settings, vm_moref: str) -> list[dict[str, Any
                      "isolation.keep")):
                 continue
             when = datetime.fromisoformat(entry.time).timestamp()
+            if when < start:
+                continue      # earlier scans are not part of this instant-on story
             what = entry.action
             if entry.action == "detection":
                 what = f"detection: {entry.details.get('path')} ({entry.details.get('threat')})"

@@ -1,0 +1,170 @@
+"""``make demo``: the whole product end to end on the bundled simulator.
+
+Called by ``make demo`` (``python -m vsphere_av.demo``). Starts the simulator, plants test
+files (the harmless EICAR test string) in guests, then runs the real ``vsphere-av``
+commands a person would type and prints their output, so what you see is what you get.
+Uses ``vsphere.lab`` for what an administrator would do in the vSphere Client (power a VM
+on, set its guest OS). Everything lives under ``build/demo/`` and is recreated each run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vsphere_av import config, simulator
+from vsphere_av.errors import VsphereAvError
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "demo"
+
+
+def banner(text: str) -> None:
+    """A section heading."""
+    print(f"\n=== {text} " + "=" * max(0, 74 - len(text)), flush=True)
+
+
+def run(env: dict[str, str], *args: str, check_codes: Sequence[int] = (0,)) -> int:
+    """Run one vsphere-av command as a person would and show its output."""
+    print(f"$ vsphere-av {' '.join(args)}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "vsphere_av", *args], env=env, check=False)
+    if proc.returncode not in check_codes:
+        raise SystemExit(f"demo: `vsphere-av {' '.join(args)}` exited {proc.returncode}")
+    return proc.returncode
+
+
+def plant(sim: simulator.Simulator, vm: str, path: str, data: bytes) -> None:
+    """Put a file into a VM's guest file system (what a user or an attacker would have done)."""
+    target = sim.guest_root / vm / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def zipped(name: str, data: bytes) -> bytes:
+    """A zip archive holding one member."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll until ``predicate`` is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def main() -> int:
+    """Run the demo; 0 when every step behaved as expected."""
+    from vsphere_av.app import App, instant_on_timeline
+    from vsphere_av.vsphere import inventory, lab
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "guests").mkdir(parents=True)
+    state = WORK / "state"
+
+    banner("1. Start the bundled vSphere simulator (1 datacenter, 1 cluster, 3 hosts, 6 VMs)")
+    sim = simulator.start(hosts=3, vms=6, guest_root=WORK / "guests")
+    serve: subprocess.Popen[bytes] | None = None
+    try:
+        print(f"SDK URL: https://{sim.host}:{sim.port}/sdk   (SHA-256 thumbprint pinned: "
+              f"{sim.thumbprint[:23]}...)")
+        env = {**os.environ, "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
+               "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
+               "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password, "COLUMNS": "160"}
+        settings = config.load(env=env)
+        with App(settings) as app:
+            vms = sorted(inventory.list_vms(app.connection), key=lambda v: v.name)
+            for vm in vms:
+                print(f"  {vm.moref:7} {vm.name:18} on {vm.host.name if vm.host else '?':12}"
+                      f" {vm.power_state}")
+            linux, windows, dormant = vms[0], vms[1], vms[2]
+
+            banner("2. Plant test files in the guests (EICAR test string, harmless)")
+            lab.set_guest_id(app.connection, windows.moref, "windows9_64Guest")
+            plant(sim, linux.name, "/home/alice/Downloads/eicar.com", EICAR)
+            plant(sim, linux.name, "/srv/backup/site.zip", zipped("assets/payload.exe", EICAR))
+            plant(sim, windows.name, "C/Users/Bob/Downloads/invoice.exe", EICAR)
+            for vm in vms:
+                root = "C/Windows/System32" if vm is windows else "/etc"
+                plant(sim, vm.name, f"{root}/hosts", b"127.0.0.1 localhost\n")
+            lab.power_off(app.connection, dormant.moref)
+            plant(sim, dormant.name, "/opt/app/dropper.bin", EICAR)
+            print(f"  {linux.name}: /home/alice/Downloads/eicar.com, /srv/backup/site.zip")
+            print(f"  {windows.name} (Windows guest): C:\\Users\\Bob\\Downloads\\invoice.exe")
+            print(f"  {dormant.name}: powered off (dormant), /opt/app/dropper.bin")
+
+        banner("3. Signatures: the built-in bundle is active on a new installation")
+        run(env, "signatures", "list")
+
+        banner("4. On-demand scan of every VM through Guest Operations (no agent)")
+        run(env, "scan", "--all", check_codes=(1,))
+        run(env, "detections")
+        run(env, "quarantine", "list")
+
+        banner("5. Instant-on: the dormant VM is powered on while the controller runs")
+        serve = subprocess.Popen([sys.executable, "-m", "vsphere_av", "serve"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(2.0)   # let it list the inventory and open its watches
+        if serve.poll() is not None:
+            raise SystemExit("demo: `vsphere-av serve` exited: "
+                             + (serve.stderr.read().decode() if serve.stderr else ""))
+        print(f"$ vsphere-av serve   (running, pid {serve.pid})")
+        with App(settings) as app:
+            print(f"  powering on {dormant.name} ...")
+            lab.power_on(app.connection, dormant.moref)
+
+        def infected() -> bool:
+            with App(settings) as app:
+                return any(r["moref"] == dormant.moref and r["state"] == "infected"
+                           for r in app.status(refresh=False))
+
+        wait_for(infected, timeout=30, what=f"{dormant.name} to be scanned")
+        time.sleep(0.5)
+        print(f"  timeline of {dormant.name}:")
+        for row in instant_on_timeline(settings, dormant.moref):
+            print(f"    +{row['seconds']:7.3f}s  {row['what']}")
+
+        banner("6. Protection status and the audit trail")
+        run(env, "status")
+        serve.terminate()
+        serve.wait(timeout=30)
+        serve = None
+        run(env, "audit", "verify")
+        print("$ vsphere-av audit export --format cef   (last 3 lines)")
+        out = subprocess.run([sys.executable, "-m", "vsphere_av", "audit", "export", "--format",
+                              "cef"], env=env, check=True, capture_output=True, text=True).stdout
+        for line in out.splitlines()[-3:]:
+            print("  " + (line if len(line) < 200 else line[:197] + "..."))
+        banner("Done: state, quarantine and audit log are in build/demo/state")
+        return 0
+    finally:
+        if serve is not None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        sim.stop()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except VsphereAvError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        sys.exit(2)
