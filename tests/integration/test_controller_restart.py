@@ -136,3 +136,36 @@ def test_kill_9_during_scans_then_restart_loses_nothing_and_doubles_nothing(
     for p in INFECTED_PATHS:
         for vm in (BIG_A, BIG_B):
             assert not (sim.guest_root / vm / p.lstrip("/")).exists()
+
+
+def test_sigterm_puts_in_flight_scans_back_in_the_queue(sim: simulator.Simulator,
+                                                        tmp_path: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "serve.log"
+    for i in range(300):
+        plant(sim, BIG_A, f"/data/blob{i:03}.bin", os.urandom(256 * 1024))
+    with admin(sim) as a:
+        a.power_off(BIG_A, BIG_B, LATE)
+        moref = a.vms[BIG_A]._moId
+        proc = _serve(sim, state, log)
+        try:
+            wait_for(lambda: any(act == "controller.start" for act, _ in _actions(state)),
+                     timeout=60, what="controller start")
+            time.sleep(1.0)
+            wait_task(a.vms[BIG_A].PowerOnVM_Task())
+            wait_for(lambda: any(act == "scan.start" for act, _ in _actions(state)),
+                     timeout=30, what="scan started")
+        finally:
+            stopped = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert time.monotonic() - stopped < 30
+    entries = _actions(state)
+    interrupted = [d for act, d in entries if act == "job.interrupted"]
+    assert [d["moref"] for d in interrupted] == [moref]
+    assert interrupted[0]["requeued"] is True
+    assert [act for act, _ in entries][-1] == "controller.stop"
+    with JobStore.open(state) as jobs:
+        pending = jobs.pending_jobs()
+        assert [(j.vm, running) for j, running in pending] == [(moref, False)]
+        assert jobs.isolation(moref) is not None       # still contained until scanned clean
