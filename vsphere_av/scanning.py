@@ -1,10 +1,19 @@
 """One VM's scan job: walk the guest, filter by policy, stream through the engine, remediate.
 
-Called by ``app.py`` (CLI scans) and the controller's workers, one call per VM job; pure
-of threads. Everything it touches comes in as keyword-only collaborators: the guest file
-access (``vsphere.guest.GuestFiles``), an engine ``Session`` (one signature version), the
+Called by ``app.py`` (CLI scans) and the controller's workers, one call per VM job.
+Everything it touches comes in as keyword-only collaborators: the guest file access
+(``vsphere.guest.GuestFiles``), an engine ``Session`` (one signature version), the
 ``StateStore``, the ``AuditLog``, the ``Quarantine`` and the clock. It never raises for
 one VM's trouble: the result says what happened and why.
+
+Pipeline: each job starts one transfer thread (joined before ``scan_vm`` returns) that
+downloads the next files (InitiateFileTransferFromGuest + GET, bodies of at most
+``PREFETCH_MAX_BYTES`` held in memory, at most ``PREFETCH_AHEAD`` files ahead) while the
+calling thread matches the previous one. There is still one transfer per VM at a time (a
+per-job transfer slot: larger files, retries and quarantine copies take the same slot),
+and everything else (filters, index, counters, remediation, audit, progress) stays in the
+calling thread. Downloads whose bytes do not pass through this process (an appliance
+pulls them) are handed over unread.
 
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
@@ -20,6 +29,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import posixpath
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +51,8 @@ from vsphere_av.models import (
 log = logging.getLogger(__name__)
 
 INDEX_BATCH = 200
+PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
+PREFETCH_MAX_BYTES = 4 * 1024 * 1024 # larger files are streamed straight into the engine
 GLOB_CHARS = frozenset("*?[")
 
 # Scan statuses (per VM, in results and the scans table).
@@ -57,7 +70,7 @@ REASON_OFF = "powered off"
 # --- collaborator interfaces (what this module needs, nothing more) ---------------------------
 
 class DownloadLike(Protocol):
-    """An open guest file stream."""
+    """An open guest file stream (``local`` True: its bytes come through this process)."""
 
     size: int
 
@@ -66,7 +79,12 @@ class DownloadLike(Protocol):
 
 
 class GuestAccess(Protocol):
-    """Guest file access on one VM (``vsphere.guest.GuestFiles``)."""
+    """Guest file access on one VM (``vsphere.guest.GuestFiles``).
+
+    A class attribute ``local_downloads = True`` says its downloads bring the bytes into
+    this process, so they may be fetched ahead (read on the type: wrappers that hand
+    transfers to someone else, like the appliance dispatch, do not inherit it).
+    """
 
     windows: bool
 
@@ -275,6 +293,8 @@ class _Job:
         host = vm.host.name if vm.host else ""
         self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full)
         self.pending: list[FileRecord] = []
+        self.transfers = _Transfers(guest, name=vm.name,
+                                    enabled=bool(getattr(type(guest), "local_downloads", False)))
 
     # audit details always name the VM and its host, so storms can be checked afterwards
     def _audit(self, event: str, **details: Any) -> None:
@@ -374,30 +394,57 @@ class _Job:
             self.result.errors += 1
             log.info("%s: cannot list %s: %s", self.vm.name, path, exc)
 
-        for entry in self.guest.walk(list(roots), prune=self.filters.prune, on_error=on_error):
-            if not self.filters.wanted(entry.path):
-                continue
-            self._file(entry)
+        transfers = self.transfers
+        try:
+            try:
+                for entry in self.guest.walk(list(roots), prune=self.filters.prune,
+                                             on_error=on_error):
+                    if not self.filters.wanted(entry.path) or self._settled(entry):
+                        continue
+                    if not transfers.enabled or entry.size > PREFETCH_MAX_BYTES:
+                        self._finish(entry, None)
+                        continue
+                    transfers.submit(entry)
+                    while transfers.pending > PREFETCH_AHEAD:
+                        fetched = transfers.take()
+                        self._finish(fetched.entry, fetched)
+            except errors.VsphereAvError:
+                self._drain(transfers)        # files already read still get their verdict
+                raise
+            self._drain(transfers)
+        finally:
+            transfers.close()
         if roots and len(failed_roots) == len(roots):
             # Nothing was read: this is not a clean scan.
             raise errors.GuestError(f"cannot list {', '.join(failed_roots)}")
 
-    def _file(self, entry: GuestFile) -> None:
+    def _drain(self, transfers: _Transfers) -> None:
+        while transfers.pending:
+            fetched = transfers.take()
+            self._finish(fetched.entry, fetched)
+
+    def _settled(self, entry: GuestFile) -> bool:
+        """True when the file needs no download (too large, unchanged, known elsewhere)."""
         r = self.result
         version = self.session.version
         if entry.size > self.filters.max_file_size:
             r.skipped += 1
-            return
+            return True
         if not self.full and entry.mtime:
             known = self.store.file_record(self.vm.moref, entry.path)
             if (known is not None and known.verdict == "clean" and known.size == entry.size
                     and known.mtime == entry.mtime and known.signature_version == version):
                 r.unchanged += 1
                 self._tick(entry.path)
-                return
+                return True
             if self.share and self._reuse_shared(entry, version):
-                return
-        outcome = self._download_and_scan(entry)
+                return True
+        return False
+
+    def _finish(self, entry: GuestFile, fetched: _Fetched | None) -> None:
+        """Scan a file (already fetched, or downloaded now), count it, remediate, index it."""
+        r = self.result
+        outcome = self._download_and_scan(entry, fetched)
         if outcome is None:
             return
         if outcome.status == "skipped":
@@ -434,16 +481,16 @@ class _Job:
         self._index(entry, shared.sha256, "clean")
         return True
 
-    def _download_and_scan(self, entry: GuestFile) -> Any:
+    def _download_and_scan(self, entry: GuestFile, fetched: _Fetched | None = None) -> Any:
         r = self.result
         for attempt in (1, 2):
             try:
-                download = self.guest.open_download(entry.path)
-                try:
-                    return self.session.scan_stream(download.chunks(), path=entry.path,
-                                                    name=entry.name, size_hint=download.size)
-                finally:
-                    download.close()
+                if attempt == 1 and fetched is not None and not fetched.deferred:
+                    if fetched.error is not None:
+                        raise fetched.error
+                    return self.session.scan_stream(iter(fetched.chunks), path=entry.path,
+                                                    name=entry.name, size_hint=fetched.size)
+                return self._stream(entry)
             except errors.GuestFileNotFound:
                 r.vanished += 1
                 r.skipped += 1
@@ -458,6 +505,32 @@ class _Job:
                     log.info("%s: %s: %s", self.vm.name, entry.path, exc)
                     return None
         return None
+
+    def _stream(self, entry: GuestFile) -> Any:
+        """Download one file into the engine now, holding the VM's transfer slot."""
+        slot = self.transfers.slot
+        slot.acquire()
+        try:
+            download = self.guest.open_download(entry.path)
+        except BaseException:
+            slot.release()
+            raise
+        if not getattr(download, "local", False):
+            # The bytes may never come here (an appliance pulls them): hand it over as is.
+            try:
+                return self.session.scan_stream(download.chunks(), path=entry.path,
+                                                name=entry.name, size_hint=download.size)
+            finally:
+                try:
+                    download.close()
+                finally:
+                    slot.release()
+        stream = _SlotStream(download, slot)
+        try:
+            return self.session.scan_stream(stream, path=entry.path, name=entry.name,
+                                            size_hint=download.size)
+        finally:
+            stream.close()
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
         # A YARA rule and a hash list naming the same threat in the same member are one
@@ -512,15 +585,16 @@ class _Job:
 
     def _quarantine(self, entry: GuestFile, outcome: Any, threat: str) -> str:
         """Copy the file's bytes into the quarantine, check they are the scanned ones, delete it."""
-        download = self.guest.open_download(entry.path)
-        try:
-            item = self.quarantine.put(
-                download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
-                guest_path=entry.path, threat=threat, is_windows=self.vm.is_windows,
-                permissions=entry.permissions,
-                max_size=max(self.filters.max_file_size, outcome.size))
-        finally:
-            download.close()
+        with self.transfers.slot:
+            download = self.guest.open_download(entry.path)
+            try:
+                item = self.quarantine.put(
+                    download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
+                    guest_path=entry.path, threat=threat, is_windows=self.vm.is_windows,
+                    permissions=entry.permissions,
+                    max_size=max(self.filters.max_file_size, outcome.size))
+            finally:
+                download.close()
         if item.sha256 != outcome.sha256:
             self.quarantine.discard(item.id)
             raise errors.GuestError(f"{entry.path} changed between scan and quarantine")
@@ -544,3 +618,120 @@ class _Job:
         if self.pending:
             self.store.record_files(self.pending)
             self.pending = []
+
+
+# --- the transfer pipeline -------------------------------------------------------------------
+
+@dataclass
+class _Fetched:
+    """One file from the transfer thread: its bytes, what went wrong, or "do it yourself"."""
+
+    entry: GuestFile
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    error: BaseException | None = None
+    deferred: bool = False      # not read ahead (grew past the limit, or stopping)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _SlotStream:
+    """A download's chunks that give the transfer slot back as soon as they are read."""
+
+    def __init__(self, download: DownloadLike, slot: threading.Lock) -> None:
+        self._download = download
+        self._slot = slot
+        self._held = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._download.chunks()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the download and release the slot (once)."""
+        if self._held:
+            self._held = False
+            try:
+                self._download.close()
+            finally:
+                self._slot.release()
+
+
+class _Transfers:
+    """One VM's transfer slot and the thread that downloads small files ahead.
+
+    The slot is held for every transfer of the job, whoever makes it; the thread holds it
+    only while it is reading a file (never while the file waits in the queue), so the
+    calling thread can always get it for a large file, a retry or a quarantine copy.
+    """
+
+    def __init__(self, guest: GuestAccess, *, name: str, enabled: bool) -> None:
+        self.guest = guest
+        self.enabled = enabled
+        self.slot = threading.Lock()
+        self.pending = 0
+        self._name = name
+        self._todo: queue.SimpleQueue[GuestFile | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, entry: GuestFile) -> None:
+        """Queue a file to be downloaded ahead (starts the thread on first use)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"transfer-{self._name}",
+                                            daemon=True)
+            self._thread.start()
+        self.pending += 1
+        self._todo.put(entry)
+
+    def take(self) -> _Fetched:
+        """The next fetched file, in submission order (waits for it)."""
+        fetched = self._done.get()
+        self.pending -= 1
+        return fetched
+
+    def close(self, *, timeout: float = 30.0) -> None:
+        """Stop the thread and drop what it fetched; waits for a read in progress."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._todo.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: transfer thread still reading after %.0f s", self._name, timeout)
+
+    def _run(self) -> None:
+        while True:
+            entry = self._todo.get()
+            if entry is None:
+                return
+            self._done.put(self._fetch(entry))
+
+    def _fetch(self, entry: GuestFile) -> _Fetched:
+        if self._stop.is_set():
+            return _Fetched(entry=entry, error=_Stopped("scan stopped"))
+        with self.slot:
+            try:
+                download = self.guest.open_download(entry.path)
+            except BaseException as exc:       # handed to the scan thread, which decides
+                return _Fetched(entry=entry, error=exc)
+            try:
+                if not getattr(download, "local", False) or download.size > PREFETCH_MAX_BYTES:
+                    return _Fetched(entry=entry, deferred=True)
+                chunks: list[bytes] = []
+                held = 0
+                for chunk in download.chunks():
+                    held += len(chunk)
+                    if held > PREFETCH_MAX_BYTES or self._stop.is_set():
+                        return _Fetched(entry=entry, deferred=True)   # grew: stream it later
+                    chunks.append(chunk)
+                return _Fetched(entry=entry, chunks=chunks, size=download.size)
+            except BaseException as exc:
+                return _Fetched(entry=entry, error=exc)
+            finally:
+                download.close()
