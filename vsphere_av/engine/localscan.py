@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +27,12 @@ from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
 from vsphere_av.engine.signatures import SignatureStore
 
 BATCH = 256            # files per verdict-cache query
-WINDOW = 20_000        # files walked before their misses are scheduled
+WINDOW = 2_000         # files walked (and sorted by size) before their misses are scheduled
 TASK_BYTES = 4 << 20   # a worker task: up to this many bytes ...
 TASK_FILES = 64        # ... or this many files
 
 Progress = Callable[[int, int], None]   # (files done, bytes done)
+_REPORT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -47,7 +49,11 @@ class ScanReport:
     errors: list[FileOutcome] = field(default_factory=list)
 
     def add(self, outcome: FileOutcome) -> None:
-        """Count one outcome."""
+        """Count one outcome (thread-safe: the walk runs beside the result loop)."""
+        with _REPORT_LOCK:
+            self._add(outcome)
+
+    def _add(self, outcome: FileOutcome) -> None:
         self.files += 1
         self.bytes += outcome.size
         self.cached += outcome.cached
@@ -184,30 +190,60 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
         with engine.session(lazy=jobs > 1) as session:
             report = ScanReport(signature_version=session.version)
             pool = None
+            in_flight: dict[str, os.stat_result] = {}
+
+            def settle(window: list[tuple[str, os.stat_result | None, str]],
+                       ) -> list[tuple[str, os.stat_result]]:
+                misses: list[tuple[str, os.stat_result]] = []
+                for batch in _batches(window):
+                    misses += _from_cache(batch, session=session, cache=cache, report=report,
+                                          use_cache=use_cache, progress=progress)
+                for path, st in misses:
+                    in_flight[path] = st
+                return misses
+
+            def finish(outcome: FileOutcome) -> None:
+                report.add(outcome)
+                st = in_flight.pop(outcome.path, None)
+                if use_cache and cache is not None and outcome.sha256 and st is not None:
+                    _store(outcome, st, session=session, cache=cache)
+                if progress:
+                    progress(report.files, report.bytes)
+
+            windows = _windows(walk(paths))
             try:
-                for window in _windows(walk(paths)):
-                    misses: list[tuple[str, os.stat_result]] = []
-                    for batch in _batches(window):
-                        misses += _from_cache(batch, session=session, cache=cache,
-                                              report=report, use_cache=use_cache,
-                                              progress=progress)
-                    stats = {path: st for path, st in misses}
-                    if stats and pool is None and jobs > 1:
+                if jobs == 1:
+                    for window in windows:
+                        for path, _ in settle(window):
+                            finish(session.scan_file(path))
+                else:
+                    first: list[tuple[str, os.stat_result]] = []
+                    for window in windows:
+                        first = settle(window)
+                        if first:
+                            break
+                    if first:
                         # Started on the first miss only: a warm pass never pays for workers.
                         pool = multiprocessing.get_context("fork").Pool(
                             jobs, initializer=_init_worker,
                             initargs=(settings, session.version, use_cache))
-                    results: Iterator[FileOutcome] = (
-                        (_unpack(t) for done in pool.imap_unordered(_scan_many, _tasks(misses))
-                         for t in done) if pool
-                        else (session.scan_file(p) for p in stats))
-                    for outcome in results:
-                        report.add(outcome)
-                        if use_cache and cache is not None and outcome.sha256:
-                            st = stats[outcome.path]
-                            _store(outcome, st, session=session, cache=cache)
-                        if progress:
-                            progress(report.files, report.bytes)
+
+                        def tasks() -> Iterator[list[str]]:
+                            # Runs in the pool's feeder thread: the walk and the cache
+                            # queries of later windows overlap with the scanning.
+                            yield from _tasks(first)
+                            for window in windows:
+                                yield from _tasks(settle(window))
+
+                        for done in pool.imap_unordered(_scan_many, tasks()):
+                            for packed in done:
+                                finish(_unpack(packed))
+            except BaseException:
+                if pool is not None:      # interrupted or failed: do not finish the queue
+                    pool.terminate()
+                    pool.join()
+                    pool = None
+                raise
             finally:
                 if pool is not None:
                     pool.close()
