@@ -731,13 +731,16 @@ class Controller:
 
     def publish(self) -> None:
         """Write per-host queue and slot counts for ``status --json``."""
-        _, hosts = self.inventory()
+        # Host names come from the property watch: no inventory round trip every second.
+        with self._watch_lock:
+            names = {moref: str(facts.get("name") or moref)
+                     for moref, facts in self.watcher.hosts.items()}
         stats = self.scheduler.host_stats()
-        rows: dict[str, tuple[str, int, int]] = {
-            moref: (h.name, 0, 0) for moref, h in hosts.items()}
+        rows: dict[str, tuple[str, int, int]] = {moref: (name, 0, 0)
+                                                 for moref, name in names.items()}
         for moref, s in stats.items():
-            name = hosts[moref].name if moref in hosts else moref
-            rows[moref] = (name, s.waiting, s.borrowed)
+            if moref:
+                rows[moref] = (names.get(moref, moref), s.waiting, s.borrowed)
         self.jobs.publish_hosts(rows)
 
     # -- misc --------------------------------------------------------------------------------
