@@ -229,6 +229,7 @@ class Controller:
         self._containing_now: set[str] = set()
         self._contain_lock = threading.Lock()
         self._swept_version: int | None = None
+        self._ticker_lock = threading.Lock()
         self._ticker = CronTicker(list(options.schedules),
                                   started=datetime.fromtimestamp(now(), UTC))
         self._outbox_wakeup = threading.Event()
@@ -648,7 +649,7 @@ class Controller:
         self.jobs.beat(os.getpid())
         self._take_requests()
         self._sweep_if_new_version()
-        self._fire_schedules()
+        self.fire_schedules()
         self.publish()
         for hook in self.periodic:
             try:
@@ -707,13 +708,16 @@ class Controller:
             count += 1
         return count
 
-    def _fire_schedules(self) -> None:
-        now = datetime.fromtimestamp(self.now(), UTC)
-        fired = self._ticker.due(now)
+    def fire_schedules(self, at: datetime | None = None) -> int:
+        """Queue the VMs of every schedule due at ``at`` (default: now); returns jobs queued."""
+        now = at or datetime.fromtimestamp(self.now(), UTC)
+        with self._ticker_lock:
+            fired = self._ticker.due(now)
         if not fired:
-            return
+            return 0
         vms, _ = self.inventory(max_age=0.0)
-        for schedule, at in fired:
+        total = 0
+        for schedule, fire in fired:
             count = 0
             for vm in vms.values():
                 if vm.template or vm.marker("vsphere-av.role") == "appliance":
@@ -723,11 +727,13 @@ class Controller:
                 self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref if vm.host else "",
                                       priority=Priority.SCHEDULED, full=schedule.full,
                                       reason=f"schedule {schedule.name}",
-                                      delay=schedule.offset_for(str(vm.moref), at),
+                                      delay=schedule.offset_for(str(vm.moref), fire),
                                       window=schedule.window)
                 count += 1
+            total += count
             self._audit("schedule.fired", schedule=schedule.name, queued=count,
-                        at=at.isoformat())
+                        at=fire.isoformat())
+        return total
 
     def publish(self) -> None:
         """Write per-host queue and slot counts for ``status --json``."""
