@@ -171,7 +171,7 @@ def controller_run(lab: Lab, args: argparse.Namespace, *, share: bool) -> dict[s
         if not (rt.controller.inventory_ready.wait(60) and rt.controller.events_ready.wait(60)):
             raise SystemExit("controller did not start watching in time")
         wall_start = time.time()
-        sent = lab.power(True)
+        lab.power(True)
         total = len(lab.vms)
         deadline = time.monotonic() + args.timeout
         while True:
@@ -183,7 +183,6 @@ def controller_run(lab: Lab, args: argparse.Namespace, *, share: bool) -> dict[s
                 raise SystemExit(f"only {len(done)} of {total} VMs protected in {args.timeout}s")
             time.sleep(0.1)
         protected_after = max(e.clean or e.closed or 0 for e in exposures) - wall_start
-        del sent
         windows = [e.window for e in exposures if e.window is not None]
         outcomes = {e.outcome for e in exposures}
         stats = rt.controller.stats
