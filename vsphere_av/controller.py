@@ -1,9 +1,10 @@
 """The controller behind ``vsphere-av serve``: instant-on containment, storm-safe scans, restarts.
 
-Called by ``app.run_controller`` (which builds the real collaborators and starts one thread
+Called by ``app.start_controller`` (which builds the real collaborators and starts one thread
 per loop: :meth:`Controller.watch_inventory`, :meth:`Controller.tail_events`,
-:meth:`Controller.containing`, :meth:`Controller.housekeeping` and ``global_limit`` x
-:meth:`Controller.work`). Calls only its collaborators, all passed as keyword arguments:
+:meth:`Controller.housekeeping`, :meth:`Controller.auditing`, ``containment_threads`` x
+:meth:`Controller.containing` and ``global_limit`` x :meth:`Controller.work`).
+Calls only its collaborators, all passed as keyword arguments:
 vCenter ports (inventory watch and event tail factories, an inventory reader, NIC
 isolation), a scan function, the state store, the job store, the audit log, the engine's
 active signature version and the clock. No pyVmomi here; no thread starts here.
