@@ -206,8 +206,11 @@ def test_vcenter_role_creates_least_privilege_roles_idempotently(
                for p in perms)
 
     # Someone widens a role by hand: the next run puts it back to exactly its privileges.
-    auth.UpdateAuthorizationRole(scanner_id, "vsphere-av-scanner",
-                                 [*roles["vsphere-av-scanner"], "VirtualMachine.Interact.PowerOff"])
+    widened = [*roles["vsphere-av-scanner"], "VirtualMachine.Interact.PowerOff"]
+    auth.UpdateAuthorizationRole(scanner_id, "vsphere-av-scanner", widened)
+    checked = _playbook(tmp_path, inventory, "--tags", "vcenter", "--check", env=env)
+    assert checked.count("sim", "changed") == 1       # reported, not applied
+    assert _roles(sim)["vsphere-av-scanner"] == set(widened)
     third = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
     assert third.count("sim", "changed") == 1
     assert _roles(sim)["vsphere-av-scanner"] == roles["vsphere-av-scanner"]
@@ -340,6 +343,10 @@ def test_controller_role_installs_configures_and_is_idempotent(
     assert second.status("Install vsphere-av into the virtualenv") == "skipping"
     assert second.status("Import and activate the signature bundle") == "skipping"
     assert second.status("Reconcile the per-host appliances") == "ok"
+
+    # Check mode agrees there is nothing to do (reconcile only plans: --dry-run).
+    checked = _playbook(tmp_path, inventory, "--tags", "controller", "--check", env=env)
+    assert checked.count("localhost", "changed") == 0, checked.output[-6000:]
 
     # The package really is installed in the role's virtualenv and runs from there.
     cli = venv / "bin" / "vsphere-av"
