@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import posixpath
 import re
@@ -40,10 +41,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
+from xml.parsers import expat
+from xml.sax.saxutils import escape as xml_escape
 
 import requests
 import urllib3
-from pyVmomi import vim
+from pyVmomi import SoapAdapter, vim
+from pyVmomi.Iso8601 import ParseISO8601
 from requests.adapters import HTTPAdapter
 
 from vsphere_av import errors
@@ -317,6 +321,7 @@ class GuestFiles:
         self._password = password
         self.windows = vm.is_windows
         self._prepared: tuple[Any, Any, Any] | None = None     # (stub, VM ref, auth)
+        self._templates: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     def __repr__(self) -> str:
         return f"GuestFiles(vm={self.vm.name!r}, user={self._user!r})"
@@ -327,40 +332,91 @@ class GuestFiles:
         return vim.vm.guest.NamePasswordAuthentication(
             username=self._user, password=self._password.reveal(), interactiveSession=False)
 
+    def _prepare(self) -> tuple[Any, Any, Any]:
+        # The VM reference and the credentials object are built once per SOAP stub (a new
+        # login may bring a new stub), not once per call.
+        stub = self._conn.stub
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not stub:
+            prepared = self._prepared = (stub, self._conn.ref("VirtualMachine", self.vm.moref),
+                                         self._auth())
+            self._templates = {}
+        return prepared
+
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         fm = self._conn.singleton("guest file manager",
                                   lambda c: c.guestOperationsManager.fileManager)
 
         def run(content: Any) -> Any:
-            # The VM reference and the credentials object are built once per SOAP stub
-            # (a new login may bring a new stub), not once per call.
-            stub = self._conn.stub
-            if self._prepared is None or self._prepared[0] is not stub:
-                self._prepared = (stub, self._conn.ref("VirtualMachine", self.vm.moref),
-                                  self._auth())
-            _, vm_ref, auth = self._prepared
+            _, vm_ref, auth = self._prepare()
             return getattr(fm, method)(vm=vm_ref, auth=auth, **kwargs)
         return self._conn.call(f"{what} on {self.vm.name}", run)
+
+    def _lean_call(self, what: str, method: str, values: dict[str, str | int],
+                   parse: Callable[[bytes], Any], convert: Callable[[Any], Any]) -> Any:
+        """A hot guest call with the request prepared once and a lean response parser.
+
+        The request is pyVmomi's own serialization of this method with placeholders, made
+        once per VM and login; only the values change. A fault (HTTP 500) and anything the
+        lean parser does not understand are deserialized by pyVmomi, so errors are exactly
+        those of :meth:`_call`. Falls back to :meth:`_call` when the request cannot be
+        prepared.
+        """
+        fm = self._conn.singleton("guest file manager",
+                                  lambda c: c.guestOperationsManager.fileManager)
+
+        def run(content: Any) -> Any:
+            stub, vm_ref, auth = self._prepare()
+            key = (method, tuple(values))
+            template = self._templates.get(key)
+            if template is None:
+                template = self._templates[key] = _soap_template(stub, fm, method, vm_ref, auth,
+                                                                 tuple(values))
+            if template is _NO_TEMPLATE:
+                return convert(self._invoke(fm, method, vm_ref, auth, values))
+            info, parts, order = template
+            body = bytearray(parts[0])
+            for name, part in zip(order, parts[1:], strict=True):
+                value = values[name]
+                body += (str(value) if isinstance(value, int) else xml_escape(value)).encode()
+                body += part
+            status, data = _soap_post(stub, bytes(body))
+            if status == 200:
+                try:
+                    return parse(data)
+                except (ValueError, KeyError, expat.ExpatError):
+                    log.debug("%s: lean parse failed; pyVmomi deserializes", what)
+            result = SoapAdapter.SoapResponseDeserializer(stub).Deserialize(io.BytesIO(data),
+                                                                            info.result)
+            if isinstance(result, BaseException):
+                raise result
+            if status != 200:
+                raise http.client.HTTPException(f"SOAP status {status}")
+            return convert(result)
+        return self._conn.call(f"{what} on {self.vm.name}", run)
+
+    def _invoke(self, fm: Any, method: str, vm_ref: Any, auth: Any,
+                values: dict[str, str | int]) -> Any:
+        name = {"ListFiles": "ListFilesInGuest"}.get(method, method)
+        return getattr(fm, name)(vm=vm_ref, auth=auth, **values)
 
     def list_dir(self, path: str, *, pattern: str | None = None) -> Iterator[GuestFile]:
         """Entries of one guest directory (all pages); "." and ".." left out."""
         index = 0
-        extra: dict[str, Any] = {"matchPattern": pattern} if pattern else {}
         while True:
-            result = self._call(f"list {path}", "ListFilesInGuest", filePath=path, index=index,
-                                maxResults=PAGE, **extra)
-            files = list(result.files or [])
-            for info in files:
-                name = str(info.path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            values: dict[str, str | int] = {"filePath": path, "index": index, "maxResults": PAGE}
+            if pattern:
+                values["matchPattern"] = pattern
+            entries, remaining = self._lean_call(f"list {path}", "ListFiles", values,
+                                                 _parse_list, _list_from_vim)
+            for raw, kind, size, mtime, perms in entries:
+                name = raw.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
                 if name in (".", "..", ""):
                     continue
-                attrs = info.attributes
-                perms = getattr(attrs, "permissions", None)
                 yield GuestFile(path=join(path, name, windows=self.windows), name=name,
-                                type=str(info.type), size=int(info.size or 0), mtime=_mtime(attrs),
-                                permissions=int(perms) if perms is not None else None)
-            index += len(files)
-            if not files or not result.remaining:
+                                type=kind, size=size, mtime=mtime, permissions=perms)
+            index += len(entries)
+            if not entries or not remaining:
                 return
 
     def stat(self, path: str) -> GuestFile | None:
@@ -416,8 +472,10 @@ class GuestFiles:
     def open_download(self, path: str) -> Download:
         """Start streaming one guest file out (InitiateFileTransferFromGuest + HTTPS GET)."""
         what = f"download {path} from {self.vm.name}"
-        info = self._call(f"download {path}", "InitiateFileTransferFromGuest", guestFilePath=path)
-        url = urlsplit(transfer_url(str(info.url), self.vm.host.address if self.vm.host else ""))
+        raw_url, size = self._lean_call(f"download {path}", "InitiateFileTransferFromGuest",
+                                        {"guestFilePath": path}, _parse_transfer,
+                                        _transfer_from_vim)
+        url = urlsplit(transfer_url(raw_url, self.vm.host.address if self.vm.host else ""))
         if url.scheme != "https" or not url.hostname:
             raise errors.GuestError(f"{what}: unexpected transfer URL scheme {url.scheme!r}")
         client = _transfer_client(url.netloc, self.vm.host, self._conn.trust)
@@ -429,7 +487,7 @@ class GuestFiles:
         if response.status != 200:
             response.close()
             raise errors.TransientError(f"{what}: HTTP {response.status}")
-        return Download(path=path, size=int(info.size), _response=response)
+        return Download(path=path, size=size, _response=response)
 
     def upload(self, path: str, body: SupportsRead, *, size: int, overwrite: bool = False,
                permissions: int | None = None) -> None:
@@ -469,6 +527,162 @@ class GuestFiles:
         with contextlib.suppress(errors.GuestFileExists):
             self._call(f"mkdir {path}", "MakeDirectoryInGuest", directoryPath=path,
                        createParentDirectories=parents)
+
+
+# --- lean SOAP for the hot calls (listing, starting a transfer) ------------------------------
+
+_NO_TEMPLATE: Any = object()
+_MARKER = "vsphere-av-placeholder-"
+_INT_MARKER = 987_650_000
+_Entry = tuple[str, str, int, str, "int | None"]      # path, type, size, mtime, permissions
+
+
+def _soap_template(stub: Any, fm: Any, method: str, vm_ref: Any, auth: Any,
+                   names: tuple[str, ...]) -> Any:
+    """(method info, request parts, placeholder order), or _NO_TEMPLATE when not possible."""
+    try:
+        info = fm._GetMethodInfo(method)
+        argv: list[Any] = []
+        markers: dict[str, str] = {}
+        for i, param in enumerate(info.params):
+            if param.name == "vm":
+                argv.append(vm_ref)
+            elif param.name == "auth":
+                argv.append(auth)
+            elif param.name in names:
+                is_int = isinstance(param.type, type) and issubclass(param.type, int)
+                marker = str(_INT_MARKER + i) if is_int else f"{_MARKER}{param.name}"
+                markers[marker] = param.name
+                argv.append(int(marker) if is_int else marker)
+            else:
+                argv.append(None)
+        if set(markers.values()) != set(names):
+            return _NO_TEMPLATE
+        request = stub.SerializeRequest(fm, info, argv)
+        text = request.decode("utf-8") if isinstance(request, bytes) else str(request)
+        pieces = re.split("(" + "|".join(re.escape(f">{m}<") for m in markers) + ")", text)
+        if len(pieces) != 2 * len(markers) + 1:
+            return _NO_TEMPLATE
+        parts = [pieces[0].encode()]
+        order = []
+        for k in range(1, len(pieces), 2):
+            order.append(markers[pieces[k][1:-1]])
+            parts[-1] += b">"
+            parts.append(b"<" + pieces[k + 1].encode())
+        return info, parts, order
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.debug("no prepared request for %s: %s", method, exc)
+        return _NO_TEMPLATE
+
+
+def _soap_post(stub: Any, body: bytes) -> tuple[int, bytes]:
+    """POST a SOAP request over the stub's own (verified, pooled) connections."""
+    headers = {"Cookie": stub.cookie, "SOAPAction": stub.versionId,
+               "Content-Type": "text/xml; charset=UTF-8"}
+    conn = stub.GetConnection()
+    try:
+        conn.request("POST", stub.path, body, headers)
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        stub.DropConnections()
+        raise
+    cookie = response.getheader("Set-Cookie")
+    if cookie:
+        stub.cookie = cookie
+    if response.status in (200, 500) and not response.will_close:
+        stub.ReturnConnection(conn)
+    else:
+        conn.close()
+    return response.status, data
+
+
+def _local(name: str) -> str:
+    return name.rpartition(":")[2]
+
+
+def _walk_xml(data: bytes, on_end: Callable[[str, str, list[str]], None]) -> None:
+    """Call ``on_end(name, text, stack)`` for every element (names without prefixes)."""
+    stack: list[str] = []
+    text: list[str] = []
+
+    def start(name: str, attrs: Any) -> None:
+        stack.append(_local(name))
+        text.clear()
+
+    def end(name: str) -> None:
+        local = stack.pop()
+        on_end(local, "".join(text), stack)
+        text.clear()
+
+    parser = expat.ParserCreate()
+    parser.buffer_text = True
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text.append
+    parser.Parse(data, True)
+
+
+def _iso(value: str) -> str:
+    parsed = ParseISO8601(value) if value else None
+    if value and parsed is None:
+        raise ValueError(f"not an ISO 8601 time: {value!r}")
+    return parsed.isoformat() if parsed is not None else ""
+
+
+def _parse_list(data: bytes) -> tuple[list[_Entry], int]:
+    """ListFilesInGuest's (entries, remaining) from the raw SOAP response."""
+    entries: list[_Entry] = []
+    current: dict[str, str] = {}
+    remaining = [0]
+    seen = [False]
+
+    def on_end(name: str, text: str, stack: list[str]) -> None:
+        parent = stack[-1] if stack else ""
+        if name == "files" and parent == "returnval":
+            perms = current.get("permissions", "")
+            entries.append((current["path"], current.get("type", ""),
+                            int(current.get("size") or 0),
+                            _iso(current.get("modificationTime", "")),
+                            int(perms) if perms != "" else None))
+            current.clear()
+        elif parent == "files" or (parent == "attributes" and stack[-2:-1] == ["files"]):
+            current[name] = text
+        elif name == "remaining" and parent == "returnval":
+            remaining[0] = int(text or 0)
+        elif name == "returnval":
+            seen[0] = True
+
+    _walk_xml(data, on_end)
+    if not seen[0]:
+        raise ValueError("no returnval")
+    return entries, remaining[0]
+
+
+def _list_from_vim(result: Any) -> tuple[list[_Entry], int]:
+    entries: list[_Entry] = []
+    for info in result.files or []:
+        perms = getattr(info.attributes, "permissions", None)
+        entries.append((str(info.path), str(info.type), int(info.size or 0),
+                        _mtime(info.attributes), int(perms) if perms is not None else None))
+    return entries, int(result.remaining or 0)
+
+
+def _parse_transfer(data: bytes) -> tuple[str, int]:
+    """InitiateFileTransferFromGuest's (url, size) from the raw SOAP response."""
+    found: dict[str, str] = {}
+
+    def on_end(name: str, text: str, stack: list[str]) -> None:
+        if name in ("url", "size") and stack and stack[-1] == "returnval":
+            found[name] = text
+
+    _walk_xml(data, on_end)
+    return found["url"], int(found["size"])
+
+
+def _transfer_from_vim(info: Any) -> tuple[str, int]:
+    return str(info.url), int(info.size)
 
 
 class _Sized:
