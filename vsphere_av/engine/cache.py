@@ -47,6 +47,9 @@ CREATE INDEX IF NOT EXISTS files_lru ON files (last_used);
 """
 
 
+_Row = tuple[bytes, int, str, str, str, str, int]
+
+
 @dataclass(frozen=True)
 class CachedVerdict:
     """What the cache remembers of one scan."""
@@ -67,13 +70,24 @@ class FileStat:
     ctime_ns: int
 
 
+def _detections(text: str) -> tuple[tuple[str, str, str, str], ...]:
+    if text == "[]":
+        return ()
+    return tuple((str(d[0]), str(d[1]), str(d[2]), str(d[3])) for d in json.loads(text))
+
+
 class VerdictCache:
     """SQLite-backed, LRU-bounded verdict cache (thread-safe within a process)."""
 
     def __init__(self, *, path: Path, max_entries: int) -> None:
         self.path = Path(path)
         self.max_entries = max(1, max_entries)
+        # Three locks so a slow commit (a WAL checkpoint syncs the disk) never stalls
+        # lookups: _lock guards the write buffers only, _write_lock the writing connection,
+        # _read_lock the reading one (WAL readers do not wait for writers).
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False,
@@ -82,9 +96,12 @@ class VerdictCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._count = int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
+            self._rdb = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False,
+                                        isolation_level=None)
         except sqlite3.Error as exc:
             raise EngineError(f"verdict cache {self.path} cannot be opened: {exc}") from exc
-        self._pending: dict[tuple[bytes, int, str], tuple[bytes, int, str, str, str, str, int]] = {}
+        self._pending: dict[tuple[bytes, int, str], _Row] = {}
+        self._writing: dict[tuple[bytes, int, str], _Row] = {}   # being committed right now
         self._touches: list[tuple[int, bytes, int, str]] = []
         self._file_rows: list[tuple[int, int, int, int, int, bytes, int]] = []
 
@@ -106,36 +123,42 @@ class VerdictCache:
         if not keys:
             return out
         now = int(time.time())
-        with self._lock:
+        touches: list[tuple[int, bytes, int, str]] = []
+        with self._read_lock:
             try:
                 for start in range(0, len(keys), 400):
                     chunk = keys[start:start + 400]
                     blobs = list({bytes.fromhex(sha) for sha, _ in chunk})
                     marks = ",".join("?" * len(blobs))
-                    rows = self._db.execute(
+                    rows = self._rdb.execute(
                         "SELECT sha256, context, status, reason, detections, last_used "
                         f"FROM verdicts "
                         f"WHERE version = ? AND sha256 IN ({marks})", [version, *blobs]).fetchall()
                     wanted = set(chunk)
-                    for sha, context in chunk:
-                        row = self._pending.get((bytes.fromhex(sha), version, context))
-                        if row is not None:
-                            out[(sha, context)] = CachedVerdict(
-                                status=row[3], reason=row[4],
-                                detections=tuple(tuple(d) for d in json.loads(row[5])))
                     for sha, context, status, reason, dets, last_used in rows:
                         key = (sha.hex(), context)
-                        if key not in wanted or key in out:
+                        if key not in wanted:
                             continue
-                        out[key] = CachedVerdict(status=status, reason=reason, detections=() if
-                                                 dets == "[]" else tuple(
-                            tuple(d) for d in json.loads(dets)))
+                        out[key] = CachedVerdict(status=status, reason=reason,
+                                                 detections=_detections(dets))
                         if now - last_used > TOUCH_EVERY:
-                            self._touches.append((now, sha, version, context))
+                            touches.append((now, sha, version, context))
             except sqlite3.Error as exc:
                 raise EngineError(f"verdict cache read failed: {exc}") from exc
-            if len(self._touches) >= FLUSH_EVERY:
-                self._flush_locked()
+        with self._lock:
+            # Verdicts not committed yet (buffered or being written) count too.
+            for sha, context in keys:
+                if (sha, context) in out:
+                    continue
+                k = (bytes.fromhex(sha), version, context)
+                row = self._pending.get(k) or self._writing.get(k)
+                if row is not None:
+                    out[(sha, context)] = CachedVerdict(status=row[3], reason=row[4],
+                                                        detections=_detections(row[5]))
+            self._touches += touches
+            full = len(self._touches) >= FLUSH_EVERY
+        if full:
+            self.flush()
         return out
 
     def put(self, sha256: str, version: int, context: str, verdict: CachedVerdict) -> None:
@@ -145,8 +168,9 @@ class VerdictCache:
                int(time.time()))
         with self._lock:
             self._pending[row[:3]] = row
-            if len(self._pending) >= FLUSH_EVERY:
-                self._flush_locked()
+            full = len(self._pending) >= FLUSH_EVERY
+        if full:
+            self.flush()
 
     # -- local file memo --------------------------------------------------------------
     def file_hashes(self, stats: Sequence[FileStat]) -> dict[FileStat, str]:
@@ -155,7 +179,7 @@ class VerdictCache:
         by_dev: dict[int, list[FileStat]] = {}
         for st in stats:
             by_dev.setdefault(st.dev, []).append(st)
-        with self._lock:
+        with self._read_lock:
             try:
                 for dev, group in by_dev.items():
                     for start in range(0, len(group), 500):
@@ -163,7 +187,7 @@ class VerdictCache:
                         marks = ",".join("?" * len(chunk))
                         # "dev = ? AND ino IN (...)" uses the primary key (a row-value IN
                         # would scan the whole table on every batch).
-                        rows = self._db.execute(
+                        rows = self._rdb.execute(
                             f"SELECT ino, size, mtime_ns, ctime_ns, sha256 FROM files "
                             f"WHERE dev = ? AND ino IN ({marks})",
                             [dev, *(st.ino for st in chunk)]).fetchall()
@@ -184,73 +208,81 @@ class VerdictCache:
         with self._lock:
             self._file_rows.append((st.dev, st.ino, st.size, st.mtime_ns, st.ctime_ns,
                                     bytes.fromhex(sha256), int(now)))
-            if len(self._file_rows) >= FLUSH_EVERY:
-                self._flush_locked()
+            full = len(self._file_rows) >= FLUSH_EVERY
+        if full:
+            self.flush()
 
     # -- housekeeping -----------------------------------------------------------------
     def flush(self) -> None:
         """Commit buffered writes and evict least recently used rows over the bound."""
-        with self._lock:
-            self._flush_locked()
+        with self._write_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                touches, self._touches = self._touches, []
+                file_rows, self._file_rows = self._file_rows, []
+                self._writing = pending
+            try:
+                if pending or touches or file_rows:
+                    self._write(list(pending.values()), touches, file_rows)
+            finally:
+                with self._lock:
+                    self._writing = {}
 
-    def _flush_locked(self) -> None:
-        if not (self._pending or self._touches or self._file_rows):
-            return
+    def _write(self, pending: list[_Row], touches: list[tuple[int, bytes, int, str]],
+               file_rows: list[tuple[int, int, int, int, int, bytes, int]]) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if self._pending:
+                if pending:
                     before = self._db.total_changes
                     self._db.executemany(
-                        "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?)",
-                        list(self._pending.values()))
+                        "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?)", pending)
                     self._count += self._db.total_changes - before
-                if self._touches:
+                if touches:
                     self._db.executemany(
                         "UPDATE verdicts SET last_used = ? WHERE sha256 = ? AND version = ? "
-                        "AND context = ?", self._touches)
-                if self._file_rows:
+                        "AND context = ?", touches)
+                if file_rows:
                     self._db.executemany(
-                        "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)", self._file_rows)
+                        "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)", file_rows)
                 if self._count > self.max_entries:
-                    self._count = int(self._db.execute(
-                        "SELECT count(*) FROM verdicts").fetchone()[0])
-                    excess = self._count - self.max_entries
-                    if excess > 0:
-                        # Evict a little more than needed so eviction is not paid on every flush.
-                        victims = excess + self.max_entries // 20
-                        self._db.execute(
-                            "DELETE FROM verdicts WHERE (sha256, version, context) IN ("
-                            "SELECT sha256, version, context FROM verdicts "
-                            "ORDER BY last_used LIMIT ?)", (victims,))
-                        self._count = max(0, self._count - victims)
-                    files = int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
-                    if files > self.max_entries:
-                        self._db.execute(
-                            "DELETE FROM files WHERE (dev, ino) IN (SELECT dev, ino FROM files "
-                            "ORDER BY last_used LIMIT ?)", (files - self.max_entries,))
+                    self._evict()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise EngineError(f"verdict cache write failed: {exc}") from exc
-        finally:
-            self._pending.clear()
-            self._touches.clear()
-            self._file_rows.clear()
+
+    def _evict(self) -> None:
+        self._count = int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
+        excess = self._count - self.max_entries
+        if excess > 0:
+            # Evict a little more than needed so eviction is not paid on every flush.
+            victims = excess + self.max_entries // 20
+            self._db.execute(
+                "DELETE FROM verdicts WHERE (sha256, version, context) IN ("
+                "SELECT sha256, version, context FROM verdicts "
+                "ORDER BY last_used LIMIT ?)", (victims,))
+            self._count = max(0, self._count - victims)
+        files = int(self._db.execute("SELECT count(*) FROM files").fetchone()[0])
+        if files > self.max_entries:
+            self._db.execute(
+                "DELETE FROM files WHERE (dev, ino) IN (SELECT dev, ino FROM files "
+                "ORDER BY last_used LIMIT ?)", (files - self.max_entries,))
 
     def count(self) -> int:
         """Number of cached verdicts (after flushing)."""
         self.flush()
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
+        with self._read_lock:
+            return int(self._rdb.execute("SELECT count(*) FROM verdicts").fetchone()[0])
 
     def close(self) -> None:
         """Flush and close the database."""
         try:
             self.flush()
         finally:
-            with self._lock:
+            with self._write_lock, self._read_lock:
                 self._db.close()
+                self._rdb.close()
 

@@ -5,9 +5,10 @@ starts worker processes (multiprocessing), each loading the compiled rules once.
 
 The parent walks the trees, asks the verdict cache in batches (local files whose inode,
 size and timestamps are unchanged skip even the hashing), and hands only the misses to the
-workers. Workers scan without touching the cache; the parent alone writes verdicts, so
-there is one SQLite writer and no lock contention. One signature version is pinned for the
-whole run.
+workers, largest files first, small ones grouped into one task. After the first window the
+walk runs in the pool's feeder thread, beside the scanning. Workers only read the cache
+(identical content under another inode); the parent alone writes verdicts, so there is one
+SQLite writer. One signature version is pinned for the whole run.
 """
 
 from __future__ import annotations
