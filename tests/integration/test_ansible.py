@@ -297,6 +297,7 @@ def test_controller_role_installs_configures_and_is_idempotent(
         "vsphere_av_controller_venv": str(venv),
         "vsphere_av_controller_source": str(REPO),
         "vsphere_av_controller_pip_extra_args": "--no-deps",
+        "vsphere_av_controller_system_packages": [],      # no apt on the test machine
         "vsphere_av_controller_create_user": False,
         "vsphere_av_controller_manage_service": False,
         "vsphere_av_controller_verify_unit": has_systemd_analyze,
