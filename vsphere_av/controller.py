@@ -383,8 +383,14 @@ class Controller:
         name = facts.name if facts else ""
         host = facts.host if facts else item.host
         seen = self.now()
-        if item.trigger is Trigger.POWERED_ON and self.scheduler.is_busy(vm):
-            return      # the same power-on seen again (property change, then its events)
+        if item.trigger is not Trigger.REVERTED and self.scheduler.is_busy(vm):
+            # Already queued or being scanned: the same power-on seen again (property
+            # change, then its events), or a contained VM migrating. Only an unfinished cut
+            # still needs doing; a revert needs a new scan (the disk changed).
+            record = self.jobs.isolation(vm)
+            if not self.options.isolate_stale or (record is not None
+                                                  and record.state == "isolated"):
+                return
         self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
                                 started=min(item.at, seen), seen=seen, event_key=item.event_key)
         with self._stats_lock:

@@ -7,7 +7,6 @@ once, while the scan on A is still going.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from pyVmomi import vim
 
 from vsphere_av import simulator
 from vsphere_av.app import start_controller
+
+BLOCKER_SIZE = 512 * 1024 * 1024
 
 
 @pytest.fixture
@@ -39,10 +40,14 @@ def test_queued_job_moves_to_the_host_its_vm_migrated_to(sim: simulator.Simulato
         host_a = next(h for h, names in by_host.items() if len(names) >= 2)
         host_b = next(h for h in by_host if h != host_a)
         big, mover = by_host[host_a][:2]
-        for i in range(200):
-            plant(sim, big, f"/data/blob{i:03}.bin", os.urandom(256 * 1024))
+        # A large sparse file keeps the one slot of host A busy for a while (no disk used).
+        blob = plant(sim, big, "/data/disk.img", b"")
+        with blob.open("r+b") as fh:
+            fh.truncate(BLOCKER_SIZE)
         plant(sim, mover, "/etc/hostname", b"mover\n")
-        settings = settings_for(sim, state, toml="[scan]\nper_host_limit = 1\n")
+        settings = settings_for(sim, state, toml=(
+            f"[scan]\nper_host_limit = 1\nmax_file_size = {BLOCKER_SIZE}\n"
+            f"[engine]\nmax_file_size = {BLOCKER_SIZE}\n"))
         rt = start_controller(settings)
         try:
             c = rt.controller
