@@ -106,6 +106,8 @@ def _playbook(tmp: Path, inventory: dict[str, Any], *args: str, env: dict[str, s
         cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=240, check=False,
     )
     output = proc.stdout + proc.stderr
+    # Ansible's own warnings are defects here (deprecated syntax, non-boolean conditionals).
+    assert "[DEPRECATION WARNING]" not in output, output[-6000:]
     if expect_failure:
         assert proc.returncode != 0, output[-4000:]
     else:
