@@ -27,9 +27,10 @@ Counting rules (the summary a person reads):
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
-import posixpath
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -131,15 +132,21 @@ def matches(pattern: str, path: str, *, windows: bool) -> bool:
     wildcards and no slash is a glob on the file name (``*.iso``). Windows: case-insensitive,
     ``\\`` and ``/`` alike.
     """
+    return _compile(pattern, windows=windows)(normalise(path, windows=windows))
+
+
+def _compile(pattern: str, *, windows: bool) -> Callable[[str], bool]:
+    """A test on normalised paths equivalent to :func:`matches` for one pattern."""
     p = _pattern(pattern, windows=windows)
-    target = normalise(path, windows=windows)
     if not GLOB_CHARS & set(p):
         if p in ("/", "c:/") or p.endswith(":/"):
-            return target.startswith(p)
-        return target == p or target.startswith(p + "/")
+            return lambda target: target.startswith(p)
+        below = p + "/"
+        return lambda target: target == p or target.startswith(below)
+    glob = re.compile(fnmatch.translate(p)).match
     if "/" in p:
-        return fnmatch.fnmatchcase(target, p)
-    return fnmatch.fnmatchcase(posixpath.basename(target), p)
+        return lambda target: glob(target) is not None
+    return lambda target: glob(target.rsplit("/", 1)[-1]) is not None
 
 
 @dataclass(frozen=True)
@@ -161,16 +168,25 @@ class Filters:
         return cls(excludes=(*policy.default_excludes, *policy.exclude), includes=policy.include,
                    max_file_size=limit, windows=windows)
 
+    @functools.cached_property
+    def _tests(self) -> tuple[tuple[Callable[[str], bool], ...], tuple[Callable[[str], bool], ...]]:
+        # Compiled once per scan: every listed file is checked against every pattern.
+        return (tuple(_compile(p, windows=self.windows) for p in self.excludes),
+                tuple(_compile(p, windows=self.windows) for p in self.includes))
+
     def prune(self, directory: str) -> bool:
         """True when a directory is excluded as a whole."""
-        return any(matches(p, directory, windows=self.windows) for p in self.excludes)
+        target = normalise(directory, windows=self.windows)
+        return any(test(target) for test in self._tests[0])
 
     def wanted(self, path: str) -> bool:
         """True when a file passes the include and exclude globs."""
-        if any(matches(p, path, windows=self.windows) for p in self.excludes):
-            return False
-        return not self.includes or any(matches(p, path, windows=self.windows)
-                                        for p in self.includes)
+        target = normalise(path, windows=self.windows)
+        excludes, includes = self._tests
+        for test in excludes:
+            if test(target):
+                return False
+        return not includes or any(test(target) for test in includes)
 
 
 def remediation_plan(action: str, fallback: str) -> tuple[str, ...]:
