@@ -59,6 +59,8 @@ from vsphere_av.vsphere.faults import translate
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+RECV = 64 * 1024
+MAX_HEAD = 64 * 1024
 PAGE = 200                   # entries per ListFilesInGuest call
 TRANSFER_TIMEOUT = (15.0, 120.0)
 MAX_DEPTH = 64
@@ -182,8 +184,9 @@ class _TransferClient:
         self._single_use = False
         self._lock = threading.Lock()
 
-    def get(self, host: str, port: int, target: str, *, what: str) -> http.client.HTTPResponse:
-        """Send ``GET target`` and return the response with its headers read."""
+    def get(self, host: str, port: int, target: str, *, what: str,
+            netloc: str = "") -> _Response:
+        """Send ``GET target`` and return the response with its head read."""
         with self._lock:
             offered = self._session
         sock: socket.socket | None = None
@@ -199,18 +202,20 @@ class _TransferClient:
                         f"{what}: certificate of {host}:{port} does not match the pinned "
                         f"thumbprint: expected {_colons(self._pin)}, got {_colons(got)}")
             tls.settimeout(TRANSFER_TIMEOUT[1])
-            conn = http.client.HTTPConnection(host, port)
-            conn.sock = tls
-            conn.request("GET", target, headers={"Connection": "close",
-                                                 "Accept-Encoding": "identity"})
-            response = conn.getresponse()
+            tls.sendall(f"GET {target} HTTP/1.1\r\nHost: {netloc or host}\r\n"
+                        "Connection: close\r\nAccept-Encoding: identity\r\n"
+                        "User-Agent: vsphere-av\r\n\r\n".encode("ascii"))
+            response = _Response.receive(tls)
             self._keep_session(tls, offered)
-            conn.sock = None        # the response owns the socket now
             return response
         except errors.VsphereAvError:
             if sock is not None:
                 sock.close()
             raise
+        except UnicodeError as exc:
+            if sock is not None:
+                sock.close()
+            raise errors.GuestError(f"{what}: transfer URL is not plain ASCII") from exc
         except (OSError, http.client.HTTPException) as exc:
             if sock is not None:
                 sock.close()
@@ -230,6 +235,132 @@ class _TransferClient:
         if session is not None:
             with self._lock:
                 self._session = session
+
+
+class _Response:
+    """One HTTP/1.1 response read straight off its socket (the request said Connection: close).
+
+    Bodies with Content-Length, chunked bodies and bodies up to the end of the connection;
+    ``read`` returns b"" at the end (a body cut short shows as fewer bytes than announced).
+    """
+
+    def __init__(self, sock: socket.socket, status: int, headers: dict[str, str],
+                 rest: bytearray) -> None:
+        self._sock = sock
+        self.status = status
+        self.headers = headers
+        self._buf = rest
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = headers.get("content-length")
+        self._left: int | None = None
+        if length is not None and not self._chunked:
+            if not length.strip().isdigit():
+                raise http.client.HTTPException(f"bad Content-Length {length!r}")
+            self._left = int(length)
+        self._chunk_left = 0
+        self._done = False
+
+    @classmethod
+    def receive(cls, sock: socket.socket) -> _Response:
+        """Read the status line and headers."""
+        buf = bytearray()
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > MAX_HEAD:
+                raise http.client.HTTPException("response head larger than 64 KiB")
+            data = sock.recv(RECV)
+            if not data:
+                raise http.client.RemoteDisconnected("connection closed before the response")
+            buf += data
+        lines = bytes(buf[:end]).decode("iso-8859-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise http.client.BadStatusLine(lines[0][:100])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        del buf[:end + 4]
+        return cls(sock, int(code), headers, buf)
+
+    def _take(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the raw stream (b"" at its end)."""
+        if not self._buf:
+            data = self._sock.recv(max(n, RECV))
+            if not data:
+                return b""
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise http.client.IncompleteRead(b"")
+            data = self._sock.recv(RECV)
+            if not data:
+                raise http.client.IncompleteRead(bytes(self._buf))
+            self._buf += data
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 2]
+        return line
+
+    def read(self, amt: int | None = None) -> bytes:
+        """Up to ``amt`` bytes of the body (all of it with None); b"" at the end."""
+        want = CHUNK if amt is None or amt < 0 else amt
+        if self._done or want == 0:
+            return b""
+        if self._chunked:
+            return self._read_chunked(want)
+        if self._left is not None:
+            want = min(want, self._left)
+            if want == 0:
+                self._done = True
+                return b""
+        out = bytearray(want)
+        view = memoryview(out)
+        got = min(len(self._buf), want)
+        view[:got] = self._buf[:got]
+        del self._buf[:got]
+        while got < want:
+            n = self._sock.recv_into(view[got:], want - got)
+            if n == 0:
+                self._done = True
+                break
+            got += n
+        if self._left is not None:
+            self._left -= got
+        return bytes(view[:got])
+
+    def _read_chunked(self, want: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while size < want:
+            if self._chunk_left == 0:
+                line = self._line().split(b";", 1)[0].strip()
+                try:
+                    self._chunk_left = int(line, 16)
+                except ValueError as exc:
+                    raise http.client.IncompleteRead(line) from exc
+                if self._chunk_left == 0:
+                    self._done = True
+                    break
+            piece = self._take(min(self._chunk_left, want - size))
+            if not piece:
+                raise http.client.IncompleteRead(b"".join(parts))
+            parts.append(piece)
+            size += len(piece)
+            self._chunk_left -= len(piece)
+            if self._chunk_left == 0:
+                self._line()          # the CRLF after each chunk
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Close the connection (the request asked for no keep-alive)."""
+        self._done = True
+        self._sock.close()
 
 
 def _colons(hex_digest: str) -> str:
@@ -480,7 +611,8 @@ class GuestFiles:
             raise errors.GuestError(f"{what}: unexpected transfer URL scheme {url.scheme!r}")
         client = _transfer_client(url.netloc, self.vm.host, self._conn.trust)
         target = f"{url.path or '/'}?{url.query}" if url.query else (url.path or "/")
-        response = client.get(url.hostname, url.port or 443, target, what=what)
+        response = client.get(url.hostname, url.port or 443, target, what=what,
+                              netloc=url.netloc)
         if response.status == 404:
             response.close()
             raise errors.GuestFileNotFound(f"{what}: gone (HTTP 404)")
