@@ -491,6 +491,9 @@ class Controller:
                         reason=f"VM is {vm.power_state}")
             return
         host = vm.host.moref if vm.host else job.host
+        # The audit log tells the story in order: the containment entry (queued in the
+        # outbox during a storm) goes in before this scan's start.
+        self.flush_audit()
         window_close = self._window_close(job)
         interrupted: list[str] = []
 
@@ -513,18 +516,20 @@ class Controller:
                         reason=interrupted[0], requeued=again is not None)
             return
         status = result.status
+        # The exposure is closed last, so whoever waits for it finds everything else done.
         if status == "clean":
-            self.scheduler.finish(job)
-            self.jobs.mark_exposure(job.vm, clean=self.now(), outcome="clean", close=True)
+            verdict = self.now()
             self.release(job.vm, name=vm.name, host=host)
-        elif status == "infected":
             self.scheduler.finish(job)
-            self.jobs.mark_exposure(job.vm, outcome="infected", close=True)
+            self.jobs.mark_exposure(job.vm, clean=verdict, outcome="clean", close=True)
+        elif status == "infected":
             if self.jobs.isolation(job.vm) is not None:
                 with self._stats_lock:
                     self.stats.kept_isolated += 1
                 self._audit("isolation.keep", vm=vm.name, moref=job.vm, host_moref=host,
                             reason="detection: stays isolated until a rescan is clean")
+            self.scheduler.finish(job)
+            self.jobs.mark_exposure(job.vm, outcome="infected", close=True)
         elif status == "unreachable" and "invalid guest login" in result.reason:
             # Permanent until the configuration changes; a stale VM stays contained.
             self.scheduler.finish(job)
