@@ -257,6 +257,7 @@ class _Response:
             if not length.strip().isdigit():
                 raise http.client.HTTPException(f"bad Content-Length {length!r}")
             self._left = int(length)
+        self.expected_length = self._left
         self._chunk_left = 0
         self._done = False
 
@@ -283,6 +284,12 @@ class _Response:
                 headers[name.strip().lower()] = value.strip()
         del buf[:end + 4]
         return cls(sock, int(code), headers, buf)
+
+    @property
+    def reusable(self) -> bool:
+        """True when the body had a known end and the server keeps the connection open."""
+        return (self._chunked or self.expected_length is not None) and \
+            self.headers.get("connection", "").lower() != "close"
 
     def _take(self, n: int) -> bytes:
         """Up to ``n`` bytes of the raw stream (b"" at its end)."""
@@ -345,6 +352,8 @@ class _Response:
                 except ValueError as exc:
                     raise http.client.IncompleteRead(line) from exc
                 if self._chunk_left == 0:
+                    while self._line():   # trailer fields, up to the empty line
+                        pass
                     self._done = True
                     break
             piece = self._take(min(self._chunk_left, want - size))
@@ -708,26 +717,53 @@ def _soap_template(stub: Any, fm: Any, method: str, vm_ref: Any, auth: Any,
 
 
 def _soap_post(stub: Any, body: bytes) -> tuple[int, bytes]:
-    """POST a SOAP request over the stub's own (verified, pooled) connections."""
-    headers = {"Cookie": stub.cookie, "SOAPAction": stub.versionId,
-               "Content-Type": "text/xml; charset=UTF-8"}
-    conn = stub.GetConnection()
-    try:
-        conn.request("POST", stub.path, body, headers)
-        response = conn.getresponse()
-        data = response.read()
-    except (OSError, http.client.HTTPException):
-        conn.close()
-        stub.DropConnections()
-        raise
-    cookie = response.getheader("Set-Cookie")
-    if cookie:
-        stub.cookie = cookie
-    if response.status in (200, 500) and not response.will_close:
-        stub.ReturnConnection(conn)
-    else:
-        conn.close()
-    return response.status, data
+    """POST a SOAP request over one of the stub's own pooled, verified connections.
+
+    The request is written and the response read directly on the connection's socket
+    (keep-alive to vCenter; http.client would parse every response head through the
+    email package). A pooled connection that vCenter closed meanwhile is replaced once.
+    """
+    for attempt in (1, 2):
+        conn = stub.GetConnection()
+        if conn.sock is None:            # closed since it was pooled: a fresh, verified one
+            conn.close()
+            stub.DropConnections()
+            conn = stub.GetConnection()
+        may_retry = attempt == 1
+        host = f"[{conn.host}]" if ":" in conn.host else conn.host
+        if conn.port != 443:
+            host = f"{host}:{conn.port}"
+        head = (f"POST {stub.path} HTTP/1.1\r\nHost: {host}\r\nCookie: {stub.cookie}\r\n"
+                f"SOAPAction: {stub.versionId}\r\nContent-Type: text/xml; charset=UTF-8\r\n"
+                f"Content-Length: {len(body)}\r\nUser-Agent: vsphere-av\r\n\r\n")
+        try:
+            conn.sock.sendall(head.encode("utf-8") + body)
+            response = _Response.receive(conn.sock)
+            parts = []
+            while chunk := response.read(CHUNK):
+                parts.append(chunk)
+            data = b"".join(parts)
+            if response.expected_length not in (None, len(data)):
+                raise http.client.IncompleteRead(data, response.expected_length)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            conn.close()
+            if may_retry:
+                continue
+            stub.DropConnections()
+            raise
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            stub.DropConnections()
+            raise
+        cookie = response.headers.get("set-cookie")
+        if cookie:
+            stub.cookie = cookie
+        if response.status in (200, 500) and response.reusable:
+            stub.ReturnConnection(conn)
+        else:
+            conn.close()
+        return response.status, data
+    raise http.client.RemoteDisconnected("vCenter closed the connection twice")
 
 
 def _local(name: str) -> str:
