@@ -726,7 +726,11 @@ class _Transfers:
             entry = self._todo.get()
             if entry is None:
                 return
-            self._done.put(self._fetch(entry))
+            try:
+                fetched = self._fetch(entry)
+            except BaseException as exc:      # never leave the scan thread waiting
+                fetched = _Fetched(entry=entry, error=exc)
+            self._done.put(fetched)
 
     def _fetch(self, entry: GuestFile) -> _Fetched:
         if self._stop.is_set():
