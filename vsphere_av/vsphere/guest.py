@@ -712,7 +712,7 @@ def _soap_template(stub: Any, fm: Any, method: str, vm_ref: Any, auth: Any,
             parts.append(b"<" + pieces[k + 1].encode())
         return info, parts, order
     except (AttributeError, TypeError, ValueError) as exc:
-        log.debug("no prepared request for %s: %s", method, exc)
+        log.debug("no prepared request for %s (%s)", method, type(exc).__name__)
         return _NO_TEMPLATE
 
 
