@@ -22,6 +22,7 @@ import (
 	"reflect"
 	"regexp"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/vmware/govmomi/simulator"
@@ -360,6 +361,11 @@ func widen(em *simulator.EventManager, ev types.BaseEvent, exact bool) func() {
 		spec types.EventFilterSpec
 	}
 	var undo []saved
+	// PostEvent stamps the time only after this check; a zero time would fail every
+	// collector's time filter, so stamp it now (PostEvent overwrites it moments later).
+	if e := ev.GetEvent(); e.CreatedTime.IsZero() {
+		e.CreatedTime = time.Now()
+	}
 	for _, c := range eventCollectors(em) {
 		spec, ok := c.Filter.(types.EventFilterSpec)
 		if !ok || classMatch(ev, spec.EventTypeId) || !newMatcher(spec).match(ev) {

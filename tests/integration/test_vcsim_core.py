@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -598,5 +598,28 @@ def test_event_collector_scrolls_like_vcenter(vcsim_factory: Factory) -> None:
         run(vm.PowerOffVM_Task())
         newest = collector.ReadNextEvents(100)
         assert [type(e).__name__ for e in newest] == ["vim.event.VmPoweredOffEvent"]
+    finally:
+        collector.DestroyCollector()
+
+
+def test_eventex_reaches_a_collector_with_a_time_filter(vcsim_factory: Any) -> None:
+    """An EventEx posted by the simulator itself matches eventTypeId + a begin time filter."""
+    sim = vcsim_factory()
+    si = connect(sim)
+    content = si.RetrieveContent()
+    vm = content.searchIndex.FindByInventoryPath("DC0/vm/DC0_C0_RP0_VM0")
+    begin = si.CurrentTime() - timedelta(seconds=5)
+    spec = vim.event.EventFilterSpec(
+        eventTypeId=["com.vmware.vc.vm.VmStateRevertedToSnapshot"],
+        time=vim.event.EventFilterSpec.ByTime(beginTime=begin))
+    collector = content.eventManager.CreateCollectorForEvents(spec)
+    try:
+        WaitForTask(vm.CreateSnapshot_Task(name="s1", memory=False, quiesce=False))
+        WaitForTask(vm.RevertToCurrentSnapshot_Task())
+        latest = collector.latestPage       # the live page, kept by the library as events come
+        assert [e.eventTypeId for e in latest] == ["com.vmware.vc.vm.VmStateRevertedToSnapshot"]
+        events = collector.ReadNextEvents(50)
+        assert [e.eventTypeId for e in events] == ["com.vmware.vc.vm.VmStateRevertedToSnapshot"]
+        assert events[0].vm.vm._moId == vm._moId
     finally:
         collector.DestroyCollector()
