@@ -1,10 +1,10 @@
 """Guest file operations on one VM: list (paged), walk, stream out, upload, delete, move, mkdir.
 
 Called by ``scanning.py`` (through the collaborator it is given) and ``app.py`` (quarantine
-restore); calls ``Connection.call`` for the SOAP side (GuestFileManager) and ``requests`` for
-the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable``,
-``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or
-``TransientError``. The guest password travels only inside the SOAP request.
+restore); calls ``Connection.call`` for the SOAP side (GuestFileManager), ``ssl`` sockets for
+downloads and ``requests`` for uploads. Faults become ``errors.GuestLoginError``,
+``GuestUnavailable``, ``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``,
+``NotFound`` or ``TransientError``. The guest password travels only inside the SOAP request.
 
 Transfers (``https://*:PORT/guestFile?...``) go to the ESXi host the VM runs on: ``*`` is
 replaced by the host's management address. TLS for that hop, in this order:
@@ -22,6 +22,13 @@ Bodies are streamed (1 MiB chunks) and each transfer uses a fresh connection wit
 one prepared SSL context, the pin checked on every connection, and the TLS session of the
 previous transfer to that host offered again (resumption: no certificate exchange and no
 RSA signature on the host for each small file). Uploads (rare) use ``requests``.
+
+The two calls made for every file or directory, ListFilesInGuest and
+InitiateFileTransferFromGuest, skip pyVmomi's generic (de)serialisation: the request is
+pyVmomi's own serialisation with placeholders, made once per VM and login, sent on the SOAP
+stub's pooled connections (verified and kept alive by pyVmomi, as for every vCenter call),
+and the answer is read by a small expat parser. Faults and anything unexpected are handed
+to pyVmomi's deserialiser, so callers see the same errors as through :meth:`_call`.
 """
 
 from __future__ import annotations
