@@ -8,7 +8,8 @@ process-tree sampler (peak RSS, CPU time).
 What is compared, and how it is kept fair:
   * Same files: the tree is the corpus with duplicate contents dropped (so the verdict cache,
     on and empty on both sides as in production, can never answer for either side); the
-    guests' ``/data`` trees are hard links to the very same inodes, split round-robin.
+    guests' ``/data`` trees are hard links to the very same inodes, split so that every VM
+    holds about the same bytes (local workers share files out as they go; a VM cannot).
   * Same rules: one signature import, copied into a fresh state directory for every run
     (cold verdict cache, empty file index, so both sides read and match every byte).
   * Same cores: the local side runs JOBS worker processes; the guest side scans JOBS VMs at
@@ -76,18 +77,26 @@ def build_tree(corpus: Path, tree: Path, *, min_size: int = 0) -> tuple[int, int
     return files, size, dups
 
 
-def split_into_guests(tree: Path, guest_root: Path, vm_names: list[str]) -> tuple[int, int]:
-    """Hard-link the tree's files round-robin into each VM's /data; (files, bytes)."""
-    files = size = 0
+def split_into_guests(tree: Path, guest_root: Path, vm_names: list[str],
+                      ) -> list[tuple[int, int]]:
+    """Hard-link the tree's files into the VMs' /data, balanced by bytes; (files, bytes) per VM.
+
+    Largest files first, each to the VM with the fewest bytes so far (then the fewest
+    files): a round-robin split by count can leave one VM with twice the bytes of another,
+    and the slower VM alone decides the guest side's time while a core idles.
+    """
+    files: list[tuple[int, Path]] = []
     for dirpath, dirnames, filenames in os.walk(tree):
         dirnames.sort()
-        for name in sorted(filenames):
-            src = Path(dirpath) / name
-            vm = vm_names[files % len(vm_names)]
-            _link(src, guest_root / vm / "data" / src.relative_to(tree))
-            files += 1
-            size += src.stat().st_size
-    return files, size
+        files.extend(((Path(dirpath) / n).stat().st_size, Path(dirpath) / n)
+                     for n in sorted(filenames))
+    load = [[0, 0] for _ in vm_names]             # bytes, files
+    for size, src in sorted(files, key=lambda f: (-f[0], str(f[1]))):
+        i = min(range(len(vm_names)), key=lambda k: (load[k][0], load[k][1]))
+        _link(src, guest_root / vm_names[i] / "data" / src.relative_to(tree))
+        load[i][0] += size
+        load[i][1] += 1
+    return [(n, b) for b, n in load]
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -169,7 +178,8 @@ def main() -> None:
         sim = simulator.start(guest_root=guest_root, hosts=1, vms=vms)
         try:
             names = [f"DC0_C0_RP0_VM{i}" for i in range(vms)]
-            g_files, g_size = split_into_guests(tree, guest_root, names)
+            per_vm = split_into_guests(tree, guest_root, names)
+            g_files, g_size = sum(n for n, _ in per_vm), sum(b for _, b in per_vm)
             config = work / "guest.toml"
             config.write_text(
                 '[scan]\nlinux_roots = ["/data"]\naction = "report"\nfallback_action = ""\n'
@@ -182,7 +192,9 @@ def main() -> None:
                   f"{args.min_kb} KB, {dups} duplicate contents left out); rules {rules}\n"
                   f"local: scan-files, {args.jobs} worker processes; guest: {vms} VMs on 1 "
                   f"host, {args.jobs} scanned at once (scan thread + transfer thread each, "
-                  f"1 transfer per VM), 1 process + the simulator on the same "
+                  f"1 transfer per VM; files per VM "
+                  f"{', '.join(f'{n}/{b / 1e6:.0f} MB' for n, b in per_vm)}), 1 process + "
+                  f"the simulator on the same "
                   f"{os.cpu_count()} cores\nverdict cache on and empty, file index empty, "
                   f"page cache warm; {args.repeat} interleaved rounds", flush=True)
             rounds = []
@@ -225,7 +237,8 @@ def main() -> None:
     figures = {
         "tree": {"files": files, "mb": round(size / 1e6, 1), "min_kb": args.min_kb,
                  "duplicates_dropped": dups, "guest_files": g_files, "guest_mb":
-                 round(g_size / 1e6, 1)},
+                 round(g_size / 1e6, 1), "per_vm": [{"files": n, "mb": round(b / 1e6, 1)}
+                                                    for n, b in per_vm]},
         "rules": rules, "jobs": args.jobs, "vms": vms, "rounds": rounds,
         "best": best, "ratio_of_best": round(best["guest"]["mb_per_s"] /
                                              best["local"]["mb_per_s"], 3),
