@@ -1,10 +1,10 @@
 """Guest file operations on one VM: list (paged), walk, stream out, upload, delete, move, mkdir.
 
 Called by ``scanning.py`` (through the collaborator it is given) and ``app.py`` (quarantine
-restore); calls ``Connection.call`` for the SOAP side (GuestFileManager), ``ssl`` sockets for
-downloads and ``requests`` for uploads. Faults become ``errors.GuestLoginError``,
-``GuestUnavailable``, ``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``,
-``NotFound`` or ``TransientError``. The guest password travels only inside the SOAP request.
+restore); calls ``Connection.call`` for the SOAP side (GuestFileManager) and ``requests`` for
+the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable``,
+``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or
+``TransientError``. The guest password travels only inside the SOAP request.
 
 Transfers (``https://*:PORT/guestFile?...``) go to the ESXi host the VM runs on: ``*`` is
 replaced by the host's management address. TLS for that hop, in this order:
@@ -22,13 +22,6 @@ Bodies are streamed (1 MiB chunks) and each transfer uses a fresh connection wit
 one prepared SSL context, the pin checked on every connection, and the TLS session of the
 previous transfer to that host offered again (resumption: no certificate exchange and no
 RSA signature on the host for each small file). Uploads (rare) use ``requests``.
-
-The two calls made for every file or directory, ListFilesInGuest and
-InitiateFileTransferFromGuest, skip pyVmomi's generic (de)serialisation: the request is
-pyVmomi's own serialisation with placeholders, made once per VM and login, sent on the SOAP
-stub's pooled connections (verified and kept alive by pyVmomi, as for every vCenter call),
-and the answer is read by a small expat parser. Faults and anything unexpected are handed
-to pyVmomi's deserialiser, so callers see the same errors as through :meth:`_call`.
 """
 
 from __future__ import annotations
@@ -36,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import io
 import logging
 import posixpath
 import re
@@ -48,13 +40,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
-from xml.parsers import expat
-from xml.sax.saxutils import escape as xml_escape
 
 import requests
 import urllib3
-from pyVmomi import SoapAdapter, vim
-from pyVmomi.Iso8601 import ParseISO8601
+from pyVmomi import vim
 from requests.adapters import HTTPAdapter
 
 from vsphere_av import errors
@@ -66,8 +55,6 @@ from vsphere_av.vsphere.faults import translate
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-RECV = 64 * 1024
-MAX_HEAD = 64 * 1024
 PAGE = 200                   # entries per ListFilesInGuest call
 TRANSFER_TIMEOUT = (15.0, 120.0)
 MAX_DEPTH = 64
@@ -191,9 +178,8 @@ class _TransferClient:
         self._single_use = False
         self._lock = threading.Lock()
 
-    def get(self, host: str, port: int, target: str, *, what: str,
-            netloc: str = "") -> _Response:
-        """Send ``GET target`` and return the response with its head read."""
+    def get(self, host: str, port: int, target: str, *, what: str) -> http.client.HTTPResponse:
+        """Send ``GET target`` and return the response with its headers read."""
         with self._lock:
             offered = self._session
         sock: socket.socket | None = None
@@ -209,20 +195,18 @@ class _TransferClient:
                         f"{what}: certificate of {host}:{port} does not match the pinned "
                         f"thumbprint: expected {_colons(self._pin)}, got {_colons(got)}")
             tls.settimeout(TRANSFER_TIMEOUT[1])
-            tls.sendall(f"GET {target} HTTP/1.1\r\nHost: {netloc or host}\r\n"
-                        "Connection: close\r\nAccept-Encoding: identity\r\n"
-                        "User-Agent: vsphere-av\r\n\r\n".encode("ascii"))
-            response = _Response.receive(tls)
+            conn = http.client.HTTPConnection(host, port)
+            conn.sock = tls
+            conn.request("GET", target, headers={"Connection": "close",
+                                                 "Accept-Encoding": "identity"})
+            response = conn.getresponse()
             self._keep_session(tls, offered)
+            conn.sock = None        # the response owns the socket now
             return response
         except errors.VsphereAvError:
             if sock is not None:
                 sock.close()
             raise
-        except UnicodeError as exc:
-            if sock is not None:
-                sock.close()
-            raise errors.GuestError(f"{what}: transfer URL is not plain ASCII") from exc
         except (OSError, http.client.HTTPException) as exc:
             if sock is not None:
                 sock.close()
@@ -242,141 +226,6 @@ class _TransferClient:
         if session is not None:
             with self._lock:
                 self._session = session
-
-
-class _Response:
-    """One HTTP/1.1 response read straight off its socket (the request said Connection: close).
-
-    Bodies with Content-Length, chunked bodies and bodies up to the end of the connection;
-    ``read`` returns b"" at the end (a body cut short shows as fewer bytes than announced).
-    """
-
-    def __init__(self, sock: socket.socket, status: int, headers: dict[str, str],
-                 rest: bytearray) -> None:
-        self._sock = sock
-        self.status = status
-        self.headers = headers
-        self._buf = rest
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = headers.get("content-length")
-        self._left: int | None = None
-        if length is not None and not self._chunked:
-            if not length.strip().isdigit():
-                raise http.client.HTTPException(f"bad Content-Length {length!r}")
-            self._left = int(length)
-        self.expected_length = self._left
-        self._chunk_left = 0
-        self._done = False
-
-    @classmethod
-    def receive(cls, sock: socket.socket) -> _Response:
-        """Read the status line and headers."""
-        buf = bytearray()
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            if len(buf) > MAX_HEAD:
-                raise http.client.HTTPException("response head larger than 64 KiB")
-            data = sock.recv(RECV)
-            if not data:
-                raise http.client.RemoteDisconnected("connection closed before the response")
-            buf += data
-        lines = bytes(buf[:end]).decode("iso-8859-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise http.client.BadStatusLine(lines[0][:100])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        del buf[:end + 4]
-        return cls(sock, int(code), headers, buf)
-
-    @property
-    def reusable(self) -> bool:
-        """True when the body had a known end and the server keeps the connection open."""
-        return (self._chunked or self.expected_length is not None) and \
-            self.headers.get("connection", "").lower() != "close"
-
-    def _take(self, n: int) -> bytes:
-        """Up to ``n`` bytes of the raw stream (b"" at its end)."""
-        if not self._buf:
-            data = self._sock.recv(max(n, RECV))
-            if not data:
-                return b""
-            self._buf += data
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def _line(self) -> bytes:
-        while (end := self._buf.find(b"\r\n")) < 0:
-            if len(self._buf) > MAX_HEAD:
-                raise http.client.IncompleteRead(b"")
-            data = self._sock.recv(RECV)
-            if not data:
-                raise http.client.IncompleteRead(bytes(self._buf))
-            self._buf += data
-        line = bytes(self._buf[:end])
-        del self._buf[:end + 2]
-        return line
-
-    def read(self, amt: int | None = None) -> bytes:
-        """Up to ``amt`` bytes of the body (all of it with None); b"" at the end."""
-        want = CHUNK if amt is None or amt < 0 else amt
-        if self._done or want == 0:
-            return b""
-        if self._chunked:
-            return self._read_chunked(want)
-        if self._left is not None:
-            want = min(want, self._left)
-            if want == 0:
-                self._done = True
-                return b""
-        out = bytearray(want)
-        view = memoryview(out)
-        got = min(len(self._buf), want)
-        view[:got] = self._buf[:got]
-        del self._buf[:got]
-        while got < want:
-            n = self._sock.recv_into(view[got:], want - got)
-            if n == 0:
-                self._done = True
-                break
-            got += n
-        if self._left is not None:
-            self._left -= got
-        return bytes(view[:got])
-
-    def _read_chunked(self, want: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while size < want:
-            if self._chunk_left == 0:
-                line = self._line().split(b";", 1)[0].strip()
-                try:
-                    self._chunk_left = int(line, 16)
-                except ValueError as exc:
-                    raise http.client.IncompleteRead(line) from exc
-                if self._chunk_left == 0:
-                    while self._line():   # trailer fields, up to the empty line
-                        pass
-                    self._done = True
-                    break
-            piece = self._take(min(self._chunk_left, want - size))
-            if not piece:
-                raise http.client.IncompleteRead(b"".join(parts))
-            parts.append(piece)
-            size += len(piece)
-            self._chunk_left -= len(piece)
-            if self._chunk_left == 0:
-                self._line()          # the CRLF after each chunk
-        return b"".join(parts)
-
-    def close(self) -> None:
-        """Close the connection (the request asked for no keep-alive)."""
-        self._done = True
-        self._sock.close()
 
 
 def _colons(hex_digest: str) -> str:
@@ -468,7 +317,6 @@ class GuestFiles:
         self._password = password
         self.windows = vm.is_windows
         self._prepared: tuple[Any, Any, Any] | None = None     # (stub, VM ref, auth)
-        self._templates: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     def __repr__(self) -> str:
         return f"GuestFiles(vm={self.vm.name!r}, user={self._user!r})"
@@ -479,91 +327,40 @@ class GuestFiles:
         return vim.vm.guest.NamePasswordAuthentication(
             username=self._user, password=self._password.reveal(), interactiveSession=False)
 
-    def _prepare(self) -> tuple[Any, Any, Any]:
-        # The VM reference and the credentials object are built once per SOAP stub (a new
-        # login may bring a new stub), not once per call.
-        stub = self._conn.stub
-        prepared = self._prepared
-        if prepared is None or prepared[0] is not stub:
-            prepared = self._prepared = (stub, self._conn.ref("VirtualMachine", self.vm.moref),
-                                         self._auth())
-            self._templates = {}
-        return prepared
-
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
         fm = self._conn.singleton("guest file manager",
                                   lambda c: c.guestOperationsManager.fileManager)
 
         def run(content: Any) -> Any:
-            _, vm_ref, auth = self._prepare()
+            # The VM reference and the credentials object are built once per SOAP stub
+            # (a new login may bring a new stub), not once per call.
+            stub = self._conn.stub
+            if self._prepared is None or self._prepared[0] is not stub:
+                self._prepared = (stub, self._conn.ref("VirtualMachine", self.vm.moref),
+                                  self._auth())
+            _, vm_ref, auth = self._prepared
             return getattr(fm, method)(vm=vm_ref, auth=auth, **kwargs)
         return self._conn.call(f"{what} on {self.vm.name}", run)
-
-    def _lean_call(self, what: str, method: str, values: dict[str, str | int],
-                   parse: Callable[[bytes], Any], convert: Callable[[Any], Any]) -> Any:
-        """A hot guest call with the request prepared once and a lean response parser.
-
-        The request is pyVmomi's own serialization of this method with placeholders, made
-        once per VM and login; only the values change. A fault (HTTP 500) and anything the
-        lean parser does not understand are deserialized by pyVmomi, so errors are exactly
-        those of :meth:`_call`. Falls back to :meth:`_call` when the request cannot be
-        prepared.
-        """
-        fm = self._conn.singleton("guest file manager",
-                                  lambda c: c.guestOperationsManager.fileManager)
-
-        def run(content: Any) -> Any:
-            stub, vm_ref, auth = self._prepare()
-            key = (method, tuple(values))
-            template = self._templates.get(key)
-            if template is None:
-                template = self._templates[key] = _soap_template(stub, fm, method, vm_ref, auth,
-                                                                 tuple(values))
-            if template is _NO_TEMPLATE:
-                return convert(self._invoke(fm, method, vm_ref, auth, values))
-            info, parts, order = template
-            body = bytearray(parts[0])
-            for name, part in zip(order, parts[1:], strict=True):
-                value = values[name]
-                body += (str(value) if isinstance(value, int) else xml_escape(value)).encode()
-                body += part
-            status, data = _soap_post(stub, bytes(body))
-            if status == 200:
-                try:
-                    return parse(data)
-                except (ValueError, KeyError, expat.ExpatError):
-                    log.debug("%s: lean parse failed; pyVmomi deserializes", what)
-            result = SoapAdapter.SoapResponseDeserializer(stub).Deserialize(io.BytesIO(data),
-                                                                            info.result)
-            if isinstance(result, BaseException):
-                raise result
-            if status != 200:
-                raise http.client.HTTPException(f"SOAP status {status}")
-            return convert(result)
-        return self._conn.call(f"{what} on {self.vm.name}", run)
-
-    def _invoke(self, fm: Any, method: str, vm_ref: Any, auth: Any,
-                values: dict[str, str | int]) -> Any:
-        name = {"ListFiles": "ListFilesInGuest"}.get(method, method)
-        return getattr(fm, name)(vm=vm_ref, auth=auth, **values)
 
     def list_dir(self, path: str, *, pattern: str | None = None) -> Iterator[GuestFile]:
         """Entries of one guest directory (all pages); "." and ".." left out."""
         index = 0
+        extra: dict[str, Any] = {"matchPattern": pattern} if pattern else {}
         while True:
-            values: dict[str, str | int] = {"filePath": path, "index": index, "maxResults": PAGE}
-            if pattern:
-                values["matchPattern"] = pattern
-            entries, remaining = self._lean_call(f"list {path}", "ListFiles", values,
-                                                 _parse_list, _list_from_vim)
-            for raw, kind, size, mtime, perms in entries:
-                name = raw.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            result = self._call(f"list {path}", "ListFilesInGuest", filePath=path, index=index,
+                                maxResults=PAGE, **extra)
+            files = list(result.files or [])
+            for info in files:
+                name = str(info.path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
                 if name in (".", "..", ""):
                     continue
+                attrs = info.attributes
+                perms = getattr(attrs, "permissions", None)
                 yield GuestFile(path=join(path, name, windows=self.windows), name=name,
-                                type=kind, size=size, mtime=mtime, permissions=perms)
-            index += len(entries)
-            if not entries or not remaining:
+                                type=str(info.type), size=int(info.size or 0), mtime=_mtime(attrs),
+                                permissions=int(perms) if perms is not None else None)
+            index += len(files)
+            if not files or not result.remaining:
                 return
 
     def stat(self, path: str) -> GuestFile | None:
@@ -619,23 +416,20 @@ class GuestFiles:
     def open_download(self, path: str) -> Download:
         """Start streaming one guest file out (InitiateFileTransferFromGuest + HTTPS GET)."""
         what = f"download {path} from {self.vm.name}"
-        raw_url, size = self._lean_call(f"download {path}", "InitiateFileTransferFromGuest",
-                                        {"guestFilePath": path}, _parse_transfer,
-                                        _transfer_from_vim)
-        url = urlsplit(transfer_url(raw_url, self.vm.host.address if self.vm.host else ""))
+        info = self._call(f"download {path}", "InitiateFileTransferFromGuest", guestFilePath=path)
+        url = urlsplit(transfer_url(str(info.url), self.vm.host.address if self.vm.host else ""))
         if url.scheme != "https" or not url.hostname:
             raise errors.GuestError(f"{what}: unexpected transfer URL scheme {url.scheme!r}")
         client = _transfer_client(url.netloc, self.vm.host, self._conn.trust)
         target = f"{url.path or '/'}?{url.query}" if url.query else (url.path or "/")
-        response = client.get(url.hostname, url.port or 443, target, what=what,
-                              netloc=url.netloc)
+        response = client.get(url.hostname, url.port or 443, target, what=what)
         if response.status == 404:
             response.close()
             raise errors.GuestFileNotFound(f"{what}: gone (HTTP 404)")
         if response.status != 200:
             response.close()
             raise errors.TransientError(f"{what}: HTTP {response.status}")
-        return Download(path=path, size=size, _response=response)
+        return Download(path=path, size=int(info.size), _response=response)
 
     def upload(self, path: str, body: SupportsRead, *, size: int, overwrite: bool = False,
                permissions: int | None = None) -> None:
@@ -675,189 +469,6 @@ class GuestFiles:
         with contextlib.suppress(errors.GuestFileExists):
             self._call(f"mkdir {path}", "MakeDirectoryInGuest", directoryPath=path,
                        createParentDirectories=parents)
-
-
-# --- lean SOAP for the hot calls (listing, starting a transfer) ------------------------------
-
-_NO_TEMPLATE: Any = object()
-_MARKER = "vsphere-av-placeholder-"
-_INT_MARKER = 987_650_000
-_Entry = tuple[str, str, int, str, "int | None"]      # path, type, size, mtime, permissions
-
-
-def _soap_template(stub: Any, fm: Any, method: str, vm_ref: Any, auth: Any,
-                   names: tuple[str, ...]) -> Any:
-    """(method info, request parts, placeholder order), or _NO_TEMPLATE when not possible."""
-    try:
-        info = fm._GetMethodInfo(method)
-        argv: list[Any] = []
-        markers: dict[str, str] = {}
-        for i, param in enumerate(info.params):
-            if param.name == "vm":
-                argv.append(vm_ref)
-            elif param.name == "auth":
-                argv.append(auth)
-            elif param.name in names:
-                is_int = isinstance(param.type, type) and issubclass(param.type, int)
-                marker = str(_INT_MARKER + i) if is_int else f"{_MARKER}{param.name}"
-                markers[marker] = param.name
-                argv.append(int(marker) if is_int else marker)
-            else:
-                argv.append(None)
-        if set(markers.values()) != set(names):
-            return _NO_TEMPLATE
-        request = stub.SerializeRequest(fm, info, argv)
-        text = request.decode("utf-8") if isinstance(request, bytes) else str(request)
-        pieces = re.split("(" + "|".join(re.escape(f">{m}<") for m in markers) + ")", text)
-        if len(pieces) != 2 * len(markers) + 1:
-            return _NO_TEMPLATE
-        parts = [pieces[0].encode()]
-        order = []
-        for k in range(1, len(pieces), 2):
-            order.append(markers[pieces[k][1:-1]])
-            parts[-1] += b">"
-            parts.append(b"<" + pieces[k + 1].encode())
-        return info, parts, order
-    except (AttributeError, TypeError, ValueError) as exc:
-        log.debug("no prepared request for %s (%s)", method, type(exc).__name__)
-        return _NO_TEMPLATE
-
-
-def _soap_post(stub: Any, body: bytes) -> tuple[int, bytes]:
-    """POST a SOAP request over one of the stub's own pooled, verified connections.
-
-    The request is written and the response read directly on the connection's socket
-    (keep-alive to vCenter; http.client would parse every response head through the
-    email package). A pooled connection that vCenter closed meanwhile is replaced once.
-    """
-    for attempt in (1, 2):
-        conn = stub.GetConnection()
-        if conn.sock is None:            # closed since it was pooled: a fresh, verified one
-            conn.close()
-            stub.DropConnections()
-            conn = stub.GetConnection()
-        may_retry = attempt == 1
-        host = f"[{conn.host}]" if ":" in conn.host else conn.host
-        if conn.port != 443:
-            host = f"{host}:{conn.port}"
-        head = (f"POST {stub.path} HTTP/1.1\r\nHost: {host}\r\nCookie: {stub.cookie}\r\n"
-                f"SOAPAction: {stub.versionId}\r\nContent-Type: text/xml; charset=UTF-8\r\n"
-                f"Content-Length: {len(body)}\r\nUser-Agent: vsphere-av\r\n\r\n")
-        try:
-            conn.sock.sendall(head.encode("utf-8") + body)
-            response = _Response.receive(conn.sock)
-            parts = []
-            while chunk := response.read(CHUNK):
-                parts.append(chunk)
-            data = b"".join(parts)
-            if response.expected_length not in (None, len(data)):
-                raise http.client.IncompleteRead(data, response.expected_length)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            conn.close()
-            if may_retry:
-                continue
-            stub.DropConnections()
-            raise
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            stub.DropConnections()
-            raise
-        cookie = response.headers.get("set-cookie")
-        if cookie:
-            stub.cookie = cookie
-        if response.status in (200, 500) and response.reusable:
-            stub.ReturnConnection(conn)
-        else:
-            conn.close()
-        return response.status, data
-    raise http.client.RemoteDisconnected("vCenter closed the connection twice")
-
-
-def _local(name: str) -> str:
-    return name.rpartition(":")[2]
-
-
-def _walk_xml(data: bytes, on_end: Callable[[str, str, list[str]], None]) -> None:
-    """Call ``on_end(name, text, stack)`` for every element (names without prefixes)."""
-    stack: list[str] = []
-    text: list[str] = []
-
-    def start(name: str, attrs: Any) -> None:
-        stack.append(_local(name))
-        text.clear()
-
-    def end(name: str) -> None:
-        local = stack.pop()
-        on_end(local, "".join(text), stack)
-        text.clear()
-
-    parser = expat.ParserCreate()
-    parser.buffer_text = True
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = text.append
-    parser.Parse(data, True)
-
-
-def _iso(value: str) -> str:
-    parsed = ParseISO8601(value) if value else None
-    if value and parsed is None:
-        raise ValueError(f"not an ISO 8601 time: {value!r}")
-    return parsed.isoformat() if parsed is not None else ""
-
-
-def _parse_list(data: bytes) -> tuple[list[_Entry], int]:
-    """ListFilesInGuest's (entries, remaining) from the raw SOAP response."""
-    entries: list[_Entry] = []
-    current: dict[str, str] = {}
-    remaining = [0]
-    seen = [False]
-
-    def on_end(name: str, text: str, stack: list[str]) -> None:
-        parent = stack[-1] if stack else ""
-        if name == "files" and parent == "returnval":
-            perms = current.get("permissions", "")
-            entries.append((current["path"], current.get("type", ""),
-                            int(current.get("size") or 0),
-                            _iso(current.get("modificationTime", "")),
-                            int(perms) if perms != "" else None))
-            current.clear()
-        elif parent == "files" or (parent == "attributes" and stack[-2:-1] == ["files"]):
-            current[name] = text
-        elif name == "remaining" and parent == "returnval":
-            remaining[0] = int(text or 0)
-        elif name == "returnval":
-            seen[0] = True
-
-    _walk_xml(data, on_end)
-    if not seen[0]:
-        raise ValueError("no returnval")
-    return entries, remaining[0]
-
-
-def _list_from_vim(result: Any) -> tuple[list[_Entry], int]:
-    entries: list[_Entry] = []
-    for info in result.files or []:
-        perms = getattr(info.attributes, "permissions", None)
-        entries.append((str(info.path), str(info.type), int(info.size or 0),
-                        _mtime(info.attributes), int(perms) if perms is not None else None))
-    return entries, int(result.remaining or 0)
-
-
-def _parse_transfer(data: bytes) -> tuple[str, int]:
-    """InitiateFileTransferFromGuest's (url, size) from the raw SOAP response."""
-    found: dict[str, str] = {}
-
-    def on_end(name: str, text: str, stack: list[str]) -> None:
-        if name in ("url", "size") and stack and stack[-1] == "returnval":
-            found[name] = text
-
-    _walk_xml(data, on_end)
-    return found["url"], int(found["size"])
-
-
-def _transfer_from_vim(info: Any) -> tuple[str, int]:
-    return str(info.url), int(info.size)
 
 
 class _Sized:
