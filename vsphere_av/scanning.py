@@ -15,6 +15,11 @@ and everything else (filters, index, counters, remediation, audit, progress) sta
 calling thread. Downloads whose bytes do not pass through this process (an appliance
 pulls them) are handed over unread.
 
+Crash safety (write-ahead): a detection's audit entry and its store row (action
+``pending``) are durable before the guest is changed; the outcome then updates the row and
+adds the ``remediation`` entry. A run killed in between leaves a pending row that the VM's
+next scan finishes exactly once (see ``_Job._recover_pending``).
+
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
@@ -48,6 +53,7 @@ from vsphere_av.models import (
     GuestFile,
     VmInfo,
 )
+from vsphere_av.store.state import PENDING
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +259,7 @@ class ScanResult:
     duration: float = 0.0
     found: list[Found] = field(default_factory=list)
     scan_id: int | None = None
+    recovered: int = 0           # detections of an earlier, crashed run finished by this one
 
     def counts(self) -> dict[str, int]:
         """The counters stored with the scan record."""
@@ -266,7 +273,7 @@ class ScanResult:
                 "signature_version": self.signature_version, "scanned": self.scanned,
                 "unchanged": self.unchanged, "shared": self.shared, "skipped": self.skipped,
                 "vanished": self.vanished, "errors": self.errors, "bytes": self.bytes,
-                "duration": round(self.duration, 3),
+                "duration": round(self.duration, 3), "recovered": self.recovered,
                 "detections": [f.as_dict() for f in self.found]}
 
 
@@ -336,7 +343,9 @@ class _Job:
         self._audit("scan.start", full=self.full, signature_version=r.signature_version,
                     scan_id=r.scan_id)
         try:
+            self._recover_pending(walked=False)
             self._walk()
+            self._recover_pending(walked=True)
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -554,17 +563,29 @@ class _Job:
         distinct = {(d.threat, d.member): d for d in reversed(outcome.detections or ())}
         detections = sorted(distinct.values(), key=list(outcome.detections).index)
         threat = detections[0].threat if detections else "unknown"
+        # Write-ahead: the detection (audit entry and a "pending" row) is durable before the
+        # guest is changed. A row left pending by a run that died mid-remediation, for the
+        # same bytes at the same path, is this finding: it is completed, not repeated.
+        held = {(p.threat, p.member): p for p in self.store.pending_detections(self.vm.moref)
+                if p.path == entry.path and p.sha256 == outcome.sha256
+                and p.scan_id != self.result.scan_id}
+        ids: list[Any] = []
         for d in detections:
-            self._audit("detection", path=entry.path, threat=d.threat, rule=d.rule, source=d.source,
-                        member=d.member, sha256=outcome.sha256, size=outcome.size,
-                        scan_id=self.result.scan_id)
-        action, qid, detail = self._remediate(entry, outcome, threat)
-        for d in detections:
-            self.store.add_detection(
+            earlier = held.get((d.threat, d.member))
+            if earlier is not None:
+                ids.append(earlier.id)        # its detection entry is in the audit log already
+                continue
+            self._audit("detection", path=entry.path, threat=d.threat, rule=d.rule,
+                        source=d.source, member=d.member, sha256=outcome.sha256,
+                        size=outcome.size, scan_id=self.result.scan_id)
+            ids.append(self.store.add_detection(
                 scan_id=self.result.scan_id, vm_moref=self.vm.moref, vm_name=self.vm.name,
                 path=entry.path, threat=d.threat, sha256=outcome.sha256, size=outcome.size,
-                rule=d.rule, source=d.source, member=d.member, action=action, detail=detail,
-                quarantine_id=qid)
+                rule=d.rule, source=d.source, member=d.member, action=PENDING,
+                detail="remediation in progress"))
+        action, qid, detail = self._remediate(entry, outcome, threat)
+        for det_id, d in zip(ids, detections, strict=True):
+            self.store.finish_detection(det_id, action=action, detail=detail, quarantine_id=qid)
             self.result.found.append(Found(path=entry.path, threat=d.threat, sha256=outcome.sha256,
                                            size=outcome.size, action=action, member=d.member,
                                            detail=detail, quarantine_id=qid))
@@ -572,6 +593,66 @@ class _Job:
             self.store.forget_file(self.vm.moref, entry.path)
         else:
             self._index(entry, outcome.sha256, "infected")
+
+    def _recover_pending(self, *, walked: bool) -> None:
+        """Finish detections a run that died mid-remediation left ``pending``.
+
+        Only a file known to be gone from the guest is settled here (asked with the guest's
+        ``stat`` when it has one; otherwise, after a complete walk that did not meet it):
+        ``quarantined`` when the quarantine holds its bytes, else ``deleted`` (the policy
+        deletes) or ``failed``. A file still in
+        the guest is found again by the walk and completed there (the quarantine hands back
+        the item it already holds, so there is never a second one).
+        """
+        stat = getattr(self.guest, "stat", None)
+        for det in self.store.pending_detections(self.vm.moref):
+            if det.scan_id == self.result.scan_id:
+                continue
+            item = next((q for q in self.quarantine.items()
+                         if q.vm_moref == self.vm.moref and q.guest_path == det.path
+                         and q.sha256 == det.sha256 and not q.restored_at), None)
+            if self._still_there(det.path, stat, walked=walked):
+                continue
+            if item is not None:
+                action, qid = "quarantined", str(item.id)
+                result = "quarantined (recovered after restart)"
+                detail = "recovered after restart: the bytes are in the quarantine"
+            elif "delete" in remediation_plan(self.policy.action, self.policy.fallback_action):
+                action, qid = "deleted", ""
+                result = "deleted (recovered after restart)"
+                detail = "recovered after restart: the file is no longer in the guest"
+            else:
+                action, qid = "failed", ""
+                result = "gone (recovered after restart)"
+                detail = ("remediation interrupted by a restart; the file is no longer in the "
+                          "guest and its bytes were not kept")
+            if not self._remediation_audited(det, qid):
+                self._audit("remediation", path=det.path, action=self.policy.action,
+                            result=result, quarantine_id=qid, threat=det.threat,
+                            sha256=det.sha256, detection_id=det.id, scan_id=det.scan_id)
+            self.store.finish_detection(det.id, action=action, detail=detail, quarantine_id=qid)
+            self.store.forget_file(self.vm.moref, det.path)
+            self.result.recovered += 1
+
+    def _still_there(self, path: str, stat: Callable[[str], Any] | None, *, walked: bool) -> bool:
+        """False only when the file is known to be gone from the guest."""
+        if stat is None:
+            return not walked                 # a complete walk that did not meet it: gone
+        try:
+            return stat(path) is not None
+        except (errors.GuestLoginError, errors.GuestUnavailable):
+            raise
+        except errors.GuestError:
+            return True                       # cannot tell: leave it for a later scan
+
+    def _remediation_audited(self, det: Any, qid: str) -> bool:
+        """True when the dead run got as far as its remediation entry (only the row is missing)."""
+        entries = getattr(self.audit, "entries", None)
+        if entries is None or not qid:
+            return False
+        return any(e.action == "remediation" and e.details.get("moref") == self.vm.moref
+                   and e.details.get("path") == det.path
+                   and e.details.get("quarantine_id") == qid for e in entries())
 
     def _remediate(self, entry: GuestFile, outcome: Any, threat: str) -> tuple[str, str, str]:
         """Try the policy's action then its fallback; returns (action, quarantine id, detail)."""

@@ -39,6 +39,10 @@ from vsphere_av.models import (
 
 SCHEMA_VERSION = 1
 
+# A detection's action while its remediation runs: written before the guest is changed, so a
+# crash in between leaves a row to finish (``scanning`` resolves it on the VM's next scan).
+PENDING = "pending"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
@@ -310,10 +314,29 @@ class StateStore:
                  action, detail, quarantine_id, now_iso()))
             return DetectionId(int(cur.lastrowid or 0))
 
-    def detections(self, *, vm_moref: VmId | None = None,
+    def finish_detection(self, detection_id: DetectionId, *, action: str, detail: str = "",
+                         quarantine_id: str = "") -> None:
+        """Record the outcome of a detection written ahead as ``pending``."""
+        with self.transaction() as db:
+            db.execute("UPDATE detections SET action = ?, detail = ?, quarantine_id = ?"
+                       " WHERE id = ?", (action, detail, quarantine_id, detection_id))
+
+    def pending_detections(self, vm_moref: VmId) -> list[DetectionRecord]:
+        """A VM's detections whose remediation was started but never recorded (a crash)."""
+        return self.detections(vm_moref=vm_moref, action=PENDING)
+
+    def detections(self, *, vm_moref: VmId | None = None, action: str | None = None,
                    limit: int = 10_000) -> list[DetectionRecord]:
-        """Detections, oldest first."""
-        where, params = ("WHERE vm_moref = ?", [vm_moref]) if vm_moref else ("", [])
+        """Detections, oldest first (optionally one VM's, or only those with one action)."""
+        conds: list[str] = []
+        params: list[Any] = []
+        if vm_moref:
+            conds.append("vm_moref = ?")
+            params.append(vm_moref)
+        if action is not None:
+            conds.append("action = ?")
+            params.append(action)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
         rows = self.query(f"SELECT * FROM detections {where} ORDER BY id LIMIT ?", (*params, limit))
         return [DetectionRecord(
             id=DetectionId(r["id"]), scan_id=ScanId(r["scan_id"]), vm_moref=VmId(r["vm_moref"]),
@@ -411,4 +434,4 @@ def _qitem(r: sqlite3.Row) -> QuarantineItem:
         key=bytes(r["key"]), restored_at=r["restored_at"], purged_at=r["purged_at"])
 
 
-__all__ = ["INFECTED", "PROTECTED", "STALE", "UNPROTECTED", "StateStore", "now_iso"]
+__all__ = ["INFECTED", "PENDING", "PROTECTED", "STALE", "UNPROTECTED", "StateStore", "now_iso"]
