@@ -164,8 +164,12 @@ class App:
         return out
 
     def scan_one(self, vm: VmInfo, *, full: bool = False,
-                 on_progress: Callable[[Progress], None] | None = None) -> ScanResult:
-        """Scan one VM in the calling thread; any failure becomes the result's reason."""
+                 on_progress: Callable[[Progress], None] | None = None,
+                 resume_after: str = "") -> ScanResult:
+        """Scan one VM in the calling thread; any failure becomes the result's reason.
+
+        ``resume_after``: continue a stopped scan after that guest path (``scanning.scan_vm``).
+        """
         from vsphere_av.vsphere.guest import GuestFiles
 
         host = vm.host.name if vm.host else ""
@@ -187,7 +191,7 @@ class App:
                                audit=self.audit, quarantine=self.quarantine,
                                policy=self.settings.scan, full=full, actor=self.actor,
                                engine_max_file_size=self.settings.engine.max_file_size,
-                               on_progress=on_progress)
+                               on_progress=on_progress, resume_after=resume_after)
         except Exception as exc:  # one VM's failure never stops the others
             log.exception("scan of %s failed", vm.name)
             reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
@@ -456,8 +460,8 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
         app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
 
         def scan(vm: VmInfo, *, full: bool = False,
-                 on_progress: Callable[[Any], None] | None = None) -> Any:
-            return app.scan_one(vm, full=full, on_progress=on_progress)
+                 on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:
+            return app.scan_one(vm, full=full, on_progress=on_progress, resume_after=resume_after)
 
         controller = Controller(
             options=options, state=app.store, jobs=jobs, audit=app.audit, actor=app.actor,

@@ -95,10 +95,15 @@ class ScanOutcome(Protocol):
 
 
 class ScanFn(Protocol):
-    """Scan one VM (``App.scan_one`` fits); ``on_progress`` may raise to stop the scan."""
+    """Scan one VM (``App.scan_one`` fits); ``on_progress`` may raise to stop the scan.
+
+    ``resume_after`` (passed only when set) continues a window-limited scan after that guest
+    path; the result's ``resume_point`` says where an interrupted scan got to.
+    """
 
     def __call__(self, vm: VmInfo, *, full: bool = ...,
-                 on_progress: Callable[[Any], None] | None = ...) -> Any: ...
+                 on_progress: Callable[[Any], None] | None = ...,
+                 resume_after: str = ...) -> Any: ...
 
 
 class StateLike(Protocol):
@@ -505,15 +510,23 @@ class Controller:
             if interrupted:
                 raise ScanInterrupted(f"scan interrupted: {interrupted[0]}")
 
-        result = self._scan(vm, full=job.full, on_progress=on_progress)
+        # A window-limited job cut off before continues where it stopped (issue 5, point 5).
+        resume = {"resume_after": job.resume_after} if job.resume_after else {}
+        result = self._scan(vm, full=job.full, on_progress=on_progress, **resume)
         with self._stats_lock:
             self.stats.scans += 1
             self.stats.bytes += int(getattr(result, "bytes", 0) or 0)
             self.stats.results[result.status] = self.stats.results.get(result.status, 0) + 1
         if interrupted:
-            again = self.scheduler.put_back(job)
+            # Only a closed window continues where it stopped: a controller stop starts over,
+            # like any interrupted job (the next window may be hours away; a restart is not).
+            point = ""
+            if interrupted[0] == "time window closed":
+                point = str(getattr(result, "resume_point", "") or job.resume_after)
+            again = self.scheduler.put_back(job, resume_after=point)
             self._audit("job.interrupted", vm=vm.name, moref=job.vm, job_id=job.job_id,
-                        reason=interrupted[0], requeued=again is not None)
+                        reason=interrupted[0], requeued=again is not None,
+                        resume_after=again.resume_after if again is not None else "")
             return
         status = result.status
         # The exposure is closed last, so whoever waits for it finds everything else done.

@@ -20,6 +20,10 @@ Crash safety (write-ahead): a detection's audit entry and its store row (action
 adds the ``remediation`` entry. A run killed in between leaves a pending row that the VM's
 next scan finishes exactly once (see ``_Job._recover_pending``).
 
+Resuming (time windows): ``result.resume_point`` is the last guest path, in walk order, that
+was fully processed together with every file before it; a scan given it as ``resume_after``
+skips the walk up to and including that path (the controller keeps it in the job).
+
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
@@ -31,6 +35,7 @@ Counting rules (the summary a person reads):
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import functools
 import logging
@@ -260,6 +265,8 @@ class ScanResult:
     found: list[Found] = field(default_factory=list)
     scan_id: int | None = None
     recovered: int = 0           # detections of an earlier, crashed run finished by this one
+    resumed_from: str = ""       # the walk skipped everything up to and including this path
+    resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
 
     def counts(self) -> dict[str, int]:
         """The counters stored with the scan record."""
@@ -274,6 +281,7 @@ class ScanResult:
                 "unchanged": self.unchanged, "shared": self.shared, "skipped": self.skipped,
                 "vanished": self.vanished, "errors": self.errors, "bytes": self.bytes,
                 "duration": round(self.duration, 3), "recovered": self.recovered,
+                "resumed_from": self.resumed_from, "resume_point": self.resume_point,
                 "detections": [f.as_dict() for f in self.found]}
 
 
@@ -295,12 +303,20 @@ def scan_vm(*, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: An
             engine_max_file_size: int | None = None,
             share_across_vms: bool | None = None,
             clock: Callable[[], float] = time.monotonic,
-            on_progress: Callable[[Progress], None] | None = None) -> ScanResult:
-    """Scan one VM's files and remediate; never raises for the VM's own trouble."""
+            on_progress: Callable[[Progress], None] | None = None,
+            resume_after: str = "") -> ScanResult:
+    """Scan one VM's files and remediate; never raises for the VM's own trouble.
+
+    ``resume_after``: continue a scan that was stopped (a time window closed) by skipping
+    every file the walk yields up to and including that path (the previous run's
+    ``result.resume_point``). The walk order is the guest listing's, the same on every run;
+    when the path is not met (deleted meanwhile), the walk starts again from the beginning.
+    """
     job = _Job(vm=vm, guest=guest, session=session, store=store, audit=audit,
                quarantine=quarantine, policy=policy, full=full, actor=actor,
                share=policy.share_across_vms if share_across_vms is None else share_across_vms,
-               engine_max=engine_max_file_size, clock=clock, on_progress=on_progress)
+               engine_max=engine_max_file_size, clock=clock, on_progress=on_progress,
+               resume_after=resume_after)
     return job.run()
 
 
@@ -308,7 +324,7 @@ class _Job:
     def __init__(self, *, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any,
                  audit: AuditSink, quarantine: Any, policy: ScanPolicy, full: bool, actor: str,
                  share: bool, engine_max: int | None, clock: Callable[[], float],
-                 on_progress: Callable[[Progress], None] | None) -> None:
+                 on_progress: Callable[[Progress], None] | None, resume_after: str = "") -> None:
         self.vm, self.guest, self.session, self.store = vm, guest, session, store
         self.audit, self.quarantine, self.policy, self.full = audit, quarantine, policy, full
         self.actor, self.share, self.clock, self.on_progress = actor, share, clock, on_progress
@@ -316,6 +332,10 @@ class _Job:
         host = vm.host.name if vm.host else ""
         self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full)
         self.pending: list[FileRecord] = []
+        self.resume_after = resume_after
+        # Files of the walk (in its order) not yet below the resume point: [path, done].
+        self._inflight: collections.deque[list[Any]] = collections.deque()
+        self._inflight_by_path: dict[str, list[Any]] = {}
         self.transfers = _Transfers(guest, name=vm.name,
                                     enabled=bool(getattr(type(guest), "local_downloads", False)))
 
@@ -340,12 +360,14 @@ class _Job:
         r.signature_version = self.session.version
         r.scan_id = self.store.begin_scan(self.vm, full=self.full,
                                           signature_version=r.signature_version)
+        resumed = {"resumed_from": self.resume_after} if self.resume_after else {}
         self._audit("scan.start", full=self.full, signature_version=r.signature_version,
-                    scan_id=r.scan_id)
+                    scan_id=r.scan_id, **resumed)
         try:
             self._recover_pending(walked=False)
             self._walk()
-            self._recover_pending(walked=True)
+            if not r.resumed_from:            # a resumed walk did not meet every file
+                self._recover_pending(walked=True)
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -383,8 +405,13 @@ class _Job:
         self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
                     signature_version=r.signature_version, **r.counts())
         if self.on_progress:
-            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged, bytes=r.bytes,
-                                      path="", done=True))
+            try:
+                self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged,
+                                          bytes=r.bytes, path="", done=True))
+            except Exception as exc:
+                # The scan is over and recorded: a callback that would stop it (a window that
+                # closed at the last file) has nothing left to stop.
+                log.debug("%s: progress callback at the end: %s", self.vm.name, exc)
         return r
 
     def _found_reason(self) -> str:
@@ -422,9 +449,12 @@ class _Job:
         transfers = self.transfers
         try:
             try:
-                for entry in self.guest.walk(list(roots), prune=self.filters.prune,
-                                             on_error=on_error):
-                    if not self.filters.wanted(entry.path) or self._settled(entry):
+                for entry in self._entries(list(roots), on_error):
+                    if not self.filters.wanted(entry.path):
+                        continue
+                    self._track(entry.path)
+                    if self._settled(entry):
+                        self._done(entry.path)
                         continue
                     if not transfers.enabled or entry.size > PREFETCH_MAX_BYTES:
                         self._finish(entry, None)
@@ -439,9 +469,46 @@ class _Job:
             self._drain(transfers)
         finally:
             transfers.close()
-        if roots and len(failed_roots) == len(roots):
+        if roots and len(set(failed_roots)) == len(roots):
             # Nothing was read: this is not a clean scan.
             raise errors.GuestError(f"cannot list {', '.join(failed_roots)}")
+
+    def _entries(self, roots: list[str],
+                 on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]:
+        """The walk, past the resume point when there is one (from the start if it is gone)."""
+        skip_to = self.resume_after
+        if skip_to:
+            passed = 0
+            met = False
+            for entry in self.guest.walk(roots, prune=self.filters.prune, on_error=on_error):
+                if met:
+                    yield entry
+                    continue
+                passed += 1
+                if entry.path == skip_to:
+                    met = True
+                    self.result.resumed_from = skip_to
+                    self.result.resume_point = skip_to
+            if met:
+                return
+            log.info("%s: resume point %s not met (%d files listed): scanning from the start",
+                     self.vm.name, skip_to, passed)
+            self._audit("scan.resume_lost", resume_after=skip_to, scan_id=self.result.scan_id)
+        yield from self.guest.walk(roots, prune=self.filters.prune, on_error=on_error)
+
+    def _track(self, path: str) -> None:
+        node = [path, False]
+        self._inflight.append(node)
+        self._inflight_by_path[path] = node
+
+    def _done(self, path: str) -> None:
+        """A file is fully processed; move the resume point over every finished prefix."""
+        node = self._inflight_by_path.pop(path, None)
+        if node is None:
+            return
+        node[1] = True
+        while self._inflight and self._inflight[0][1]:
+            self.result.resume_point = self._inflight.popleft()[0]
 
     def _drain(self, transfers: _Transfers) -> None:
         while transfers.pending:
@@ -460,6 +527,7 @@ class _Job:
             if (known is not None and known.verdict == "clean" and known.size == entry.size
                     and known.mtime == entry.mtime and known.signature_version == version):
                 r.unchanged += 1
+                self._done(entry.path)
                 self._tick(entry.path)
                 return True
             if self.share and self._reuse_shared(entry, version):
@@ -468,24 +536,32 @@ class _Job:
 
     def _finish(self, entry: GuestFile, fetched: _Fetched | None) -> None:
         """Scan a file (already fetched, or downloaded now), count it, remediate, index it."""
+        ticked = self._process(entry, fetched)
+        self._done(entry.path)
+        if ticked:
+            # Last: a progress callback that stops the scan here leaves this file done.
+            self._tick(entry.path)
+
+    def _process(self, entry: GuestFile, fetched: _Fetched | None) -> bool:
+        """The work of :meth:`_finish`; True when the file was read (a progress tick is due)."""
         r = self.result
         outcome = self._download_and_scan(entry, fetched)
         if outcome is None:
-            return
+            return False
         if outcome.status == "skipped":
             r.skipped += 1
-            return
+            return False
         if outcome.status == "error":
             r.errors += 1
             log.info("%s: %s: %s", self.vm.name, entry.path, outcome.reason)
-            return
+            return False
         r.scanned += 1
         r.bytes += outcome.size
-        self._tick(entry.path)
         if outcome.status == "infected":
             self._infected(entry, outcome)
         else:
             self._index(entry, outcome.sha256, "clean")
+        return True
 
     def _tick(self, path: str) -> None:
         if self.on_progress:

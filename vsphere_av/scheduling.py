@@ -16,7 +16,9 @@ Rules (issue 5, point 5), modelled on Trio's ``CapacityLimiter`` for the slot st
   scanned waits in the queue until that scan ends;
 - a queued job follows its VM when it migrates (:meth:`Scheduler.move_vm`);
 - scheduled jobs may carry a :class:`TimeWindow`: they start only inside it, and a job that
-  is cut off when the window closes is put back and continues in the next window.
+  is cut off when the window closes is put back and continues in the next window, after the
+  guest path it had finished (``Job.resume_after``, kept in the journal; dropped when more
+  urgent or unlimited work for the VM is merged in, since that reads the whole guest).
 """
 
 from __future__ import annotations
@@ -220,6 +222,10 @@ class Scheduler:
                     # Urgent work never waits for jitter or a window meant for routine work.
                     not_before=min(old.not_before, not_before),
                     window=old.window if (window and old.window) else None,
+                    # Continuing mid-walk is for window-limited work only: anything more
+                    # urgent folded in reads the whole guest.
+                    resume_after=old.resume_after if (window and old.window
+                                                      and priority >= old.priority) else "",
                     host=host,
                 )
                 if merged != old:
