@@ -378,12 +378,13 @@ class _Job:
             r.status, r.reason = ERROR, "VM no longer exists"
         except errors.VsphereError as exc:
             r.status, r.reason = UNREACHABLE_STATUS, str(exc)
+        except _StopRequested as stop:
+            return self._stopped(stop.cause, started=started, prev_state=prev_state)
         except errors.VsphereAvError as exc:
             r.status, r.reason = ERROR, str(exc)
         except Exception as exc:
-            # Stopped from outside (a progress callback raising: shutdown, time window) or a
-            # bug: close the records so start/end pairs stay balanced, leave protection as it
-            # was, and let the caller see the exception.
+            # A bug: close the records so start/end pairs stay balanced, leave protection as
+            # it was, and let the caller see the exception.
             self._flush_index()
             r.status, r.reason = ERROR, f"interrupted: {exc}"
             r.duration = self.clock() - started
@@ -413,6 +414,31 @@ class _Job:
                 # closed at the last file) has nothing left to stop.
                 log.debug("%s: progress callback at the end: %s", self.vm.name, exc)
         return r
+
+    def _stopped(self, cause: Exception, *, started: float, prev_state: str | None) -> ScanResult:
+        """The progress callback stopped the scan (shutdown, a time window closed).
+
+        The records are closed (start/end pairs stay balanced) and protection is left as it
+        was: a VM is not unreachable because its window closed. Detections already made stand.
+        A stop asked for with a ``VsphereAvError`` (the controller's) returns the result, whose
+        ``resume_point`` says where to continue; any other exception is raised again.
+        """
+        r = self.result
+        self._flush_index()
+        r.reason = f"interrupted: {cause}"
+        r.status = ERROR
+        if r.found:
+            r.status = FOUND
+            r.reason = f"{self._found_reason()}; scan {r.reason}"
+        r.duration = self.clock() - started
+        self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
+        if r.found:
+            self._set_protection(prev_state)
+        self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
+                    signature_version=r.signature_version, **r.counts())
+        if isinstance(cause, errors.VsphereAvError):
+            return r
+        raise cause
 
     def _found_reason(self) -> str:
         threats = sorted({f.threat for f in self.result.found})
@@ -566,8 +592,11 @@ class _Job:
     def _tick(self, path: str) -> None:
         if self.on_progress:
             r = self.result
-            self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged,
-                                      bytes=r.bytes, path=path))
+            try:
+                self.on_progress(Progress(vm=self.vm.name, files=r.scanned + r.unchanged,
+                                          bytes=r.bytes, path=path))
+            except Exception as exc:
+                raise _StopRequested(exc) from exc
 
     def _reuse_shared(self, entry: GuestFile, version: int) -> bool:
         shared = self.store.shared_record(path=entry.path, size=entry.size, mtime=entry.mtime,
@@ -808,6 +837,14 @@ class _Fetched:
 
 class _Stopped(Exception):
     pass
+
+
+class _StopRequested(Exception):
+    """The progress callback raised ``cause``: stop the scan where it is."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _SlotStream:

@@ -113,6 +113,9 @@ def test_window_closing_mid_scan_continues_in_the_next_window(
         # Files already downloaded when it closed still get their verdict (one tick each).
         assert STOP_AFTER <= first.scanned == len(read[0]) <= STOP_AFTER + 3
         assert first.resume_point == read[0][-1]
+        vm_state = app.store.vm_state(vm.moref)
+        assert vm_state is not None
+        assert vm_state.state == "unprotected"       # a closed window is not unreachability
         # Closed window: nothing may start now (the job waits, queued, for the next one).
         clock.step = 0.05
         assert c.scheduler.take(stop=stop, timeout=0.2) is None
@@ -139,6 +142,9 @@ def test_window_closing_mid_scan_continues_in_the_next_window(
         assert second.status == "clean", second.reason
         assert second.resumed_from == read[0][-1]
         assert jobs.pending_jobs() == []             # done: nothing left to resume
+        vm_state = app.store.vm_state(vm.moref)
+        assert vm_state is not None
+        assert vm_state.state == "protected"
         jobs.close()
 
     first_run, second_run = set(read[0]), set(read[1])
