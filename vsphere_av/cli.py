@@ -59,7 +59,8 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("--config", "config_file", envvar="VSPHERE_AV_CONFIG", type=click.Path(dir_okay=False),
+@click.option("--config", "config_file", envvar="VSPHERE_AV_CONFIG",
+              type=click.Path(dir_okay=False),
               help="TOML settings file (or VSPHERE_AV_CONFIG).")
 @click.option("--insecure", is_flag=True, default=False,
               help="Skip TLS verification of vCenter and ESXi (or VSPHERE_AV_INSECURE=1).")
@@ -271,7 +272,8 @@ def _scan_progress(enabled: bool) -> Any:
 
 @main.command("scan")
 @click.argument("vms", nargs=-1)
-@click.option("--all", "all_vms", is_flag=True, help="Scan every VM (powered-off ones are skipped).")
+@click.option("--all", "all_vms", is_flag=True,
+              help="Scan every VM (powered-off ones are skipped).")
 @click.option("--full", is_flag=True, help="Download every file, even unchanged ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
@@ -342,7 +344,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json({"vms": rows, "hosts": ctl["hosts"]})
         return
-    print_table(rows, ["name", "moref", "host", "state", "reason", "last_scan", "signature_version"],
+    print_table(rows,
+                ["name", "moref", "host", "state", "reason", "last_scan", "signature_version"],
                 title="protection status")
 
 
@@ -387,7 +390,8 @@ def quarantine_restore_cmd(ctx: click.Context, item_id: str, force: bool, as_jso
     if as_json:
         print_json(row)
     else:
-        click.echo(f"restored {row['path']} in {row['vm']} ({row['size']} bytes, sha256 {row['sha256']})")
+        click.echo(f"restored {row['path']} in {row['vm']} "
+                   f"({row['size']} bytes, sha256 {row['sha256']})")
 
 
 @quarantine_group.command("purge")

@@ -58,18 +58,18 @@ class Secret:
 class VcenterSettings:
     """How to reach and trust vCenter."""
 
-    server: str = ""              # host, host:port
+    server: str = ""  # host, host:port
     port: int = 443
     user: str = ""
     password: Secret = field(default_factory=lambda: Secret(""))
     ca_file: str = ""
-    thumbprint: str = ""          # SHA-256, colon-separated hex, normalised to upper case
+    thumbprint: str = ""  # SHA-256, colon-separated hex, normalised to upper case
     insecure: bool = False
 
 
 @dataclass(frozen=True)
 class GuestCredential:
-    """Guest login for VMs whose name matches ``vm`` (glob) and/or whose folder path starts with ``folder``."""
+    """Guest login for VMs whose name matches ``vm`` (a glob) and/or sit under ``folder``."""
 
     user: str
     password: Secret
@@ -114,12 +114,21 @@ class EngineSettings:
     archive_max_total_size: int = 512 * MiB
     archive_max_ratio: int = 100
     cache_max_entries: int = 1_000_000
-    spool_threshold: int = 8 * MiB     # larger streams are spooled to a temporary file
+    spool_threshold: int = 8 * MiB  # larger streams are spooled to a temporary file
 
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
-    "/proc", "/sys", "/dev", "/run", "/var/run", "/var/lock", "/tmp/.X11-unix",
-    "*/pagefile.sys", "*/hiberfil.sys", "*/swapfile.sys", "C:/System Volume Information",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/var/run",
+    "/var/lock",
+    "/tmp/.X11-unix",
+    "*/pagefile.sys",
+    "*/hiberfil.sys",
+    "*/swapfile.sys",
+    "C:/System Volume Information",
     "C:/$Recycle.Bin",
 )
 
@@ -134,11 +143,11 @@ class ScanPolicy:
     exclude: tuple[str, ...] = ()
     default_excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     max_file_size: int = 64 * MiB
-    action: str = "quarantine"            # report | quarantine | delete
-    fallback_action: str = "delete"       # when the first action fails; "" for none
+    action: str = "quarantine"  # report | quarantine | delete
+    fallback_action: str = "delete"  # when the first action fails; "" for none
     per_host_limit: int = 4
     global_limit: int = 16
-    share_across_vms: bool = True         # reuse verdicts of identical files in clones
+    share_across_vms: bool = True  # reuse verdicts of identical files in clones
     isolate_stale: bool = True
 
 
@@ -151,7 +160,7 @@ class Settings:
     guest: GuestSettings = field(default_factory=GuestSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     scan: ScanPolicy = field(default_factory=ScanPolicy)
-    extra: Mapping[str, Any] = field(default_factory=dict)   # sections other modules read
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules read
 
     def with_state_dir(self, path: Path) -> Settings:
         """A copy with another state directory."""
@@ -180,7 +189,9 @@ def normalise_thumbprint(value: str) -> str:
 
 def _read_secret(section: Mapping[str, Any], where: str, env: Mapping[str, str]) -> Secret:
     if "password" in section:
-        raise ConfigError(f"{where}: inline passwords are not allowed; use password_file or password_env")
+        raise ConfigError(
+            f"{where}: inline passwords are not allowed; use password_file or password_env"
+        )
     if section.get("password_env"):
         name = str(section["password_env"])
         if name not in env:
@@ -218,9 +229,15 @@ def _parse_server(raw: str) -> tuple[str, int, str, str]:
     if "://" in raw:
         parts = urlsplit(raw)
         if parts.scheme != "https" or not parts.hostname:
-            raise ConfigError(f"server URL must be https://host[:port]/sdk, got scheme {parts.scheme!r}")
-        return (parts.hostname, parts.port or 443, unquote(parts.username or ""),
-                unquote(parts.password or ""))
+            raise ConfigError(
+                f"server URL must be https://host[:port]/sdk, got scheme {parts.scheme!r}"
+            )
+        return (
+            parts.hostname,
+            parts.port or 443,
+            unquote(parts.username or ""),
+            unquote(parts.password or ""),
+        )
     host, _, port = raw.rpartition(":") if raw.count(":") == 1 else (raw, "", "")
     if not port:
         return raw, 443, "", ""
@@ -229,8 +246,12 @@ def _parse_server(raw: str) -> tuple[str, int, str, str]:
     return host, int(port), "", ""
 
 
-def load(*, config_file: str | os.PathLike[str] | None = None, insecure: bool = False,
-         env: Mapping[str, str] | None = None) -> Settings:
+def load(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
     """Read the TOML file (if any), apply environment overrides, validate everything."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
@@ -246,11 +267,15 @@ def load(*, config_file: str | os.PathLike[str] | None = None, insecure: bool = 
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
 
-    state_dir = Path(env.get("VSPHERE_AV_STATE_DIR") or data.get("state_dir") or default_state_dir())
+    state_dir = Path(
+        env.get("VSPHERE_AV_STATE_DIR") or data.get("state_dir") or default_state_dir()
+    )
 
     vc = data.get("vcenter", {})
     server_raw = env.get("VSPHERE_AV_SERVER") or _typed(vc, "server", str, "vcenter", "")
-    host, port, url_user, url_password = _parse_server(server_raw) if server_raw else ("", 443, "", "")
+    host, port, url_user, url_password = (
+        _parse_server(server_raw) if server_raw else ("", 443, "", "")
+    )
     password = _read_secret(vc, "vcenter", env)
     if env.get("VSPHERE_AV_PASSWORD"):
         password = Secret(env["VSPHERE_AV_PASSWORD"])
@@ -260,10 +285,14 @@ def load(*, config_file: str | os.PathLike[str] | None = None, insecure: bool = 
     ca_file = env.get("VSPHERE_AV_CA_FILE") or _typed(vc, "ca_file", str, "vcenter", "")
     if ca_file and not Path(ca_file).expanduser().is_file():
         raise ConfigError(f"CA file not found: {ca_file}")
-    is_insecure = (insecure or env.get("VSPHERE_AV_INSECURE", "") in ("1", "true", "yes")
-                   or _typed(vc, "insecure", bool, "vcenter", False))
+    is_insecure = (
+        insecure
+        or env.get("VSPHERE_AV_INSECURE", "") in ("1", "true", "yes")
+        or _typed(vc, "insecure", bool, "vcenter", False)
+    )
     vcenter = VcenterSettings(
-        server=host, port=port,
+        server=host,
+        port=port,
         user=env.get("VSPHERE_AV_USER") or _typed(vc, "user", str, "vcenter", "") or url_user,
         password=password,
         ca_file=str(Path(ca_file).expanduser()) if ca_file else "",
@@ -279,31 +308,51 @@ def load(*, config_file: str | os.PathLike[str] | None = None, insecure: bool = 
             raise ConfigError(f"{where} needs a user")
         if not entry.get("vm") and not entry.get("folder"):
             raise ConfigError(f"{where} needs vm (a name pattern) or folder")
-        creds.append(GuestCredential(user=str(entry["user"]), password=_read_secret(entry, where, env),
-                                     vm=str(entry.get("vm", "")), folder=str(entry.get("folder", ""))))
+        creds.append(
+            GuestCredential(
+                user=str(entry["user"]),
+                password=_read_secret(entry, where, env),
+                vm=str(entry.get("vm", "")),
+                folder=str(entry.get("folder", "")),
+            )
+        )
     guest_password = _read_secret(gs, "guest", env)
     if env.get("VSPHERE_AV_GUEST_PASSWORD"):
         guest_password = Secret(env["VSPHERE_AV_GUEST_PASSWORD"])
     guest = GuestSettings(
         user=env.get("VSPHERE_AV_GUEST_USER") or _typed(gs, "user", str, "guest", ""),
-        password=guest_password, credentials=tuple(creds),
+        password=guest_password,
+        credentials=tuple(creds),
     )
 
     es = data.get("engine", {})
     d = EngineSettings()
-    engine = EngineSettings(**{
-        name: _typed(es, name, int, "engine", getattr(d, name)) for name in d.__dataclass_fields__
-    })
+    engine = EngineSettings(
+        **{
+            name: _typed(es, name, int, "engine", getattr(d, name))
+            for name in d.__dataclass_fields__
+        }
+    )
     for name in engine.__dataclass_fields__:
         if getattr(engine, name) < 0:
             raise ConfigError(f"engine.{name} must not be negative")
 
     sp = data.get("scan", {})
     p = ScanPolicy()
-    kinds = {"linux_roots": tuple, "windows_roots": tuple, "include": tuple, "exclude": tuple,
-             "default_excludes": tuple, "max_file_size": int, "action": str, "fallback_action": str,
-             "per_host_limit": int, "global_limit": int, "share_across_vms": bool,
-             "isolate_stale": bool}
+    kinds = {
+        "linux_roots": tuple,
+        "windows_roots": tuple,
+        "include": tuple,
+        "exclude": tuple,
+        "default_excludes": tuple,
+        "max_file_size": int,
+        "action": str,
+        "fallback_action": str,
+        "per_host_limit": int,
+        "global_limit": int,
+        "share_across_vms": bool,
+        "isolate_stale": bool,
+    }
     unknown = set(sp) - set(kinds)
     if unknown:
         raise ConfigError(f"scan: unknown setting(s): {', '.join(sorted(unknown))}")
@@ -317,5 +366,6 @@ def load(*, config_file: str | os.PathLike[str] | None = None, insecure: bool = 
 
     known = {"state_dir", "vcenter", "guest", "engine", "scan"}
     extra = {k: v for k, v in data.items() if k not in known}
-    return Settings(state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan,
-                    extra=extra)
+    return Settings(
+        state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan, extra=extra
+    )

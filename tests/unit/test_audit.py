@@ -51,7 +51,7 @@ def test_entries_survive_reopen_and_keep_chaining(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tamper", "bad_seq"),
     [
-        ("UPDATE audit SET details = '{\"vm\": \"vm-9\", \"files\": 2}' WHERE seq = 3", 3),
+        ('UPDATE audit SET details = \'{"vm": "vm-9", "files": 2}\' WHERE seq = 3', 3),
         ("UPDATE audit SET actor = 'mallory' WHERE seq = 1", 1),
         ("UPDATE audit SET time = '2020-01-01T00:00:00+00:00' WHERE seq = 5", 5),
         ("DELETE FROM audit WHERE seq = 2", 2),
@@ -71,11 +71,19 @@ def test_reordering_is_caught(tmp_path: Path) -> None:
     log = _log_with(tmp_path)
     # swap the contents of entries 2 and 3, keeping their seq numbers
     db = sqlite3.connect(tmp_path / "audit.sqlite")
-    rows = {r[0]: r[1:] for r in db.execute(
-        "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit WHERE seq IN (2, 3)")}
+    rows = {
+        r[0]: r[1:]
+        for r in db.execute(
+            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit"
+            " WHERE seq IN (2, 3)"
+        )
+    }
     for seq, other in ((2, 3), (3, 2)):
-        db.execute("UPDATE audit SET time=?, actor=?, action=?, details=?, prev_hash=?, hash=? "
-                   "WHERE seq=?", (*rows[other], seq))
+        db.execute(
+            "UPDATE audit SET time=?, actor=?, action=?, details=?, prev_hash=?, hash=? "
+            "WHERE seq=?",
+            (*rows[other], seq),
+        )
     db.commit()
     db.close()
     result = log.verify()
@@ -101,12 +109,15 @@ def test_secrets_are_refused(tmp_path: Path) -> None:
 
 def test_exports(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path)
-    entry = log.append(actor="ctl", action="detection", details={
-        "vm": "web|01", "path": "/tmp/a=b", "threat": "EICAR", "sha256": "ab" * 32})
+    entry = log.append(
+        actor="ctl",
+        action="detection",
+        details={"vm": "web|01", "path": "/tmp/a=b", "threat": "EICAR", "sha256": "ab" * 32},
+    )
     line = to_cef(entry, version="1.0")
     assert line.startswith("CEF:0|vsphere-av|vsphere-av|1.0|detection|detection: EICAR|8|")
-    assert "dhost=web|01" in line          # pipes are only escaped in the header
-    assert "filePath=/tmp/a\\=b" in line   # '=' is escaped in extensions
+    assert "dhost=web|01" in line  # pipes are only escaped in the header
+    assert "filePath=/tmp/a\\=b" in line  # '=' is escaped in extensions
     assert json.loads(to_jsonl(entry))["hash"] == entry.hash
 
 
@@ -120,4 +131,6 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     _sql(tmp_path, "UPDATE audit SET action = 'scan.start' WHERE seq = 4")
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "vsphere-av: error: audit log broken at entry 4: entry 4 was altered"
+    assert (
+        bad.stderr.strip() == "vsphere-av: error: audit log broken at entry 4: entry 4 was altered"
+    )

@@ -21,7 +21,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_environment_overrides_file(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("from-file\n")
-    cfg = _write(tmp_path, f'[vcenter]\nserver = "vc.lab:8443"\nuser = "u1"\npassword_file = "{pw}"\n')
+    cfg = _write(
+        tmp_path, f'[vcenter]\nserver = "vc.lab:8443"\nuser = "u1"\npassword_file = "{pw}"\n'
+    )
     s = config.load(config_file=cfg, env={"VSPHERE_AV_USER": "u2", "VSPHERE_AV_STATE_DIR": "/x"})
     assert (s.vcenter.server, s.vcenter.port, s.vcenter.user) == ("vc.lab", 8443, "u2")
     assert s.vcenter.password.reveal() == "from-file"
@@ -48,7 +50,9 @@ def test_thumbprint_normalised_and_checked() -> None:
         config.load(env={"VSPHERE_AV_THUMBPRINT": "AB:CD"})
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("0", False), ("", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("true", True), ("0", False), ("", False)]
+)
 def test_insecure_only_when_asked(value: str, expected: bool) -> None:
     assert config.load(env={"VSPHERE_AV_INSECURE": value}).vcenter.insecure is expected
 
@@ -58,9 +62,9 @@ def test_insecure_only_when_asked(value: str, expected: bool) -> None:
     [
         ('[vcenter]\npassword = "x"\n', "inline passwords are not allowed"),
         ('[scan]\naction = "burn"\n', "scan.action must be one of"),
-        ('[scan]\nper_host_limit = 0\n', "at least 1"),
+        ("[scan]\nper_host_limit = 0\n", "at least 1"),
         ('[scan]\nmax_file_size = "big"\n', "scan.max_file_size must be int"),
-        ('[scan]\nfoo = 1\n', "unknown setting"),
+        ("[scan]\nfoo = 1\n", "unknown setting"),
         ('[[guest.credentials]]\nuser = "a"\n', "needs vm"),
         ('[guest]\npassword_env = "NOPE_NOT_SET"\n', "NOPE_NOT_SET is not set"),
         ("[vcenter\n", "not valid TOML"),
@@ -77,7 +81,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_guest_credentials_by_pattern_and_folder(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, """
+    cfg = _write(
+        tmp_path,
+        """
 [guest]
 user = "root"
 password_env = "G_DEFAULT"
@@ -89,11 +95,15 @@ password_env = "G_WIN"
 folder = "dc/vm/finance"
 user = "fin"
 password_env = "G_FIN"
-""")
+""",
+    )
     env = {"G_DEFAULT": "d", "G_WIN": "w", "G_FIN": "f"}
     g = config.load(config_file=cfg, env=env).guest
-    assert [(u, p.reveal()) for u, p in [
-        g.for_vm(vm_name="win-01"),
-        g.for_vm(vm_name="db", folder_path="/dc/vm/finance/sub"),
-        g.for_vm(vm_name="db", folder_path="/dc/vm/financial"),
-    ]] == [("Administrator", "w"), ("fin", "f"), ("root", "d")]
+    assert [
+        (u, p.reveal())
+        for u, p in [
+            g.for_vm(vm_name="win-01"),
+            g.for_vm(vm_name="db", folder_path="/dc/vm/finance/sub"),
+            g.for_vm(vm_name="db", folder_path="/dc/vm/financial"),
+        ]
+    ] == [("Administrator", "w"), ("fin", "f"), ("root", "d")]

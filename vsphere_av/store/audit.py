@@ -67,8 +67,15 @@ class AuditEntry:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for JSON export."""
-        return {"seq": self.seq, "time": self.time, "actor": self.actor, "action": self.action,
-                "details": dict(self.details), "prev_hash": self.prev_hash, "hash": self.hash}
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "actor": self.actor,
+            "action": self.action,
+            "details": dict(self.details),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,17 @@ def current_actor() -> str:
         return f"uid:{os.getuid()}"
 
 
-def entry_hash(*, prev_hash: str, seq: int, time: str, actor: str, action: str,
-               details: Mapping[str, Any]) -> str:
+def entry_hash(
+    *, prev_hash: str, seq: int, time: str, actor: str, action: str, details: Mapping[str, Any]
+) -> str:
     """The chained hash of one entry."""
-    body = json.dumps({"seq": seq, "time": time, "actor": actor, "action": action,
-                       "details": details}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=str)
+    body = json.dumps(
+        {"seq": seq, "time": time, "actor": actor, "action": action, "details": details},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
     return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
 
 
@@ -118,8 +130,9 @@ class AuditLog:
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=30)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -141,25 +154,40 @@ class AuditLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> AuditEntry:
+    def append(
+        self, *, actor: str, action: str, details: Mapping[str, Any] | None = None
+    ) -> AuditEntry:
         """Append one entry durably and return it."""
         details = dict(details or {})
         _check_no_secrets(details)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                row = self._db.execute(
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
                 seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
                 now = datetime.now(UTC).isoformat(timespec="microseconds")
-                digest = entry_hash(prev_hash=prev, seq=seq, time=now, actor=actor, action=action,
-                                    details=details)
+                digest = entry_hash(
+                    prev_hash=prev, seq=seq, time=now, actor=actor, action=action, details=details
+                )
                 self._db.execute(
                     "INSERT INTO audit (seq, time, actor, action, details, prev_hash, hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (seq, now, actor, action, json.dumps(details, sort_keys=True, default=str),
-                     prev, digest))
-                self._db.execute("INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)",
-                                 (seq, digest))
+                    (
+                        seq,
+                        now,
+                        actor,
+                        action,
+                        json.dumps(details, sort_keys=True, default=str),
+                        prev,
+                        digest,
+                    ),
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)",
+                    (seq, digest),
+                )
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -179,7 +207,8 @@ class AuditLog:
     def entries(self) -> Iterator[AuditEntry]:
         """Every entry in stored order (by seq)."""
         cur = self._db.execute(
-            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit ORDER BY seq")
+            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+        )
         for seq, time, actor, action, details, prev, digest in cur:
             try:
                 parsed = json.loads(details)
@@ -195,13 +224,27 @@ class AuditLog:
         for entry in self.entries():
             count += 1
             if entry.seq != expected_seq:
-                return Verification(False, count, expected_seq,
-                                    f"entry {expected_seq} is missing (next stored entry is {entry.seq})")
+                return Verification(
+                    False,
+                    count,
+                    expected_seq,
+                    f"entry {expected_seq} is missing (next stored entry is {entry.seq})",
+                )
             if entry.prev_hash != prev:
-                return Verification(False, count, entry.seq,
-                                    f"entry {entry.seq} does not chain to entry {entry.seq - 1}")
-            digest = entry_hash(prev_hash=entry.prev_hash, seq=entry.seq, time=entry.time,
-                                actor=entry.actor, action=entry.action, details=entry.details)
+                return Verification(
+                    False,
+                    count,
+                    entry.seq,
+                    f"entry {entry.seq} does not chain to entry {entry.seq - 1}",
+                )
+            digest = entry_hash(
+                prev_hash=entry.prev_hash,
+                seq=entry.seq,
+                time=entry.time,
+                actor=entry.actor,
+                action=entry.action,
+                details=entry.details,
+            )
             if digest != entry.hash:
                 return Verification(False, count, entry.seq, f"entry {entry.seq} was altered")
             prev = entry.hash
@@ -216,26 +259,43 @@ class AuditLog:
             if len(parts) == 2 and parts[0].isdigit():
                 heads.append(("head file", int(parts[0]), parts[1]))
             else:
-                return Verification(False, count, last_seq + 1, f"{self.head_path.name} is malformed")
+                return Verification(
+                    False, count, last_seq + 1, f"{self.head_path.name} is malformed"
+                )
         elif last_seq:
             return Verification(False, count, last_seq + 1, f"{self.head_path.name} is missing")
         for name, seq, digest in heads:
             if seq != last_seq or (last_seq and digest != prev):
                 bad = min(seq, last_seq) + 1 if seq != last_seq else last_seq
-                return Verification(False, count, bad,
-                                    f"{name} says the log ends at entry {seq}, but it ends at {last_seq}"
-                                    if seq != last_seq else f"entry {last_seq} does not match the {name}")
+                return Verification(
+                    False,
+                    count,
+                    bad,
+                    f"{name} says the log ends at entry {seq}, but it ends at {last_seq}"
+                    if seq != last_seq
+                    else f"entry {last_seq} does not match the {name}",
+                )
         return Verification(True, count)
 
     def require_intact(self) -> None:
         """Raise AuditIntegrityError when the chain does not verify."""
         result = self.verify()
         if not result.ok:
-            raise AuditIntegrityError(f"audit log broken at entry {result.first_bad_seq}: {result.message}")
+            raise AuditIntegrityError(
+                f"audit log broken at entry {result.first_bad_seq}: {result.message}"
+            )
 
 
-_CEF_SEVERITY = {"detection": 8, "remediation": 6, "quarantine": 5, "isolation": 7,
-                 "signatures": 3, "scan": 2, "appliance": 4, "config": 5}
+_CEF_SEVERITY = {
+    "detection": 8,
+    "remediation": 6,
+    "quarantine": 5,
+    "isolation": 7,
+    "signatures": 3,
+    "scan": 2,
+    "appliance": 4,
+    "config": 5,
+}
 
 
 def _cef_escape_header(value: str) -> str:
@@ -243,8 +303,7 @@ def _cef_escape_header(value: str) -> str:
 
 
 def _cef_escape_ext(value: str) -> str:
-    return (value.replace("\\", "\\\\").replace("=", "\\=").replace("\r", "\\r")
-            .replace("\n", "\\n"))
+    return value.replace("\\", "\\\\").replace("=", "\\=").replace("\r", "\\r").replace("\n", "\\n")
 
 
 def to_cef(entry: AuditEntry, *, version: str) -> str:
@@ -256,11 +315,22 @@ def to_cef(entry: AuditEntry, *, version: str) -> str:
     if details.get("threat"):
         name = f"{entry.action}: {details['threat']}"
     ext: dict[str, Any] = {
-        "rt": entry.time, "suser": entry.actor, "act": entry.action,
-        "cs1Label": "auditSeq", "cs1": entry.seq, "cs2Label": "auditHash", "cs2": entry.hash,
+        "rt": entry.time,
+        "suser": entry.actor,
+        "act": entry.action,
+        "cs1Label": "auditSeq",
+        "cs1": entry.seq,
+        "cs2Label": "auditHash",
+        "cs2": entry.hash,
     }
-    mapping = {"vm": "dhost", "path": "filePath", "sha256": "fileHash", "host": "dvchost",
-               "threat": "cs3", "action_taken": "outcome"}
+    mapping = {
+        "vm": "dhost",
+        "path": "filePath",
+        "sha256": "fileHash",
+        "host": "dvchost",
+        "threat": "cs3",
+        "action_taken": "outcome",
+    }
     for key, cef_key in mapping.items():
         if key in details and details[key] not in (None, ""):
             ext[cef_key] = details[key]
@@ -269,8 +339,10 @@ def to_cef(entry: AuditEntry, *, version: str) -> str:
     rest = {k: v for k, v in details.items() if k not in mapping}
     if rest:
         ext["msg"] = json.dumps(rest, sort_keys=True, default=str)
-    header = "|".join(_cef_escape_header(str(x)) for x in (
-        "CEF:0", "vsphere-av", "vsphere-av", version, entry.action, name, severity))
+    header = "|".join(
+        _cef_escape_header(str(x))
+        for x in ("CEF:0", "vsphere-av", "vsphere-av", version, entry.action, name, severity)
+    )
     return header + "|" + " ".join(f"{k}={_cef_escape_ext(str(v))}" for k, v in ext.items())
 
 
