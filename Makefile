@@ -47,7 +47,7 @@ vet: | system-deps
 	$(GOENV) GOTOOLCHAIN=local GOCACHE=$(CURDIR)/build/gocache-1.24 $(GO124) vet ./vcsim
 	$(GOENV) GOTOOLCHAIN=local GOCACHE=$(CURDIR)/build/gocache-1.24 $(GO124) build -o build/vcsim-go1.24 ./vcsim
 
-test: install vcsim vet
+test: install vcsim vet lint
 	$(BIN)/pytest -q tests
 
 unit: install
