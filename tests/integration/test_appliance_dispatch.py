@@ -1,0 +1,156 @@
+"""Scans dispatched to the right host's appliance, which pulls the guest transfer URLs itself.
+
+Real parts: the bundled simulator (vCenter, guest files, transfer URLs), one real engine
+service per appliance on the appliance's own loopback address (127.0.0.N, as reported by
+``guest.ipAddress``), real YARA, real state and audit files. An appliance powered off makes
+its host's VMs ``unprotected`` ("appliance down") and their scans wait; back on, they scan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from appliance_support import EICAR, free_port
+from conftest import SimulatorFactory, connect
+from pyVmomi import vim
+
+from vsphere_av import config, simulator
+from vsphere_av.app import App
+from vsphere_av.engine import Engine
+from vsphere_av.engine_service import EngineClient, EngineService
+from vsphere_av.vsphere import inventory
+
+TOKEN = "dispatch-token-0123456789abcdef"
+
+
+@dataclass
+class World:
+    sim: simulator.Simulator
+    settings: config.Settings
+    services: dict[str, EngineService]       # host name -> the engine service of its appliance
+    si: Any
+
+    def app(self) -> App:
+        return App(self.settings, actor="tester")
+
+    def vm(self, name: str) -> Any:
+        content = self.si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine],
+                                                       True)
+        try:
+            return next(vm for vm in view.view if vm.name == name)
+        finally:
+            view.DestroyView()
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for host, svc in self.services.items():
+            h = EngineClient(svc.url, token=TOKEN).health()
+            out[host] = (h["scans_total"], h["pulls_total"])
+        return out
+
+
+def _wait(task: Any) -> None:
+    deadline = time.monotonic() + 30
+    while task.info.state not in ("success", "error"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert task.info.state == "success", task.info.error
+
+
+@pytest.fixture
+def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
+    sim = vcsim_factory(hosts=2, vms=2)
+    token = tmp_path / "engine.token"
+    token.write_text(TOKEN)
+    port = free_port("127.0.0.81")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[appliances]\nenabled = true\naddresses = ["127.0.0.81-127.0.0.90"]\n'
+                   f'engine_port = {port}\nengine_token_file = "{token}"\n')
+    settings = config.load(config_file=cfg, env={
+        "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
+        "VSPHERE_AV_STATE_DIR": str(tmp_path / "state"), "VSPHERE_AV_GUEST_USER": sim.guest_user,
+        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password})
+    with App(settings, actor="tester") as app:
+        from vsphere_av.appliance_manager import open_manager
+        manager = open_manager(settings, connection=app.connection, audit=app.audit,
+                               actor="tester")
+        assert manager.reconcile().ok
+        appliances = manager.appliances()
+    services: dict[str, EngineService] = {}
+    engines = []
+    try:
+        for a in appliances:    # what each appliance runs: `vsphere-av engine serve`
+            engine = Engine.open(config.Settings(state_dir=tmp_path / f"appliance-{a.host}"))
+            engines.append(engine)
+            svc = EngineService(engine=engine, token=TOKEN, listen=(a.address, port))
+            svc.start()
+            services[a.host] = svc
+        yield World(sim=sim, settings=settings, services=services, si=connect(sim))
+    finally:
+        for svc in services.values():
+            svc.shutdown()
+        for engine in engines:
+            engine.close()
+
+
+def _plant(sim: simulator.Simulator, vm: str, path: str, data: bytes) -> None:
+    target = sim.guest_root / vm / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def test_scan_goes_to_the_vms_host_appliance_which_pulls_the_files(world: World) -> None:
+    with world.app() as app:
+        vms = {v.name: v for v in inventory.list_vms(app.connection)}
+    vm = vms["DC0_C0_RP0_VM0"]
+    assert vm.host is not None
+    _plant(world.sim, vm.name, "/home/bob/eicar.com", EICAR)
+    _plant(world.sim, vm.name, "/etc/motd", b"welcome\n")
+    before = world.stats()
+    with world.app() as app:
+        result = app.scan_one(vm, full=True)
+    assert result.status == "infected", result.reason
+    assert {f.path for f in result.found} == {"/home/bob/eicar.com"}
+    assert not (world.sim.guest_root / vm.name / "home/bob/eicar.com").exists()  # quarantined
+    after = world.stats()
+    own = after[vm.host.name]
+    assert own[0] - before[vm.host.name][0] == result.scanned >= 2
+    assert own[1] - before[vm.host.name][1] == result.scanned    # every file pulled by it
+    for host, counts in after.items():
+        if host != vm.host.name:
+            assert counts == before[host]                       # other appliances untouched
+
+
+def test_appliance_down_means_unprotected_and_waiting_then_resumed(world: World) -> None:
+    with world.app() as app:
+        vms = {v.name: v for v in inventory.list_vms(app.connection)}
+        vm = vms["DC0_C0_RP0_VM1"]
+        assert vm.host is not None
+        first = app.scan_one(vm)
+        assert first.status == "clean", first.reason
+    appliance = world.vm(f"vsphere-av-appliance-{vm.host.name}")
+    _wait(appliance.PowerOffVM_Task())
+    with world.app() as app:
+        rows = {r["name"]: r for r in app.status()}
+        assert rows[vm.name]["state"] == "unprotected"
+        assert rows[vm.name]["reason"] == "appliance down"
+        waiting = app.scan_one(vm)
+        assert waiting.status == "error"
+        assert waiting.reason == "appliance down"
+        from vsphere_av.appliance_manager import open_manager
+        manager = open_manager(world.settings, connection=app.connection, audit=app.audit,
+                               actor="tester")
+        healed = manager.reconcile()
+        assert [a.kind for a in healed.actions] == ["power_on"]
+        assert healed.back == (vm.host.moref,)     # the controller rescans this host's VMs
+    with world.app() as app:
+        again = app.scan_one(vm)
+        assert again.status == "clean", again.reason
+        rows = {r["name"]: r for r in app.status()}
+        assert rows[vm.name]["state"] == "protected"

@@ -1,0 +1,142 @@
+"""Managing deployed appliances over SSH: one real OpenSSH server and one engine service on
+each appliance's own loopback address (as ``guest.ipAddress`` reports it on the simulator).
+
+All "appliances" share this machine's file system, so they share one remote state
+directory here; per-appliance file systems are covered in ``test_appliance_ssh.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from appliance_support import Sshd, free_port, start_sshd
+from conftest import SimulatorFactory
+
+from vsphere_av import config
+from vsphere_av.app import App
+from vsphere_av.appliance_manager import ApplianceManager, open_manager, read_health
+from vsphere_av.engine import Engine
+from vsphere_av.engine_service import EngineService
+from vsphere_av.ssh import ApplianceSsh
+
+TOKEN = "manage-token-0123456789abcdef"
+
+
+@dataclass
+class Fleet:
+    manager: ApplianceManager
+    app: App
+    sshds: dict[str, Sshd]          # host name -> its appliance's sshd
+    remote: Path
+    local_engine: Engine
+
+
+@pytest.fixture
+def fleet(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Fleet]:
+    sim = vcsim_factory(hosts=2, vms=2)
+    token = tmp_path / "engine.token"
+    token.write_text(TOKEN)
+    port = free_port("127.0.0.91")
+    remote = tmp_path / "appliance-state"
+    keys = tmp_path / "keys"
+    cfg = tmp_path / "config.toml"
+    settings_env = {
+        "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
+        "VSPHERE_AV_STATE_DIR": str(tmp_path / "state"), "VSPHERE_AV_GUEST_USER": sim.guest_user,
+        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password}
+    cfg.write_text(f'[appliances]\nenabled = true\naddresses = ["127.0.0.91-127.0.0.99"]\n'
+                   f'engine_port = {port}\nengine_token_file = "{token}"\n'
+                   f'remote_state_dir = "{remote}"\n')
+    settings = config.load(config_file=cfg, env=settings_env)
+    app = App(settings, actor="tester")
+    manager = open_manager(settings, connection=app.connection, audit=app.audit, actor="tester")
+    assert manager.reconcile().ok
+    sshds: dict[str, Sshd] = {}
+    services = []
+    appliance_engine = Engine.open(config.Settings(state_dir=remote), use_cache=False)
+    try:
+        for a in manager.appliances():
+            sshds[a.host] = start_sshd(keys / a.host, a.address)   # its own host key
+            svc = EngineService(engine=appliance_engine, token=TOKEN, listen=(a.address, port))
+            svc.start()
+            services.append(svc)
+        first = next(iter(sshds.values()))
+        for s in sshds.values():    # the fleet's one controller key is authorized everywhere
+            (s.directory / "authorized_keys").write_text(
+                first.client_key.with_suffix(".pub").read_text())
+        by_address = {s.host: s for s in sshds.values()}
+
+        def ssh_open(appliance: Any) -> ApplianceSsh:
+            # Each test sshd has its own port; a real fleet uses appliances.ssh_port for all.
+            s = by_address[appliance.address]
+            return ApplianceSsh(host=s.host, port=s.port, user=s.user, key_file=first.client_key,
+                                state_dir=settings.state_dir, audit=app.audit, actor="tester",
+                                appliance=appliance.vm)
+
+        manager = ApplianceManager(state_dir=settings.state_dir, settings=manager.settings,
+                                   adapter=manager.adapter, audit=app.audit, actor="tester",
+                                   ssh_open=ssh_open)
+        yield Fleet(manager=manager, app=app, sshds=sshds, remote=remote,
+                    local_engine=app.engine)
+    finally:
+        for svc in services:
+            svc.shutdown()
+        for s in sshds.values():
+            s.stop()
+        appliance_engine.close()
+        app.close()
+
+
+def test_push_signatures_and_health_across_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "r.yar").write_text('rule Fleet { strings: $a = "fleet-marker-xyz" '
+                                  'condition: $a }\n')
+    store = fleet.local_engine.store
+    version = store.import_bundle(bundle).info.version
+    assert version >= 2
+    pushed = fleet.manager.push_signatures(version_dir=store.root / f"v{version:04d}")
+    assert [c.ok for c in pushed] == [True, True], [c.reason for c in pushed]
+    assert {c.signature_version for c in pushed} == {version}
+    state = json.loads((fleet.remote / "signatures/state.json").read_text())
+    assert state["active"] == version
+    health = fleet.manager.check_health(expected_version=version)
+    assert [(c.ok, c.signature_version) for c in health] == [(True, version), (True, version)]
+    assert read_health(fleet.manager.state_dir) == {}
+
+
+def test_changed_host_key_is_refused_and_its_vms_unprotected(fleet: Fleet) -> None:
+    assert all(c.ok for c in fleet.manager.check_health())     # keys pinned at first contact
+    host_name, sshd = sorted(fleet.sshds.items())[0]
+    sshd.regenerate_host_key()
+    results = {c.host: c for c in fleet.manager.check_health()}
+    bad = results[host_name]
+    assert not bad.ok
+    assert "SSH host key of appliance" in bad.reason
+    assert "changed" in bad.reason
+    assert all(c.ok for h, c in results.items() if h != host_name)
+    health = read_health(fleet.manager.state_dir)
+    assert list(health.values()) == [f"appliance unhealthy: {bad.reason}"]
+    actions = [e.action for e in fleet.app.audit.entries()]
+    assert "appliance.ssh.host_key_mismatch" in actions
+    rows = {r["name"]: r for r in fleet.app.status()}
+    on_bad_host = [r for r in rows.values() if r["host"] == host_name
+                   and not r["name"].startswith("vsphere-av-appliance-")]
+    for row in on_bad_host:
+        assert row["state"] == "unprotected"
+        assert row["reason"].startswith("appliance unhealthy: SSH host key of appliance")
+
+
+def test_restart_engines(fleet: Fleet, tmp_path: Path) -> None:
+    marker = tmp_path / "restarts"
+    fleet.manager.settings = dataclasses.replace(fleet.manager.settings,
+                                                 restart_command=f"echo x >> {marker}")
+    results = fleet.manager.restart_engines()
+    assert [c.ok for c in results] == [True, True]
+    assert marker.read_text() == "x\nx\n"
