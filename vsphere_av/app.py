@@ -152,7 +152,7 @@ class App:
         vms, _hosts = inventory.read_inventory(self.connection)
         self.store.sync_inventory(vms)
         if all_vms:
-            return [vm for vm in vms if vm.marker("vsphere-av.role") != "appliance"]
+            return [vm for vm in vms if not vm.is_appliance]
         by_key = {vm.name: vm for vm in vms} | {str(vm.moref): vm for vm in vms}
         missing = [n for n in names if n not in by_key]
         if missing:
@@ -445,6 +445,8 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
     """Build the controller against vCenter and start its threads; returns the runtime."""
     import os
 
+    from vsphere_av.appliance_manager import periodic_hook as appliance_periodic_hook
+    from vsphere_av.appliances import settings_from as appliance_settings
     from vsphere_av.controller import Controller, ControllerOptions
     from vsphere_av.store.jobs import JobStore
     from vsphere_av.vsphere import inventory
@@ -489,6 +491,14 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
         ("housekeeping", controller.housekeeping),
         ("auditing", controller.auditing),
     ]
+    appliance_section = appliance_settings(settings.extra)
+    if appliance_section.enabled:
+        # Own thread: an appliance deploy can take minutes and must not hold up hand-over
+        # requests, sweeps or schedules in the housekeeping thread.
+        reconcile = appliance_periodic_hook(
+            settings, connection=lambda: app.connection, audit=app.audit, actor=app.actor,
+            on_back=controller.rescan_hosts)
+        loops.append(("appliances", _every(appliance_section.interval, reconcile)))
     loops += [(f"contain-{i}", controller.containing)
               for i in range(options.containment_threads)]
     loops += [(f"scan-{i}", controller.work) for i in range(options.global_limit)]
@@ -498,6 +508,20 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
         t.start()
     return ControllerRuntime(controller=controller, app=app, stop_event=stop_event,
                              threads=threads, sessions=[watch_session, event_session], jobs=jobs)
+
+
+def _every(seconds: float, task: Callable[[], None]) -> Callable[[threading.Event], None]:
+    """A thread body that runs ``task`` now and then every ``seconds`` until stopped."""
+
+    def loop(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                task()
+            except errors.VsphereAvError as exc:
+                log.warning("%s: %s", getattr(task, "__name__", "periodic task"), exc)
+            stop.wait(seconds)
+
+    return loop
 
 
 def run_controller(settings: Settings, stop_event: threading.Event) -> None:

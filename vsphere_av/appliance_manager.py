@@ -258,7 +258,7 @@ def reconcile_once(settings: Any, *, connection: Any, audit: Any, actor: str,
 
 
 def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, actor: str,
-                  on_back: Callable[[tuple[str, ...]], None] | None = None,
+                  on_back: Callable[[tuple[str, ...]], object] | None = None,
                   health_every: int = 1) -> Callable[[], None]:
     """A ``Controller(periodic=[...])`` hook: reconcile, then check engine health over SSH.
 

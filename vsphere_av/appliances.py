@@ -90,6 +90,7 @@ class ApplianceSettings:
     engine_ca_file: str = ""                # CA of the engine services' TLS certs: https if set
     restart_command: str = "sudo -n systemctl restart vsphere-av-engine"  # run over SSH
     remote_state_dir: str = "/var/lib/vsphere-av"   # the appliance engine's state directory
+    interval: int = 30                      # seconds between reconcile rounds inside `serve`
 
     def address_pool(self) -> list[str]:
         """Expand ``addresses`` into a list of IPv4/IPv6 strings (bounded)."""
@@ -101,7 +102,7 @@ _SETTING_KINDS: Mapping[str, type] = {
     "name_prefix": str, "datastore": str, "network": str, "folder": str, "addresses": tuple,
     "ssh_user": str, "ssh_port": int, "ssh_key_file": str, "engine_port": int,
     "engine_token_file": str, "engine_ca_file": str, "restart_command": str,
-    "remote_state_dir": str,
+    "remote_state_dir": str, "interval": int,
 }
 
 
@@ -137,6 +138,8 @@ def settings_from(extra: Mapping[str, Any]) -> ApplianceSettings:
     for port_key in ("ssh_port", "engine_port"):
         if not 0 < getattr(result, port_key) < 65536:
             raise ConfigError(f"appliances.{port_key} must be a TCP port")
+    if result.interval < 1:
+        raise ConfigError("appliances.interval must be at least 1 second")
     result.address_pool()  # validate now, not at deploy time
     return result
 

@@ -146,6 +146,7 @@ class ControllerOptions:
     containment_threads: int = 16
     shutdown_grace: float = 20.0
     instant_on_full: bool = False            # instant-on scans read every byte
+    appliance_prefix: str = "vsphere-av-appliance-"   # names of our appliance VMs
 
     @classmethod
     def from_settings(cls, settings: Any) -> ControllerOptions:
@@ -169,6 +170,9 @@ class ControllerOptions:
             elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise errors.ConfigError(f"controller.{key} must be a positive number")
             values[key] = type(default)(value)
+        from vsphere_av.appliances import settings_from as appliance_settings
+
+        values["appliance_prefix"] = appliance_settings(settings.extra).name_prefix
         return cls(isolate_stale=settings.scan.isolate_stale,
                    per_host_limit=settings.scan.per_host_limit,
                    global_limit=settings.scan.global_limit,
@@ -314,8 +318,8 @@ class Controller:
         if item.trigger is Trigger.MIGRATED and item.host:
             self.scheduler.note_vm_host(vm, item.host)
         facts = self.watcher.facts(vm)
-        if facts is not None and facts.template:
-            return
+        if facts is not None and (facts.template or self._is_appliance(vm, facts.name)):
+            return      # templates never run; our appliances are never contained or scanned
         mark = marks_stale(item, watched_hosts=self.watcher.hosts)
         record = self.state.vm_state(vm, current_version=version)
         if mark is not None:
@@ -349,6 +353,17 @@ class Controller:
             self._queue_containment(vm, item, reason)
 
     # -- containment (instant-on) ----------------------------------------------------------
+
+    def _is_appliance(self, vm: str, name: str) -> bool:
+        """True for our own appliance VMs, which must keep their network.
+
+        The watch does not carry extraConfig (it would send every VM's advanced settings on
+        each change), so the name prefix picks candidates and the marker decides.
+        """
+        if not name.startswith(self.options.appliance_prefix):
+            return False
+        info = self._vm(vm)
+        return info is not None and info.is_appliance
 
     def _queue_containment(self, vm: str, item: Attention, reason: str) -> None:
         with self._contain_lock:
@@ -699,6 +714,26 @@ class Controller:
             self._audit("job.queued", vm=vm.name, moref=vm.moref, job_id=job.job_id,
                         priority="on-demand", request_id=request_id)
 
+    def rescan_hosts(self, hosts: Iterable[str]) -> int:
+        """Queue an on-demand scan of every running VM on these hosts (their appliance is back).
+
+        While a host's appliance was down its VMs could start or change unscanned; the
+        incremental index keeps this cheap for the files that did not change.
+        """
+        wanted = set(hosts)
+        vms, _hosts = self.inventory()
+        queued = 0
+        for vm in vms.values():
+            if (vm.host and vm.host.moref in wanted and vm.powered_on and not vm.template
+                    and not vm.is_appliance):
+                self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref,
+                                      priority=Priority.ON_DEMAND, reason="appliance back")
+                queued += 1
+        if queued:
+            self._audit("rescan.queued", hosts=sorted(wanted), vms=queued,
+                        reason="appliance back")
+        return queued
+
     def _sweep_if_new_version(self) -> None:
         version = self._active_version()
         if version is None:
@@ -720,7 +755,7 @@ class Controller:
         vms, _ = self.inventory(max_age=0.0)
         count = 0
         for vm in sorted(vms.values(), key=lambda v: (not v.powered_on, v.name)):
-            if not vm.powered_on or vm.template or vm.marker("vsphere-av.role") == "appliance":
+            if not vm.powered_on or vm.template or vm.is_appliance:
                 continue      # powered-off VMs are stale now and contained when they start
             record = self.state.vm_state(vm.moref, current_version=version)
             protection = (Protection(record.state, record.signature_version, record.reason)
@@ -745,7 +780,7 @@ class Controller:
         for schedule, fire in fired:
             count = 0
             for vm in vms.values():
-                if vm.template or vm.marker("vsphere-av.role") == "appliance":
+                if vm.template or vm.is_appliance:
                     continue
                 if not fnmatchcase(vm.name, schedule.vms):
                     continue

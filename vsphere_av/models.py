@@ -69,6 +69,11 @@ class VmInfo:
         """Value of an extraConfig marker such as ``vsphere-av.role``."""
         return dict(self.markers).get(key, default)
 
+    @property
+    def is_appliance(self) -> bool:
+        """One of our security appliances (extraConfig ``vsphere-av.role = appliance``)."""
+        return self.marker("vsphere-av.role") == "appliance"
+
 
 @dataclass(frozen=True)
 class GuestFile:

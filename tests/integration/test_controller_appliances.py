@@ -1,0 +1,95 @@
+"""`serve` with appliances: the reconcile loop runs inside the controller, heals an appliance
+powered off by someone, and the controller never contains (cuts the network of) its own
+appliances when they power on, while workloads on the same hosts are still contained.
+
+Real parts: the bundled simulator, the real controller threads, real state and audit files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from controller_support import admin, audit_entries, plant, settings_for, wait_for
+from pyVmomi import vim
+
+from vsphere_av import simulator
+from vsphere_av.app import ControllerRuntime, start_controller
+
+WORKLOAD = "DC0_C0_RP0_VM0"
+APPLIANCES = "[appliances]\nenabled = true\ninterval = 1\naddresses = ['127.0.0.61-127.0.0.70']\n"
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
+    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=1)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def runtime(sim: simulator.Simulator, tmp_path: Path) -> Iterator[ControllerRuntime]:
+    with admin(sim) as a:
+        a.power_off(WORKLOAD)
+    rt = start_controller(settings_for(sim, tmp_path / "state", toml=APPLIANCES))
+    try:
+        assert rt.controller.inventory_ready.wait(20)
+        assert rt.controller.events_ready.wait(20)
+        yield rt
+    finally:
+        rt.stop(grace=10)
+
+
+def _appliances(sim: simulator.Simulator) -> dict[str, vim.VirtualMachine]:
+    with admin(sim) as a:
+        return {n: vm for n, vm in a.vms.items() if n.startswith("vsphere-av-appliance-")}
+
+
+def test_serve_deploys_heals_and_never_contains_its_appliances(
+        sim: simulator.Simulator, runtime: ControllerRuntime, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with admin(sim) as a:
+        wait_for(lambda: len([n for n in _fresh_names(a) if n.startswith("vsphere-av-")]) == 2,
+                 timeout=60, what="one appliance per host")
+        names = sorted(n for n in _fresh_names(a) if n.startswith("vsphere-av-"))
+        a.vms = {vm.name: vm for vm in _all_vms(a)}
+        victim = a.vms[names[0]]
+        wait_for(lambda: victim.runtime.powerState == "poweredOn", timeout=30,
+                 what="appliance running")
+        # Someone powers an appliance off; the loop inside serve powers it back on.
+        task = victim.PowerOffVM_Task()
+        wait_for(lambda: task.info.state == "success", timeout=30, what="power off")
+        wait_for(lambda: victim.runtime.powerState == "poweredOn", timeout=30,
+                 what="appliance powered on again by serve")
+        # A stale workload powered on meanwhile is still contained as usual.
+        plant(sim, WORKLOAD, "/etc/hostname", b"workload\n")
+        task = a.vms[WORKLOAD].PowerOnVM_Task()
+        wait_for(lambda: task.info.state == "success", timeout=30, what="power on")
+        time.sleep(1.5)        # room for a (wrong) containment of the appliance to show
+        runtime.controller.flush_audit()
+        for name in names:
+            assert all(d.connectable.connected for d in a.vms[name].config.hardware.device
+                       if isinstance(d, vim.vm.device.VirtualEthernetCard)), name
+    entries = audit_entries(state)
+    appliance_morefs = {a_vm._moId for a_vm in _appliances(sim).values()}
+    isolated = {d.get("moref") for act, d in entries if act == "isolation.isolate"}
+    assert not isolated & appliance_morefs
+    scanned = {d.get("moref") for act, d in entries if act == "scan.start"}
+    assert not scanned & appliance_morefs
+    assert any(act == "appliance.power_on" for act, _ in entries)
+    assert any(act == "isolation.isolate" and d.get("vm") == WORKLOAD for act, d in entries)
+
+
+def _all_vms(a: object) -> list[vim.VirtualMachine]:
+    content = a.si.RetrieveContent()  # type: ignore[attr-defined]
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        return list(view.view)
+    finally:
+        view.DestroyView()
+
+
+def _fresh_names(a: object) -> list[str]:
+    return [vm.name for vm in _all_vms(a)]
