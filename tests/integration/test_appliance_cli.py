@@ -95,6 +95,7 @@ def test_status_shows_unprotected_while_the_appliance_is_down(vcsim_factory: Sim
         assert rows[name]["state"] == "unprotected"
         assert rows[name]["reason"] == "appliance down"
     assert rows[vm1.name]["reason"] != "appliance down"    # its host's appliance runs
+    assert not [n for n in rows if n.startswith("vsphere-av-appliance-")]   # not workloads
 
     assert _run(env, "appliances", "reconcile").exit_code == 0     # powered on again
     rows = {r["name"]: r for r in json.loads(_run(env, "status", "--json").output)["vms"]}

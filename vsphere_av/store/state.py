@@ -198,12 +198,16 @@ class StateStore:
     # --- VMs -------------------------------------------------------------------------------
 
     def sync_inventory(self, vms: Sequence[VmInfo]) -> None:
-        """Upsert what vCenter reports; VMs no longer present are flagged, not forgotten."""
+        """Upsert what vCenter reports; VMs no longer present are flagged, not forgotten.
+
+        Our own appliances are not workloads: they are left out (and so never listed).
+        """
         stamp = now_iso()
         with self.transaction() as db:
             db.execute("UPDATE vms SET present = 0")
             for vm in vms:
-                self._upsert_vm(db, vm, stamp)
+                if not vm.is_appliance:
+                    self._upsert_vm(db, vm, stamp)
 
     def upsert_vm(self, vm: VmInfo) -> None:
         """Record (or refresh) one VM's identity and placement."""
