@@ -244,7 +244,7 @@ func selfSignedCert(listen net.IP) (tls.Certificate, error) {
 // chatter matches the library's log lines for every property collector update and every
 // WaitForUpdatesEx that timed out (normal for a waiting client), which would otherwise
 // flood stderr while clients wait for updates.
-var chatter = regexp.MustCompile(`: applying \d+ updates to \d+ filters$|^\S+ has \d+ changes$|: WaitForUpdates MaxWaitSeconds exceeded$`)
+var chatter = regexp.MustCompile(`: applying \d+ updates to \d+ filters$|^\S+ has \d+ changes$|: WaitForUpdates MaxWaitSeconds exceeded$|^nfc PUT \S+: transferred \d+ bytes$`)
 
 // quietLog drops the library's per-update chatter from log output (one Write per line).
 type quietLog struct {

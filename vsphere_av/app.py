@@ -675,7 +675,8 @@ def instant_on_timeline(settings: Settings, vm_moref: str) -> list[dict[str, Any
             elif entry.action == "scan.end":
                 what = f"scan end: {entry.details.get('status')}"
             elif entry.action == "scan.start":
-                what = "scan start (ahead of all other work)"
+                first = not any(w.startswith("scan start") for _, w in rows)
+                what = "scan start (ahead of all other work)" if first else "scan start"
             rows.append((when, what))
     rows.sort(key=lambda r: r[0])
     return [{"time": datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds"),

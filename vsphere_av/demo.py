@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from vsphere_av.errors import VsphereAvError
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 ROOT = Path(__file__).resolve().parents[1]
+APPLIANCE_POOL_FIRST, APPLIANCE_POOL_LAST = "127.0.0.101", "127.0.0.120"
 WORK = ROOT / "build" / "demo"
 
 
@@ -57,6 +60,22 @@ def zipped(name: str, data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` (and, by luck of the draw, on its neighbours)."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(address: str, port: int) -> bool:
+    """True when something accepts TCP connections there."""
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
     """Poll until ``predicate`` is truthy."""
     deadline = time.monotonic() + timeout
@@ -80,13 +99,24 @@ def main() -> int:
     banner("1. Start the bundled vSphere simulator (1 datacenter, 1 cluster, 3 hosts, 6 VMs)")
     sim = simulator.start(hosts=3, vms=6, guest_root=WORK / "guests")
     serve: subprocess.Popen[bytes] | None = None
+    engines: list[subprocess.Popen[bytes]] = []
     try:
         print(f"SDK URL: https://{sim.host}:{sim.port}/sdk   (SHA-256 thumbprint pinned: "
               f"{sim.thumbprint[:23]}...)")
         env = {**os.environ, "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
                "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
                "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password, "COLUMNS": "160"}
-        settings = config.load(env=env)
+        token = WORK / "engine.token"
+        token.write_text(secrets.token_hex(24))
+        token.chmod(0o600)
+        engine_port = free_port(APPLIANCE_POOL_FIRST)
+        cfg = WORK / "config.toml"
+        cfg.write_text(
+            "[appliances]\nenabled = true\n"
+            f'addresses = ["{APPLIANCE_POOL_FIRST}-{APPLIANCE_POOL_LAST}"]\n'
+            f'engine_port = {engine_port}\nengine_token_file = "{token}"\n')
+        env["VSPHERE_AV_CONFIG"] = str(cfg)
+        settings = config.load(config_file=cfg, env=env)
         with App(settings) as app:
             vms = sorted(inventory.list_vms(app.connection), key=lambda v: v.name)
             for vm in vms:
@@ -111,12 +141,45 @@ def main() -> int:
         banner("3. Signatures: the built-in bundle is active on a new installation")
         run(env, "signatures", "list")
 
-        banner("4. On-demand scan of every VM through Guest Operations (no agent)")
+        banner("4. One hardened security appliance per ESXi host: deploy, pin, harden")
+        run(env, "appliances", "reconcile", "--dry-run")
+        run(env, "appliances", "reconcile")
+        run(env, "appliances", "reconcile")            # nothing left to do: zero actions
+        with App(settings) as app:
+            from vsphere_av.appliance_manager import open_manager
+
+            addresses = [a.address for a in open_manager(
+                settings, connection=app.connection, audit=app.audit,
+                actor="demo").appliances() if a.address]
+        print("  each appliance runs the engine service on its own address (here 127.0.0.N;")
+        print("  on vSphere it runs inside the appliance VM):")
+        for address in addresses:
+            print(f"$ vsphere-av engine serve --listen {address}:{engine_port}"
+                  f" --token-file {token.name}")
+            engines.append(subprocess.Popen(
+                [sys.executable, "-m", "vsphere_av", "engine", "serve", "--listen",
+                 f"{address}:{engine_port}", "--token-file", str(token)],
+                env={**env, "VSPHERE_AV_STATE_DIR": str(WORK / f"appliance-{address}")},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for address in addresses:
+            wait_for(lambda a=address: port_open(a, engine_port), timeout=30,
+                     what=f"engine service on {address}")
+        run(env, "appliances", "list")
+
+        banner("5. On-demand scan of every VM through Guest Operations (no agent),"
+               " each host's files scanned by its own appliance")
         run(env, "scan", "--all", check_codes=(1,))
+        from vsphere_av.engine_service import EngineClient
+
+        for address in addresses:
+            health = EngineClient(f"http://{address}:{engine_port}",
+                                  token=token.read_text()).health()
+            print(f"  appliance {address}: pulled {health['pulls_total']} transfer URL(s) from "
+                  f"its own host, scanned {health['scans_total']} file(s)")
         run(env, "detections")
         run(env, "quarantine", "list")
 
-        banner("5. Instant-on: the dormant VM is powered on while the controller runs")
+        banner("6. Instant-on: the dormant VM is powered on while the controller runs")
         serve = subprocess.Popen([sys.executable, "-m", "vsphere_av", "serve"], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(2.0)   # let it list the inventory and open its watches
@@ -139,7 +202,16 @@ def main() -> int:
         for row in instant_on_timeline(settings, dormant.moref):
             print(f"    +{row['seconds']:7.3f}s  {row['what']}")
 
-        banner("6. Protection status and the audit trail")
+        print(f"  {dormant.name} stays cut off the network until a rescan is clean; the file"
+              " is already quarantined, so an operator asks for one:")
+        run(env, "scan", dormant.name)      # handed to the running controller
+        wait_for(lambda: any(r["what"] == "isolation.release" for r in
+                             instant_on_timeline(settings, dormant.moref)),
+                 timeout=30, what=f"{dormant.name} to be released")
+        for row in instant_on_timeline(settings, dormant.moref)[-3:]:
+            print(f"    +{row['seconds']:7.3f}s  {row['what']}")
+
+        banner("7. Protection status and the audit trail")
         run(env, "status")
         serve.terminate()
         serve.wait(timeout=30)
@@ -159,6 +231,13 @@ def main() -> int:
                 serve.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 serve.kill()
+        for proc in engines:
+            proc.terminate()
+        for proc in engines:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         sim.stop()
 
 
