@@ -161,9 +161,8 @@ def main() -> int:
                  f"{address}:{engine_port}", "--token-file", str(token)],
                 env={**env, "VSPHERE_AV_STATE_DIR": str(WORK / f"appliance-{address}")},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for address in addresses:
-            wait_for(lambda a=address: port_open(a, engine_port), timeout=30,
-                     what=f"engine service on {address}")
+        wait_for(lambda: all(port_open(a, engine_port) for a in addresses), timeout=30,
+                 what="the appliances' engine services")
         run(env, "appliances", "list")
 
         banner("5. On-demand scan of every VM through Guest Operations (no agent),"
