@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import AuditIntegrityError, StoreError
+from vsphere_av.store.sqlite import open_database
 
 GENESIS = "0" * 64
 _SECRET_KEYS = ("password", "secret", "token", "private_key")
@@ -128,16 +129,7 @@ class AuditLog:
         self.path = path
         self.head_path = path.with_name("audit.head")
         self._lock = threading.Lock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open audit log {path}: {exc}") from exc
+        self._db = open_database(path, schema=_SCHEMA, what="audit log")
 
     @classmethod
     def open(cls, state_dir: Path | str) -> AuditLog:

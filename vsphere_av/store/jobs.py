@@ -41,6 +41,7 @@ from typing import Any
 
 from vsphere_av.errors import StoreError
 from vsphere_av.scheduling import Job, Priority, TimeWindow
+from vsphere_av.store.sqlite import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -183,15 +184,7 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open job store {path}: {exc}") from exc
+        self._db = open_database(path, schema=_SCHEMA, what="job store", synchronous="NORMAL")
 
     @classmethod
     def open(cls, state_dir: Path | str) -> JobStore:

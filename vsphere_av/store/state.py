@@ -36,6 +36,7 @@ from vsphere_av.models import (
     VmInfo,
     VmState,
 )
+from vsphere_av.store.sqlite import open_database
 
 SCHEMA_VERSION = 1
 
@@ -137,15 +138,8 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._db = open_database(path, schema=_SCHEMA, what="state database", rows=True)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=30)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                              (str(SCHEMA_VERSION),))
         except sqlite3.Error as exc:

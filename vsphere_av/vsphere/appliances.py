@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
 from vsphere_av import errors
 from vsphere_av.appliances import (
@@ -55,6 +55,7 @@ from vsphere_av.engine_service import TransferChunks
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url
 from vsphere_av.vsphere.inventory import _host_from, _props, _retrieve
+from vsphere_av.vsphere.tasks import wait_task
 
 VM_GROUP = "vsphere-av-vms-"
 HOST_GROUP = "vsphere-av-hosts-"
@@ -117,26 +118,10 @@ class VsphereApplianceAdapter:
     def _call(self, what: str, fn: Any) -> Any:
         return self._conn.call(what, fn)
 
-    def _wait(self, task: Any, what: str, *, timeout: float = TASK_TIMEOUT) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self._call(what, lambda _c: task.info)
-            if info.state == "success":
-                return info.result
-            if info.state == "error":
-                fault = info.error
-                if isinstance(fault, vmodl.fault.ManagedObjectNotFound):
-                    raise errors.NotFound(f"{what}: object no longer exists")
-                raise errors.VsphereError(f"{what}: {type(fault).__name__} "
-                                          f"({getattr(fault, 'msg', '') or 'task failed'})")
-            if time.monotonic() > deadline:
-                raise errors.TransientError(f"{what}: task did not finish in {timeout:.0f}s")
-            time.sleep(0.05)
-
     def _task(self, what: str, start: Any, *, timeout: float = TASK_TIMEOUT) -> Any:
         task = self._call(what, lambda _c: start())
         self._wrote()
-        return self._wait(task, what, timeout=timeout)
+        return wait_task(self._conn, task, what, timeout=timeout)
 
     # -- reading ---------------------------------------------------------------------------
     def observe(self, *, desired: Desired) -> Observed:

@@ -14,7 +14,6 @@ Restore writes back the three recorded flags per NIC key, nothing else.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
 from vsphere_av.vsphere.connection import Connection
+from vsphere_av.vsphere.tasks import wait_task
 
 TASK_TIMEOUT = 60.0
 
@@ -84,23 +84,6 @@ def read_nics(conn: Connection, vm_moref: str) -> list[NicState]:
     return sorted((_state(d) for d in devs), key=lambda n: n.key)
 
 
-def _wait(conn: Connection, task: Any, what: str) -> None:
-    deadline = time.monotonic() + TASK_TIMEOUT
-    pause = 0.005          # short first: containment is measured in milliseconds
-    while True:
-        state = conn.call(what, lambda _c: task.info.state)
-        if state == "success":
-            return
-        if state == "error":
-            fault = conn.call(what, lambda _c: task.info.error)
-            raise errors.VsphereError(f"{what}: {type(fault).__name__}"
-                                      f" ({getattr(fault, 'msg', '') or 'task failed'})")
-        if time.monotonic() > deadline:
-            raise errors.TransientError(f"{what}: task did not finish in {TASK_TIMEOUT:.0f}s")
-        time.sleep(pause)
-        pause = min(0.1, pause * 2)
-
-
 def _apply(conn: Connection, vm_moref: str, wanted: Mapping[int, NicState], what: str,
            *, devs: Sequence[Any] | None = None) -> int:
     """Edit the NICs whose flags differ from ``wanted``; returns how many were changed."""
@@ -125,7 +108,7 @@ def _apply(conn: Connection, vm_moref: str, wanted: Mapping[int, NicState], what
         return 0
     spec = vim.vm.ConfigSpec(deviceChange=changes)
     task = conn.call(what, lambda _c: ref.ReconfigVM_Task(spec=spec))
-    _wait(conn, task, what)
+    wait_task(conn, task, what, timeout=TASK_TIMEOUT)
     return len(changes)
 
 
