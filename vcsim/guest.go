@@ -1,11 +1,5 @@
 // Guest operations for the bundled simulator: per-VM guest file trees under
 // opts.GuestRoot, our own GuestFileManager and GuestProcessManager (replacing the
-// library's Docker-only singletons), and the /guestFile transfer endpoint.
-//
-// Called by main.go (installGuest after model.Create and NewServer; vmRootDir and
-// copyTree from clone and snapshot handling).
-// Guest operations for the bundled simulator: per-VM guest file trees under
-// opts.GuestRoot, our own GuestFileManager and GuestProcessManager (replacing the
 // library's Docker-only singletons) and the /guestFile transfer endpoint.
 //
 // Called by main.go: installGuest after NewServer; vmRootDir and copyTree from clone

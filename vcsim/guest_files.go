@@ -49,21 +49,63 @@ func guestPrepareOp(vm types.ManagedObjectReference, auth types.BaseGuestAuthent
 	return g, gp, nil
 }
 
+// guestPrepareExisting runs the preconditions, parses p and resolves it to an entry
+// that exists (following a final symbolic link when follow is set).
+func guestPrepareExisting(vm types.ManagedObjectReference, auth types.BaseGuestAuthentication, p string, follow bool) (*guestVM, *guestPathSpec, *guestResolution, *soap.Fault) {
+	g, f := guestPrepare(vm, auth)
+	if f != nil {
+		return nil, nil, nil, f
+	}
+	gp, r, f := g.existingPath(p, follow)
+	if f != nil {
+		return nil, nil, nil, f
+	}
+	return g, gp, r, nil
+}
+
+// existingPath parses p and resolves it to an entry that exists.
+func (g *guestVM) existingPath(p string, follow bool) (*guestPathSpec, *guestResolution, *soap.Fault) {
+	gp, f := g.parseGuestPath(p)
+	if f != nil {
+		return nil, nil, f
+	}
+	r, f := g.existing(gp, follow)
+	return gp, r, f
+}
+
+// existing resolves gp; an entry that does not exist is FileNotFound.
+func (g *guestVM) existing(gp *guestPathSpec, follow bool) (*guestResolution, *soap.Fault) {
+	r, err := g.resolve(gp.comps, follow)
+	if err != nil {
+		return nil, guestFSFault(gp.guest, err)
+	}
+	if !r.exists {
+		return nil, faultGuestNotFound(gp.guest)
+	}
+	return r, nil
+}
+
+// The SOAP methods below only carry the request to the function that does the work
+// and put its answer (or fault) in the method's body.
+
 func (m *guestFileManager) ListFilesInGuest(ctx *simulator.Context, req *types.ListFilesInGuest) soap.HasFault {
 	body := new(methods.ListFilesInGuestBody)
+	body.Res, body.Fault_ = guestListFiles(req)
+	return body
+}
+
+// guestListFiles lists one page of a directory, or the entry itself if it is none.
+func guestListFiles(req *types.ListFilesInGuest) (*types.ListFilesInGuestResponse, *soap.Fault) {
 	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.FilePath)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
 	if req.Index < 0 {
-		body.Fault_ = faultGuestArgument("index", "index must not be negative")
-		return body
+		return nil, faultGuestArgument("index", "index must not be negative")
 	}
 	max := int(req.MaxResults)
 	if max < 0 {
-		body.Fault_ = faultGuestArgument("maxResults", "maxResults must not be negative")
-		return body
+		return nil, faultGuestArgument("maxResults", "maxResults must not be negative")
 	}
 	if max == 0 {
 		max = guestDefaultMaxResults
@@ -77,17 +119,11 @@ func (m *guestFileManager) ListFilesInGuest(ctx *simulator.Context, req *types.L
 	}
 	re, err := regexp.Compile(pattern)
 	if err != nil {
-		body.Fault_ = faultGuestArgument("matchPattern", fmt.Sprintf("invalid matchPattern %q: %v", pattern, err))
-		return body
+		return nil, faultGuestArgument("matchPattern", fmt.Sprintf("invalid matchPattern %q: %v", pattern, err))
 	}
-	r, err := g.resolve(gp.comps, false)
-	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
-	}
-	if !r.exists {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+	r, f := g.existing(gp, false)
+	if f != nil {
+		return nil, f
 	}
 	dir := ""
 	switch {
@@ -105,78 +141,69 @@ func (m *guestFileManager) ListFilesInGuest(ctx *simulator.Context, req *types.L
 		if req.Index == 0 {
 			res.Returnval.Files = []types.GuestFileInfo{g.fileInfo(r.info.Name(), r.host, r.info)}
 		}
-		body.Res = res
-		return body
+		return res, nil
 	}
 	files, remaining, err := g.listDir(dir, re, int(req.Index), max)
 	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return nil, guestFSFault(gp.guest, err)
 	}
 	res.Returnval.Files = files
 	res.Returnval.Remaining = int32(remaining)
-	body.Res = res
-	return body
+	return res, nil
 }
 
 func (m *guestFileManager) InitiateFileTransferFromGuest(ctx *simulator.Context, req *types.InitiateFileTransferFromGuest) soap.HasFault {
 	body := new(methods.InitiateFileTransferFromGuestBody)
-	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.GuestFilePath)
+	body.Res, body.Fault_ = guestDownload(req)
+	return body
+}
+
+// guestDownload hands out a ticket to read one regular file.
+func guestDownload(req *types.InitiateFileTransferFromGuest) (*types.InitiateFileTransferFromGuestResponse, *soap.Fault) {
+	g, gp, r, f := guestPrepareExisting(req.Vm, req.Auth, req.GuestFilePath, true)
 	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	r, err := g.resolve(gp.comps, true)
-	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
-	}
-	if !r.exists {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+		return nil, f
 	}
 	if !r.info.Mode().IsRegular() {
-		body.Fault_ = faultGuestNotAFile(gp.guest)
-		return body
+		return nil, faultGuestNotAFile(gp.guest)
 	}
 	url, f := newGuestTicket(g, gp, false, r.info.Size(), false, nil)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
-	body.Res = &types.InitiateFileTransferFromGuestResponse{
+	return &types.InitiateFileTransferFromGuestResponse{
 		Returnval: types.FileTransferInformation{
 			Attributes: g.attributes(r.host, r.info),
 			Size:       r.info.Size(),
 			Url:        url,
 		},
-	}
-	return body
+	}, nil
 }
 
 func (m *guestFileManager) InitiateFileTransferToGuest(ctx *simulator.Context, req *types.InitiateFileTransferToGuest) soap.HasFault {
 	body := new(methods.InitiateFileTransferToGuestBody)
+	body.Res, body.Fault_ = guestUpload(req)
+	return body
+}
+
+// guestUpload hands out a ticket to write one regular file.
+func guestUpload(req *types.InitiateFileTransferToGuest) (*types.InitiateFileTransferToGuestResponse, *soap.Fault) {
 	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.GuestFilePath)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
 	if req.FileSize < 0 || req.FileSize > guestMaxUpload {
-		body.Fault_ = faultGuestArgument("fileSize",
+		return nil, faultGuestArgument("fileSize",
 			fmt.Sprintf("fileSize must be between 0 and %d bytes", int64(guestMaxUpload)))
-		return body
 	}
 	if f := g.checkUploadTarget(gp, req.Overwrite); f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
 	url, f := newGuestTicket(g, gp, true, req.FileSize, req.Overwrite, req.FileAttributes)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
-	body.Res = &types.InitiateFileTransferToGuestResponse{Returnval: url}
-	return body
+	return &types.InitiateFileTransferToGuestResponse{Returnval: url}, nil
 }
 
 // checkUploadTarget checks that a file may be written at gp.
@@ -202,40 +229,54 @@ func (g *guestVM) checkUploadTarget(gp *guestPathSpec, overwrite bool) *soap.Fau
 
 func (m *guestFileManager) MoveFileInGuest(ctx *simulator.Context, req *types.MoveFileInGuest) soap.HasFault {
 	body := new(methods.MoveFileInGuestBody)
-	g, src, f := guestPrepareOp(req.Vm, req.Auth, req.SrcFilePath)
+	if body.Fault_ = guestMove(req.Vm, req.Auth, req.SrcFilePath, req.DstFilePath, req.Overwrite, false); body.Fault_ == nil {
+		body.Res = new(types.MoveFileInGuestResponse)
+	}
+	return body
+}
+
+func (m *guestFileManager) MoveDirectoryInGuest(ctx *simulator.Context, req *types.MoveDirectoryInGuest) soap.HasFault {
+	body := new(methods.MoveDirectoryInGuestBody)
+	if body.Fault_ = guestMove(req.Vm, req.Auth, req.SrcDirectoryPath, req.DstDirectoryPath, false, true); body.Fault_ == nil {
+		body.Res = new(types.MoveDirectoryInGuestResponse)
+	}
+	return body
+}
+
+// guestMove renames a file (dirs false) or a directory (dirs true) from srcPath to
+// dstPath; a directory never replaces an existing entry.
+func guestMove(vm types.ManagedObjectReference, auth types.BaseGuestAuthentication, srcPath, dstPath string, overwrite, dirs bool) *soap.Fault {
+	g, src, f := guestPrepareOp(vm, auth, srcPath)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return f
 	}
-	dst, f := g.parseGuestPath(req.DstFilePath)
+	dst, f := g.parseGuestPath(dstPath)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return f
 	}
-	rs, err := g.resolve(src.comps, false)
-	if err != nil {
-		body.Fault_ = guestFSFault(src.guest, err)
-		return body
-	}
-	if !rs.exists {
-		body.Fault_ = faultGuestNotFound(src.guest)
-		return body
-	}
-	if rs.info.IsDir() {
-		body.Fault_ = faultGuestNotAFile(src.guest)
-		return body
-	}
-	to, f := g.moveTarget(rs, dst, req.Overwrite, false)
+	rs, f := g.existing(src, false)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return f
+	}
+	switch {
+	case !dirs && rs.info.IsDir():
+		return faultGuestNotAFile(src.guest)
+	case dirs && !rs.info.IsDir():
+		return faultGuestNotADirectory(src.guest)
+	case dirs && g.isRoot(rs.host):
+		return simulator.Fault("cannot move a root directory: "+src.guest, &types.GuestPermissionDenied{})
+	}
+	to, f := g.moveTarget(rs, dst, overwrite, dirs)
+	if f != nil {
+		return f
+	}
+	if _, inside := guestWithinRoot(rs.host, to); dirs && inside && to != rs.host {
+		return faultGuestArgument("dstDirectoryPath", "cannot move a directory into itself: "+dst.guest)
 	}
 	if err := os.Rename(rs.host, to); err != nil {
-		body.Fault_ = guestFSFault(dst.guest, err)
-		return body
+		return guestFSFault(dst.guest, err)
 	}
-	body.Res = new(types.MoveFileInGuestResponse)
-	return body
+	return nil
 }
 
 // moveTarget works out the host path a move to dst writes, with vSphere's faults.
@@ -266,125 +307,67 @@ func (g *guestVM) moveTarget(src *guestResolution, dst *guestPathSpec, overwrite
 	return rd.host, nil
 }
 
-func (m *guestFileManager) MoveDirectoryInGuest(ctx *simulator.Context, req *types.MoveDirectoryInGuest) soap.HasFault {
-	body := new(methods.MoveDirectoryInGuestBody)
-	g, src, f := guestPrepareOp(req.Vm, req.Auth, req.SrcDirectoryPath)
-	if f != nil {
-		body.Fault_ = f
-		return body
+func (m *guestFileManager) DeleteFileInGuest(ctx *simulator.Context, req *types.DeleteFileInGuest) soap.HasFault {
+	body := new(methods.DeleteFileInGuestBody)
+	if body.Fault_ = guestDeleteFile(req); body.Fault_ == nil {
+		body.Res = new(types.DeleteFileInGuestResponse)
 	}
-	dst, f := g.parseGuestPath(req.DstDirectoryPath)
-	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	rs, err := g.resolve(src.comps, false)
-	if err != nil {
-		body.Fault_ = guestFSFault(src.guest, err)
-		return body
-	}
-	if !rs.exists {
-		body.Fault_ = faultGuestNotFound(src.guest)
-		return body
-	}
-	if !rs.info.IsDir() {
-		body.Fault_ = faultGuestNotADirectory(src.guest)
-		return body
-	}
-	if g.isRoot(rs.host) {
-		body.Fault_ = simulator.Fault("cannot move a root directory: "+src.guest, &types.GuestPermissionDenied{})
-		return body
-	}
-	to, f := g.moveTarget(rs, dst, false, true)
-	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	if _, inside := guestWithinRoot(rs.host, to); inside && to != rs.host {
-		body.Fault_ = faultGuestArgument("dstDirectoryPath", "cannot move a directory into itself: "+dst.guest)
-		return body
-	}
-	if err := os.Rename(rs.host, to); err != nil {
-		body.Fault_ = guestFSFault(dst.guest, err)
-		return body
-	}
-	body.Res = new(types.MoveDirectoryInGuestResponse)
 	return body
 }
 
-func (m *guestFileManager) DeleteFileInGuest(ctx *simulator.Context, req *types.DeleteFileInGuest) soap.HasFault {
-	body := new(methods.DeleteFileInGuestBody)
-	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.FilePath)
+// guestDeleteFile removes a file or a symbolic link (never its target).
+func guestDeleteFile(req *types.DeleteFileInGuest) *soap.Fault {
+	_, gp, r, f := guestPrepareExisting(req.Vm, req.Auth, req.FilePath, false)
 	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	r, err := g.resolve(gp.comps, false)
-	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
-	}
-	if !r.exists {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+		return f
 	}
 	if r.info.IsDir() {
-		body.Fault_ = faultGuestNotAFile(gp.guest)
-		return body
+		return faultGuestNotAFile(gp.guest)
 	}
 	if err := os.Remove(r.host); err != nil { // a symlink itself, never its target
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return guestFSFault(gp.guest, err)
 	}
-	body.Res = new(types.DeleteFileInGuestResponse)
-	return body
+	return nil
 }
 
 func (m *guestFileManager) DeleteDirectoryInGuest(ctx *simulator.Context, req *types.DeleteDirectoryInGuest) soap.HasFault {
 	body := new(methods.DeleteDirectoryInGuestBody)
-	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.DirectoryPath)
+	if body.Fault_ = guestDeleteDirectory(req); body.Fault_ == nil {
+		body.Res = new(types.DeleteDirectoryInGuestResponse)
+	}
+	return body
+}
+
+// guestDeleteDirectory removes an empty directory, or with Recursive a whole tree.
+func guestDeleteDirectory(req *types.DeleteDirectoryInGuest) *soap.Fault {
+	g, gp, r, f := guestPrepareExisting(req.Vm, req.Auth, req.DirectoryPath, false)
 	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	r, err := g.resolve(gp.comps, false)
-	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
-	}
-	if !r.exists {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+		return f
 	}
 	if !r.info.IsDir() {
-		body.Fault_ = faultGuestNotADirectory(gp.guest)
-		return body
+		return faultGuestNotADirectory(gp.guest)
 	}
 	if g.isRoot(r.host) {
-		body.Fault_ = simulator.Fault("cannot delete a root directory: "+gp.guest, &types.GuestPermissionDenied{})
-		return body
+		return simulator.Fault("cannot delete a root directory: "+gp.guest, &types.GuestPermissionDenied{})
 	}
+	var err error
 	if req.Recursive {
 		err = os.RemoveAll(r.host) // does not follow symlinks
 	} else {
 		empty, eerr := guestDirEmpty(r.host)
 		if eerr != nil {
-			body.Fault_ = guestFSFault(gp.guest, eerr)
-			return body
+			return guestFSFault(gp.guest, eerr)
 		}
 		if !empty {
-			body.Fault_ = simulator.Fault("directory not empty: "+gp.guest,
+			return simulator.Fault("directory not empty: "+gp.guest,
 				&types.DirectoryNotEmpty{FileFault: types.FileFault{File: gp.guest}})
-			return body
 		}
 		err = os.Remove(r.host)
 	}
 	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return guestFSFault(gp.guest, err)
 	}
-	body.Res = new(types.DeleteDirectoryInGuestResponse)
-	return body
+	return nil
 }
 
 func guestDirEmpty(p string) (bool, error) {
@@ -402,30 +385,32 @@ func guestDirEmpty(p string) (bool, error) {
 
 func (m *guestFileManager) MakeDirectoryInGuest(ctx *simulator.Context, req *types.MakeDirectoryInGuest) soap.HasFault {
 	body := new(methods.MakeDirectoryInGuestBody)
+	if body.Fault_ = guestMakeDirectory(req); body.Fault_ == nil {
+		body.Res = new(types.MakeDirectoryInGuestResponse)
+	}
+	return body
+}
+
+// guestMakeDirectory creates a directory, and its missing parents when asked to.
+func guestMakeDirectory(req *types.MakeDirectoryInGuest) *soap.Fault {
 	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.DirectoryPath)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return f
 	}
 	r, err := g.resolve(gp.comps, false)
 	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return guestFSFault(gp.guest, err)
 	}
 	if r.exists {
-		body.Fault_ = faultGuestExists(gp.guest)
-		return body
+		return faultGuestExists(gp.guest)
 	}
 	if len(r.missing) > 1 && !req.CreateParentDirectories {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+		return faultGuestNotFound(gp.guest)
 	}
 	if err := guestMkdirChain(r, 0o755); err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return guestFSFault(gp.guest, err)
 	}
-	body.Res = new(types.MakeDirectoryInGuestResponse)
-	return body
+	return nil
 }
 
 // guestMkdirChain creates the missing components of a resolution one by one.
@@ -443,22 +428,18 @@ func guestMkdirChain(r *guestResolution, perm os.FileMode) error {
 func (m *guestFileManager) CreateTemporaryFileInGuest(ctx *simulator.Context, req *types.CreateTemporaryFileInGuest) soap.HasFault {
 	body := new(methods.CreateTemporaryFileInGuestBody)
 	p, f := createGuestTemp(req.Vm, req.Auth, req.Prefix, req.Suffix, req.DirectoryPath, false)
-	if f != nil {
-		body.Fault_ = f
-		return body
+	if body.Fault_ = f; f == nil {
+		body.Res = &types.CreateTemporaryFileInGuestResponse{Returnval: p}
 	}
-	body.Res = &types.CreateTemporaryFileInGuestResponse{Returnval: p}
 	return body
 }
 
 func (m *guestFileManager) CreateTemporaryDirectoryInGuest(ctx *simulator.Context, req *types.CreateTemporaryDirectoryInGuest) soap.HasFault {
 	body := new(methods.CreateTemporaryDirectoryInGuestBody)
 	p, f := createGuestTemp(req.Vm, req.Auth, req.Prefix, req.Suffix, req.DirectoryPath, true)
-	if f != nil {
-		body.Fault_ = f
-		return body
+	if body.Fault_ = f; f == nil {
+		body.Res = &types.CreateTemporaryDirectoryInGuestResponse{Returnval: p}
 	}
-	body.Res = &types.CreateTemporaryDirectoryInGuestResponse{Returnval: p}
 	return body
 }
 
@@ -526,31 +507,26 @@ func createGuestTemp(vm types.ManagedObjectReference, auth types.BaseGuestAuthen
 
 func (m *guestFileManager) ChangeFileAttributesInGuest(ctx *simulator.Context, req *types.ChangeFileAttributesInGuest) soap.HasFault {
 	body := new(methods.ChangeFileAttributesInGuestBody)
-	g, gp, f := guestPrepareOp(req.Vm, req.Auth, req.GuestFilePath)
+	if body.Fault_ = guestChangeAttributes(req); body.Fault_ == nil {
+		body.Res = new(types.ChangeFileAttributesInGuestResponse)
+	}
+	return body
+}
+
+// guestChangeAttributes applies new attributes to an entry (a final link followed).
+func guestChangeAttributes(req *types.ChangeFileAttributesInGuest) *soap.Fault {
+	_, gp, r, f := guestPrepareExisting(req.Vm, req.Auth, req.GuestFilePath, true)
 	if f != nil {
-		body.Fault_ = f
-		return body
-	}
-	r, err := g.resolve(gp.comps, true)
-	if err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
-	}
-	if !r.exists {
-		body.Fault_ = faultGuestNotFound(gp.guest)
-		return body
+		return f
 	}
 	if r.info.Mode()&os.ModeSymlink != 0 { // cannot happen after following; be sure
-		body.Fault_ = simulator.Fault("refusing to change attributes through a symbolic link: "+gp.guest,
+		return simulator.Fault("refusing to change attributes through a symbolic link: "+gp.guest,
 			&types.GuestPermissionDenied{})
-		return body
 	}
 	if err := applyGuestAttributes(r.host, r.info, req.FileAttributes, true); err != nil {
-		body.Fault_ = guestFSFault(gp.guest, err)
-		return body
+		return guestFSFault(gp.guest, err)
 	}
-	body.Res = new(types.ChangeFileAttributesInGuestResponse)
-	return body
+	return nil
 }
 
 // applyGuestAttributes sets what the simulator can model of guest file attributes:

@@ -127,39 +127,34 @@ func guestBaseName(p string) string {
 
 func (m *guestProcessManager) StartProgramInGuest(ctx *simulator.Context, req *types.StartProgramInGuest) soap.HasFault {
 	body := new(methods.StartProgramInGuestBody)
+	body.Res, body.Fault_ = guestStartProgram(req)
+	return body
+}
+
+// guestStartProgram checks the program spec and adds a process to the VM's table.
+func guestStartProgram(req *types.StartProgramInGuest) (*types.StartProgramInGuestResponse, *soap.Fault) {
 	g, f := guestPrepare(req.Vm, req.Auth)
 	if f != nil {
-		body.Fault_ = f
-		return body
+		return nil, f
 	}
 	if req.Spec == nil {
-		body.Fault_ = faultGuestArgument("spec", "a program spec is required")
-		return body
+		return nil, faultGuestArgument("spec", "a program spec is required")
 	}
 	spec := req.Spec.GetGuestProgramSpec()
 	program := strings.TrimSpace(spec.ProgramPath)
 	if program == "" {
-		body.Fault_ = faultGuestArgument("spec.programPath", "programPath must not be empty")
-		return body
+		return nil, faultGuestArgument("spec.programPath", "programPath must not be empty")
 	}
 	if len(spec.Arguments) > guestMaxPathLen*4 {
-		body.Fault_ = faultGuestArgument("spec.arguments", "arguments too long")
-		return body
+		return nil, faultGuestArgument("spec.arguments", "arguments too long")
 	}
 	if spec.WorkingDirectory != "" {
-		gp, f := g.parseGuestPath(spec.WorkingDirectory)
+		gp, r, f := g.existingPath(spec.WorkingDirectory, true)
 		if f != nil {
-			body.Fault_ = f
-			return body
+			return nil, f
 		}
-		r, err := g.resolve(gp.comps, true)
-		if err != nil {
-			body.Fault_ = guestFSFault(gp.guest, err)
-			return body
-		}
-		if !r.exists || !r.info.IsDir() {
-			body.Fault_ = faultGuestNotFound(gp.guest)
-			return body
+		if !r.info.IsDir() {
+			return nil, faultGuestNotFound(gp.guest)
 		}
 	}
 	now := time.Now()
@@ -180,21 +175,8 @@ func (m *guestProcessManager) StartProgramInGuest(ctx *simulator.Context, req *t
 			p.exitCode = 1
 		}
 	default:
-		gp, f := g.parseGuestPath(program)
-		if f != nil {
-			body.Fault_ = simulator.Fault("program not found in the guest: "+program,
-				&types.FileNotFound{FileFault: types.FileFault{File: program}})
-			return body
-		}
-		r, err := g.resolve(gp.comps, true)
-		if err != nil {
-			body.Fault_ = guestFSFault(gp.guest, err)
-			return body
-		}
-		if !r.exists || !r.info.Mode().IsRegular() {
-			body.Fault_ = simulator.Fault("program not found in the guest: "+program,
-				&types.FileNotFound{FileFault: types.FileFault{File: program}})
-			return body
+		if f := g.checkProgram(program); f != nil {
+			return nil, f
 		}
 	}
 	guestProcTable.Lock()
@@ -212,11 +194,29 @@ func (m *guestProcessManager) StartProgramInGuest(ctx *simulator.Context, req *t
 	}
 	guestProcTable.Unlock()
 	if full {
-		body.Fault_ = simulator.Fault(fmt.Sprintf("too many processes in VM %q", g.name), &types.GuestOperationsFault{})
-		return body
+		return nil, simulator.Fault(fmt.Sprintf("too many processes in VM %q", g.name), &types.GuestOperationsFault{})
 	}
-	body.Res = &types.StartProgramInGuestResponse{Returnval: p.pid}
-	return body
+	return &types.StartProgramInGuestResponse{Returnval: p.pid}, nil
+}
+
+// checkProgram checks that program is a regular file in the guest tree.
+func (g *guestVM) checkProgram(program string) *soap.Fault {
+	notFound := func() *soap.Fault {
+		return simulator.Fault("program not found in the guest: "+program,
+			&types.FileNotFound{FileFault: types.FileFault{File: program}})
+	}
+	gp, f := g.parseGuestPath(program)
+	if f != nil {
+		return notFound()
+	}
+	r, err := g.resolve(gp.comps, true)
+	if err != nil {
+		return guestFSFault(gp.guest, err)
+	}
+	if !r.exists || !r.info.Mode().IsRegular() {
+		return notFound()
+	}
+	return nil
 }
 
 // pruneGuestProcs forgets processes that finished more than guestFinishedKeep ago.
@@ -231,18 +231,22 @@ func pruneGuestProcs(vp *guestVMProcs, now time.Time) {
 func (m *guestProcessManager) ListProcessesInGuest(ctx *simulator.Context, req *types.ListProcessesInGuest) soap.HasFault {
 	body := new(listProcessesInGuestBody)
 	g, f := guestPrepare(req.Vm, req.Auth)
-	if f != nil {
-		body.Fault_ = f
-		return body
+	if body.Fault_ = f; f == nil {
+		body.Res = guestListProcs(g.ref, req.Pids)
 	}
-	want := make(map[int64]bool, len(req.Pids))
-	for _, pid := range req.Pids {
+	return body
+}
+
+// guestListProcs lists the VM's processes (all, or those of pids), ordered by pid.
+func guestListProcs(vm types.ManagedObjectReference, pids []int64) *ListProcessesInGuestResponse {
+	want := make(map[int64]bool, len(pids))
+	for _, pid := range pids {
 		want[pid] = true
 	}
 	now := time.Now()
 	res := &ListProcessesInGuestResponse{}
 	guestProcTable.Lock()
-	if vp := guestProcTable.m[g.ref]; vp != nil {
+	if vp := guestProcTable.m[vm]; vp != nil {
 		pruneGuestProcs(vp, now)
 		for pid, p := range vp.procs {
 			if len(want) > 0 && !want[pid] {
@@ -266,22 +270,28 @@ func (m *guestProcessManager) ListProcessesInGuest(ctx *simulator.Context, req *
 	}
 	guestProcTable.Unlock()
 	sort.Slice(res.Returnval, func(i, j int) bool { return res.Returnval[i].Pid < res.Returnval[j].Pid })
-	body.Res = res
-	return body
+	return res
 }
 
 func (m *guestProcessManager) TerminateProcessInGuest(ctx *simulator.Context, req *types.TerminateProcessInGuest) soap.HasFault {
 	body := new(methods.TerminateProcessInGuestBody)
 	g, f := guestPrepare(req.Vm, req.Auth)
-	if f != nil {
-		body.Fault_ = f
-		return body
+	if f == nil {
+		f = guestTerminate(g, req.Pid)
 	}
+	if body.Fault_ = f; f == nil {
+		body.Res = new(types.TerminateProcessInGuestResponse)
+	}
+	return body
+}
+
+// guestTerminate ends a running process: exit code 143 (128+SIGTERM), 1 on Windows.
+func guestTerminate(g *guestVM, pid int64) *soap.Fault {
 	now := time.Now()
 	found := false
 	guestProcTable.Lock()
 	if vp := guestProcTable.m[g.ref]; vp != nil {
-		if p := vp.procs[req.Pid]; p != nil && !p.finished(now) {
+		if p := vp.procs[pid]; p != nil && !p.finished(now) {
 			found = true
 			p.end = now
 			p.exitCode = 143
@@ -292,12 +302,10 @@ func (m *guestProcessManager) TerminateProcessInGuest(ctx *simulator.Context, re
 	}
 	guestProcTable.Unlock()
 	if !found {
-		body.Fault_ = simulator.Fault(fmt.Sprintf("no running process with pid %d in the guest", req.Pid),
-			&types.GuestProcessNotFound{Pid: req.Pid})
-		return body
+		return simulator.Fault(fmt.Sprintf("no running process with pid %d in the guest", pid),
+			&types.GuestProcessNotFound{Pid: pid})
 	}
-	body.Res = new(types.TerminateProcessInGuestResponse)
-	return body
+	return nil
 }
 
 // guestProcessInfo is types.GuestProcessInfo with exitCode always sent once set:
