@@ -569,13 +569,18 @@ class Controller:
             self.scheduler.finish(job)
 
     def _retry(self, job: Job, reason: str) -> None:
-        if job.attempts >= self.options.max_attempts:
+        # An appliance that is down is repaired by the reconcile loop: its host's jobs wait
+        # (at the slowest retry pace) however long that takes, and are never given up on.
+        waiting = "appliance down" in reason or "appliance unhealthy" in reason
+        if job.attempts >= self.options.max_attempts and not waiting:
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome=f"gave up: {reason}", close=True)
             self._audit("job.failed", moref=job.vm, job_id=job.job_id, reason=reason,
                         attempts=job.attempts)
             return
         delay = min(self.options.retry_max, self.options.retry_base * 2 ** (job.attempts - 1))
+        if waiting:
+            delay = self.options.retry_max
         with self._stats_lock:
             self.stats.retries += 1
         self.scheduler.finish(job, retry_after=delay)

@@ -93,3 +93,39 @@ def _all_vms(a: object) -> list[vim.VirtualMachine]:
 
 def _fresh_names(a: object) -> list[str]:
     return [vm.name for vm in _all_vms(a)]
+
+
+def test_jobs_of_a_host_whose_appliance_is_down_wait_and_are_never_given_up(
+        sim: simulator.Simulator, tmp_path: Path) -> None:
+    """Issue: while a host's appliance is down its VMs' jobs wait; nothing is lost."""
+    state = tmp_path / "waiting-state"
+    with admin(sim) as a:
+        a.power_off(WORKLOAD)
+    toml = ("[appliances]\nenabled = true\ninterval = 3600\n"
+            "addresses = ['127.0.0.71-127.0.0.80']\n"
+            "[controller]\nmax_attempts = 1\nretry_base = 0.2\nretry_max = 0.3\n")
+    rt = start_controller(settings_for(sim, state, toml=toml))
+    try:
+        assert rt.controller.inventory_ready.wait(20)
+        assert rt.controller.events_ready.wait(20)
+        with admin(sim) as a:
+            wait_for(lambda: len([n for n in _fresh_names(a)
+                                  if n.startswith("vsphere-av-")]) == 2,
+                     timeout=60, what="one appliance per host (first reconcile round)")
+            vms = {vm.name: vm for vm in _all_vms(a)}
+            host = vms[WORKLOAD].runtime.host
+            appliance = next(vm for vm in host.vm if vm.name.startswith("vsphere-av-"))
+            task = appliance.PowerOffVM_Task()
+            wait_for(lambda: task.info.state == "success", timeout=30, what="appliance off")
+            task = vms[WORKLOAD].PowerOnVM_Task()
+            wait_for(lambda: task.info.state == "success", timeout=30, what="power on")
+            # Several retry rounds pass (max_attempts = 1, retry_max = 0.3 s)...
+            wait_for(lambda: rt.controller.stats.retries >= 3, timeout=30, what="retries")
+        rt.controller.flush_audit()
+        # ...and the job is still queued, not given up.
+        queued = [job.vm for job, _running in rt.jobs.pending_jobs()]
+        assert vms[WORKLOAD]._moId in queued
+    finally:
+        rt.stop(grace=10)
+    entries = audit_entries(state)
+    assert not [d for act, d in entries if act == "job.failed"]
