@@ -301,3 +301,26 @@ func copyTreeFile(src, dst string, perm os.FileMode) error {
 	}
 	return os.Chmod(dst, perm)
 }
+
+// guestBody is the SOAP body of every guest operation, in place of the library's
+// methods.*Body types: the simulator reads only Fault() and the Res field, which it
+// encodes under the name of Res's type.
+type guestBody[R any] struct {
+	Res    *R
+	Fault_ *soap.Fault
+}
+
+func (b *guestBody[R]) Fault() *soap.Fault { return b.Fault_ }
+
+// guestReply answers with the fault f, or when f is nil with res.
+func guestReply[R any](res *R, f *soap.Fault) soap.HasFault {
+	if f != nil {
+		return &guestBody[R]{Fault_: f}
+	}
+	return &guestBody[R]{Res: res}
+}
+
+// guestDone answers an operation that has no result: the fault f, or an empty R.
+func guestDone[R any](f *soap.Fault) soap.HasFault {
+	return guestReply(new(R), f)
+}

@@ -15,7 +15,6 @@ import (
 	"strings"
 
 	"github.com/vmware/govmomi/simulator"
-	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
@@ -85,13 +84,11 @@ func (g *guestVM) existing(gp *guestPathSpec, follow bool) (*guestResolution, *s
 	return r, nil
 }
 
-// The SOAP methods below only carry the request to the function that does the work
-// and put its answer (or fault) in the method's body.
+// The SOAP methods below only hand the request to the function that does the work
+// and wrap its answer (see guestReply).
 
 func (m *guestFileManager) ListFilesInGuest(ctx *simulator.Context, req *types.ListFilesInGuest) soap.HasFault {
-	body := new(methods.ListFilesInGuestBody)
-	body.Res, body.Fault_ = guestListFiles(req)
-	return body
+	return guestReply(guestListFiles(req))
 }
 
 // guestListFiles lists one page of a directory, or the entry itself if it is none.
@@ -153,9 +150,7 @@ func guestListFiles(req *types.ListFilesInGuest) (*types.ListFilesInGuestRespons
 }
 
 func (m *guestFileManager) InitiateFileTransferFromGuest(ctx *simulator.Context, req *types.InitiateFileTransferFromGuest) soap.HasFault {
-	body := new(methods.InitiateFileTransferFromGuestBody)
-	body.Res, body.Fault_ = guestDownload(req)
-	return body
+	return guestReply(guestDownload(req))
 }
 
 // guestDownload hands out a ticket to read one regular file.
@@ -181,9 +176,7 @@ func guestDownload(req *types.InitiateFileTransferFromGuest) (*types.InitiateFil
 }
 
 func (m *guestFileManager) InitiateFileTransferToGuest(ctx *simulator.Context, req *types.InitiateFileTransferToGuest) soap.HasFault {
-	body := new(methods.InitiateFileTransferToGuestBody)
-	body.Res, body.Fault_ = guestUpload(req)
-	return body
+	return guestReply(guestUpload(req))
 }
 
 // guestUpload hands out a ticket to write one regular file.
@@ -228,19 +221,11 @@ func (g *guestVM) checkUploadTarget(gp *guestPathSpec, overwrite bool) *soap.Fau
 }
 
 func (m *guestFileManager) MoveFileInGuest(ctx *simulator.Context, req *types.MoveFileInGuest) soap.HasFault {
-	body := new(methods.MoveFileInGuestBody)
-	if body.Fault_ = guestMove(req.Vm, req.Auth, req.SrcFilePath, req.DstFilePath, req.Overwrite, false); body.Fault_ == nil {
-		body.Res = new(types.MoveFileInGuestResponse)
-	}
-	return body
+	return guestDone[types.MoveFileInGuestResponse](guestMove(req.Vm, req.Auth, req.SrcFilePath, req.DstFilePath, req.Overwrite, false))
 }
 
 func (m *guestFileManager) MoveDirectoryInGuest(ctx *simulator.Context, req *types.MoveDirectoryInGuest) soap.HasFault {
-	body := new(methods.MoveDirectoryInGuestBody)
-	if body.Fault_ = guestMove(req.Vm, req.Auth, req.SrcDirectoryPath, req.DstDirectoryPath, false, true); body.Fault_ == nil {
-		body.Res = new(types.MoveDirectoryInGuestResponse)
-	}
-	return body
+	return guestDone[types.MoveDirectoryInGuestResponse](guestMove(req.Vm, req.Auth, req.SrcDirectoryPath, req.DstDirectoryPath, false, true))
 }
 
 // guestMove renames a file (dirs false) or a directory (dirs true) from srcPath to
@@ -308,11 +293,7 @@ func (g *guestVM) moveTarget(src *guestResolution, dst *guestPathSpec, overwrite
 }
 
 func (m *guestFileManager) DeleteFileInGuest(ctx *simulator.Context, req *types.DeleteFileInGuest) soap.HasFault {
-	body := new(methods.DeleteFileInGuestBody)
-	if body.Fault_ = guestDeleteFile(req); body.Fault_ == nil {
-		body.Res = new(types.DeleteFileInGuestResponse)
-	}
-	return body
+	return guestDone[types.DeleteFileInGuestResponse](guestDeleteFile(req))
 }
 
 // guestDeleteFile removes a file or a symbolic link (never its target).
@@ -331,11 +312,7 @@ func guestDeleteFile(req *types.DeleteFileInGuest) *soap.Fault {
 }
 
 func (m *guestFileManager) DeleteDirectoryInGuest(ctx *simulator.Context, req *types.DeleteDirectoryInGuest) soap.HasFault {
-	body := new(methods.DeleteDirectoryInGuestBody)
-	if body.Fault_ = guestDeleteDirectory(req); body.Fault_ == nil {
-		body.Res = new(types.DeleteDirectoryInGuestResponse)
-	}
-	return body
+	return guestDone[types.DeleteDirectoryInGuestResponse](guestDeleteDirectory(req))
 }
 
 // guestDeleteDirectory removes an empty directory, or with Recursive a whole tree.
@@ -384,11 +361,7 @@ func guestDirEmpty(p string) (bool, error) {
 }
 
 func (m *guestFileManager) MakeDirectoryInGuest(ctx *simulator.Context, req *types.MakeDirectoryInGuest) soap.HasFault {
-	body := new(methods.MakeDirectoryInGuestBody)
-	if body.Fault_ = guestMakeDirectory(req); body.Fault_ == nil {
-		body.Res = new(types.MakeDirectoryInGuestResponse)
-	}
-	return body
+	return guestDone[types.MakeDirectoryInGuestResponse](guestMakeDirectory(req))
 }
 
 // guestMakeDirectory creates a directory, and its missing parents when asked to.
@@ -426,21 +399,13 @@ func guestMkdirChain(r *guestResolution, perm os.FileMode) error {
 }
 
 func (m *guestFileManager) CreateTemporaryFileInGuest(ctx *simulator.Context, req *types.CreateTemporaryFileInGuest) soap.HasFault {
-	body := new(methods.CreateTemporaryFileInGuestBody)
 	p, f := createGuestTemp(req.Vm, req.Auth, req.Prefix, req.Suffix, req.DirectoryPath, false)
-	if body.Fault_ = f; f == nil {
-		body.Res = &types.CreateTemporaryFileInGuestResponse{Returnval: p}
-	}
-	return body
+	return guestReply(&types.CreateTemporaryFileInGuestResponse{Returnval: p}, f)
 }
 
 func (m *guestFileManager) CreateTemporaryDirectoryInGuest(ctx *simulator.Context, req *types.CreateTemporaryDirectoryInGuest) soap.HasFault {
-	body := new(methods.CreateTemporaryDirectoryInGuestBody)
 	p, f := createGuestTemp(req.Vm, req.Auth, req.Prefix, req.Suffix, req.DirectoryPath, true)
-	if body.Fault_ = f; f == nil {
-		body.Res = &types.CreateTemporaryDirectoryInGuestResponse{Returnval: p}
-	}
-	return body
+	return guestReply(&types.CreateTemporaryDirectoryInGuestResponse{Returnval: p}, f)
 }
 
 // createGuestTemp makes a temporary file or directory and returns its guest path.
@@ -506,11 +471,7 @@ func createGuestTemp(vm types.ManagedObjectReference, auth types.BaseGuestAuthen
 }
 
 func (m *guestFileManager) ChangeFileAttributesInGuest(ctx *simulator.Context, req *types.ChangeFileAttributesInGuest) soap.HasFault {
-	body := new(methods.ChangeFileAttributesInGuestBody)
-	if body.Fault_ = guestChangeAttributes(req); body.Fault_ == nil {
-		body.Res = new(types.ChangeFileAttributesInGuestResponse)
-	}
-	return body
+	return guestDone[types.ChangeFileAttributesInGuestResponse](guestChangeAttributes(req))
 }
 
 // guestChangeAttributes applies new attributes to an entry (a final link followed).

@@ -30,7 +30,6 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
-	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
@@ -126,9 +125,7 @@ func guestBaseName(p string) string {
 }
 
 func (m *guestProcessManager) StartProgramInGuest(ctx *simulator.Context, req *types.StartProgramInGuest) soap.HasFault {
-	body := new(methods.StartProgramInGuestBody)
-	body.Res, body.Fault_ = guestStartProgram(req)
-	return body
+	return guestReply(guestStartProgram(req))
 }
 
 // guestStartProgram checks the program spec and adds a process to the VM's table.
@@ -229,24 +226,23 @@ func pruneGuestProcs(vp *guestVMProcs, now time.Time) {
 }
 
 func (m *guestProcessManager) ListProcessesInGuest(ctx *simulator.Context, req *types.ListProcessesInGuest) soap.HasFault {
-	body := new(listProcessesInGuestBody)
-	g, f := guestPrepare(req.Vm, req.Auth)
-	if body.Fault_ = f; f == nil {
-		body.Res = guestListProcs(g.ref, req.Pids)
-	}
-	return body
+	return guestReply(guestListProcs(req))
 }
 
-// guestListProcs lists the VM's processes (all, or those of pids), ordered by pid.
-func guestListProcs(vm types.ManagedObjectReference, pids []int64) *ListProcessesInGuestResponse {
-	want := make(map[int64]bool, len(pids))
-	for _, pid := range pids {
+// guestListProcs lists the VM's processes (all, or those of req.Pids), ordered by pid.
+func guestListProcs(req *types.ListProcessesInGuest) (*ListProcessesInGuestResponse, *soap.Fault) {
+	g, f := guestPrepare(req.Vm, req.Auth)
+	if f != nil {
+		return nil, f
+	}
+	want := make(map[int64]bool, len(req.Pids))
+	for _, pid := range req.Pids {
 		want[pid] = true
 	}
 	now := time.Now()
 	res := &ListProcessesInGuestResponse{}
 	guestProcTable.Lock()
-	if vp := guestProcTable.m[vm]; vp != nil {
+	if vp := guestProcTable.m[g.ref]; vp != nil {
 		pruneGuestProcs(vp, now)
 		for pid, p := range vp.procs {
 			if len(want) > 0 && !want[pid] {
@@ -270,23 +266,20 @@ func guestListProcs(vm types.ManagedObjectReference, pids []int64) *ListProcesse
 	}
 	guestProcTable.Unlock()
 	sort.Slice(res.Returnval, func(i, j int) bool { return res.Returnval[i].Pid < res.Returnval[j].Pid })
-	return res
+	return res, nil
 }
 
 func (m *guestProcessManager) TerminateProcessInGuest(ctx *simulator.Context, req *types.TerminateProcessInGuest) soap.HasFault {
-	body := new(methods.TerminateProcessInGuestBody)
-	g, f := guestPrepare(req.Vm, req.Auth)
-	if f == nil {
-		f = guestTerminate(g, req.Pid)
-	}
-	if body.Fault_ = f; f == nil {
-		body.Res = new(types.TerminateProcessInGuestResponse)
-	}
-	return body
+	return guestDone[types.TerminateProcessInGuestResponse](guestTerminate(req))
 }
 
 // guestTerminate ends a running process: exit code 143 (128+SIGTERM), 1 on Windows.
-func guestTerminate(g *guestVM, pid int64) *soap.Fault {
+func guestTerminate(req *types.TerminateProcessInGuest) *soap.Fault {
+	g, f := guestPrepare(req.Vm, req.Auth)
+	if f != nil {
+		return f
+	}
+	pid := req.Pid
 	now := time.Now()
 	found := false
 	guestProcTable.Lock()
@@ -326,10 +319,3 @@ type guestProcessInfo struct {
 type ListProcessesInGuestResponse struct {
 	Returnval []guestProcessInfo `xml:"returnval,omitempty"`
 }
-
-type listProcessesInGuestBody struct {
-	Res    *ListProcessesInGuestResponse `xml:"ListProcessesInGuestResponse,omitempty"`
-	Fault_ *soap.Fault                   `xml:"http://schemas.xmlsoap.org/soap/envelope/ Fault,omitempty"`
-}
-
-func (b *listProcessesInGuestBody) Fault() *soap.Fault { return b.Fault_ }
