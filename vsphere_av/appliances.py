@@ -3,10 +3,11 @@
 Called by ``cli.py`` (``appliances reconcile``) and by the controller's ``serve`` loop through
 :func:`reconcile_once`. Calls only the collaborators it is handed: an :class:`ApplianceAdapter`
 (``vsphere_av.vsphere.appliances.VsphereApplianceAdapter`` in production, which does every
-vSphere call) and the audit log. :func:`plan` is a pure function of the desired spec and the
-observed inventory; :func:`apply` performs the actions and is idempotent because every adapter
-method re-reads what it changes (adding a group that exists edits it, powering on a running VM
-is a no-op, destroying a VM that is gone succeeds).
+vSphere call) and the audit log (plus ``config.typed_section`` to check its settings).
+:func:`plan` is a pure function of the desired spec and the observed inventory; :func:`apply`
+performs the actions and is idempotent because every adapter method re-reads what it changes
+(adding a group that exists edits it, powering on a running VM is a no-op, destroying a VM
+that is gone succeeds).
 
 Desired state, for every connected host of the configured clusters (all when none are named):
 exactly one VM named ``<name_prefix><host name>`` marked with extraConfig
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vsphere_av.config import typed_section
 from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
 
 ROLE_KEY = "vsphere-av.role"
@@ -108,26 +110,7 @@ _SETTING_KINDS: Mapping[str, type] = {
 
 def settings_from(extra: Mapping[str, Any]) -> ApplianceSettings:
     """Parse ``settings.extra["appliances"]``; ConfigError on anything malformed."""
-    section = extra.get("appliances", {})
-    if not isinstance(section, Mapping):
-        raise ConfigError("appliances must be a table")
-    unknown = set(section) - set(_SETTING_KINDS)
-    if unknown:
-        raise ConfigError(f"appliances: unknown setting(s): {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for key, kind in _SETTING_KINDS.items():
-        if key not in section:
-            continue
-        value = section[key]
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"appliances.{key} must be a list of strings")
-            value = tuple(value)
-        elif (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            raise ConfigError(f"appliances.{key} must be {kind.__name__}")
-        values[key] = value
+    values = typed_section(extra.get("appliances", {}), _SETTING_KINDS, "appliances")
     result = ApplianceSettings(**values)
     if result.source not in ("ovf", "template"):
         raise ConfigError("appliances.source must be ovf or template")

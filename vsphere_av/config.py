@@ -206,21 +206,48 @@ def _read_secret(section: Mapping[str, Any], where: str, env: Mapping[str, str])
     return Secret("")
 
 
-def _typed(section: Mapping[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
-    if key not in section:
-        return default
-    value = section[key]
-    if kind is tuple:
+_KIND_WORDS: Mapping[type, str] = {tuple: "a list of strings", float: "a number"}
+
+
+def _typed_value(value: Any, kind: type, name: str) -> Any:
+    """``value`` if it is of ``kind``, else ConfigError "NAME must be ..."."""
+    if kind is tuple:  # a string or a list of strings, as a tuple
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}.{key} must be a list of strings")
-        return tuple(value)
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(f"{where}.{key} must be an integer")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key} must be {kind.__name__}")
-    return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif kind is float:  # any number, kept as given
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name} must be {_KIND_WORDS.get(kind, kind.__name__)}")
+
+
+def typed_section(
+    section: Any, kinds: Mapping[str, type], where: str, *, ignore_unknown: bool = False
+) -> dict[str, Any]:
+    """The values a TOML table sets, each checked against ``kinds`` (key -> type).
+
+    ConfigError when ``section`` is not a table, names a key missing from ``kinds`` (unless
+    ``ignore_unknown``) or holds a value of the wrong type ("appliances.ssh_port must be int").
+    Kinds: ``str``, ``int`` (not a bool), ``bool``, ``float`` (any number), ``tuple`` (a string
+    or a list of strings, returned as a tuple) and ``object`` (anything).
+    """
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(section) - set(kinds)
+    if unknown and not ignore_unknown:
+        raise ConfigError(f"{where}: unknown setting(s): {', '.join(sorted(unknown))}")
+    return {
+        key: _typed_value(section[key], kind, f"{where}.{key}")
+        for key, kind in kinds.items()
+        if key in section
+    }
+
+
+def _typed(section: Mapping[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
+    return _typed_value(section[key], kind, f"{where}.{key}") if key in section else default
 
 
 def _parse_server(raw: str) -> tuple[str, int, str, str]:
@@ -325,20 +352,18 @@ def load(
         credentials=tuple(creds),
     )
 
-    es = data.get("engine", {})
-    d = EngineSettings()
     engine = EngineSettings(
-        **{
-            name: _typed(es, name, int, "engine", getattr(d, name))
-            for name in d.__dataclass_fields__
-        }
+        **typed_section(
+            data.get("engine", {}),
+            dict.fromkeys(EngineSettings.__dataclass_fields__, int),
+            "engine",
+            ignore_unknown=True,
+        )
     )
     for name in engine.__dataclass_fields__:
         if getattr(engine, name) < 0:
             raise ConfigError(f"engine.{name} must not be negative")
 
-    sp = data.get("scan", {})
-    p = ScanPolicy()
     kinds = {
         "linux_roots": tuple,
         "windows_roots": tuple,
@@ -353,10 +378,7 @@ def load(
         "share_across_vms": bool,
         "isolate_stale": bool,
     }
-    unknown = set(sp) - set(kinds)
-    if unknown:
-        raise ConfigError(f"scan: unknown setting(s): {', '.join(sorted(unknown))}")
-    scan = ScanPolicy(**{k: _typed(sp, k, t, "scan", getattr(p, k)) for k, t in kinds.items()})
+    scan = ScanPolicy(**typed_section(data.get("scan", {}), kinds, "scan"))
     if scan.action not in ACTIONS:
         raise ConfigError(f"scan.action must be one of {', '.join(ACTIONS)}")
     if scan.fallback_action not in (*ACTIONS, ""):

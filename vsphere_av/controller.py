@@ -38,6 +38,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from vsphere_av import errors
+from vsphere_av.config import typed_section
 from vsphere_av.models import INFECTED, STALE, HostInfo, VmInfo
 from vsphere_av.scheduling import CronTicker, Job, Priority, Schedule, Scheduler
 from vsphere_av.store.jobs import EventCursor, JobStore
@@ -153,23 +154,15 @@ class ControllerOptions:
         """Options from ``config.Settings`` (``[controller]`` may override the timings)."""
         from vsphere_av.scheduling import parse_schedules
 
-        section = dict(settings.extra.get("controller", {}))
-        allowed = {"watch_wait", "event_poll", "housekeeping", "retry_base", "retry_max",
+        timings = ("watch_wait", "event_poll", "housekeeping", "retry_base", "retry_max",
                    "max_attempts", "reconnect_max", "inventory_max_age", "containment_threads",
-                   "shutdown_grace", "instant_on_full"}
-        unknown = set(section) - allowed
-        if unknown:
-            raise errors.ConfigError(
-                f"controller: unknown setting(s): {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for key, value in section.items():
-            default = getattr(cls, key)
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise errors.ConfigError(f"controller.{key} must be true or false")
-            elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                   "shutdown_grace")
+        kinds = {**dict.fromkeys(timings, float), "instant_on_full": bool}
+        values = typed_section(settings.extra.get("controller", {}), kinds, "controller")
+        for key, value in values.items():
+            if kinds[key] is float and value <= 0:
                 raise errors.ConfigError(f"controller.{key} must be a positive number")
-            values[key] = type(default)(value)
+            values[key] = type(getattr(cls, key))(value)
         from vsphere_av.appliances import settings_from as appliance_settings
 
         values["appliance_prefix"] = appliance_settings(settings.extra).name_prefix

@@ -1,9 +1,10 @@
 """Scan scheduling: per-host slots, a global cap, priorities, cron schedules with jitter.
 
 Called by ``controller.py`` (submit work, workers ``take`` and ``finish`` jobs, migrations
-``move_vm``) and by ``cli.py``/``app.py`` for statistics. Calls nothing but its collaborators:
-a clock (``now``) and an optional ``journal`` (``store.jobs.JobStore``) that makes the queue
-durable. No threads start here; the controller's worker threads block in :meth:`Scheduler.take`.
+``move_vm``) and by ``cli.py``/``app.py`` for statistics. Calls nothing but its collaborators
+(and ``config.typed_section`` for ``[[schedule]]`` tables): a clock (``now``) and an optional
+``journal`` (``store.jobs.JobStore``) that makes the queue durable. No threads start here;
+the controller's worker threads block in :meth:`Scheduler.take`.
 
 Rules (issue 5, point 5), modelled on Trio's ``CapacityLimiter`` for the slot statistics:
 
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 
 from croniter import croniter
 
+from vsphere_av.config import typed_section
 from vsphere_av.errors import ConfigError
 
 Clock = Callable[[], float]
@@ -523,6 +525,11 @@ class Schedule:
         return int.from_bytes(digest[:8], "big") / 2**64 * self.jitter
 
 
+# Keys of one [[schedule]] table; ``object``: converted (and checked) by parse_schedules itself.
+_SCHEDULE_KINDS: Mapping[str, type] = {"name": object, "cron": object, "jitter": object,
+                                       "window": object, "full": bool, "vms": object}
+
+
 def parse_schedules(extra: Mapping[str, Any]) -> list[Schedule]:
     """Read ``[[schedule]]`` tables from the settings' extra sections."""
     raw = extra.get("schedule", [])
@@ -533,18 +540,11 @@ def parse_schedules(extra: Mapping[str, Any]) -> list[Schedule]:
     result: list[Schedule] = []
     for i, entry in enumerate(raw):
         where = f"schedule[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"{where} must be a table")
-        unknown = set(entry) - {"name", "cron", "jitter", "window", "full", "vms"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s): {', '.join(sorted(unknown))}")
+        full = typed_section(entry, _SCHEDULE_KINDS, where).get("full", True)
         cron = str(entry.get("cron", ""))
         if not cron or not croniter.is_valid(cron):
             raise ConfigError(f"{where}.cron is not a valid cron expression: {cron!r}")
         window = entry.get("window")
-        full = entry.get("full", True)
-        if not isinstance(full, bool):
-            raise ConfigError(f"{where}.full must be true or false")
         result.append(Schedule(
             name=str(entry.get("name") or f"schedule-{i + 1}"), cron=cron,
             jitter=parse_duration(entry.get("jitter", 0)),
