@@ -21,10 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import settings_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from vsphere_av import config, simulator
 
 # The EICAR test file, assembled at run time so this source file is not itself a detection.
 EICAR = bytes.fromhex(
@@ -95,9 +98,22 @@ class FileServer:
 
 
 def free_port(host: str) -> int:
+    """A TCP port free on ``host`` right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def appliance_settings(sim: simulator.Simulator, directory: Path, *, addresses: str, token: str,
+                       toml: str = "") -> tuple[config.Settings, int]:
+    """(settings, engine port): appliances on the ``addresses`` range ("A-B"), the engine token
+    in a file, a port free on the first address; ``toml`` adds ``[appliances]`` lines."""
+    token_file = directory / "engine.token"
+    token_file.write_text(token)
+    port = free_port(addresses.split("-")[0])
+    body = (f'[appliances]\nenabled = true\naddresses = ["{addresses}"]\n'
+            f'engine_port = {port}\nengine_token_file = "{token_file}"\n{toml}')
+    return settings_for(sim, directory / "state", toml=body), port
 
 
 @dataclass

@@ -8,12 +8,19 @@ Called by pytest for every test under ``tests/integration``; calls ``vsphere_av.
   changes inventory (power, snapshots, clones, guest files it leaves behind) uses the factory.
 - ``vcsim_factory(**kwargs)``: a fresh simulator process with its own temporary guest root;
   keyword arguments are those of ``vsphere_av.simulator.start``; stopped at teardown.
-- ``connect(sim)``: a pyVmomi ServiceInstance trusting exactly that simulator's certificate.
+- ``sim``: a private simulator (from the factory) shaped by the test's ``vcsim`` marker, e.g.
+  ``pytestmark = pytest.mark.vcsim(hosts=2, vms=4)``.
+- ``connect(sim)``: a pyVmomi ServiceInstance trusting exactly that simulator's certificate;
+  ``all_vms(si)`` / ``vm_named(si, name)`` find VMs through it.
+- ``env_for(sim, state)`` / ``settings_for(sim, state, toml=...)``: the environment and the
+  ``config.Settings`` that point vsphere-av at a simulator; ``plant(sim, vm, path, data)``
+  puts a file into a VM's guest file system; ``wait_task(task)`` waits for a vim task.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ import pytest
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
-from vsphere_av import errors, simulator
+from vsphere_av import config, errors, simulator
 
 SimulatorFactory = Callable[..., simulator.Simulator]
 
@@ -41,6 +48,24 @@ def connect(sim: simulator.Simulator) -> vim.ServiceInstance:
     )
     _open_sessions.append(si)
     return si
+
+
+def all_vms(si: vim.ServiceInstance) -> list[vim.VirtualMachine]:
+    """Every VM of the inventory (read through a container view, destroyed afterwards)."""
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        return list(view.view)
+    finally:
+        view.DestroyView()
+
+
+def vm_named(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
+    """The VM called ``name``; AssertionError when there is none."""
+    for vm in all_vms(si):
+        if vm.name == name:
+            return vm
+    raise AssertionError(f"no VM {name}")
 
 
 def _close(si: vim.ServiceInstance) -> None:
@@ -90,3 +115,51 @@ def vcsim_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulato
     finally:
         for sim in started:
             sim.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``vcsim`` marker (``--strict-markers``)."""
+    config.addinivalue_line(
+        "markers", "vcsim(**kwargs): inventory of the private `sim` (simulator.start arguments)")
+
+
+@pytest.fixture
+def sim(request: pytest.FixtureRequest, vcsim_factory: SimulatorFactory) -> simulator.Simulator:
+    """A private simulator started with the keyword arguments of the test's ``vcsim`` marker."""
+    marker = request.node.get_closest_marker("vcsim")
+    return vcsim_factory(**(marker.kwargs if marker else {}))
+
+
+def env_for(sim: simulator.Simulator, state: Path, **extra: str) -> dict[str, str]:
+    """Environment that points vsphere-av at the simulator (thumbprint pinned)."""
+    return {"VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
+            "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
+            "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password, **extra}
+
+
+def settings_for(sim: simulator.Simulator, state: Path, *, toml: str = "") -> config.Settings:
+    """Settings for the simulator, with an optional TOML body (written next to ``state``)."""
+    cfg = None
+    if toml:
+        cfg = state.parent / f"{state.name}.toml"
+        cfg.write_text(toml)
+    return config.load(config_file=cfg, env=env_for(sim, state))
+
+
+def plant(sim: simulator.Simulator, vm: str, path: str, data: bytes) -> Path:
+    """Put a file into a VM's guest file system."""
+    target = sim.guest_root / vm / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
+
+
+def wait_task(task: Any, timeout: float = 30.0) -> Any:
+    """Wait for a vim task to succeed; its result."""
+    deadline = time.monotonic() + timeout
+    while task.info.state not in ("success", "error"):
+        if time.monotonic() > deadline:
+            raise AssertionError("task did not finish")
+        time.sleep(0.02)
+    assert task.info.state == "success", task.info.error
+    return task.info.result

@@ -8,53 +8,43 @@ set the scene as an administrator would (power, snapshots) and to read NIC state
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from conftest import all_vms, env_for, wait_task
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from vsphere_av import config, simulator
+from vsphere_av.app import ControllerRuntime, start_controller
 from vsphere_av.store.audit import AuditLog
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 
-def env_for(sim: simulator.Simulator, state: Path, **extra: str) -> dict[str, str]:
-    """Environment that points vsphere-av at the simulator (thumbprint pinned)."""
-    return {"VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
-            "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
-            "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password, **extra}
+def cli_env(sim: simulator.Simulator, state: Path, **extra: str) -> dict[str, str]:
+    """Environment for a ``vsphere-av`` subprocess on the simulator (no config file)."""
+    env = {**os.environ, **env_for(sim, state, **extra)}
+    env.pop("VSPHERE_AV_CONFIG", None)
+    return env
 
 
-def settings_for(sim: simulator.Simulator, state: Path, *, toml: str = "") -> config.Settings:
-    """Settings for the simulator, with an optional TOML body."""
-    cfg = None
-    if toml:
-        cfg = state.parent / f"{state.name}.toml"
-        cfg.write_text(toml)
-    return config.load(config_file=cfg, env=env_for(sim, state))
-
-
-def plant(sim: simulator.Simulator, vm: str, path: str, data: bytes) -> Path:
-    """Put a file into a VM's guest file system."""
-    target = sim.guest_root / vm / path.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return target
-
-
-def wait_task(task: Any, timeout: float = 30.0) -> None:
-    """Wait for a vim task to succeed."""
-    deadline = time.monotonic() + timeout
-    while task.info.state not in ("success", "error"):
-        if time.monotonic() > deadline:
-            raise AssertionError("task did not finish")
-        time.sleep(0.02)
-    assert task.info.state == "success", task.info.error
+@contextmanager
+def running_controller(settings: config.Settings, *, events: bool = True,
+                       grace: float = 10) -> Iterator[ControllerRuntime]:
+    """``app.start_controller`` once its inventory (and event tail) is ready; stopped after."""
+    rt = start_controller(settings)
+    try:
+        assert rt.controller.inventory_ready.wait(20)
+        if events:
+            assert rt.controller.events_ready.wait(20)
+        yield rt
+    finally:
+        rt.stop(grace=grace)
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
@@ -75,13 +65,7 @@ class Admin:
     def __init__(self, sim: simulator.Simulator) -> None:
         self.si = SmartConnect(host=sim.host, port=sim.port, user=sim.username,
                                pwd=sim.password, sslContext=sim.ssl_context())
-        content = self.si.RetrieveContent()
-        view = content.viewManager.CreateContainerView(content.rootFolder,
-                                                       [vim.VirtualMachine], True)
-        try:
-            self.vms = {vm.name: vm for vm in view.view}
-        finally:
-            view.DestroyView()
+        self.vms = {vm.name: vm for vm in all_vms(self.si)}
 
     def close(self) -> None:
         """Log out and drop sockets."""

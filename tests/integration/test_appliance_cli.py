@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
-from conftest import SimulatorFactory, connect
+from conftest import SimulatorFactory, all_vms, connect, env_for, wait_task
 from pyVmomi import vim
 
 from vsphere_av import simulator
@@ -18,19 +17,7 @@ from vsphere_av.cli import main
 def _env(sim: simulator.Simulator, tmp_path: Path) -> dict[str, str]:
     config = tmp_path / "config.toml"
     config.write_text('[appliances]\nenabled = true\naddresses = ["127.0.0.61-127.0.0.70"]\n')
-    return {"VSPHERE_AV_CONFIG": str(config), "VSPHERE_AV_SERVER": sim.url,
-            "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
-            "VSPHERE_AV_STATE_DIR": str(tmp_path / "state"),
-            "VSPHERE_AV_GUEST_USER": sim.guest_user,
-            "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password}
-
-
-def _wait(task: Any) -> None:
-    deadline = time.monotonic() + 30
-    while task.info.state not in ("success", "error"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert task.info.state == "success"
+    return env_for(sim, tmp_path / "state", VSPHERE_AV_CONFIG=str(config))
 
 
 def _run(env: dict[str, str], *args: str) -> Any:
@@ -52,8 +39,7 @@ def test_reconcile_cli_dry_run_then_apply_then_nothing(vcsim_factory: SimulatorF
     assert plan["dry_run"] is True
 
     si = connect(sim)
-    names = {vm.name for vm in si.RetrieveContent().viewManager.CreateContainerView(
-        si.RetrieveContent().rootFolder, [vim.VirtualMachine], True).view}
+    names = {vm.name for vm in all_vms(si)}
     assert not any(n.startswith("vsphere-av-appliance") for n in names)   # dry run: untouched
 
     applied = _run(env, "appliances", "reconcile", "--json")
@@ -83,11 +69,11 @@ def test_status_shows_unprotected_while_the_appliance_is_down(vcsim_factory: Sim
     host, other = content.rootFolder.childEntity[0].hostFolder.childEntity[0].host
     vm0, vm1 = sorted((vm for vm in content.rootFolder.childEntity[0].vmFolder.childEntity
                        if vm.name.startswith("DC0_C0_RP0_VM")), key=lambda v: v.name)
-    _wait(vm0.RelocateVM_Task(vim.vm.RelocateSpec(host=host)))     # one workload per host
-    _wait(vm1.RelocateVM_Task(vim.vm.RelocateSpec(host=other)))
+    wait_task(vm0.RelocateVM_Task(vim.vm.RelocateSpec(host=host)))     # one workload per host
+    wait_task(vm1.RelocateVM_Task(vim.vm.RelocateSpec(host=other)))
     appliance = next(vm for vm in host.vm if vm.name.startswith("vsphere-av-appliance-"))
     workloads = {vm0.name}
-    _wait(appliance.PowerOffVM_Task())
+    wait_task(appliance.PowerOffVM_Task())
     status = json.loads(_run(env, "status", "--json").output)
     rows = {r["name"]: r for r in status["vms"]}
     assert workloads

@@ -8,16 +8,14 @@ its host's VMs ``unprotected`` ("appliance down") and their scans wait; back on,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from appliance_support import EICAR, free_port
-from conftest import SimulatorFactory, connect
-from pyVmomi import vim
+from appliance_support import EICAR, appliance_settings
+from conftest import SimulatorFactory, connect, plant, vm_named, wait_task
 
 from vsphere_av import config, simulator
 from vsphere_av.app import App
@@ -39,13 +37,7 @@ class World:
         return App(self.settings, actor="tester")
 
     def vm(self, name: str) -> Any:
-        content = self.si.RetrieveContent()
-        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine],
-                                                       True)
-        try:
-            return next(vm for vm in view.view if vm.name == name)
-        finally:
-            view.DestroyView()
+        return vm_named(self.si, name)
 
     def stats(self) -> dict[str, tuple[int, int]]:
         out = {}
@@ -55,27 +47,11 @@ class World:
         return out
 
 
-def _wait(task: Any) -> None:
-    deadline = time.monotonic() + 30
-    while task.info.state not in ("success", "error"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert task.info.state == "success", task.info.error
-
-
 @pytest.fixture
 def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
     sim = vcsim_factory(hosts=2, vms=2)
-    token = tmp_path / "engine.token"
-    token.write_text(TOKEN)
-    port = free_port("127.0.0.81")
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[appliances]\nenabled = true\naddresses = ["127.0.0.81-127.0.0.90"]\n'
-                   f'engine_port = {port}\nengine_token_file = "{token}"\n')
-    settings = config.load(config_file=cfg, env={
-        "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
-        "VSPHERE_AV_STATE_DIR": str(tmp_path / "state"), "VSPHERE_AV_GUEST_USER": sim.guest_user,
-        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password})
+    settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.81-127.0.0.90",
+                                        token=TOKEN)
     with App(settings, actor="tester") as app:
         from vsphere_av.appliance_manager import open_manager
         manager = open_manager(settings, connection=app.connection, audit=app.audit,
@@ -99,19 +75,13 @@ def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
             engine.close()
 
 
-def _plant(sim: simulator.Simulator, vm: str, path: str, data: bytes) -> None:
-    target = sim.guest_root / vm / path.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-
-
 def test_scan_goes_to_the_vms_host_appliance_which_pulls_the_files(world: World) -> None:
     with world.app() as app:
         vms = {v.name: v for v in inventory.list_vms(app.connection)}
     vm = vms["DC0_C0_RP0_VM0"]
     assert vm.host is not None
-    _plant(world.sim, vm.name, "/home/bob/eicar.com", EICAR)
-    _plant(world.sim, vm.name, "/etc/motd", b"welcome\n")
+    plant(world.sim, vm.name, "/home/bob/eicar.com", EICAR)
+    plant(world.sim, vm.name, "/etc/motd", b"welcome\n")
     before = world.stats()
     with world.app() as app:
         result = app.scan_one(vm, full=True)
@@ -135,7 +105,7 @@ def test_appliance_down_means_unprotected_and_waiting_then_resumed(world: World)
         first = app.scan_one(vm)
         assert first.status == "clean", first.reason
     appliance = world.vm(f"vsphere-av-appliance-{vm.host.name}")
-    _wait(appliance.PowerOffVM_Task())
+    wait_task(appliance.PowerOffVM_Task())
     with world.app() as app:
         rows = {r["name"]: r for r in app.status()}
         assert rows[vm.name]["state"] == "unprotected"

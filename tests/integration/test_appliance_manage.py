@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from appliance_support import Sshd, free_port, start_sshd
+from appliance_support import Sshd, appliance_settings, start_sshd
 from conftest import SimulatorFactory
 
 from vsphere_av import config
@@ -40,20 +40,10 @@ class Fleet:
 @pytest.fixture
 def fleet(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Fleet]:
     sim = vcsim_factory(hosts=2, vms=2)
-    token = tmp_path / "engine.token"
-    token.write_text(TOKEN)
-    port = free_port("127.0.0.91")
     remote = tmp_path / "appliance-state"
     keys = tmp_path / "keys"
-    cfg = tmp_path / "config.toml"
-    settings_env = {
-        "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
-        "VSPHERE_AV_STATE_DIR": str(tmp_path / "state"), "VSPHERE_AV_GUEST_USER": sim.guest_user,
-        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password}
-    cfg.write_text(f'[appliances]\nenabled = true\naddresses = ["127.0.0.91-127.0.0.99"]\n'
-                   f'engine_port = {port}\nengine_token_file = "{token}"\n'
-                   f'remote_state_dir = "{remote}"\n')
-    settings = config.load(config_file=cfg, env=settings_env)
+    settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.91-127.0.0.99",
+                                        token=TOKEN, toml=f'remote_state_dir = "{remote}"\n')
     app = App(settings, actor="tester")
     manager = open_manager(settings, connection=app.connection, audit=app.audit, actor="tester")
     assert manager.reconcile().ok

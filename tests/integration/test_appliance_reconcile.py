@@ -6,13 +6,12 @@ as a real vCenter would is said where it matters (host removal).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import SimulatorFactory, connect
+from conftest import SimulatorFactory, connect, vm_named, wait_task
 from pyVmomi import vim
 
 from vsphere_av import appliances as ap
@@ -46,15 +45,7 @@ class Rig:
         return self.content().rootFolder.childEntity[0].hostFolder.childEntity[0]
 
     def vm(self, name: str) -> Any:
-        view = self.content().viewManager.CreateContainerView(
-            self.content().rootFolder, [vim.VirtualMachine], True)
-        try:
-            for vm in view.view:
-                if vm.name == name:
-                    return vm
-        finally:
-            view.DestroyView()
-        raise AssertionError(f"no VM {name}")
+        return vm_named(self.si, name)
 
     def appliances(self) -> list[ap.ApplianceVm]:
         return list(self.adapter.observe(desired=self.desired).appliances)
@@ -63,15 +54,6 @@ class Rig:
         """Key of the newest event: every task vCenter runs (any write) posts some."""
         events = self.content().eventManager.QueryEvents(vim.event.EventFilterSpec())
         return max((int(e.key) for e in events), default=0)
-
-
-def wait(task: Any) -> Any:
-    deadline = time.monotonic() + 30
-    while task.info.state not in ("success", "error"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert task.info.state == "success", task.info.error
-    return task.info.result
 
 
 def make_rig(sim: simulator.Simulator, tmp_path: Any, **section: Any) -> Rig:
@@ -170,8 +152,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(rig: Rig) -> None:
 def test_deleted_appliance_is_redeployed(converged: Rig) -> None:
     vm = converged.vm("vsphere-av-appliance-DC0_C0_H1")
     old = vm._moId
-    wait(vm.PowerOffVM_Task())
-    wait(vm.Destroy_Task())
+    wait_task(vm.PowerOffVM_Task())
+    wait_task(vm.Destroy_Task())
     result = converged.reconcile()
     assert kinds(result) == [("deploy", "DC0_C0_H1"), ("pin", "DC0_C0_H1"),
                              ("power_on", "DC0_C0_H1")]
@@ -186,7 +168,7 @@ def test_deleted_appliance_is_redeployed(converged: Rig) -> None:
 
 def test_powered_off_appliance_is_powered_on_and_audited(converged: Rig) -> None:
     vm = converged.vm("vsphere-av-appliance-DC0_C0_H0")
-    wait(vm.PowerOffVM_Task())
+    wait_task(vm.PowerOffVM_Task())
     assert converged.reconcile(dry_run=True).down == {vm.runtime.host._moId: "appliance down"}
     result = converged.reconcile()
     assert kinds(result) == [("power_on", "DC0_C0_H0")]
@@ -201,7 +183,7 @@ def test_migrated_appliance_is_moved_back(converged: Rig) -> None:
     vm = converged.vm("vsphere-av-appliance-DC0_C0_H0")
     home = vm.runtime.host
     other = next(h for h in converged.cluster().host if h._moId != home._moId)
-    wait(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=other)))
+    wait_task(vm.RelocateVM_Task(vim.vm.RelocateSpec(host=other)))
     assert vm.runtime.host._moId == other._moId
     result = converged.reconcile()
     assert kinds(result) == [("relocate", "DC0_C0_H0")]
@@ -213,14 +195,14 @@ def test_migrated_appliance_is_moved_back(converged: Rig) -> None:
 
 def test_duplicate_appliance_is_removed(converged: Rig) -> None:
     vm = converged.vm("vsphere-av-appliance-DC0_C0_H2")
-    clone = wait(vm.CloneVM_Task(folder=vm.parent, name="copy-of-appliance",
+    clone = wait_task(vm.CloneVM_Task(folder=vm.parent, name="copy-of-appliance",
                                  spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(),
                                                        powerOn=False)))
     # A vCenter clone copies extraConfig (markers included); the simulator's does not, so
     # the copy gets the source's markers explicitly.
     markers = [vim.option.OptionValue(key=o.key, value=o.value) for o in vm.config.extraConfig
                if o.key.startswith("vsphere-av.")]
-    wait(clone.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=markers)))
+    wait_task(clone.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=markers)))
     result = converged.reconcile()
     assert [(a.kind, a.vm_id) for a in result.actions] == [("destroy", clone._moId)]
     assert result.actions[0].reason == "duplicate appliance"
@@ -230,7 +212,7 @@ def test_duplicate_appliance_is_removed(converged: Rig) -> None:
 
 def test_hardening_drift_is_repaired(converged: Rig) -> None:
     vm = converged.vm("vsphere-av-appliance-DC0_C0_H0")
-    wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+    wait_task(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
         vim.option.OptionValue(key="isolation.tools.copy.disable", value="FALSE")])))
     result = converged.reconcile()
     assert kinds(result) == [("configure", "DC0_C0_H0")]
@@ -241,7 +223,7 @@ def test_hardening_drift_is_repaired(converged: Rig) -> None:
 def test_rule_removed_by_someone_is_restored(converged: Rig) -> None:
     cluster = converged.cluster()
     rule = cluster.configurationEx.rule[0]
-    wait(cluster.ReconfigureComputeResource_Task(vim.cluster.ConfigSpecEx(rulesSpec=[
+    wait_task(cluster.ReconfigureComputeResource_Task(vim.cluster.ConfigSpecEx(rulesSpec=[
         vim.cluster.RuleSpec(operation="remove", removeKey=rule.key)]), True))
     result = converged.reconcile()
     assert [a.kind for a in result.actions] == ["pin"]
@@ -251,7 +233,7 @@ def test_rule_removed_by_someone_is_restored(converged: Rig) -> None:
 
 def test_new_host_gets_an_appliance(converged: Rig) -> None:
     cluster = converged.cluster()
-    new = wait(cluster.AddHost_Task(vim.host.ConnectSpec(hostName="esx-new", userName="root",
+    new = wait_task(cluster.AddHost_Task(vim.host.ConnectSpec(hostName="esx-new", userName="root",
                                                          password="x", force=True), True))
     result = converged.reconcile()
     assert kinds(result) == [("deploy", "esx-new"), ("pin", "esx-new"), ("power_on", "esx-new")]
@@ -265,13 +247,13 @@ def test_new_host_gets_an_appliance(converged: Rig) -> None:
 def test_maintenance_mode_in_and_out(converged: Rig) -> None:
     host = converged.cluster().host[1]
     vm = converged.vm(f"vsphere-av-appliance-{host.name}")
-    wait(host.EnterMaintenanceMode_Task(0))
+    wait_task(host.EnterMaintenanceMode_Task(0))
     result = converged.reconcile()
     assert kinds(result) == [("shutdown", host.name)]
     assert vm.runtime.powerState == "poweredOff"       # clean guest shutdown
     assert result.down == {host._moId: "appliance down (host in maintenance mode)"}
     assert converged.reconcile().actions == ()          # stays down while in maintenance
-    wait(host.ExitMaintenanceMode_Task(0))
+    wait_task(host.ExitMaintenanceMode_Task(0))
     back = converged.reconcile()
     assert kinds(back) == [("power_on", host.name)]
     assert back.down == {}
@@ -284,13 +266,13 @@ def test_removed_host_loses_its_rules_and_groups(converged: Rig) -> None:
     host_id = host._moId
     # A real vCenter drops a removed host's VMs from the inventory with it; the simulator
     # refuses to remove a host that still has VMs, so the test unregisters them first.
-    wait(host.EnterMaintenanceMode_Task(0))
+    wait_task(host.EnterMaintenanceMode_Task(0))
     converged.reconcile()
     for vm in list(host.vm):
         if vm.runtime.powerState != "poweredOff":
-            wait(vm.PowerOffVM_Task())
+            wait_task(vm.PowerOffVM_Task())
         vm.UnregisterVM()
-    wait(host.Destroy_Task())
+    wait_task(host.Destroy_Task())
     result = converged.reconcile()
     assert [(a.kind, a.host_id) for a in result.actions] == [("unpin", host_id)]
     cfg = cluster.configurationEx

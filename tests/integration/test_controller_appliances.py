@@ -12,34 +12,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import admin, audit_entries, plant, settings_for, wait_for
+from conftest import all_vms, plant, settings_for
+from controller_support import Admin, admin, audit_entries, running_controller, wait_for
 from pyVmomi import vim
 
 from vsphere_av import simulator
-from vsphere_av.app import ControllerRuntime, start_controller
+from vsphere_av.app import ControllerRuntime
 
 WORKLOAD = "DC0_C0_RP0_VM0"
 APPLIANCES = "[appliances]\nenabled = true\ninterval = 1\naddresses = ['127.0.0.61-127.0.0.70']\n"
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=1)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=2, vms=1)
 
 
 @pytest.fixture
 def runtime(sim: simulator.Simulator, tmp_path: Path) -> Iterator[ControllerRuntime]:
     with admin(sim) as a:
         a.power_off(WORKLOAD)
-    rt = start_controller(settings_for(sim, tmp_path / "state", toml=APPLIANCES))
-    try:
-        assert rt.controller.inventory_ready.wait(20)
-        assert rt.controller.events_ready.wait(20)
+    with running_controller(settings_for(sim, tmp_path / "state", toml=APPLIANCES)) as rt:
         yield rt
-    finally:
-        rt.stop(grace=10)
 
 
 def _appliances(sim: simulator.Simulator) -> dict[str, vim.VirtualMachine]:
@@ -54,7 +44,7 @@ def test_serve_deploys_heals_and_never_contains_its_appliances(
         wait_for(lambda: len([n for n in _fresh_names(a) if n.startswith("vsphere-av-")]) == 2,
                  timeout=60, what="one appliance per host")
         names = sorted(n for n in _fresh_names(a) if n.startswith("vsphere-av-"))
-        a.vms = {vm.name: vm for vm in _all_vms(a)}
+        a.vms = {vm.name: vm for vm in all_vms(a.si)}
         victim = a.vms[names[0]]
         wait_for(lambda: victim.runtime.powerState == "poweredOn", timeout=30,
                  what="appliance running")
@@ -82,17 +72,8 @@ def test_serve_deploys_heals_and_never_contains_its_appliances(
     assert any(act == "isolation.isolate" and d.get("vm") == WORKLOAD for act, d in entries)
 
 
-def _all_vms(a: object) -> list[vim.VirtualMachine]:
-    content = a.si.RetrieveContent()  # type: ignore[attr-defined]
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-    try:
-        return list(view.view)
-    finally:
-        view.DestroyView()
-
-
-def _fresh_names(a: object) -> list[str]:
-    return [vm.name for vm in _all_vms(a)]
+def _fresh_names(a: Admin) -> list[str]:
+    return [vm.name for vm in all_vms(a.si)]
 
 
 def test_jobs_of_a_host_whose_appliance_is_down_wait_and_are_never_given_up(
@@ -104,15 +85,12 @@ def test_jobs_of_a_host_whose_appliance_is_down_wait_and_are_never_given_up(
     toml = ("[appliances]\nenabled = true\ninterval = 3600\n"
             "addresses = ['127.0.0.71-127.0.0.80']\n"
             "[controller]\nmax_attempts = 1\nretry_base = 0.2\nretry_max = 0.3\n")
-    rt = start_controller(settings_for(sim, state, toml=toml))
-    try:
-        assert rt.controller.inventory_ready.wait(20)
-        assert rt.controller.events_ready.wait(20)
+    with running_controller(settings_for(sim, state, toml=toml)) as rt:
         with admin(sim) as a:
             wait_for(lambda: len([n for n in _fresh_names(a)
                                   if n.startswith("vsphere-av-")]) == 2,
                      timeout=60, what="one appliance per host (first reconcile round)")
-            vms = {vm.name: vm for vm in _all_vms(a)}
+            vms = {vm.name: vm for vm in all_vms(a.si)}
             host = vms[WORKLOAD].runtime.host
             appliance = next(vm for vm in host.vm if vm.name.startswith("vsphere-av-"))
             task = appliance.PowerOffVM_Task()
@@ -125,7 +103,5 @@ def test_jobs_of_a_host_whose_appliance_is_down_wait_and_are_never_given_up(
         # ...and the job is still queued, not given up.
         queued = [job.vm for job, _running in rt.jobs.pending_jobs()]
         assert vms[WORKLOAD]._moId in queued
-    finally:
-        rt.stop(grace=10)
     entries = audit_entries(state)
     assert not [d for act, d in entries if act == "job.failed"]

@@ -7,47 +7,33 @@ The controller runs in-process (``app.start_controller``) against the bundled si
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import EICAR, admin, audit_entries, env_for, plant, settings_for, wait_for
+from conftest import plant, settings_for
+from controller_support import EICAR, admin, audit_entries, cli_env, running_controller, wait_for
 
 from vsphere_av import simulator
-from vsphere_av.app import ControllerRuntime, start_controller
+from vsphere_av.app import ControllerRuntime
 
 CLEAN, DIRTY = "DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=2)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=2, vms=2)
 
 
 @pytest.fixture
 def controller(sim: simulator.Simulator, tmp_path: Path) -> Iterator[ControllerRuntime]:
     with admin(sim) as a:
         a.power_off(DIRTY)          # dormant: stale when it starts
-    rt = start_controller(settings_for(sim, tmp_path / "state"))
-    try:
-        assert rt.controller.inventory_ready.wait(20)
-        assert rt.controller.events_ready.wait(20)
+    with running_controller(settings_for(sim, tmp_path / "state")) as rt:
         yield rt
-    finally:
-        rt.stop(grace=10)
 
 
 def cli(sim: simulator.Simulator, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **env_for(sim, state)}
-    env.pop("VSPHERE_AV_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "vsphere_av", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "vsphere_av", *args],
+                          env=cli_env(sim, state), text=True,
                           capture_output=True, timeout=120, check=False)
 
 

@@ -11,30 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import (
-    EICAR,
-    admin,
-    audit_entries,
-    plant,
-    settings_for,
-    wait_for,
-    wait_task,
-)
+from conftest import plant, settings_for, wait_task
+from controller_support import EICAR, admin, audit_entries, running_controller, wait_for
 
 from vsphere_av import simulator
-from vsphere_av.app import ControllerRuntime, instant_on_timeline, start_controller
+from vsphere_av.app import ControllerRuntime, instant_on_timeline
 from vsphere_av.store.jobs import JobStore
 
 INFECTED, CLEAN, REVERTED, OTHER = (f"DC0_C0_RP0_VM{i}" for i in range(4))
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=4)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=2, vms=4)
 
 
 @pytest.fixture
@@ -42,14 +27,8 @@ def controller(sim: simulator.Simulator, tmp_path: Path) -> Iterator[ControllerR
     with admin(sim) as a:
         a.power_off(INFECTED, CLEAN, REVERTED, OTHER)
         a.set_nics(CLEAN, connected=True, start_connected=True)
-    settings = settings_for(sim, tmp_path / "state")
-    rt = start_controller(settings)
-    try:
-        assert rt.controller.inventory_ready.wait(20)
-        assert rt.controller.events_ready.wait(20)
+    with running_controller(settings_for(sim, tmp_path / "state")) as rt:
         yield rt
-    finally:
-        rt.stop(grace=10)
 
 
 def _exposure(state: Path, vm: str) -> list:

@@ -7,26 +7,17 @@ once, while the scan on A is still going.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import admin, audit_entries, plant, settings_for, wait_for, wait_task
+from conftest import plant, settings_for, wait_task
+from controller_support import admin, audit_entries, running_controller, wait_for
 from pyVmomi import vim
 
 from vsphere_av import simulator
-from vsphere_av.app import start_controller
 
 BLOCKER_SIZE = 512 * 1024 * 1024
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=2, vms=4)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=2, vms=4)
 
 
 def test_queued_job_moves_to_the_host_its_vm_migrated_to(sim: simulator.Simulator,
@@ -48,11 +39,8 @@ def test_queued_job_moves_to_the_host_its_vm_migrated_to(sim: simulator.Simulato
         settings = settings_for(sim, state, toml=(
             f"[scan]\nper_host_limit = 1\nmax_file_size = {BLOCKER_SIZE}\n"
             f"[engine]\nmax_file_size = {BLOCKER_SIZE}\n"))
-        rt = start_controller(settings)
-        try:
+        with running_controller(settings, grace=20) as rt:
             c = rt.controller
-            assert c.inventory_ready.wait(20)
-            assert c.events_ready.wait(20)
             wait_task(a.vms[big].PowerOnVM_Task())
             wait_for(lambda: [j.vm for j in c.scheduler.running()] == [a.vms[big]._moId],
                      timeout=20, what="big scan running")
@@ -67,8 +55,6 @@ def test_queued_job_moves_to_the_host_its_vm_migrated_to(sim: simulator.Simulato
             wait_for(lambda: any(e.outcome == "clean"
                                  for e in rt.jobs.exposures(a.vms[mover]._moId)),
                      timeout=30, what="mover scanned on its new host")
-        finally:
-            rt.stop(grace=20)
     entries = audit_entries(state)
     (mover_start,) = [i for i, (act, d) in enumerate(entries)
                       if act == "scan.start" and d["vm"] == mover]

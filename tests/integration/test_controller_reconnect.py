@@ -6,25 +6,16 @@ controller builds new collectors and still contains a stale VM that starts after
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import admin, plant, settings_for, wait_for, wait_task
+from conftest import plant, settings_for, wait_task
+from controller_support import admin, running_controller, wait_for
 
 from vsphere_av import simulator
-from vsphere_av.app import start_controller
 
 VM = "DC0_C0_RP0_VM0"
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=1, vms=1)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=1, vms=1)
 
 
 def test_watch_loops_reconnect_after_session_loss(sim: simulator.Simulator,
@@ -33,11 +24,8 @@ def test_watch_loops_reconnect_after_session_loss(sim: simulator.Simulator,
     with admin(sim) as a:
         a.power_off(VM)
         moref = a.vms[VM]._moId
-        rt = start_controller(settings_for(sim, tmp_path / "state"))
-        try:
+        with running_controller(settings_for(sim, tmp_path / "state")) as rt:
             c = rt.controller
-            assert c.inventory_ready.wait(20)
-            assert c.events_ready.wait(20)
             keys = [session.conn.session_key() for session in rt.sessions]
             a.si.RetrieveContent().sessionManager.TerminateSession(sessionId=keys)
             wait_for(lambda: c.stats.reconnects >= 2, timeout=30, what="both loops reconnect")
@@ -48,5 +36,3 @@ def test_watch_loops_reconnect_after_session_loss(sim: simulator.Simulator,
                      timeout=30, what="contained and scanned after the reconnect")
             (exposure,) = rt.jobs.exposures(moref)
             assert exposure.isolated is not None
-        finally:
-            rt.stop(grace=10)

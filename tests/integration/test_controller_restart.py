@@ -15,11 +15,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import EICAR, admin, audit_entries, env_for, plant, wait_for, wait_task
+from conftest import plant, wait_task
+from controller_support import EICAR, admin, audit_entries, cli_env, wait_for
 
 from vsphere_av import simulator
 from vsphere_av.store.jobs import JobStore
@@ -27,20 +27,11 @@ from vsphere_av.store.state import StateStore
 
 BIG_A, BIG_B, LATE = (f"DC0_C0_RP0_VM{i}" for i in range(3))
 INFECTED_PATHS = ("/aaa/eicar-early.com", "/srv/zzz/eicar-late.com")
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=1, vms=3)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=1, vms=3)
 
 
 def _serve(sim: simulator.Simulator, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **env_for(sim, state), "VSPHERE_AV_ACTOR": "controller"}
-    env.pop("VSPHERE_AV_CONFIG", None)
+    env = cli_env(sim, state, VSPHERE_AV_ACTOR="controller")
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "vsphere_av", "serve"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out)

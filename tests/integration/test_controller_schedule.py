@@ -7,15 +7,14 @@ for the wall clock to reach it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from controller_support import audit_entries, plant, settings_for, wait_for
+from conftest import plant, settings_for
+from controller_support import audit_entries, running_controller, wait_for
 
 from vsphere_av import simulator
-from vsphere_av.app import start_controller
 from vsphere_av.scheduling import Priority
 
 TOML = """
@@ -26,15 +25,7 @@ jitter = "3s"
 full = true
 vms = "DC0_C0_RP0_VM*"
 """
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=1, vms=3)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=1, vms=3)
 
 
 def test_cron_schedule_queues_jittered_full_scans(sim: simulator.Simulator,
@@ -42,10 +33,8 @@ def test_cron_schedule_queues_jittered_full_scans(sim: simulator.Simulator,
     state = tmp_path / "state"
     for i in range(3):
         plant(sim, f"DC0_C0_RP0_VM{i}", "/etc/hostname", b"vm\n")
-    rt = start_controller(settings_for(sim, state, toml=TOML))
-    try:
+    with running_controller(settings_for(sim, state, toml=TOML), events=False) as rt:
         c = rt.controller
-        assert c.inventory_ready.wait(20)
         wait_for(lambda: c.stats.scans >= 3 and c.scheduler.idle(), timeout=60,
                  what="start-up rescans")
         fire = c.options.schedules[0].next_fire(datetime.now(UTC))
@@ -60,8 +49,6 @@ def test_cron_schedule_queues_jittered_full_scans(sim: simulator.Simulator,
         assert delays[-1] - c.now() <= 3.0
         wait_for(lambda: c.stats.scans >= 6 and c.scheduler.idle(), timeout=60,
                  what="scheduled scans done")
-    finally:
-        rt.stop(grace=10)
     entries = audit_entries(state)
     (fired,) = [d for act, d in entries if act == "schedule.fired"]
     assert fired["schedule"] == "nightly"

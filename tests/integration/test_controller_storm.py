@@ -9,33 +9,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import plant, settings_for
 from controller_support import (
     admin,
     audit_entries,
     max_concurrent_per_host,
-    plant,
-    settings_for,
+    running_controller,
     wait_for,
 )
 
 from vsphere_av import simulator
-from vsphere_av.app import start_controller
 from vsphere_av.store.jobs import JobStore
 
 VMS = 40
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=1, vms=VMS)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=1, vms=VMS)
 
 
 def test_burst_of_40_power_ons_on_one_host_never_exceeds_the_cap(
@@ -51,10 +41,8 @@ def test_burst_of_40_power_ons_on_one_host_never_exceeds_the_cap(
         wait_for(lambda: all(t.info.state == "success" for t in tasks), timeout=60,
                  what="power off")
         host = a.host_of(names[0])
-        rt = start_controller(settings_for(sim, state, toml="[scan]\nglobal_limit = 16\n"))
-        try:
-            assert rt.controller.inventory_ready.wait(20)
-            assert rt.controller.events_ready.wait(20)
+        settings = settings_for(sim, state, toml="[scan]\nglobal_limit = 16\n")
+        with running_controller(settings) as rt:
             started = time.monotonic()
             tasks = [a.vms[n].PowerOnVM_Task() for n in names]      # all at once
             wait_for(lambda: rt.controller.stats.scans >= VMS and rt.controller.scheduler.idle(),
@@ -62,8 +50,6 @@ def test_burst_of_40_power_ons_on_one_host_never_exceeds_the_cap(
             elapsed = time.monotonic() - started
             peak_seen = rt.controller.scheduler.peak_per_host()
             exposures = rt.jobs.exposures()
-        finally:
-            rt.stop(grace=10)
         assert all(t.info.state == "success" for t in tasks)
         # Every VM scanned clean, so every vNIC is back to its exact previous state.
         assert all(a.nics(n) == [(4000, False, True)] for n in names)

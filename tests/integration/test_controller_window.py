@@ -9,13 +9,13 @@ after a restart) in the next day's window: the second run reads only what the fi
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from controller_support import audit_entries, plant, settings_for
+from conftest import plant, settings_for
+from controller_support import audit_entries
 
 from vsphere_av import simulator
 from vsphere_av.app import App, _Nics
@@ -28,15 +28,7 @@ VM = "DC0_C0_RP0_VM0"
 WINDOW = TimeWindow.parse("02:00-04:00")
 OPEN_DAY1 = datetime(2026, 3, 2, 2, 30, tzinfo=UTC)
 STOP_AFTER = 13          # the window closes right after this many files were read
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[simulator.Simulator]:
-    if not simulator.binary_path().exists():
-        pytest.skip("build/vcsim missing: run make vcsim")
-    s = simulator.start(guest_root=tmp_path / "guests", hosts=1, vms=1)
-    yield s
-    s.stop()
+pytestmark = pytest.mark.vcsim(hosts=1, vms=1)
 
 
 class Clock:
