@@ -230,6 +230,17 @@ class ApplianceManager:
                       clock=self.clock)
         return results
 
+    def keep_signatures_current(self, *, version: int | None,
+                                version_dir: Path | None) -> list[ApplianceCheck]:
+        """Health check; when an appliance is behind the active signature version, push it
+        to the fleet (checksum verified there) and check again. Returns the last checks."""
+        checks = self.check_health(expected_version=version)
+        behind = [c for c in checks if not c.ok and "signature version" in c.reason]
+        if behind and version and version_dir is not None:
+            self.push_signatures(version_dir=version_dir)
+            checks = self.check_health(expected_version=version)
+        return checks
+
     def restart_engines(self) -> list[ApplianceCheck]:
         """Restart the engine service on every running appliance."""
         def restart(app: Any, conn: Any) -> ApplianceCheck:
@@ -260,7 +271,7 @@ def reconcile_once(settings: Any, *, connection: Any, audit: Any, actor: str,
 def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, actor: str,
                   on_back: Callable[[tuple[str, ...]], object] | None = None,
                   health_every: int = 1) -> Callable[[], None]:
-    """A ``Controller(periodic=[...])`` hook: reconcile, then check engine health over SSH.
+    """A periodic task for ``serve``: reconcile, check engine health over SSH, push signatures.
 
     ``connection`` returns the current vCenter session (it may be replaced after a loss);
     ``on_back`` gets the hosts whose appliance runs again so their VMs are rescanned. Does
@@ -279,8 +290,11 @@ def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, a
                 rounds["n"] % max(1, health_every) == 0:
             from vsphere_av.engine.signatures import SignatureStore
 
-            expected = SignatureStore(state_dir=Path(settings.state_dir)).active_version()
-            manager.check_health(expected_version=expected or None)
+            store = SignatureStore(state_dir=Path(settings.state_dir))
+            expected = store.active_version()
+            manager.keep_signatures_current(
+                version=expected or None,
+                version_dir=store.root / f"v{expected:04d}" if expected else None)
         result = manager.reconcile()
         if result.back and on_back is not None:
             on_back(result.back)

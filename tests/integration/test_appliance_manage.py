@@ -130,3 +130,23 @@ def test_restart_engines(fleet: Fleet, tmp_path: Path) -> None:
     results = fleet.manager.restart_engines()
     assert [c.ok for c in results] == [True, True]
     assert marker.read_text() == "x\nx\n"
+
+
+def test_serve_keeps_the_fleet_on_the_active_signature_version(fleet: Fleet,
+                                                               tmp_path: Path) -> None:
+    """What serve's appliance loop does each round: a new active version reaches every
+    appliance without anyone running push-signatures."""
+    bundle = tmp_path / "bundle2"
+    bundle.mkdir()
+    (bundle / "r.yar").write_text('rule Sweep { strings: $a = "sweep-marker-xyz" '
+                                  'condition: $a }\n')
+    store = fleet.local_engine.store
+    version = store.import_bundle(bundle).info.version
+    store.activate(version)
+    before = fleet.manager.check_health(expected_version=version)
+    assert not any(c.ok for c in before)                 # behind: unhealthy, VMs unprotected
+    checks = fleet.manager.keep_signatures_current(
+        version=version, version_dir=store.root / f"v{version:04d}")
+    assert [(c.ok, c.signature_version) for c in checks] == [(True, version), (True, version)]
+    assert json.loads((fleet.remote / "signatures/state.json").read_text())["active"] == version
+    assert read_health(fleet.manager.state_dir) == {}
