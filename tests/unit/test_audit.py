@@ -134,3 +134,50 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     assert (
         bad.stderr.strip() == "vsphere-av: error: audit log broken at entry 4: entry 4 was altered"
     )
+
+
+def _append_many(state_dir: str, actor: str, n: int) -> None:
+    log = AuditLog.open(state_dir)
+    for i in range(n):
+        log.append(actor=actor, action="scan.end", details={"i": i})
+    log.close()
+
+
+def test_processes_appending_at_once_keep_a_verifiable_log(tmp_path: Path) -> None:
+    """`serve` and CLI commands write the same log from different processes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), f"p{k}", 150))
+             for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    log = AuditLog.open(tmp_path)
+    result = log.verify()
+    assert result.ok, result.message
+    assert result.entries == 450
+
+
+def test_a_stale_head_file_write_never_moves_the_head_back(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 3)
+    other = AuditLog.open(tmp_path)           # a second writer (another process in real life)
+    first = other.append(actor="x", action="a", details={})
+    log.append(actor="y", action="b", details={})
+    other._write_head(first.seq, first.hash)  # the slower writer finishes last
+    assert log.verify().ok
+    assert (tmp_path / "audit.head").read_text().split()[0] == "5"
+
+
+def test_head_file_behind_after_a_crash_is_not_tampering(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 3)
+    head = (tmp_path / "audit.head").read_text()
+    log.append(actor="y", action="b", details={})
+    (tmp_path / "audit.head").write_text(head)   # crash between commit and head write
+    assert log.verify().ok
+    (tmp_path / "audit.head").write_text("2 " + "0" * 64 + "\n")   # but it must be a real entry
+    result = log.verify()
+    assert not result.ok
+    assert "head file" in result.message

@@ -7,8 +7,10 @@ Calls only SQLite (``<state_dir>/audit.sqlite``).
 Each entry stores ``hash = sha256(prev_hash || canonical JSON of seq, time, actor, action,
 details)``. Altering, removing or reordering any entry breaks the chain from that entry on;
 truncating the tail is caught by the head record kept in a second table and in the file
-``audit.head`` beside the database (written after every append), so an attacker must
-rewrite three places consistently. Writes are durable (WAL, synchronous=FULL) before
+``audit.head`` beside the database (moved forward after every append, under a file lock,
+by whichever process appends), so an attacker must rewrite three places consistently. The
+file may lag by the entries of a crash between commit and its write, but it must always
+name a real entry of the chain. Writes are durable (WAL, synchronous=FULL) before
 ``append`` returns, so a crash never loses an acknowledged entry.
 
 Secrets never reach this module: callers pass only names and identifiers. As a second
@@ -18,6 +20,7 @@ line of defence, keys that look like secrets are refused.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
@@ -189,12 +192,30 @@ class AuditLog:
         return AuditEntry(seq, now, actor, action, details, prev, digest)
 
     def _write_head(self, seq: int, digest: str) -> None:
-        tmp = self.head_path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.write(f"{seq} {digest}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.head_path)
+        # Several processes append (serve and CLI commands): the file is only ever moved
+        # forward, under an inter-process lock, and written through a private temporary
+        # file, so a slower writer never puts an older head back.
+        with open(self.head_path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self._read_head_file()
+            if current is not None and current[0] >= seq:
+                return
+            tmp = self.head_path.with_suffix(f".tmp.{os.getpid()}.{threading.get_ident()}")
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{seq} {digest}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.head_path)
+
+    def _read_head_file(self) -> tuple[int, str] | None:
+        """(seq, hash) from ``audit.head``; None when absent; (-1, "") when malformed."""
+        try:
+            parts = self.head_path.read_text(encoding="ascii", errors="replace").split()
+        except FileNotFoundError:
+            return None
+        if len(parts) == 2 and parts[0].isdigit():
+            return int(parts[0]), parts[1]
+        return -1, ""
 
     def entries(self) -> Iterator[AuditEntry]:
         """Every entry in stored order (by seq)."""
@@ -242,32 +263,33 @@ class AuditLog:
             prev = entry.hash
             expected_seq += 1
         last_seq = expected_seq - 1
-        heads = []
         row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        if row:
-            heads.append(("head record", int(row[0]), str(row[1])))
-        if self.head_path.exists():
-            parts = self.head_path.read_text(encoding="ascii", errors="replace").split()
-            if len(parts) == 2 and parts[0].isdigit():
-                heads.append(("head file", int(parts[0]), parts[1]))
-            else:
-                return Verification(
-                    False, count, last_seq + 1, f"{self.head_path.name} is malformed"
-                )
-        elif last_seq:
-            return Verification(False, count, last_seq + 1, f"{self.head_path.name} is missing")
-        for name, seq, digest in heads:
-            if seq != last_seq or (last_seq and digest != prev):
-                bad = min(seq, last_seq) + 1 if seq != last_seq else last_seq
-                return Verification(
-                    False,
-                    count,
-                    bad,
-                    f"{name} says the log ends at entry {seq}, but it ends at {last_seq}"
-                    if seq != last_seq
-                    else f"entry {last_seq} does not match the {name}",
-                )
+        if row and (int(row[0]) != last_seq or (last_seq and str(row[1]) != prev)):
+            # Written in the same transaction as the entry: it must match exactly.
+            return Verification(
+                False, count, min(int(row[0]), last_seq) + 1,
+                f"head record says the log ends at entry {row[0]}, but it ends at {last_seq}")
+        head = self._read_head_file()
+        if head is None:
+            if last_seq:
+                return Verification(False, count, last_seq + 1,
+                                    f"{self.head_path.name} is missing")
+        elif head[0] < 0:
+            return Verification(False, count, last_seq + 1, f"{self.head_path.name} is malformed")
+        elif head[0] > last_seq:
+            # Entries the file saw are gone: the tail was cut.
+            return Verification(
+                False, count, last_seq + 1,
+                f"head file says the log ends at entry {head[0]}, but it ends at {last_seq}")
+        elif head[0] and self._stored_hash(head[0]) != head[1]:
+            # The file may lag (a crash between commit and its write) but must name a real entry.
+            return Verification(False, count, head[0],
+                                f"entry {head[0]} does not match the head file")
         return Verification(True, count)
+
+    def _stored_hash(self, seq: int) -> str | None:
+        row = self._db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return str(row[0]) if row else None
 
     def require_intact(self) -> None:
         """Raise AuditIntegrityError when the chain does not verify."""
