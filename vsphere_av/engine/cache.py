@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vsphere_av.errors import EngineError
+from vsphere_av.errors import EngineError, StoreError
+from vsphere_av.store.sqlite import open_database
 
 TOUCH_EVERY = 3600          # seconds between LRU refreshes of one row
 FLUSH_EVERY = 512           # buffered writes before a commit
@@ -89,15 +90,13 @@ class VerdictCache:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = open_database(self.path, schema=_SCHEMA, what="verdict cache",
+                                     synchronous="NORMAL")
             self._count = int(self._db.execute("SELECT count(*) FROM verdicts").fetchone()[0])
             self._rdb = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False,
                                         isolation_level=None)
+        except StoreError as exc:
+            raise EngineError(str(exc)) from exc
         except sqlite3.Error as exc:
             raise EngineError(f"verdict cache {self.path} cannot be opened: {exc}") from exc
         self._pending: dict[tuple[bytes, int, str], _Row] = {}

@@ -8,6 +8,7 @@ under the store's own lock.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from pathlib import Path
 
@@ -23,13 +24,18 @@ def open_database(path: Path, *, schema: str, what: str, synchronous: str = "FUL
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        if rows:
-            db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={synchronous}")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(schema)
+        # Switching a new file to WAL answers "database is locked" at once (no busy wait)
+        # while another process does the same: serialize opening across processes.
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                 timeout=30)
+            if rows:
+                db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(schema)
         return db
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open {what} {path}: {exc}") from exc
