@@ -237,19 +237,20 @@ class VsphereApplianceAdapter:
             ctx["folder"] = self._find_folder(ctx["datacenter"], self._settings.folder)
         return ctx
 
-    def _find_folder(self, datacenter: Any, name: str) -> Any:
+    def _find_named(self, root: Any, kind: Any, name: str, what: str) -> Any:
+        """The first ``kind`` object named ``name`` below ``root`` (None: the root folder)."""
         def find(content: Any) -> Any:
-            view = content.viewManager.CreateContainerView(datacenter.vmFolder, [vim.Folder],
+            view = content.viewManager.CreateContainerView(root or content.rootFolder, [kind],
                                                            True)
             try:
-                for folder in view.view:
-                    if folder.name == name:
-                        return folder
+                return next((obj for obj in view.view if obj.name == name), None)
             finally:
                 view.DestroyView()
-            return None
 
-        folder = self._call(f"find folder {name}", find)
+        return self._call(f"find {what} {name}", find)
+
+    def _find_folder(self, datacenter: Any, name: str) -> Any:
+        folder = self._find_named(datacenter.vmFolder, vim.Folder, name, "folder")
         if folder is None:
             raise errors.ApplianceError(f"appliances.folder: no VM folder named {name!r}")
         return folder
@@ -375,18 +376,7 @@ class VsphereApplianceAdapter:
         return _moid(result)
 
     def _find_vm(self, name: str) -> Any:
-        def find(content: Any) -> Any:
-            view = content.viewManager.CreateContainerView(content.rootFolder,
-                                                           [vim.VirtualMachine], True)
-            try:
-                for vm in view.view:
-                    if vm.name == name:
-                        return vm
-            finally:
-                view.DestroyView()
-            return None
-
-        vm = self._call(f"find template {name}", find)
+        vm = self._find_named(None, vim.VirtualMachine, name, "template")
         if vm is None:
             raise errors.ApplianceError(f"appliances.template: no VM or template named {name!r}")
         return vm
