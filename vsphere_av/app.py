@@ -440,8 +440,8 @@ class ControllerRuntime:
         self.app.close()
 
 
-def start_controller(settings: Settings, *, stop_event: threading.Event | None = None,
-                     periodic: Sequence[Callable[[], None]] = ()) -> ControllerRuntime:
+def start_controller(settings: Settings, *,
+                     stop_event: threading.Event | None = None) -> ControllerRuntime:
     """Build the controller against vCenter and start its threads; returns the runtime."""
     import os
 
@@ -472,8 +472,7 @@ def start_controller(settings: Settings, *, stop_event: threading.Event | None =
             open_inventory_watch=lambda: InventoryWatch(watch_session.get()),
             open_event_tail=lambda cursor: EventTail(event_session.get(), since=cursor,
                                                      type_ids=WATCHED_EVENT_TYPES),
-            nics=_Nics(lambda: app.connection), scan=scan, now=time.time,
-            periodic=periodic)
+            nics=_Nics(lambda: app.connection), scan=scan, now=time.time)
         restored = controller.restore_queue()
         controller._audit("controller.start", pid=os.getpid(), restored_jobs=restored,
                           per_host_limit=options.per_host_limit,

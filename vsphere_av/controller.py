@@ -201,8 +201,7 @@ class Controller:
                  open_inventory_watch: Callable[[], InventoryWatchLike],
                  open_event_tail: Callable[[EventCursor | None], EventTailLike],
                  nics: NicPort, scan: ScanFn, now: Clock,
-                 sleep: Callable[[float], None] | None = None,
-                 periodic: Sequence[Callable[[], None]] = ()) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.options = options
         self.state = state
         self.jobs = jobs
@@ -216,8 +215,6 @@ class Controller:
         self._scan = scan
         self.now = now
         self._sleep = sleep
-        # Hooks run by housekeeping (the appliance reconcile loop plugs in here).
-        self.periodic: list[Callable[[], None]] = list(periodic)
         self.scheduler = Scheduler(per_host_limit=options.per_host_limit,
                                    global_limit=options.global_limit, now=now, journal=jobs)
         self.watcher = Watcher()
@@ -674,7 +671,7 @@ class Controller:
     # -- housekeeping ------------------------------------------------------------------------
 
     def housekeeping(self, stop: threading.Event) -> None:
-        """Housekeeping thread: hand-over requests, sweeps, schedules, published state, hooks."""
+        """Housekeeping thread: hand-over requests, sweeps, schedules, published state."""
         while not stop.is_set():
             try:
                 self.housekeep_once()
@@ -689,11 +686,6 @@ class Controller:
         self._sweep_if_new_version()
         self.fire_schedules()
         self.publish()
-        for hook in self.periodic:
-            try:
-                hook()
-            except errors.VsphereAvError as exc:
-                log.warning("periodic task %s: %s", getattr(hook, "__name__", hook), exc)
 
     def _take_requests(self) -> None:
         requests = self.jobs.take_requests()
