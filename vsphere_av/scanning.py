@@ -7,13 +7,13 @@ Everything it touches comes in as keyword-only collaborators: the guest file acc
 one VM's trouble: the result says what happened and why.
 
 Pipeline: each job starts one transfer thread (joined before ``scan_vm`` returns) that
-downloads the next files (InitiateFileTransferFromGuest + GET, bodies of at most
-``PREFETCH_MAX_BYTES`` held in memory, at most ``PREFETCH_AHEAD`` files ahead) while the
-calling thread matches the previous one. There is still one transfer per VM at a time (a
-per-job transfer slot: larger files, retries and quarantine copies take the same slot),
-and everything else (filters, index, counters, remediation, audit, progress) stays in the
-calling thread. Downloads whose bytes do not pass through this process (an appliance
-pulls them) are handed over unread.
+downloads the next files (InitiateFileTransferFromGuest + GET) into the engine with
+``Session.receive`` (hashed; held in memory up to the engine's spool threshold, in a spool
+file beyond), at most ``PREFETCH_AHEAD`` files ahead, while the calling thread matches the
+previous one. There is still one transfer per VM at a time (a per-job transfer slot:
+retries and quarantine copies take the same slot), and everything else (filters, index,
+counters, remediation, audit, progress) stays in the calling thread. Downloads whose bytes
+do not pass through this process (an appliance pulls them) are handed over unread.
 
 Crash safety (write-ahead): a detection's audit entry and its store row (action
 ``pending``) are durable before the guest is changed; the outcome then updates the row and
@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from vsphere_av import errors
 from vsphere_av.config import ScanPolicy
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 INDEX_BATCH = 200
 PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
-PREFETCH_MAX_BYTES = 4 * 1024 * 1024 # larger files are streamed straight into the engine
 GLOB_CHARS = frozenset("*?[")
 
 # Scan statuses (per VM, in results and the scans table).
@@ -114,6 +113,15 @@ class EngineSession(Protocol):
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> Any: ...
     def lookup(self, sha256: str, *, path: str) -> Any: ...
+
+
+@runtime_checkable
+class ReceivingSession(EngineSession, Protocol):
+    """An in-process engine session, whose two halves can run in two threads."""
+
+    def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
+    def scan_received(self, received: Any, *, path: str, name: str | None = None,
+                      owner: str = "") -> Any: ...
 
 
 class AuditSink(Protocol):
@@ -336,8 +344,10 @@ class _Job:
         # Files of the walk (in its order) not yet below the resume point: [path, done].
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
-        self.transfers = _Transfers(guest, name=vm.name,
-                                    enabled=bool(getattr(type(guest), "local_downloads", False)))
+        receiver = session if isinstance(session, ReceivingSession) else None
+        self.transfers = _Transfers(
+            guest, receiver, name=vm.name,
+            enabled=receiver is not None and bool(getattr(type(guest), "local_downloads", False)))
 
     # audit details always name the VM and its host, so storms can be checked afterwards
     def _audit(self, event: str, **details: Any) -> None:
@@ -482,7 +492,7 @@ class _Job:
                     if self._settled(entry):
                         self._done(entry.path)
                         continue
-                    if not transfers.enabled or entry.size > PREFETCH_MAX_BYTES:
+                    if not transfers.enabled:
                         self._finish(entry, None)
                         continue
                     transfers.submit(entry)
@@ -618,8 +628,10 @@ class _Job:
                 if attempt == 1 and fetched is not None and not fetched.deferred:
                     if fetched.error is not None:
                         raise fetched.error
-                    return self.session.scan_stream(iter(fetched.chunks), path=entry.path,
-                                                    name=entry.name, size_hint=fetched.size)
+                    receiver = self.transfers.receiver
+                    assert receiver is not None     # only a receiving session fetches ahead
+                    return receiver.scan_received(fetched.take(), path=entry.path,
+                                                  name=entry.name)
                 return self._stream(entry)
             except errors.GuestFileNotFound:
                 r.vanished += 1
@@ -826,13 +838,22 @@ class _Job:
 
 @dataclass
 class _Fetched:
-    """One file from the transfer thread: its bytes, what went wrong, or "do it yourself"."""
+    """One file from the transfer thread: received, what went wrong, or "do it yourself"."""
 
     entry: GuestFile
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
+    received: Any = None        # engine.Received: owned here until taken
     error: BaseException | None = None
-    deferred: bool = False      # not read ahead (grew past the limit, or stopping)
+    deferred: bool = False      # not read ahead (the bytes never come here, or stopping)
+
+    def take(self) -> Any:
+        """The received file, handed over (whoever takes it frees it)."""
+        received, self.received = self.received, None
+        return received
+
+    def discard(self) -> None:
+        """Free a received file nobody took."""
+        if self.received is not None:
+            self.take().discard()
 
 
 class _Stopped(Exception):
@@ -872,15 +893,17 @@ class _SlotStream:
 
 
 class _Transfers:
-    """One VM's transfer slot and the thread that downloads small files ahead.
+    """One VM's transfer slot and the thread that receives the next files ahead.
 
     The slot is held for every transfer of the job, whoever makes it; the thread holds it
     only while it is reading a file (never while the file waits in the queue), so the
-    calling thread can always get it for a large file, a retry or a quarantine copy.
+    calling thread can always get it for a retry or a quarantine copy.
     """
 
-    def __init__(self, guest: GuestAccess, *, name: str, enabled: bool) -> None:
+    def __init__(self, guest: GuestAccess, receiver: ReceivingSession | None, *, name: str,
+                 enabled: bool) -> None:
         self.guest = guest
+        self.receiver = receiver
         self.enabled = enabled
         self.slot = threading.Lock()
         self.pending = 0
@@ -891,7 +914,7 @@ class _Transfers:
         self._thread: threading.Thread | None = None
 
     def submit(self, entry: GuestFile) -> None:
-        """Queue a file to be downloaded ahead (starts the thread on first use)."""
+        """Queue a file to be received ahead (starts the thread on first use)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"transfer-{self._name}",
                                             daemon=True)
@@ -906,7 +929,7 @@ class _Transfers:
         return fetched
 
     def close(self, *, timeout: float = 30.0) -> None:
-        """Stop the thread and drop what it fetched; waits for a read in progress."""
+        """Stop the thread and free what it received; waits for a read in progress."""
         self._stop.set()
         if self._thread is None:
             return
@@ -914,6 +937,11 @@ class _Transfers:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("%s: transfer thread still reading after %.0f s", self._name, timeout)
+        while True:
+            try:
+                self._done.get_nowait().discard()
+            except queue.Empty:
+                return
 
     def _run(self) -> None:
         while True:
@@ -935,17 +963,21 @@ class _Transfers:
             except BaseException as exc:       # handed to the scan thread, which decides
                 return _Fetched(entry=entry, error=exc)
             try:
-                if not getattr(download, "local", False) or download.size > PREFETCH_MAX_BYTES:
+                if not getattr(download, "local", False) or self.receiver is None:
                     return _Fetched(entry=entry, deferred=True)
-                chunks: list[bytes] = []
-                held = 0
-                for chunk in download.chunks():
-                    held += len(chunk)
-                    if held > PREFETCH_MAX_BYTES or self._stop.is_set():
-                        return _Fetched(entry=entry, deferred=True)   # grew: stream it later
-                    chunks.append(chunk)
-                return _Fetched(entry=entry, chunks=chunks, size=download.size)
+                received = self.receiver.receive(self._until_stopped(download.chunks()),
+                                                size_hint=download.size)
+                if self._stop.is_set():
+                    received.discard()
+                    return _Fetched(entry=entry, deferred=True)
+                return _Fetched(entry=entry, received=received)
             except BaseException as exc:
                 return _Fetched(entry=entry, error=exc)
             finally:
                 download.close()
+
+    def _until_stopped(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if self._stop.is_set():
+                return          # the caller sees the stop and drops what was received
+            yield chunk

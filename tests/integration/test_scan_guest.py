@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,6 @@ LINUX, WINDOWS, BADPASS, NOTOOLS, OFF, CLEAN = (f"DC0_C0_RP0_VM{i}" for i in ran
 
 
 def _wait(task: vim.Task) -> None:
-    import time
     for _ in range(300):
         if task.info.state in ("success", "error"):
             break
@@ -459,3 +459,48 @@ def test_unlistable_root_is_an_error_not_a_clean_scan(sim, tmp_path):
         assert "cannot list /no/such/root" in result.reason
         row = next(r for r in app.status() if r["name"] == CLEAN)
         assert row["state"] == "unreachable"
+
+
+def _spool_files() -> set[str]:
+    import tempfile
+    return {p.name for p in Path(tempfile.gettempdir()).glob("vsphere-av-spool-*")}
+
+
+def test_files_over_the_spool_threshold_are_received_ahead_and_leave_no_spool(sim, tmp_path):
+    # The transfer thread receives the next files into the engine (memory up to the spool
+    # threshold, a spool file beyond) while the scan thread matches: every file still gets
+    # its verdict, and no spool file outlives the scan, finished or stopped half-way.
+    root = "/spooled"
+    clean = [plant(sim, LINUX, f"{root}/clean{i}.bin", os.urandom(300_000)) for i in range(3)]
+    bad = f"{root}/sub/infected.zip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("filler.bin", os.urandom(200_000))
+        zf.writestr("eicar.com", EICAR)
+    plant(sim, LINUX, bad, buf.getvalue())
+    toml = (f'[engine]\nspool_threshold = 65536\n[scan]\nlinux_roots = ["{root}"]\n'
+            'action = "report"\nfallback_action = ""\n')
+    before = _spool_files()
+    with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
+        (result,) = app.scan(names=[LINUX], full=True).results
+        assert result.status == "infected", result.reason
+        assert [f.path for f in result.found] == [bad]
+        assert (result.scanned, result.errors, result.skipped) == (4, 0, 0)
+        assert result.bytes == 3 * 300_000 + len(buf.getvalue())
+        assert _spool_files() == before
+
+        vm = inventory.find_vms(app.connection, [LINUX])[0]
+        ticks: list[str] = []
+
+        def stop_at_first(tick) -> None:
+            ticks.append(tick.path)
+            time.sleep(0.5)     # let the transfer thread finish receiving the files ahead
+            raise RuntimeError("controller stopping")
+
+        stopped = app.scan_one(vm, full=True, on_progress=stop_at_first)
+        assert stopped.status == "error"
+        assert "controller stopping" in stopped.reason
+        assert len(ticks) == 1
+        assert _spool_files() == before
+    for path in clean:
+        assert path.exists()

@@ -34,7 +34,7 @@ from vsphere_av.engine.matcher import HEAD_SIZE, NAME_EXTERNALS, Matcher, extern
 from vsphere_av.engine.signatures import LoadedVersion, SignatureStore
 from vsphere_av.errors import EngineError
 
-__all__ = ["Detection", "Engine", "FileOutcome", "Session"]
+__all__ = ["Detection", "Engine", "FileOutcome", "Received", "Session"]
 
 Status = Literal["clean", "infected", "skipped", "error"]
 READ_CHUNK = 1024 * 1024
@@ -80,6 +80,24 @@ class _Blob:
     head: bytes
     data: bytes | None = None
     path: str | None = None
+
+
+@dataclass
+class Received:
+    """A file taken in by ``Session.receive``: hashed and held, or why it was not."""
+
+    blob: _Blob | None = None
+    status: Status = "clean"       # "skipped" or "error" when there is no blob
+    size: int = 0
+    reason: str = ""
+    spool: _Spool | None = None
+
+    def discard(self) -> None:
+        """Free the memory or spool file (idempotent)."""
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+        self.blob = None
 
 
 @dataclass
@@ -225,27 +243,46 @@ class Session:
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> FileOutcome:
         """Scan a file arriving as chunks; never holds more than spool_threshold in memory."""
+        return self.scan_received(self.receive(chunks, size_hint=size_hint), path=path,
+                                  name=name, owner=owner)
+
+    def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Received:
+        """Take a file in (hash it, hold it in memory or a spool file) without matching it.
+
+        The I/O half of :meth:`scan_stream`, so that one thread can receive the next file
+        while another matches this one. Hand the result to :meth:`scan_received` (which
+        frees it) or call its ``discard()``.
+        """
         max_size = self._limits.max_file_size
         if size_hint is not None and size_hint > max_size:
             _close(chunks)
-            return FileOutcome(path=path, status="skipped", sha256="", size=size_hint,
-                               reason=TOO_LARGE)
+            return Received(status="skipped", size=size_hint, reason=TOO_LARGE)
         spool = _Spool(threshold=self._limits.spool_threshold, directory=self._spool_dir)
         try:
-            try:
-                blob = self._receive(chunks, spool, max_size)
-            except _TooLarge as exc:
-                return FileOutcome(path=path, status="skipped", sha256="",
-                                   size=int(str(exc)), reason=TOO_LARGE)
-            except OSError as exc:
-                return FileOutcome(path=path, status="error", sha256="", size=0,
-                                   reason=f"read failed: {exc.strerror or exc}")
-            except Exception as exc:   # the producer (e.g. an HTTP download) failed
-                return FileOutcome(path=path, status="error", sha256="", size=0,
-                                   reason=f"read failed: {type(exc).__name__}: {exc}")
-            return self._verdict(blob, path=path, name=name, owner=owner)
-        finally:
+            return Received(blob=self._receive(chunks, spool, max_size), spool=spool)
+        except _TooLarge as exc:
             spool.discard()
+            return Received(status="skipped", size=int(str(exc)), reason=TOO_LARGE)
+        except OSError as exc:
+            spool.discard()
+            return Received(status="error", reason=f"read failed: {exc.strerror or exc}")
+        except Exception as exc:   # the producer (e.g. an HTTP download) failed
+            spool.discard()
+            return Received(status="error", reason=f"read failed: {type(exc).__name__}: {exc}")
+        except BaseException:
+            spool.discard()
+            raise
+
+    def scan_received(self, received: Received, *, path: str, name: str | None = None,
+                      owner: str = "") -> FileOutcome:
+        """The verdict on a file from :meth:`receive`; frees what it held."""
+        try:
+            if received.blob is None:
+                return FileOutcome(path=path, status=received.status, sha256="",
+                                   size=received.size, reason=received.reason)
+            return self._verdict(received.blob, path=path, name=name, owner=owner)
+        finally:
+            received.discard()
 
     def scan_file(self, path: os.PathLike[str] | str) -> FileOutcome:
         """Scan a local file."""
