@@ -22,6 +22,12 @@ What is compared, and how it is kept fair:
     rounds (the machine is shared), every round printed, the best and the median compared.
 Prints files, MB, rules, parallelism, MB/s, CPU seconds and peak RSS of both, and the ratio
 guest / local (goal: >= 0.7).
+
+A third run, "transfers only", is the ceiling of any scanner that reads files through Guest
+Operations on this machine: the same VMs, one process per VM (no GIL shared between VMs),
+listing with ListFilesInGuest and reading every file with InitiateFileTransferFromGuest +
+HTTPS GET through the product's own ``GuestFiles``, the bytes thrown away: no engine, no
+state, no audit. Its ratio against local is printed too; a guest ratio cannot exceed it.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +125,42 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _read_vm(name: str) -> tuple[int, int]:
+    """Walk one VM's scan roots and read every file through Guest Operations; (files, bytes)."""
+    from vsphere_av import config
+    from vsphere_av.vsphere import connection, inventory
+    from vsphere_av.vsphere.guest import GuestFiles
+
+    settings = config.load()
+    conn = connection.connect(settings.vcenter)
+    try:
+        (vm,) = inventory.find_vms(conn, [name])
+        user, password = settings.guest.for_vm(vm_name=vm.name)
+        guest = GuestFiles(connection=conn, vm=vm, user=user, password=password)
+        roots = settings.scan.windows_roots if vm.is_windows else settings.scan.linux_roots
+        files = size = 0
+        for entry in guest.walk(roots):
+            with guest.open_download(entry.path) as download:
+                for chunk in download.chunks():
+                    size += len(chunk)
+            files += 1
+        return files, size
+    finally:
+        conn.close()
+
+
+def transfers_only(names: list[str]) -> None:
+    """The "transfers only" side (run as a child): one process per VM, JSON on stdout."""
+    # Imported before the clock starts and before forking, as the CLI is before it scans.
+    from vsphere_av import config  # noqa: F401
+    from vsphere_av.vsphere import connection, guest, inventory  # noqa: F401
+    started = time.monotonic()
+    with multiprocessing.get_context("fork").Pool(len(names)) as pool:
+        got = pool.map(_read_vm, names)
+    print(json.dumps({"seconds": time.monotonic() - started, "files": sum(f for f, _ in got),
+                      "bytes": sum(b for _, b in got)}))
+
+
 def _measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, dict]:
     """Run one side; (wall seconds, peak RSS bytes, CPU seconds, its JSON report)."""
     wall, peak, out = engine_bench.run_measured(cmd, env)
@@ -141,7 +185,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", "3")),
                         help="interleaved rounds (env BENCH_REPEAT, default 3)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--transfers-only", metavar="VM", nargs="+",
+                        help=argparse.SUPPRESS)     # internal: the ceiling run, as a child
     args = parser.parse_args()
+    if args.transfers_only:
+        transfers_only(args.transfers_only)
+        return
     vms = args.vms or args.jobs
     cli = str(Path(sys.executable).parent / "vsphere-av")
     if not simulator.binary_path().exists():
@@ -199,7 +248,8 @@ def main() -> None:
                   f"page cache warm; {args.repeat} interleaved rounds", flush=True)
             rounds = []
             for n in range(args.repeat):
-                sides = ["local", "guest"] if n % 2 == 0 else ["guest", "local"]
+                sides = (["local", "guest", "transfers"] if n % 2 == 0
+                         else ["transfers", "guest", "local"])
                 got: dict[str, dict] = {}
                 for side in sides:
                     if side == "local":
@@ -211,6 +261,16 @@ def main() -> None:
                                         "bytes": rep["bytes"], "cached": rep["cached"],
                                         "errors": len(rep["errors"]),
                                         "skipped": len(rep["skipped"])}
+                    elif side == "transfers":
+                        sim_cpu = _cpu_seconds(sim.process.pid)
+                        wall, peak, cpu, rep = _measure(
+                            [sys.executable, __file__, "--transfers-only", *names],
+                            {**fresh_state("transfers"), **sim_env})
+                        got["transfers"] = {"seconds": float(rep["seconds"]), "wall": wall,
+                                            "cpu": cpu, "peak_rss": peak, "files": rep["files"],
+                                            "bytes": rep["bytes"], "errors": 0, "skipped": 0,
+                                            "simulator_cpu": _cpu_seconds(sim.process.pid)
+                                            - sim_cpu}
                     else:
                         sim_cpu = _cpu_seconds(sim.process.pid)
                         wall, peak, cpu, rep = _measure([cli, "scan", "--all", "--full", "--json"],
@@ -225,6 +285,7 @@ def main() -> None:
                 for side in got.values():
                     side["mb_per_s"] = side["bytes"] / 1e6 / side["seconds"]
                 got["ratio"] = got["guest"]["mb_per_s"] / got["local"]["mb_per_s"]
+                got["ceiling"] = got["transfers"]["mb_per_s"] / got["local"]["mb_per_s"]
                 rounds.append(got)
                 if not args.json:
                     print(_round_line(n + 1, got), flush=True)
@@ -233,7 +294,7 @@ def main() -> None:
 
     ratios = [r["ratio"] for r in rounds]
     best = {side: max(rounds, key=lambda r, s=side: r[s]["mb_per_s"])[side]
-            for side in ("local", "guest")}
+            for side in ("local", "guest", "transfers")}
     figures = {
         "tree": {"files": files, "mb": round(size / 1e6, 1), "min_kb": args.min_kb,
                  "duplicates_dropped": dups, "guest_files": g_files, "guest_mb":
@@ -244,6 +305,8 @@ def main() -> None:
                                              best["local"]["mb_per_s"], 3),
         "ratio_median": round(statistics.median(ratios), 3),
         "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)], "goal": GOAL,
+        "ceiling_of_best": round(best["transfers"]["mb_per_s"] / best["local"]["mb_per_s"], 3),
+        "ceiling_median": round(statistics.median(r["ceiling"] for r in rounds), 3),
     }
     figures["meets_goal"] = figures["ratio_median"] >= GOAL
     if args.json:
@@ -257,17 +320,23 @@ def main() -> None:
           f"{best['guest']['mb_per_s']:.1f} MB/s: ratio {figures['ratio_of_best']:.2f}; "
           f"per round {figures['ratio_range'][0]:.2f}-{figures['ratio_range'][1]:.2f}, median "
           f"{figures['ratio_median']:.2f} (goal >= {GOAL}: "
-          f"{'met' if figures['meets_goal'] else 'NOT met'})")
+          f"{'met' if figures['meets_goal'] else 'NOT met'})\n"
+          f"ceiling: transfers only (no scan, one process per VM) best "
+          f"{best['transfers']['mb_per_s']:.1f} MB/s = {figures['ceiling_of_best']:.2f} x local, "
+          f"median {figures['ceiling_median']:.2f}; the guest scan reaches "
+          f"{best['guest']['mb_per_s'] / best['transfers']['mb_per_s']:.2f} of it")
 
 
 def _round_line(n: int, got: dict) -> str:
-    loc, gst = got["local"], got["guest"]
+    loc, gst, trn = got["local"], got["guest"], got["transfers"]
     return (f"round {n}: local {loc['seconds']:6.2f} s {loc['mb_per_s']:6.1f} MB/s "
             f"{loc['files']} files cpu {loc['cpu']:5.1f} s peak {loc['peak_rss'] / 2**20:4.0f} MiB"
             f" | guest {gst['seconds']:6.2f} s {gst['mb_per_s']:6.1f} MB/s {gst['files']} files "
             f"cpu {gst['cpu']:5.1f} s (+ simulator {gst['simulator_cpu']:4.1f} s) peak "
             f"{gst['peak_rss'] / 2**20:4.0f} MiB peak/host {max(gst['peak_per_host'].values())}"
-            f" | ratio {got['ratio']:.2f}")
+            f" | ratio {got['ratio']:.2f}\n         transfers only {trn['seconds']:6.2f} s "
+            f"{trn['mb_per_s']:6.1f} MB/s {trn['files']} files cpu {trn['cpu']:5.1f} s "
+            f"(+ simulator {trn['simulator_cpu']:4.1f} s) | ceiling {got['ceiling']:.2f}")
 
 
 if __name__ == "__main__":
