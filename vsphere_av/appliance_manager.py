@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av import appliances as ap
-from vsphere_av.errors import ConfigError, VsphereAvError
+from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
 
 HEALTH_FILE = Path("appliances") / "health.json"
+HEALTH_TIMEOUT = 10.0       # seconds for an engine's /health answer (as for SSH)
+SCAN_TIMEOUT = 120.0        # seconds for one file's verdict from an appliance
 
 
 @dataclass(frozen=True)
@@ -147,14 +149,20 @@ class ApplianceManager:
 
     def engine_for_host(self, host_id: str) -> Any:
         """A ``RemoteEngine`` for the appliance of ``host_id``; None when it has none running."""
-        from vsphere_av.engine_service import EngineClient, RemoteEngine
+        from vsphere_av.engine_service import RemoteEngine
 
         for app in self.appliances():
             if app.host_id == host_id and app.powered_on and app.address:
-                client = EngineClient(self.engine_url(app.address), token=self._token(),
-                                      ca_file=self.settings.engine_ca_file)
-                return RemoteEngine(client)
+                return RemoteEngine(self._engine_client(app.address))
         return None
+
+    def _engine_client(self, address: str, *, timeout: float = SCAN_TIMEOUT) -> Any:
+        """The client for the engine service at ``address``: the one route scans and health
+        checks take (https, verified against ``engine_ca_file``, when that is set)."""
+        from vsphere_av.engine_service import EngineClient
+
+        return EngineClient(self.engine_url(address), token=self._token(),
+                            ca_file=self.settings.engine_ca_file, timeout=timeout)
 
     # -- SSH side --------------------------------------------------------------------------
     def _ssh(self, app: Any) -> Any:
@@ -199,13 +207,21 @@ class ApplianceManager:
         return self._each(push)
 
     def check_health(self, *, expected_version: int | None = None) -> list[ApplianceCheck]:
-        """Ask every appliance's engine for its health over SSH; remember the unhealthy ones."""
-        token = self._token()
+        """Check every appliance; remember the unhealthy ones.
 
+        Healthy means: SSH answers with the pinned host key (signature pushes and restarts
+        need it; a changed key may be an impostor) and the engine service answers ``/health``
+        with the token, on the route scans take, with the expected signature version.
+        """
         def check(app: Any, conn: Any) -> ApplianceCheck:
-            # Through the SSH connection, to the address the service listens on there.
-            health = conn.engine_health(token=token, port=self.settings.engine_port,
-                                        address=app.address)
+            client = self._engine_client(app.address, timeout=HEALTH_TIMEOUT)
+            try:
+                health = client.health()
+            finally:
+                client.close()
+            if "signature_version" not in health:
+                raise ApplianceError(f"engine service {client.base_url}: the token was not "
+                                     "accepted")
             version = health.get("signature_version")
             if health.get("status") != "ok":
                 reason = f"appliance unhealthy: engine status {health.get('status')}"
@@ -271,7 +287,7 @@ def reconcile_once(settings: Any, *, connection: Any, audit: Any, actor: str,
 def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, actor: str,
                   on_back: Callable[[tuple[str, ...]], object] | None = None,
                   health_every: int = 1) -> Callable[[], None]:
-    """A periodic task for ``serve``: reconcile, check engine health over SSH, push signatures.
+    """A periodic task for ``serve``: reconcile, check health (SSH and engine), push signatures.
 
     ``connection`` returns the current vCenter session (it may be replaced after a loss);
     ``on_back`` gets the hosts whose appliance runs again so their VMs are rescanned. Does

@@ -588,7 +588,7 @@ def appliances_push(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def appliances_health(ctx: click.Context, as_json: bool) -> None:
-    """Ask every appliance's engine service for its health (over SSH)."""
+    """Check every appliance: SSH (pinned host key) and its engine service's health."""
     from vsphere_av.engine.signatures import SignatureStore
 
     manager = _appliance_manager(ctx)

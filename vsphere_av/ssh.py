@@ -1,9 +1,9 @@
-"""SSH management of the appliances (paramiko): signatures push, engine health, engine restart.
+"""SSH management of the appliances (paramiko): signatures push, engine restart.
 
 Called by the controller (``appliances`` CLI / ``serve`` loop) for each appliance whose
-management address the vSphere adapter reported; calls paramiko (SSH, SFTP, a direct-tcpip
-channel to the engine service's loopback port), the known-hosts file in the state directory
-and the audit log.
+management address the vSphere adapter reported; calls paramiko (SSH, SFTP), the
+known-hosts file in the state directory and the audit log. The engine service itself is
+reached directly (``engine_service.EngineClient``), for scans and health checks alike.
 
 Trust rules:
 - Keys only: ``key_file`` is the controller's private key; no password, no agent, no
@@ -12,8 +12,6 @@ Trust rules:
   records the fingerprint). A different key later is refused with
   :class:`errors.HostKeyMismatch` and an audit entry, before any authentication happens. To
   accept a re-imaged appliance an administrator removes its line with ``ssh-keygen -R``.
-- The engine service is reached through the SSH connection (a direct-tcpip channel to its
-  loopback port), so its bearer token never crosses the network in clear.
 
 Signature push: the controller's active version directory (``signatures/vNNNN``: manifest,
 compiled rules, hash list) is packed into a deterministic tar streamed through SFTP to
@@ -28,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import http.client
 import json
 import os
 import shlex
@@ -246,45 +243,6 @@ class ApplianceSsh:
         self._check(command, "engine restart")
         self.audit.append(actor=self.actor, action="appliance.engine.restarted",
                           details=self._details(command=command))
-
-    # -- engine health -----------------------------------------------------------------------
-    def engine_health(self, *, token: str, port: int, address: str = "127.0.0.1",
-                      scheme: str = "http") -> dict[str, Any]:
-        """GET /health on the appliance's engine service through the SSH connection."""
-        transport = self.client.get_transport()
-        if transport is None:
-            raise ApplianceError("SSH connection is not open")
-        try:
-            channel = transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
-                                             timeout=self.timeout)
-        except (paramiko.SSHException, OSError) as exc:
-            raise ApplianceError(f"engine service on {self.appliance} ({address}:{port}) "
-                                 f"unreachable through SSH: {exc or type(exc).__name__}") from exc
-        channel.settimeout(self.timeout)
-        conn = http.client.HTTPConnection(address, port, timeout=self.timeout)
-        conn.sock = channel   # a paramiko Channel speaks sendall/makefile like a socket
-        try:
-            if scheme != "http":
-                raise ApplianceError("engine health through SSH uses plain HTTP on loopback")
-            conn.request("GET", "/health", headers={"Authorization": f"Bearer {token}",
-                                                    "Connection": "close"})
-            response = conn.getresponse()
-            body = response.read(MAX_STATE_JSON)
-        except (OSError, http.client.HTTPException, paramiko.SSHException) as exc:
-            raise ApplianceError(f"engine health on {self.appliance} failed: "
-                                 f"{exc or type(exc).__name__}") from exc
-        finally:
-            conn.close()
-            channel.close()
-        try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise ApplianceError(f"engine health on {self.appliance}: not JSON") from exc
-        if response.status != 200 or not isinstance(document, dict):
-            raise ApplianceError(f"engine health on {self.appliance}: HTTP {response.status}")
-        if "signature_version" not in document:
-            raise ApplianceError(f"engine health on {self.appliance}: the token was not accepted")
-        return document
 
     # -- signatures --------------------------------------------------------------------------
     def push_signatures(self, *, version_dir: str | os.PathLike[str],

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from appliance_support import Sshd, appliance_settings, start_sshd
+from appliance_support import Sshd, appliance_settings, self_signed, start_sshd
 from conftest import SimulatorFactory
 
 from vsphere_av import config
@@ -35,6 +35,9 @@ class Fleet:
     sshds: dict[str, Sshd]          # host name -> its appliance's sshd
     remote: Path
     local_engine: Engine
+    services: dict[str, EngineService]   # appliance address -> its engine service
+    appliance_engine: Engine
+    engine_port: int
 
 
 @pytest.fixture
@@ -48,14 +51,14 @@ def fleet(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Fleet]:
     manager = open_manager(settings, connection=app.connection, audit=app.audit, actor="tester")
     assert manager.reconcile().ok
     sshds: dict[str, Sshd] = {}
-    services = []
+    services: dict[str, EngineService] = {}
     appliance_engine = Engine.open(config.Settings(state_dir=remote), use_cache=False)
     try:
         for a in manager.appliances():
             sshds[a.host] = start_sshd(keys / a.host, a.address)   # its own host key
             svc = EngineService(engine=appliance_engine, token=TOKEN, listen=(a.address, port))
             svc.start()
-            services.append(svc)
+            services[a.address] = svc
         first = next(iter(sshds.values()))
         for s in sshds.values():    # the fleet's one controller key is authorized everywhere
             (s.directory / "authorized_keys").write_text(
@@ -73,9 +76,10 @@ def fleet(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Fleet]:
                                    adapter=manager.adapter, audit=app.audit, actor="tester",
                                    ssh_open=ssh_open)
         yield Fleet(manager=manager, app=app, sshds=sshds, remote=remote,
-                    local_engine=app.engine)
+                    local_engine=app.engine, services=services,
+                    appliance_engine=appliance_engine, engine_port=port)
     finally:
-        for svc in services:
+        for svc in services.values():
             svc.shutdown()
         for s in sshds.values():
             s.stop()
@@ -150,3 +154,41 @@ def test_serve_keeps_the_fleet_on_the_active_signature_version(fleet: Fleet,
     assert [(c.ok, c.signature_version) for c in checks] == [(True, version), (True, version)]
     assert json.loads((fleet.remote / "signatures/state.json").read_text())["active"] == version
     assert read_health(fleet.manager.state_dir) == {}
+
+
+def test_health_of_engines_serving_tls(fleet: Fleet, tmp_path: Path) -> None:
+    """Engines that serve TLS (as they must off loopback) are checked over TLS, verified
+    against appliances.engine_ca_file: the route scans take."""
+    certs = {}
+    for address in list(fleet.services):
+        fleet.services[address].shutdown()
+        cert, key, _ = self_signed(tmp_path, address)
+        certs[address] = cert
+        svc = EngineService(engine=fleet.appliance_engine, token=TOKEN,
+                            listen=(address, fleet.engine_port), tls_cert=str(cert),
+                            tls_key=str(key))
+        svc.start()
+        fleet.services[address] = svc
+    bundle = tmp_path / "engines-ca.pem"
+    bundle.write_bytes(b"".join(c.read_bytes() for c in certs.values()))
+    plain = fleet.manager.settings
+    fleet.manager.settings = dataclasses.replace(plain, engine_ca_file=str(bundle))
+    checks = fleet.manager.check_health()
+    assert [(c.ok, c.reason) for c in checks] == [(True, ""), (True, "")]
+    assert read_health(fleet.manager.state_dir) == {}
+
+    # A CA file that does not vouch for one appliance's certificate: that one is unhealthy.
+    trusted, untrusted = sorted(certs)
+    partial = tmp_path / "partial-ca.pem"
+    partial.write_bytes(certs[trusted].read_bytes())
+    fleet.manager.settings = dataclasses.replace(plain, engine_ca_file=str(partial))
+    results = {c.address: c for c in fleet.manager.check_health()}
+    assert results[trusted].ok
+    assert not results[untrusted].ok
+    assert "SSLError" in results[untrusted].reason
+    assert list(read_health(fleet.manager.state_dir).values()) == [
+        f"appliance unhealthy: {results[untrusted].reason}"]
+
+    # Plain HTTP against a TLS engine is no answer either.
+    fleet.manager.settings = plain
+    assert not any(c.ok for c in fleet.manager.check_health())

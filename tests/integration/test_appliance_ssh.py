@@ -19,7 +19,6 @@ from appliance_support import EICAR, Sshd, start_sshd
 from vsphere_av import config
 from vsphere_av import ssh as ssh_mod
 from vsphere_av.engine import Engine
-from vsphere_av.engine_service import EngineService
 from vsphere_av.errors import ApplianceError, HostKeyMismatch
 from vsphere_av.ssh import ApplianceSsh
 from vsphere_av.store.audit import AuditLog
@@ -190,25 +189,6 @@ def test_conflicting_remote_version_is_not_activated(sshd: Sshd, state: Path, au
     with conn(sshd, state, audit) as c, pytest.raises(ApplianceError, match="content hash"):
         c.push_signatures(version_dir=local.store.root / "v0001", remote_state_dir=str(remote))
     assert not (remote / "signatures/state.json").exists()
-
-
-def test_engine_health_through_ssh(sshd: Sshd, state: Path, audit: AuditLog,
-                                   tmp_path: Path) -> None:
-    engine = _engine(tmp_path / "appliance-state")
-    service = EngineService(engine=engine, token=TOKEN, listen=("127.0.0.1", 0))
-    service.start()
-    try:
-        with conn(sshd, state, audit) as c:
-            health = c.engine_health(token=TOKEN, port=service.address[1])
-            assert health["status"] == "ok"
-            assert health["signature_version"] == 1
-            assert health["uptime_seconds"] >= 0
-            with pytest.raises(ApplianceError, match="token was not accepted"):
-                c.engine_health(token="wrong-token-0123456789", port=service.address[1])
-    finally:
-        service.shutdown()
-    with conn(sshd, state, audit) as c, pytest.raises(ApplianceError, match="unreachable"):
-        c.engine_health(token=TOKEN, port=service.address[1])
 
 
 def test_restart_engine(sshd: Sshd, state: Path, audit: AuditLog, tmp_path: Path) -> None:
