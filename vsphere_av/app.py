@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,43 +23,11 @@ from vsphere_av.engine import Engine
 from vsphere_av.models import QuarantineItem, VmInfo
 from vsphere_av.quarantine import Quarantine
 from vsphere_av.scanning import ERROR, FOUND, UNREACHABLE_STATUS, Progress, ScanResult, scan_vm
+from vsphere_av.scheduling import Priority, Scheduler
 from vsphere_av.store.audit import AuditLog, current_actor
 from vsphere_av.store.state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-class HostSlots:
-    """Per-host concurrency cap with statistics (modelled on Trio's CapacityLimiter)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._sem = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.borrowed = 0
-        self.peak = 0
-        self.waiting = 0
-
-    def __enter__(self) -> HostSlots:
-        with self._lock:
-            self.waiting += 1
-        self._sem.acquire()
-        with self._lock:
-            self.waiting -= 1
-            self.borrowed += 1
-            self.peak = max(self.peak, self.borrowed)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self.borrowed -= 1
-        self._sem.release()
-
-    def statistics(self) -> dict[str, int]:
-        """borrowed, total, waiting and peak, for displays and tests."""
-        with self._lock:
-            return {"borrowed": self.borrowed, "total": self.limit, "waiting": self.waiting,
-                    "peak": self.peak}
 
 
 @dataclass
@@ -209,34 +176,56 @@ class App:
         if on_start:
             on_start(vms)
         policy = self.settings.scan
-        by_host: dict[str, list[VmInfo]] = {}
+        # The controller's queue, without a journal: the same per-host and global caps.
+        queue = Scheduler(per_host_limit=policy.per_host_limit,
+                          global_limit=policy.global_limit, now=time.time)
+        results: dict[str, ScanResult] = {}
         for vm in vms:
-            by_host.setdefault(vm.host.moref if vm.host else "", []).append(vm)
-        slots = {h: HostSlots(policy.per_host_limit) for h in by_host}
-        global_cap = threading.BoundedSemaphore(policy.global_limit)
+            if vm.powered_on:
+                queue.submit(vm=vm.moref, host=vm.host.moref if vm.host else "",
+                             priority=Priority.ON_DEMAND, full=full)
+            else:                       # nothing to read: no slot needed
+                results[vm.moref] = self.scan_one(vm, full=full, on_progress=on_progress)
+        by_moref: dict[str, VmInfo] = {vm.moref: vm for vm in vms}
+        failures: list[BaseException] = []
+        stop = threading.Event()
 
-        def job(vm: VmInfo, host_key: str) -> ScanResult:
-            if not vm.powered_on:      # nothing to read: no slot needed
-                return self.scan_one(vm, full=full, on_progress=on_progress)
-            with slots[host_key], global_cap:
-                return self.scan_one(vm, full=full, on_progress=on_progress)
+        def work() -> None:
+            while not stop.is_set() and not queue.idle():
+                job = queue.take(stop=stop, timeout=0.5)
+                if job is None:
+                    continue
+                try:
+                    results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
+                                                    on_progress=on_progress)
+                except BaseException as exc:   # re-raised below, after every worker ended
+                    failures.append(exc)
+                    stop.set()
+                finally:
+                    queue.finish(job)
 
-        # Threads start here and only here; each pool is joined before returning.
-        pools = [ThreadPoolExecutor(max_workers=min(policy.per_host_limit, len(host_vms)),
-                                    thread_name_prefix=f"scan-{h or 'nohost'}")
-                 for h, host_vms in by_host.items()]
-        futures: dict[str, Future[ScanResult]] = {}
+        # Threads start here and only here; all are joined before returning.
+        workers = [threading.Thread(target=work, name=f"scan-{i}", daemon=True)
+                   for i in range(min(policy.global_limit, len(queue.queued())))]
+        for worker in workers:
+            worker.start()
         try:
-            for pool, (h, host_vms) in zip(pools, by_host.items(), strict=True):
-                for vm in host_vms:
-                    futures[vm.moref] = pool.submit(job, vm, h)
-            results = [futures[vm.moref].result() for vm in vms]
-        finally:
-            for pool in pools:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for worker in workers:
+                worker.join()
+        except BaseException:
+            stop.set()                  # Ctrl-C: no new VM starts; running ones finish
+            queue.close()
+            for worker in workers:
+                worker.join()
+            raise
+        if failures:
+            raise failures[0]
         hosts: dict[str, str] = {vm.host.moref: vm.host.name for vm in vms if vm.host}
-        peaks = {hosts.get(h, h or "(none)"): s.peak for h, s in slots.items()}
-        return ScanReport(results=results, signature_version=version,
+        seen = queue.peak_per_host()
+        peaks = {hosts.get(h, h or "(none)"): seen.get(h, 0)
+                 for h in {vm.host.moref if vm.host else "" for vm in vms}}
+        results_in_order = [results[vm.moref] for vm in vms]
+        return ScanReport(results=results_in_order, signature_version=version,
                           duration=time.monotonic() - started, peak_per_host=peaks)
 
     # --- reports ---------------------------------------------------------------------------

@@ -353,6 +353,16 @@ def test_per_host_limit_is_respected(sim, tmp_path):
     assert max(report.peak_per_host.values()) == 1
 
 
+def test_global_limit_caps_scans_across_hosts(sim, tmp_path):
+    settings = settings_for(sim, tmp_path / "state",
+                            toml="[scan]\nper_host_limit = 4\nglobal_limit = 1\n")
+    with App(settings) as app:
+        report = app.scan(all_vms=True)
+    assert [r.vm for r in report.results] == sorted(r.vm for r in report.results)
+    assert len(report.peak_per_host) == 2          # both hosts had VMs to scan
+    assert max(report.peak_per_host.values()) == 1
+
+
 def _cli(sim, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
            "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_GUEST_USER": sim.guest_user,
