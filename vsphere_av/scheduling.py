@@ -1,7 +1,8 @@
 """Scan scheduling: per-host slots, a global cap, priorities, cron schedules with jitter.
 
 Called by ``controller.py`` (submit work, workers ``take`` and ``finish`` jobs, migrations
-``move_vm``) and by ``cli.py``/``app.py`` for statistics. Calls nothing but its collaborators
+``move_vm``), by ``app.py`` (``vsphere-av scan`` without a controller: the same queue and
+caps, no journal) and by ``cli.py`` for statistics. Calls nothing but its collaborators
 (and ``config.typed_section`` for ``[[schedule]]`` tables): a clock (``now``) and an optional
 ``journal`` (``store.jobs.JobStore``) that makes the queue durable. No threads start here;
 the controller's worker threads block in :meth:`Scheduler.take`.
