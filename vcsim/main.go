@@ -182,6 +182,7 @@ func run() error {
 	srv := svc.NewServer()
 
 	installGuest(svc, srv)
+	installVapi(svc) // POST /api: JSON-RPC sessions and tagging (vapi.go)
 	installCore(srv)
 
 	addr := srv.Listener.Addr().(*net.TCPAddr)
