@@ -77,9 +77,13 @@ class App:
         self.quarantine = Quarantine.open(settings.state_dir, store=self.store)
         self._engine: Engine | None = None
         self._conn: Any = None
+        self._tagging: Any = None
+        self._tagging_lock = threading.Lock()
 
     def close(self) -> None:
         """Log out and close files."""
+        if self._tagging is not None:
+            self._tagging.close()
         if self._conn is not None:
             self._conn.close()
         if self._engine is not None:
@@ -107,6 +111,46 @@ class App:
             from vsphere_av.vsphere.connection import connect
             self._conn = connect(self.settings.vcenter)
         return self._conn
+
+    @property
+    def tagging(self) -> Any:
+        """The Automation API session for tags (``vsphere.tagging.Tagging``), or None when off."""
+        if not self.settings.tagging.enabled:
+            return None
+        with self._tagging_lock:
+            if self._tagging is None:
+                from vsphere_av.vsphere.connection import trust_from
+                from vsphere_av.vsphere.tagging import Tagging
+                self._tagging = Tagging(vcenter=self.settings.vcenter,
+                                        trust=trust_from(self.settings.vcenter),
+                                        settings=self.settings.tagging)
+            return self._tagging
+
+    def sync_tag(self, vm: VmInfo) -> None:
+        """Make the VM carry the infected tag exactly while its recorded state is infected.
+
+        Tagging trouble never changes a scan's outcome: it is logged and audited, and the
+        next scan of the VM tries again (the check is level-based).
+        """
+        tagging = self.tagging
+        if tagging is None:
+            return
+        state = self.store.vm_state(vm.moref)
+        infected = state is not None and state.state == "infected"
+        tag = f"{tagging.settings.category}/{tagging.settings.infected_tag}"
+        try:
+            changed = tagging.mark(vm.moref, infected=infected)
+        except Exception as exc:
+            reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
+                      else f"internal error: {exc!r}")
+            log.warning("tagging %s failed: %s", vm.name, reason)
+            self.audit.append(actor=self.actor, action="tag.failed", details={
+                "vm": vm.name, "moref": vm.moref, "tag": tag, "reason": reason})
+            return
+        if changed:
+            self.audit.append(actor=self.actor,
+                              action="tag.attached" if infected else "tag.detached",
+                              details={"vm": vm.name, "moref": vm.moref, "tag": tag})
 
     # --- scanning --------------------------------------------------------------------------
 
@@ -154,11 +198,13 @@ class App:
             guest = GuestFiles(connection=self.connection, vm=vm, user=user, password=password)
             guest, engine = self.appliance_route(vm, guest)
             with engine.session() as session:
-                return scan_vm(vm=vm, guest=guest, session=session, store=self.store,
-                               audit=self.audit, quarantine=self.quarantine,
-                               policy=self.settings.scan, full=full, actor=self.actor,
-                               engine_max_file_size=self.settings.engine.max_file_size,
-                               on_progress=on_progress, resume_after=resume_after)
+                result = scan_vm(vm=vm, guest=guest, session=session, store=self.store,
+                                 audit=self.audit, quarantine=self.quarantine,
+                                 policy=self.settings.scan, full=full, actor=self.actor,
+                                 engine_max_file_size=self.settings.engine.max_file_size,
+                                 on_progress=on_progress, resume_after=resume_after)
+            self.sync_tag(vm)
+            return result
         except Exception as exc:  # one VM's failure never stops the others
             log.exception("scan of %s failed", vm.name)
             reason = (str(exc) if isinstance(exc, errors.VsphereAvError)

@@ -152,6 +152,15 @@ class ScanPolicy:
 
 
 @dataclass(frozen=True)
+class TaggingSettings:
+    """vSphere tags that mirror a VM's protection state (needs the vsphere-av-tagging role)."""
+
+    enabled: bool = False
+    category: str = "vsphere-av"    # created when missing: one tag per VM (single cardinality)
+    infected_tag: str = "infected"  # on every VM whose state is infected, off once clean
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the product reads from configuration."""
 
@@ -160,6 +169,7 @@ class Settings:
     guest: GuestSettings = field(default_factory=GuestSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     scan: ScanPolicy = field(default_factory=ScanPolicy)
+    tagging: TaggingSettings = field(default_factory=TaggingSettings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules read
 
     def with_state_dir(self, path: Path) -> Settings:
@@ -386,8 +396,17 @@ def load(
     if scan.per_host_limit < 1 or scan.global_limit < 1:
         raise ConfigError("scan.per_host_limit and scan.global_limit must be at least 1")
 
-    known = {"state_dir", "vcenter", "guest", "engine", "scan"}
+    tagging = TaggingSettings(**typed_section(
+        data.get("tagging", {}), {"enabled": bool, "category": str, "infected_tag": str},
+        "tagging"))
+    for name in ("category", "infected_tag"):
+        value = getattr(tagging, name)
+        if not value.strip() or len(value) > 80:
+            raise ConfigError(f"tagging.{name} must be 1 to 80 characters")
+
+    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Settings(
-        state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan, extra=extra
+        state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan,
+        tagging=tagging, extra=extra
     )
