@@ -24,6 +24,7 @@ from typing import Any
 
 from vsphere_av import config, simulator
 from vsphere_av.errors import VsphereAvError
+from vsphere_av.models import VmInfo
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,17 @@ def port_open(address: str, port: int) -> bool:
         return False
 
 
+def show_tags(settings: config.Settings, vms: Sequence[VmInfo]) -> None:
+    """Print the vSphere tag each VM carries now (read through the Automation API)."""
+    from vsphere_av.app import App
+
+    print("  vSphere tags ([tagging] enabled; the tag follows the VM's state):")
+    with App(settings) as app:
+        tag = f"{settings.tagging.category}/{settings.tagging.infected_tag}"
+        for vm in vms:
+            print(f"    {vm.name:18} {tag if app.tagging.is_marked(vm.moref) else '(none)'}")
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
     """Poll until ``predicate`` is truthy."""
     deadline = time.monotonic() + timeout
@@ -114,7 +126,8 @@ def main() -> int:
         cfg.write_text(
             "[appliances]\nenabled = true\n"
             f'addresses = ["{APPLIANCE_POOL_FIRST}-{APPLIANCE_POOL_LAST}"]\n'
-            f'engine_port = {engine_port}\nengine_token_file = "{token}"\n')
+            f'engine_port = {engine_port}\nengine_token_file = "{token}"\n'
+            "[tagging]\nenabled = true\n")
         env["VSPHERE_AV_CONFIG"] = str(cfg)
         settings = config.load(config_file=cfg, env=env)
         with App(settings) as app:
@@ -177,6 +190,7 @@ def main() -> int:
                   f"its own host, scanned {health['scans_total']} file(s)")
         run(env, "detections")
         run(env, "quarantine", "list")
+        show_tags(settings, vms)
 
         banner("6. Instant-on: the dormant VM is powered on while the controller runs")
         serve = subprocess.Popen([sys.executable, "-m", "vsphere_av", "serve"], env=env,
@@ -209,6 +223,7 @@ def main() -> int:
                  timeout=30, what=f"{dormant.name} to be released")
         for row in instant_on_timeline(settings, dormant.moref)[-3:]:
             print(f"    +{row['seconds']:7.3f}s  {row['what']}")
+        show_tags(settings, [dormant])
 
         banner("7. Protection status and the audit trail")
         run(env, "status")

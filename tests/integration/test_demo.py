@@ -21,4 +21,10 @@ def test_demo_runs_end_to_end() -> None:
     assert "pulled 0 transfer" not in out                          # every appliance worked
     assert "network isolated (every vNIC disconnected)" in out
     assert "isolation.release" in out
+    blocks = [[line.split() for line in block.splitlines()[1:] if line.startswith("    DC0_")]
+              for block in out.split("  vSphere tags (")[1:]]
+    after_scan, after_release = blocks
+    assert len(after_scan) == 6
+    assert [tag for _, tag in after_scan].count("vsphere-av/infected") == 2  # Linux, Windows
+    assert after_release == [[after_release[0][0], "(none)"]]    # the dormant VM, clean again
     assert "audit log intact" in out
