@@ -216,7 +216,9 @@ def _read_secret(section: Mapping[str, Any], where: str, env: Mapping[str, str])
     return Secret("")
 
 
-_KIND_WORDS: Mapping[type, str] = {tuple: "a list of strings", float: "a number"}
+_KIND_WORDS: Mapping[type, str] = {tuple: "a list of strings", float: "a number",
+                                   bool: "true or false", int: "a whole number",
+                                   str: "a string"}
 
 
 def _typed_value(value: Any, kind: type, name: str) -> Any:
@@ -240,7 +242,8 @@ def typed_section(
     """The values a TOML table sets, each checked against ``kinds`` (key -> type).
 
     ConfigError when ``section`` is not a table, names a key missing from ``kinds`` (unless
-    ``ignore_unknown``) or holds a value of the wrong type ("appliances.ssh_port must be int").
+    ``ignore_unknown``) or holds a value of the wrong type ("appliances.ssh_port must be a
+    whole number").
     Kinds: ``str``, ``int`` (not a bool), ``bool``, ``float`` (any number), ``tuple`` (a string
     or a list of strings, returned as a tuple) and ``object`` (anything).
     """

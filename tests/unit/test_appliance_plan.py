@@ -216,7 +216,7 @@ def test_expand_addresses(entries: list[str], expected: list[str]) -> None:
     ({"addresses": ["127.0.0.9-127.0.0.1"]}, "bad range"),
     ({"addresses": ["10.0.0.0/8"]}, "too large"),
     ({"ssh_port": 0}, "ssh_port must be a TCP port"),
-    ({"ssh_port": True}, "ssh_port must be int"),
+    ({"ssh_port": True}, "ssh_port must be a whole number"),
     ({"clusters": [1]}, "clusters must be a list of strings"),
     ({"colour": "red"}, "unknown setting"),
 ])
