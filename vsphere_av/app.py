@@ -469,6 +469,8 @@ class ControllerRuntime:
         self.jobs.stop_beating(os.getpid())
         self.controller._audit("controller.stop", pid=os.getpid(),
                                queued=len(self.controller.scheduler.queued()))
+        if self.app.settings.siem.target:
+            _forward_once(self.app.settings)    # the SIEM also learns that we stopped
         for s in self.sessions:
             s.close()
         self.jobs.close()
@@ -533,6 +535,8 @@ def start_controller(settings: Settings, *,
             settings, connection=lambda: app.connection, audit=app.audit, actor=app.actor,
             on_back=controller.rescan_hosts)
         loops.append(("appliances", _every(appliance_section.interval, reconcile)))
+    if settings.siem.target:
+        loops.append(("siem", _forwarding(settings)))
     loops += [(f"contain-{i}", controller.containing)
               for i in range(options.containment_threads)]
     loops += [(f"scan-{i}", controller.work) for i in range(options.global_limit)]
@@ -544,7 +548,34 @@ def start_controller(settings: Settings, *,
                              threads=threads, sessions=[watch_session, event_session], jobs=jobs)
 
 
-def _every(seconds: float, task: Callable[[], None]) -> Callable[[threading.Event], None]:
+def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:
+    """The thread body that sends new audit entries to the SIEM every ``siem.interval``."""
+    from vsphere_av.siem import Forwarder
+
+    def loop(stop: threading.Event) -> None:
+        forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
+        try:
+            _every(settings.siem.interval, forwarder.forward)(stop)
+        finally:
+            forwarder.close()
+
+    return loop
+
+
+def _forward_once(settings: Settings) -> None:
+    """Send what the SIEM has not seen yet; trouble is logged (the next start sends it)."""
+    from vsphere_av.siem import Forwarder
+
+    forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
+    try:
+        forwarder.forward()
+    except errors.VsphereAvError as exc:
+        log.warning("siem: %s", exc)
+    finally:
+        forwarder.close()
+
+
+def _every(seconds: float, task: Callable[[], Any]) -> Callable[[threading.Event], None]:
     """A thread body that runs ``task`` now and then every ``seconds`` until stopped."""
 
     def loop(stop: threading.Event) -> None:

@@ -433,6 +433,30 @@ def audit_verify(ctx: click.Context, as_json: bool) -> None:
         fail(f"audit log broken at entry {result.first_bad_seq}: {result.message}")
 
 
+@audit.command("forward")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def audit_forward(ctx: click.Context, as_json: bool) -> None:
+    """Send the entries not yet forwarded to the SIEM in [siem] target (syslog), then exit.
+
+    ``serve`` does the same every siem.interval seconds.
+    """
+    from vsphere_av.siem import Forwarder
+
+    settings = settings_from(ctx)
+    forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
+    try:
+        sent = forwarder.forward()
+    finally:
+        forwarder.close()
+    cursor = forwarder.cursor()
+    if as_json:
+        print_json({"target": settings.siem.target, "sent": sent, "last_seq": cursor.seq})
+    else:
+        click.echo(f"forwarded {sent} entr{'y' if sent == 1 else 'ies'} to "
+                   f"{settings.siem.target} (last entry sent: {cursor.seq})")
+
+
 @audit.command("export")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "cef"]), default="jsonl",
               show_default=True)

@@ -161,6 +161,39 @@ class TaggingSettings:
 
 
 @dataclass(frozen=True)
+class SiemSettings:
+    """Forwarding the audit log to a SIEM over syslog (``siem.py``); off while target is ""."""
+
+    target: str = ""                 # tls://host:port (RFC 5425), tcp://host:port, udp://host:port
+    format: str = "cef"              # cef | jsonl: the syslog message body
+    framing: str = "octet-counting"  # tcp/tls: octet-counting (RFC 6587) | newline
+    ca_file: str = ""                # tls: CA bundle; empty: the system's trust store
+    insecure: bool = False           # tls without verification: only when set on purpose
+    interval: float = 5.0            # seconds between forwarding rounds in serve
+
+
+SYSLOG_PORTS = {"tls": 6514, "tcp": 601, "udp": 514}   # RFC 5425, RFC 6587, RFC 5426
+
+
+def parse_syslog_target(text: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``tls|tcp|udp://host[:port]``; ConfigError when malformed."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if "@" in parts.netloc:
+        raise ConfigError("siem.target must not carry a user or password (syslog has none)")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"siem.target {text!r}: {exc}") from exc
+    if parts.scheme not in SYSLOG_PORTS or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query:
+        raise ConfigError(f"siem.target {text!r} must look like tls://HOST:PORT "
+                          "(or tcp:// or udp://)")
+    return parts.scheme, parts.hostname, port or SYSLOG_PORTS[parts.scheme]
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the product reads from configuration."""
 
@@ -170,6 +203,7 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     scan: ScanPolicy = field(default_factory=ScanPolicy)
     tagging: TaggingSettings = field(default_factory=TaggingSettings)
+    siem: SiemSettings = field(default_factory=SiemSettings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules read
 
     def with_state_dir(self, path: Path) -> Settings:
@@ -407,9 +441,21 @@ def load(
         if not value.strip() or len(value) > 80:
             raise ConfigError(f"tagging.{name} must be 1 to 80 characters")
 
-    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging"}
+    siem = SiemSettings(**typed_section(
+        data.get("siem", {}), {"target": str, "format": str, "framing": str, "ca_file": str,
+                               "insecure": bool, "interval": float}, "siem"))
+    if siem.format not in ("cef", "jsonl"):
+        raise ConfigError("siem.format must be cef or jsonl")
+    if siem.framing not in ("octet-counting", "newline"):
+        raise ConfigError("siem.framing must be octet-counting or newline")
+    if siem.interval <= 0:
+        raise ConfigError("siem.interval must be more than 0 seconds")
+    if siem.target:
+        parse_syslog_target(siem.target)     # a malformed target fails now, not in the loop
+
+    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging", "siem"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Settings(
         state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan,
-        tagging=tagging, extra=extra
+        tagging=tagging, siem=siem, extra=extra
     )

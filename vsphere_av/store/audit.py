@@ -217,10 +217,11 @@ class AuditLog:
             return int(parts[0]), parts[1]
         return -1, ""
 
-    def entries(self) -> Iterator[AuditEntry]:
-        """Every entry in stored order (by seq)."""
+    def entries(self, *, after: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
+        """Entries in stored order (by seq): those after ``after``, at most ``limit``."""
         cur = self._db.execute(
-            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+            "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit"
+            " WHERE seq > ? ORDER BY seq LIMIT ?", (after, -1 if limit is None else limit)
         )
         for seq, time, actor, action, details, prev, digest in cur:
             try:
@@ -309,6 +310,7 @@ _CEF_SEVERITY = {
     "scan": 2,
     "appliance": 4,
     "config": 5,
+    "tag": 4,
 }
 
 
@@ -320,10 +322,14 @@ def _cef_escape_ext(value: str) -> str:
     return value.replace("\\", "\\\\").replace("=", "\\=").replace("\r", "\\r").replace("\n", "\\n")
 
 
+def cef_severity(action: str) -> int:
+    """CEF severity (0-10) of an audit action, by its family ("detection", "scan", ...)."""
+    return _CEF_SEVERITY.get(action.split(".", 1)[0], 3)
+
+
 def to_cef(entry: AuditEntry, *, version: str) -> str:
     """One entry as an ArcSight CEF:0 line, the form SIEMs take from antivirus products."""
-    family = entry.action.split(".", 1)[0]
-    severity = _CEF_SEVERITY.get(family, 3)
+    severity = cef_severity(entry.action)
     details = entry.details
     name = entry.action
     if details.get("threat"):
