@@ -71,7 +71,7 @@ class App:
 
     def __init__(self, settings: Settings, *, actor: str | None = None) -> None:
         self.settings = settings
-        self.actor = actor or current_actor()
+        self.actor = actor or current_actor(state_dir=settings.state_dir)
         self.store = StateStore.open(settings.state_dir)
         self.audit = AuditLog.open(settings.state_dir)
         self.quarantine = Quarantine.open(settings.state_dir, store=self.store)

@@ -6,6 +6,7 @@ Every ``errors.VsphereAvError`` becomes one line on stderr and exit 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -661,3 +662,49 @@ def serve_cmd(ctx: click.Context, log_level: str) -> None:
                f" (state in {settings.state_dir})", err=True)
     run_controller(settings, stop)
     click.echo("vsphere-av serve: stopped", err=True)
+
+
+# --- access control (every command, after all are defined; see access.py) ---
+
+
+def _guard(group: click.Group, prefix: str = "") -> None:
+    """Check ``[access]`` before each command of ``group`` runs."""
+    from vsphere_av import access
+
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            _guard(command, path + " ")
+        elif command.callback is not None and path not in access.UNCHECKED:
+            command.callback = _checked(path, command.callback)
+
+
+def _checked(path: str, callback: Command) -> Command:
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from vsphere_av import access
+
+        settings = settings_from(click.get_current_context())
+        try:
+            access.check(path, settings=settings.access, state_dir=settings.state_dir)
+        except errors.AccessDenied as exc:
+            _audit_denial(settings, path, str(exc))
+            raise
+        return callback(*args, **kwargs)
+
+    return run
+
+
+_guard(main)
+
+
+def _audit_denial(settings: Any, command: str, reason: str) -> None:
+    """Record a refused command (best effort: the refusal stands either way)."""
+    from vsphere_av.store.audit import AuditLog, current_actor
+
+    try:
+        with AuditLog.open(settings.state_dir) as log:
+            log.append(actor=current_actor(state_dir=settings.state_dir),
+                       action="access.denied", details={"command": command, "reason": reason})
+    except (errors.VsphereAvError, OSError):
+        pass

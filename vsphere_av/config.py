@@ -172,6 +172,24 @@ class SiemSettings:
     interval: float = 5.0            # seconds between forwarding rounds in serve
 
 
+@dataclass(frozen=True)
+class AccessSettings:
+    """The ``[access]`` section: users and ``%groups`` per role (``access.py``)."""
+
+    security_admins: tuple[str, ...] = ()
+    infrastructure_admins: tuple[str, ...] = ()
+    auditors: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """True when any role lists anyone."""
+        return bool(self.security_admins or self.infrastructure_admins or self.auditors)
+
+    def members(self, role: str) -> tuple[str, ...]:
+        """The entries of one role."""
+        return tuple(getattr(self, role))
+
+
 SYSLOG_PORTS = {"tls": 6514, "tcp": 601, "udp": 514}   # RFC 5425, RFC 6587, RFC 5426
 
 
@@ -204,6 +222,7 @@ class Settings:
     scan: ScanPolicy = field(default_factory=ScanPolicy)
     tagging: TaggingSettings = field(default_factory=TaggingSettings)
     siem: SiemSettings = field(default_factory=SiemSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules read
 
     def with_state_dir(self, path: Path) -> Settings:
@@ -453,9 +472,17 @@ def load(
     if siem.target:
         parse_syslog_target(siem.target)     # a malformed target fails now, not in the loop
 
-    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging", "siem"}
+    access = AccessSettings(**typed_section(
+        data.get("access", {}), dict.fromkeys(AccessSettings.__dataclass_fields__, tuple),
+        "access"))
+    for role in AccessSettings.__dataclass_fields__:
+        for entry in getattr(access, role):
+            if not entry.strip("%").strip() or entry != entry.strip():
+                raise ConfigError(f"access.{role}: {entry!r} is not a user or %group name")
+
+    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging", "siem", "access"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Settings(
         state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan,
-        tagging=tagging, siem=siem, extra=extra
+        tagging=tagging, siem=siem, access=access, extra=extra
     )

@@ -5,6 +5,7 @@ the edge that meets them (``raise X from exc``); everything above sees only thes
 
     VsphereAvError                 every error the product raises on purpose
     ├── ConfigError                bad settings, bad command-line input
+    ├── AccessDenied               the caller holds no role for the command ([access])
     ├── SimulatorMissing           the vcsim binary is not built
     ├── SignatureError             a signature bundle was rejected (names file, line, reason)
     ├── StoreError                 state database problems
@@ -33,6 +34,10 @@ class VsphereAvError(Exception):
 
 class ConfigError(VsphereAvError):
     """Bad settings or command-line input."""
+
+
+class AccessDenied(VsphereAvError):
+    """The caller holds no role that may run this command (``[access]``)."""
 
 
 class SimulatorMissing(VsphereAvError):

@@ -141,7 +141,7 @@ def _audit(action: str, details: dict[str, Any], state_dir: Path) -> None:
     from vsphere_av.store.audit import AuditLog, current_actor
 
     with AuditLog.open(state_dir) as log:
-        log.append(actor=current_actor(), action=action, details=details)
+        log.append(actor=current_actor(state_dir=state_dir), action=action, details=details)
 
 
 def _check_rule_file(path: Path, rel: str) -> tuple[str | None, int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import getpass
 import hashlib
 import json
 import os
@@ -92,15 +91,15 @@ class Verification:
     message: str = ""
 
 
-def current_actor() -> str:
-    """Who is acting: VSPHERE_AV_ACTOR if set (the controller sets its role), else the OS user."""
+def current_actor(*, state_dir: Path | str | None = None) -> str:
+    """Who is acting: VSPHERE_AV_ACTOR if set (the controller names itself), else the person
+    (``access.caller``: SUDO_USER when running as root or as the owner of ``state_dir``)."""
     actor = os.environ.get("VSPHERE_AV_ACTOR")
     if actor:
         return actor
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid:{os.getuid()}"
+    from vsphere_av.access import caller
+
+    return caller(state_dir=Path(state_dir) if state_dir is not None else None)
 
 
 def entry_hash(
@@ -311,6 +310,7 @@ _CEF_SEVERITY = {
     "appliance": 4,
     "config": 5,
     "tag": 4,
+    "access": 6,
 }
 
 

@@ -1,0 +1,142 @@
+"""Who may run which command: security admins, infrastructure admins and auditors.
+
+Called by ``cli.py`` before every command (through :func:`check`) and by
+``store.audit.current_actor`` (through :func:`caller`). Calls ``pwd`` / ``grp`` only.
+
+Roles, from ``[access]`` (users, or ``%group``):
+- ``security_admins``: what changes protection or guests: ``scan`` (remediates),
+  quarantine ``restore`` / ``purge``, signature ``import`` / ``activate`` / ``rollback``;
+- ``infrastructure_admins``: what runs and deploys the product: ``serve``, the appliance
+  commands that change appliances (``reconcile``, ``push-signatures``, ``restart-engine``)
+  and ``engine serve``;
+- ``auditors``: reading only: ``status``, ``detections``, quarantine and signature lists,
+  ``audit verify`` / ``export`` / ``forward``, appliance ``list`` / ``health``,
+  ``scan-files`` (local files only). Every role may read.
+
+Without an ``[access]`` section (or with all three lists empty) nothing is checked: one
+administrator. With one, the caller must hold a role that may run the command, except the
+owner of the state directory (the service account, which could change the files anyway)
+and root acting on their own.
+
+The caller is the person, not the account the command runs as: admins run
+``sudo -u <service account> vsphere-av ...``, so when the command runs as the state
+directory's owner or as root, the caller is ``SUDO_USER`` (sudo sets it; reaching those
+accounts takes sudo); otherwise the effective user, named from its uid (never from USER,
+which anyone can set). The same name goes into every audit entry. This separates duties
+between people who do not hold the service account; whoever holds it (or root) holds
+everything, as with any local service.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from collections.abc import Sequence
+from pathlib import Path
+
+from vsphere_av.config import AccessSettings
+from vsphere_av.errors import AccessDenied
+
+SECURITY, INFRASTRUCTURE, AUDITOR = "security_admins", "infrastructure_admins", "auditors"
+ROLES = (SECURITY, INFRASTRUCTURE, AUDITOR)
+READ = frozenset(ROLES)
+
+# Command path (as typed after "vsphere-av") -> the roles that may run it.
+COMMANDS: dict[str, frozenset[str]] = {
+    "scan": frozenset({SECURITY}),
+    "quarantine restore": frozenset({SECURITY}),
+    "quarantine purge": frozenset({SECURITY}),
+    "signatures import": frozenset({SECURITY}),
+    "signatures activate": frozenset({SECURITY}),
+    "signatures rollback": frozenset({SECURITY}),
+    "serve": frozenset({INFRASTRUCTURE}),
+    "engine serve": frozenset({INFRASTRUCTURE}),
+    "appliances reconcile": frozenset({INFRASTRUCTURE}),
+    "appliances push-signatures": frozenset({INFRASTRUCTURE}),
+    "appliances restart-engine": frozenset({INFRASTRUCTURE}),
+    "status": READ,
+    "detections": READ,
+    "scan-files": READ,
+    "quarantine list": READ,
+    "signatures list": READ,
+    "audit verify": READ,
+    "audit export": READ,
+    "audit forward": READ,
+    "appliances list": READ,
+    "appliances health": READ,
+}
+UNCHECKED = frozenset({"vcsim"})     # the bundled simulator: a development tool, no state
+
+
+def caller(*, state_dir: Path | None = None) -> str:
+    """The person acting: SUDO_USER when the command runs as root or as the owner of
+    ``state_dir`` (accounts reached through sudo), else the account's own name."""
+    account = _account()
+    sudo_user = os.environ.get("SUDO_USER", "")
+    if sudo_user and sudo_user != account and _privileged(state_dir):
+        return sudo_user
+    return account
+
+
+def _account() -> str:
+    """The name of the effective user (from the uid, never from USER or LOGNAME)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid:{os.geteuid()}"
+
+
+def _privileged(state_dir: Path | None) -> bool:
+    """Running as root or as the state directory's owner (the service account)."""
+    if os.geteuid() == 0:
+        return True
+    if state_dir is None:
+        return False
+    try:
+        return Path(state_dir).stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def in_entries(user: str, entries: Sequence[str]) -> bool:
+    """True when ``user`` is named, or is a member (primary or supplementary) of a %group."""
+    primary_gid: int | None
+    try:
+        primary_gid = pwd.getpwnam(user).pw_gid
+    except KeyError:
+        primary_gid = None
+    for entry in entries:
+        if not entry.startswith("%"):
+            if entry == user:
+                return True
+            continue
+        try:
+            group = grp.getgrnam(entry[1:])
+        except KeyError:
+            continue
+        if user in group.gr_mem or group.gr_gid == primary_gid:
+            return True
+    return False
+
+
+def roles_of(user: str, settings: AccessSettings) -> list[str]:
+    """Every role ``user`` holds."""
+    return [role for role in ROLES if in_entries(user, settings.members(role))]
+
+
+def check(command: str, *, settings: AccessSettings, state_dir: Path) -> None:
+    """Raise AccessDenied unless the caller may run ``command`` ("quarantine restore", ...)."""
+    if command in UNCHECKED or not settings.enabled:
+        return
+    who = caller(state_dir=state_dir)
+    if who == _account() and _privileged(state_dir):
+        return          # root or the service account acting directly: it holds everything
+    allowed = COMMANDS.get(command)
+    if allowed is None:
+        raise AccessDenied(f"{command}: no role may run it (unknown to the access rules)")
+    held = roles_of(who, settings)
+    if not allowed & set(held):
+        needed = " or ".join(sorted(f"access.{r}" for r in allowed))
+        raise AccessDenied(f"{command} needs a role in {needed}; {who} holds "
+                           f"{', '.join(held) or 'none'}")
