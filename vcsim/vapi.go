@@ -600,14 +600,7 @@ func (c *restCaller) category(op string, in map[string]interface{}) (interface{}
 		return nil, verr
 	}
 	if op == "delete" {
-		p, verr := idPath(restCategory, "category", id)
-		if verr != nil {
-			return nil, verr
-		}
-		if verr = c.do(http.MethodDelete, p, "", nil, nil); verr != nil && verr.kind == errNotFound {
-			verr.message = fmt.Sprintf("category %q not found", id)
-		}
-		return nil, verr
+		return nil, c.deleteOne(restCategory, "category", id)
 	}
 	m, verr := c.getCategory(id) // get
 	if verr != nil {
@@ -668,14 +661,7 @@ func (c *restCaller) tag(op string, in map[string]interface{}) (interface{}, *va
 		return nil, verr
 	}
 	if op == "delete" {
-		p, verr := idPath(restTag, "tag", id)
-		if verr != nil {
-			return nil, verr
-		}
-		if verr = c.do(http.MethodDelete, p, "", nil, nil); verr != nil && verr.kind == errNotFound {
-			verr.message = fmt.Sprintf("tag %q not found", id)
-		}
-		return nil, verr
+		return nil, c.deleteOne(restTag, "tag", id)
 	}
 	m, verr := c.getTag(id) // get
 	if verr != nil {
@@ -688,6 +674,18 @@ func (c *restCaller) tag(op string, in map[string]interface{}) (interface{}, *va
 		"description": m.Description,
 		"used_by":     stringList(m.UsedBy),
 	}), nil
+}
+
+// deleteOne deletes the category or tag (kind) with this id through its /rest path.
+func (c *restCaller) deleteOne(base, kind, id string) *vapiError {
+	p, verr := idPath(base, kind, id)
+	if verr != nil {
+		return verr
+	}
+	if verr = c.do(http.MethodDelete, p, "", nil, nil); verr != nil && verr.kind == errNotFound {
+		verr.message = fmt.Sprintf("%s %q not found", kind, id)
+	}
+	return verr
 }
 
 func (c *restCaller) attachedTags(obj map[string]string) ([]string, *vapiError) {
