@@ -94,6 +94,9 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
         HOME=str(home),
         **extra,
     )
+    # The role validates sudoers with visudo, which lives in sbin (not on every user's PATH).
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    env["PATH"] = os.pathsep.join(path + [d for d in ("/usr/sbin", "/sbin") if d not in path])
     return env
 
 
@@ -281,8 +284,31 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+# [access] for the controller role: a user in two roles, groups, and the sudo rules they get
+# (entries in role-name order, once each).
+ACCESS = {"security_admins": ["alice", "%secops"], "infrastructure_admins": ["%vi-admins"],
+          "auditors": ["%audit", "alice"]}
+SUDO_ENTRIES = ["%audit", "alice", "%vi-admins", "%secops"]
+
+
+def _sudo_rules(path: Path) -> list[dict[str, Any]]:
+    """The User_Specs of a sudoers file as sudo itself parses them (cvtsudoers, JSON)."""
+    out = subprocess.run(["cvtsudoers", "-f", "json", str(path)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    return list(json.loads(out)["User_Specs"])
+
+
+def _sudo_spec(entry: str, *, runas: str, cli: Path) -> dict[str, Any]:
+    """One rule: the person may run exactly the CLI (any arguments) as runas, password asked."""
+    who = {"usergroup": entry[1:]} if entry.startswith("%") else {"username": entry}
+    return {"User_List": [who], "Host_List": [{"hostname": "ALL"}],
+            "Cmnd_Specs": [{"runasusers": [{"username": runas}],
+                            "Commands": [{"command": str(cli)}]}]}
+
+
 def test_controller_role_installs_configures_and_is_idempotent(
         tmp_path: Path, vcsim_factory: SimulatorFactory) -> None:
+    assert shutil.which("visudo", path=_env(tmp_path)["PATH"]), "no visudo: make system-deps"
     sim = vcsim_factory(hosts=2, vms=1, password=VC_PASSWORD)
     prefix = tmp_path / "root"
     venv = tmp_path / "venv"
@@ -319,6 +345,7 @@ def test_controller_role_installs_configures_and_is_idempotent(
         "vsphere_av_controller_appliances": {"enabled": True},
         "vsphere_av_controller_appliances_reconcile": True,
         "vsphere_av_controller_signature_bundle": str(bundle),
+        "vsphere_av_controller_access": ACCESS,
     }
     inventory = {"all": {"children": {
         "vcenter": {"hosts": {}},
@@ -346,6 +373,8 @@ def test_controller_role_installs_configures_and_is_idempotent(
     assert second.status("Install vsphere-av into the virtualenv") == "skipping"
     assert second.status("Import and activate the signature bundle") == "skipping"
     assert second.status("Reconcile the per-host appliances") == "ok"
+    assert second.status("Let the people in [access] run the vsphere-av CLI") == "ok"
+    assert second.status("Remove the sudo rules") == "skipping"
 
     # Check mode agrees there is nothing to do (reconcile only plans: --dry-run).
     checked = _playbook(tmp_path, inventory, "--tags", "controller", "--check", env=env)
@@ -385,6 +414,25 @@ def test_controller_role_installs_configures_and_is_idempotent(
     assert settings.guest.for_vm(vm_name="web-1")[1].reveal() == GUEST_PASSWORD
     assert settings.scan.action == "report"
     assert settings.scan.per_host_limit == 2
+    assert "\n[access]\n" in text
+    assert settings.access.enabled
+    for role, entries in ACCESS.items():
+        assert list(settings.access.members(role)) == entries, role
+
+    # sudo rules: 0440 (root's: the test runs the role as root), visudo accepts them, and
+    # sudo reads exactly one rule per person: the role's CLI as the service account, with a
+    # password (no NOPASSWD), nothing else.
+    sudoers = prefix / "etc" / "sudoers.d" / "vsphere-av"
+    assert _mode(sudoers) == 0o440
+    if os.geteuid() == 0:
+        assert (sudoers.stat().st_uid, sudoers.stat().st_gid) == (0, 0)
+    checked_rules = subprocess.run(["visudo", "-cf", str(sudoers)], capture_output=True,
+                                   text=True, timeout=60, env=env, check=False)
+    assert checked_rules.returncode == 0, checked_rules.stdout + checked_rules.stderr
+    rules_text = sudoers.read_text(encoding="utf-8")
+    assert "NOPASSWD" not in rules_text
+    assert f"ALL=({user}) {cli}\n" in rules_text
+    assert _sudo_rules(sudoers) == [_sudo_spec(e, runas=user, cli=cli) for e in SUDO_ENTRIES]
 
     # The hardened unit (written, not started: service management is off).
     unit = (prefix / "etc" / "systemd" / "system" / "vsphere-av.service").read_text()
@@ -421,13 +469,56 @@ def test_controller_role_installs_configures_and_is_idempotent(
     assert audit["ok"]
     assert audit["entries"] > 0
 
-    # A new bundle is copied and imported; nothing else changes.
+    # A new bundle, and [access] emptied: the bundle is copied and imported, the
+    # configuration loses [access] and the sudo rules go; nothing else changes.
     _bundle(bundle, "two")
+    host_vars["vsphere_av_controller_access"] = {}
     third = _playbook(tmp_path, inventory, "--tags", "controller", env=env)
-    assert third.count("localhost", "changed") == 2, third.output[-6000:]
+    assert third.count("localhost", "changed") == 4, third.output[-6000:]
+    assert third.status("Write the configuration file") == "changed"
+    assert third.status("Remove the sudo rules") == "changed"
+    assert third.status("Let the people in [access] run the vsphere-av CLI") == "skipping"
+    assert not sudoers.exists()
+    assert "[access]" not in cfg.read_text(encoding="utf-8")
+    assert not config.load(config_file=cfg, env={}).access.enabled
     listed = json.loads(subprocess.run(
         [str(cli), "--config", str(cfg), "signatures", "list", "--json"], check=True,
         capture_output=True, text=True, timeout=60, env=env).stdout)
     ours = [v for v in listed if "/bundles/signatures-" in v["source"]]
     assert len(ours) == 2
     assert ours[-1]["active"]
+
+
+BAD_ACCESS = [
+    # "ALL" would be everyone in a sudoers file, an all-capitals word an alias.
+    ({"auditors": ["%audit", "ALL"]}, "vsphere_av_controller_access.auditors must be a list"),
+    ({"security_admins": ["ADMINS"]}, "vsphere_av_controller_access.security_admins must be"),
+    ({"auditors": ["al ice"]}, "vsphere_av_controller_access.auditors must be a list"),
+    ({"auditors": ["%"]}, "vsphere_av_controller_access.auditors must be a list"),
+    ({"auditors": "alice"}, "vsphere_av_controller_access.auditors must be a list"),
+    ({"auditors": [7]}, "vsphere_av_controller_access.auditors must be a list"),
+    ({"admins": ["alice"]}, "must be a mapping with only the keys"),
+    (["alice"], "must be a mapping with only the keys"),
+]
+
+
+@pytest.mark.parametrize(("access", "message"), BAD_ACCESS, ids=[str(a) for a, _ in BAD_ACCESS])
+def test_controller_role_refuses_bad_access_before_changing_anything(
+        tmp_path: Path, access: Any, message: str) -> None:
+    prefix = tmp_path / "root"
+    inventory = {"all": {"children": {
+        "vcenter": {"hosts": {}},
+        "vsphere_av_controllers": {"hosts": {"localhost": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "ansible_become": False,
+            "vsphere_av_controller_prefix": str(prefix),
+            "vsphere_av_controller_access": access,
+        }}},
+    }}}
+    run = _playbook(tmp_path, inventory, "--tags", "controller", env=_env(tmp_path),
+                    expect_failure=True)
+    assert run.count("localhost", "failed") == 1
+    assert run.count("localhost", "changed") == 0
+    assert message in run.output, run.output[-3000:]
+    assert not prefix.exists()
