@@ -71,7 +71,8 @@ UNCHECKED = frozenset({"vcsim"})     # the bundled simulator: a development tool
 
 def caller(*, state_dir: Path | None = None) -> str:
     """The person acting: SUDO_USER when the command runs as root or as the owner of
-    ``state_dir`` (accounts reached through sudo), else the account's own name."""
+    ``state_dir`` (accounts reached through sudo), else the account's own name. "root"
+    when root used sudo (Ansible's become does): root holds everything anyway."""
     account = _account()
     sudo_user = os.environ.get("SUDO_USER", "")
     if sudo_user and sudo_user != account and _privileged(state_dir):
@@ -125,13 +126,27 @@ def roles_of(user: str, settings: AccessSettings) -> list[str]:
     return [role for role in ROLES if in_entries(user, settings.members(role))]
 
 
-def check(command: str, *, settings: AccessSettings, state_dir: Path) -> None:
-    """Raise AccessDenied unless the caller may run ``command`` ("quarantine restore", ...)."""
-    if command in UNCHECKED or not settings.enabled:
+def check(command: str, *, settings: AccessSettings, state_dir: Path,
+          config_file: str | None = None) -> None:
+    """Raise AccessDenied unless the caller may run ``command`` ("quarantine restore", ...).
+
+    A person who came through sudo must also run with the service's own configuration: a
+    file only root or the service account can write, that defines ``[access]``; otherwise
+    ``--config`` with a file of their own (no ``[access]``) would switch the checks off.
+    """
+    if command in UNCHECKED:
         return
     who = caller(state_dir=state_dir)
-    if who == _account() and _privileged(state_dir):
-        return          # root or the service account acting directly: it holds everything
+    account = _account()
+    if who == "root" or (who == account and _privileged(state_dir)):
+        return          # root, or the service account acting itself: it holds everything
+    if who != account:  # a person through sudo
+        _require_service_config(command, config_file)
+        if not settings.enabled:
+            raise AccessDenied(f"{command}: run through sudo, the configuration must "
+                               "define [access]")
+    if not settings.enabled:
+        return
     allowed = COMMANDS.get(command)
     if allowed is None:
         raise AccessDenied(f"{command}: no role may run it (unknown to the access rules)")
@@ -140,3 +155,17 @@ def check(command: str, *, settings: AccessSettings, state_dir: Path) -> None:
         needed = " or ".join(sorted(f"access.{r}" for r in allowed))
         raise AccessDenied(f"{command} needs a role in {needed}; {who} holds "
                            f"{', '.join(held) or 'none'}")
+
+
+def _require_service_config(command: str, config_file: str | None) -> None:
+    """The configuration file must be one only root or this account can have written."""
+    if not config_file:
+        raise AccessDenied(f"{command}: run through sudo, give the service's configuration "
+                           "file with --config")
+    try:
+        st = os.stat(config_file)
+    except OSError as exc:
+        raise AccessDenied(f"{command}: configuration {config_file}: {exc.strerror}") from exc
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise AccessDenied(f"{command}: run through sudo, the configuration {config_file} must "
+                           f"belong to root or {_account()} and be writable by its owner only")

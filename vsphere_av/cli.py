@@ -684,9 +684,11 @@ def _checked(path: str, callback: Command) -> Command:
     def run(*args: Any, **kwargs: Any) -> Any:
         from vsphere_av import access
 
-        settings = settings_from(click.get_current_context())
+        ctx = click.get_current_context()
+        settings = settings_from(ctx)
         try:
-            access.check(path, settings=settings.access, state_dir=settings.state_dir)
+            access.check(path, settings=settings.access, state_dir=settings.state_dir,
+                         config_file=ctx.find_root().obj.get("config_file"))
         except errors.AccessDenied as exc:
             _audit_denial(settings, path, str(exc))
             raise

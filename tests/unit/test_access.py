@@ -68,17 +68,50 @@ def test_membership(user: str, entries: tuple[str, ...], member: bool) -> None:
 def test_roles_decide_under_sudo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                  sudo_user: str, command: str, allowed: bool) -> None:
     monkeypatch.setenv("SUDO_USER", sudo_user)
+    cfg = _service_config(tmp_path)
     if allowed:
-        access.check(command, settings=ROLES, state_dir=tmp_path)
+        access.check(command, settings=ROLES, state_dir=tmp_path, config_file=cfg)
     else:
         with pytest.raises(AccessDenied, match=f"{command} needs a role in .*; {sudo_user} "):
-            access.check(command, settings=ROLES, state_dir=tmp_path)
+            access.check(command, settings=ROLES, state_dir=tmp_path, config_file=cfg)
+
+
+def _service_config(directory: Path, mode: int = 0o600) -> str:
+    """A configuration file of the service account (the account running the tests)."""
+    path = directory / "vsphere-av.toml"
+    path.write_text('[access]\nauditors = ["%nogroup"]\n')
+    path.chmod(mode)
+    return str(path)
+
+
+def test_root_through_sudo_holds_everything(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    # Ansible's become: root runs the CLI as the service account with sudo.
+    monkeypatch.setenv("SUDO_USER", "root")
+    access.check("quarantine purge", settings=ROLES, state_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("config", "settings", "error"), [
+    (None, ROLES, "give the service's configuration file with --config"),
+    ("group-writable", ROLES, "must belong to root or .* and be writable by its owner only"),
+    ("missing", ROLES, "No such file or directory"),
+    ("service", AccessSettings(), "the configuration must define \\[access\\]"),
+])
+def test_a_person_through_sudo_cannot_bring_their_own_configuration(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: str | None,
+        settings: AccessSettings, error: str) -> None:
+    monkeypatch.setenv("SUDO_USER", "alice")         # a security admin, even so
+    path = {None: None, "missing": str(tmp_path / "nope.toml")}.get(config or "")
+    if config in ("service", "group-writable"):
+        path = _service_config(tmp_path, 0o620 if config == "group-writable" else 0o600)
+    with pytest.raises(AccessDenied, match=error):
+        access.check("status", settings=settings, state_dir=tmp_path, config_file=path)
 
 
 def test_without_roles_nothing_is_checked(monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
-    monkeypatch.setenv("SUDO_USER", "mallory")
-    access.check("quarantine purge", settings=AccessSettings(), state_dir=tmp_path)
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    access.check("quarantine purge", settings=AccessSettings(), state_dir=Path("/"))
 
 
 def test_the_service_account_acting_itself_holds_everything(monkeypatch: pytest.MonkeyPatch,

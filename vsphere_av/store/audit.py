@@ -94,12 +94,13 @@ class Verification:
 def current_actor(*, state_dir: Path | str | None = None) -> str:
     """Who is acting: VSPHERE_AV_ACTOR if set (the controller names itself), else the person
     (``access.caller``: SUDO_USER when running as root or as the owner of ``state_dir``)."""
-    actor = os.environ.get("VSPHERE_AV_ACTOR")
-    if actor:
-        return actor
     from vsphere_av.access import caller
 
-    return caller(state_dir=Path(state_dir) if state_dir is not None else None)
+    person = caller(state_dir=Path(state_dir) if state_dir is not None else None)
+    actor = os.environ.get("VSPHERE_AV_ACTOR")
+    if actor and "SUDO_USER" not in os.environ:   # a person through sudo cannot rename
+        return actor
+    return person
 
 
 def entry_hash(
