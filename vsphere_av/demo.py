@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -88,6 +89,48 @@ def show_tags(settings: config.Settings, vms: Sequence[VmInfo]) -> None:
             print(f"    {vm.name:18} {tag if app.tagging.is_marked(vm.moref) else '(none)'}")
 
 
+class SyslogSink:
+    """A stand-in SIEM: takes syslog over TCP (octet-counted frames) on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.data = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn:
+            while chunk := conn.recv(65536):
+                with self._lock:
+                    self.data += chunk
+
+    def messages(self) -> list[bytes]:
+        """Every complete message received so far."""
+        with self._lock:
+            data = bytes(self.data)
+        out = []
+        while b" " in data:
+            length, _, rest = data.partition(b" ")
+            if not length.isdigit() or len(rest) < int(length):
+                break
+            out.append(rest[:int(length)])
+            data = rest[int(length):]
+        return out
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.sock.close()
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
     """Poll until ``predicate`` is truthy."""
     deadline = time.monotonic() + timeout
@@ -112,6 +155,7 @@ def main() -> int:
     sim = simulator.start(hosts=3, vms=6, guest_root=WORK / "guests")
     serve: subprocess.Popen[bytes] | None = None
     engines: list[subprocess.Popen[bytes]] = []
+    siem = SyslogSink()
     try:
         print(f"SDK URL: https://{sim.host}:{sim.port}/sdk   (SHA-256 thumbprint pinned: "
               f"{sim.thumbprint[:23]}...)")
@@ -127,7 +171,8 @@ def main() -> int:
             "[appliances]\nenabled = true\n"
             f'addresses = ["{APPLIANCE_POOL_FIRST}-{APPLIANCE_POOL_LAST}"]\n'
             f'engine_port = {engine_port}\nengine_token_file = "{token}"\n'
-            "[tagging]\nenabled = true\n")
+            "[tagging]\nenabled = true\n"
+            f'[siem]\ntarget = "tcp://127.0.0.1:{siem.port}"\ninterval = 1\n')
         env["VSPHERE_AV_CONFIG"] = str(cfg)
         settings = config.load(config_file=cfg, env=env)
         with App(settings) as app:
@@ -236,6 +281,12 @@ def main() -> int:
                               "cef"], env=env, check=True, capture_output=True, text=True).stdout
         for line in out.splitlines()[-3:]:
             print("  " + (line if len(line) < 200 else line[:197] + "..."))
+        entries = len(out.splitlines())
+        received = wait_for(lambda: (lambda m: m if len(m) >= entries else None)(
+            siem.messages()), timeout=10, what="the SIEM to receive every entry")
+        print(f"  the SIEM (syslog over TCP, 127.0.0.1:{siem.port}) received {len(received)} "
+              f"message(s) for {entries} audit entries; the last one:")
+        print("  " + received[-1].decode()[:197] + "...")
         banner("Done: state, quarantine and audit log are in build/demo/state")
         return 0
     finally:
@@ -253,6 +304,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         sim.stop()
+        siem.close()
 
 
 if __name__ == "__main__":

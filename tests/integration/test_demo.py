@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,3 +29,6 @@ def test_demo_runs_end_to_end() -> None:
     assert [tag for _, tag in after_scan].count("vsphere-av/infected") == 2  # Linux, Windows
     assert after_release == [[after_release[0][0], "(none)"]]    # the dormant VM, clean again
     assert "audit log intact" in out
+    siem = re.search(r"received (\d+) message\(s\) for (\d+) audit entries", out)
+    assert siem, out[-2000:]
+    assert siem.group(1) == siem.group(2)            # the SIEM has every entry
