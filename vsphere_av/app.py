@@ -20,7 +20,7 @@ from typing import Any
 from vsphere_av import errors
 from vsphere_av.config import Settings
 from vsphere_av.engine import Engine
-from vsphere_av.models import QuarantineItem, VmInfo
+from vsphere_av.models import INFECTED, QuarantineItem, VmInfo
 from vsphere_av.quarantine import Quarantine
 from vsphere_av.scanning import ERROR, FOUND, UNREACHABLE_STATUS, Progress, ScanResult, scan_vm
 from vsphere_av.scheduling import Priority, Scheduler
@@ -79,6 +79,7 @@ class App:
         self._conn: Any = None
         self._tagging: Any = None
         self._tagging_lock = threading.Lock()
+        self._tagging_failing = ""      # the reason last audited as tag.failed ("" = working)
 
     def close(self) -> None:
         """Log out and close files."""
@@ -129,28 +130,62 @@ class App:
     def sync_tag(self, vm: VmInfo) -> None:
         """Make the VM carry the infected tag exactly while its recorded state is infected.
 
-        Tagging trouble never changes a scan's outcome: it is logged and audited, and the
-        next scan of the VM tries again (the check is level-based).
+        Tagging trouble never changes a scan's outcome: it is logged, audited once per run
+        of failures (not once per VM), and the next scan or ``serve``'s resync tries again.
         """
         tagging = self.tagging
         if tagging is None:
             return
         state = self.store.vm_state(vm.moref)
-        infected = state is not None and state.state == "infected"
-        tag = f"{tagging.settings.category}/{tagging.settings.infected_tag}"
+        infected = state is not None and state.state == INFECTED
         try:
             changed = tagging.mark(vm.moref, infected=infected)
         except Exception as exc:
-            reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
-                      else f"internal error: {exc!r}")
-            log.warning("tagging %s failed: %s", vm.name, reason)
-            self.audit.append(actor=self.actor, action="tag.failed", details={
-                "vm": vm.name, "moref": vm.moref, "tag": tag, "reason": reason})
+            self._tagging_failed(exc, vm=vm.name)
             return
+        self._tagging_failing = ""
         if changed:
-            self.audit.append(actor=self.actor,
-                              action="tag.attached" if infected else "tag.detached",
-                              details={"vm": vm.name, "moref": vm.moref, "tag": tag})
+            self._tag_changed(vm.name, vm.moref, infected)
+
+    def resync_tags(self) -> dict[str, int]:
+        """Compare the tag with every known VM's state in one pass; fix what differs.
+
+        ``serve`` runs it every ``tagging.resync_interval``: it repairs what a failed
+        tagging call left behind and tags someone removed or added by hand.
+        """
+        tagging = self.tagging
+        if tagging is None:
+            return {"attached": 0, "detached": 0}
+        try:
+            tagged = tagging.tagged_vms()
+            counts = {"attached": 0, "detached": 0}
+            for state in self.store.vm_states():
+                infected = state.state == INFECTED
+                if infected != (state.moref in tagged) and tagging.mark(state.moref,
+                                                                         infected=infected):
+                    self._tag_changed(state.name, state.moref, infected)
+                    counts["attached" if infected else "detached"] += 1
+        except Exception as exc:
+            self._tagging_failed(exc, vm="")
+            raise errors.VsphereError(f"tag resync: {exc}") from exc
+        self._tagging_failing = ""
+        return counts
+
+    def _tag_changed(self, name: str, moref: str, infected: bool) -> None:
+        s = self.settings.tagging
+        self.audit.append(actor=self.actor, action="tag.attached" if infected else "tag.detached",
+                          details={"vm": name, "moref": moref,
+                                   "tag": f"{s.category}/{s.infected_tag}"})
+
+    def _tagging_failed(self, exc: Exception, *, vm: str) -> None:
+        reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
+                  else f"internal error: {exc!r}")
+        log.warning("tagging %s failed: %s", vm or "(resync)", reason)
+        if reason != self._tagging_failing:     # once per run of the same failure
+            self._tagging_failing = reason
+            s = self.settings.tagging
+            self.audit.append(actor=self.actor, action="tag.failed", details={
+                "vm": vm, "tag": f"{s.category}/{s.infected_tag}", "reason": reason})
 
     # --- scanning --------------------------------------------------------------------------
 
@@ -537,6 +572,8 @@ def start_controller(settings: Settings, *,
         loops.append(("appliances", _every(appliance_section.interval, reconcile)))
     if settings.siem.target:
         loops.append(("siem", _forwarding(settings)))
+    if settings.tagging.enabled:
+        loops.append(("tagging", _every(settings.tagging.resync_interval, app.resync_tags)))
     loops += [(f"contain-{i}", controller.containing)
               for i in range(options.containment_threads)]
     loops += [(f"scan-{i}", controller.work) for i in range(options.global_limit)]

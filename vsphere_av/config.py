@@ -158,6 +158,7 @@ class TaggingSettings:
     enabled: bool = False
     category: str = "vsphere-av"    # created when missing: one tag per VM (single cardinality)
     infected_tag: str = "infected"  # on every VM whose state is infected, off once clean
+    resync_interval: float = 600.0  # serve: seconds between full comparisons (drift, misses)
 
 
 @dataclass(frozen=True)
@@ -453,8 +454,10 @@ def load(
         raise ConfigError("scan.per_host_limit and scan.global_limit must be at least 1")
 
     tagging = TaggingSettings(**typed_section(
-        data.get("tagging", {}), {"enabled": bool, "category": str, "infected_tag": str},
-        "tagging"))
+        data.get("tagging", {}), {"enabled": bool, "category": str, "infected_tag": str,
+                                  "resync_interval": float}, "tagging"))
+    if tagging.resync_interval <= 0:
+        raise ConfigError("tagging.resync_interval must be more than 0 seconds")
     for name in ("category", "infected_tag"):
         value = getattr(tagging, name)
         if not value.strip() or len(value) > 80:

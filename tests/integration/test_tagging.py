@@ -62,6 +62,18 @@ class Reader:
             out.add(f"{categories.get(tag.category_id).name}/{tag.name}")
         return out
 
+    def set_tag(self, moref: str, *, on: bool) -> None:
+        """Attach or detach vsphere-av/infected by hand, as an administrator in vCenter would."""
+        (category,) = self.categories_named("vsphere-av")
+        tags = Tag(self.stub)
+        (tag_id,) = [t for t in tags.list_tags_for_category(category.id)
+                     if tags.get(t).name == "infected"]
+        target = DynamicID(type="VirtualMachine", id=moref)
+        if on:
+            TagAssociation(self.stub).attach(tag_id=tag_id, object_id=target)
+        else:
+            TagAssociation(self.stub).detach(tag_id=tag_id, object_id=target)
+
     def categories_named(self, name: str) -> list:
         categories = Category(self.stub)
         return [c for c in (categories.get(i) for i in categories.list()) if c.name == name]
@@ -143,10 +155,33 @@ def test_wrong_password_is_a_clear_error_and_never_changes_the_scan(sim, reader,
         impostor.tag_id()
     impostor.close()
 
-    # In a scan, tagging trouble is audited and the scan's verdict stands.
+    # In scans, tagging trouble is audited once (not once per VM or per scan) and the
+    # scans' verdicts stand.
     plant(sim, VM0, "/t/eicar.com", EICAR)
+    plant(sim, VM1, "/t/eicar.com", EICAR)
     with App(settings) as app:
         app._tagging = wrong        # the App's Automation API session, with a bad password
-        (result,) = app.scan(names=[VM0]).results
-        assert result.status == "infected"
-    assert _tag_actions(tmp_path / "state") == [("tag.failed", VM0)]
+        results = app.scan(all_vms=True).results
+        assert [r.status for r in results] == ["infected", "infected"]
+        app.scan(names=[VM0])
+        with pytest.raises(errors.VsphereError, match="tag resync"):
+            app.resync_tags()
+    assert [a for a, _ in _tag_actions(tmp_path / "state")] == ["tag.failed"]
+
+
+def test_serve_resync_repairs_tags_changed_by_hand(sim, reader, tmp_path):
+    plant(sim, VM0, "/t/eicar.com", EICAR)
+    settings = settings_for(sim, tmp_path / "state", toml=TOML)
+    with App(settings) as app:
+        app.scan(all_vms=True)
+        moref = {vm.name: vm.moref for vm in inventory.list_vms(app.connection)}
+        assert reader.tags_of(moref[VM0]) == {"vsphere-av/infected"}
+        assert app.resync_tags() == {"attached": 0, "detached": 0}     # nothing to repair
+
+        reader.set_tag(moref[VM0], on=False)      # someone took it off the infected VM
+        reader.set_tag(moref[VM1], on=True)       # and put it on a clean one
+        assert app.resync_tags() == {"attached": 1, "detached": 1}
+    assert reader.tags_of(moref[VM0]) == {"vsphere-av/infected"}
+    assert reader.tags_of(moref[VM1]) == set()
+    assert _tag_actions(tmp_path / "state") == [
+        ("tag.attached", VM0), ("tag.attached", VM0), ("tag.detached", VM1)]

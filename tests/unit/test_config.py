@@ -66,6 +66,7 @@ def test_insecure_only_when_asked(value: str, expected: bool) -> None:
         ('[scan]\nmax_file_size = "big"\n', "scan.max_file_size must be a whole number"),
         ('[tagging]\nenabled = "yes"\n', "tagging.enabled must be true or false"),
         ('[tagging]\ncategory = ""\n', "tagging.category must be 1 to 80 characters"),
+        ("[tagging]\nresync_interval = 0\n", "tagging.resync_interval must be more than 0"),
         ('[tagging]\nenable = true\n', r"tagging: unknown setting\(s\): enable"),
         ("[scan]\nfoo = 1\n", "unknown setting"),
         ('[[guest.credentials]]\nuser = "a"\n', "needs vm"),

@@ -2,7 +2,9 @@
 
 Called by ``app.py`` after each VM scan when ``[tagging] enabled``: :meth:`Tagging.mark`
 makes the VM carry the configured tag exactly while its state is ``infected`` (level-based:
-it reads the VM's tags and changes only what differs, so calling it again changes nothing).
+it reads the VM's tags and changes only what differs, so calling it again changes nothing);
+and by ``serve``'s resync (``App.resync_tags``), which compares :meth:`Tagging.tagged_vms`
+with every VM's state in one pass.
 Calls the Automation SDK's session, category, tag and tag-association services. Nothing of
 the SDK leaves this module: callers get booleans and strings, SDK errors become
 ``vsphere_av.errors``.
@@ -173,6 +175,13 @@ class Tagging:
         attached = self._call(f"read the tags of {vm_moref}", lambda stub: TagAssociation(
             stub).list_attached_tags(DynamicID(type=VM_TYPE, id=vm_moref)))
         return tag in attached
+
+    def tagged_vms(self) -> set[str]:
+        """Morefs of every VM that carries the infected tag (one call)."""
+        tag = self.tag_id()
+        objects = self._call("list the VMs with the infected tag", lambda stub: TagAssociation(
+            stub).list_attached_objects(tag))
+        return {str(o.id) for o in objects if o.type == VM_TYPE}
 
     def mark(self, vm_moref: str, *, infected: bool) -> bool:
         """Attach (infected) or detach (not) the tag; True when something changed."""
