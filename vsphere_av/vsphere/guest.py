@@ -118,18 +118,27 @@ _CONTEXTS_LOCK = threading.Lock()
 
 
 def _context(ca_file: str = "") -> ssl.SSLContext:
-    """A shared client context: verifying against ``ca_file``, or none (pinning checks)."""
+    """A shared client context for our own transfer clients, which never change it:
+    verifying against ``ca_file``, or none (pinning checks)."""
     with _CONTEXTS_LOCK:
         ctx = _CONTEXTS.get(ca_file)
         if ctx is None:
-            if ca_file:
-                ctx = ssl.create_default_context(cafile=ca_file)
-            else:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            _CONTEXTS[ca_file] = ctx
+            ctx = _CONTEXTS[ca_file] = _new_context(ca_file)
         return ctx
+
+
+def _new_context(ca_file: str = "") -> ssl.SSLContext:
+    """A client context of its own: verifying against ``ca_file``, or none (pinning checks).
+
+    urllib3 changes the context it is given on every connection (verify mode, ALPN, CA
+    locations), so each requests adapter gets its own, never one another thread uses.
+    """
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def _http_session(host: HostInfo | None, trust: TlsTrust) -> tuple[requests.Session, bool | str]:
@@ -138,17 +147,18 @@ def _http_session(host: HostInfo | None, trust: TlsTrust) -> tuple[requests.Sess
     session.trust_env = False          # never route guest bytes through a proxy from the env
     session.headers["Connection"] = "close"
     if host is not None and host.certificate_sha256:
-        session.mount("https://", _TrustAdapter(context=_context(),
+        session.mount("https://", _TrustAdapter(context=_new_context(),
                                                 fingerprint=host.certificate_sha256))
         return session, False
     if trust.ca_file:
-        session.mount("https://", _TrustAdapter(context=_context(trust.ca_file)))
+        session.mount("https://", _TrustAdapter(context=_new_context(trust.ca_file)))
         return session, trust.ca_file
     if trust.thumbprint:
-        session.mount("https://", _TrustAdapter(context=_context(), fingerprint=trust.thumbprint))
+        session.mount("https://", _TrustAdapter(context=_new_context(),
+                                                fingerprint=trust.thumbprint))
         return session, False
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked for: --insecure
-    session.mount("https://", _TrustAdapter(context=_context()))
+    session.mount("https://", _TrustAdapter(context=_new_context()))
     return session, False
 
 

@@ -57,6 +57,8 @@ class Tagging:
         self.settings = settings
         self._lock = threading.Lock()
         self._ensure_lock = threading.Lock()    # one find-or-create at a time
+        self._call_lock = threading.Lock()      # one request at a time: requests sessions and
+                                                # the context urllib3 changes are not shared
         self._stub: Any = None
         self._http: requests.Session | None = None
         self._tag_id: str | None = None
@@ -93,12 +95,13 @@ class Tagging:
             with self._lock:
                 stub = self._stub
             try:
-                if stub is None:
-                    with self._lock:
-                        if self._stub is None:
-                            self._stub = self._login()
-                        stub = self._stub
-                return fn(stub)
+                with self._call_lock:
+                    if stub is None:
+                        with self._lock:
+                            if self._stub is None:
+                                self._stub = self._login()
+                            stub = self._stub
+                    return fn(stub)
             except vapi_errors.Unauthenticated as exc:
                 with self._lock:
                     if self._stub is stub:
