@@ -139,7 +139,7 @@ def test_transfer_trust_order(host_pin: str, trust: TlsTrust, adapter_pin: str,
     from vsphere_av.vsphere import guest
 
     # no CA file on disk here: the context itself is not what this test checks
-    monkeypatch.setattr(guest, "_context",
+    monkeypatch.setattr(guest, "_new_context",
                         lambda ca_file="": ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     host = HostInfo(moref=HostId("host-1"), name="esx1", address="10.0.0.1",
                     certificate_sha256=host_pin)
