@@ -161,8 +161,8 @@ class App:
             counts = {"attached": 0, "detached": 0}
             for state in self.store.vm_states():
                 infected = state.state == INFECTED
-                if infected != (state.moref in tagged) and tagging.mark(state.moref,
-                                                                         infected=infected):
+                if infected != (state.moref in tagged):
+                    tagging.put(state.moref, infected=infected)
                     self._tag_changed(state.name, state.moref, infected)
                     counts["attached" if infected else "detached"] += 1
         except Exception as exc:
@@ -172,10 +172,9 @@ class App:
         return counts
 
     def _tag_changed(self, name: str, moref: str, infected: bool) -> None:
-        s = self.settings.tagging
         self.audit.append(actor=self.actor, action="tag.attached" if infected else "tag.detached",
                           details={"vm": name, "moref": moref,
-                                   "tag": f"{s.category}/{s.infected_tag}"})
+                                   "tag": self.settings.tagging.label})
 
     def _tagging_failed(self, exc: Exception, *, vm: str) -> None:
         reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
@@ -183,9 +182,8 @@ class App:
         log.warning("tagging %s failed: %s", vm or "(resync)", reason)
         if reason != self._tagging_failing:     # once per run of the same failure
             self._tagging_failing = reason
-            s = self.settings.tagging
             self.audit.append(actor=self.actor, action="tag.failed", details={
-                "vm": vm, "tag": f"{s.category}/{s.infected_tag}", "reason": reason})
+                "vm": vm, "tag": self.settings.tagging.label, "reason": reason})
 
     # --- scanning --------------------------------------------------------------------------
 

@@ -160,6 +160,11 @@ class TaggingSettings:
     infected_tag: str = "infected"  # on every VM whose state is infected, off once clean
     resync_interval: float = 600.0  # serve: seconds between full comparisons (drift, misses)
 
+    @property
+    def label(self) -> str:
+        """The tag as people see it: "category/tag"."""
+        return f"{self.category}/{self.infected_tag}"
+
 
 @dataclass(frozen=True)
 class SiemSettings:

@@ -84,7 +84,7 @@ def show_tags(settings: config.Settings, vms: Sequence[VmInfo]) -> None:
 
     print("  vSphere tags ([tagging] enabled; the tag follows the VM's state):")
     with App(settings) as app:
-        tag = f"{settings.tagging.category}/{settings.tagging.infected_tag}"
+        tag = settings.tagging.label
         for vm in vms:
             print(f"    {vm.name:18} {tag if app.tagging.is_marked(vm.moref) else '(none)'}")
 

@@ -190,6 +190,11 @@ class Tagging:
         """Attach (infected) or detach (not) the tag; True when something changed."""
         if self.is_marked(vm_moref) == infected:
             return False
+        self.put(vm_moref, infected=infected)
+        return True
+
+    def put(self, vm_moref: str, *, infected: bool) -> None:
+        """Attach (infected) or detach (not) the tag, without reading the VM's tags first."""
         tag = self.tag_id()
         target = DynamicID(type=VM_TYPE, id=vm_moref)
         if infected:
@@ -198,7 +203,6 @@ class Tagging:
         else:
             self._call(f"untag {vm_moref}", lambda stub: TagAssociation(stub).detach(
                 tag_id=tag, object_id=target))
-        return True
 
 
 def _describe(exc: Any) -> str:
