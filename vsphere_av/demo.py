@@ -115,16 +115,10 @@ class SyslogSink:
 
     def messages(self) -> list[bytes]:
         """Every complete message received so far."""
+        from vsphere_av.siem import unframe
+
         with self._lock:
-            data = bytes(self.data)
-        out = []
-        while b" " in data:
-            length, _, rest = data.partition(b" ")
-            if not length.isdigit() or len(rest) < int(length):
-                break
-            out.append(rest[:int(length)])
-            data = rest[int(length):]
-        return out
+            return unframe(bytes(self.data))
 
     def close(self) -> None:
         """Stop listening."""

@@ -83,6 +83,18 @@ def frame(msg: bytes, *, framing: str) -> bytes:
     return str(len(msg)).encode() + b" " + msg
 
 
+def unframe(data: bytes) -> list[bytes]:
+    """The complete octet-counted messages at the start of a stream (the inverse of frame)."""
+    out: list[bytes] = []
+    while b" " in data:
+        length, _, rest = data.partition(b" ")
+        if not length.isdigit() or len(rest) < int(length):
+            break
+        out.append(rest[:int(length)])
+        data = rest[int(length):]
+    return out
+
+
 class Forwarder:
     """Sends new audit entries to one SIEM target; one instance per thread."""
 

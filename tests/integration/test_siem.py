@@ -22,10 +22,8 @@ from appliance_support import self_signed
 
 from vsphere_av import config, errors
 from vsphere_av.config import SiemSettings
-from vsphere_av.siem import Forwarder, frame, message
+from vsphere_av.siem import Forwarder, frame, message, unframe
 from vsphere_av.store.audit import AuditLog
-
-FRAME = re.compile(rb"(\d+) ")
 
 
 class Receiver:
@@ -93,13 +91,10 @@ class Receiver:
         with self._lock:
             if self.kind == "udp":
                 return list(self.datagrams)
-            data, out = bytes(self.data), []
-        while data:
-            m = FRAME.match(data)
-            assert m, data[:80]
-            start = m.end()
-            out.append(data[start:start + int(m.group(1))])
-            data = data[start + int(m.group(1)):]
+            data = bytes(self.data)
+        out = unframe(data)
+        rest = data[sum(len(str(len(m))) + 1 + len(m) for m in out):]
+        assert re.fullmatch(rb"\d*|\d+ .*", rest, re.S), rest[:80]   # only a frame arriving
         return out
 
     def wait_for(self, count: int) -> list[bytes]:
@@ -233,6 +228,8 @@ def test_framing_and_message_shapes(tmp_path):
     assert b"\n" not in msg
     assert frame(msg, framing="octet-counting") == str(len(msg)).encode() + b" " + msg
     assert frame(b"a\nb", framing="newline") == b"a b\n"
+    both = frame(msg, framing="octet-counting") + frame(b"x y", framing="octet-counting")
+    assert unframe(both + b"12 part") == [msg, b"x y"]     # a frame still arriving waits
 
 
 @pytest.mark.parametrize(("toml", "error"), [
