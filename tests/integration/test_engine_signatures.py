@@ -23,7 +23,11 @@ from vsphere_av.errors import SignatureError
 from vsphere_av.store.audit import AuditLog
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-SIGNATURE_BASE = Path(__file__).resolve().parents[3] / "shared" / "rulesets" / "signature-base"
+# The public rule set the issue names, beside the clone (../shared/rulesets/signature-base),
+# or wherever VSPHERE_AV_SIGNATURE_BASE points.
+SIGNATURE_BASE = Path(os.environ.get(
+    "VSPHERE_AV_SIGNATURE_BASE",
+    Path(__file__).resolve().parents[3] / "shared" / "rulesets" / "signature-base"))
 CLI = [str(Path(sys.executable).parent / "vsphere-av")]
 
 
@@ -50,7 +54,8 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 def signature_base_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory with signature-base imported (compiled once per test session)."""
     if not SIGNATURE_BASE.is_dir():
-        pytest.fail(f"rule set missing: {SIGNATURE_BASE}")
+        pytest.fail(f"rule set missing: {SIGNATURE_BASE} (put signature-base there or set "
+                    "VSPHERE_AV_SIGNATURE_BASE to a checkout of it)")
     state = tmp_path_factory.mktemp("sigbase") / "state"
     eng = Engine.open(Settings(state_dir=state))
     eng.store.import_bundle(SIGNATURE_BASE)
