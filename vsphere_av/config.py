@@ -115,6 +115,9 @@ class EngineSettings:
     archive_max_ratio: int = 100
     cache_max_entries: int = 1_000_000
     spool_threshold: int = 8 * MiB  # larger streams are spooled to a temporary file
+    # An archive that exceeds a limit is a detection of its own (Heuristics.Limits.Exceeded,
+    # as ClamAV's --alert-exceeds-max), so a zip bomb cannot hide what lies past the limit.
+    alert_exceeds_max: bool = True
 
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
@@ -143,12 +146,26 @@ class ScanPolicy:
     exclude: tuple[str, ...] = ()
     default_excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     max_file_size: int = 64 * MiB
+    # A file over max_file_size makes the scan incomplete, unless skipping it is the policy.
+    skip_large: bool = False
     action: str = "quarantine"  # report | quarantine | delete
     fallback_action: str = "delete"  # when the first action fails; "" for none
     per_host_limit: int = 4
     global_limit: int = 16
     share_across_vms: bool = True  # reuse verdicts of identical files in clones
     isolate_stale: bool = True
+
+
+RELEASE_RULES = ("operator", "clean_rescan")
+
+
+@dataclass(frozen=True)
+class IsolationSettings:
+    """When a VM cut off the network because it was found infected gets its vNICs back."""
+
+    # "operator": only a rescan an operator asked for (scan VM) that is clean releases it;
+    # "clean_rescan": any clean rescan does (a controller retry or a schedule too).
+    release_infected: str = "operator"
 
 
 @dataclass(frozen=True)
@@ -229,6 +246,7 @@ class Settings:
     tagging: TaggingSettings = field(default_factory=TaggingSettings)
     siem: SiemSettings = field(default_factory=SiemSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
+    isolation: IsolationSettings = field(default_factory=IsolationSettings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections other modules read
 
     def with_state_dir(self, path: Path) -> Settings:
@@ -427,13 +445,14 @@ def load(
     engine = EngineSettings(
         **typed_section(
             data.get("engine", {}),
-            dict.fromkeys(EngineSettings.__dataclass_fields__, int),
+            {**dict.fromkeys(EngineSettings.__dataclass_fields__, int),
+             "alert_exceeds_max": bool},
             "engine",
             ignore_unknown=True,
         )
     )
     for name in engine.__dataclass_fields__:
-        if getattr(engine, name) < 0:
+        if name != "alert_exceeds_max" and getattr(engine, name) < 0:
             raise ConfigError(f"engine.{name} must not be negative")
 
     kinds = {
@@ -449,6 +468,7 @@ def load(
         "global_limit": int,
         "share_across_vms": bool,
         "isolate_stale": bool,
+        "skip_large": bool,
     }
     scan = ScanPolicy(**typed_section(data.get("scan", {}), kinds, "scan"))
     if scan.action not in ACTIONS:
@@ -488,9 +508,15 @@ def load(
             if not entry.strip("%").strip() or entry != entry.strip():
                 raise ConfigError(f"access.{role}: {entry!r} is not a user or %group name")
 
-    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging", "siem", "access"}
+    isolation = IsolationSettings(**typed_section(
+        data.get("isolation", {}), {"release_infected": str}, "isolation"))
+    if isolation.release_infected not in RELEASE_RULES:
+        raise ConfigError(f"isolation.release_infected must be one of {', '.join(RELEASE_RULES)}")
+
+    known = {"state_dir", "vcenter", "guest", "engine", "scan", "tagging", "siem", "access",
+             "isolation"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Settings(
         state_dir=state_dir, vcenter=vcenter, guest=guest, engine=engine, scan=scan,
-        tagging=tagging, siem=siem, access=access, extra=extra
+        tagging=tagging, siem=siem, access=access, isolation=isolation, extra=extra
     )
