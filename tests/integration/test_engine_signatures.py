@@ -54,8 +54,13 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 def signature_base_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory with signature-base imported (compiled once per test session)."""
     if not SIGNATURE_BASE.is_dir():
-        pytest.fail(f"rule set missing: {SIGNATURE_BASE} (put signature-base there or set "
-                    "VSPHERE_AV_SIGNATURE_BASE to a checkout of it)")
+        reason = (f"rule set missing: {SIGNATURE_BASE} (put signature-base there or set "
+                  "VSPHERE_AV_SIGNATURE_BASE to a checkout of it)")
+        # CI always has ../shared beside the clone: there a missing rule set is a failure,
+        # never a quiet skip. A fresh clone elsewhere skips with the reason.
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     state = tmp_path_factory.mktemp("sigbase") / "state"
     eng = Engine.open(Settings(state_dir=state))
     eng.store.import_bundle(SIGNATURE_BASE)
