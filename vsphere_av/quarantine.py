@@ -2,7 +2,8 @@
 
 Called by ``scanning.py`` (store a detected file's bytes before it is deleted in the guest)
 and ``app.py`` (list, restore, purge). Calls the file system under
-``<state_dir>/quarantine/`` and ``StateStore`` for the records.
+``<state_dir>/quarantine/`` (made private by ``store.private``) and ``StateStore`` for the
+records.
 
 Each item is one blob ``<id>.qbin``: the original bytes XOR-ed with a random 32-byte key
 kept in the state database. The blob is never a runnable or scannable copy of the malware
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from vsphere_av.errors import StoreError
 from vsphere_av.models import QuarantineId, QuarantineItem, VmId
+from vsphere_av.store.private import private_dir, private_file
 from vsphere_av.store.state import StateStore, now_iso
 
 KEY_LEN = 32
@@ -87,10 +89,11 @@ class Quarantine:
 
     @classmethod
     def open(cls, state_dir: Path | str, *, store: StateStore) -> Quarantine:
-        """Quarantine under ``<state_dir>/quarantine`` (created 0700)."""
-        root = Path(state_dir) / "quarantine"
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
+        """Quarantine under ``<state_dir>/quarantine`` (0700, its blobs 0600, also when an
+        earlier version left them looser)."""
+        root = private_dir(Path(state_dir) / "quarantine")
+        for blob in root.iterdir():
+            private_file(blob)
         return cls(root=root, store=store)
 
     def __repr__(self) -> str:

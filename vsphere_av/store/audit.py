@@ -2,7 +2,7 @@
 
 Called by everything that changes protection (scans, remediation, quarantine, signatures,
 appliances, configuration) and by ``cli.py`` (``audit verify`` / ``audit export``).
-Calls only SQLite (``<state_dir>/audit.sqlite``).
+Calls only SQLite (``<state_dir>/audit.sqlite``) and ``store.private`` (files 0600).
 
 Each entry stores ``hash = sha256(prev_hash || canonical JSON of seq, time, actor, action,
 details)``. Altering, removing or reordering any entry breaks the chain from that entry on;
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import AuditIntegrityError, StoreError
+from vsphere_av.store.private import private_file
 from vsphere_av.store.sqlite import open_database
 
 GENESIS = "0" * 64
@@ -133,6 +134,7 @@ class AuditLog:
         self.head_path = path.with_name("audit.head")
         self._lock = threading.Lock()
         self._db = open_database(path, schema=_SCHEMA, what="audit log")
+        private_file(self.head_path)
 
     @classmethod
     def open(cls, state_dir: Path | str) -> AuditLog:
@@ -195,13 +197,16 @@ class AuditLog:
         # Several processes append (serve and CLI commands): the file is only ever moved
         # forward, under an inter-process lock, and written through a private temporary
         # file, so a slower writer never puts an older head back.
-        with open(self.head_path.with_suffix(".lock"), "a") as lock:
+        lock_path = self.head_path.with_suffix(".lock")
+        private_file(lock_path, create=True)
+        with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self._read_head_file()
             if current is not None and current[0] >= seq:
                 return
             tmp = self.head_path.with_suffix(f".tmp.{os.getpid()}.{threading.get_ident()}")
-            with open(tmp, "w", encoding="ascii") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
                 fh.write(f"{seq} {digest}\n")
                 fh.flush()
                 os.fsync(fh.fileno())
