@@ -461,19 +461,27 @@ def audit_forward(ctx: click.Context, as_json: bool) -> None:
 @audit.command("export")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "cef"]), default="jsonl",
               show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file instead of stdout.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this new file instead of stdout (never over an existing file, "
+                   "never inside the state directory).")
 @click.pass_context
 def audit_export(ctx: click.Context, fmt: str, output: str | None) -> None:
     """Write every entry as JSON lines or CEF (one event per line)."""
+    import os
+
     from vsphere_av import __version__
     from vsphere_av.store.audit import AuditLog, to_cef, to_jsonl
+    from vsphere_av.store.private import create_outside
 
-    with AuditLog.open(settings_from(ctx).state_dir) as log:
+    state_dir = settings_from(ctx).state_dir
+    with AuditLog.open(state_dir) as log:
         lines = (to_cef(e, version=__version__) if fmt == "cef" else to_jsonl(e)
                  for e in log.entries())
         if output:
-            with open(output, "w", encoding="utf-8") as fh:
+            # Never into the state directory, never over a file: run through sudo as the
+            # service account, "-o audit.sqlite" would otherwise wipe the log it exports.
+            with os.fdopen(create_outside(output, state_dir=state_dir), "w",
+                           encoding="utf-8") as fh:
                 for line in lines:
                     fh.write(line + "\n")
         else:

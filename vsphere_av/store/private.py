@@ -1,8 +1,8 @@
 """The state directory is private: the directory 0700, the files the stores keep in it 0600.
 
 Called by ``store.sqlite`` (every database, its ``-wal`` / ``-shm`` and lock file),
-``store.audit`` (``audit.head`` and its lock) and ``quarantine`` (its directory and blobs).
-Calls only ``os``.
+``store.audit`` (``audit.head`` and its lock), ``quarantine`` (its directory and blobs) and
+``cli.py`` (``audit export -o``: :func:`create_outside`). Calls only ``os``.
 
 A directory or file that already exists with looser modes (made by hand, by a package, or by
 an earlier version under the umask) is tightened, not refused: the service owns these files
@@ -19,7 +19,7 @@ import os
 import stat
 from pathlib import Path
 
-from vsphere_av.errors import StoreError
+from vsphere_av.errors import ConfigError, StoreError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -67,3 +67,59 @@ def _tighten(path: Path, mode: int) -> None:
     log.warning("tightened %s from %04o to %04o", path, stat.S_IMODE(st.st_mode),
                 stat.S_IMODE(st.st_mode) & mode)
 
+
+def create_outside(path: Path | str, *, state_dir: Path) -> int:
+    """Create the new file ``path`` for writing and return its descriptor; ConfigError when
+    it exists (never overwritten, symbolic links included) or would be inside ``state_dir``.
+
+    Commands that write where a person says (``audit export -o``) run as the service account
+    under sudo: without this, an auditor could overwrite the audit log, its head or the state
+    database. The parent directory is opened once and its ancestors are compared with the
+    state directory by device and inode, so symbolic links, ``..`` and a directory swapped
+    while checking all lead to the same answer.
+    """
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise ConfigError(f"{path}: not a file name")
+    try:
+        guarded = os.stat(state_dir)
+    except FileNotFoundError:
+        guarded = None
+    except OSError as exc:
+        raise StoreError(f"cannot read {state_dir}: {exc.strerror or exc}") from exc
+    try:
+        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        if guarded is not None and _within(parent, (guarded.st_dev, guarded.st_ino)):
+            raise ConfigError(f"{path} is inside the state directory {state_dir}: write it "
+                              "elsewhere")
+        try:
+            return os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                           0o666, dir_fd=parent)
+        except FileExistsError as exc:
+            raise ConfigError(f"{path} exists: give a new file (an export never overwrites "
+                              "one)") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(parent)
+
+
+def _within(directory: int, guarded: tuple[int, int]) -> bool:
+    """True when the open ``directory`` is ``guarded`` (dev, ino) or below it."""
+    current = os.dup(directory)
+    try:
+        while True:
+            st = os.fstat(current)
+            if (st.st_dev, st.st_ino) == guarded:
+                return True
+            up = os.open("..", os.O_PATH | os.O_DIRECTORY, dir_fd=current)
+            above = os.fstat(up)
+            os.close(current)
+            current = up
+            if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):
+                return False            # the root
+    finally:
+        os.close(current)
