@@ -10,7 +10,7 @@ Roles, from ``[access]`` (users, or ``%group``):
   commands that change appliances (``reconcile``, ``push-signatures``, ``restart-engine``)
   and ``engine serve``;
 - ``auditors``: reading only: ``status``, ``detections``, quarantine and signature lists,
-  ``audit verify`` / ``export`` / ``forward``, appliance ``list`` / ``health``,
+  ``audit verify`` / ``head`` / ``export`` / ``forward``, appliance ``list`` / ``health``,
   ``scan-files`` (local files only). Every role may read.
 
 Without an ``[access]`` section (or with all three lists empty) nothing is checked: one
@@ -61,6 +61,7 @@ COMMANDS: dict[str, frozenset[str]] = {
     "quarantine list": READ,
     "signatures list": READ,
     "audit verify": READ,
+    "audit head": READ,
     "audit export": READ,
     "audit forward": READ,
     "appliances list": READ,

@@ -417,14 +417,18 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option("--head", "kept_head", metavar="SEQ:HASH",
+              help="A head kept from 'audit head' or a checkpoint at the SIEM: that entry "
+                   "must still be in the log, unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def audit_verify(ctx: click.Context, as_json: bool) -> None:
+def audit_verify(ctx: click.Context, kept_head: str | None, as_json: bool) -> None:
     """Exit 0 when the hash chain is intact, 2 naming the first bad entry otherwise."""
-    from vsphere_av.store.audit import AuditLog
+    from vsphere_av.store.audit import AuditLog, parse_head
 
+    head = parse_head(kept_head) if kept_head is not None else None
     with AuditLog.open(settings_from(ctx).state_dir) as log:
-        result = log.verify()
+        result = log.verify(head=head)
     if as_json:
         print_json({"ok": result.ok, "entries": result.entries,
                     "first_bad_entry": result.first_bad_seq, "message": result.message})
@@ -432,6 +436,25 @@ def audit_verify(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"audit log intact: {result.entries} entries")
     if not result.ok:
         fail(f"audit log broken at entry {result.first_bad_seq}: {result.message}")
+
+
+@audit.command("head")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def audit_head(ctx: click.Context, as_json: bool) -> None:
+    """Print the last entry as SEQ:HASH, to keep off this machine for 'audit verify --head'.
+
+    The chain is verified first: a broken log has no head worth keeping (exit 2).
+    """
+    from vsphere_av.store.audit import AuditLog
+
+    with AuditLog.open(settings_from(ctx).state_dir) as log:
+        log.require_intact()
+        seq, digest = log.head()
+    if as_json:
+        print_json({"seq": seq, "hash": digest, "head": f"{seq}:{digest}"})
+    else:
+        click.echo(f"{seq}:{digest}")
 
 
 @audit.command("forward")

@@ -2,7 +2,8 @@
 
 Called by ``cli.py`` (``vsphere-av audit forward``) and by ``app.py``'s ``serve`` loop (every
 ``siem.interval`` seconds while ``siem.target`` is set). Calls ``store.audit`` (entries after
-the cursor), ``socket`` / ``ssl``, and the cursor file ``<state_dir>/siem-cursor.json``.
+the cursor, checkpoints), ``socket`` / ``ssl``, and the cursor file
+``<state_dir>/siem-cursor.json``.
 
 Transport (``siem.target``): ``tls://`` (RFC 5425; verified against ``siem.ca_file`` or the
 system trust store, host name included; ``siem.insecure`` only when set on purpose),
@@ -24,6 +25,14 @@ connection is checked before reuse (a receiver never sends, so a readable socket
 closed). If the log no longer holds the cursor's entry with that hash, it was replaced or
 rewritten: forwarding stops with an error instead of skipping or repeating silently
 (``audit verify`` says more).
+
+Anchoring: a round that has anything new besides checkpoints first appends a checkpoint
+(``audit.checkpoint``: the seq and hash of the head it follows) and sends up to and including
+it, so what the SIEM holds always ends with the chain's head as it was. Entries appended
+while the round runs wait for the next round (and its checkpoint). A round with nothing new
+but checkpoints (one whose sending failed) sends them without adding another, so
+checkpoints never feed further rounds. Removing forwarded entries, or rewriting the log, then
+fails ``audit verify --head SEQ:HASH`` with a checkpoint taken from the SIEM.
 """
 
 from __future__ import annotations
@@ -40,9 +49,17 @@ from typing import Any
 
 from vsphere_av import __version__, errors
 from vsphere_av.config import SiemSettings, parse_syslog_target
-from vsphere_av.store.audit import AuditEntry, AuditLog, cef_severity, to_cef, to_jsonl
+from vsphere_av.store.audit import (
+    SIEM_CURSOR_FILE,
+    AuditEntry,
+    AuditLog,
+    cef_severity,
+    current_actor,
+    to_cef,
+    to_jsonl,
+)
 
-CURSOR_FILE = "siem-cursor.json"
+CURSOR_FILE = SIEM_CURSOR_FILE
 BATCH = 500
 TIMEOUT = 30.0
 FACILITY = 13                  # log audit
@@ -99,13 +116,14 @@ class Forwarder:
     """Sends new audit entries to one SIEM target; one instance per thread."""
 
     def __init__(self, *, settings: SiemSettings, state_dir: Path | str,
-                 hostname: str | None = None) -> None:
+                 hostname: str | None = None, actor: str | None = None) -> None:
         if not settings.target:
             raise errors.ConfigError("siem.target is not set: nothing to forward to")
         self.settings = settings
         self.scheme, self.host, self.port = parse_syslog_target(settings.target)
         self.state_dir = Path(state_dir)
         self.hostname = (hostname or socket.gethostname() or "-").split()[0][:255]
+        self.actor = actor or current_actor(state_dir=self.state_dir)
         self._sock: Any = None
 
     def __repr__(self) -> str:
@@ -143,7 +161,8 @@ class Forwarder:
 
     # -- sending -------------------------------------------------------------------------
     def forward(self) -> int:
-        """Send every entry after the cursor; the number sent. Errors leave the cursor."""
+        """Send every entry after the cursor, ending with a checkpoint; the number sent.
+        Errors leave the cursor."""
         sent = 0
         with AuditLog.open(self.state_dir) as log:
             cursor = self.cursor()
@@ -154,8 +173,12 @@ class Forwarder:
                         f"the audit log no longer holds entry {cursor.seq} as forwarded to "
                         f"{self.settings.target}: it was replaced or rewritten (run audit "
                         "verify; remove siem-cursor.json to send the whole log again)")
+            # The checkpoint is appended before sending: the round ends with it even when
+            # other entries are appended meanwhile (they wait for the next round).
+            until = (log.checkpoint(actor=self.actor).seq if log.news_after(cursor.seq)
+                     else log.head()[0])
             while True:
-                batch = list(log.entries(after=cursor.seq, limit=BATCH))
+                batch = list(log.entries(after=cursor.seq, limit=BATCH, until=until))
                 if not batch:
                     return sent
                 self._send([message(e, fmt=self.settings.format, hostname=self.hostname)

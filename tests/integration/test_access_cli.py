@@ -95,3 +95,4 @@ def test_an_auditor_cannot_overwrite_the_state_with_audit_export(tmp_path: Path)
     done = _run(env, "nobody", "audit", "export", "-o", str(tmp_path / "export.jsonl"))
     assert done.returncode == 0, done.stderr
     assert '"quarantine.purge"' in (tmp_path / "export.jsonl").read_text()
+    assert _run(env, "nobody", "audit", "head").returncode == 0          # auditors keep heads

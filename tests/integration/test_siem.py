@@ -6,10 +6,12 @@ a real one in a temporary state directory; the CLI runs as a subprocess.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -141,26 +143,28 @@ def test_tcp_forwarding_sends_each_entry_once_in_order_and_resumes(state, receiv
     rx = Receiver("tcp")
     receivers.append(rx)
     fwd = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state, hostname="ctl01")
-    assert fwd.forward() == 5
-    got = [_parse(m) for m in rx.wait_for(5)]
-    assert [g["msgid"] for g in got] == ["scan.start"] * 2 + ["detection"] + ["scan.start"] * 2
+    assert fwd.forward() == 6                        # the 5 entries and a checkpoint
+    got = [_parse(m) for m in rx.wait_for(6)]
+    assert [g["msgid"] for g in got] == (["scan.start"] * 2 + ["detection"] + ["scan.start"] * 2
+                                         + ["audit.checkpoint"])
     assert all(g["host"] == "ctl01" for g in got)
     assert all(g["body"].startswith("CEF:0|vsphere-av|vsphere-av|") for g in got)
     seqs = [int(re.search(r"cs1=(\d+)", g["body"]).group(1)) for g in got]
-    assert seqs == [1, 2, 3, 4, 5]
+    assert seqs == [1, 2, 3, 4, 5, 6]
     assert got[2]["pri"] == 13 * 8 + 2               # log audit, critical: a detection
     assert got[0]["pri"] == 13 * 8 + 6               # informational: a scan start
-    assert fwd.cursor().seq == 5
+    assert fwd.cursor().seq == 6
 
     assert fwd.forward() == 0                        # nothing new: nothing sent
     with AuditLog.open(state) as log:
         log.append(actor="tester", action="quarantine.restore", details={"vm": "vm9"})
     fwd.close()
     again = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state, hostname="x")
-    assert again.forward() == 1                      # a new process resumes at the cursor
+    assert again.forward() == 2                      # a new process resumes at the cursor
     again.close()
-    assert len(rx.wait_for(6)) == 6
-    assert _parse(rx.messages()[-1])["msgid"] == "quarantine.restore"
+    assert len(rx.wait_for(8)) == 8
+    assert [_parse(m)["msgid"] for m in rx.messages()[-2:]] == ["quarantine.restore",
+                                                               "audit.checkpoint"]
 
 
 def test_tls_is_verified_and_a_failure_keeps_the_cursor(state, receivers, tmp_path):
@@ -173,25 +177,26 @@ def test_tls_is_verified_and_a_failure_keeps_the_cursor(state, receivers, tmp_pa
     trusted = Forwarder(settings=SiemSettings(target=rx.target, ca_file=str(rx.cert),
                                               format="jsonl", framing="newline"),
                         state_dir=state)
-    assert trusted.forward() == 5
+    assert trusted.forward() == 6
     trusted.close()
     for _ in range(100):
-        if rx.data.count(b"\n") >= 5:
+        if rx.data.count(b"\n") >= 6:
             break
         threading.Event().wait(0.05)
     lines = bytes(rx.data).splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     bodies = [json.loads(_parse(line)["body"]) for line in lines]
-    assert [b["seq"] for b in bodies] == [1, 2, 3, 4, 5]
+    assert [b["seq"] for b in bodies] == [1, 2, 3, 4, 5, 6]
     assert bodies[2]["details"]["threat"] == "EICAR-Test-File"
+    assert bodies[5]["details"] == {"head_seq": 5, "head_hash": bodies[4]["hash"]}
 
 
 def test_udp_and_a_receiver_that_is_down(state, receivers, tmp_path):
     rx = Receiver("udp")
     receivers.append(rx)
     fwd = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state)
-    assert fwd.forward() == 5
-    assert len(rx.wait_for(5)) == 5
+    assert fwd.forward() == 6
+    assert len(rx.wait_for(6)) == 6
     fwd.close()
 
     free = socket.socket()
@@ -211,14 +216,83 @@ def test_a_rewritten_log_stops_forwarding(state, receivers, tmp_path):
     rx = Receiver("tcp")
     receivers.append(rx)
     fwd = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state)
-    assert fwd.forward() == 5
+    assert fwd.forward() == 6
     fwd.close()
     cursor = state / "siem-cursor.json"
     doc = json.loads(cursor.read_text())
-    doc["hash"] = "0" * 64                           # as if entry 5 had been rewritten
+    doc["hash"] = "0" * 64                           # as if entry 6 had been rewritten
     cursor.write_text(json.dumps(doc))
     with pytest.raises(errors.AuditIntegrityError, match="replaced or rewritten"):
         fwd.forward()
+
+
+def test_a_checkpoint_whose_sending_failed_is_sent_without_another(state, receivers):
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    down = Forwarder(settings=SiemSettings(target=f"tcp://127.0.0.1:{port}"), state_dir=state)
+    with pytest.raises(errors.TransientError):
+        down.forward()
+    with AuditLog.open(state) as log:
+        assert [e.action for e in log.entries(after=5)] == ["audit.checkpoint"]
+    rx = Receiver("tcp")
+    receivers.append(rx)
+    fwd = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state)
+    assert fwd.forward() == 6                        # the entries and that one checkpoint
+    assert fwd.forward() == 0                        # checkpoints alone start no round
+    fwd.close()
+    with AuditLog.open(state) as log:
+        assert log.head()[0] == 6
+    assert [_parse(m)["msgid"] for m in rx.wait_for(6)][-1] == "audit.checkpoint"
+
+
+def _cef(msg: bytes, key: str) -> str:
+    found = re.search(rf"\b{key}=(\S+)", _parse(msg)["body"])
+    assert found, msg[:200]
+    return found.group(1)
+
+
+def test_a_checkpoint_kept_at_the_siem_catches_a_cut_tail(state, receivers, tmp_path):
+    rx = Receiver("tcp")
+    receivers.append(rx)
+    fwd = Forwarder(settings=SiemSettings(target=rx.target), state_dir=state)
+    fwd.forward()
+    with AuditLog.open(state) as log:
+        log.append(actor="tester", action="detection", details={"vm": "vm7", "threat": "X"})
+        log.append(actor="tester", action="quarantine.purge", details={"id": "ab12"})
+    assert fwd.forward() == 3
+    fwd.close()
+    last = rx.wait_for(9)[-1]                        # what the SIEM keeps: the last checkpoint
+    assert _parse(last)["msgid"] == "audit.checkpoint"
+    kept = f"{_cef(last, 'cs1')}:{_cef(last, 'cs2')}"
+    assert kept.startswith("9:")
+
+    env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(state)}
+    env.pop("VSPHERE_AV_CONFIG", None)
+    verify = [sys.executable, "-m", "vsphere_av", "audit", "verify"]
+    ok = subprocess.run([*verify, "--head", kept], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr
+
+    # Someone holding the service account cuts the detection and what followed, and rewrites
+    # both head records and the SIEM cursor to match: the box alone cannot tell.
+    db = sqlite3.connect(state / "audit.sqlite")
+    db.execute("DELETE FROM audit WHERE seq > 6")
+    digest = db.execute("SELECT hash FROM audit WHERE seq = 6").fetchone()[0]
+    db.execute("UPDATE audit_head SET seq = 6, hash = ?", (digest,))
+    db.commit()
+    db.close()
+    (state / "audit.head").write_text(f"6 {digest}\n")
+    (state / "siem-cursor.json").write_text(json.dumps({"seq": 6, "hash": digest}))
+    alone = subprocess.run(verify, env=env, capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0, alone.stderr
+    cut = subprocess.run([*verify, "--head", kept], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert cut.returncode == 2
+    assert cut.stderr.strip() == ("vsphere-av: error: audit log broken at entry 7: the kept "
+                                  "head names entry 9, but the log ends at entry 6: entries "
+                                  "were removed")
 
 
 def test_framing_and_message_shapes(tmp_path):
@@ -255,8 +329,8 @@ def test_cli_forward(state, receivers, tmp_path):
     cli = [sys.executable, "-m", "vsphere_av", "audit", "forward"]
     out = subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"target": rx.target, "sent": 5, "last_seq": 5}
-    assert len(rx.wait_for(5)) == 5
+    assert json.loads(out.stdout) == {"target": rx.target, "sent": 6, "last_seq": 6}
+    assert len(rx.wait_for(6)) == 6
     cfg.write_text("")
     out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
@@ -277,6 +351,9 @@ def test_serve_forwards_as_it_runs_and_when_it_stops(vcsim_factory, receivers, t
                  timeout=20, what="controller.start at the SIEM")
     with AuditLog.open(settings.state_dir) as log:
         actions = [e.action for e in log.entries()]
-    assert actions[-1] == "controller.stop"
+    assert actions[-2:] == ["controller.stop", "audit.checkpoint"]
+    # Rounds every 0.2 s: a checkpoint only ever follows something new, never a checkpoint.
+    assert all(a != "audit.checkpoint" or b != "audit.checkpoint"
+               for a, b in itertools.pairwise(actions))
     got = [_parse(m)["msgid"] for m in rx.wait_for(len(actions))]
     assert got == actions                            # every entry, each once, in order

@@ -181,3 +181,126 @@ def test_head_file_behind_after_a_crash_is_not_tampering(tmp_path: Path) -> None
     result = log.verify()
     assert not result.ok
     assert "head file" in result.message
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"VSPHERE_AV_STATE_DIR": str(state_dir), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "vsphere_av", *args], env=env,
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def _cut_tail_and_both_heads(state_dir: Path, keep: int) -> None:
+    """The attack: remove the last entries and rewrite both head records to match."""
+    _sql(state_dir, "DELETE FROM audit WHERE seq > ?", keep)
+    _sql(state_dir, "UPDATE audit_head SET seq = ?, hash = (SELECT hash FROM audit WHERE seq = ?)",
+         keep, keep)
+    db = sqlite3.connect(state_dir / "audit.sqlite")
+    digest = db.execute("SELECT hash FROM audit WHERE seq = ?", (keep,)).fetchone()[0]
+    db.close()
+    (state_dir / "audit.head").write_text(f"{keep} {digest}\n")
+
+
+def test_a_cut_tail_with_both_heads_rewritten_fails_against_a_kept_head(tmp_path: Path) -> None:
+    _log_with(tmp_path, 6).close()
+    head = _cli(tmp_path, "audit", "head")
+    assert head.returncode == 0, head.stderr
+    kept = head.stdout.strip()
+    seq, digest = kept.split(":")
+    assert seq == "6"
+    assert len(digest) == 64
+    as_json = json.loads(_cli(tmp_path, "audit", "head", "--json").stdout)
+    assert as_json == {"seq": 6, "hash": digest, "head": kept}
+    assert _cli(tmp_path, "audit", "verify", "--head", kept).returncode == 0
+
+    _cut_tail_and_both_heads(tmp_path, 4)
+    assert _cli(tmp_path, "audit", "verify").returncode == 0     # what the box alone can tell
+    cut = _cli(tmp_path, "audit", "verify", "--head", kept)
+    assert cut.returncode == 2
+    assert cut.stderr.strip() == ("vsphere-av: error: audit log broken at entry 5: the kept "
+                                  "head names entry 6, but the log ends at entry 4: entries "
+                                  "were removed")
+
+
+def test_a_rewritten_log_fails_against_a_kept_head(tmp_path: Path) -> None:
+    _log_with(tmp_path, 3).close()
+    kept = _cli(tmp_path, "audit", "head").stdout.strip()
+    for name in ("audit.sqlite", "audit.sqlite-wal", "audit.sqlite-shm", "audit.head"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with AuditLog.open(tmp_path) as log:                # a whole new chain, as long as the old
+        for i in range(4):
+            log.append(actor="mallory", action="scan.end", details={"vm": f"x{i}"})
+    assert _cli(tmp_path, "audit", "verify").returncode == 0
+    bad = _cli(tmp_path, "audit", "verify", "--head", kept)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("vsphere-av: error: audit log broken at entry 3: entry 3 "
+                                  "differs from the kept head: the log was rewritten")
+
+
+@pytest.mark.parametrize("head", ["6", "6:abc", "x:" + "0" * 64, "6:" + "g" * 64])
+def test_a_malformed_kept_head_is_one_line(tmp_path: Path, head: str) -> None:
+    _log_with(tmp_path, 2).close()
+    out = _cli(tmp_path, "audit", "verify", "--head", head)
+    assert out.returncode == 2
+    assert out.stderr.startswith("vsphere-av: error: --head must be SEQ:HASH")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_head_of_a_broken_log_is_refused(tmp_path: Path) -> None:
+    _log_with(tmp_path, 3).close()
+    _sql(tmp_path, "UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+    out = _cli(tmp_path, "audit", "head")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert "entry 2 was altered" in out.stderr
+
+
+def test_checkpoint_names_the_head_and_never_follows_a_checkpoint(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 2)
+    before = log.head()
+    first = log.checkpoint(actor="ctl")
+    assert (first.seq, first.action) == (3, "audit.checkpoint")
+    assert dict(first.details) == {"head_seq": before[0], "head_hash": before[1]}
+    assert log.checkpoint(actor="ctl") == first          # nothing new: the same one
+    assert not log.news_after(2)
+    log.append(actor="a", action="scan.end", details={})
+    assert log.news_after(3)
+    assert log.checkpoint(actor="ctl").seq == 5
+    assert log.verify().ok
+
+
+def _state_with_history(state_dir: Path) -> None:
+    from vsphere_av.models import VmId, VmInfo
+    from vsphere_av.store.state import StateStore
+
+    vm = VmInfo(moref=VmId("vm-1"), name="web01", instance_uuid="u-1", power_state="poweredOn",
+                tools_running=True, guest_id="otherLinux64Guest", host=None)
+    with StateStore.open(state_dir) as store:
+        store.begin_scan(vm, full=True, signature_version=1)
+
+
+def test_an_emptied_log_in_a_state_directory_with_history_is_not_intact(tmp_path: Path) -> None:
+    fresh = _cli(tmp_path / "new", "audit", "verify")
+    assert fresh.returncode == 0, fresh.stderr            # a new installation: nothing yet
+    _log_with(tmp_path, 3).close()
+    _state_with_history(tmp_path)
+    assert _cli(tmp_path, "audit", "verify").returncode == 0
+    _sql(tmp_path, "DELETE FROM audit")
+    _sql(tmp_path, "DELETE FROM audit_head")
+    (tmp_path / "audit.head").unlink()
+    out = _cli(tmp_path, "audit", "verify")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("vsphere-av: error: audit log broken at entry 1: the log is "
+                                  "empty but the state directory has history (state.sqlite "
+                                  "holds 1 VMs, 1 scans)")
+
+
+def test_a_missing_log_with_a_siem_cursor_or_quarantine_is_not_intact(tmp_path: Path) -> None:
+    (tmp_path / "siem-cursor.json").write_text('{"seq": 7, "hash": "ab"}')
+    (tmp_path / "quarantine").mkdir()
+    (tmp_path / "quarantine" / "0a1b2c.qbin").write_bytes(b"x")
+    out = _cli(tmp_path, "audit", "verify", "--json")
+    assert out.returncode == 2
+    assert json.loads(out.stdout) == {
+        "ok": False, "entries": 0, "first_bad_entry": 1,
+        "message": "the log is missing but the state directory has history (siem-cursor.json "
+                   "says entry 7 was forwarded, quarantined files)"}

@@ -1,8 +1,9 @@
 """Tamper-evident audit log: append-only, every entry chained to the previous by SHA-256.
 
 Called by everything that changes protection (scans, remediation, quarantine, signatures,
-appliances, configuration) and by ``cli.py`` (``audit verify`` / ``audit export``).
-Calls only SQLite (``<state_dir>/audit.sqlite``) and ``store.private`` (files 0600).
+appliances, configuration), by ``siem.py`` (checkpoints) and by ``cli.py`` (``audit verify``
+/ ``head`` / ``export``). Calls SQLite (``<state_dir>/audit.sqlite``; ``state.sqlite`` read
+only, to tell an emptied log from a new one) and ``store.private`` (files 0600).
 
 Each entry stores ``hash = sha256(prev_hash || canonical JSON of seq, time, actor, action,
 details)``. Altering, removing or reordering any entry breaks the chain from that entry on;
@@ -10,7 +11,15 @@ truncating the tail is caught by the head record kept in a second table and in t
 ``audit.head`` beside the database (moved forward after every append, under a file lock,
 by whichever process appends), so an attacker must rewrite three places consistently. The
 file may lag by the entries of a crash between commit and its write, but it must always
-name a real entry of the chain. Writes are durable (WAL, synchronous=FULL) before
+name a real entry of the chain.
+
+Whoever holds the service account can still rewrite all three places, or the whole log: the
+head is anchored off the box too. Every SIEM forward ends with a checkpoint entry
+(``audit.checkpoint``, naming the chain head it follows) that is forwarded itself, and
+``audit head`` prints the head for an operator or a scheduler to keep; ``verify(head=...)``
+fails when that entry is gone or differs. An empty (or missing) log in a state directory
+with history (VMs, scans, quarantine items in ``state.sqlite``, quarantined files, a SIEM
+cursor past entry 0) does not verify either. Writes are durable (WAL, synchronous=FULL) before
 ``append`` returns, so a crash never loses an acknowledged entry.
 
 Secrets never reach this module: callers pass only names and identifiers. As a second
@@ -37,6 +46,8 @@ from vsphere_av.store.private import private_file
 from vsphere_av.store.sqlite import open_database
 
 GENESIS = "0" * 64
+CHECKPOINT = "audit.checkpoint"      # forwarded last in each SIEM round: names the chain head
+SIEM_CURSOR_FILE = "siem-cursor.json"
 _SECRET_KEYS = ("password", "secret", "token", "private_key")
 
 _SCHEMA = """
@@ -133,6 +144,7 @@ class AuditLog:
         self.path = path
         self.head_path = path.with_name("audit.head")
         self._lock = threading.Lock()
+        self._was_missing = not path.exists()
         self._db = open_database(path, schema=_SCHEMA, what="audit log")
         private_file(self.head_path)
 
@@ -155,15 +167,29 @@ class AuditLog:
         self, *, actor: str, action: str, details: Mapping[str, Any] | None = None
     ) -> AuditEntry:
         """Append one entry durably and return it."""
+        return self._append(actor=actor, action=action, details=details)
+
+    def checkpoint(self, *, actor: str) -> AuditEntry:
+        """Append a checkpoint naming the current head (seq and hash), unless the last entry
+        already is one (then return it): checkpoints never follow only checkpoints."""
+        return self._append(actor=actor, action=CHECKPOINT, details=None, checkpoint=True)
+
+    def _append(self, *, actor: str, action: str, details: Mapping[str, Any] | None,
+                checkpoint: bool = False) -> AuditEntry:
         details = dict(details or {})
         _check_no_secrets(details)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 row = self._db.execute(
-                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+                    "SELECT seq, hash, action FROM audit ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
                 seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+                if checkpoint and row and row[2] == CHECKPOINT:
+                    self._db.execute("ROLLBACK")
+                    return next(self.entries(after=row[0] - 1, limit=1))
+                if checkpoint:
+                    details = {"head_seq": seq - 1, "head_hash": prev}
                 now = datetime.now(UTC).isoformat(timespec="microseconds")
                 digest = entry_hash(
                     prev_hash=prev, seq=seq, time=now, actor=actor, action=action, details=details
@@ -222,11 +248,24 @@ class AuditLog:
             return int(parts[0]), parts[1]
         return -1, ""
 
-    def entries(self, *, after: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
-        """Entries in stored order (by seq): those after ``after``, at most ``limit``."""
+    def head(self) -> tuple[int, str]:
+        """The last entry's (seq, hash); (0, GENESIS) when the log is empty."""
+        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    def news_after(self, seq: int) -> bool:
+        """True when an entry other than a checkpoint follows entry ``seq``."""
+        return self._db.execute("SELECT 1 FROM audit WHERE seq > ? AND action != ? LIMIT 1",
+                                (seq, CHECKPOINT)).fetchone() is not None
+
+    def entries(self, *, after: int = 0, limit: int | None = None,
+                until: int | None = None) -> Iterator[AuditEntry]:
+        """Entries in stored order (by seq): those after ``after`` and up to ``until``, at
+        most ``limit``."""
         cur = self._db.execute(
             "SELECT seq, time, actor, action, details, prev_hash, hash FROM audit"
-            " WHERE seq > ? ORDER BY seq LIMIT ?", (after, -1 if limit is None else limit)
+            " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (after, 2**63 - 1 if until is None else until, -1 if limit is None else limit)
         )
         for seq, time, actor, action, details, prev, digest in cur:
             try:
@@ -235,8 +274,10 @@ class AuditLog:
                 parsed = {"_unparseable": details}
             yield AuditEntry(seq, time, actor, action, parsed, prev, digest)
 
-    def verify(self) -> Verification:
-        """Walk the chain; report the first entry that does not verify."""
+    def verify(self, *, head: tuple[int, str] | None = None) -> Verification:
+        """Walk the chain; report the first entry that does not verify. ``head`` is a
+        (seq, hash) kept from ``audit head`` or a checkpoint at the SIEM: that entry must
+        still be in the log, unchanged."""
         prev = GENESIS
         expected_seq = 1
         count = 0
@@ -269,6 +310,18 @@ class AuditLog:
             prev = entry.hash
             expected_seq += 1
         last_seq = expected_seq - 1
+        if head is not None and head[0] > last_seq:
+            return Verification(False, count, last_seq + 1,
+                                f"the kept head names entry {head[0]}, but the log ends at "
+                                f"entry {last_seq}: entries were removed")
+        if head is not None and head[0] and self._stored_hash(head[0]) != head[1].lower():
+            return Verification(False, count, head[0],
+                                f"entry {head[0]} differs from the kept head: the log was "
+                                "rewritten")
+        if not count and (history := self._history()):
+            what = "missing" if self._was_missing else "empty"
+            return Verification(False, 0, 1, f"the log is {what} but the state directory has "
+                                f"history ({history})")
         row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         if row and (int(row[0]) != last_seq or (last_seq and str(row[1]) != prev)):
             # Written in the same transaction as the entry: it must match exactly.
@@ -293,6 +346,29 @@ class AuditLog:
                                 f"entry {head[0]} does not match the head file")
         return Verification(True, count)
 
+    def _history(self) -> str:
+        """What in the state directory shows that entries were written ("" when nothing)."""
+        state_dir = self.path.parent
+        found: list[str] = []
+        head = self._read_head_file()
+        if head is not None and head[0] != 0:
+            found.append(f"{self.head_path.name} names entry {head[0]}")
+        try:
+            cursor = json.loads((state_dir / SIEM_CURSOR_FILE).read_text(encoding="utf-8"))
+            if int(cursor.get("seq", 0)):
+                found.append(f"{SIEM_CURSOR_FILE} says entry {cursor['seq']} was forwarded")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError):
+            found.append(f"{SIEM_CURSOR_FILE} exists")
+        state = state_dir / "state.sqlite"
+        if state.exists():
+            found += _state_history(state)
+        quarantine = state_dir / "quarantine"
+        if quarantine.is_dir() and any(quarantine.glob("*.qbin")):
+            found.append("quarantined files")
+        return ", ".join(found)
+
     def _stored_hash(self, seq: int) -> str | None:
         row = self._db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
         return str(row[0]) if row else None
@@ -304,6 +380,38 @@ class AuditLog:
             raise AuditIntegrityError(
                 f"audit log broken at entry {result.first_bad_seq}: {result.message}"
             )
+
+
+def _state_history(path: Path) -> list[str]:
+    """Rows that only exist after audited work, counted read-only in ``state.sqlite``."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return [f"{path.name} cannot be read: {exc}"]
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        found = []
+        for table, what in (("vms", "VMs"), ("scans", "scans"), ("detections", "detections"),
+                            ("quarantine", "quarantine items")):
+            if table in tables:
+                n = int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                if n:
+                    found.append(f"{n} {what}")
+        return [f"{path.name} holds {', '.join(found)}"] if found else []
+    except sqlite3.Error as exc:
+        return [f"{path.name} cannot be read: {exc}"]
+    finally:
+        db.close()
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` as ``audit head`` prints it; StoreError when it is not that."""
+    seq, _, digest = text.strip().partition(":")
+    if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef"
+                                                       for c in digest.lower()):
+        raise StoreError(f"--head must be SEQ:HASH as 'audit head' prints it (a number, a colon "
+                         f"and 64 hex digits), not {text!r}")
+    return int(seq), digest.lower()
 
 
 _CEF_SEVERITY = {
