@@ -67,6 +67,7 @@ def test_an_auditor_cannot_overwrite_the_state_with_audit_export(tmp_path: Path)
         Quarantine.open(state, store=store)
         log.append(actor="alice", action="quarantine.purge", details={"id": "ab12"})
     (tmp_path / "link").symlink_to(state)
+    (tmp_path / "dangling").symlink_to(state / "siem-cursor.json")   # not there (yet)
     (tmp_path / "other").mkdir()
     kept = tmp_path / "kept.txt"
     kept.write_text("the auditor's earlier notes\n")
@@ -83,12 +84,14 @@ def test_an_auditor_cannot_overwrite_the_state_with_audit_export(tmp_path: Path)
         (tmp_path / "other" / ".." / "state" / "state.sqlite", inside),
         (state / "quarantine" / "x.qbin", inside),
         (kept, "exists: give a new file (an export never overwrites one)"),
+        (tmp_path / "dangling", "exists: give a new file (an export never overwrites one)"),
     ]:
         out = _run(env, "nobody", "audit", "export", "-o", str(target))
         assert out.returncode == 2, (target, out.stderr)
         assert out.stderr.strip() == f"vsphere-av: error: {target} {error}", out.stderr
 
     assert kept.read_text() == "the auditor's earlier notes\n"
+    assert not (state / "siem-cursor.json").exists()
     after = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
     assert after == before
     assert _run(env, "nobody", "audit", "verify").returncode == 0
