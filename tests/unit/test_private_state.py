@@ -87,6 +87,7 @@ def test_the_cli_leaves_a_private_state_directory(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "vsphere_av", "audit", "verify"], env=env,
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert out.stderr == ""                 # tightening is logged at info, not printed
     assert _mode(state_dir) == 0o700
     assert _mode(state_dir / "audit.sqlite") == 0o600
 

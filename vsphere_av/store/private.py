@@ -8,8 +8,10 @@ A directory or file that already exists with looser modes (made by hand, by a pa
 an earlier version under the umask) is tightened, not refused: the service owns these files
 and nothing is left to decide, so an upgrade needs no step of its own. What cannot be
 tightened (it belongs to another account) is refused with one line naming the path, its
-mode and its owner. SQLite creates a database's ``-wal`` and ``-shm`` with the database
-file's own mode, so creating the database 0600 keeps them 0600 too.
+mode and its owner. Tightening is logged at info level (``serve`` shows it), not printed by
+CLI commands, whose stderr is their one error line. SQLite creates a database's ``-wal``
+and ``-shm`` with the database file's own mode, so creating the database 0600 keeps them
+0600 too.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _tighten(path: Path, mode: int) -> None:
             f"{path} is mode {stat.S_IMODE(st.st_mode):04o} (owner uid {st.st_uid}) and cannot "
             f"be made {mode:04o}: {exc.strerror or exc}; give it to this account or fix its "
             "mode") from exc
-    log.warning("tightened %s from %04o to %04o", path, stat.S_IMODE(st.st_mode),
+    log.info("tightened %s from %04o to %04o", path, stat.S_IMODE(st.st_mode),
                 stat.S_IMODE(st.st_mode) & mode)
 
 
