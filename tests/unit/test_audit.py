@@ -304,3 +304,13 @@ def test_a_missing_log_with_a_siem_cursor_or_quarantine_is_not_intact(tmp_path: 
         "ok": False, "entries": 0, "first_bad_entry": 1,
         "message": "the log is missing but the state directory has history (siem-cursor.json "
                    "says entry 7 was forwarded, quarantined files)"}
+
+
+def test_a_log_truncated_to_nothing_beside_its_head_file_is_not_intact(tmp_path: Path) -> None:
+    _log_with(tmp_path, 3).close()
+    (tmp_path / "audit.sqlite").write_bytes(b"")        # SQLite reads this as a new database
+    out = _cli(tmp_path, "audit", "verify")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("vsphere-av: error: audit log broken at entry 1: the log is "
+                                  "empty but the state directory has history (audit.head "
+                                  "names entry 3)")
