@@ -236,7 +236,8 @@ def test_a_rewritten_log_fails_against_a_kept_head(tmp_path: Path) -> None:
                                   "differs from the kept head: the log was rewritten")
 
 
-@pytest.mark.parametrize("head", ["6", "6:abc", "x:" + "0" * 64, "6:" + "g" * 64])
+@pytest.mark.parametrize("head", ["6", "6:abc", "x:" + "0" * 64, "6:" + "g" * 64,
+                                  "\u0663:" + "0" * 64])
 def test_a_malformed_kept_head_is_one_line(tmp_path: Path, head: str) -> None:
     _log_with(tmp_path, 2).close()
     out = _cli(tmp_path, "audit", "verify", "--head", head)

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vsphere_av.errors import AuditIntegrityError, StoreError
+from vsphere_av.errors import AuditIntegrityError, ConfigError, StoreError
 from vsphere_av.store.private import private_file
 from vsphere_av.store.sqlite import open_database
 
@@ -405,11 +405,11 @@ def _state_history(path: Path) -> list[str]:
 
 
 def parse_head(text: str) -> tuple[int, str]:
-    """``SEQ:HASH`` as ``audit head`` prints it; StoreError when it is not that."""
+    """``SEQ:HASH`` as ``audit head`` prints it; ConfigError when it is not that."""
     seq, _, digest = text.strip().partition(":")
-    if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef"
-                                                       for c in digest.lower()):
-        raise StoreError(f"--head must be SEQ:HASH as 'audit head' prints it (a number, a colon "
+    if not (seq.isascii() and seq.isdigit()) or len(digest) != 64 or any(
+            c not in "0123456789abcdef" for c in digest.lower()):
+        raise ConfigError(f"--head must be SEQ:HASH as 'audit head' prints it (a number, a colon "
                          f"and 64 hex digits), not {text!r}")
     return int(seq), digest.lower()
 
