@@ -815,9 +815,9 @@ class DiskFiles:
             owner = next((v for v in reversed(mounted)
                           if self._under(root, self._mount_path(v))), None)
             if owner is not None:
-                node = self._resolve(owner, root, on_error=on_error)
-                if node is not None:
-                    starts.append((root, owner, node))
+                resolved = self._resolve(owner, root, on_error=on_error)
+                if resolved is not None:
+                    starts.append((resolved[0], owner, resolved[1]))
                     covered = True
             for v in mounted:
                 path = self._mount_path(v)
@@ -840,25 +840,26 @@ class DiskFiles:
                 return
 
     def _resolve(self, volume: Volume, root: str,
-                 on_error: Callable[[str, errors.DiskError], None]) -> Any:
+                 on_error: Callable[[str, errors.DiskError], None]) -> tuple[str, Any] | None:
+        """The root's directory node and its path as the guest spells it."""
         fs = self._fs[volume.index]
-        base = self._norm(self._mount_path(volume))
-        rest = self._norm(root)[len(base):]
-        parts = [p for p in re.split(r"[\\/]", rest) if p]
+        path = self._mount_path(volume)
+        rest = self._norm(root)[len(self._norm(path)):]
         node = fs.root()
         try:
-            for part in parts:
+            for part in (p for p in re.split(r"[\\/]", rest) if p):
                 entry = fs.lookup(node, part)
                 if entry is None or entry.kind != "dir":
                     on_error(root, errors.DiskFileError(f"{root}: no such directory"))
                     return None
                 node = entry.node
+                path = self._join(path, entry.name)
         except errors.DiskImageError:
             raise
         except Exception as exc:
             on_error(root, errors.DiskFileError(f"{root}: cannot list: {_reason(exc)}"))
             return None
-        return node
+        return path, node
 
     def _walk_from(self, start: str, volume: Volume, node: Any, *, mount_points: set[str],
                    prune: Callable[[str], bool],

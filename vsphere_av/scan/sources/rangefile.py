@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from vsphere_av import errors
 
-DEFAULT_BLOCK_SIZE = 64 * 1024
-DEFAULT_CACHE_BLOCKS = 256            # 16 MiB with the default block size
-DEFAULT_MAX_FETCH_BLOCKS = 16         # one call reads at most 1 MiB with the default size
+DEFAULT_BLOCK_SIZE = 32 * 1024
+DEFAULT_CACHE_BLOCKS = 512            # 16 MiB with the default block size
+DEFAULT_MAX_FETCH_BLOCKS = 32         # one call reads at most 1 MiB with the default size
 
 
 @dataclass(frozen=True)
