@@ -264,9 +264,11 @@ def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[st
                                                                   images: Path) -> None:
     path = mkdisk(trees["linux"], images / "big.vmdk", "--fs", "ext4", "--size-mib", "1024")
     files_opened: list[RangeFile] = []
+    locals_opened: list[BinaryIO] = []
 
     def open_range(name: str) -> BinaryIO:
         local = (images / name).open("rb")
+        locals_opened.append(local)
         size = local.seek(0, os.SEEK_END)
 
         def read_range(offset: int, length: int) -> bytes:
@@ -277,12 +279,16 @@ def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[st
         files_opened.append(rf)
         return rf  # type: ignore[return-value]
 
-    disk = open_virtual_disk(path.name, open_file=open_range)
-    assert disk.size == 1024 * 1024 * 1024
-    with DiskFiles.mount([disk]) as files:
-        found = list(files.walk(["/etc/cron.d"]))
-        with files.open(found[0]) as stream:
-            assert b"".join(stream.chunks()) == CRON
+    try:
+        disk = open_virtual_disk(path.name, open_file=open_range)
+        assert disk.size == 1024 * 1024 * 1024
+        with DiskFiles.mount([disk]) as files:
+            found = list(files.walk(["/etc/cron.d"]))
+            with files.open(found[0]) as stream:
+                assert b"".join(stream.chunks()) == CRON
+    finally:
+        for local in locals_opened:
+            local.close()
     [rf] = files_opened
     stats = rf.statistics()
     assert stats.bytes_fetched <= 512 * 1024, stats

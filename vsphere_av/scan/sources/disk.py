@@ -104,6 +104,9 @@ class DiskLimits:
     chunk_size: int = 1024 * 1024
 
 
+_LOOKUP_LIMIT = DiskLimits.max_dir_entries   # entries listed to find one name (roots, fstab)
+
+
 # --- the VMDK chain -----------------------------------------------------------------------
 
 class _Extent:
@@ -423,13 +426,13 @@ class _Ext:
         return out
 
     def _entry(self, inode: Any) -> _Entry:
-        mode = int(inode.inode.i_mode) if hasattr(inode, "inode") else 0
+        mode = int(inode.inode.i_mode)
         return _Entry(name=str(inode.filename), kind=_unix_kind(mode), file_id=int(inode.inum),
                       node=inode, size=int(inode.size), mtime_ns=int(inode.mtime_ns),
                       mode=stat.S_IMODE(mode))
 
     def lookup(self, node: Any, name: str) -> _Entry | None:
-        return next((e for e in self.children(node, limit=1 << 62) if e.name == name), None)
+        return next((e for e in self.children(node, limit=_LOOKUP_LIMIT) if e.name == name), None)
 
     def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
         inode = self.fs.get_inode(file_id)
@@ -497,7 +500,7 @@ class _Ntfs:
 
     def lookup(self, node: Any, name: str) -> _Entry | None:
         want = name.lower()
-        return next((e for e in self.children(node, limit=1 << 62) if e.name.lower() == want),
+        return next((e for e in self.children(node, limit=_LOOKUP_LIMIT) if e.name.lower() == want),
                     None)
 
     def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
@@ -702,8 +705,19 @@ class DiskFiles:
 
         ``windows`` None: decided by what is found (an NTFS volume holding \\Windows and no
         volume holding /etc/fstab means Windows); True/False: the VM's guest OS as vSphere
-        reports it.
+        reports it. The result owns ``disks`` (its ``close`` closes them); when this raises,
+        they are closed already.
         """
+        try:
+            return cls._mount(disks, windows=windows, limits=limits)
+        except BaseException:
+            for disk in disks:
+                disk.close()
+            raise
+
+    @classmethod
+    def _mount(cls, disks: Sequence[VirtualDisk], *, windows: bool | None,
+               limits: DiskLimits) -> DiskFiles:
         found: list[tuple[Volume, Any]] = []
         pvs: list[tuple[Volume, Any]] = []
         for d, disk in enumerate(disks):
@@ -1052,7 +1066,7 @@ def _identify(volume: Volume, fh: Any) -> tuple[Volume, Any]:
         try:
             fh.seek(0)
             fs = _open_fs(kind, fh)
-            fs.children(fs.root(), limit=1 << 62)     # the root must list
+            fs.children(fs.root(), limit=_LOOKUP_LIMIT)     # the root must list
         except errors.DiskImageError:
             raise
         except Exception as exc:
