@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -293,3 +294,56 @@ def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[st
     stats = rf.statistics()
     assert stats.bytes_fetched <= 512 * 1024, stats
     assert stats.calls <= 16, stats
+
+
+def test_ntfs_alternate_data_streams_are_files_of_their_own(trees: dict[str, Path],
+                                                            images: Path,
+                                                            tmp_path: Path) -> None:
+    path = mkdisk(trees["windows"], images / "ads.vmdk", "--fs", "ntfs", "--table", "none",
+                  "--format", "monolithicFlat")
+    # ntfs-3g writes a named stream through the user.* extended attribute of the file.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fuse = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(images / "ads-flat.vmdk"),
+                             str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+        assert os.path.ismount(mnt), "ntfs-3g did not mount the image"
+        os.setxattr(mnt / "Windows" / "Temp" / "x.exe", "user.Zone.Identifier",
+                    b"[ZoneTransfer]\r\nZoneId=3\r\n")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        fuse.wait(timeout=30)
+    with DiskFiles.mount([open_local(path)]) as files:
+        entries = {f.path: f for f in files.walk(["C:\\Windows\\Temp"])}
+        assert set(entries) == {"C:\\Windows\\Temp\\x.exe",
+                                "C:\\Windows\\Temp\\x.exe:Zone.Identifier"}
+        stream = entries["C:\\Windows\\Temp\\x.exe:Zone.Identifier"]
+        assert (stream.stream, stream.size) == ("Zone.Identifier", 26)
+        assert stream.file_id == entries["C:\\Windows\\Temp\\x.exe"].file_id
+        with files.open(stream) as s:
+            assert b"".join(s.chunks()) == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+
+
+def test_damaged_directory_and_file_are_reported_and_the_walk_goes_on(
+        trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "damaged.vmdk", "--fs", "ext4", "--table", "none",
+                  "--format", "monolithicFlat")
+    # debugfs zeroes the extent header magic of a directory and of a file in place.
+    for target in ("/home/u", "/etc/cron.d/x"):
+        subprocess.run(["debugfs", "-w", "-R", f"sif {target} block[0] 0",
+                        str(images / "damaged-flat.vmdk")], check=True, capture_output=True)
+    with DiskFiles.mount([open_local(path)]) as files:
+        problems: list[tuple[str, str]] = []
+        entries = {f.path: f for f in files.walk(["/"], on_error=lambda p, e: problems.append(
+            (p, str(e))))}
+        assert problems == [("/home/u", "/home/u: cannot list: Invalid extent_header magic")]
+        assert set(entries) == {"/etc/fstab", "/etc/cron.d/x"}
+        with pytest.raises(errors.DiskFileError,
+                           match=r"^/etc/cron\.d/x: cannot open: Invalid extent_header magic$"):
+            files.open(entries["/etc/cron.d/x"])
+        with files.open(entries["/etc/fstab"]) as stream:
+            assert b"".join(stream.chunks()).startswith(b"# static")
