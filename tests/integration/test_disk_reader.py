@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,7 +20,9 @@ import pytest
 
 from vsphere_av import errors
 from vsphere_av.scan.sources.disk import (
+    DiskFile,
     DiskFiles,
+    DiskLimits,
     VirtualDisk,
     open_virtual_disk,
 )
@@ -347,3 +350,46 @@ def test_damaged_directory_and_file_are_reported_and_the_walk_goes_on(
             files.open(entries["/etc/cron.d/x"])
         with files.open(entries["/etc/fstab"]) as stream:
             assert b"".join(stream.chunks()).startswith(b"# static")
+
+
+def test_walk_limits_are_reported_not_silent(trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "limits.vmdk", "--fs", "ext4")
+    shallow = DiskLimits(max_depth=1)
+    with DiskFiles.mount([open_local(path)], limits=shallow) as files:
+        problems: list[tuple[str, str]] = []
+        got = [f.path for f in files.walk(["/"], on_error=lambda p, e: problems.append(
+            (p, str(e))))]
+        assert sorted(got) == ["/etc/fstab"]
+        assert sorted(problems) == [
+            ("/etc/cron.d", "/etc/cron.d: deeper than 1 levels: not walked"),
+            ("/home/u", "/home/u: deeper than 1 levels: not walked")]
+    with DiskFiles.mount([open_local(path)], limits=DiskLimits(max_entries=3)) as files:
+        problems = []
+        list(files.walk(["/"], on_error=lambda p, e: problems.append((p, str(e)))))
+        assert len(problems) == 1
+        assert problems[0][1].endswith("more than 3 entries: walk stopped")
+
+
+def test_files_read_in_another_thread_while_the_walk_goes_on(images: Path,
+                                                             tmp_path: Path) -> None:
+    tree = tmp_path / "many"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_bytes(b"LABEL=root / ext4 defaults 0 1\n")
+    expected: dict[str, bytes] = {"/etc/fstab": b"LABEL=root / ext4 defaults 0 1\n"}
+    for d in range(8):
+        (tree / f"d{d}").mkdir()
+        for n in range(8):
+            data = os.urandom(5000 + 997 * n)
+            (tree / f"d{d}" / f"f{n}").write_bytes(data)
+            expected[f"/d{d}/f{n}"] = data
+    path = mkdisk(tree, images / "many.vmdk", "--fs", "ext4", "--format", "streamOptimized")
+
+    def read(files: DiskFiles, f: DiskFile) -> tuple[str, bytes]:
+        with files.open(f) as stream:
+            return f.path, b"".join(stream.chunks())
+
+    with (DiskFiles.mount([open_local(path)]) as files,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        futures = [pool.submit(read, files, f) for f in files.walk(["/"])]
+        got = dict(future.result() for future in futures)
+    assert got == expected

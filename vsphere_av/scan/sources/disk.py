@@ -34,8 +34,11 @@ Errors (``errors.DiskError``):
                   ``open_virtual_disk``, or later from ``walk``/``chunks`` when a read lands
                   past the end of an extent; the whole disk is unreadable.
   DiskFileError   one directory or file: ``walk`` hands it to ``on_error`` and goes on;
-                  ``FileStream.chunks`` raises it.
+                  ``DiskFiles.open`` and ``FileStream.chunks`` raise it.
   An unknown, damaged or encrypted volume is no exception: its ``Volume.problem`` says why.
+
+Threads: a ``DiskFiles`` may be walked in one thread while files are read in another; one
+lock per ``DiskFiles`` serializes the reads underneath.
 
 Bounds (``DiskLimits``): chain length, descriptor size, disk size, single read size,
 volumes, entries per directory, walk depth and entries, fstab size; files are streamed in
@@ -49,6 +52,7 @@ import io
 import posixpath
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -528,14 +532,17 @@ class DiskFile(GuestFile):
 class FileStream:
     """One file's bytes in chunks (the ``DownloadLike`` shape of the guest source)."""
 
-    def __init__(self, fh: BinaryIO, *, size: int, path: str, chunk_size: int) -> None:
+    def __init__(self, fh: BinaryIO, *, size: int, path: str, chunk_size: int,
+                 lock: threading.RLock | None = None) -> None:
         self.size = size
         self.path = path
         self._fh = fh
         self._chunk_size = chunk_size
+        self._lock = lock or threading.RLock()
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes from the start, at most ``chunk_size`` at a time."""
+        offset = 0
         try:
             self._fh.seek(0)
         except errors.DiskImageError:
@@ -545,7 +552,9 @@ class FileStream:
         left = self.size
         while left > 0:
             try:
-                data = self._fh.read(min(self._chunk_size, left))
+                with self._lock:
+                    self._fh.seek(offset)
+                    data = self._fh.read(min(self._chunk_size, left))
             except errors.DiskImageError:
                 raise
             except Exception as exc:
@@ -555,6 +564,7 @@ class FileStream:
                 raise errors.DiskFileError(
                     f"{self.path}: ended after {self.size - left} of {self.size} bytes")
             left -= len(data)
+            offset += len(data)
             yield data
 
     def close(self) -> None:
@@ -697,6 +707,10 @@ class DiskFiles:
         self.notes = notes          # fstab lines that did not resolve, ambiguities
         self.limits = limits
         self._fs = file_systems
+        # Every layer below (dissect streams, extents, RangeFile) seeks then reads a shared
+        # handle: one lock per guest serializes them, so a walk in one thread and reads in
+        # another (the scan job's transfer thread) never interleave.
+        self._lock = threading.RLock()
 
     @classmethod
     def mount(cls, disks: Sequence[VirtualDisk], *, windows: bool | None = None,
@@ -829,7 +843,8 @@ class DiskFiles:
             owner = next((v for v in reversed(mounted)
                           if self._under(root, self._mount_path(v))), None)
             if owner is not None:
-                resolved = self._resolve(owner, root, on_error=on_error)
+                with self._lock:
+                    resolved = self._resolve(owner, root, on_error=on_error)
                 if resolved is not None:
                     starts.append((resolved[0], owner, resolved[1]))
                     covered = True
@@ -886,7 +901,8 @@ class DiskFiles:
         while stack:
             directory, dir_node, depth = stack.pop()
             try:
-                entries = fs.children(dir_node, limit=limits.max_dir_entries)
+                with self._lock:
+                    entries = fs.children(dir_node, limit=limits.max_dir_entries)
             except errors.DiskImageError:
                 raise
             except Exception as exc:
@@ -935,12 +951,14 @@ class DiskFiles:
         if fs is None:
             raise errors.DiskFileError(f"{file.path}: volume {file.volume} is not readable")
         try:
-            fh, size = fs.open(file.file_id, file.stream)
+            with self._lock:
+                fh, size = fs.open(file.file_id, file.stream)
         except errors.DiskImageError:
             raise
         except Exception as exc:
             raise errors.DiskFileError(f"{file.path}: cannot open: {_reason(exc)}") from exc
-        return FileStream(fh, size=size, path=file.path, chunk_size=self.limits.chunk_size)
+        return FileStream(fh, size=size, path=file.path, chunk_size=self.limits.chunk_size,
+                          lock=self._lock)
 
 
 class _Budget:
