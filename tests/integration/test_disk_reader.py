@@ -178,6 +178,11 @@ def test_snapshot_chain_reads_the_delta_over_its_parent(trees: dict[str, Path],
             open_local(child)
     finally:
         (chain_dir / "moved.vmdk").rename(chain_dir / "vm.vmdk")
+    # A parent rebuilt after the snapshot has a new content id: the delta no longer fits it.
+    mkdisk(trees["linux"], chain_dir / "vm.vmdk", "--fs", "ext4")
+    with pytest.raises(errors.DiskImageError, match=r"vm-000001\.vmdk: its parent vm\.vmdk "
+                                                    r"changed after the snapshot \(CID "):
+        open_local(child)
 
 
 def test_truncated_vmdk_is_an_error_for_the_whole_disk(trees: dict[str, Path],

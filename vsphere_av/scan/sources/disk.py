@@ -319,20 +319,30 @@ def _sparse(fh: _Extent, *, limits: DiskLimits) -> Any:
 
 def _parent(name: str, attr: dict[str, Any], *, open_file: Opener, limits: DiskLimits,
             files: list[_Extent], chain: list[str]) -> _Chain | None:
-    parent_cid = str(attr.get("parentCID", NO_PARENT)).lower()
-    if parent_cid == NO_PARENT:
+    parent_cid = _cid(name, "parentCID", attr.get("parentCID", NO_PARENT))
+    if parent_cid == int(NO_PARENT, 16):
         return None
     hint = str(attr.get("parentFileNameHint", ""))
     if not hint:
         raise errors.DiskImageError(f"{name}: a delta disk without parentFileNameHint")
     parent, _ = _open_link(_relative(name, hint), open_file=open_file, limits=limits,
                            files=files, chain=chain)
-    cid = str((parent.descriptor.attr if parent.descriptor else {}).get("CID", "")).lower()
-    if cid and cid != parent_cid:
-        raise errors.DiskImageError(
-            f"{name}: its parent {hint} changed after the snapshot (CID {cid}, the delta "
-            f"expects {parent_cid})")
+    parent_attr = parent.descriptor.attr if parent.descriptor else {}
+    if "CID" in parent_attr:
+        cid = _cid(hint, "CID", parent_attr["CID"])
+        if cid != parent_cid:
+            raise errors.DiskImageError(
+                f"{name}: its parent {hint} changed after the snapshot (CID {cid:08x}, the "
+                f"delta expects {parent_cid:08x})")
     return parent
+
+
+def _cid(name: str, key: str, value: Any) -> int:
+    """A content id (hex; compared as a number, written with or without leading zeros)."""
+    try:
+        return int(str(value), 16)
+    except ValueError:
+        raise errors.DiskImageError(f"{name}: {key} {value!r} is not hexadecimal") from None
 
 
 def _check_parent_size(name: str, stream: _Chain, parent: _Chain | None) -> None:
