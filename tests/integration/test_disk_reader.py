@@ -398,3 +398,32 @@ def test_files_read_in_another_thread_while_the_walk_goes_on(images: Path,
         futures = [pool.submit(read, files, f) for f in files.walk(["/"])]
         got = dict(future.result() for future in futures)
     assert got == expected
+
+
+def test_a_transport_error_passes_through_unchanged(trees: dict[str, Path],
+                                                    images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "transport.vmdk", "--fs", "ext4")
+    local = path.open("rb")
+    failing = False
+
+    def read_range(offset: int, length: int) -> bytes:
+        if failing:
+            raise errors.TransientError("datastore read: connection reset")
+        local.seek(offset)
+        return local.read(length)
+
+    def open_range(name: str) -> BinaryIO:
+        rf = RangeFile(read_range, path.stat().st_size, block_size=4096, cache_blocks=4,
+                       name=name)
+        return rf  # type: ignore[return-value]
+
+    try:
+        disk = open_virtual_disk(path.name, open_file=open_range)
+        with DiskFiles.mount([disk]) as files:
+            failing = True          # the walk's reads, not the mount's, meet the failure
+            problems: list[tuple[str, str]] = []
+            with pytest.raises(errors.TransientError, match="connection reset"):
+                read_all(files, ["/"], problems)
+            assert problems == []   # not taken for an unreadable directory or file
+    finally:
+        local.close()

@@ -36,6 +36,8 @@ Errors (``errors.DiskError``):
   DiskFileError   one directory or file: ``walk`` hands it to ``on_error`` and goes on;
                   ``DiskFiles.open`` and ``FileStream.chunks`` raise it.
   An unknown, damaged or encrypted volume is no exception: its ``Volume.problem`` says why.
+  What the opener or its reads raise as ``errors.VsphereAvError`` (a ``TransientError``
+  from the datastore, say) passes through unchanged, never as a file's or disk's fault.
 
 Threads: a ``DiskFiles`` may be walked in one thread while files are read in another; one
 lock per ``DiskFiles`` serializes the reads underneath.
@@ -61,6 +63,7 @@ from typing import Any, BinaryIO, Protocol
 
 from dissect.fve.bde import is_bde_volume
 from dissect.fve.luks import is_luks_volume
+from dissect.hypervisor.disk.c_vmdk import COWD_MAGIC, SESPARSE_MAGIC, VMDK_MAGIC
 from dissect.hypervisor.disk.vmdk import VMDK, DiskDescriptor, RawDisk, SparseDisk
 from dissect.util.stream import AlignedStream, RangeStream
 from dissect.volume.disk import Disk
@@ -223,7 +226,7 @@ def _open_link(name: str, *, open_file: Opener, limits: DiskLimits, files: list[
         if magic == b"# Di":
             return _open_descriptor(name, top, open_file=open_file, limits=limits,
                                     files=files, chain=chain)
-        if magic in (b"KDMV", b"COWD") or magic == b"\xff\xfe\xfe\xca":
+        if magic in (VMDK_MAGIC, COWD_MAGIC, SESPARSE_MAGIC):
             sparse = _sparse(top, limits=limits)
             desc = sparse.descriptor
             attr = dict(desc.attr) if desc is not None else {}
@@ -233,7 +236,7 @@ def _open_link(name: str, *, open_file: Opener, limits: DiskLimits, files: list[
             stream = _Chain([sparse], parent=parent, descriptor=desc)
             _check_parent_size(name, stream, parent)
             return stream, str(attr.get("createType", "monolithicSparse"))
-    except errors.DiskError:
+    except errors.VsphereAvError:
         raise
     except Exception as exc:   # dissect raises many kinds on bad bytes: one line for all
         raise errors.DiskImageError(f"{name}: corrupt VMDK: {_reason(exc)}") from exc
@@ -249,7 +252,14 @@ def _open_file(name: str, *, open_file: Opener, limits: DiskLimits,
         raise
     except (OSError, ValueError) as exc:
         raise errors.DiskImageError(f"{name}: cannot open: {_reason(exc)}") from exc
-    extent = _Extent(fh, name=name, max_read=limits.max_read_bytes)
+    try:
+        extent = _Extent(fh, name=name, max_read=limits.max_read_bytes)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            fh.close()
+        if isinstance(exc, OSError | ValueError):
+            raise errors.DiskImageError(f"{name}: cannot open: {_reason(exc)}") from exc
+        raise
     files.append(extent)
     return extent
 
@@ -555,7 +565,7 @@ class FileStream:
         offset = 0
         try:
             self._fh.seek(0)
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception as exc:
             raise errors.DiskFileError(f"{self.path}: cannot read: {_reason(exc)}") from exc
@@ -565,7 +575,7 @@ class FileStream:
                 with self._lock:
                     self._fh.seek(offset)
                     data = self._fh.read(min(self._chunk_size, left))
-            except errors.DiskImageError:
+            except errors.VsphereAvError:      # the disk or the transport: not this file's
                 raise
             except Exception as exc:
                 raise errors.DiskFileError(f"{self.path}: cannot read at offset "
@@ -893,7 +903,7 @@ class DiskFiles:
                     return None
                 node = entry.node
                 path = self._join(path, entry.name)
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception as exc:
             on_error(root, errors.DiskFileError(f"{root}: cannot list: {_reason(exc)}"))
@@ -913,7 +923,7 @@ class DiskFiles:
             try:
                 with self._lock:
                     entries = fs.children(dir_node, limit=limits.max_dir_entries)
-            except errors.DiskImageError:
+            except errors.VsphereAvError:      # the disk or the transport: not this file's
                 raise
             except Exception as exc:
                 on_error(directory, errors.DiskFileError(
@@ -963,7 +973,7 @@ class DiskFiles:
         try:
             with self._lock:
                 fh, size = fs.open(file.file_id, file.stream)
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception as exc:
             raise errors.DiskFileError(f"{file.path}: cannot open: {_reason(exc)}") from exc
@@ -996,7 +1006,7 @@ def _partitions(d: int, disk: VirtualDisk, *, limits: DiskLimits,
     try:
         table = Disk(stream)
         parts = list(table.partitions)
-    except errors.DiskImageError:
+    except errors.VsphereAvError:      # the disk or the transport: not this file's
         raise
     except Exception:
         yield (Volume(index=first, disk=d, name="disk", kind="whole disk", size=disk.size,
@@ -1030,7 +1040,7 @@ def _logical_volumes(pvs: list[tuple[Volume, Any]], *,
             device = LVM2Device(fh)
             meta = device.metadata or {}
             vg = next((str(k) for k, v in meta.items() if isinstance(v, dict)), "")
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception:
             continue    # a PV label without readable metadata: no LV to read there
@@ -1042,7 +1052,7 @@ def _logical_volumes(pvs: list[tuple[Volume, Any]], *,
         try:
             lvm = LVM2([dev for _, dev in members])
             lvs = [lv for lv in lvm.vg.lv if lv.is_visible]
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception as exc:
             yield (Volume(index=index, disk=members[0][0].disk, name=vg, kind="logical volume",
@@ -1060,7 +1070,7 @@ def _logical_volumes(pvs: list[tuple[Volume, Any]], *,
                 size = int(sum(s.extent_count for s in lv.segments)
                            * lvm.vg.extent_size * SECTOR)
                 yield replace(volume, size=size), fh
-            except errors.DiskImageError:
+            except errors.VsphereAvError:      # the disk or the transport: not this file's
                 raise
             except Exception as exc:
                 yield (replace(volume, problem=f"logical volume {name} ({lv.type}) cannot be "
@@ -1085,7 +1095,7 @@ def _identify(volume: Volume, fh: Any) -> tuple[Volume, Any]:
         if is_bde_volume(fh):
             return replace(volume, filesystem=BITLOCKER, problem=(
                 "encrypted volume (BitLocker): contents not readable without its key")), None
-    except errors.DiskImageError:
+    except errors.VsphereAvError:      # the disk or the transport: not this file's
         raise
     except Exception:   # a probe that cannot parse says "not encrypted": the magic decides
         pass
@@ -1095,7 +1105,7 @@ def _identify(volume: Volume, fh: Any) -> tuple[Volume, Any]:
             fh.seek(0)
             fs = _open_fs(kind, fh)
             fs.children(fs.root(), limit=_LOOKUP_LIMIT)     # the root must list
-        except errors.DiskImageError:
+        except errors.VsphereAvError:      # the disk or the transport: not this file's
             raise
         except Exception as exc:
             return replace(volume, filesystem=kind,
@@ -1168,7 +1178,7 @@ def _find(fs: _Fs, parts: list[str]) -> _Entry | None:
 def _is_file(fs: _Fs, parts: list[str]) -> bool:
     try:
         entry = _find(fs, parts)
-    except errors.DiskImageError:
+    except errors.VsphereAvError:      # the disk or the transport: not this file's
         raise
     except Exception:
         return False
@@ -1178,7 +1188,7 @@ def _is_file(fs: _Fs, parts: list[str]) -> bool:
 def _is_dir(fs: _Fs, parts: list[str]) -> bool:
     try:
         entry = _find(fs, parts)
-    except errors.DiskImageError:
+    except errors.VsphereAvError:      # the disk or the transport: not this file's
         raise
     except Exception:
         return False
