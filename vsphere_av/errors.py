@@ -21,8 +21,14 @@ the edge that meets them (``raise X from exc``); everything above sees only thes
     │   │   ├── GuestFileNotFound      the guest path does not exist
     │   │   └── GuestFileExists        the guest path exists already
     │   └── TransientError        retry with backoff (session lost, busy, network)
-    └── ApplianceError             appliance deploy / SSH management
-        └── HostKeyMismatch        an appliance's SSH host key changed
+    ├── ApplianceError             appliance deploy / SSH management
+    │   └── HostKeyMismatch        an appliance's SSH host key changed
+    └── DiskError                  reading a virtual disk's bytes (scan.sources.disk)
+        ├── DiskImageError         the VMDK chain is corrupt, truncated or incomplete: the
+        │                          whole disk is unreadable
+        └── DiskFileError          one guest file or directory could not be read: the walk
+                                   goes on (an unknown, damaged or encrypted volume is not an
+                                   exception but the volume's ``problem``)
 """
 
 from __future__ import annotations
@@ -106,3 +112,15 @@ class ApplianceError(VsphereAvError):
 
 class HostKeyMismatch(ApplianceError):
     """An appliance's SSH host key differs from the pinned one."""
+
+
+class DiskError(VsphereAvError):
+    """A virtual disk's contents could not be read."""
+
+
+class DiskImageError(DiskError):
+    """The VMDK chain is corrupt, truncated or incomplete: nothing on the disk can be trusted."""
+
+
+class DiskFileError(DiskError):
+    """One guest file or directory on a disk could not be read; the message names the path."""
