@@ -219,7 +219,11 @@ class _DiskReader:
         return found
 
     def _file(self, name: str, type_: str, size: int) -> DiskFile:
-        ds, path = split_datastore_path(name)
+        try:
+            ds, path = split_datastore_path(name)
+        except ValueError as exc:
+            raise errors.VsphereError(f"VM {self.vm_id}: disk file {name!r} is not a "
+                                      f"datastore path") from exc
         return DiskFile(name=name, datastore=self._datastore(ds), path=path, type=type_,
                         size=size)
 
