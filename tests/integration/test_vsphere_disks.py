@@ -19,7 +19,7 @@ from pyVmomi import vim
 
 from vsphere_av import errors, simulator
 from vsphere_av.config import Secret, VcenterSettings
-from vsphere_av.models import DatastoreInfo, HostId, VmId
+from vsphere_av.models import DatastoreInfo, HostId, VirtualDiskInfo, VmId
 from vsphere_av.vsphere import disks
 from vsphere_av.vsphere.connection import Connection, TlsTrust
 from vsphere_av.vsphere.connection import connect as vs_connect
@@ -51,6 +51,11 @@ def _datastore_dir(vm: vim.VirtualMachine) -> Path:
 
 def _disk_devices(vm: vim.VirtualMachine) -> list[vim.vm.device.VirtualDisk]:
     return [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+
+
+def _names(found: tuple[VirtualDiskInfo, ...]) -> list[list[list[str]]]:
+    """Per disk, per chain level, the names of its files."""
+    return [[[f.name for f in unit.files] for unit in disk.chain] for disk in found]
 
 
 # --- disks_of ------------------------------------------------------------------------------
@@ -152,6 +157,45 @@ def test_scan_snapshot_round_trip_leaves_no_snapshot(
     assert vm.snapshot is None
     assert disks.find_scan_snapshots(conn, None, prefix=PREFIX) == ()
     assert disks.remove_snapshot(conn, ref) is False      # already gone: nothing to do
+
+
+@pytest.mark.vcsim(hosts=1, vms=1, disks=True)
+def test_under_a_scan_snapshot_the_vm_writes_a_new_delta_and_the_frozen_chain_is_returned(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    si = connect(sim)
+    vm = vm_named(si, VM)
+    vm_id = VmId(vm._moId)
+    # An operator's snapshot first: the VM runs on delta 1 above the base disk.
+    wait_task(vm.CreateSnapshot_Task(name="before patching", memory=False, quiesce=False))
+    before = disks.disks_of(conn, vm_id)
+    assert [u.descriptor.path for u in before[0].chain] == [f"{VM}/disk1-000001.vmdk",
+                                                            f"{VM}/disk1.vmdk"]
+
+    taken = disks.create_scan_snapshot(conn, vm_id, name=PREFIX + "delta")
+    now = disks.disks_of(conn, vm_id)
+
+    # The VM moved onto a new delta; the scan gets the chain it had before, all of it.
+    assert [u.descriptor.path for u in now[0].chain] == [f"{VM}/disk1-000002.vmdk",
+                                                         f"{VM}/disk1-000001.vmdk",
+                                                         f"{VM}/disk1.vmdk"]
+    # (Sizes differ: what the VM wrote to delta 1 until the snapshot is in it now.)
+    assert _names(taken.disks) == _names(before)
+    # The frozen files are readable on the VM's host, byte for byte as on the datastore.
+    root = _datastore_dir(vm)
+    host = taken.disks[0].host
+    assert host == vm.runtime.host._moId
+    with disks.DatastoreFiles(connection=conn) as files:
+        for unit in taken.disks[0].chain:
+            local = (root / unit.descriptor.path).read_bytes()
+            with files.open(host, unit.descriptor.datastore, unit.descriptor.path) as f:
+                assert f.size == unit.descriptor.size == len(local)
+                assert f.read_range(0, 4) == b"KDMV"          # a sparse extent's magic
+                assert f.read_range(512, 65536) == local[512:512 + 65536]
+
+    assert disks.remove_snapshot(conn, taken.snapshot)
+    assert _names(disks.disks_of(conn, vm_id)) == _names(before)
+    assert [t.name for t in vm.snapshot.rootSnapshotList] == ["before patching"]
+    assert disks.find_scan_snapshots(conn, vm_id, prefix=PREFIX) == ()
 
 
 def test_a_scan_snapshot_left_by_a_crash_is_found_by_name_and_only_it_is_removed(
@@ -260,6 +304,54 @@ def test_a_missing_file_is_not_found_with_its_path(
         files.open(host, ds, f"{VM}/no-such.vmdk")
     assert f"[LocalDS_0] {VM}/no-such.vmdk" in str(caught.value)
     assert "404" in str(caught.value)
+
+
+class _CountingFiles(disks.DatastoreFiles):
+    """DatastoreFiles that counts the (real) service tickets it asks vCenter for."""
+
+    tickets = 0
+
+    def ticket(self, url: str) -> str:
+        self.tickets += 1
+        return super().ticket(url)
+
+
+def test_every_request_carries_a_ticket_the_host_accepts(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    # The simulator's /folder wants credentials and takes a ticket once, for one URL.
+    vm = _vm(sim)
+    data = os.urandom(10_000)
+    host, ds = _where(vm)
+    with _CountingFiles(connection=conn) as files:
+        with files.open(host, ds, _plant(vm, "a.bin", data)) as f:
+            for i in range(4):
+                assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
+        # The size probe took one; the first read found it used up and took a fresh one;
+        # from then on every request to that host brings a fresh ticket: no more refusals.
+        assert files.tickets == 1 + 4
+        with files.open(host, ds, _plant(vm, "b.bin", data)) as f:
+            assert f.read_range(5000, 10) == data[5000:5010]
+        assert files.tickets == 5 + 2
+
+
+def test_a_ticket_the_host_refuses_is_a_permission_error_with_the_reason(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    vm = _vm(sim)
+    host, ds = _where(vm)
+    path = _plant(vm, "bait.bin", b"not for you")
+
+    class OtherFilesTicket(disks.DatastoreFiles):
+        """Asks vCenter for tickets to another file (as a stale or foreign ticket would be)."""
+
+        def ticket(self, url: str) -> str:
+            return super().ticket(url.replace("/bait.bin", "/other.bin"))
+
+    with OtherFilesTicket(connection=conn) as files, \
+            pytest.raises(errors.PermissionDenied) as caught:
+        files.open(host, ds, path)
+    assert "HTTP 403" in str(caught.value)
+    assert "Datastore.Browse" in str(caught.value)
+    assert f"[LocalDS_0] {path}" in str(caught.value)
 
 
 def test_a_host_certificate_other_than_the_pinned_one_is_refused(

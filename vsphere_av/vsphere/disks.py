@@ -11,8 +11,8 @@ never live vim objects.
 Which files make up a disk: the device's backing chain (``backing.fileName``, then
 ``backing.parent``...) gives the order, the guest-visible level first; ``layoutEx.disk`` and
 ``layoutEx.file`` give each level's descriptor and extents with their sizes. After a
-snapshot the VM writes to new delta disks; the disks to read are those of the snapshot's own
-configuration (``VirtualMachineSnapshot.config``): the files as they were when it was taken.
+snapshot the VM writes to new delta disks; the disks to read are the levels the snapshot's
+file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken.
 
 Errors: a snapshot that cannot be taken (independent disk, physical RDM, a snapshot fault
 from vCenter) -> ``SnapshotError`` with the reason; the VM or snapshot gone -> ``NotFound``;
@@ -39,6 +39,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -115,8 +116,8 @@ def _props(obj: Any) -> dict[str, Any]:
     return {p.name: p.val for p in (obj.propSet or [])}
 
 
-def _vm_filter(vm: Any, snapshot: Any | None) -> Any:
-    """The VM (and a snapshot of it) with its datastores and their datacenters' paths."""
+def _vm_filter(vm: Any) -> Any:
+    """The VM with its datastores and their datacenters' paths."""
     pc = vmodl.query.PropertyCollector
     up = [pc.SelectionSpec(name="folderUp"), pc.SelectionSpec(name="dcUp")]
     traversals = [
@@ -134,9 +135,6 @@ def _vm_filter(vm: Any, snapshot: Any | None) -> Any:
              pc.PropertySpec(type=vim.Datastore, pathSet=UP_PATHS),
              pc.PropertySpec(type=vim.Folder, pathSet=UP_PATHS),
              pc.PropertySpec(type=vim.Datacenter, pathSet=UP_PATHS)]
-    if snapshot is not None:
-        objects.append(pc.ObjectSpec(obj=snapshot, skip=False))
-        props.append(pc.PropertySpec(type=vim.vm.Snapshot, pathSet=["config.hardware.device"]))
     return pc.FilterSpec(objectSet=objects, propSet=props)
 
 
@@ -187,7 +185,6 @@ class _DiskReader:
     def __init__(self, vm_id: VmId, objects: Iterable[Any]) -> None:
         self.vm_id = vm_id
         self.vm: dict[str, Any] | None = None
-        self.snapshot_devices: list[Any] | None = None
         datastores: dict[str, tuple[str, str]] = {}
         up: dict[str, tuple[str, str, bool]] = {}     # moref -> (name, parent, is datacenter)
         for obj in objects:
@@ -196,8 +193,6 @@ class _DiskReader:
                 if obj.missingSet and not obj.propSet:
                     break
                 self.vm = p
-            elif isinstance(ref, vim.vm.Snapshot):
-                self.snapshot_devices = list(p.get("config.hardware.device") or [])
             elif isinstance(ref, vim.Datastore):
                 datastores[_moid(ref)] = (str(p.get("name", "")), _moid(p.get("parent")))
             else:
@@ -274,6 +269,37 @@ class _DiskReader:
                 host=HostId(host) if host else None, chain=tuple(chain)))
         return tuple(sorted(out, key=lambda d: d.key))
 
+    def frozen(self, snapshot: SnapshotId) -> tuple[VirtualDiskInfo, ...]:
+        """The disks as ``snapshot`` froze them: each current chain cut at the first level
+        the snapshot's file layout lists (the levels above it were made by later snapshots).
+
+        ``layoutEx.snapshot`` says which files belong to a snapshot; the current backing
+        chain says in which order. Both are read in the same collector call.
+        """
+        assert self.vm is not None
+        layout = next((s for s in self.vm.get("layoutEx.snapshot") or []
+                       if _moid(s.key) == snapshot), None)
+        if layout is None:
+            raise errors.SnapshotError(
+                f"VM {self.vm_id}: vCenter lists no files for snapshot {snapshot}")
+        members: dict[int, set[str]] = {}
+        for disk_layout in layout.disk or []:
+            names = members.setdefault(int(disk_layout.key), set())
+            for unit in disk_layout.chain or []:
+                names.update(str(self.files[int(k)].name) for k in unit.fileKey or []
+                             if int(k) in self.files)
+        out = []
+        for disk in self.disks(self.vm.get("config.hardware.device") or []):
+            names = members.get(disk.key, set())
+            cut = next((i for i, unit in enumerate(disk.chain)
+                        if unit.descriptor.name in names), None)
+            if cut is None:
+                raise errors.SnapshotError(
+                    f"VM {self.vm_id}: {disk.label} is not in snapshot {snapshot}: "
+                    f"its contents are not frozen")
+            out.append(replace(disk, chain=disk.chain[cut:]))
+        return tuple(out)
+
     def snapshots(self) -> list[SnapshotRef]:
         """Every snapshot of the VM (the whole tree)."""
         assert self.vm is not None
@@ -293,11 +319,9 @@ def _walk(vm_id: VmId, trees: Iterable[Any]) -> Iterable[SnapshotRef]:
         stack.extend(node.childSnapshotList or [])
 
 
-def _read(conn: Connection, vm_id: VmId, snapshot: SnapshotId | None = None) -> _DiskReader:
+def _read(conn: Connection, vm_id: VmId) -> _DiskReader:
     vm = conn.ref("VirtualMachine", vm_id)
-    snap = conn.ref("VirtualMachineSnapshot", snapshot) if snapshot else None
-    what = f"read disks of {vm_id}" + (f" under snapshot {snapshot}" if snapshot else "")
-    return _DiskReader(vm_id, _retrieve(conn, what, [_vm_filter(vm, snap)]))
+    return _DiskReader(vm_id, _retrieve(conn, f"read disks of {vm_id}", [_vm_filter(vm)]))
 
 
 def disks_of(conn: Connection, vm_id: VmId) -> tuple[VirtualDiskInfo, ...]:
@@ -341,9 +365,10 @@ def create_scan_snapshot(conn: Connection, vm_id: VmId, *, name: str,
                          quiesce: bool = False) -> ScanSnapshot:
     """Snapshot the VM (no memory) and return it with the disks to read under it.
 
-    The disks are those of the snapshot's configuration: the files the VM had before the
-    snapshot, which it no longer writes. A VM with an independent disk or a physical-mode
-    RDM is refused before anything is created (a snapshot would not freeze that disk).
+    The disks are the chains as the snapshot froze them: the files the VM had before the
+    snapshot, which it no longer writes (it writes to the new deltas above them). A VM
+    with an independent disk or a physical-mode RDM is refused before anything is created
+    (a snapshot would not freeze that disk).
     """
     what = f"snapshot {vm_id} for scanning"
     refused = _unsnapshottable(disks_of(conn, vm_id))
@@ -366,13 +391,11 @@ def create_scan_snapshot(conn: Connection, vm_id: VmId, *, name: str,
     snapshot = SnapshotId(_moid(wait_task(conn, task, what, timeout=SNAPSHOT_TIMEOUT,
                                           fault_error=_snapshot_error)))
     try:
-        reader = _read(conn, vm_id, snapshot)
-        if reader.snapshot_devices is None:
-            raise errors.NotFound(f"{what}: snapshot {snapshot} vanished")
+        reader = _read(conn, vm_id)
         refs = [s for s in reader.snapshots() if s.moref == snapshot]
-        taken = refs[0] if refs else SnapshotRef(vm=vm_id, moref=snapshot, name=name,
-                                                 description=SNAPSHOT_DESCRIPTION)
-        return ScanSnapshot(snapshot=taken, disks=reader.disks(reader.snapshot_devices))
+        if not refs:
+            raise errors.NotFound(f"{what}: snapshot {snapshot} vanished")
+        return ScanSnapshot(snapshot=refs[0], disks=reader.frozen(snapshot))
     except errors.VsphereAvError:
         # Do not leave it for the next start to find if it can go now.
         try:
