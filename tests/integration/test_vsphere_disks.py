@@ -354,6 +354,23 @@ def test_a_ticket_the_host_refuses_is_a_permission_error_with_the_reason(
     assert f"[LocalDS_0] {path}" in str(caught.value)
 
 
+@pytest.mark.vcsim(hosts=1, vms=1, disks=True)
+def test_a_disk_the_host_cannot_read_is_not_found(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    vm = _vm(sim)
+    disk = disks.disks_of(conn, VmId(vm._moId))[0]
+    top = disk.chain[0].descriptor
+    assert disk.host is not None
+    with disks.DatastoreFiles(connection=conn) as files:
+        with files.open(disk.host, top.datastore, top.path) as f:
+            assert f.read_range(0, 4) == b"KDMV"
+        # The simulator's stand-in for a datastore the host has lost.
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(extraConfig=[
+            vim.option.OptionValue(key="vcsim.disk.inaccessible", value="TRUE")])))
+        with pytest.raises(errors.NotFound, match="HTTP 404"):
+            files.open(disk.host, top.datastore, top.path)
+
+
 def test_a_host_certificate_other_than_the_pinned_one_is_refused(
         sim: simulator.Simulator, conn: Connection) -> None:
     vm = _vm(sim)
