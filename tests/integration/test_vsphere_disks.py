@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -306,32 +307,38 @@ def test_a_missing_file_is_not_found_with_its_path(
     assert "404" in str(caught.value)
 
 
-class _CountingFiles(disks.DatastoreFiles):
-    """DatastoreFiles that counts the (real) service tickets it asks vCenter for."""
-
-    tickets = 0
-
-    def ticket(self, url: str) -> str:
-        self.tickets += 1
-        return super().ticket(url)
-
-
-def test_every_request_carries_a_ticket_the_host_accepts(
+def test_every_request_carries_a_ticket_the_host_accepts_on_one_kept_connection(
         sim: simulator.Simulator, conn: Connection) -> None:
     # The simulator's /folder wants credentials and takes a ticket once, for one URL.
     vm = _vm(sim)
     data = os.urandom(10_000)
     host, ds = _where(vm)
-    with _CountingFiles(connection=conn) as files:
+    with disks.DatastoreFiles(connection=conn) as files:
         with files.open(host, ds, _plant(vm, "a.bin", data)) as f:
             for i in range(4):
                 assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
-        # The size probe took one; the first read found it used up and took a fresh one;
-        # from then on every request to that host brings a fresh ticket: no more refusals.
-        assert files.tickets == 1 + 4
+        # The size probe took a ticket; the first read found it used up (one refusal) and
+        # took a fresh one; from then on every request to that host brings a fresh ticket.
+        assert files.statistics() == disks.ReadStatistics(hosts=1, connections=1,
+                                                          requests=1 + 1 + 4, tickets=1 + 4)
         with files.open(host, ds, _plant(vm, "b.bin", data)) as f:
             assert f.read_range(5000, 10) == data[5000:5010]
-        assert files.tickets == 5 + 2
+        assert files.statistics() == disks.ReadStatistics(hosts=1, connections=1,
+                                                          requests=6 + 2, tickets=5 + 2)
+
+
+def test_threads_reading_one_file_through_a_small_pool_each_get_their_bytes(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    vm = _vm(sim)
+    data = os.urandom(2 * 1024 * 1024)
+    host, ds = _where(vm)
+    chunk = 64 * 1024
+    offsets = list(range(0, len(data), chunk))
+    with disks.DatastoreFiles(connection=conn, pool_size=2) as files, \
+            files.open(host, ds, _plant(vm, "shared.bin", data)) as f, \
+            ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda off: f.read_range(off, chunk), offsets))
+    assert b"".join(got) == data
 
 
 def test_a_ticket_the_host_refuses_is_a_permission_error_with_the_reason(

@@ -39,12 +39,13 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
+import urllib3
 from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
@@ -485,6 +486,17 @@ def folder_url(address: str, port: int, datastore: DatastoreInfo, path: str) -> 
     return f"https://{netloc}/folder/{quote(path.lstrip('/'), safe='/')}?{query}"
 
 
+@dataclass(frozen=True)
+class ReadStatistics:
+    """What a DatastoreFiles has done: host sessions open, connections made, requests sent,
+    service tickets acquired (connections far below requests: keep-alive works)."""
+
+    hosts: int
+    connections: int
+    requests: int
+    tickets: int
+
+
 class _HostSession:
     """The keep-alive session to one host, and what we learnt about its tickets."""
 
@@ -506,9 +518,26 @@ class DatastoreFiles:
         self._max_hosts = max_hosts
         self._sessions: OrderedDict[tuple[str, str, str, bool], _HostSession] = OrderedDict()
         self._lock = threading.Lock()
+        self._tickets = 0
 
     def __repr__(self) -> str:
         return f"DatastoreFiles(hosts={len(self._sessions)}, pool_size={self._pool_size})"
+
+    def statistics(self) -> ReadStatistics:
+        """Counts over the open host sessions (and every ticket so far)."""
+        with self._lock:
+            links = list(self._sessions.values())
+            tickets = self._tickets
+        connections = requests_sent = 0
+        for link in links:
+            for adapter in link.session.adapters.values():
+                pools: Any = getattr(getattr(adapter, "poolmanager", None), "pools", None)
+                for key in list(pools.keys()) if pools is not None else []:
+                    pool = pools.get(key)
+                    connections += getattr(pool, "num_connections", 0)
+                    requests_sent += getattr(pool, "num_requests", 0)
+        return ReadStatistics(hosts=len(links), connections=connections,
+                              requests=requests_sent, tickets=tickets)
 
     def port_for(self, host: HostInfo) -> int:
         """The host's HTTPS port: 443 (ESXi's reverse proxy), unless given.
@@ -540,6 +569,8 @@ class DatastoreFiles:
     def ticket(self, url: str) -> str:
         """A generic service ticket for ``GET url`` (vCenter checks the privileges)."""
         spec = vim.SessionManager.HttpServiceRequestSpec(method="httpGet", url=url)
+        with self._lock:
+            self._tickets += 1
         ticket = self._conn.call(
             f"acquire a service ticket for {url.split('?', 1)[0]}",
             lambda c: c.sessionManager.AcquireGenericServiceTicket(spec=spec))
@@ -686,9 +717,10 @@ class DatastoreFile:
                     f"{self._what}: asked for bytes {offset}-{end}, got Content-Range "
                     f"{response.headers.get('Content-Range', '')!r}")
             try:
-                data = response.content
-            except requests.exceptions.RequestException as exc:
-                raise translate(exc, what=self._what) from exc
+                # One read of the whole range: requests' .content goes in 10 KiB pieces.
+                data = response.raw.read(end - offset + 1, decode_content=False)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise errors.TransientError(f"{self._what}: read broke off: {exc}") from exc
         finally:
             response.close()
         if len(data) != end - offset + 1:
