@@ -298,7 +298,8 @@ class _DiskReader:
                 raise errors.SnapshotError(
                     f"VM {self.vm_id}: {disk.label} is not in snapshot {snapshot}: "
                     f"its contents are not frozen")
-            out.append(replace(disk, chain=disk.chain[cut:]))
+            chain = disk.chain[cut:]          # the delta above may live elsewhere
+            out.append(replace(disk, chain=chain, datastore=chain[0].descriptor.datastore))
         return tuple(out)
 
     def snapshots(self) -> list[SnapshotRef]:
