@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -359,6 +360,18 @@ def test_a_ticket_the_host_refuses_is_a_permission_error_with_the_reason(
     assert "HTTP 403" in str(caught.value)
     assert "Datastore.Browse" in str(caught.value)
     assert f"[LocalDS_0] {path}" in str(caught.value)
+
+
+def test_a_host_that_does_not_answer_is_a_transient_error(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    vm = _vm(sim)
+    host, ds = _where(vm)
+    with socket.socket() as probe:          # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with disks.DatastoreFiles(connection=conn, host_port=closed) as files, \
+            pytest.raises(errors.TransientError, match="connection problem"):
+        files.open(host, ds, _plant(vm, "c.bin", b"x"))
 
 
 @pytest.mark.vcsim(hosts=1, vms=1, disks=True)
