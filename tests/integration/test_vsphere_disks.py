@@ -244,6 +244,21 @@ def test_a_vm_with_an_independent_disk_is_refused_with_the_reason(
     assert vm.snapshot is None
 
 
+def test_a_snapshot_vcenter_refuses_is_a_snapshot_error_with_its_fault(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    vm = _vm(sim)
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(
+        flags=vim.vm.FlagInfo(snapshotDisabled=True))))
+
+    with pytest.raises(errors.SnapshotError) as caught:
+        disks.create_scan_snapshot(conn, VmId(vm._moId), name=PREFIX + "x")
+
+    # The task failed (the simulator answers as vSphere does): the fault's name and text.
+    assert str(caught.value).startswith(f"snapshot {vm._moId} for scanning: SnapshotDisabled")
+    assert vm.snapshot is None
+    assert disks.find_scan_snapshots(conn, None, prefix=PREFIX) == ()
+
+
 def test_snapshot_of_a_vm_that_is_gone_is_not_found(conn: Connection) -> None:
     with pytest.raises(errors.NotFound):
         disks.create_scan_snapshot(conn, VmId("vm-999999"), name=PREFIX + "x")

@@ -90,6 +90,7 @@ def test_snapshot_faults_say_why(fault: Exception, error: type[errors.VsphereAvE
     assert str(got).startswith("snapshot vm-1 for scanning: ")
     assert words in str(got)
     assert "\n" not in str(got)
+    assert "vim.fault." not in str(got)          # fault names as vSphere prints them
 
 
 def test_keep_alive_sessions_pin_like_transfers_and_bound_their_pool(

@@ -338,7 +338,7 @@ def disks_of(conn: Connection, vm_id: VmId) -> tuple[VirtualDiskInfo, ...]:
 def _snapshot_error(fault: Any, what: str) -> errors.VsphereAvError:
     """A snapshot fault as the error the scan reports (the reason in plain words)."""
     text = " ".join(str(getattr(fault, "msg", "") or "").split())
-    detail = f"{type(fault).__name__}" + (f" ({text})" if text else "")
+    detail = type(fault).__name__.rsplit(".", 1)[-1] + (f" ({text})" if text else "")
     if isinstance(fault, vim.fault.TaskInProgress):
         return errors.TransientError(f"{what}: the VM is busy with another task ({detail})")
     if isinstance(fault, vim.fault.SnapshotIncompatibleDeviceInVm):
