@@ -305,15 +305,20 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
         report = handed or app.scan(names=vms, all_vms=all_vms, full=full,
                                     on_progress=on_progress, on_start=on_start)
     if as_json:
-        print_json(report.as_dict())
+        print_json(report.as_dict(files_of=app.store.scan_files))
     else:
         rows = [{"vm": r.vm, "host": r.host, "status": r.status, "scanned": r.scanned,
-                 "unchanged": r.unchanged, "skipped": r.skipped, "errors": r.errors,
+                 "unchanged": r.unchanged, "skipped": r.skipped, "incomplete": r.incomplete,
                  "detections": len(r.found), "reason": r.reason} for r in report.results]
-        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped", "errors",
-                           "detections", "reason"],
+        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped",
+                           "incomplete", "detections", "reason"],
                     title=f"guest scan (signature version {report.signature_version})")
         for r in report.results:
+            for u in r.files:
+                click.echo(f"{r.vm}: {u['kind']}: {u['path']}: {u['reason']}")
+            if len(r.files) < r.incomplete + r.skipped_by_policy:
+                click.echo(f"{r.vm}: ... {r.incomplete + r.skipped_by_policy - len(r.files)} "
+                           f"more: vsphere-av scan --json or status --json lists them all")
             for f in r.found:
                 member = f" [{f.member}]" if f.member else ""
                 click.echo(f"{r.vm}: {f.path}{member}: {f.threat} -> {f.action}"
@@ -321,7 +326,7 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                            + (f" ({f.detail})" if f.detail else ""))
         s = report.summary()
         click.echo(f"{s['vms']} VM(s): {s['scanned']} scanned, {s['unchanged']} unchanged, "
-                   f"{s['skipped_files']} skipped, {s['errors']} errors, "
+                   f"{s['skipped_files']} skipped, {s['incomplete_files']} incomplete, "
                    f"{s['detections']} detection(s) in {s['duration']:.1f}s")
     ctx.exit(report.exit_code())
 

@@ -124,7 +124,10 @@ def test_linux_guest_detections_at_several_depths_archive_and_oversized(sim, tmp
         assert {f.action for f in result.found} == {"quarantined"}
         zip_hit = next(f for f in result.found if f.path == "/srv/archive.zip")
         assert zip_hit.member.endswith("docs/payload/eicar.txt")
-        assert result.skipped >= 1
+        assert result.incomplete == 1          # the big file: not read, so not checked
+        assert result.files == [{"path": "/opt/big.img", "kind": "incomplete",
+                                 "reason": "larger than max file size (2097220 > 1048576 bytes)"}]
+        assert "incomplete: 1 path(s) not fully checked" in result.reason
         assert result.errors == 0
         assert result.scanned >= 6
         assert report.exit_code() == 1
