@@ -90,6 +90,20 @@ def audited(state: Path, action: str) -> list[dict[str, Any]]:
         return [dict(e.details) for e in log.entries() if e.action == action]
 
 
+def test_names_with_control_characters_and_invalid_utf8_are_scanned(sim, tmp_path):
+    names = [b"/names/esc\x1b[0m.com", b"/names/bel\x07.com", b"/names/bad\xff\xfe.com",
+             b"/names/mixed\xc3(\x1b.com"]
+    for name in names:
+        plant(sim, name, EICAR)
+    plant(sim, "/names/clean.txt", b"nothing")
+    code, vm = scan(sim, tmp_path / "state", "/names")
+    assert vm["status"] == "infected", (vm["incomplete_files"], vm["vanished"])
+    assert code == 1, vm
+    assert len(vm["detections"]) == len(names), vm
+    assert (vm["vanished"], vm["incomplete"], vm["errors"]) == (0, 0, 0)
+    assert vm["scanned"] == len(names) + 1
+
+
 def test_over_max_file_size_is_incomplete_unless_skipping_is_the_policy(sim, tmp_path):
     plant(sim, "/big/padded.bin", EICAR + b"\0" * (65 * MiB - len(EICAR)))
     plant(sim, "/big/small.txt", b"fine")
