@@ -27,6 +27,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def shown(name: str) -> str:
+    """A file name safe to print on a terminal: bytes that are not UTF-8 and control
+    characters (ESC would drive the terminal) as ``\\xNN`` escapes."""
+    from vsphere_av.engine.matcher import utf8_name
+
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in utf8_name(name))
+
+
 def print_json(document: Any) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
@@ -229,12 +238,12 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
     else:
         for outcome in report.detected:
             for d in outcome.detections:
-                click.echo(f"INFECTED {detection_path(outcome.path, d.member)}: {d.threat} "
-                           f"[{d.source} {d.rule}]")
+                click.echo(f"INFECTED {shown(detection_path(outcome.path, d.member))}: "
+                           f"{d.threat} [{d.source} {d.rule}]")
         for outcome in report.skipped:
-            click.echo(f"skipped  {outcome.path}: {outcome.reason}")
+            click.echo(f"skipped  {shown(outcome.path)}: {shown(outcome.reason)}")
         for outcome in report.errors:
-            click.echo(f"error    {outcome.path}: {outcome.reason}", err=True)
+            click.echo(f"error    {shown(outcome.path)}: {shown(outcome.reason)}", err=True)
         mb = report.bytes / 1e6
         rate = mb / report.seconds if report.seconds else 0.0
         click.echo(f"{report.files} files, {mb:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s, "

@@ -37,7 +37,14 @@ import yara
 
 from vsphere_av.engine import archives
 from vsphere_av.engine.cache import CachedVerdict, VerdictCache
-from vsphere_av.engine.matcher import HEAD_SIZE, NAME_EXTERNALS, Matcher, externals_for, split_name
+from vsphere_av.engine.matcher import (
+    HEAD_SIZE,
+    NAME_EXTERNALS,
+    Matcher,
+    externals_for,
+    split_name,
+    utf8_name,
+)
 from vsphere_av.engine.signatures import LoadedVersion, SignatureStore
 from vsphere_av.errors import EngineError
 
@@ -217,6 +224,7 @@ class Session:
             context += "|" + "\0".join(split_name(path, name))
         if self.uses_owner:
             context += "|owner=" + owner
+        context = utf8_name(context)      # names that are not UTF-8 (surrogate escapes)
         return context
 
     def lookup(self, sha256: str, *, path: str, name: str | None = None, owner: str = "",
