@@ -520,7 +520,7 @@ class _Job:
         """After "file not found": True when the path is no longer listed (really gone)."""
         stat = getattr(self.guest, "stat", None)
         if stat is None:
-            return True
+            return False                      # no way to ask: not proven gone
         try:
             return stat(path) is None
         except (errors.GuestLoginError, errors.GuestUnavailable):

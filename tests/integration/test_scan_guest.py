@@ -288,6 +288,9 @@ def test_file_vanishing_between_listing_and_download_is_counted(sim, tmp_path):
             def delete_file(self, path):
                 real.delete_file(path)
 
+            def stat(self, path):
+                return real.stat(path)
+
         from vsphere_av.scanning import scan_vm
         with app.engine.session() as session:
             result = scan_vm(vm=vm, guest=Racing(), session=session, store=app.store,
@@ -296,6 +299,49 @@ def test_file_vanishing_between_listing_and_download_is_counted(sim, tmp_path):
     assert result.status == "clean"
     assert result.vanished == 1
     assert result.errors == 0
+
+
+def test_file_listed_but_not_found_on_download_is_incomplete(sim, tmp_path):
+    # Real VMware Tools list a name that is not UTF-8 as U+FFFD x3, a name no download can
+    # open (the simulator now carries such names, so the real guest access is wrapped here:
+    # the one thing it cannot show). A file still listed is not "vanished": not checked.
+    plant(sim, CLEAN, "/var/unopenable/name.bin", EICAR)
+    settings = settings_for(sim, tmp_path / "state",
+                            toml='[scan]\nlinux_roots = ["/var/unopenable"]\n')
+    with App(settings) as app:
+        vm = inventory.find_vms(app.connection, [CLEAN])[0]
+        real = GuestFiles(connection=app.connection, vm=vm, user=sim.guest_user,
+                          password=config.Secret(sim.guest_password))
+
+        class Mangled:
+            windows = False
+
+            def walk(self, roots, **kw):
+                return real.walk(roots, **kw)
+
+            def open_download(self, path):
+                raise errors.GuestFileNotFound(f"file not found: {path}")
+
+            def delete_file(self, path):
+                real.delete_file(path)
+
+            def stat(self, path):
+                return real.stat(path)
+
+        from vsphere_av.scanning import scan_vm
+        with app.engine.session() as session:
+            result = scan_vm(vm=vm, guest=Mangled(), session=session, store=app.store,
+                             audit=app.audit, quarantine=app.quarantine, policy=settings.scan,
+                             full=True, actor="test")
+        assert (result.status, result.vanished, result.incomplete) == ("incomplete", 0, 1)
+        (entry,) = result.files
+        assert entry["path"] == "/var/unopenable/name.bin"
+        assert entry["reason"].startswith("listed but cannot be opened")
+        assert app.store.scan_files(result.scan_id) == [entry]
+        row = next(r for r in app.status(refresh=False) if r["name"] == CLEAN)
+        assert row["state"] == "unprotected"
+        assert row["incomplete_files"] == [entry]
+    (sim.guest_root / CLEAN / "var/unopenable/name.bin").unlink()
 
 
 def _terminate(sim, key: str) -> None:
