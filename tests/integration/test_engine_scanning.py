@@ -184,6 +184,20 @@ def test_archive_depth_limit(tmp_path: Path, alert: bool) -> None:
     eng.close()
 
 
+def test_a_cached_limit_detection_does_not_outlive_turning_alerts_off(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    many = zip_bytes({f"f{i}.txt": b"x" for i in range(10)})
+    alerting = make_limited(state, alert=True, archive_max_members=5)
+    with alerting.session() as s:
+        assert scan(s, many, "/d/many.zip", chunk=4096).status == "infected"
+    alerting.close()
+    quiet = make_limited(state, alert=False, archive_max_members=5)
+    with quiet.session() as s:
+        out = scan(s, many, "/d/many.zip", chunk=4096)
+    assert (out.status, out.cached) == ("skipped", False)
+    quiet.close()
+
+
 @pytest.mark.parametrize("alert", [True, False])
 def test_archive_member_count_limit(tmp_path: Path, alert: bool) -> None:
     eng = make_limited(tmp_path / "s", alert=alert, archive_max_members=5)

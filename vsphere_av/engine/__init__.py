@@ -181,6 +181,8 @@ def _limits_fingerprint(settings: Any) -> str:
     e = settings.engine
     raw = (f"{e.max_file_size}/{e.archive_max_depth}/{e.archive_max_members}/"
            f"{e.archive_max_total_size}/{e.archive_max_ratio}")
+    if not e.alert_exceeds_max:    # limit detections (cached) belong to the alerting setting
+        raw += "/no-alert"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
