@@ -22,7 +22,8 @@ next scan finishes exactly once (see ``_Job._recover_pending``).
 
 Resuming (time windows): ``result.resume_point`` is the last guest path, in walk order, that
 was fully processed together with every file before it; a scan given it as ``resume_after``
-skips the walk up to and including that path (the controller keeps it in the job).
+skips the walk up to and including that path (the controller keeps it in the job), and
+takes over the incomplete paths of the interrupted run before it (``_carry_incomplete``).
 
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
@@ -408,6 +409,8 @@ class _Job:
             self._walk()
             if not r.resumed_from:            # a resumed walk did not meet every file
                 self._recover_pending(walked=True)
+            else:
+                self._carry_incomplete()
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -482,6 +485,16 @@ class _Job:
         if isinstance(cause, errors.VsphereAvError):
             return r
         raise cause
+
+    def _carry_incomplete(self) -> None:
+        """A resumed scan answers for the part before the resume point too: what the
+        stopped run could not check there is incomplete in this one as well."""
+        previous = self.store.last_finished_scan(self.vm.moref)
+        if previous is None or "interrupted: " not in str(previous["reason"]):
+            return
+        for f in self.store.scan_files(previous["id"]):
+            if f["kind"] == INCOMPLETE:
+                self._unscanned(f["path"], kind=INCOMPLETE, reason=f["reason"])
 
     def _incomplete_reason(self, prefix: str) -> str:
         r = self.result

@@ -479,6 +479,34 @@ def test_scan_stopped_by_progress_callback_closes_its_records(sim, tmp_path):
     assert ends[0]["reason"].startswith("interrupted")
 
 
+def test_resumed_scan_keeps_what_the_stopped_part_could_not_check(sim, tmp_path):
+    # A time window closes after the first file read; the resumed scan walks only what
+    # follows, so the too-large file before the resume point stays incomplete in it.
+    plant(sim, CLEAN, "/resume/a_big.bin", b"\0" * (2 * MiB))
+    for name in ("b.txt", "c.txt", "d.txt"):
+        plant(sim, CLEAN, f"/resume/{name}", name.encode())
+    toml = '[scan]\nmax_file_size = 1048576\nlinux_roots = ["/resume"]\n'
+    with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
+        vm = inventory.find_vms(app.connection, [CLEAN])[0]
+
+        def window_closes(tick) -> None:
+            raise errors.VsphereAvError("window closed")
+
+        stopped = app.scan_one(vm, full=True, on_progress=window_closes)
+        assert stopped.status == "error"
+        assert stopped.resume_point == "/resume/b.txt"
+        assert [f["path"] for f in stopped.files] == ["/resume/a_big.bin"]
+        resumed = app.scan_one(vm, full=True, resume_after=stopped.resume_point)
+        assert resumed.resumed_from == "/resume/b.txt"
+        assert resumed.scanned == 2
+        assert resumed.status == "incomplete", resumed.reason
+        assert [f["path"] for f in resumed.files] == ["/resume/a_big.bin"]
+        row = next(r for r in app.status(refresh=False) if r["name"] == CLEAN)
+        assert row["state"] == "unprotected"
+    for name in ("a_big.bin", "b.txt", "c.txt", "d.txt"):
+        (sim.guest_root / CLEAN / "resume" / name).unlink()
+
+
 def test_windows_quarantine_restore_and_stat(sim, tmp_path):
     target = plant(sim, WINDOWS, "C/ProgramData/Tasks/updater.com", EICAR)
     with App(settings_for(sim, tmp_path / "state")) as app:
