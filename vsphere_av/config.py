@@ -739,7 +739,7 @@ def _plain(exc: ValidationError) -> str:
     if kind == "greater_than":      # sizes: the only fields declared with gt=0
         return f"config: {key} must be a positive whole number"
     if kind == "dataclass_type" and len(loc) == 1:
-        return f"config: {key} must be a table ([{key}]), not a single value"
+        return f"config: {key} must be a table ([{key}])"
     if kind in _WORDS:
         return f"config: {key} {_WORDS[kind].format(**ctx)}"
     return f"config: {key}: {error['msg']}"

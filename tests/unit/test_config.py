@@ -210,6 +210,19 @@ full = false
         ("schedule-1", 900.0, "22:00-06:00", True), ("weekly", 0.0, "", False)]
 
 
+def test_typed_sections_reach_their_readers() -> None:
+    from vsphere_av.controller import ControllerOptions
+
+    s = config.parse({"controller": {"event_poll": 2, "instant_on_full": True},
+                      "appliances": {"name_prefix": "av-"},
+                      "schedule": {"cron": "0 2 * * *", "window": "01:00-05:00"}}, env={})
+    options = ControllerOptions.from_settings(s)
+    assert (options.event_poll, options.instant_on_full, options.appliance_prefix) == (
+        2.0, True, "av-")
+    assert [(x.name, str(x.window)) for x in options.schedules] == [
+        ("schedule-1", "01:00-05:00")]
+
+
 @pytest.mark.parametrize("text", [
     b'\xff\xfe[\x00s\x00c\x00a\x00n\x00]\x00\n\x00',   # UTF-16 (little-endian, BOM)
     b"[scan\n",                                          # TOML syntax error
