@@ -103,7 +103,6 @@ def _as_tuple(value: Any) -> Any:
 
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
-Number = Annotated[float, Strict()]                   # a whole number is a number too
 Names = Annotated[tuple[Str, ...], BeforeValidator(_as_tuple), Strict()]
 Seconds = Annotated[float, Strict(), _rule(lambda s: s > 0, "must be more than 0 seconds")]
 # Sizes in bytes: 0 would refuse every file; past 1 TiB is a unit mistake, not a limit.
