@@ -772,7 +772,7 @@ def _read_secret(table: _PasswordSource, where: str, env: Mapping[str, str]) -> 
 
 
 def read_file(path: Path) -> dict[str, Any]:
-    """The TOML document of ``path``; ConfigError (one line) when unreadable or malformed."""
+    """The TOML document of ``path`` (for :func:`load`); ConfigError when unreadable or bad."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
@@ -804,7 +804,10 @@ def load(
 
 def parse(data: Mapping[str, Any], *, insecure: bool = False,
           env: Mapping[str, str]) -> Settings:
-    """Settings from a TOML document already read (``load``; tests); ConfigError when bad."""
+    """Settings from a TOML document already read: :func:`load`, and tests with a mapping.
+
+    ConfigError, one line naming the key, on anything the declarations refuse.
+    """
     try:
         file = _FILE.validate_python(data)
     except ValidationError as exc:
