@@ -363,7 +363,7 @@ class App:
         """
         from vsphere_av import appliances
 
-        if not appliances.settings_from(self.settings.extra).enabled:
+        if not self.settings.appliances.enabled:
             return guest, self.engine
         from vsphere_av.appliance_manager import open_manager
         from vsphere_av.vsphere.appliances import ApplianceGuestFiles
@@ -380,7 +380,7 @@ class App:
         from vsphere_av import appliances
         from vsphere_av.appliance_manager import open_manager, read_health
 
-        if not appliances.settings_from(self.settings.extra).enabled:
+        if not self.settings.appliances.enabled:
             return list(states)
         if live and self.settings.vcenter.server:
             down = open_manager(self.settings, connection=self.connection, audit=self.audit,
@@ -545,7 +545,6 @@ def start_controller(settings: Settings, *,
     import os
 
     from vsphere_av.appliance_manager import periodic_hook as appliance_periodic_hook
-    from vsphere_av.appliances import settings_from as appliance_settings
     from vsphere_av.controller import Controller, ControllerOptions
     from vsphere_av.store.jobs import JobStore
     from vsphere_av.vsphere import inventory
@@ -589,7 +588,7 @@ def start_controller(settings: Settings, *,
         ("housekeeping", controller.housekeeping),
         ("auditing", controller.auditing),
     ]
-    appliance_section = appliance_settings(settings.extra)
+    appliance_section = settings.appliances
     if appliance_section.enabled:
         # Own thread: an appliance deploy can take minutes and must not hold up hand-over
         # requests, sweeps or schedules in the housekeeping thread.

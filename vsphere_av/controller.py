@@ -32,13 +32,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from vsphere_av import errors
-from vsphere_av.config import typed_section
 from vsphere_av.models import INFECTED, STALE, HostInfo, VmInfo
 from vsphere_av.scheduling import CronTicker, Job, Priority, Schedule, Scheduler
 from vsphere_av.store.jobs import EventCursor, JobStore
@@ -152,24 +151,12 @@ class ControllerOptions:
     @classmethod
     def from_settings(cls, settings: Any) -> ControllerOptions:
         """Options from ``config.Settings`` (``[controller]`` may override the timings)."""
-        from vsphere_av.scheduling import parse_schedules
-
-        timings = ("watch_wait", "event_poll", "housekeeping", "retry_base", "retry_max",
-                   "max_attempts", "reconnect_max", "inventory_max_age", "containment_threads",
-                   "shutdown_grace")
-        kinds = {**dict.fromkeys(timings, float), "instant_on_full": bool}
-        values = typed_section(settings.extra.get("controller", {}), kinds, "controller")
-        for key, value in values.items():
-            if kinds[key] is float and value <= 0:
-                raise errors.ConfigError(f"controller.{key} must be a positive number")
-            values[key] = type(getattr(cls, key))(value)
-        from vsphere_av.appliances import settings_from as appliance_settings
-
-        values["appliance_prefix"] = appliance_settings(settings.extra).name_prefix
         return cls(isolate_stale=settings.scan.isolate_stale,
                    per_host_limit=settings.scan.per_host_limit,
                    global_limit=settings.scan.global_limit,
-                   schedules=tuple(parse_schedules(settings.extra)), **values)
+                   schedules=tuple(Schedule.from_settings(s) for s in settings.schedules),
+                   appliance_prefix=settings.appliances.name_prefix,
+                   **asdict(settings.controller))
 
 
 class ScanInterrupted(errors.VsphereAvError):
