@@ -15,7 +15,10 @@ A stale VM that starts running (power on, resume, HA restart, reset, revert whil
 is *contained*: its exposure is opened, its vNICs are cut (``isolate_stale``, the exact
 previous state saved first) and it is queued at instant-on priority. Workers take jobs from
 the :class:`scheduling.Scheduler` (per-host and global caps), scan, and then release the VM's
-network on a clean result or keep it cut on a detection (until a later scan is clean).
+network on a clean result or keep it cut on a detection (until a rescan that
+``isolation.release_infected`` accepts is clean: :func:`release_allowed`). The triggers of
+one power-on (property change, ``VmStartingEvent``, ``VmPoweredOnEvent``) are one exposure
+(:meth:`Controller._same_power_on`).
 
 Restart safety: the queue, the event cursor, exposures and isolation records are in
 ``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
