@@ -118,9 +118,9 @@ def test_power_off_then_on_is_a_new_exposure(
         moref = _detect(sim, a, state)
         _idle(operator_rule, moref)
         wait_task(a.vms[INFECTED].PowerOffVM_Task())
-        wait_for(lambda: (operator_rule.controller.watcher.facts(moref) or
-                          operator_rule.controller.watcher.vms[moref]).power_state
-                 == "poweredOff", timeout=10, what="power-off seen")
+        watcher = operator_rule.controller.watcher
+        wait_for(lambda: getattr(watcher.facts(moref), "power_state", "") == "poweredOff",
+                 timeout=10, what="power-off seen by the controller")
         wait_task(a.vms[INFECTED].PowerOnVM_Task())
         wait_for(lambda: len([e for e in _exposures(state, moref)
                               if e.closed is not None]) == 2, timeout=30,
