@@ -47,6 +47,7 @@ func internalCtx(user string) *simulator.Context {
 func installCore(srv *simulator.Server) {
 	installHosts()
 	installTools()
+	installNics()
 	if addr, ok := srv.Listener.Addr().(*net.TCPAddr); ok {
 		nfcFrom = []byte("https://*/nfc/")
 		nfcTo = []byte("https://*:" + strconv.Itoa(addr.Port) + "/nfc/")
@@ -149,6 +150,8 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch req := method.Body.(type) {
 	case *types.MigrateVM_Task:
 		rec = f.migrate(c, req)
+	case *types.PowerOnVM_Task:
+		rec = f.powerOnCall(c, req)
 	case *types.QueryEvents:
 		rec = f.queryEvents(c, req)
 	case *types.PostEvent:
