@@ -16,7 +16,7 @@ package main
 import (
 	"bytes"
 	"crypto/subtle"
-		"net/http"
+	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"path"

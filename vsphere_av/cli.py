@@ -106,9 +106,11 @@ Command = Callable[..., Any]
 @click.option("--guest-user", default="root", show_default=True,
               help="The guest account every VM accepts.")
 @click.option("--guest-password", default="vmware", show_default=True, help="Its password.")
+@click.option("--disks", is_flag=True, default=False,
+              help="Give every VM a real disk image built from its guest tree.")
 def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms: int,
                   username: str, password: str, guest_root: str | None, guest_user: str,
-                  guest_password: str) -> None:
+                  guest_password: str, disks: bool) -> None:
     """Run the bundled vSphere simulator in the foreground (first line: the SDK URL)."""
     from pathlib import Path
 
@@ -118,7 +120,7 @@ def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms:
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
         username=username, password=password,
         guest_root=Path(guest_root) if guest_root else None,
-        guest_user=guest_user, guest_password=guest_password,
+        guest_user=guest_user, guest_password=guest_password, disks=disks,
     )
     sys.stdout.flush()
     simulator.exec_foreground(argv)

@@ -619,3 +619,39 @@ def test_inaccessible_datastore_files_answer_404(dsim: DiskSim) -> None:
     on = vim.option.OptionValue(key="vcsim.disk.inaccessible", value="FALSE")
     WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(extraConfig=[on])))
     assert dsim.get(url, headers=cookie).status_code == 206
+
+
+def test_disks_off_by_default_and_flag_plumbing(tmp_path: Path) -> None:
+    assert simulator.command_line(disks=True)[-1] == "-disks"
+    assert "-disks" not in simulator.command_line()
+    # A bad -mkdisk is a one-line start-up error.
+    r = subprocess.run(
+        [str(simulator.binary_path()), "-disks", f"-mkdisk={tmp_path / 'absent.sh'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr == "vcsim: error: -disks: mkdisk.sh not found (give -mkdisk PATH)\n"
+    # Without -disks the library's empty placeholder files stay as they are.
+    sim = simulator.start(guest_root=tmp_path / "g", hosts=1, vms=1)
+    try:
+        si = SmartConnect(
+            host=sim.host,
+            port=sim.port,
+            user=sim.username,
+            pwd=sim.password,
+            sslContext=sim.ssl_context(),
+        )
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(
+            content.rootFolder, [vim.VirtualMachine], True
+        )
+        [vm] = view.view
+        view.Destroy()
+        image = host_file(vm, disk_of(vm).backing.fileName)
+        assert image.stat().st_size == 0
+        assert image.with_name("disk1-flat.vmdk").exists()
+        Disconnect(si)
+    finally:
+        sim.stop()
