@@ -262,14 +262,26 @@ def test_delta_chain_reads_newer_tree(linux_tree: Path, tmp_path: Path) -> None:
     head = delta.read_bytes()[: 64 * 1024]
     parent_cid = info(base)["format-specific"]["data"]["cid"]
     assert b'parentFileNameHint="vm.vmdk"' in head
-    assert f"parentCID={parent_cid:08x}".encode() in head
-    # Only the clusters that changed: far less than the 3 MiB file both trees hold.
+    assert f"parentCID={parent_cid:x}".encode() in head
+    # Only the clusters that changed: far less than the 3 MiB file both trees hold. The disk
+    # keeps its identifiers (GPT ids, file system UUID), so they are not among them.
     assert delta.stat().st_size < MiB
+    mapping = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(delta)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    own = sum(m["length"] for m in mapping if m["depth"] == 0 and m["data"])
+    assert 0 < own <= 4 * 64 * 1024
     raw = to_raw(delta, tmp_path / "chain.raw")
     assert debugfs(raw, MiB, "cat /etc/hostname") == "web02\n"
     # The parent alone still shows the older tree.
     old = to_raw(base, tmp_path / "base.raw")
     assert debugfs(old, MiB, "cat /etc/hostname") == "web01\n"
+    assert partitions(old)["id"] == partitions(raw)["id"]
     # A second delta on the first one (a chain of three) with a new file: the file system is
     # rebuilt from the tree, so blocks after the new file move and the delta grows; the chain
     # still reads as the tree.
