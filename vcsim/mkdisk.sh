@@ -169,7 +169,13 @@ vol_mib=$part_mib
 if [ "$lvm" = 1 ]; then
   pv="$tmp/pv.raw"
   truncate -s "$(( part_mib * MiB ))" "$pv" || die "cannot create $pv"
-  loopdev=$(losetup -f --show "$pv" 2>/dev/null) || die "cannot attach a loop device for LVM"
+  # Another build may take the free loop device between the lookup and the attach: retry.
+  for attempt in 1 2 3 4 5; do
+    loopdev=$(losetup -f --show "$pv" 2>/dev/null) && break
+    loopdev=""
+    sleep "0.$attempt"
+  done
+  [ -n "$loopdev" ] || die "cannot attach a loop device for LVM"
   lvmconf='devices { obtain_device_list_from_udev=0 scan_lvs=0 use_devicesfile=0 } activation { udev_sync=0 udev_rules=0 monitoring=0 } backup { backup=0 archive=0 }'
   # --driverloaded n: lvm2 writes metadata only, never asks the kernel's device-mapper
   # (there may be none); --devices: it sees this loop device and nothing else on the host.
