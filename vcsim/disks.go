@@ -584,16 +584,24 @@ func diskInaccessible(dsName, rel string) bool {
 	return false
 }
 
-// withDisk runs a snapshot fix-up and then reconciles the VM's disk (both only on success).
+// withDisk runs a fix-up and then, if the task succeeded, reconciles the disk of the VM ref
+// names (nil: the VM the task returned, e.g. a clone: its disk is built from the copied tree).
 func withDisk(first func([]byte), ref func() types.ManagedObjectReference, mode leafMode) func([]byte) {
 	return func(response []byte) {
 		if first != nil {
 			first(response)
 		}
-		if diskOpts.enabled && succeeded(response) {
-			if r := ref(); r.Value != "" {
-				reconcileDisk(r, mode)
-			}
+		if !diskOpts.enabled || !succeeded(response) {
+			return
+		}
+		var r types.ManagedObjectReference
+		if ref != nil {
+			r = ref()
+		} else if _, res := taskResult(response); res != nil {
+			r, _ = res.(types.ManagedObjectReference)
+		}
+		if r.Type == "VirtualMachine" || (ref != nil && r.Value != "") {
+			reconcileDisk(r, mode)
 		}
 	}
 }
@@ -684,4 +692,55 @@ func republishDisk(ref types.ManagedObjectReference) {
 		return
 	}
 	d.publish(vm, lay, len(d.chain))
+}
+
+// keepSourceDisks works around the library's CloneVM_Task, which empties the file name and
+// parent of the source VM's own disk backings (the clone's devices are the source's
+// objects) and so leaves the source naming the clone's disk file. It records the source's
+// backings before the call; the returned func gives the source its own disk devices back.
+func keepSourceDisks(ref types.ManagedObjectReference) func() {
+	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return func() {}
+	}
+	saved := map[int32]types.VirtualDiskFlatVer2BackingInfo{}
+	simulator.Map.WithLock(vm, func() {
+		if vm.Config == nil {
+			return
+		}
+		for _, dev := range vm.Config.Hardware.Device {
+			if disk, isDisk := dev.(*types.VirtualDisk); isDisk {
+				if b, flat := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); flat {
+					saved[disk.Key] = *b
+				}
+			}
+		}
+	})
+	return func() {
+		simulator.Map.WithLock(vm, func() {
+			if vm.Config == nil {
+				return
+			}
+			devices := append([]types.BaseVirtualDevice{}, vm.Config.Hardware.Device...)
+			changed := false
+			for i, dev := range devices {
+				disk, isDisk := dev.(*types.VirtualDisk)
+				if !isDisk {
+					continue
+				}
+				b, known := saved[disk.Key]
+				if !known {
+					continue
+				}
+				own := *disk
+				backing := b
+				own.Backing = &backing
+				devices[i] = &own
+				changed = true
+			}
+			if changed {
+				simulator.Map.Update(vm, []types.PropertyChange{{Name: "config.hardware.device", Val: devices}})
+			}
+		})
+	}
 }

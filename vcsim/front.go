@@ -205,6 +205,8 @@ func fixupFor(method *simulator.Method, user string) func(response []byte) {
 		return withDisk(afterRemoveAllSnapshots(req), func() types.ManagedObjectReference { return req.This }, leafLive)
 	case *types.PowerOffVM_Task:
 		return afterPowerOffDisk(req.This)
+	case *types.SuspendVM_Task:
+		return afterPowerOffDisk(req.This)
 	case *types.ShutdownGuest:
 		return func([]byte) {
 			if diskOpts.enabled {
@@ -212,7 +214,12 @@ func fixupFor(method *simulator.Method, user string) func(response []byte) {
 			}
 		}
 	case *types.CloneVM_Task:
-		return afterClone(req, user)
+		restore := keepSourceDisks(req.This)
+		after := withDisk(afterClone(req, user), nil, leafLive)
+		return func(response []byte) {
+			restore()
+			after(response)
+		}
 	case *types.RelocateVM_Task:
 		return afterRelocate(req.This, req.Spec, "", "")
 	case *types.ReconfigVM_Task:

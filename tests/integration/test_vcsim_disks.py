@@ -633,6 +633,27 @@ def test_inaccessible_datastore_files_answer_404(dsim: DiskSim) -> None:
     assert dsim.get(url, headers=cookie).status_code == 206
 
 
+def test_suspend_rebuilds_and_clone_gets_its_own_disk(dsim: DiskSim, tmp_path: Path) -> None:
+    vm = dsim.vms()[GUEST_LINUX]
+    (dsim.sim.guest_root / vm.name / "etc" / "hostname").write_text("suspended\n")
+    WaitForTask(vm.SuspendVM_Task())
+    assert read_tree_file(vm, disk_of(vm).backing.fileName, "/etc/hostname", tmp_path) == (
+        "suspended\n"
+    )
+    WaitForTask(vm.PowerOnVM_Task())
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(), powerOn=False)
+    source = chain_names(vm)
+    WaitForTask(vm.CloneVM_Task(folder=vm.parent, name="clone-a", spec=spec))
+    clone = next(v for v in dsim.vms() if v.name == "clone-a")
+    # The source keeps its own disk (the library alone points it at the clone's file).
+    assert chain_names(vm) == source
+    names = chain_names(clone)
+    assert names == ["[LocalDS_0] clone-a/clone-a.vmdk"]
+    image = host_file(clone, names[0])
+    assert info(image)["format"] == "vmdk"
+    assert read_tree_file(clone, names[0], "/etc/hostname", tmp_path) == "suspended\n"
+
+
 def test_disks_off_by_default_and_flag_plumbing(tmp_path: Path) -> None:
     assert simulator.command_line(disks=True)[-1] == "-disks"
     assert "-disks" not in simulator.command_line()
