@@ -615,18 +615,32 @@ func snapshotVM(snap types.ManagedObjectReference) types.ManagedObjectReference 
 	return vmRef
 }
 
-// memorySnapshotRefused answers CreateSnapshot_Task with memory on a VM with an independent
-// disk as vSphere does: a task that fails with MemorySnapshotOnIndependentDisk (a
-// SnapshotFault). Without memory the snapshot is taken and independent disks stay out of it.
-func memorySnapshotRefused(ref types.ManagedObjectReference) *httptest.ResponseRecorder {
+// snapshotRefused answers CreateSnapshot_Task with a task that fails with fault, as vSphere
+// does for a memory snapshot of a VM with an independent disk (MemorySnapshotOnIndependentDisk;
+// without memory the snapshot is taken and independent disks stay out of it) and for a VM
+// whose flags.snapshotDisabled is set (SnapshotDisabled).
+func snapshotRefused(ref types.ManagedObjectReference, fault types.BaseMethodFault) *httptest.ResponseRecorder {
 	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
 	if !ok {
 		return soapResponse(&methods.CreateSnapshot_TaskBody{Fault_: simulator.Fault("managed object not found", &types.ManagedObjectNotFound{Obj: ref})})
 	}
 	task := simulator.CreateTask(vm, "createSnapshot", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
-		return nil, &types.MemorySnapshotOnIndependentDisk{}
+		return nil, fault
 	})
 	return soapResponse(&methods.CreateSnapshot_TaskBody{Res: &types.CreateSnapshot_TaskResponse{Returnval: task.Run()}})
+}
+
+// snapshotsDisabled reports whether a VM's flags.snapshotDisabled is set.
+func snapshotsDisabled(ref types.ManagedObjectReference) bool {
+	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return false
+	}
+	disabled := false
+	simulator.Map.WithLock(vm, func() {
+		disabled = vm.Config != nil && vm.Config.Flags.SnapshotDisabled != nil && *vm.Config.Flags.SnapshotDisabled
+	})
+	return disabled
 }
 
 // beforeDiskEdit lets ReconfigVM_Task edit a real disk: the library checks that every disk

@@ -160,8 +160,12 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case *types.ResetCollector:
 		rec = f.scroll(c, req.This)
 	case *types.CreateSnapshot_Task:
+		if snapshotsDisabled(req.This) {
+			rec = snapshotRefused(req.This, &types.SnapshotDisabled{})
+			break
+		}
 		if req.Memory && independentDisk(req.This) {
-			rec = memorySnapshotRefused(req.This)
+			rec = snapshotRefused(req.This, &types.MemorySnapshotOnIndependentDisk{})
 			break
 		}
 		rec = f.passWithFixup(c, method, r)

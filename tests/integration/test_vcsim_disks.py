@@ -575,6 +575,22 @@ def test_independent_disk_and_memory_snapshot(dsim: DiskSim) -> None:
     WaitForTask(vm.RemoveAllSnapshots_Task())
 
 
+def test_snapshot_disabled_flag(dsim: DiskSim) -> None:
+    vm = dsim.vms()[GUEST_LINUX]
+    off = vim.vm.FlagInfo(snapshotDisabled=True)
+    WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(flags=off)))
+    task = vm.CreateSnapshot_Task(name="x", description="", memory=False, quiesce=False)
+    with pytest.raises(vim.fault.SnapshotDisabled):
+        WaitForTask(task)
+    assert task.info.entity == vm
+    assert vm.snapshot is None
+    on = vim.vm.FlagInfo(snapshotDisabled=False)
+    WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(flags=on)))
+    WaitForTask(vm.CreateSnapshot_Task(name="y", description="", memory=False, quiesce=False))
+    assert vm.snapshot is not None
+    WaitForTask(vm.RemoveAllSnapshots_Task())
+
+
 def test_folder_needs_session_or_ticket(dsim: DiskSim) -> None:
     vm = dsim.vms()[GUEST_LINUX]
     image = host_file(vm, disk_of(vm).backing.fileName)
