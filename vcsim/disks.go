@@ -262,12 +262,19 @@ func (d *vmDisk) buildElement(i int, src string, lay diskLayout) error {
 	return nil
 }
 
-// emptyDelta writes chain element i as a delta over i-1 with no clusters of its own.
+// emptyDelta writes chain element i as a delta over i-1 with no clusters of its own (under
+// a temporary name in the same directory, then renamed: readers never see half a file).
 func (d *vmDisk) emptyDelta(i int) error {
-	err := runTool(filepath.Join(d.dsDir, d.dir), "qemu-img", "create", "-q", "-f", "vmdk",
+	dir := filepath.Join(d.dsDir, d.dir)
+	tmp := "." + d.fileName(i) + ".tmp"
+	err := runTool(dir, "qemu-img", "create", "-q", "-f", "vmdk",
 		"-o", "subformat=monolithicSparse,adapter_type=lsilogic",
-		"-b", d.fileName(i-1), "-F", "vmdk", d.fileName(i))
+		"-b", d.fileName(i-1), "-F", "vmdk", tmp)
+	if err == nil {
+		err = os.Rename(filepath.Join(dir, tmp), d.hostPath(i))
+	}
 	if err != nil {
+		_ = os.Remove(filepath.Join(dir, tmp))
 		return fmt.Errorf("creating %s: %s", d.fileName(i), err)
 	}
 	return nil
