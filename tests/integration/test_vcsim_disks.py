@@ -704,3 +704,35 @@ def test_disks_off_by_default_and_flag_plumbing(tmp_path: Path) -> None:
         Disconnect(si)
     finally:
         sim.stop()
+
+
+def test_terminated_build_leaves_no_mount_or_files(windows_tree: Path, tmp_path: Path) -> None:
+    # Stopped while ntfs-3g has the image mounted, the script unmounts it and removes
+    # everything it made (the trap on EXIT runs after SIGTERM).
+    for d in range(20):
+        sub = windows_tree / "Data" / f"d{d}"
+        sub.mkdir(parents=True)
+        for f in range(40):
+            (sub / f"f{f}.bin").write_bytes(os.urandom(32 * 1024))
+    out = tmp_path / "out"
+    out.mkdir()
+    env_tmp = tmp_path / "tmp"
+    env_tmp.mkdir()
+    proc = subprocess.Popen(
+        [str(MKDISK), "--src", str(windows_tree), "--out", str(out / "w.vmdk"), "--fs", "ntfs"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(env_tmp)},
+    )
+    deadline = time.monotonic() + 30
+    while str(env_tmp) not in Path("/proc/mounts").read_text():
+        assert proc.poll() is None, "finished before it mounted: make the tree bigger"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert str(env_tmp) not in Path("/proc/mounts").read_text()
+    assert list(env_tmp.iterdir()) == []
+    assert list(out.iterdir()) == []
+    assert err == b""
