@@ -14,7 +14,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server python3-venv sudo \
   e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils
 
-.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-storm lint clean
+.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-disk-scan bench-storm lint clean
 
 # System packages: only installed when something is missing, so a machine that has them
 # needs no network and no root.
@@ -67,6 +67,9 @@ bench-engine: install
 
 bench-guest-scan: install vcsim
 	$(PY) bench/guest_scan.py
+
+bench-disk-scan: install vcsim
+	$(PY) bench/disk_scan.py
 
 bench-storm: install vcsim
 	$(PY) bench/storm.py
