@@ -287,7 +287,7 @@ def _scan_progress(enabled: bool) -> Any:
 @click.option("--all", "all_vms", is_flag=True,
               help="Scan every VM (powered-off ones through their disks, unless --via guest).")
 @click.option("--full", is_flag=True, help="Read every file, even unchanged ones.")
-@click.option("--via", type=click.Choice(["auto", "disk", "guest"]), default=None,
+@click.option("--via", default=None, metavar="auto|disk|guest",
               help="Read files through the VMs' disks or Guest Operations (default: scan.via, "
                    "auto: disk for VMs off, without guest credentials or tools).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -297,6 +297,9 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
     """Scan VMs' files (Guest Operations or their virtual disks) and remediate detections."""
     if bool(vms) == all_vms:
         raise errors.ConfigError("name one or more VMs, or use --all (not both)")
+    from vsphere_av.config import SCAN_VIA
+    if via is not None and via not in SCAN_VIA:
+        raise errors.ConfigError(f"--via {via!r}: must be one of {', '.join(SCAN_VIA)}")
     # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
     # storm limits) instead of scanning beside it; None when no controller is running. The
     # controller does not take disk scans yet: an explicit --via disk scans here.

@@ -767,6 +767,8 @@ class _Job:
                     errors.NotFound):
                 raise
             except (errors.TransientError, errors.GuestError, errors.DiskFileError) as exc:
+                if attempt == 2 and self.reads_disks and isinstance(exc, errors.TransientError):
+                    raise   # the datastore is away, not one file: the scan fails, to be retried
                 if attempt == 2:
                     r.errors += 1
                     self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {exc}")

@@ -12,9 +12,11 @@ a disk on purpose.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +268,161 @@ def test_serve_removes_leftover_scan_snapshots_when_it_starts(
         runtime.stop(grace=5)
     assert [d["snapshot"] for a, d in actions(state)
             if a == "disk.snapshot.leftover_removed"] == [dead]
+
+
+# --- bad input: one line, the VM unprotected with the reason, never protected --------------
+
+def datastore_dir(si: Any, name: str) -> Path:
+    vm = vm_named(si, name)
+    return Path(vm.datastore[0].info.url) / name
+
+
+def truncate_sparse(si: Any, name: str) -> None:
+    disk = datastore_dir(si, name) / "disk1.vmdk"
+    with disk.open("r+b") as f:
+        f.truncate(disk.stat().st_size // 2)
+
+
+def garble_file_system(si: Any, name: str) -> None:
+    flat = datastore_dir(si, name) / "disk1-flat.vmdk"
+    with flat.open("r+b") as f:          # the partition starts at 1 MiB
+        f.seek(1024 * 1024)
+        f.write(b"\xab" * 65536)
+
+
+@pytest.mark.parametrize(("extra", "damage", "words"), [
+    ({}, truncate_sparse, "truncated"),
+    ({"vcsim_disk_format": "monolithicFlat"}, garble_file_system, "unknown file system"),
+    ({"vcsim_disk_luks": "TRUE"}, None, "encrypted volume (LUKS2)"),
+    ({"vcsim_disk_inaccessible": "TRUE"}, None, "HTTP 404"),
+], ids=["truncated-vmdk", "unknown-file-system", "luks", "inaccessible-datastore"])
+def test_a_disk_that_cannot_be_read_leaves_the_vm_unprotected_with_the_reason(
+        sim: simulator.Simulator, si: Any, tmp_path: Path, extra: dict[str, str],
+        damage: Any, words: str) -> None:
+    if extra:
+        reconfig(si, VM0, **extra)
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/etc/motd", b"hello\n")
+    power_off(si, VM0)
+    if damage is not None:
+        damage(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        report = app.scan(names=[VM0])
+        r = report.results[0]
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
+
+    assert (r.via, r.status) == ("disk", "incomplete"), r.reason
+    assert words in r.reason
+    assert "\n" not in r.reason
+    assert report.exit_code() == 2
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+    assert row["incomplete_files"] == [
+        {"path": f["path"], "kind": "incomplete", "reason": f["reason"]} for f in r.files]
+
+
+@pytest.mark.parametrize("refusal", ["snapshots-disabled", "independent-disk"])
+def test_a_running_vm_whose_snapshot_cannot_be_taken_is_unprotected_with_the_reason(
+        sim: simulator.Simulator, si: Any, tmp_path: Path, refusal: str) -> None:
+    vm = vm_named(si, VM3)
+    if refusal == "snapshots-disabled":
+        spec = vim.vm.ConfigSpec(flags=vim.vm.FlagInfo(snapshotDisabled=True))
+        words = "SnapshotDisabled"
+    else:
+        disk = next(d for d in vm.config.hardware.device
+                    if isinstance(d, vim.vm.device.VirtualDisk))
+        disk.backing.diskMode = "independent_persistent"
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(
+            operation="edit", device=disk)])
+        words = "independent_persistent"
+    wait_task(vm.ReconfigVM_Task(spec))
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        report = app.scan(names=[VM3], via="disk")
+        r = report.results[0]
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM3)
+
+    assert (r.via, r.status) == ("disk", "incomplete")
+    assert words in r.reason
+    assert report.exit_code() == 2
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+    assert snapshots(si, VM3) == []
+    assert not any(a.startswith("disk.snapshot") for a, _ in actions(state))
+
+
+def test_a_datastore_outage_mid_scan_fails_the_scan_for_a_retry(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    for i in range(4):
+        plant(sim, VM0, f"/srv/blob{i}.bin", os.urandom(400_000))
+    power_off(si, VM0)
+    state = tmp_path / "state"
+    stopped: list[str] = []
+
+    def outage(tick: Any) -> None:
+        # The whole simulator (vCenter and the host's /folder) goes away after the first
+        # file: the reads that follow meet a refused connection.
+        if not stopped and tick.files:
+            stopped.append(tick.path)
+            sim.stop()
+
+    with App(settings(sim, state)) as app:
+        vm = app.select_vms(names=[VM0])[0]
+        r = app.scan_one(vm, on_progress=outage)
+        row = app.store.vm_state(vm.moref)
+
+    assert stopped
+    assert (r.via, r.status) == ("disk", "unreachable"), r.reason
+    assert r.reason       # a refused connection, a broken TLS handshake: whichever came first
+    assert "\n" not in r.reason
+    assert row is not None
+    assert row.state == "unreachable"
+
+
+# --- the command line -----------------------------------------------------------------------
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsphere_av", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_scan_via_disk_exit_codes_and_via_guest_unchanged(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    reconfig(si, VM2, vcsim_disk_luks="TRUE")
+    for name in (VM0, VM1, VM2):
+        plant(sim, name, "/etc/fstab", FSTAB)
+        plant(sim, name, "/etc/motd", b"hello\n")
+    plant(sim, VM0, "/root/.cache/x", EICAR)
+    for name in (VM0, VM1, VM2):
+        power_off(si, name)
+    state = tmp_path / "state"
+    env = no_guest_env(sim, state)
+
+    infected = cli(env, "scan", "--via", "disk", VM0, "--json")
+    clean = cli(env, "scan", "--via", "disk", VM1, "--json")
+    encrypted = cli(env, "scan", "--via", "disk", VM2)
+    guest = cli(env_for(sim, state), "scan", "--via", "guest", VM1, VM3, "--json")
+    bad = cli(env, "scan", "--via", "floppy", VM1)
+
+    assert infected.returncode == 1, infected.stderr
+    doc = json.loads(infected.stdout)["vms"][0]
+    assert (doc["via"], doc["status"]) == ("disk", "infected")
+    assert [d["path"] for d in doc["detections"]] == ["/root/.cache/x"]
+    assert doc["disk_read"] > 0
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["vms"][0]["status"] == "clean"
+    assert encrypted.returncode == 2, encrypted.stderr
+    assert "encrypted volume (LUKS2)" in encrypted.stdout
+    assert "Traceback" not in encrypted.stdout + encrypted.stderr
+    # Guest Operations, as before the disk path: a VM that is off is skipped, not read.
+    assert guest.returncode == 0, guest.stderr
+    by_vm = {d["vm"]: d for d in json.loads(guest.stdout)["vms"]}
+    assert (by_vm[VM1]["via"], by_vm[VM1]["status"], by_vm[VM1]["reason"]) == (
+        "guest", "skipped", "powered off")
+    assert (by_vm[VM3]["via"], by_vm[VM3]["status"]) == ("guest", "clean")
+    assert snapshots(si, VM3) == []
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "floppy" in bad.stderr
