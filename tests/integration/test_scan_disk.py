@@ -26,6 +26,7 @@ from pyVmomi import vim
 
 from vsphere_av import config, simulator
 from vsphere_av.app import SNAPSHOT_PREFIX, App
+from vsphere_av.models import VmId
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.store.jobs import JobStore
 
@@ -426,3 +427,28 @@ def test_scan_via_disk_exit_codes_and_via_guest_unchanged(
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1
     assert "floppy" in bad.stderr
+
+
+def test_a_pending_detection_is_completed_by_the_guest_scan_after_power_on(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    dropped = plant(sim, VM0, "/opt/app/dropper.bin", EICAR)
+    power_off(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        first = app.scan(names=[VM0]).results[0]
+        again = app.scan(names=[VM0]).results[0]      # still off: the same record waits
+
+    assert [f.action for f in first.found] == [f.action for f in again.found] == ["pending"]
+    wait_task(vm_named(si, VM0).PowerOnVM_Task(), timeout=60)
+    with App(settings(sim, state, guest=True)) as app:
+        third = app.scan(names=[VM0]).results[0]      # auto: running with tools -> guest
+        rows = [(d.path, d.action) for d in app.store.detections(vm_moref=VmId(third.moref))]
+
+    assert (third.via, third.status) == ("guest", "infected"), third.reason
+    assert [(f.path, f.action) for f in third.found] == [("/opt/app/dropper.bin", "quarantined")]
+    assert not dropped.exists()
+    # One finding from first to last: the disk scans' pending row, completed by the guest.
+    assert rows == [("/opt/app/dropper.bin", "quarantined")]
+    assert [a for a, d in actions(state) if a == "detection"] == ["detection"]
