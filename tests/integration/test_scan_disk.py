@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -452,3 +454,33 @@ def test_a_pending_detection_is_completed_by_the_guest_scan_after_power_on(
     # One finding from first to last: the disk scans' pending row, completed by the guest.
     assert rows == [("/opt/app/dropper.bin", "quarantined")]
     assert [a for a, d in actions(state) if a == "detection"] == ["detection"]
+
+
+def test_a_scan_killed_under_its_snapshot_leaves_it_for_the_next_start_to_remove(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    for i in range(24):
+        plant(sim, VM3, f"/srv/data/blob{i:02}.bin", os.urandom(1024 * 1024))
+    state = tmp_path / "state"
+    env = no_guest_env(sim, state)
+    scan = subprocess.Popen([sys.executable, "-m", "vsphere_av", "scan", "--via", "disk", VM3],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshots(si, VM3) and scan.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scan.send_signal(signal.SIGKILL)       # a crash: no finally runs
+    finally:
+        scan.kill()
+        scan.wait()
+    left = snapshots(si, VM3)
+    assert len(left) == 1
+    assert left[0].startswith(f"{SNAPSHOT_PREFIX}{socket.gethostname()}-{scan.pid}-")
+
+    restart = cli(env, "scan", "--via", "guest", VM0)
+
+    assert restart.returncode in (0, 2), restart.stderr     # VM0 itself: not the point
+    assert snapshots(si, VM3) == []
+    removed = [d["snapshot"] for a, d in actions(state) if a == "disk.snapshot.leftover_removed"]
+    assert removed == left
