@@ -487,7 +487,8 @@ class Controller:
         try:
             vm = self._vm(job.vm)
         except errors.VsphereAvError as exc:
-            self._retry(job, f"cannot read inventory: {exc}")
+            self._retry(job, f"cannot read inventory: {exc}",
+                        outage=isinstance(exc, errors.ConnectionLost))
             return
         if vm is None:
             self.scheduler.finish(job)
@@ -554,23 +555,36 @@ class Controller:
             self.jobs.mark_exposure(job.vm, outcome="unreachable: invalid guest login",
                                     close=True)
         elif status in ("unreachable", "error"):
-            self._retry(job, result.reason)
+            # A scan cut by an outage failed (the VM is unprotected, not clean): run it again.
+            self._retry(job, result.reason, outage=bool(getattr(result, "outage", False)))
         else:                                      # skipped (powered off meanwhile)
             self.scheduler.finish(job)
 
-    def _retry(self, job: Job, reason: str) -> None:
+    def _retry(self, job: Job, reason: str, *, outage: bool = False) -> None:
+        """Queue a failed job again with backoff, or give up after ``max_attempts``.
+
+        Called by :meth:`run_job`. ``outage``: vCenter or the VM's host stopped answering
+        (``errors.ConnectionLost``); the job is not at fault, so it is never given up on and
+        is retried at most ``reconnect_max`` apart (the watch loops' pace) until vCenter
+        answers again and the scan can run.
+        """
         # An appliance that is down is repaired by the reconcile loop: its host's jobs wait
         # (at the slowest retry pace) however long that takes, and are never given up on.
-        waiting = "appliance down" in reason or "appliance unhealthy" in reason
+        appliance = "appliance down" in reason or "appliance unhealthy" in reason
+        waiting = appliance or outage
         if job.attempts >= self.options.max_attempts and not waiting:
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome=f"gave up: {reason}", close=True)
             self._audit("job.failed", moref=job.vm, job_id=job.job_id, reason=reason,
                         attempts=job.attempts)
             return
-        delay = min(self.options.retry_max, self.options.retry_base * 2 ** (job.attempts - 1))
-        if waiting:
+        # (The exponent is bounded: an outage of hours keeps counting attempts.)
+        delay = min(self.options.retry_max,
+                    self.options.retry_base * 2 ** min(job.attempts - 1, 32))
+        if appliance:
             delay = self.options.retry_max
+        elif outage:
+            delay = min(delay, self.options.reconnect_max)
         with self._stats_lock:
             self.stats.retries += 1
         self.scheduler.finish(job, retry_after=delay)

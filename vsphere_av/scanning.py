@@ -275,6 +275,7 @@ class ScanResult:
     recovered: int = 0           # detections of an earlier, crashed run finished by this one
     resumed_from: str = ""       # the walk skipped everything up to and including this path
     resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
+    outage: bool = False         # vCenter or the host stopped answering: failed, retry later
 
     def counts(self) -> dict[str, int]:
         """The counters stored with the scan record."""
@@ -378,6 +379,8 @@ class _Job:
             self._walk()
             if not r.resumed_from:            # a resumed walk did not meet every file
                 self._recover_pending(walked=True)
+        except errors.ConnectionLost as exc:
+            return self._stopped(exc, started=started, prev_state=prev_state)
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -426,24 +429,34 @@ class _Job:
         return r
 
     def _stopped(self, cause: Exception, *, started: float, prev_state: str | None) -> ScanResult:
-        """The progress callback stopped the scan (shutdown, a time window closed).
+        """The scan stopped before reading everything: the progress callback stopped it
+        (shutdown, a time window closed) or vCenter / the host stopped answering.
 
-        The records are closed (start/end pairs stay balanced) and protection is left as it
-        was: a VM is not unreachable because its window closed. Detections already made stand.
-        A stop asked for with a ``VsphereAvError`` (the controller's) returns the result, whose
-        ``resume_point`` says where to continue; any other exception is raised again.
+        The records are closed (start/end pairs stay balanced). Detections already made stand.
+        A stop the controller asked for leaves protection as it was: a VM is not unreachable
+        because its window closed. An outage (``ConnectionLost``, raised by the guest adapter
+        for the whole connection, never for one file) fails the scan: the VM is
+        ``unprotected`` with the reason (an infected one stays infected) and ``outage`` tells
+        the controller to retry once vCenter answers. A stop asked for with a
+        ``VsphereAvError`` returns the result, whose ``resume_point`` says where to continue;
+        any other exception is raised again.
         """
         r = self.result
         self._flush_index()
-        r.reason = f"interrupted: {cause}"
+        r.outage = isinstance(cause, errors.ConnectionLost)
+        r.reason = (f"scan interrupted: vCenter/host unreachable ({cause})" if r.outage
+                    else f"interrupted: {cause}")
         r.status = ERROR
         if r.found:
             r.status = FOUND
-            r.reason = f"{self._found_reason()}; scan {r.reason}"
+            r.reason = (f"{self._found_reason()}; "
+                        f"{r.reason if r.outage else 'scan ' + r.reason}")
         r.duration = self.clock() - started
         self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
         if r.found:
             self._set_protection(prev_state)
+        elif r.outage and prev_state != INFECTED:
+            self.store.set_protection(self.vm.moref, state=UNPROTECTED, reason=r.reason)
         self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
                     signature_version=r.signature_version, **r.counts())
         if isinstance(cause, errors.VsphereAvError):
@@ -639,8 +652,8 @@ class _Job:
                 self.store.forget_file(self.vm.moref, entry.path)
                 return None
             except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
-                    errors.NotFound):
-                raise
+                    errors.NotFound, errors.ConnectionLost):
+                raise                         # the VM's or the connection's trouble, not the file's
             except (errors.TransientError, errors.GuestError) as exc:
                 if attempt == 2:
                     r.errors += 1

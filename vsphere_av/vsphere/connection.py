@@ -3,7 +3,8 @@
 Called by ``app.py`` (and later the controller's watch loops) through :func:`connect`; the
 adapter modules (``inventory``, ``guest``, ...) run every SOAP call through
 :meth:`Connection.call`, which logs in again once when vCenter says the session is gone
-(``NotAuthenticated``) and translates every other fault into ``vsphere_av.errors``.
+(``NotAuthenticated``) and translates every other fault into ``vsphere_av.errors``: vCenter
+not answering, or the session lost again right after logging in, is ``ConnectionLost``.
 Calls pyVmomi and the ``ssl`` module.
 
 TLS trust, in this order of preference:
@@ -18,6 +19,7 @@ With none of the three the connection is refused: there is no silent fallback.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import socket
 import ssl
@@ -56,7 +58,7 @@ def fetch_certificate(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT)
                 ctx.wrap_socket(sock, server_hostname=host) as tls:
             der = tls.getpeercert(binary_form=True)
     except OSError as exc:
-        raise errors.TransientError(f"cannot reach {host}:{port}: {exc}") from exc
+        raise errors.ConnectionLost(f"cannot reach {host}:{port}: {exc}") from exc
     if not der:
         raise errors.TlsVerificationError(f"{host}:{port} presented no certificate")
     return der
@@ -181,10 +183,11 @@ class Connection:
                 if is_not_authenticated(exc) and attempt == 1:
                     self.relogin(generation)
                     continue
-                if isinstance(exc, vmodl.MethodFault | OSError | ThumbprintMismatchException):
+                if isinstance(exc, vmodl.MethodFault | OSError | http.client.HTTPException
+                              | ThumbprintMismatchException):
                     raise translate(exc, what=what) from exc
                 raise
-        raise errors.TransientError(f"{what}: vCenter session lost twice in a row")
+        raise errors.ConnectionLost(f"{what}: vCenter session lost twice in a row")
 
     def singleton(self, name: str, fetch: Callable[[Any], Any]) -> Any:
         """A service object such as the guest file manager, fetched once per login.
