@@ -20,7 +20,8 @@ network on a clean result or keep it cut on a detection (until a later scan is c
 Restart safety: the queue, the event cursor, exposures and isolation records are in
 ``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
 restart; events that arrived while the controller was down are read from the last processed
-key and time; an isolation already recorded is never recorded again (so the state to restore
+key and time (on a first start, from vCenter's time when the event tail started, saved at
+once); an isolation already recorded is never recorded again (so the state to restore
 is never overwritten by the cut state).
 """
 
@@ -70,7 +71,10 @@ class InventoryWatchLike(AbstractContextManager["InventoryWatchLike"], Protocol)
 
 
 class EventTailLike(AbstractContextManager["EventTailLike"], Protocol):
-    """``vsphere.watching.EventTail``."""
+    """``vsphere.watching.EventTail``; ``start_cursor``: where a tail opened without a cursor
+    starts (vCenter's time then), saved at once; None when it resumed from a cursor."""
+
+    start_cursor: EventCursor | None
 
     def read(self, *, limit: int = 2000) -> list[VcEvent]: ...
     def close(self) -> None: ...
@@ -653,6 +657,11 @@ class Controller:
         while not stop.is_set():
             try:
                 with self._open_tail(self.jobs.cursor()) as tail:
+                    if tail.start_cursor is not None:
+                        # First start (no cursor yet): keep where the tail starts now, not
+                        # after the first event, so that power-ons while a controller that
+                        # crashed before any event was down are still read at restart.
+                        self.jobs.save_cursor(tail.start_cursor)
                     backoff = 1.0
                     while not stop.is_set():
                         events = tail.read()

@@ -26,6 +26,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pyVim import connect as pyvim_connect
@@ -209,6 +210,17 @@ class Connection:
     def ref(self, kind: str, moref: str) -> Any:
         """A managed object reference (``kind`` such as "VirtualMachine") bound to this session."""
         return getattr(vim, kind)(moref, self._si._stub)
+
+    def current_time(self) -> datetime:
+        """vCenter's clock (``ServiceInstance.CurrentTime``), time zone aware.
+
+        Event times are vCenter's: a starting point for reading events comes from here, never
+        from the local clock (the two may differ by minutes).
+        """
+        moment = self.call("read vCenter time", lambda _c: self._si.CurrentTime())
+        if not isinstance(moment, datetime):
+            raise errors.VsphereError(f"read vCenter time: unexpected answer {moment!r}")
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
     def session_key(self) -> str:
         """Key of the current vCenter session (what an administrator would terminate)."""
