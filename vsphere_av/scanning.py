@@ -24,6 +24,10 @@ Resuming (time windows): ``result.resume_point`` is the last guest path, in walk
 was fully processed together with every file before it; a scan given it as ``resume_after``
 skips the walk up to and including that path (the controller keeps it in the job).
 
+Outages: vCenter or the host not answering (``errors.ConnectionLost`` from the guest adapter,
+also when it breaks a download off) is never one file's error: the scan ends failed and the
+VM unprotected (``_Job._stopped``); the controller retries the job.
+
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
@@ -681,11 +685,14 @@ class _Job:
                 finally:
                     slot.release()
         stream = _SlotStream(download, slot)
+        feed = _Feed(stream)
         try:
-            return self.session.scan_stream(stream, path=entry.path, name=entry.name,
-                                            size_hint=download.size)
+            outcome = self.session.scan_stream(feed, path=entry.path, name=entry.name,
+                                               size_hint=download.size)
         finally:
             stream.close()
+        feed.check()
+        return outcome
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
         # A YARA rule and a hash list naming the same threat in the same member are one
@@ -881,6 +888,31 @@ class _StopRequested(Exception):
         self.cause = cause
 
 
+class _Feed:
+    """A download's chunks on their way into the engine, keeping what broke them off.
+
+    The engine turns a failing producer into an "error" verdict of that file; the scan
+    needs the exception itself (:meth:`check`), so that a transfer that broke off is retried
+    and an outage (``ConnectionLost``) ends the scan instead of counting as one file's error.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.error: errors.VsphereAvError | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._chunks
+        except errors.VsphereAvError as exc:
+            self.error = exc
+            raise
+
+    def check(self) -> None:
+        """Raise what broke the download off, if anything did."""
+        if self.error is not None:
+            raise self.error
+
+
 class _SlotStream:
     """A download's chunks that give the transfer slot back as soon as they are read."""
 
@@ -978,8 +1010,12 @@ class _Transfers:
             try:
                 if not getattr(download, "local", False) or self.receiver is None:
                     return _Fetched(entry=entry, deferred=True)
-                received = self.receiver.receive(self._until_stopped(download.chunks()),
+                feed = _Feed(download.chunks())
+                received = self.receiver.receive(self._until_stopped(feed),
                                                 size_hint=download.size)
+                if feed.error is not None:
+                    received.discard()
+                    return _Fetched(entry=entry, error=feed.error)
                 if self._stop.is_set():
                     received.discard()
                     return _Fetched(entry=entry, deferred=True)

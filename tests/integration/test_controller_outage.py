@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ from controller_support import audit_entries, running_controller, wait_for
 
 from vsphere_av import simulator
 from vsphere_av.app import App
+from vsphere_av.config import Secret
 from vsphere_av.models import PROTECTED, UNPROTECTED
+from vsphere_av.scanning import scan_vm
 from vsphere_av.vsphere import inventory
+from vsphere_av.vsphere.guest import Download, GuestFiles
 
 VMS = ("DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1")
 FILES = 1500                    # enough that both scans are still reading at the kill
@@ -57,6 +61,59 @@ def test_scan_cut_by_an_outage_fails_and_unprotects_a_protected_vm(
         assert (record.state, record.reason) == (UNPROTECTED, result.reason)
         (cut, first) = app.store.scans(vm_moref=vm.moref)
         assert (cut["status"], cut["errors"], first["status"]) == ("error", 0, "clean")
+
+
+def test_outage_in_the_middle_of_a_file_is_not_that_files_error(
+        vcsim_factory: SimulatorFactory, tmp_path: Path) -> None:
+    # The engine turns a download that breaks off into an "error" verdict of that file; the
+    # scan must still see the break, retry the file and so find that vCenter is gone.
+    sim = vcsim_factory(hosts=1, vms=1)
+    vm_name, big = "DC0_C0_RP0_VM0", "/data/big.bin"
+    plant(sim, vm_name, big, bytes(48 * 1024 * 1024))   # far more than socket buffers hold
+    with App(settings_for(sim, tmp_path / "state")) as app:
+        vm = inventory.find_vms(app.connection, [vm_name])[0]
+        real = GuestFiles(connection=app.connection, vm=vm, user=sim.guest_user,
+                          password=Secret(sim.guest_password))
+
+        class CutMidBody:
+            """The real guest access; the simulator dies after the first MiB of the big file.
+
+            (The simulator cannot stop a transfer at a chosen byte by itself.)
+            """
+
+            windows = False
+            local_downloads = True
+
+            def walk(self, roots: Any, **kw: Any) -> Any:
+                return real.walk(roots, **kw)
+
+            def stat(self, path: str) -> Any:
+                return real.stat(path)
+
+            def delete_file(self, path: str) -> None:
+                real.delete_file(path)
+
+            def open_download(self, path: str) -> Download:
+                download = real.open_download(path)
+                if sim.running():
+                    whole = download.chunks
+
+                    def cut() -> Iterator[bytes]:
+                        chunks = whole()
+                        yield next(chunks)
+                        _kill(sim)
+                        yield from chunks
+
+                    download.chunks = cut  # type: ignore[method-assign]
+                return download
+
+        with app.engine.session() as session:
+            result = scan_vm(vm=vm, guest=CutMidBody(), session=session, store=app.store,
+                             audit=app.audit, quarantine=app.quarantine, policy=app.settings.scan,
+                             engine_max_file_size=app.settings.engine.max_file_size)
+        assert not sim.running()
+        assert (result.status, result.outage, result.errors) == ("error", True, 0), result
+        assert app.store.vm_state(vm.moref).state == UNPROTECTED
 
 
 def test_outage_mid_scan_fails_the_scan_and_the_retry_protects(
