@@ -18,12 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import plant, wait_task
+from conftest import plant, settings_for, wait_task
 from controller_support import EICAR, admin, audit_entries, cli_env, wait_for
 
 from vsphere_av import simulator
 from vsphere_av.store.jobs import EventCursor, JobStore
 from vsphere_av.store.state import StateStore
+from vsphere_av.vsphere.connection import connect
+from vsphere_av.vsphere.watching import EventTail
+from vsphere_av.watching import WATCHED_EVENT_TYPES
 
 BIG_A, BIG_B, LATE = (f"DC0_C0_RP0_VM{i}" for i in range(3))
 INFECTED_PATHS = ("/aaa/eicar-early.com", "/srv/zzz/eicar-late.com")
@@ -206,3 +209,24 @@ def test_crash_before_any_event_still_finds_power_ons_while_down(sim: simulator.
     assert [d["moref"] for d in isolated] == [moref]
     assert isolated[0]["priority"] == "instant-on"
     assert isolated[0]["event_key"] is not None      # found from the events, not the listing
+
+
+def test_first_start_tail_starts_at_vcenter_time_and_keeps_later_events_in_view(
+        sim: simulator.Simulator, tmp_path: Path) -> None:
+    # Events after the start time that are already in the new collector's view (they came
+    # while it was being built) are new, not history; events before it are history.
+    with admin(sim) as a:
+        a.power_off(LATE)                          # before the start: history
+        moref = a.vms[LATE]._moId
+        conn = connect(settings_for(sim, tmp_path / "state").vcenter)
+        try:
+            start = conn.current_time()
+            wait_task(a.vms[LATE].PowerOnVM_Task())   # after it, before the tail exists
+            with EventTail(conn, since=None, type_ids=WATCHED_EVENT_TYPES,
+                           start=start) as tail:
+                assert tail.start_cursor == EventCursor(0, start.isoformat())
+                events = tail.read()
+        finally:
+            conn.close()
+    assert all(e.created >= start for e in events)
+    assert "VmPoweredOnEvent" in [e.type_id for e in events if e.vm == moref]

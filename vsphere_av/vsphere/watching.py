@@ -225,9 +225,12 @@ class EventTail:
         collector = content.eventManager.CreateCollectorForEvents(self._spec(None))
         try:
             collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
-            # Everything now in the view is history, except what came after the cursor (or,
-            # on a first start, after the start time): that is backlog. New events follow.
-            self._add(collector.latestPage or [], self._backlog)
+            # Everything now in the view is history (or backlog): new events come after it.
+            # (ResetCollector puts the view just before the latest page, so on a first start
+            # its events after the start time are read again by read(), through _add.)
+            for ev in collector.latestPage or []:
+                if ev.key > self._last_key and self._not_before is None:
+                    self._backlog[ev.key] = ev
             collector.ResetCollector()
         except BaseException:
             collector.DestroyCollector()
