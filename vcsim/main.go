@@ -73,6 +73,8 @@ func run() error {
 	certFile := flag.String("cert", "", "write the server's PEM certificate to this file")
 	identity := flag.String("identity", "", "PEM file with the TLS key and certificate: used when it exists, written (0600) with a fresh pair when not, so a restarted simulator presents the same certificate")
 	verbose := flag.Bool("verbose", false, "keep the library's per-update property collector log lines")
+	disks := flag.Bool("disks", false, "give every VM a real disk image built from its guest tree (disks.go)")
+	mkdisk := flag.String("mkdisk", "", "the disk build script (default: vcsim/mkdisk.sh beside build/)")
 	flag.Parse()
 	if !*verbose {
 		log.SetOutput(&quietLog{out: os.Stderr})
@@ -119,6 +121,14 @@ func run() error {
 	}
 	_ = probe.Close()
 
+	if *disks {
+		script, serr := findMkdisk(*mkdisk)
+		if serr != nil {
+			return serr
+		}
+		diskOpts.enabled, diskOpts.script = true, script
+	}
+	vcLogin.user, vcLogin.password = *username, *password
 	opts.GuestUser = *guestUser
 	opts.GuestPassword = *guestPassword
 	if *guestRoot == "" {
@@ -185,6 +195,9 @@ func run() error {
 	installGuest(svc, srv)
 	installVapi(svc) // POST /api: JSON-RPC sessions and tagging (vapi.go)
 	installCore(srv)
+	if diskOpts.enabled {
+		buildAllDisks() // before the URL is printed: clients find the disks ready
+	}
 
 	addr := srv.Listener.Addr().(*net.TCPAddr)
 	sdk := url.URL{

@@ -69,6 +69,22 @@ if [ -n "$parent" ]; then
 fi
 
 src=$(cd -- "$src" && pwd -P)
+
+# Identifiers (GPT/MBR disk and partition ids, file system UUIDs, LVM PV UUID) derive from
+# the disk's name without its -00000N delta suffix, so a disk keeps them across rebuilds and
+# snapshots (as a real disk does) and a delta does not differ from its parent just for them.
+seed=$(printf '%s' "$outdir/${outbase%.vmdk}" | sed 's/-[0-9]\{6\}$//' | sha256sum | cut -c1-64)
+seed2=$(printf '%s' "$seed" | sha256sum | cut -c1-64)
+hex="$seed$seed2"
+uuid_at() {  # uuid_at N: a version-4 style UUID from hex digits N..N+31
+  local h=${hex:$1:32}
+  printf '%s-%s-4%s-a%s-%s' "${h:0:8}" "${h:8:4}" "${h:13:3}" "${h:17:3}" "${h:20:12}"
+}
+lvm_uuid() {  # 32 characters from LVM's alphabet in its 6-4-4-4-4-4-6 groups
+  local alphabet=abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 out="" i
+  for i in $(seq 0 31); do out+=${alphabet:$(( 16#${hex:$(( 64 + i * 2 )):2} % 62 )):1}; done
+  printf '%s-%s-%s-%s-%s-%s-%s' "${out:0:6}" "${out:6:4}" "${out:10:4}" "${out:14:4}" "${out:18:4}" "${out:22:4}" "${out:26:6}"
+}
 tmp=""
 loopdev=""
 mnt=""
@@ -137,10 +153,12 @@ else
     if [ "$lvm" = 1 ]; then ptype=E6D6D379-F507-44C2-A23C-238F2A3DF928
     elif [ "$fs" = ntfs ]; then ptype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
     else ptype=0FC63DAF-8483-4772-8E79-3D69D8477DE4; fi
-    printf 'label: gpt\nstart=2048, size=%d, type=%s\n' "$(( part_mib * 2048 ))" "$ptype" > "$tmp/table"
+    printf 'label: gpt\nlabel-id: %s\nstart=2048, size=%d, type=%s, uuid=%s\n' \
+      "$(uuid_at 0)" "$(( part_mib * 2048 ))" "$ptype" "$(uuid_at 32)" > "$tmp/table"
   else
     if [ "$lvm" = 1 ]; then ptype=8e; elif [ "$fs" = ntfs ]; then ptype=7; else ptype=83; fi
-    printf 'label: dos\nstart=2048, size=%d, type=%s\n' "$(( part_mib * 2048 ))" "$ptype" > "$tmp/table"
+    printf 'label: dos\nlabel-id: 0x%s\nstart=2048, size=%d, type=%s\n' \
+      "${hex:0:8}" "$(( part_mib * 2048 ))" "$ptype" > "$tmp/table"
   fi
   run sfdisk --no-reread --no-tell-kernel -q "$raw" < "$tmp/table"
 fi
@@ -151,12 +169,18 @@ vol_mib=$part_mib
 if [ "$lvm" = 1 ]; then
   pv="$tmp/pv.raw"
   truncate -s "$(( part_mib * MiB ))" "$pv" || die "cannot create $pv"
-  loopdev=$(losetup -f --show "$pv" 2>/dev/null) || die "cannot attach a loop device for LVM"
+  # Another build may take the free loop device between the lookup and the attach: retry.
+  for attempt in 1 2 3 4 5; do
+    loopdev=$(losetup -f --show "$pv" 2>/dev/null) && break
+    loopdev=""
+    sleep "0.$attempt"
+  done
+  [ -n "$loopdev" ] || die "cannot attach a loop device for LVM"
   lvmconf='devices { obtain_device_list_from_udev=0 scan_lvs=0 use_devicesfile=0 } activation { udev_sync=0 udev_rules=0 monitoring=0 } backup { backup=0 archive=0 }'
   # --driverloaded n: lvm2 writes metadata only, never asks the kernel's device-mapper
   # (there may be none); --devices: it sees this loop device and nothing else on the host.
   lvmenv=(env LVM_SUPPRESS_FD_WARNINGS=1 lvm)
-  run "${lvmenv[@]}" pvcreate --driverloaded n --config "$lvmconf" --devices "$loopdev" -q --dataalignment 1m "$loopdev"
+  run "${lvmenv[@]}" pvcreate --driverloaded n --config "$lvmconf" --devices "$loopdev" -q --dataalignment 1m --uuid "$(lvm_uuid)" --norestorefile "$loopdev"
   run "${lvmenv[@]}" vgcreate --driverloaded n --config "$lvmconf" --devices "$loopdev" -q -s 1m vg0 "$loopdev"
   run "${lvmenv[@]}" lvcreate --driverloaded n --config "$lvmconf" --devices "$loopdev" -q -an -Zn -y -l 100%FREE -n root vg0
   pe_start=$("${lvmenv[@]}" pvs --driverloaded n --config "$lvmconf" --devices "$loopdev" --noheadings --units b --nosuffix -o pe_start "$loopdev" 2>/dev/null | tr -d ' ')
@@ -180,10 +204,11 @@ if [ "$luks" = 1 ]; then
 else
   case "$fs" in
     ext4)
-      run mke2fs -q -F -t ext4 -b 4096 -L root -d "$src" "$vol"
+      run mke2fs -q -F -t ext4 -b 4096 -L root -U "$(uuid_at 64)" -E "hash_seed=$(uuid_at 96)" -d "$src" "$vol"
       ;;
     ntfs)
       run mkntfs -q -F -f -L Windows -p "$(( vol_off / 512 ))" -H 255 -S 63 "$vol"
+      run ntfslabel --new-serial="${hex:64:16}" "$vol" Windows
       mnt="$tmp/mnt"; mkdir "$mnt"
       ntfs-3g -o no_detach,windows_names "$vol" "$mnt" >"$tmp/ntfs-3g.log" 2>&1 &
       fusepid=$!
@@ -195,7 +220,7 @@ else
       fusepid=""; mnt=""
       ;;
     xfs)
-      run mkfs.xfs -q -f -L root "$vol"
+      run mkfs.xfs -q -f -L root -m uuid="$(uuid_at 64)" "$vol"
       mnt="$tmp/mnt"; mkdir "$mnt"
       run mount -o loop "$vol" "$mnt"
       run cp -a -T -- "$src" "$mnt"

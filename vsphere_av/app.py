@@ -20,9 +20,17 @@ from typing import Any
 from vsphere_av import errors
 from vsphere_av.config import Settings
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, QuarantineItem, VmInfo
+from vsphere_av.models import INFECTED, QuarantineItem, VmId, VmInfo
 from vsphere_av.quarantine import Quarantine
-from vsphere_av.scanning import ERROR, FOUND, UNREACHABLE_STATUS, Progress, ScanResult, scan_vm
+from vsphere_av.scanning import (
+    ERROR,
+    FOUND,
+    INCOMPLETE,
+    UNREACHABLE_STATUS,
+    Progress,
+    ScanResult,
+    scan_vm,
+)
 from vsphere_av.scheduling import Priority, Scheduler
 from vsphere_av.store.audit import AuditLog, current_actor
 from vsphere_av.store.state import StateStore
@@ -40,29 +48,42 @@ class ScanReport:
     peak_per_host: dict[str, int] = field(default_factory=dict)
 
     def exit_code(self) -> int:
-        """0 clean, 1 something detected, 2 a VM could not be scanned (detection wins)."""
+        """0 clean, 1 something detected, 2 a VM not (fully) scanned (detection wins)."""
         if any(r.status == FOUND for r in self.results):
             return 1
-        if any(r.status in (ERROR, UNREACHABLE_STATUS) for r in self.results):
+        if any(r.status in (ERROR, UNREACHABLE_STATUS, INCOMPLETE) for r in self.results):
             return 2
         return 0
 
     def summary(self) -> dict[str, Any]:
         """Totals over all VMs."""
         total: dict[str, Any] = {"vms": len(self.results)}
-        for status in ("clean", "infected", "skipped", "unreachable", "error"):
+        for status in ("clean", "infected", "incomplete", "skipped", "unreachable", "error"):
             total[status] = sum(1 for r in self.results if r.status == status)
-        for key in ("scanned", "unchanged", "shared", "skipped_files", "vanished", "errors",
-                    "bytes"):
-            attr = "skipped" if key == "skipped_files" else key
+        for key in ("scanned", "unchanged", "shared", "skipped_files", "incomplete_files",
+                    "vanished", "errors", "bytes"):
+            attr = {"skipped_files": "skipped", "incomplete_files": "incomplete"}.get(key, key)
             total[key] = sum(getattr(r, attr) for r in self.results)
         total["detections"] = sum(len(r.found) for r in self.results)
         total["duration"] = round(self.duration, 3)
         return total
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``scan --json``)."""
-        return {"vms": [r.as_dict() for r in self.results], "summary": self.summary(),
+    def as_dict(self, *, files_of: Callable[[Any], list[dict[str, str]]] | None = None
+                ) -> dict[str, Any]:
+        """JSON-ready form (``scan --json``).
+
+        ``files_of(scan_id)`` (the store's ``scan_files``) gives the complete lists of
+        incomplete and skipped paths when a result holds only the first ``FILES_KEPT``.
+        """
+        vms = [r.as_dict() for r in self.results]
+        for doc, r in zip(vms, self.results, strict=True):
+            if files_of is not None and r.scan_id is not None \
+                    and doc["files_listed"] < doc["files_total"]:
+                files = files_of(r.scan_id)
+                doc["incomplete_files"] = [f for f in files if f["kind"] == INCOMPLETE]
+                doc["skipped_files"] = [f for f in files if f["kind"] != INCOMPLETE]
+                doc["files_listed"] = len(files)
+        return {"vms": vms, "summary": self.summary(),
                 "signature_version": self.signature_version, "peak_per_host": self.peak_per_host}
 
 
@@ -320,8 +341,16 @@ class App:
         return [{"name": s.name, "moref": s.moref, "host": s.host, "state": s.state,
                  "reason": s.reason, "last_scan": s.last_scan or None,
                  "last_full_scan": s.last_full_scan or None,
-                 "signature_version": s.signature_version}
+                 "signature_version": s.signature_version, **self._last_scan_files(s.moref)}
                 for s in states]
+
+    def _last_scan_files(self, moref: VmId) -> dict[str, Any]:
+        """The paths the VM's last finished scan did not fully check or skipped by policy."""
+        last = self.store.last_finished_scan(moref)
+        files = self.store.scan_files(last["id"]) if last else []
+        incomplete = [f for f in files if f["kind"] == INCOMPLETE]
+        return {"incomplete": len(incomplete), "incomplete_files": incomplete,
+                "skipped_files": [f for f in files if f["kind"] != INCOMPLETE]}
 
     # --- appliances (added by the appliance area; see appliance_manager.py) ---------------
 
@@ -334,7 +363,7 @@ class App:
         """
         from vsphere_av import appliances
 
-        if not appliances.settings_from(self.settings.extra).enabled:
+        if not self.settings.appliances.enabled:
             return guest, self.engine
         from vsphere_av.appliance_manager import open_manager
         from vsphere_av.vsphere.appliances import ApplianceGuestFiles
@@ -351,7 +380,7 @@ class App:
         from vsphere_av import appliances
         from vsphere_av.appliance_manager import open_manager, read_health
 
-        if not appliances.settings_from(self.settings.extra).enabled:
+        if not self.settings.appliances.enabled:
             return list(states)
         if live and self.settings.vcenter.server:
             down = open_manager(self.settings, connection=self.connection, audit=self.audit,
@@ -516,7 +545,6 @@ def start_controller(settings: Settings, *,
     import os
 
     from vsphere_av.appliance_manager import periodic_hook as appliance_periodic_hook
-    from vsphere_av.appliances import settings_from as appliance_settings
     from vsphere_av.controller import Controller, ControllerOptions
     from vsphere_av.store.jobs import JobStore
     from vsphere_av.vsphere import inventory
@@ -560,7 +588,7 @@ def start_controller(settings: Settings, *,
         ("housekeeping", controller.housekeeping),
         ("auditing", controller.auditing),
     ]
-    appliance_section = appliance_settings(settings.extra)
+    appliance_section = settings.appliances
     if appliance_section.enabled:
         # Own thread: an appliance deploy can take minutes and must not hold up hand-over
         # requests, sweeps or schedules in the housekeeping thread.

@@ -27,6 +27,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def shown(name: str) -> str:
+    """A file name safe to print on a terminal: bytes that are not UTF-8 and control
+    characters (ESC would drive the terminal) as ``\\xNN`` escapes."""
+    from vsphere_av.engine.matcher import utf8_name
+
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in utf8_name(name))
+
+
 def print_json(document: Any) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
@@ -106,9 +115,11 @@ Command = Callable[..., Any]
 @click.option("--guest-user", default="root", show_default=True,
               help="The guest account every VM accepts.")
 @click.option("--guest-password", default="vmware", show_default=True, help="Its password.")
+@click.option("--disks", is_flag=True, default=False,
+              help="Give every VM a real disk image built from its guest tree.")
 def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms: int,
                   username: str, password: str, guest_root: str | None, guest_user: str,
-                  guest_password: str) -> None:
+                  guest_password: str, disks: bool) -> None:
     """Run the bundled vSphere simulator in the foreground (first line: the SDK URL)."""
     from pathlib import Path
 
@@ -118,7 +129,7 @@ def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms:
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
         username=username, password=password,
         guest_root=Path(guest_root) if guest_root else None,
-        guest_user=guest_user, guest_password=guest_password,
+        guest_user=guest_user, guest_password=guest_password, disks=disks,
     )
     sys.stdout.flush()
     simulator.exec_foreground(argv)
@@ -229,12 +240,12 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
     else:
         for outcome in report.detected:
             for d in outcome.detections:
-                click.echo(f"INFECTED {detection_path(outcome.path, d.member)}: {d.threat} "
-                           f"[{d.source} {d.rule}]")
+                click.echo(f"INFECTED {shown(detection_path(outcome.path, d.member))}: "
+                           f"{d.threat} [{d.source} {d.rule}]")
         for outcome in report.skipped:
-            click.echo(f"skipped  {outcome.path}: {outcome.reason}")
+            click.echo(f"skipped  {shown(outcome.path)}: {shown(outcome.reason)}")
         for outcome in report.errors:
-            click.echo(f"error    {outcome.path}: {outcome.reason}", err=True)
+            click.echo(f"error    {shown(outcome.path)}: {shown(outcome.reason)}", err=True)
         mb = report.bytes / 1e6
         rate = mb / report.seconds if report.seconds else 0.0
         click.echo(f"{report.files} files, {mb:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s, "
@@ -305,15 +316,20 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
         report = handed or app.scan(names=vms, all_vms=all_vms, full=full,
                                     on_progress=on_progress, on_start=on_start)
     if as_json:
-        print_json(report.as_dict())
+        print_json(report.as_dict(files_of=app.store.scan_files))
     else:
         rows = [{"vm": r.vm, "host": r.host, "status": r.status, "scanned": r.scanned,
-                 "unchanged": r.unchanged, "skipped": r.skipped, "errors": r.errors,
+                 "unchanged": r.unchanged, "skipped": r.skipped, "incomplete": r.incomplete,
                  "detections": len(r.found), "reason": r.reason} for r in report.results]
-        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped", "errors",
-                           "detections", "reason"],
+        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped",
+                           "incomplete", "detections", "reason"],
                     title=f"guest scan (signature version {report.signature_version})")
         for r in report.results:
+            for u in r.files:
+                click.echo(f"{r.vm}: {u['kind']}: {u['path']}: {u['reason']}")
+            if len(r.files) < r.incomplete + r.skipped_by_policy:
+                click.echo(f"{r.vm}: ... {r.incomplete + r.skipped_by_policy - len(r.files)} "
+                           f"more: vsphere-av scan --json or status --json lists them all")
             for f in r.found:
                 member = f" [{f.member}]" if f.member else ""
                 click.echo(f"{r.vm}: {f.path}{member}: {f.threat} -> {f.action}"
@@ -321,7 +337,7 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                            + (f" ({f.detail})" if f.detail else ""))
         s = report.summary()
         click.echo(f"{s['vms']} VM(s): {s['scanned']} scanned, {s['unchanged']} unchanged, "
-                   f"{s['skipped_files']} skipped, {s['errors']} errors, "
+                   f"{s['skipped_files']} skipped, {s['incomplete_files']} incomplete, "
                    f"{s['detections']} detection(s) in {s['duration']:.1f}s")
     ctx.exit(report.exit_code())
 

@@ -15,6 +15,8 @@ the edge that meets them (``raise X from exc``); everything above sees only thes
     │   ├── TlsVerificationError   certificate or pinned thumbprint mismatch
     │   ├── NotFound               the object is gone
     │   ├── InvalidPowerState      VM not in the needed power state
+    │   ├── PermissionDenied       vCenter or a host refused for lack of a privilege
+    │   ├── SnapshotError          a scan snapshot could not be taken (the reason says why)
     │   ├── GuestError             guest operations on one VM failed
     │   │   ├── GuestLoginError        invalid guest login: permanent for that VM
     │   │   ├── GuestUnavailable       tools / guest ops not running: transient
@@ -82,6 +84,15 @@ class NotFound(VsphereError):
 
 class InvalidPowerState(VsphereError):
     """The VM is not in the power state the operation needs."""
+
+
+class PermissionDenied(VsphereError):
+    """vCenter or an ESXi host refused the operation: the account lacks a privilege."""
+
+
+class SnapshotError(VsphereError):
+    """A snapshot for scanning could not be taken (independent disk, RDM, ...): the message
+    says why; retrying does not help until the VM changes."""
 
 
 class GuestError(VsphereError):

@@ -22,7 +22,8 @@ next scan finishes exactly once (see ``_Job._recover_pending``).
 
 Resuming (time windows): ``result.resume_point`` is the last guest path, in walk order, that
 was fully processed together with every file before it; a scan given it as ``resume_after``
-skips the walk up to and including that path (the controller keeps it in the job).
+skips the walk up to and including that path (the controller keeps it in the job), and
+takes over the incomplete paths of the interrupted run before it (``_carry_incomplete``).
 
 Outages: vCenter or the host not answering (``errors.ConnectionLost`` from the guest adapter,
 also when it breaks a download off) is never one file's error: the scan ends failed and the
@@ -32,9 +33,23 @@ Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
              signature version (in this VM, or in any VM when sharing is on)
-  skipped    listed but not scanned: over the size limit, not scannable by the engine,
-             or vanished between listing and download (``vanished`` counts those alone)
-  errors     files that could not be read after one retry, and unreadable directories
+  skipped    listed but not scanned on purpose: over ``max_file_size`` with
+             ``scan.skip_large = true`` (``skipped_by_policy``), or gone from the guest
+             between listing and download (``vanished``)
+  incomplete files and directories not fully checked: over ``max_file_size`` (policy not
+             skipping them), partly checked by the engine (an archive over a limit with
+             ``alert_exceeds_max`` off, an encrypted member), unreadable after one retry
+             (``errors`` counts those), listed but not openable, unreadable directories
+
+"Protected" means every byte was checked: a scan with anything incomplete and no detection
+ends ``incomplete`` (the VM ``unprotected``, CLI exit 2), never ``clean``. Each such path is
+kept with its reason in the state store (``StateStore.scan_files``, per scan) and in one
+``scan.incomplete`` audit entry; the result holds the first ``FILES_KEPT`` for display.
+
+Vanished or not: a download that answers "file not found" is asked about again by listing
+the file's directory (``GuestFiles.stat``). Only a file that is no longer listed is gone
+(nothing left to be a risk); one still listed (a name the guest tools cannot hand back, a
+race with a rename) or whose directory cannot be listed is incomplete.
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vsphere_av import errors
 from vsphere_av.config import ScanPolicy
+from vsphere_av.engine import TOO_LARGE
 from vsphere_av.models import (
     INFECTED,
     PROTECTED,
@@ -67,6 +83,7 @@ from vsphere_av.store.state import PENDING
 log = logging.getLogger(__name__)
 
 INDEX_BATCH = 200
+FILES_KEPT = 1000                    # incomplete / skipped paths a result holds (all are stored)
 PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
 GLOB_CHARS = frozenset("*?[")
 
@@ -74,6 +91,7 @@ GLOB_CHARS = frozenset("*?[")
 CLEAN = "clean"
 FOUND = "infected"
 SKIPPED = "skipped"
+INCOMPLETE = "incomplete"
 UNREACHABLE_STATUS = "unreachable"
 ERROR = "error"
 
@@ -228,6 +246,8 @@ def protection_after(status: str, *, previous: str | None) -> str | None:
         return INFECTED
     if status == UNREACHABLE_STATUS:
         return INFECTED if previous == INFECTED else UNREACHABLE
+    if status == INCOMPLETE:
+        return INFECTED if previous == INFECTED else UNPROTECTED
     if status == SKIPPED:
         return UNPROTECTED if previous in (None, UNPROTECTED, UNREACHABLE) else None
     return UNREACHABLE if previous != INFECTED else None
@@ -270,7 +290,9 @@ class ScanResult:
     unchanged: int = 0
     shared: int = 0
     skipped: int = 0
+    skipped_by_policy: int = 0
     vanished: int = 0
+    incomplete: int = 0
     errors: int = 0
     bytes: int = 0
     duration: float = 0.0
@@ -280,11 +302,15 @@ class ScanResult:
     resumed_from: str = ""       # the walk skipped everything up to and including this path
     resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
     outage: bool = False         # vCenter or the host stopped answering: failed, retry later
+    # The first FILES_KEPT incomplete and skipped-by-policy paths (all are in the store):
+    # {"path", "kind" (incomplete | skipped), "reason"}.
+    files: list[dict[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """The counters stored with the scan record."""
         return {"scanned": self.scanned, "unchanged": self.unchanged, "skipped": self.skipped,
-                "errors": self.errors, "detections": len(self.found), "bytes": self.bytes}
+                "incomplete": self.incomplete, "errors": self.errors,
+                "detections": len(self.found), "bytes": self.bytes}
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (``scan --json``)."""
@@ -292,10 +318,15 @@ class ScanResult:
                 "reason": self.reason, "full": self.full,
                 "signature_version": self.signature_version, "scanned": self.scanned,
                 "unchanged": self.unchanged, "shared": self.shared, "skipped": self.skipped,
-                "vanished": self.vanished, "errors": self.errors, "bytes": self.bytes,
+                "skipped_by_policy": self.skipped_by_policy, "vanished": self.vanished,
+                "incomplete": self.incomplete, "errors": self.errors, "bytes": self.bytes,
                 "duration": round(self.duration, 3), "recovered": self.recovered,
                 "resumed_from": self.resumed_from, "resume_point": self.resume_point,
-                "detections": [f.as_dict() for f in self.found]}
+                "detections": [f.as_dict() for f in self.found],
+                "incomplete_files": [f for f in self.files if f["kind"] == INCOMPLETE],
+                "skipped_files": [f for f in self.files if f["kind"] == SKIPPED],
+                "files_listed": len(self.files),
+                "files_total": self.incomplete + self.skipped_by_policy}
 
 
 @dataclass(frozen=True)
@@ -383,6 +414,8 @@ class _Job:
             self._walk()
             if not r.resumed_from:            # a resumed walk did not meet every file
                 self._recover_pending(walked=True)
+            else:
+                self._carry_incomplete()
         except errors.ConnectionLost as exc:
             return self._stopped(exc, started=started, prev_state=prev_state)
         except errors.GuestLoginError:
@@ -414,9 +447,12 @@ class _Job:
         if r.found:
             interrupted = f"; scan interrupted: {r.reason}" if r.reason else ""
             r.status = FOUND
-            r.reason = self._found_reason() + interrupted
+            r.reason = self._found_reason() + interrupted + self._incomplete_reason("; ")
+        elif r.status == CLEAN and r.incomplete:
+            r.status = INCOMPLETE
+            r.reason = self._incomplete_reason("")
         elif r.status == CLEAN:
-            r.reason = "clean" + (f" ({r.errors} file error(s))" if r.errors else "")
+            r.reason = "clean"
         r.duration = self.clock() - started
         self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
         self._set_protection(prev_state)
@@ -467,6 +503,61 @@ class _Job:
             return r
         raise cause
 
+    def _carry_incomplete(self) -> None:
+        """A resumed scan answers for the part before the resume point too: what the
+        stopped run could not check there is incomplete in this one as well."""
+        previous = self.store.last_finished_scan(self.vm.moref)
+        if previous is None or "interrupted: " not in str(previous["reason"]):
+            return
+        for f in self.store.scan_files(previous["id"]):
+            if f["kind"] == INCOMPLETE:
+                self._unscanned(f["path"], kind=INCOMPLETE, reason=f["reason"])
+
+    def _incomplete_reason(self, prefix: str) -> str:
+        r = self.result
+        if not r.incomplete:
+            return ""
+        first = next((f for f in r.files if f["kind"] == INCOMPLETE), None)
+        example = f", e.g. {first['path']}: {first['reason']}" if first else ""
+        return f"{prefix}incomplete: {r.incomplete} path(s) not fully checked{example}"
+
+    def _unscanned(self, path: str, *, kind: str, reason: str) -> None:
+        """A path not fully checked (``INCOMPLETE``) or skipped by policy (``SKIPPED``).
+
+        Counted, stored with the scan, audited (one entry per path) and kept in the result
+        up to ``FILES_KEPT``.
+        """
+        r = self.result
+        if kind == INCOMPLETE:
+            r.incomplete += 1
+        else:
+            r.skipped += 1
+            r.skipped_by_policy += 1
+        if len(r.files) < FILES_KEPT:
+            r.files.append({"path": path, "kind": kind, "reason": reason})
+        if r.scan_id is not None:
+            self.store.add_scan_file(r.scan_id, path=path, kind=kind, reason=reason)
+        self._audit("scan.incomplete" if kind == INCOMPLETE else "scan.skipped_file",
+                    path=path, reason=reason, scan_id=r.scan_id)
+        log.info("%s: %s %s: %s", self.vm.name, kind, path, reason)
+
+    def _too_large(self, path: str, size: int) -> None:
+        reason = f"{TOO_LARGE} ({size} > {self.filters.max_file_size} bytes)"
+        self._unscanned(path, kind=SKIPPED if self.policy.skip_large else INCOMPLETE,
+                        reason=reason)
+
+    def _gone(self, path: str, exc: errors.GuestError) -> bool:
+        """After "file not found": True when the path is no longer listed (really gone)."""
+        stat = getattr(self.guest, "stat", None)
+        if stat is None:
+            return False                      # no way to ask: not proven gone
+        try:
+            return stat(path) is None
+        except (errors.GuestLoginError, errors.GuestUnavailable):
+            raise
+        except errors.GuestError:
+            return False                      # cannot tell: not proven gone
+
     def _found_reason(self) -> str:
         threats = sorted({f.threat for f in self.result.found})
         actions = sorted({f.action for f in self.result.found})
@@ -481,7 +572,7 @@ class _Job:
         clean_version = r.signature_version if state == PROTECTED else None
         self.store.set_protection(self.vm.moref, state=state, reason=r.reason or r.status,
                                   clean_signature_version=clean_version,
-                                  scanned=r.status in (CLEAN, FOUND),
+                                  scanned=r.status in (CLEAN, FOUND, INCOMPLETE),
                                   full=self.full and r.status in (CLEAN, FOUND))
 
     def _walk(self) -> None:
@@ -492,12 +583,12 @@ class _Job:
         def on_error(path: str, exc: errors.GuestError) -> None:
             if path in roots:
                 failed_roots.append(f"{path} ({exc})")
-            elif isinstance(exc, errors.GuestFileNotFound):
+            elif isinstance(exc, errors.GuestFileNotFound) and self._gone(path, exc):
                 self.result.vanished += 1      # a directory removed while we walked
                 self.result.skipped += 1
                 return
             self.result.errors += 1
-            log.info("%s: cannot list %s: %s", self.vm.name, path, exc)
+            self._unscanned(path, kind=INCOMPLETE, reason=f"cannot list directory: {exc}")
 
         transfers = self.transfers
         try:
@@ -573,7 +664,7 @@ class _Job:
         r = self.result
         version = self.session.version
         if entry.size > self.filters.max_file_size:
-            r.skipped += 1
+            self._too_large(entry.path, entry.size)
             return True
         if not self.full and entry.mtime:
             known = self.store.file_record(self.vm.moref, entry.path)
@@ -602,11 +693,15 @@ class _Job:
         if outcome is None:
             return False
         if outcome.status == "skipped":
-            r.skipped += 1
+            if outcome.reason == TOO_LARGE:
+                self._too_large(entry.path, outcome.size)
+            else:
+                self._unscanned(entry.path, kind=INCOMPLETE,
+                                reason=f"not fully checked: {outcome.reason}")
             return False
         if outcome.status == "error":
             r.errors += 1
-            log.info("%s: %s: %s", self.vm.name, entry.path, outcome.reason)
+            self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {outcome.reason}")
             return False
         r.scanned += 1
         r.bytes += outcome.size
@@ -650,10 +745,15 @@ class _Job:
                     return receiver.scan_received(fetched.take(), path=entry.path,
                                                   name=entry.name)
                 return self._stream(entry)
-            except errors.GuestFileNotFound:
-                r.vanished += 1
-                r.skipped += 1
+            except errors.GuestFileNotFound as exc:
                 self.store.forget_file(self.vm.moref, entry.path)
+                if self._gone(entry.path, exc):
+                    r.vanished += 1
+                    r.skipped += 1
+                else:
+                    r.errors += 1
+                    self._unscanned(entry.path, kind=INCOMPLETE,
+                                    reason=f"listed but cannot be opened: {exc}")
                 return None
             except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
                     errors.NotFound, errors.ConnectionLost):
@@ -661,7 +761,7 @@ class _Job:
             except (errors.TransientError, errors.GuestError) as exc:
                 if attempt == 2:
                     r.errors += 1
-                    log.info("%s: %s: %s", self.vm.name, entry.path, exc)
+                    self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {exc}")
                     return None
         return None
 

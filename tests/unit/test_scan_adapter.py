@@ -114,7 +114,7 @@ def test_insecure_context_does_not_verify_and_ca_context_does() -> None:
     (vmodl.fault.ManagedObjectNotFound(), errors.NotFound),
     (vim.fault.NotAuthenticated(), errors.ConnectionLost),
     (vim.fault.InvalidLogin(), errors.VsphereError),
-    (vim.fault.NoPermission(), errors.VsphereError),
+    (vim.fault.NoPermission(), errors.PermissionDenied),
     (ConnectionResetError("reset"), errors.ConnectionLost),
     (vmodl.fault.SystemError(reason="boom"), errors.VsphereError),
     # The whole connection (vCenter or a host's transfer endpoint) is gone: an outage.

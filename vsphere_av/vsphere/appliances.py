@@ -44,13 +44,13 @@ from vsphere_av.appliances import (
     POWERED_ON,
     ROLE_KEY,
     ROLE_VALUE,
-    ApplianceSettings,
     ApplianceVm,
     Desired,
     HostInfo,
     HostPin,
     Observed,
 )
+from vsphere_av.config import ApplianceSettings
 from vsphere_av.engine_service import TransferChunks
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url

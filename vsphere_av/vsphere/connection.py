@@ -132,6 +132,11 @@ class Connection:
         """Host name or address of vCenter."""
         return self._settings.server
 
+    @property
+    def port(self) -> int:
+        """HTTPS port of vCenter."""
+        return self._settings.port
+
     def _login(self) -> None:
         s = self._settings
         if self.trust.thumbprint:

@@ -78,7 +78,7 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
     if isinstance(exc, vim.fault.NoPermission):
         privilege = getattr(exc, "privilegeId", "") or ""
         needs = f" (needs {privilege})" if privilege else ""
-        return errors.VsphereError(f"{what}: permission denied{needs}")
+        return errors.PermissionDenied(f"{what}: permission denied{needs}")
     if isinstance(exc, vim.fault.FileFault):
         return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
     if isinstance(exc, vim.fault.GuestOperationsFault):

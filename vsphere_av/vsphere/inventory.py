@@ -148,6 +148,24 @@ def read_inventory(conn: Connection) -> tuple[list[VmInfo], list[HostInfo]]:
     return vms, sorted(hosts.values(), key=lambda h: h.name)
 
 
+def read_host(conn: Connection, host_id: HostId) -> HostInfo:
+    """Fresh data for one host (address, certificate); NotFound when it is gone."""
+    pc = vmodl.query.PropertyCollector
+    ref = conn.ref("HostSystem", host_id)
+    spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=ref, skip=False)],
+                         propSet=[pc.PropertySpec(type=vim.HostSystem, pathSet=HOST_PATHS)])
+
+    def fetch(content: Any) -> Any:
+        return content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+
+    result = conn.call(f"read host {host_id}", fetch)
+    for obj in result.objects if result is not None else []:
+        if obj.missingSet and not obj.propSet:
+            break
+        return _host_from(host_id, _props(obj))
+    raise errors.NotFound(f"host {host_id} no longer exists")
+
+
 def list_vms(conn: Connection) -> list[VmInfo]:
     """All VMs (no templates), sorted by name."""
     return read_inventory(conn)[0]
