@@ -323,7 +323,7 @@ class App:
             reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
                       else f"internal error: {exc!r}")
             return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=ERROR, reason=reason,
-                              full=full)
+                              full=full, outage=isinstance(exc, errors.ConnectionLost))
 
     # --- the disk path (issue 12) ----------------------------------------------------------
 

@@ -20,9 +20,9 @@ per disk, ``[ds] vm/disk.vmdk``); a volume with a problem: encrypted (LUKS, BitL
 unknown or damaged file system (one path per volume, where it would be mounted or
 ``<disk label> <volume>``). A walk that finds no volume for its root at all raises
 ``errors.DiskError`` (the scan ends ``incomplete`` with that reason). What the transport
-raises otherwise (``TransientError``: the datastore went away) passes through and fails the
-scan, for the controller to retry; a file read it breaks (which the engine reports as that
-file's error) is remembered, and the next file's open raises it as ``TransientError``.
+raises otherwise passes through: vCenter or the host unreachable is
+``errors.ConnectionLost``, which the scan job treats as an outage (failed, the VM
+unprotected, retried by the controller) even when it breaks a file's read off.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ class DiskGuest:
         # which VirtualDiskInfo each DiskFiles disk index is (disks that failed are left out)
         self._opened: list[VirtualDiskInfo] = []
         self._tried = False
-        self._outage: errors.TransientError | None = None
 
     def __repr__(self) -> str:
         return f"<DiskGuest {self.vm.name} disks={[d.file_name for d in self.disks]}>"
@@ -210,17 +209,7 @@ class DiskGuest:
             entry = self._recent.get(path)
         if entry is None or self._mounted is None:
             raise errors.DiskFileError(f"{path}: not met by the walk")
-        if self._outage is not None:
-            # The engine turns a read that broke into that file's error; the datastore
-            # being away is the whole scan's, which fails here to be retried later.
-            raise self._outage
-        return _Download(self._mounted.open(entry), on_outage=self._lost)
-
-    def _lost(self, exc: errors.VsphereError) -> None:
-        # Whatever it was (refused, 404 for a file that was there, a lost session), the
-        # next attempt of the whole scan may succeed: the scan fails as transient.
-        self._outage = exc if isinstance(exc, errors.TransientError) \
-            else errors.TransientError(str(exc))
+        return _Download(self._mounted.open(entry))
 
     def delete_file(self, path: str) -> None:
         """Never: a disk scan does not write to a disk (remediation goes through the guest)."""
@@ -253,19 +242,13 @@ class _Download:
 
     local = True
 
-    def __init__(self, stream: FileStream, *,
-                 on_outage: Callable[[errors.VsphereError], None]) -> None:
+    def __init__(self, stream: FileStream) -> None:
         self._stream = stream
-        self._on_outage = on_outage
         self.size = stream.size
 
     def chunks(self) -> Iterator[bytes]:
-        """The file's bytes in order (a transport failure is also told to the owner)."""
-        try:
-            yield from self._stream.chunks()
-        except errors.VsphereError as exc:      # the datastore or vCenter, not this file
-            self._on_outage(exc)
-            raise
+        """The file's bytes in order."""
+        return self._stream.chunks()
 
     def close(self) -> None:
         """Release the stream (the disks stay open for the next file)."""
