@@ -20,8 +20,9 @@ per disk, ``[ds] vm/disk.vmdk``); a volume with a problem: encrypted (LUKS, BitL
 unknown or damaged file system (one path per volume, where it would be mounted or
 ``<disk label> <volume>``). A walk that finds no volume for its root at all raises
 ``errors.DiskError`` (the scan ends ``incomplete`` with that reason). What the transport
-raises otherwise (``TransientError``: the datastore went away) passes through and fails the
-scan, for the controller to retry.
+raises otherwise passes through: vCenter or the host unreachable is
+``errors.ConnectionLost``, which the scan job treats as an outage (failed, the VM
+unprotected, retried by the controller) even when it breaks a file's read off.
 """
 
 from __future__ import annotations
