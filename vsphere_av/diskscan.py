@@ -97,6 +97,7 @@ class DiskGuest:
         # which VirtualDiskInfo each DiskFiles disk index is (disks that failed are left out)
         self._opened: list[VirtualDiskInfo] = []
         self._tried = False
+        self._problems = 0          # disks and volumes reported unreadable
 
     def __repr__(self) -> str:
         return f"<DiskGuest {self.vm.name} disks={[d.file_name for d in self.disks]}>"
@@ -157,11 +158,8 @@ class DiskGuest:
     def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
              on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]:
         """Every regular file under ``roots`` on the VM's disks (disks mounted on first use)."""
-        problems = 0
-
         def report(path: str, exc: errors.VsphereAvError) -> None:
-            nonlocal problems
-            problems += 1
+            self._problems += 1
             on_error(path, exc)
 
         if self._mounted is None:
@@ -177,10 +175,11 @@ class DiskGuest:
             except errors.DiskImageError as exc:
                 report(", ".join(d.file_name for d in self._opened), exc)
                 return
+            # Once per scan, even when the walk runs twice (a resume point not met).
+            for volume in self._mounted.problems:
+                report(self._volume_path(volume), errors.DiskFileError(
+                    f"{volume.kind} {volume.name}: {volume.problem}"))
         mounted = self._mounted
-        for volume in mounted.problems:
-            report(self._volume_path(volume), errors.DiskFileError(
-                f"{volume.kind} {volume.name}: {volume.problem}"))
         missing: list[str] = []
 
         def walk_error(path: str, exc: errors.DiskError) -> None:
@@ -198,7 +197,7 @@ class DiskGuest:
                 yield entry
         except errors.DiskImageError as exc:
             report(", ".join(d.file_name for d in self._opened), exc)
-        if missing and not problems:
+        if missing and not self._problems:
             found = "; ".join(f"{v.name} {v.filesystem or 'no file system'}"
                               + (f" on {v.mount}" if v.mount else "") for v in mounted.volumes)
             raise errors.DiskError(f"{'; '.join(missing)} (volumes: {found or 'none'})")

@@ -34,6 +34,7 @@ from vsphere_av.store.jobs import JobStore
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
+MKDISK = Path(__file__).resolve().parents[2] / "vcsim" / "mkdisk.sh"
 VM0, VM1, VM2, VM3 = (f"DC0_C0_RP0_VM{i}" for i in range(4))
 
 pytestmark = pytest.mark.vcsim(hosts=1, vms=4, disks=True)
@@ -485,3 +486,38 @@ def test_a_scan_killed_under_its_snapshot_leaves_it_for_the_next_start_to_remove
     assert snapshots(si, VM3) == []
     removed = [d["snapshot"] for a, d in actions(state) if a == "disk.snapshot.leftover_removed"]
     assert removed == left
+
+
+def test_an_encrypted_second_disk_is_named_and_the_first_is_still_scanned(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/home/u/eicar.com", EICAR)
+    tree = tmp_path / "data"
+    (tree / "secrets").mkdir(parents=True)
+    (tree / "secrets" / "x").write_bytes(EICAR)       # behind LUKS: cannot be seen
+    directory = datastore_dir(si, VM0)
+    subprocess.run([str(MKDISK), "--src", str(tree), "--out", str(directory / "data.vmdk"),
+                    "--fs", "ext4", "--luks", "--format", "monolithicFlat"],
+                   check=True, capture_output=True, timeout=240)
+    vm = vm_named(si, VM0)
+    scsi = next(d for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualSCSIController))
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
+            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[LocalDS_0] {VM0}/data.vmdk", diskMode="persistent")))])))
+    power_off(si, VM0)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM0]).results[0]
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [f.path for f in r.found] == ["/home/u/eicar.com"]
+    assert r.incomplete == 1
+    assert "encrypted volume (LUKS2)" in r.files[0]["reason"]
+    label = next(d.deviceInfo.label for d in vm_named(si, VM0).config.hardware.device
+                 if isinstance(d, vim.vm.device.VirtualDisk)
+                 and d.backing.fileName.endswith("data.vmdk"))
+    assert r.files[0]["path"] == f"{label} p1"     # not mounted anywhere: disk and volume
+    assert "incomplete: 1 path(s) not fully checked" in r.reason
