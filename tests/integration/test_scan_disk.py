@@ -217,6 +217,28 @@ def test_a_running_vm_is_read_under_a_snapshot_that_is_removed_and_remediated_at
     assert created["moref"] == r.moref
 
 
+def test_scan_disk_quiesce_asks_for_a_quiesced_snapshot(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    state = tmp_path / "state"
+    vm = vm_named(si, VM3)
+    seen: list[tuple[str, bool]] = []
+
+    def during(tick: Any) -> None:        # the snapshot as vCenter shows it mid-scan
+        if not seen and vm.snapshot is not None:
+            node = vm.snapshot.rootSnapshotList[0]
+            seen.append((node.name, node.quiesced))
+
+    with App(settings(sim, state, toml="[scan]\ndisk_quiesce = true\n")) as app:
+        r = app.scan(names=[VM3], on_progress=during).results[0]
+
+    assert (r.via, r.status) == ("disk", "clean"), r.reason
+    created = [d for a, d in actions(state) if a == "disk.snapshot.created"]
+    assert [d["quiesce"] for d in created] == [True]
+    assert seen == [(created[0]["snapshot"], True)]
+    assert snapshots(si, VM3) == []
+
+
 def test_a_running_vm_without_guest_credentials_keeps_its_detection_pending(
         sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
     plant(sim, VM3, "/etc/fstab", FSTAB)
