@@ -145,7 +145,7 @@ def chart_svg(per_day: list[dict[str, Any]], *, width: int = 640, height: int = 
                 parts.append(f'<rect x="{x + j * bar:.1f}" y="{height - h:.1f}" '
                              f'width="{bar:.1f}" height="{h:.1f}" fill="{colour}">'
                              f'<title>{escape(d["day"])}: {d[key]} {key}</title></rect>')
-        if n <= 31 or i % max(1, n // 10) == 0:
+        if n <= 14 or i % max(1, n // 8) == 0:      # labels that do not overlap
             parts.append(f'<text x="{x:.1f}" y="{height + 12}" font-size="8">'
                          f'{escape(d["day"][5:])}</text>')
     parts.append(f'<text x="32" y="{height + 26}" font-size="10" fill="#c0392b">'
