@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -357,7 +358,10 @@ def test_dashboard_changes_with_the_cookie_need_the_csrf_header(console):
     assert refused.status_code == 403
     assert "X-Requested-With" in refused.json()["error"]
     assert console.snapshot() == before
-    assert client.get("/quarantine").status_code == 200
+    page = client.get("/quarantine")
+    assert page.status_code == 200
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
     assert client.post("/login", json={"token": "vsav_nope"}).status_code == 401
 
 
@@ -382,8 +386,9 @@ def served(console: Console) -> Iterator[ApiServer]:
         server.close()
 
 
-def test_events_stream_new_audit_entries(console, served):
-    headers = console.auth("auditor")
+def test_events_stream_new_audit_entries_until_the_token_is_revoked(console, served):
+    headers = {"Authorization": "Bearer " + console.store.create(
+        name="stream-reader", role="auditor", actor="tester")}
     with httpx.Client(base_url=served.url, timeout=10) as client, \
             client.stream("GET", "/api/v1/events", headers=headers) as stream:
         assert stream.status_code == 200
@@ -401,7 +406,15 @@ def test_events_stream_new_audit_entries(console, served):
                 if seen[-1]["action"] == "api.signatures.activate":
                     break
             assert time.monotonic() < deadline
-    assert seen[-1]["actor"] == "api:security_admin-bot"
+        assert seen[-1]["actor"] == "api:security_admin-bot"
+        console.store.revoke("stream-reader", actor="tester")
+        ended = time.monotonic()
+        rest = list(lines)                  # the server ends the stream at its next poll
+        assert time.monotonic() - ended < 5
+        assert all(not line.startswith("data: ") or "api.token.revoke" in line
+                   for line in rest)
+    again = httpx.get(f"{served.url}/api/v1/events", headers=headers, timeout=10)
+    assert again.status_code == 401
 
 
 def test_metrics_over_loopback_need_no_token(console, served):
@@ -413,6 +426,66 @@ def test_metrics_over_loopback_need_no_token(console, served):
     assert "vsphere_av_exposure_window_seconds_bucket" in text
     assert "vsphere_av_signature_age_seconds" in text
     assert 'vsphere_av_scans_finished_total{result="infected"} 1.0' in text
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files), made with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "console.pem", directory / "console.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_tls_serves_https_with_a_secure_cookie(console, tmp_path):
+    cert, key = self_signed(tmp_path)
+    settings = config.parse({"api": {"listen": "127.0.0.1:0", "tls_cert": str(cert),
+                                     "tls_key": str(key)}}, env=console.env)
+    server = ApiServer(settings=settings, tokens=console.store)
+    assert server.url.startswith("https://127.0.0.1:")
+    thread = threading.Thread(target=server.serve, name="api-tls-test", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=server.url, verify=trust, timeout=10) as client:
+            vms = client.get("/api/v1/vms", headers=console.auth("auditor"))
+            assert vms.status_code == 200
+            login = client.post("/login", json={"token": console.tokens["auditor"]})
+            assert "secure" in login.headers["set-cookie"].lower()
+        with pytest.raises(httpx.ConnectError):      # not trusted: no plain fallback
+            httpx.get(f"{server.url}/health", timeout=5)
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close()
+    half = config.parse({"api": {"listen": "127.0.0.1:0", "tls_cert": str(cert)}},
+                        env=console.env)
+    with pytest.raises(errors.ConfigError, match="go together"):
+        ApiServer(settings=half, tokens=console.store)
 
 
 def test_beyond_loopback_only_with_tls(console):

@@ -62,6 +62,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 EVENTS_POLL = 0.5          # seconds between audit reads of an event stream
 EVENTS_KEEPALIVE = 15.0    # a comment line this often keeps proxies from closing the stream
 AUDIT_PAGE = 1000          # most entries one GET /api/v1/audit returns
+# Dashboard pages: only our own script, styles and calls; never framed; no referrer.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]],
                     Callable[[MutableMapping[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -222,8 +229,7 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
     def caller(request: Request) -> Caller:
         route = request.scope.get("route")
         path = getattr(route, "path", request.url.path)
-        command = access.API_ROUTES.get((request.method, path)) or \
-            access.API_ROUTES.get(("GET", path) if request.method == "HEAD" else ("", ""))
+        command = access.API_ROUTES.get((request.method, path))
         if command is None:      # a route without a declared command is never served
             raise ApiError(403, f"{request.method} {path}: no role may call it")
         header = request.headers.get("authorization", "")
@@ -443,7 +449,7 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return {"appliances": rows, "down": down, "enabled": True}
 
     @api.get("/api/v1/events")
-    async def events(request: Request, _who: Who,
+    async def events(request: Request, who: Who,
                      after: Annotated[int | None, Field(ge=0)] = None) -> StreamingResponse:
         """New audit entries as Server-Sent Events (``id`` = the entry's sequence number)."""
         import anyio.to_thread
@@ -465,7 +471,9 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
             seen = start
             quiet = 0.0
             yield f"retry: 2000\n: audit entries after {seen}\n\n"
-            while not api.state.closing and not await request.is_disconnected():
+            # A token revoked while its stream is open ends the stream at the next poll.
+            while not api.state.closing and not await request.is_disconnected() \
+                    and await anyio.to_thread.run_sync(tokens.live, who.token.name):
                 entries = await anyio.to_thread.run_sync(read, seen)
                 for entry in entries:
                     seen = entry["seq"]
@@ -514,9 +522,11 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
             raise
 
     def page(request: Request, name: str, who: Caller, **context: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {
+        response = templates.TemplateResponse(request, name, {
             "who": who, "may": lambda command: access.may_run(command, who.token.access_role),
             **context})
+        response.headers.update(PAGE_HEADERS)
+        return response
 
     def login_first() -> RedirectResponse:
         return RedirectResponse("/login", status_code=303)
@@ -524,7 +534,9 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
     @api.get("/login", response_class=HTMLResponse)
     def login_page(request: Request) -> HTMLResponse:
         """The dashboard's login form (a token, kept in an HttpOnly cookie)."""
-        return templates.TemplateResponse(request, "login.html", {"who": None})
+        response = templates.TemplateResponse(request, "login.html", {"who": None})
+        response.headers.update(PAGE_HEADERS)
+        return response
 
     @api.post("/login")
     def login(body: LoginRequest) -> JSONResponse:

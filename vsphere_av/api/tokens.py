@@ -141,6 +141,13 @@ class TokenStore:
                            details={"name": name, "role": info.role})
         return info
 
+    def live(self, name: str) -> bool:
+        """True while the token called ``name`` exists and is not revoked (open streams)."""
+        with self._lock:
+            row = self._db.execute("SELECT revoked FROM tokens WHERE name = ?",
+                                   (name,)).fetchone()
+        return row is not None and row[0] is None
+
     def authenticate(self, token: str) -> TokenInfo | None:
         """The live token ``token`` is, or None (unknown, malformed or revoked)."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
