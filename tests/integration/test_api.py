@@ -246,6 +246,32 @@ def test_one_vm_with_its_timeline_detections_and_scans(console):
     assert doc["scans"][0]["status"] == "infected"
 
 
+def test_a_vm_page_shows_its_instant_on_exposure(console):
+    """The exposure the controller records at power-on (written through its job store)."""
+    from vsphere_av.store.jobs import JobStore
+
+    vms = console.client.get("/api/v1/vms", headers=console.auth("auditor")).json()["vms"]
+    moref = next(v["moref"] for v in vms if v["name"] == VM1)
+    now = time.time()
+    with JobStore.open(console.state) as jobs:
+        jobs.open_exposure(vm=moref, vm_name=VM1, trigger="poweron", started=now, seen=now)
+        jobs.mark_exposure(moref, isolated=now + 0.015)
+    doc = console.client.get(f"/api/v1/vms/{moref}", headers=console.auth("auditor")).json()
+    assert [row["what"] for row in doc["timeline"]] == [
+        "started running (poweron)", "network isolated (every vNIC disconnected)"]
+    assert doc["timeline"][1]["seconds"] == 0.015
+    (exposure,) = doc["exposures"]
+    assert exposure["trigger"] == "poweron"
+    assert round(exposure["window"], 3) == 0.015
+    console.client.cookies.set("vsav_token", console.tokens["auditor"])
+    try:
+        page = console.client.get(f"/vms/{moref}")
+    finally:
+        console.client.cookies.clear()
+    assert page.status_code == 200
+    assert "network isolated (every vNIC disconnected)" in page.text
+
+
 def test_restore_and_purge_as_a_security_admin_are_audited_with_the_token_name(console):
     first, second = item_ids(console)[:2]
     with App(console.settings) as app:
@@ -334,6 +360,10 @@ def test_appliances_openapi_and_report(console):
     csv_text = console.client.get("/api/v1/report?format=csv", headers=auditor).text
     assert csv_text.splitlines()[0].startswith("vm,moref,host,state")
     assert any(line.startswith(f"{VM0},") for line in csv_text.splitlines())
+    pdf = console.client.get("/api/v1/report?format=pdf&since=2020-01-01", headers=auditor)
+    assert pdf.status_code == 200
+    assert pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF-")
 
 
 def test_metrics_need_a_token_off_loopback(console):
