@@ -140,6 +140,7 @@ def test_every_route_refuses_a_missing_malformed_or_revoked_token(console, metho
             continue
         assert response.status_code == 401, (path, headers, response.text)
         assert "error" in response.json()
+        assert response.headers["www-authenticate"] == "Bearer"
     assert console.snapshot() == before
 
 

@@ -202,7 +202,14 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
 
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        challenge = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=challenge)
+
+    @api.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"},
+                            status_code=500)
 
     @api.exception_handler(errors.VsphereAvError)
     async def _product_error(_request: Request, exc: errors.VsphereAvError) -> JSONResponse:
