@@ -264,7 +264,7 @@ class App:
             reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
                       else f"internal error: {exc!r}")
             return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=ERROR, reason=reason,
-                              full=full)
+                              full=full, outage=isinstance(exc, errors.ConnectionLost))
 
     def scan(self, *, names: Sequence[str] = (), all_vms: bool = False, full: bool = False,
              on_progress: Callable[[Progress], None] | None = None,

@@ -216,6 +216,7 @@ def signatures_rollback(ctx: click.Context) -> None:
 def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_json: bool,
                no_cache: bool) -> None:
     """Scan local files and directories with the active signatures (exit 1 on detection)."""
+    from vsphere_av.engine import TOO_LARGE
     from vsphere_av.engine.localscan import detection_path, scan_paths
 
     settings = settings_from(ctx)
@@ -254,7 +255,11 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
                    f"{len(report.errors)} errors")
     if report.detected:
         sys.exit(EXIT_DETECTED)
-    if report.errors:
+    # A file not read to the end is as unchecked here as in a guest scan (exit 2), unless
+    # the policy skips large files on purpose (scan.skip_large).
+    unchecked = [o for o in report.skipped
+                 if not (settings.scan.skip_large and o.reason == TOO_LARGE)]
+    if report.errors or unchecked:
         sys.exit(EXIT_ERROR)
 
 

@@ -23,7 +23,8 @@ one power-on (property change, ``VmStartingEvent``, ``VmPoweredOnEvent``) are on
 Restart safety: the queue, the event cursor, exposures and isolation records are in
 ``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
 restart; events that arrived while the controller was down are read from the last processed
-key and time; an isolation already recorded is never recorded again (so the state to restore
+key and time (on a first start, from vCenter's time when the event tail started, saved at
+once); an isolation already recorded is never recorded again (so the state to restore
 is never overwritten by the cut state).
 """
 
@@ -72,7 +73,10 @@ class InventoryWatchLike(AbstractContextManager["InventoryWatchLike"], Protocol)
 
 
 class EventTailLike(AbstractContextManager["EventTailLike"], Protocol):
-    """``vsphere.watching.EventTail``."""
+    """``vsphere.watching.EventTail``; ``start_cursor``: where a tail opened without a cursor
+    starts (vCenter's time then), saved at once; None when it resumed from a cursor."""
+
+    start_cursor: EventCursor | None
 
     def read(self, *, limit: int = 2000) -> list[VcEvent]: ...
     def close(self) -> None: ...
@@ -555,7 +559,8 @@ class Controller:
         try:
             vm = self._vm(job.vm)
         except errors.VsphereAvError as exc:
-            self._retry(job, f"cannot read inventory: {exc}")
+            self._retry(job, f"cannot read inventory: {exc}",
+                        outage=isinstance(exc, errors.ConnectionLost))
             return
         if vm is None:
             self.scheduler.finish(job)
@@ -636,7 +641,8 @@ class Controller:
             self.jobs.mark_exposure(job.vm, outcome="unreachable: invalid guest login",
                                     close=True)
         elif status in ("unreachable", "error"):
-            self._retry(job, result.reason)
+            # A scan cut by an outage failed (the VM is unprotected, not clean): run it again.
+            self._retry(job, result.reason, outage=bool(getattr(result, "outage", False)))
         else:                                      # skipped (powered off meanwhile)
             self.scheduler.finish(job)
 
@@ -645,19 +651,31 @@ class Controller:
             return "stays isolated until an operator's rescan or a full rescan is clean"
         return "stays isolated until an operator's rescan is clean"
 
-    def _retry(self, job: Job, reason: str) -> None:
+    def _retry(self, job: Job, reason: str, *, outage: bool = False) -> None:
+        """Queue a failed job again with backoff, or give up after ``max_attempts``.
+
+        Called by :meth:`run_job`. ``outage``: vCenter or the VM's host stopped answering
+        (``errors.ConnectionLost``); the job is not at fault, so it is never given up on and
+        is retried at most ``reconnect_max`` apart (the watch loops' pace) until vCenter
+        answers again and the scan can run.
+        """
         # An appliance that is down is repaired by the reconcile loop: its host's jobs wait
         # (at the slowest retry pace) however long that takes, and are never given up on.
-        waiting = "appliance down" in reason or "appliance unhealthy" in reason
+        appliance = "appliance down" in reason or "appliance unhealthy" in reason
+        waiting = appliance or outage
         if job.attempts >= self.options.max_attempts and not waiting:
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome=f"gave up: {reason}", close=True)
             self._audit("job.failed", moref=job.vm, job_id=job.job_id, reason=reason,
                         attempts=job.attempts)
             return
-        delay = min(self.options.retry_max, self.options.retry_base * 2 ** (job.attempts - 1))
-        if waiting:
+        # (The exponent is bounded: an outage of hours keeps counting attempts.)
+        delay = min(self.options.retry_max,
+                    self.options.retry_base * 2 ** min(job.attempts - 1, 32))
+        if appliance:
             delay = self.options.retry_max
+        elif outage:
+            delay = min(delay, self.options.reconnect_max)
         with self._stats_lock:
             self.stats.retries += 1
         self.scheduler.finish(job, retry_after=delay)
@@ -736,6 +754,11 @@ class Controller:
         while not stop.is_set():
             try:
                 with self._open_tail(self.jobs.cursor()) as tail:
+                    if tail.start_cursor is not None:
+                        # First start (no cursor yet): keep where the tail starts now, not
+                        # after the first event, so that power-ons while a controller that
+                        # crashed before any event was down are still read at restart.
+                        self.jobs.save_cursor(tail.start_cursor)
                     backoff = 1.0
                     while not stop.is_set():
                         events = tail.read()

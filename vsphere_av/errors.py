@@ -23,6 +23,8 @@ the edge that meets them (``raise X from exc``); everything above sees only thes
     │   │   ├── GuestFileNotFound      the guest path does not exist
     │   │   └── GuestFileExists        the guest path exists already
     │   └── TransientError        retry with backoff (session lost, busy, network)
+    │       └── ConnectionLost    vCenter or a host unreachable, session gone: the whole job
+    │                             is cut (never one file's error), retried after a reconnect
     ├── ApplianceError             appliance deploy / SSH management
     │   └── HostKeyMismatch        an appliance's SSH host key changed
     └── DiskError                  reading a virtual disk's bytes (scan.sources.disk)
@@ -115,6 +117,14 @@ class GuestFileExists(GuestError):
 
 class TransientError(VsphereError):
     """Retry with backoff: session lost, server busy, connection reset."""
+
+
+class ConnectionLost(TransientError):
+    """vCenter or a host's transfer endpoint cannot be reached, or the session is gone.
+
+    Not one file's trouble: every call on that connection fails alike, so whatever was
+    running (a scan) is cut as a whole and retried once vCenter answers again.
+    """
 
 
 class ApplianceError(VsphereAvError):

@@ -25,6 +25,10 @@ was fully processed together with every file before it; a scan given it as ``res
 skips the walk up to and including that path (the controller keeps it in the job), and
 takes over the incomplete paths of the interrupted run before it (``_carry_incomplete``).
 
+Outages: vCenter or the host not answering (``errors.ConnectionLost`` from the guest adapter,
+also when it breaks a download off) is never one file's error: the scan ends failed and the
+VM unprotected (``_Job._stopped``); the controller retries the job.
+
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
@@ -297,6 +301,7 @@ class ScanResult:
     recovered: int = 0           # detections of an earlier, crashed run finished by this one
     resumed_from: str = ""       # the walk skipped everything up to and including this path
     resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
+    outage: bool = False         # vCenter or the host stopped answering: failed, retry later
     # The first FILES_KEPT incomplete and skipped-by-policy paths (all are in the store):
     # {"path", "kind" (incomplete | skipped), "reason"}.
     files: list[dict[str, str]] = field(default_factory=list)
@@ -411,6 +416,8 @@ class _Job:
                 self._recover_pending(walked=True)
             else:
                 self._carry_incomplete()
+        except errors.ConnectionLost as exc:
+            return self._stopped(exc, started=started, prev_state=prev_state)
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -462,24 +469,34 @@ class _Job:
         return r
 
     def _stopped(self, cause: Exception, *, started: float, prev_state: str | None) -> ScanResult:
-        """The progress callback stopped the scan (shutdown, a time window closed).
+        """The scan stopped before reading everything: the progress callback stopped it
+        (shutdown, a time window closed) or vCenter / the host stopped answering.
 
-        The records are closed (start/end pairs stay balanced) and protection is left as it
-        was: a VM is not unreachable because its window closed. Detections already made stand.
-        A stop asked for with a ``VsphereAvError`` (the controller's) returns the result, whose
-        ``resume_point`` says where to continue; any other exception is raised again.
+        The records are closed (start/end pairs stay balanced). Detections already made stand.
+        A stop the controller asked for leaves protection as it was: a VM is not unreachable
+        because its window closed. An outage (``ConnectionLost``, raised by the guest adapter
+        for the whole connection, never for one file) fails the scan: the VM is
+        ``unprotected`` with the reason (an infected one stays infected) and ``outage`` tells
+        the controller to retry once vCenter answers. A stop asked for with a
+        ``VsphereAvError`` returns the result, whose ``resume_point`` says where to continue;
+        any other exception is raised again.
         """
         r = self.result
         self._flush_index()
-        r.reason = f"interrupted: {cause}"
+        r.outage = isinstance(cause, errors.ConnectionLost)
+        r.reason = (f"scan interrupted: vCenter/host unreachable ({cause})" if r.outage
+                    else f"interrupted: {cause}")
         r.status = ERROR
         if r.found:
             r.status = FOUND
-            r.reason = f"{self._found_reason()}; scan {r.reason}"
+            r.reason = (f"{self._found_reason()}; "
+                        f"{r.reason if r.outage else 'scan ' + r.reason}")
         r.duration = self.clock() - started
         self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
         if r.found:
             self._set_protection(prev_state)
+        elif r.outage and prev_state != INFECTED:
+            self.store.set_protection(self.vm.moref, state=UNPROTECTED, reason=r.reason)
         self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
                     signature_version=r.signature_version, **r.counts())
         if isinstance(cause, errors.VsphereAvError):
@@ -739,8 +756,8 @@ class _Job:
                                     reason=f"listed but cannot be opened: {exc}")
                 return None
             except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
-                    errors.NotFound):
-                raise
+                    errors.NotFound, errors.ConnectionLost):
+                raise                         # the VM's or the connection's trouble, not the file's
             except (errors.TransientError, errors.GuestError) as exc:
                 if attempt == 2:
                     r.errors += 1
@@ -768,11 +785,14 @@ class _Job:
                 finally:
                     slot.release()
         stream = _SlotStream(download, slot)
+        feed = _Feed(stream)
         try:
-            return self.session.scan_stream(stream, path=entry.path, name=entry.name,
-                                            size_hint=download.size)
+            outcome = self.session.scan_stream(feed, path=entry.path, name=entry.name,
+                                               size_hint=download.size)
         finally:
             stream.close()
+        feed.check()
+        return outcome
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
         # A YARA rule and a hash list naming the same threat in the same member are one
@@ -968,6 +988,31 @@ class _StopRequested(Exception):
         self.cause = cause
 
 
+class _Feed:
+    """A download's chunks on their way into the engine, keeping what broke them off.
+
+    The engine turns a failing producer into an "error" verdict of that file; the scan
+    needs the exception itself (:meth:`check`), so that a transfer that broke off is retried
+    and an outage (``ConnectionLost``) ends the scan instead of counting as one file's error.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.error: errors.VsphereAvError | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._chunks
+        except errors.VsphereAvError as exc:
+            self.error = exc
+            raise
+
+    def check(self) -> None:
+        """Raise what broke the download off, if anything did."""
+        if self.error is not None:
+            raise self.error
+
+
 class _SlotStream:
     """A download's chunks that give the transfer slot back as soon as they are read."""
 
@@ -1065,8 +1110,12 @@ class _Transfers:
             try:
                 if not getattr(download, "local", False) or self.receiver is None:
                     return _Fetched(entry=entry, deferred=True)
-                received = self.receiver.receive(self._until_stopped(download.chunks()),
+                feed = _Feed(download.chunks())
+                received = self.receiver.receive(self._until_stopped(feed),
                                                 size_hint=download.size)
+                if feed.error is not None:
+                    received.discard()
+                    return _Fetched(entry=entry, error=feed.error)
                 if self._stop.is_set():
                     received.discard()
                     return _Fetched(entry=entry, deferred=True)

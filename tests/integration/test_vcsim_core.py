@@ -147,6 +147,26 @@ def test_signal_gives_a_clean_exit_zero(vcsim_factory: Factory, sig: int) -> Non
     assert sim.process.wait(timeout=15) == 0
 
 
+def test_identity_restart_is_the_same_vcenter(vcsim_factory: Factory, tmp_path: Path) -> None:
+    identity = tmp_path / "identity.pem"
+    first = vcsim_factory(hosts=1, vms=2, identity=identity)
+    assert identity.stat().st_mode & 0o777 == 0o600
+    def inventory(sim: simulator.Simulator) -> list[tuple[str, str]]:
+        si = connect(sim)
+        return sorted((o.name, o._moId) for kind in (vim.VirtualMachine, vim.HostSystem)
+                      for o in objects(si, kind))
+
+    before = inventory(first)
+    first.process.send_signal(signal.SIGKILL)          # an outage, not a shutdown
+    first.process.wait(timeout=10)
+    again = vcsim_factory(listen=f"{first.host}:{first.port}", guest_root=first.guest_root,
+                          hosts=1, vms=2, identity=identity)
+    assert (again.port, again.thumbprint) == (first.port, first.thumbprint)
+    assert inventory(again) == before
+    other = vcsim_factory(hosts=1, vms=0)              # without -identity: a fresh certificate
+    assert other.thumbprint != first.thumbprint
+
+
 def test_wrong_password_is_refused(vcsim: simulator.Simulator) -> None:
     stub = SoapStubAdapter(host=vcsim.host, port=vcsim.port, sslContext=vcsim.ssl_context())
     try:

@@ -6,6 +6,13 @@ the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable`
 ``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or
 ``TransientError``. The guest password travels only inside the SOAP request.
 
+One file's trouble and an outage are told apart here: vCenter or the host's transfer
+endpoint not answering (refused, reset, timed out) or the session gone is
+``errors.ConnectionLost``, raised by every call alike, including ``walk`` (never passed to its
+``on_error``) and ``open_download``; a download that breaks off mid-body or an HTTP error
+status is a ``TransientError`` of that file (the caller's retry finds out whether the host
+is gone).
+
 Transfers (``https://*:PORT/guestFile?...``) go to the ESXi host the VM runs on: ``*`` is
 replaced by the host's management address. TLS for that hop, in this order:
   1. the host certificate's SHA-256, computed from the PEM vCenter reports in
