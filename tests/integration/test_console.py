@@ -89,6 +89,12 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
+def total_row(driver: Any) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, "#fleet-totals tr.total")
+
+
 def log_in(driver: Any, url: str, token: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -144,21 +150,25 @@ def test_dashboard_in_chromium(vcsim_factory: SimulatorFactory, tmp_path: Path,
             By.CSS_SELECTOR, "#fleet-totals tr[data-host]")}
         assert len(hosts) in (1, 2)
         assert all(h.startswith("DC0_C0_H") for h in hosts)
+        (cluster,) = browser.find_elements(By.CSS_SELECTOR, "#fleet-totals tr.cluster")
+        assert cluster.get_attribute("data-cluster") == "DC0_C0"     # the simulator's cluster
+        assert cluster.find_element(By.CSS_SELECTOR, "td[data-state=protected]").text == \
+            total_row(browser).find_element(By.CSS_SELECTOR, "td[data-state=protected]").text
         rows = browser.find_elements(By.CSS_SELECTOR, "#vms tbody tr")
         assert {r.find_element(By.TAG_NAME, "a").text for r in rows} >= {VM0, VM1}
         wait.until(ec.text_to_be_present_in_element((By.ID, "live-state"), "live"),
                    "the event stream never opened")
+        # an audited change shows up live on the overview through the event stream
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.post("/api/v1/scans", json={"vms": [VM1]}, headers={
+                "Authorization": f"Bearer {tokens['security_admin']}"}).status_code == 202
+        wait.until(ec.text_to_be_present_in_element((By.ID, "recent-events"), "api.scan.request"),
+                   "the audited change never reached the overview")
         shot = tmp_path / "console-overview.png"
         assert browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
         BUILD.mkdir(exist_ok=True)
         shutil.copyfile(shot, BUILD / "console-overview.png")
-        # an audited change shows up live on the overview through the event stream
-        with httpx.Client(base_url=url, timeout=30) as client:
-            assert client.post("/api/v1/scans", json={"vms": [VM1]}, headers={
-                "Authorization": f"Bearer {tokens['security_admin']}"}).status_code == 202
-        wait.until(ec.text_to_be_present_in_element((By.ID, "last-event"), "api.scan.request"),
-                   "the audited change never reached the overview")
 
         # the VM page with its detections
         browser.find_element(By.LINK_TEXT, VM0).click()

@@ -24,6 +24,8 @@ nothing changes on any of them.
 import asyncio
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 EVENTS_POLL = 0.5          # seconds between audit reads of an event stream
 EVENTS_KEEPALIVE = 15.0    # a comment line this often keeps proxies from closing the stream
 AUDIT_PAGE = 1000          # most entries one GET /api/v1/audit returns
+CLUSTERS_TTL = 60.0        # seconds the overview reuses vCenter's host -> cluster map
 # Dashboard pages: only our own script, styles and calls; never framed; no referrer.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -282,6 +285,30 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
                          details={**details, "role": who.token.role})
 
     # -- reading ---------------------------------------------------------------------------
+
+    clusters_cache: dict[str, Any] = {"at": None, "map": {}}
+    clusters_lock = threading.Lock()
+
+    def host_clusters() -> dict[str, str]:
+        """Host name -> cluster name from vCenter, at most once a minute (the overview);
+        the last map (or none) while vCenter does not answer."""
+        if not settings.vcenter.server:
+            return {}
+        with clusters_lock:
+            at = clusters_cache["at"]
+            if at is not None and time.monotonic() - at < CLUSTERS_TTL:
+                return dict(clusters_cache["map"])
+        from vsphere_av.vsphere import inventory
+
+        try:
+            with application() as app:
+                mapping = inventory.host_clusters(app.connection)
+        except errors.VsphereAvError as exc:
+            log.warning("overview: clusters not read: %s", exc)
+            mapping = dict(clusters_cache["map"])
+        with clusters_lock:
+            clusters_cache.update(at=time.monotonic(), map=mapping)
+        return mapping
 
     def vms_document() -> dict[str, Any]:
         from vsphere_av.app import controller_status
@@ -570,7 +597,9 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         if who is None:
             return login_first()
         doc = vms_document()
-        return page(request, "overview.html", who, overview=fleet_counts(doc["vms"]),
+        clusters = host_clusters()
+        return page(request, "overview.html", who,
+                    overview=fleet_counts(doc["vms"], clusters=clusters), clusters=clusters,
                     vms=doc["vms"], hosts=doc["hosts"])
 
     @api.get("/vms/{moref}", response_class=HTMLResponse)
@@ -638,16 +667,23 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
     return api
 
 
-def fleet_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """VM counts by protection state, in total and per host (the overview's table)."""
+def fleet_counts(rows: list[dict[str, Any]], *, clusters: dict[str, str]) -> dict[str, Any]:
+    """VM counts by protection state: in total, per cluster and per host of each cluster
+    (the overview's table; ``clusters``: host name -> cluster name, "" standalone)."""
     states = ("protected", "stale", "infected", "unprotected", "unreachable")
     total = dict.fromkeys(states, 0)
-    hosts: dict[str, dict[str, int]] = {}
+    by_cluster: dict[str, dict[str, Any]] = {}
     for row in rows:
         state = row["state"] if row["state"] in total else "unprotected"
         total[state] += 1
-        hosts.setdefault(row["host"] or "(no host)", dict.fromkeys(states, 0))[state] += 1
-    return {"states": states, "total": total, "hosts": dict(sorted(hosts.items()))}
+        host = row["host"] or "(no host)"
+        cluster = by_cluster.setdefault(clusters.get(host, "") or "(no cluster)",
+                                        {"total": dict.fromkeys(states, 0), "hosts": {}})
+        cluster["total"][state] += 1
+        cluster["hosts"].setdefault(host, dict.fromkeys(states, 0))[state] += 1
+    for cluster in by_cluster.values():
+        cluster["hosts"] = dict(sorted(cluster["hosts"].items()))
+    return {"states": states, "total": total, "clusters": dict(sorted(by_cluster.items()))}
 
 
 def exposure_row(e: Any) -> dict[str, Any]:

@@ -76,22 +76,28 @@ function setUpQuarantine() {
 function redrawFleet(vms) {
   const table = document.getElementById("fleet-totals");
   if (!table) return;
-  const total = Object.fromEntries(STATES.map((s) => [s, 0]));
-  const hosts = {};
+  const clusterOf = JSON.parse(table.dataset.clusters || "{}");
+  const zero = () => Object.fromEntries(STATES.map((s) => [s, 0]));
+  const total = zero();
+  const clusters = {};
   for (const vm of vms) {
     const state = STATES.includes(vm.state) ? vm.state : "unprotected";
-    total[state] += 1;
     const host = vm.host || "(no host)";
-    hosts[host] = hosts[host] || Object.fromEntries(STATES.map((s) => [s, 0]));
-    hosts[host][state] += 1;
+    const name = clusterOf[host] || "(no cluster)";
+    const cluster = clusters[name] = clusters[name] || {total: zero(), hosts: {}};
+    cluster.hosts[host] = cluster.hosts[host] || zero();
+    total[state] += 1;
+    cluster.total[state] += 1;
+    cluster.hosts[host][state] += 1;
   }
   const body = table.tBodies[0];
   body.replaceChildren();
-  const addRow = (label, counts, cls) => {
+  const addRow = (label, counts, cls, key) => {
     const tr = body.insertRow();
-    if (cls) tr.className = cls; else tr.dataset.host = label;
+    tr.className = cls;
+    if (cls !== "total") tr.dataset[cls] = key;
     const th = document.createElement("th");
-    th.textContent = label;
+    th.textContent = (cls === "host" ? "\u00a0\u00a0" : "") + label;
     tr.appendChild(th);
     for (const s of STATES) {
       const td = tr.insertCell();
@@ -100,7 +106,12 @@ function redrawFleet(vms) {
     }
   };
   addRow("all hosts", total, "total");
-  for (const host of Object.keys(hosts).sort()) addRow(host, hosts[host]);
+  for (const name of Object.keys(clusters).sort()) {
+    addRow(name, clusters[name].total, "cluster", name);
+    for (const host of Object.keys(clusters[name].hosts).sort()) {
+      addRow(host, clusters[name].hosts[host], "host", host);
+    }
+  }
   for (const vm of vms) {
     const cell = document.querySelector(`#vms tr[data-moref="${CSS.escape(vm.moref)}"] td:nth-child(3)`);
     if (cell) { cell.textContent = vm.state; cell.className = `state-${vm.state}`; }
@@ -115,8 +126,12 @@ function setUpLive() {
   source.onerror = () => { status.textContent = "event stream interrupted, retrying…"; };
   source.addEventListener("audit", async (event) => {
     const entry = JSON.parse(event.data);
-    document.getElementById("last-event").textContent =
-      `last event: #${entry.seq} ${entry.action} (${entry.actor})`;
+    const recent = document.getElementById("recent-events");
+    const item = document.createElement("li");
+    item.value = entry.seq;
+    item.textContent = `${entry.time.slice(11, 19)} ${entry.action} (${entry.actor})`;
+    recent.prepend(item);
+    while (recent.children.length > 8) recent.lastElementChild.remove();
     const result = await call("GET", "/api/v1/vms");
     if (result.ok) redrawFleet(result.data.vms);
   });
