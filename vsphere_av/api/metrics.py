@@ -7,8 +7,8 @@ signature store). Every value is read from durable state at scrape time, so the 
 are the same whichever process did the work (``serve``, a CLI scan, a restart) and survive
 restarts: counters are totals over the state store's history, as Prometheus expects.
 
-Bytes and files read are labelled by ``path`` (``guest`` for Guest Operations; a ``via``
-column in the scan records, when the scan path records one, gives ``disk`` too).
+Bytes and files read are labelled by ``path``: ``guest`` or ``disk`` once the scan records
+keep a ``via`` column; until then one ``all`` series (both paths write the same records).
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class StateCollector(Collector):
 
         with StateStore.open(self.settings.state_dir) as store:
             columns = {r["name"] for r in store.query("PRAGMA table_info(scans)")}
-            path = "via" if "via" in columns else "'guest'"
+            # Scan records do not say yet how files were read (guest or disk, issue 12):
+            # until they keep a ``via`` column the totals carry path="all".
+            path = "via" if "via" in columns else "'all'"
             started = store.query("SELECT count(*) AS n FROM scans")[0]["n"]
             finished = store.query("SELECT status, count(*) AS n FROM scans WHERE finished != ''"
                                    " GROUP BY status")
@@ -69,13 +71,13 @@ class StateCollector(Collector):
         for r in finished:
             done.add_metric([r["status"]], r["n"])
         yield done
-        nbytes = CounterMetricFamily("vsphere_av_read_bytes", "Bytes read from guests, by path.",
+        nbytes = CounterMetricFamily("vsphere_av_read_bytes", "Bytes read from VMs, by path.",
                                      labels=["path"])
-        files = CounterMetricFamily("vsphere_av_read_files", "Files read from guests, by path.",
+        files = CounterMetricFamily("vsphere_av_read_files", "Files read from VMs, by path.",
                                     labels=["path"])
         for r in read:
-            nbytes.add_metric([r["path"] or "guest"], r["bytes"] or 0)
-            files.add_metric([r["path"] or "guest"], r["files"] or 0)
+            nbytes.add_metric([r["path"] or "all"], r["bytes"] or 0)
+            files.add_metric([r["path"] or "all"], r["files"] or 0)
         yield nbytes
         yield files
         detections = CounterMetricFamily("vsphere_av_detections",
