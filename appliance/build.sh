@@ -42,8 +42,9 @@ mkdir -p "$OUT" "$WORK"
 # -- 1. wheels (outside the image) ------------------------------------------------------
 step "wheels: vsphere-av $version from this checkout, dependencies as binary wheels"
 rm -rf "$WORK/wheels" && mkdir -p "$WORK/wheels"
-"$PY" -m pip wheel -q --no-deps -w "$WORK/wheels" "$REPO"
-"$PY" -m pip wheel -q --only-binary=:all: -w "$WORK/wheels" "$WORK"/wheels/vsphere_av-*.whl
+quiet() { "$@" 2> >(grep -v "is ignored" >&2); }   # this machine's pip settings' noise
+quiet "$PY" -m pip wheel -q --no-deps -w "$WORK/wheels" "$REPO"
+quiet "$PY" -m pip wheel -q --only-binary=:all: -w "$WORK/wheels" "$WORK"/wheels/vsphere_av-*.whl
 
 # -- 2. Debian base (cached by package list) --------------------------------------------
 key=$(printf '%s %s %s' "$SUITE" "$PACKAGES" "$mirror" | sha256sum | cut -c1-16)
@@ -69,10 +70,13 @@ cp -a "$HERE/rootfs/." "$ROOT/"
 chmod 0755 "$ROOT/usr/local/sbin/vsphere-av-setup"
 chmod 0440 "$ROOT/etc/sudoers.d/vsphere-av"
 mkdir -p "$ROOT/tmp/wheels" && cp "$WORK"/wheels/*.whl "$ROOT/tmp/wheels/"
-in_root() { LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$ROOT" "$@"; }
+# A clean environment: nothing of this machine (pip settings, proxies) leaks into the image.
+in_root() { env -i LC_ALL=C.UTF-8 HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$ROOT" "$@"; }
 in_root useradd --system --user-group --home-dir /var/lib/vsphere-av --no-create-home \
   --shell /bin/sh --comment "vsphere-av engine and controller account" vsphere-av
 in_root usermod -p '*' vsphere-av
+# Reading the journal over SSH is how the controller's operator sees why a service failed.
+in_root usermod -a -G systemd-journal vsphere-av
 in_root usermod -p '*' root
 in_root python3 -m venv /opt/vsphere-av/venv
 in_root /opt/vsphere-av/venv/bin/pip install -q --no-index --no-cache-dir \
@@ -82,7 +86,7 @@ rm -rf "$ROOT/tmp/wheels"
 in_root systemctl enable -q systemd-networkd.service nftables.service ssh.service \
   vsphere-av-setup.service vsphere-av-engine.service
 in_root systemctl mask -q systemd-networkd-wait-online.service apt-daily.timer \
-  apt-daily-upgrade.timer e2scrub_all.timer
+  apt-daily-upgrade.timer e2scrub_all.timer systemd-firstboot.service
 # Secrets and identities are made at first boot, never shipped.
 rm -f "$ROOT"/etc/ssh/ssh_host_* "$ROOT/var/lib/dbus/machine-id"
 : >"$ROOT/etc/machine-id"
@@ -95,6 +99,17 @@ in_root chown vsphere-av:vsphere-av /var/lib/vsphere-av
 chmod 0700 "$ROOT/var/lib/vsphere-av"
 # Logins: no password for any account (key-only SSH; the console has nothing to log in with).
 sed -i 's/^\(PASS_MAX_DAYS\).*/\1\t365/; s/^UMASK.*/UMASK\t\t027/' "$ROOT/etc/login.defs"
+# Kernel modules for hardware a VM on ESXi never has (sound, GPUs, radios, cameras, ...):
+# about half of /lib/modules. The initramfs was made before, with what booting needs.
+kver=$(basename "$(ls -d "$ROOT"/lib/modules/*)")
+for dir in sound drivers/gpu drivers/media drivers/net/wireless drivers/infiniband \
+           drivers/bluetooth drivers/staging drivers/isdn drivers/iio drivers/nfc drivers/mmc \
+           drivers/mtd drivers/thunderbolt drivers/input/joystick drivers/input/touchscreen \
+           drivers/net/can drivers/usb/serial net/bluetooth net/wireless net/mac80211 net/nfc \
+           fs/ocfs2 fs/gfs2 fs/nfs fs/nfsd fs/smb fs/ceph fs/afs fs/ubifs; do
+  rm -rf "$ROOT/lib/modules/$kver/kernel/$dir"
+done
+in_root depmod -a "$kver"
 rm -rf "$ROOT"/var/cache/apt/*.bin "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/* \
   "$ROOT"/var/log/*.log "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* "$ROOT"/usr/share/locale/*
 # Checks that must hold before anything is packed.
@@ -110,7 +125,6 @@ done
 
 # -- 4. file systems and the disk -------------------------------------------------------
 step "file systems: ext4 / (read-only) and /var, EFI system partition"
-kver=$(basename "$(ls -d "$ROOT"/lib/modules/*)")
 root_uuid=$(python3 -c 'import uuid; print(uuid.uuid4())')
 var_uuid=$(python3 -c 'import uuid; print(uuid.uuid4())')
 cat >"$ROOT/etc/fstab" <<EOF
