@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vsphere_av import appliances as ap
+from vsphere_av.errors import ApplianceError
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "appliance" / "rootfs" / "usr" / "local" / "sbin" / "vsphere-av-setup"
@@ -144,5 +145,30 @@ def test_a_deploy_fills_the_controllers_key_and_token(tmp_path: Path) -> None:
         {ap.ADDRESS_KEY: "127.0.0.11"}
     assert ap.ovf_properties(ap.ApplianceSettings(), {}, image) == {}
     key_file.write_text("garbage")
-    with pytest.raises(ap.ApplianceError):
+    with pytest.raises(ApplianceError):
         ap.ovf_properties(settings, {}, image)
+
+
+def test_without_a_certificate_the_appliance_makes_its_own(setup: ModuleType, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    written: dict[str, tuple[int, str]] = {}
+
+    def write(path: Path, data: bytes, *, mode: int, group: str = "root") -> None:
+        path.write_bytes(data)
+        written[path.name] = (mode, group)
+
+    monkeypatch.setattr(setup, "write", write)
+    monkeypatch.setattr(setup, "ENGINE_DIR", tmp_path)
+    fingerprint = setup.engine_tls({}, "192.0.2.10")
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    key = serialization.load_pem_private_key((tmp_path / "tls.key").read_bytes(), None)
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in alt.get_values_for_type(x509.IPAddress)] == ["192.0.2.10"]
+    assert fingerprint == cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert written == {"tls.key": (0o640, "vsphere-av"), "tls.crt": (0o644, "root")}
+    # Kept across boots: a second run makes nothing new.
+    assert setup.engine_tls({}, "192.0.2.10") == fingerprint
