@@ -90,7 +90,7 @@ appliance: install
 	$(SUDO) appliance/build.sh build/appliance $(PY)
 
 # Boots the built OVA's disk in QEMU and checks it over forwarded loopback ports.
-appliance-test: install
+appliance-test: install vcsim
 	@[ -f $(APPLIANCE_OVA) ] || { echo "$(APPLIANCE_OVA) missing: run make appliance first"; exit 1; }
 	$(call apt_install,$(APPLIANCE_TEST_PACKAGES),--no-install-recommends)
 	$(PY) tests/appliance/boot_check.py $(APPLIANCE_OVA)

@@ -1,8 +1,10 @@
 """Boot test of the built security appliance (``make appliance-test``, issue 13 point 3).
 
-Unpacks the OVA that ``make appliance`` built, checks its manifest with ``sha256sum -c``, and
-boots the VMDK it carries (through a throw-away qcow2 overlay) in QEMU: EFI with secure boot
-(OVMF with Microsoft's keys enrolled, so Debian's signed shim, GRUB and kernel are verified),
+Unpacks the OVA that ``make appliance`` built, checks its manifest with ``sha256sum -c``,
+deploys it on the bundled simulator through the controller's reconcile (ImportVApp with the
+filled OVF properties, NFC upload of the real disk), and boots the VMDK it carries
+(through a throw-away qcow2 overlay) in QEMU: EFI with secure boot (OVMF with Microsoft's
+keys enrolled, so Debian's signed shim, GRUB and kernel are verified),
 VMware's vmxnet3 NIC (the disk on virtio-scsi: OVMF cannot boot from pvscsi), and the
 deploy-time settings as the OVF environment XML that guestinfo.ovfEnv would deliver, here
 through the fw_cfg entry the appliance's setup service also reads. Then, from the host over
@@ -291,6 +293,68 @@ def presented_host_key(port: int) -> paramiko.PKey:
             transport.close()
 
 
+def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
+                        run: Run) -> None:
+    """The controller's reconcile against the bundled simulator with this OVA's descriptor:
+    CreateImportSpec with its properties, ImportVApp, NFC upload of the real disk, pin, power
+    on. The simulator shows an import's vApp properties as extraConfig."""
+    from pyVmomi import vim
+
+    from vsphere_av import appliances as ap
+    from vsphere_av import simulator
+    from vsphere_av.config import Secret, VcenterSettings
+    from vsphere_av.store.audit import AuditLog
+    from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
+    from vsphere_av.vsphere.connection import connect
+
+    descriptor = next(unpacked.glob("*.ovf"))
+    token_file = work / "engine-token"
+    token_file.write_text(token + "\n", encoding="utf-8")
+    sim = simulator.start(hosts=1, vms=1, guest_root=work / "vcsim-guests")
+    conn = None
+    audit = AuditLog.open(work / "controller-audit")
+    try:
+        conn = connect(VcenterSettings(server=sim.host, port=sim.port, user=sim.username,
+                                       password=Secret(sim.password),
+                                       thumbprint=sim.thumbprint))
+        settings = ap.settings_from({"appliances": {
+            "enabled": True, "ovf": str(descriptor), "addresses": ["127.0.0.91"],
+            "ssh_key_file": str(key_file), "engine_token_file": str(token_file)}})
+        adapter = VsphereApplianceAdapter(connection=conn, settings=settings)
+        desired = ap.Desired.from_settings(settings)
+        result = ap.reconcile_once(adapter=adapter, audit=audit, desired=desired,
+                                   actor="boot-test")
+        run.check("reconcile: deployed from the built OVF without error", result.ok,
+                  "; ".join(r.error for r in result.results if not r.ok))
+        kinds = sorted(a.kind for a in result.actions)
+        observed = adapter.observe(desired=desired).appliances
+        run.check("reconcile: one appliance, deployed, pinned and powered on",
+                  kinds == ["deploy", "pin", "power_on"] and len(observed) == 1
+                  and observed[0].power_state == ap.POWERED_ON,
+                  f"{kinds} {[(o.name, o.power_state) for o in observed]}")
+        # The simulator shows the vApp properties of an import as extraConfig.
+        props = observed[0].extra_config if observed else {}
+        public = paramiko.PKey.from_path(key_file)
+        run.check("reconcile: the import carried the controller's SSH key and the token",
+                  props.get(ap.SSH_KEY_PROPERTY, "").split()[:2]
+                  == [public.get_name(), public.get_base64()]
+                  and props.get(ap.TOKEN_PROPERTY) == token
+                  and props.get(ap.ADDRESS_KEY) == "127.0.0.91")
+        def secure_boot(content: Any) -> bool:
+            view = content.viewManager.CreateContainerView(content.rootFolder,
+                                                           [vim.VirtualMachine], True)
+            vm = next(v for v in view.view if v.name.startswith("vsphere-av-appliance-"))
+            return bool(vm.config.firmware == "efi" and vm.config.bootOptions.efiSecureBootEnabled)
+
+        run.check("reconcile: EFI with secure boot on the deployed VM",
+                  conn.call("read the appliance", secure_boot))
+    finally:
+        audit.close()
+        if conn is not None:
+            conn.close()
+        sim.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ova", type=Path)
@@ -311,6 +375,8 @@ def main() -> int:
         ca_file, cert_pem, key_pem, cert_sha256 = make_pki(work)
         key_file, public_key = make_ssh_key(work)
         token = secrets.token_urlsafe(32)
+        run.step("appliances reconcile deploys this OVA on the simulator",
+                 lambda: deploy_on_simulator(vmdk_box[0].parent, work, key_file, token, run))
         env_xml = work / "ovf-env.xml"
         env_xml.write_text(ovf_environment({
             "vsphere_av.ssh_authorized_key": public_key,
