@@ -9,7 +9,13 @@ VCSIM := build/vcsim
 GOPATH_DEB := /usr/share/gocode
 GOENV := GO111MODULE=off GOPATH=$(GOPATH_DEB) GOCACHE=$(CURDIR)/build/gocache GOFLAGS=
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server python3-venv sudo
+# chromium chromium-driver: the dashboard test's real headless browser (issue 14);
+# libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core: what WeasyPrint needs for PDF reports.
+# e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils: vcsim/mkdisk.sh builds the
+# simulator's VM disks (file systems, LVM, LUKS header, partition table, VMDK).
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server python3-venv sudo \
+  e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils \
+  chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
 
 # The security appliance (issue 13): built with Debian's tools, boot-tested in QEMU. Only the
 # appliance targets install these, so `make test` on a fresh machine never pulls them in.
@@ -19,7 +25,7 @@ APPLIANCE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 APPLIANCE_SETUP := appliance/rootfs/usr/local/sbin/vsphere-av-setup
 APPLIANCE_OVA := build/appliance/vsphere-av-appliance-$(APPLIANCE_VERSION).ova
 
-.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-storm lint clean appliance appliance-test
+.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-disk-scan bench-storm lint clean appliance appliance-test
 
 # System packages: only installed when something is missing, so a machine that has them
 # needs no network and no root. $(call apt_install,PACKAGES[,APT OPTIONS])
@@ -76,6 +82,9 @@ bench-engine: install
 
 bench-guest-scan: install vcsim
 	$(PY) bench/guest_scan.py
+
+bench-disk-scan: install vcsim
+	$(PY) bench/disk_scan.py
 
 bench-storm: install vcsim
 	$(PY) bench/storm.py

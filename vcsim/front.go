@@ -47,11 +47,12 @@ func internalCtx(user string) *simulator.Context {
 func installCore(srv *simulator.Server) {
 	installHosts()
 	installTools()
+	installNics()
 	if addr, ok := srv.Listener.Addr().(*net.TCPAddr); ok {
 		nfcFrom = []byte("https://*/nfc/")
 		nfcTo = []byte("https://*:" + strconv.Itoa(addr.Port) + "/nfc/")
 	}
-	srv.Config.Handler = &front{next: srv.Config.Handler}
+	srv.Config.Handler = &folderGuard{next: &front{next: srv.Config.Handler}}
 }
 
 // The library's ImportVApp / ExportVm lease URLs are https://*/nfc/... without the port; a
@@ -149,6 +150,8 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch req := method.Body.(type) {
 	case *types.MigrateVM_Task:
 		rec = f.migrate(c, req)
+	case *types.PowerOnVM_Task:
+		rec = f.powerOnCall(c, req)
 	case *types.QueryEvents:
 		rec = f.queryEvents(c, req)
 	case *types.PostEvent:
@@ -159,14 +162,20 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rec = f.scroll(c, req.This)
 	case *types.ResetCollector:
 		rec = f.scroll(c, req.This)
+	case *types.CreateSnapshot_Task:
+		if snapshotsDisabled(req.This) {
+			rec = snapshotRefused(req.This, &types.SnapshotDisabled{})
+			break
+		}
+		if req.Memory && independentDisk(req.This) {
+			rec = snapshotRefused(req.This, &types.MemorySnapshotOnIndependentDisk{})
+			break
+		}
+		rec = f.passWithFixup(c, method, r)
 	case *types.RewindCollector:
 		rec = f.scroll(c, req.This)
 	default:
-		before := fixupFor(method, userOf(r))
-		rec = f.pass(c, body)
-		if rec.Code == http.StatusOK && before != nil {
-			before(rec.Body.Bytes())
-		}
+		rec = f.passWithFixup(c, method, r)
 		if login, ok := method.Body.(*types.Login); ok && rec.Code == http.StatusOK {
 			rememberUser(rec, login.UserName)
 		}
@@ -175,32 +184,65 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	writeRecorded(w, rec)
 }
 
+// passWithFixup passes the call to the library and runs its fix-up if it succeeded.
+func (f *front) passWithFixup(c *soapCall, method *simulator.Method, r *http.Request) *httptest.ResponseRecorder {
+	before := fixupFor(method, userOf(r))
+	rec := f.pass(c, c.body)
+	if rec.Code == http.StatusOK && before != nil {
+		before(rec.Body.Bytes())
+	}
+	return rec
+}
+
 // fixupFor runs before the call (recording what the fix-up needs) and returns the fix-up,
 // which runs only if the call answered without a fault.
 func fixupFor(method *simulator.Method, user string) func(response []byte) {
 	switch req := method.Body.(type) {
 	case *types.CreateSnapshot_Task:
-		return afterCreateSnapshot(req)
+		return withDisk(afterCreateSnapshot(req), func() types.ManagedObjectReference { return req.This }, leafEmpty)
 	case *types.RevertToSnapshot_Task:
-		return afterRevertToSnapshot(req, user)
+		vmRef := snapshotVM(req.This)
+		return withDisk(afterRevertToSnapshot(req, user), func() types.ManagedObjectReference { return vmRef }, leafEmpty)
 	case *types.RevertToCurrentSnapshot_Task:
-		return afterRevertToCurrentSnapshot(req, user)
+		return withDisk(afterRevertToCurrentSnapshot(req, user), func() types.ManagedObjectReference { return req.This }, leafEmpty)
 	case *types.RemoveSnapshot_Task:
-		return afterRemoveSnapshot(req)
+		vmRef := snapshotVM(req.This)
+		return withDisk(afterRemoveSnapshot(req), func() types.ManagedObjectReference { return vmRef }, leafLive)
 	case *types.RemoveAllSnapshots_Task:
-		return afterRemoveAllSnapshots(req)
+		return withDisk(afterRemoveAllSnapshots(req), func() types.ManagedObjectReference { return req.This }, leafLive)
+	case *types.PowerOffVM_Task:
+		return afterPowerOffDisk(req.This)
+	case *types.SuspendVM_Task:
+		return afterPowerOffDisk(req.This)
+	case *types.ShutdownGuest:
+		return func([]byte) {
+			if diskOpts.enabled {
+				reconcileDisk(req.This, leafLive)
+			}
+		}
 	case *types.CloneVM_Task:
-		return afterClone(req, user)
+		restore := keepSourceDisks(req.This)
+		after := withDisk(afterClone(req, user), nil, leafLive)
+		return func(response []byte) {
+			restore()
+			after(response)
+		}
 	case *types.RelocateVM_Task:
 		return afterRelocate(req.This, req.Spec, "", "")
 	case *types.ReconfigVM_Task:
+		restore := beforeDiskEdit(req)
 		return func(response []byte) {
+			if restore != nil {
+				restore()
+			}
 			if succeeded(response) {
 				syncToolsLocked(req.This)
 			}
 		}
 	case *types.AddHost_Task:
 		return afterAddHost(req)
+	case *types.AcquireGenericServiceTicket:
+		return afterServiceTicket(req)
 	case *types.SetCollectorPageSize:
 		return afterSetPageSize(req)
 	case *types.DestroyCollector:

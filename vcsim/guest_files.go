@@ -454,20 +454,20 @@ func createGuestTemp(vm types.ManagedObjectReference, auth types.BaseGuestAuthen
 	}
 	var name string
 	if isDir {
-		p, err := os.MkdirTemp(r.host, prefix+"*"+suffix)
+		p, err := os.MkdirTemp(r.host, guestHostName(prefix)+"*"+guestHostName(suffix))
 		if err != nil {
 			return "", guestFSFault(gp.guest, err)
 		}
 		name = filepath.Base(p)
 	} else {
-		tf, err := os.CreateTemp(r.host, prefix+"*"+suffix)
+		tf, err := os.CreateTemp(r.host, guestHostName(prefix)+"*"+guestHostName(suffix))
 		if err != nil {
 			return "", guestFSFault(gp.guest, err)
 		}
 		name = filepath.Base(tf.Name())
 		tf.Close()
 	}
-	return strings.TrimRight(dir, `/\`) + sep + name, nil
+	return strings.TrimRight(dir, `/\`) + sep + guestWireName(name), nil
 }
 
 func (m *guestFileManager) ChangeFileAttributesInGuest(ctx *simulator.Context, req *types.ChangeFileAttributesInGuest) soap.HasFault {

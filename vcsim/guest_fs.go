@@ -8,6 +8,13 @@
 // inside the VM root (relative targets from the link's directory, absolute targets as
 // host paths); one that leads outside is never followed: listings show it as a symlink
 // and reading or writing through it fails with GuestPermissionDenied.
+//
+// Names on the wire: a guest file name is a byte string, SOAP carries XML 1.0 text, which
+// has no way to say ESC, BEL (most C0 controls) or bytes that are not UTF-8 (the encoder
+// would turn each into U+FFFD and the file could never be named again). Every such byte b
+// travels as the private-use character U+F700+b, and so does each byte of a name's own
+// U+F700..U+F7FF characters, so the mapping is reversible for every name: guestWireName
+// on the way out (listings), guestHostName on the way in (every path a client sends).
 package main
 
 import (
@@ -22,6 +29,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/soap"
@@ -90,9 +98,52 @@ func (g *guestVM) parseGuestPath(p string) (*guestPathSpec, *soap.Fault) {
 		if g.windows && strings.ContainsAny(c, `:*?"<>|`) {
 			return nil, bad(`contains one of :*?"<>|`)
 		}
-		gp.comps = append(gp.comps, c)
+		gp.comps = append(gp.comps, guestHostName(c))
 	}
 	return gp, nil
+}
+
+// guestWireBase is where the private-use characters that stand for single bytes begin.
+const guestWireBase = 0xF700
+
+// guestWireByte reports whether byte b of a name cannot travel in XML 1.0 as it is: C0
+// controls other than TAB and LF. CR could go as a character reference, but a client that
+// writes it back literally (pyVmomi does) has it turned into LF by the XML parser.
+func guestWireByte(b byte) bool { return b < 0x20 && b != '\t' && b != '\n' }
+
+// guestWireName is a host file name as listings send it (see the file comment).
+func guestWireName(name string) string {
+	var out strings.Builder
+	for i := 0; i < len(name); {
+		r, size := utf8.DecodeRuneInString(name[i:])
+		bad := (r == utf8.RuneError && size == 1) || r == 0xFFFE || r == 0xFFFF ||
+			(r >= guestWireBase && r <= guestWireBase+0xFF) || (size == 1 && guestWireByte(name[i]))
+		if !bad {
+			out.WriteString(name[i : i+size])
+		} else {
+			for j := 0; j < size; j++ {
+				out.WriteRune(rune(guestWireBase + int(name[i+j])))
+			}
+		}
+		i += size
+	}
+	return out.String()
+}
+
+// guestHostName is the host file name a client means by a name in wire form.
+func guestHostName(name string) string {
+	if strings.IndexFunc(name, func(r rune) bool { return r >= guestWireBase && r <= guestWireBase+0xFF }) < 0 {
+		return name
+	}
+	var out []byte
+	for _, r := range name {
+		if r >= guestWireBase && r <= guestWireBase+0xFF {
+			out = append(out, byte(r-guestWireBase))
+		} else {
+			out = utf8.AppendRune(out, r)
+		}
+	}
+	return string(out)
 }
 
 func guestIsLetter(b byte) bool { return (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') }
@@ -305,7 +356,7 @@ func (g *guestVM) attributes(host string, fi os.FileInfo) types.BaseGuestFileAtt
 	}
 	if fi.Mode()&os.ModeSymlink != 0 {
 		if link, err := os.Readlink(host); err == nil {
-			base.SymlinkTarget = link
+			base.SymlinkTarget = guestWireName(link)
 		}
 	}
 	if g.windows {
@@ -331,7 +382,7 @@ func (g *guestVM) attributes(host string, fi os.FileInfo) types.BaseGuestFileAtt
 
 func (g *guestVM) fileInfo(name, host string, fi os.FileInfo) types.GuestFileInfo {
 	return types.GuestFileInfo{
-		Path:       name,
+		Path:       guestWireName(name),
 		Type:       guestFileType(fi),
 		Size:       fi.Size(),
 		Attributes: g.attributes(host, fi),
@@ -350,7 +401,7 @@ func (g *guestVM) listDir(dir string, re *regexp.Regexp, index, max int) ([]type
 	for {
 		batch, rerr := f.Readdirnames(1024)
 		for _, n := range batch {
-			if re.MatchString(n) {
+			if re.MatchString(guestWireName(n)) {
 				names = append(names, n)
 			}
 		}

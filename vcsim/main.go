@@ -71,7 +71,10 @@ func run() error {
 	guestUser := flag.String("guest-user", "root", "the guest account every VM accepts")
 	guestPassword := flag.String("guest-password", "vmware", "password of the guest account")
 	certFile := flag.String("cert", "", "write the server's PEM certificate to this file")
+	identity := flag.String("identity", "", "PEM file with the TLS key and certificate: used when it exists, written (0600) with a fresh pair when not, so a restarted simulator presents the same certificate")
 	verbose := flag.Bool("verbose", false, "keep the library's per-update property collector log lines")
+	disks := flag.Bool("disks", false, "give every VM a real disk image built from its guest tree (disks.go)")
+	mkdisk := flag.String("mkdisk", "", "the disk build script (default: vcsim/mkdisk.sh beside build/)")
 	flag.Parse()
 	if !*verbose {
 		log.SetOutput(&quietLog{out: os.Stderr})
@@ -118,6 +121,14 @@ func run() error {
 	}
 	_ = probe.Close()
 
+	if *disks {
+		script, serr := findMkdisk(*mkdisk)
+		if serr != nil {
+			return serr
+		}
+		diskOpts.enabled, diskOpts.script = true, script
+	}
+	vcLogin.user, vcLogin.password = *username, *password
 	opts.GuestUser = *guestUser
 	opts.GuestPassword = *guestPassword
 	if *guestRoot == "" {
@@ -134,9 +145,9 @@ func run() error {
 		opts.GuestRoot = *guestRoot
 	}
 
-	cert, err := selfSignedCert(ip)
+	cert, err := serverCert(ip, *identity)
 	if err != nil {
-		return fmt.Errorf("generating the TLS certificate: %s", err)
+		return err
 	}
 	if *certFile != "" {
 		block := &pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}
@@ -184,6 +195,9 @@ func run() error {
 	installGuest(svc, srv)
 	installVapi(svc) // POST /api: JSON-RPC sessions and tagging (vapi.go)
 	installCore(srv)
+	if diskOpts.enabled {
+		buildAllDisks() // before the URL is printed: clients find the disks ready
+	}
 
 	addr := srv.Listener.Addr().(*net.TCPAddr)
 	sdk := url.URL{
@@ -207,6 +221,38 @@ func run() error {
 	sig := <-signals
 	log.Printf("%s: shutting down", sig)
 	return nil
+}
+
+// serverCert is the certificate the simulator presents: a fresh one, or with -identity the
+// pair kept in that file (created on first use). A restart that must look like the same
+// vCenter (clients pin the thumbprint) passes the same file.
+func serverCert(listen net.IP, identity string) (tls.Certificate, error) {
+	if identity != "" {
+		if _, err := os.Stat(identity); err == nil {
+			cert, lerr := tls.LoadX509KeyPair(identity, identity)
+			if lerr != nil {
+				return tls.Certificate{}, fmt.Errorf("-identity %s: %s", identity, lerr)
+			}
+			return cert, nil
+		}
+	}
+	cert, err := selfSignedCert(listen)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("generating the TLS certificate: %s", err)
+	}
+	if identity == "" {
+		return cert, nil
+	}
+	key, ok := cert.PrivateKey.(*rsa.PrivateKey)
+	if !ok {
+		return tls.Certificate{}, fmt.Errorf("-identity: unexpected key type")
+	}
+	blocks := pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)})
+	blocks = append(blocks, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})...)
+	if err = os.WriteFile(identity, blocks, 0o600); err != nil {
+		return tls.Certificate{}, fmt.Errorf("-identity: %s", err)
+	}
+	return cert, nil
 }
 
 // selfSignedCert makes a fresh RSA 2048 certificate for 127.0.0.1 (and the listen IP).

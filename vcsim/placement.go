@@ -239,8 +239,9 @@ func afterClone(req *types.CloneVM_Task, user string) func([]byte) {
 	}
 }
 
-// setPowerState drives a VM to a power state through the library's own tasks, so events,
-// tools status and properties follow as for a client's request.
+// setPowerState drives a VM to a power state through the same tasks as a client's request
+// (powerOn for power-ons, the library's for the rest), so events, tools status, vNICs and
+// properties follow as for a client's request.
 func setPowerState(vm *simulator.VirtualMachine, want types.VirtualMachinePowerState, user string) {
 	ctx := internalCtx(user)
 	simulator.Map.WithLock(vm, func() {
@@ -250,12 +251,12 @@ func setPowerState(vm *simulator.VirtualMachine, want types.VirtualMachinePowerS
 		}
 		switch want {
 		case types.VirtualMachinePowerStatePoweredOn:
-			vm.PowerOnVMTask(ctx, &types.PowerOnVM_Task{This: vm.Self})
+			powerOn(vm, user)
 		case types.VirtualMachinePowerStatePoweredOff:
 			vm.PowerOffVMTask(ctx, &types.PowerOffVM_Task{This: vm.Self})
 		case types.VirtualMachinePowerStateSuspended:
 			if have == types.VirtualMachinePowerStatePoweredOff {
-				vm.PowerOnVMTask(ctx, &types.PowerOnVM_Task{This: vm.Self})
+				powerOn(vm, user)
 			}
 			vm.SuspendVMTask(ctx, &types.SuspendVM_Task{This: vm.Self})
 		}

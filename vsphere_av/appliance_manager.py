@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av import appliances as ap
+from vsphere_av.config import ApplianceSettings
 from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
 
 HEALTH_FILE = Path("appliances") / "health.json"
@@ -88,7 +89,7 @@ def _write_health(state_dir: Path | str, *, down: Mapping[str, str],
 class ApplianceManager:
     """The appliances of one controller (one vCenter, one state directory)."""
 
-    def __init__(self, *, state_dir: Path | str, settings: ap.ApplianceSettings, adapter: Any,
+    def __init__(self, *, state_dir: Path | str, settings: ApplianceSettings, adapter: Any,
                  audit: Any, actor: str, clock: Callable[[], float] = time.time,
                  ssh_open: Callable[..., Any] | None = None) -> None:
         self.state_dir = Path(state_dir)
@@ -269,7 +270,7 @@ def open_manager(settings: Any, *, connection: Any, audit: Any, actor: str) -> A
     """Wire a manager from ``config.Settings`` and a vCenter ``Connection``."""
     from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
 
-    section = ap.settings_from(settings.extra)
+    section = settings.appliances
     adapter = VsphereApplianceAdapter(connection=connection, settings=section)
     return ApplianceManager(state_dir=settings.state_dir, settings=section, adapter=adapter,
                             audit=audit, actor=actor)
@@ -294,7 +295,7 @@ def periodic_hook(settings: Any, *, connection: Callable[[], Any], audit: Any, a
     nothing when ``[appliances] enabled`` is false. Health checks need ``ssh_key_file`` and
     ``engine_token_file``; without them only the reconcile runs.
     """
-    section = ap.settings_from(settings.extra)
+    section = settings.appliances
     rounds = {"n": 0}
 
     def appliances_reconcile() -> None:

@@ -3,7 +3,7 @@
 Called by ``cli.py`` (``appliances reconcile``) and by the controller's ``serve`` loop through
 :func:`reconcile_once`. Calls only the collaborators it is handed: an :class:`ApplianceAdapter`
 (``vsphere_av.vsphere.appliances.VsphereApplianceAdapter`` in production, which does every
-vSphere call) and the audit log (plus ``config.typed_section`` to check its settings).
+vSphere call) and the audit log; its settings are ``config.ApplianceSettings`` (``[appliances]``).
 :func:`plan` is a pure function of the desired spec and the observed inventory; :func:`apply`
 performs the actions and is idempotent because every adapter method re-reads what it changes
 (adding a group that exists edits it, powering on a running VM is a no-op, destroying a VM
@@ -26,14 +26,13 @@ extraConfig ``guestinfo.ipaddress``, which the appliance image applies to its NI
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vsphere_av.config import typed_section
-from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
+from vsphere_av.config import ApplianceSettings  # the [appliances] section, declared there
+from vsphere_av.errors import ApplianceError, VsphereAvError
 
 ROLE_KEY = "vsphere-av.role"
 ROLE_VALUE = "appliance"
@@ -67,68 +66,6 @@ APPLIANCE_DOWN = "appliance down"   # the status reason of VMs whose appliance c
 # Order in which a plan's actions are applied: clean-up first (so names and addresses are
 # free), then creation, then the fixes that depend on the VM existing.
 KINDS = ("destroy", "unpin", "deploy", "configure", "relocate", "pin", "power_on", "shutdown")
-MAX_ADDRESSES = 4096
-DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class ApplianceSettings:
-    """The ``[appliances]`` section of the config file."""
-
-    enabled: bool = False
-    source: str = "ovf"                     # ovf | template
-    ovf: str = str(DATA_DIR / "appliance.ovf")
-    template: str = ""                      # template VM name when source = "template"
-    clusters: tuple[str, ...] = ()          # cluster names; empty = every host
-    name_prefix: str = "vsphere-av-appliance-"
-    datastore: str = ""                     # empty: the host's local datastore, else its first
-    network: str = ""                       # empty: the host's first network
-    folder: str = ""                        # VM folder name; empty: the datacenter's VM folder
-    addresses: tuple[str, ...] = ()         # pool: "127.0.0.11", "127.0.0.11-127.0.0.40", CIDR
-    ssh_user: str = "vsphere-av"
-    ssh_port: int = 22
-    ssh_key_file: str = ""                  # private key (keys only, never passwords)
-    engine_port: int = 8443
-    engine_token_file: str = ""             # bearer token shared with the engine services
-    engine_ca_file: str = ""                # CA of the engine services' TLS certs: https if set
-    restart_command: str = "sudo -n systemctl restart vsphere-av-engine"  # run over SSH
-    remote_state_dir: str = "/var/lib/vsphere-av"   # the appliance engine's state directory
-    interval: int = 30                      # seconds between reconcile rounds inside `serve`
-
-    def address_pool(self) -> list[str]:
-        """Expand ``addresses`` into a list of IPv4/IPv6 strings (bounded)."""
-        return expand_addresses(self.addresses)
-
-
-_SETTING_KINDS: Mapping[str, type] = {
-    "enabled": bool, "source": str, "ovf": str, "template": str, "clusters": tuple,
-    "name_prefix": str, "datastore": str, "network": str, "folder": str, "addresses": tuple,
-    "ssh_user": str, "ssh_port": int, "ssh_key_file": str, "engine_port": int,
-    "engine_token_file": str, "engine_ca_file": str, "restart_command": str,
-    "remote_state_dir": str, "interval": int,
-}
-
-
-def settings_from(extra: Mapping[str, Any]) -> ApplianceSettings:
-    """Parse ``settings.extra["appliances"]``; ConfigError on anything malformed."""
-    values = typed_section(extra.get("appliances", {}), _SETTING_KINDS, "appliances")
-    result = ApplianceSettings(**values)
-    if result.source not in ("ovf", "template"):
-        raise ConfigError("appliances.source must be ovf or template")
-    if result.source == "template" and not result.template:
-        raise ConfigError("appliances.template must name a template VM when source = template")
-    if not result.name_prefix or len(result.name_prefix) > 40:
-        raise ConfigError("appliances.name_prefix must be 1 to 40 characters")
-    for port_key in ("ssh_port", "engine_port"):
-        if not 0 < getattr(result, port_key) < 65536:
-            raise ConfigError(f"appliances.{port_key} must be a TCP port")
-    if result.interval < 1:
-        raise ConfigError("appliances.interval must be at least 1 second")
-    result.address_pool()  # validate now, not at deploy time
-    return result
 
 
 def declared_properties(descriptor: str) -> set[str]:
@@ -165,45 +102,6 @@ def ovf_properties(settings: ApplianceSettings, extra_config: Mapping[str, str],
     if TOKEN_PROPERTY in declared and settings.engine_token_file:
         values[TOKEN_PROPERTY] = load_token(token_file=settings.engine_token_file)
     return values
-
-
-def expand_addresses(entries: Iterable[str]) -> list[str]:
-    """Expand single addresses, ``A-B`` ranges and CIDR blocks, in order, without duplicates."""
-    out: list[str] = []
-    seen: set[str] = set()
-
-    def add(addr: Any) -> None:
-        text = str(addr)
-        if text not in seen:
-            if len(out) >= MAX_ADDRESSES:
-                raise ConfigError(f"appliances.addresses: more than {MAX_ADDRESSES} addresses")
-            seen.add(text)
-            out.append(text)
-
-    for raw in entries:
-        entry = raw.strip()
-        try:
-            if "/" in entry:
-                net = ipaddress.ip_network(entry, strict=False)
-                if net.num_addresses > MAX_ADDRESSES + 2:   # checked before expanding
-                    raise ConfigError(f"appliances.addresses: {entry} is too large")
-                for addr in (net.hosts() if net.num_addresses > 2 else net):
-                    add(addr)
-            elif "-" in entry:
-                first_text, last_text = (p.strip() for p in entry.split("-", 1))
-                first, last = ipaddress.ip_address(first_text), ipaddress.ip_address(last_text)
-                if first.version != last.version or int(last) < int(first):
-                    raise ConfigError(f"appliances.addresses: bad range {entry!r}")
-                if int(last) - int(first) >= MAX_ADDRESSES:
-                    raise ConfigError(f"appliances.addresses: {entry} is too large")
-                for value in range(int(first), int(last) + 1):
-                    add(ipaddress.ip_address(value))
-            else:
-                add(ipaddress.ip_address(entry))
-        except ValueError as exc:
-            raise ConfigError(
-                f"appliances.addresses: {entry!r} is not an address, range or CIDR") from exc
-    return out
 
 
 # ----------------------------------------------------------------------------- observed state

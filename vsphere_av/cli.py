@@ -27,6 +27,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def shown(name: str) -> str:
+    """A file name safe to print on a terminal: bytes that are not UTF-8 and control
+    characters (ESC would drive the terminal) as ``\\xNN`` escapes."""
+    from vsphere_av.engine.matcher import utf8_name
+
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in utf8_name(name))
+
+
 def print_json(document: Any) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
@@ -106,9 +115,11 @@ Command = Callable[..., Any]
 @click.option("--guest-user", default="root", show_default=True,
               help="The guest account every VM accepts.")
 @click.option("--guest-password", default="vmware", show_default=True, help="Its password.")
+@click.option("--disks", is_flag=True, default=False,
+              help="Give every VM a real disk image built from its guest tree.")
 def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms: int,
                   username: str, password: str, guest_root: str | None, guest_user: str,
-                  guest_password: str) -> None:
+                  guest_password: str, disks: bool) -> None:
     """Run the bundled vSphere simulator in the foreground (first line: the SDK URL)."""
     from pathlib import Path
 
@@ -118,7 +129,7 @@ def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms:
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
         username=username, password=password,
         guest_root=Path(guest_root) if guest_root else None,
-        guest_user=guest_user, guest_password=guest_password,
+        guest_user=guest_user, guest_password=guest_password, disks=disks,
     )
     sys.stdout.flush()
     simulator.exec_foreground(argv)
@@ -205,6 +216,7 @@ def signatures_rollback(ctx: click.Context) -> None:
 def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_json: bool,
                no_cache: bool) -> None:
     """Scan local files and directories with the active signatures (exit 1 on detection)."""
+    from vsphere_av.engine import TOO_LARGE
     from vsphere_av.engine.localscan import detection_path, scan_paths
 
     settings = settings_from(ctx)
@@ -229,12 +241,12 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
     else:
         for outcome in report.detected:
             for d in outcome.detections:
-                click.echo(f"INFECTED {detection_path(outcome.path, d.member)}: {d.threat} "
-                           f"[{d.source} {d.rule}]")
+                click.echo(f"INFECTED {shown(detection_path(outcome.path, d.member))}: "
+                           f"{d.threat} [{d.source} {d.rule}]")
         for outcome in report.skipped:
-            click.echo(f"skipped  {outcome.path}: {outcome.reason}")
+            click.echo(f"skipped  {shown(outcome.path)}: {shown(outcome.reason)}")
         for outcome in report.errors:
-            click.echo(f"error    {outcome.path}: {outcome.reason}", err=True)
+            click.echo(f"error    {shown(outcome.path)}: {shown(outcome.reason)}", err=True)
         mb = report.bytes / 1e6
         rate = mb / report.seconds if report.seconds else 0.0
         click.echo(f"{report.files} files, {mb:.1f} MB in {report.seconds:.1f} s ({rate:.1f} MB/s, "
@@ -243,7 +255,11 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
                    f"{len(report.errors)} errors")
     if report.detected:
         sys.exit(EXIT_DETECTED)
-    if report.errors:
+    # A file not read to the end is as unchecked here as in a guest scan (exit 2), unless
+    # the policy skips large files on purpose (scan.skip_large).
+    unchecked = [o for o in report.skipped
+                 if not (settings.scan.skip_large and o.reason == TOO_LARGE)]
+    if report.errors or unchecked:
         sys.exit(EXIT_ERROR)
 
 
@@ -274,19 +290,27 @@ def _scan_progress(enabled: bool) -> Any:
 @main.command("scan")
 @click.argument("vms", nargs=-1)
 @click.option("--all", "all_vms", is_flag=True,
-              help="Scan every VM (powered-off ones are skipped).")
-@click.option("--full", is_flag=True, help="Download every file, even unchanged ones.")
+              help="Scan every VM (powered-off ones through their disks, unless --via guest).")
+@click.option("--full", is_flag=True, help="Read every file, even unchanged ones.")
+@click.option("--via", default=None, metavar="auto|disk|guest",
+              help="Read files through the VMs' disks or Guest Operations (default: scan.via, "
+                   "auto: disk for VMs off, without guest credentials or tools).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool,
-             as_json: bool) -> None:
-    """Scan running VMs' files through Guest Operations and remediate detections."""
+             via: str | None, as_json: bool) -> None:
+    """Scan VMs' files (Guest Operations or their virtual disks) and remediate detections."""
     if bool(vms) == all_vms:
         raise errors.ConfigError("name one or more VMs, or use --all (not both)")
+    from vsphere_av.config import SCAN_VIA
+    if via is not None and via not in SCAN_VIA:
+        raise errors.ConfigError(f"--via {via!r}: must be one of {', '.join(SCAN_VIA)}")
     # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
-    # storm limits) instead of scanning beside it; None when no controller is running.
+    # storm limits) instead of scanning beside it; None when no controller is running. The
+    # controller does not take disk scans yet: an explicit --via disk scans here.
     from vsphere_av.app import hand_over_scan
-    handed = hand_over_scan(settings_from(ctx), names=vms, all_vms=all_vms, full=full)
+    handed = None if via == "disk" else hand_over_scan(settings_from(ctx), names=vms,
+                                                       all_vms=all_vms, full=full)
     app = _app(ctx)
     show = not as_json and sys.stderr.isatty()
     with _scan_progress(show) as progress:
@@ -303,17 +327,23 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                                 description=f"{event.vm}" + (" done" if event.done else ""))
 
         report = handed or app.scan(names=vms, all_vms=all_vms, full=full,
-                                    on_progress=on_progress, on_start=on_start)
+                                    on_progress=on_progress, on_start=on_start, via=via)
     if as_json:
-        print_json(report.as_dict())
+        print_json(report.as_dict(files_of=app.store.scan_files))
     else:
-        rows = [{"vm": r.vm, "host": r.host, "status": r.status, "scanned": r.scanned,
-                 "unchanged": r.unchanged, "skipped": r.skipped, "errors": r.errors,
-                 "detections": len(r.found), "reason": r.reason} for r in report.results]
-        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped", "errors",
-                           "detections", "reason"],
-                    title=f"guest scan (signature version {report.signature_version})")
+        rows = [{"vm": r.vm, "host": r.host, "via": r.via, "status": r.status,
+                 "scanned": r.scanned, "unchanged": r.unchanged, "skipped": r.skipped,
+                 "incomplete": r.incomplete, "detections": len(r.found), "reason": r.reason}
+                for r in report.results]
+        print_table(rows, ["vm", "host", "via", "status", "scanned", "unchanged", "skipped",
+                           "incomplete", "detections", "reason"],
+                    title=f"scan (signature version {report.signature_version})")
         for r in report.results:
+            for u in r.files:
+                click.echo(f"{r.vm}: {u['kind']}: {u['path']}: {u['reason']}")
+            if len(r.files) < r.incomplete + r.skipped_by_policy:
+                click.echo(f"{r.vm}: ... {r.incomplete + r.skipped_by_policy - len(r.files)} "
+                           f"more: vsphere-av scan --json or status --json lists them all")
             for f in r.found:
                 member = f" [{f.member}]" if f.member else ""
                 click.echo(f"{r.vm}: {f.path}{member}: {f.threat} -> {f.action}"
@@ -321,7 +351,7 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                            + (f" ({f.detail})" if f.detail else ""))
         s = report.summary()
         click.echo(f"{s['vms']} VM(s): {s['scanned']} scanned, {s['unchanged']} unchanged, "
-                   f"{s['skipped_files']} skipped, {s['errors']} errors, "
+                   f"{s['skipped_files']} skipped, {s['incomplete_files']} incomplete, "
                    f"{s['detections']} detection(s) in {s['duration']:.1f}s")
     ctx.exit(report.exit_code())
 
@@ -693,6 +723,109 @@ def serve_cmd(ctx: click.Context, log_level: str) -> None:
                f" (state in {settings.state_dir})", err=True)
     run_controller(settings, stop)
     click.echo("vsphere-av serve: stopped", err=True)
+
+
+# --- the console (issue 14: api/): tokens and reports ---
+
+
+@main.group("api")
+def api_group() -> None:
+    """The console's REST API (served by 'serve' when [api] listen is set)."""
+
+
+@api_group.group("token")
+def api_token_group() -> None:
+    """Bearer tokens: create (printed once, stored as a hash), list, revoke."""
+
+
+def _token_store(ctx: click.Context) -> Any:
+    from vsphere_av.api.tokens import TokenStore
+
+    store = TokenStore(state_dir=settings_from(ctx).state_dir)
+    ctx.call_on_close(store.close)
+    return store
+
+
+@api_token_group.command("create")
+@click.option("--name", required=True, help="Who or what uses it (the audit log's actor).")
+@click.option("--role", required=True,
+              type=click.Choice(["security_admin", "infrastructure_admin", "auditor"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def api_token_create(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
+    """Create a token and print it once: only its hash is kept."""
+    from vsphere_av import access
+    from vsphere_av.api.tokens import ROLE_NAMES
+    from vsphere_av.store.audit import current_actor
+
+    settings = settings_from(ctx)
+    if not access.may_grant(ROLE_NAMES[role], settings=settings.access,
+                            state_dir=settings.state_dir):
+        raise errors.AccessDenied(f"api token create: a token of role {role} needs that "
+                                  f"role (access.{ROLE_NAMES[role]})")
+    token = _token_store(ctx).create(name=name, role=role,
+                                     actor=current_actor(state_dir=settings.state_dir))
+    if as_json:
+        print_json({"name": name, "role": role, "token": token})
+    else:
+        click.echo(token)
+        click.echo(f"token {name!r} ({role}) created; it is shown only now", err=True)
+
+
+@api_token_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def api_token_list(ctx: click.Context, as_json: bool) -> None:
+    """Every token's name, role, creator and revocation (never the token)."""
+    rows = [t.as_dict() for t in _token_store(ctx).list()]
+    if as_json:
+        print_json({"tokens": rows})
+    else:
+        print_table(rows, ["name", "role", "created", "creator", "revoked"], title="API tokens")
+
+
+@api_token_group.command("revoke")
+@click.argument("name")
+@click.pass_context
+def api_token_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke the token called NAME: it stops working at once."""
+    from vsphere_av.store.audit import current_actor
+
+    settings = settings_from(ctx)
+    info = _token_store(ctx).revoke(name, actor=current_actor(state_dir=settings.state_dir))
+    click.echo(f"token {info.name!r} ({info.role}) revoked")
+
+
+@main.command("report")
+@click.option("--since", default="", help="Start of the period: YYYY-MM-DD or an ISO 8601 "
+              "time (default: 30 days ago).")
+@click.option("--format", "fmt", type=click.Choice(["html", "csv", "pdf", "json"]),
+              default="html", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this new file (never over one, never in the state directory); "
+                   "default: stdout (not for pdf).")
+@click.pass_context
+def report_cmd(ctx: click.Context, since: str, fmt: str, output: str | None) -> None:
+    """Per VM protection, last clean full scan, detections, exposures; totals; audit head."""
+    import os
+
+    from vsphere_av.api import report
+    from vsphere_av.store.private import create_outside
+
+    settings = settings_from(ctx)
+    document = report.build(settings=settings, since=report.parse_since(since))
+    if fmt == "json":
+        body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    else:
+        body, _media = report.render(document, fmt=fmt)
+    if output:
+        with os.fdopen(create_outside(output, state_dir=settings.state_dir), "wb") as fh:
+            fh.write(body)
+    elif fmt == "pdf" and sys.stdout.isatty():
+        fail("a PDF goes to a file: give -o FILE")
+    else:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
 
 
 # --- access control (every command, after all are defined; see access.py) ---

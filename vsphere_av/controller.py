@@ -15,12 +15,16 @@ A stale VM that starts running (power on, resume, HA restart, reset, revert whil
 is *contained*: its exposure is opened, its vNICs are cut (``isolate_stale``, the exact
 previous state saved first) and it is queued at instant-on priority. Workers take jobs from
 the :class:`scheduling.Scheduler` (per-host and global caps), scan, and then release the VM's
-network on a clean result or keep it cut on a detection (until a later scan is clean).
+network on a clean result or keep it cut on a detection (until a rescan that
+``isolation.release_infected`` accepts is clean: :func:`release_allowed`). The triggers of
+one power-on (property change, ``VmStartingEvent``, ``VmPoweredOnEvent``) are one exposure
+(:meth:`Controller._same_power_on`).
 
 Restart safety: the queue, the event cursor, exposures and isolation records are in
 ``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
 restart; events that arrived while the controller was down are read from the last processed
-key and time; an isolation already recorded is never recorded again (so the state to restore
+key and time (on a first start, from vCenter's time when the event tail started, saved at
+once); an isolation already recorded is never recorded again (so the state to restore
 is never overwritten by the cut state).
 """
 
@@ -32,13 +36,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from vsphere_av import errors
-from vsphere_av.config import typed_section
 from vsphere_av.models import INFECTED, STALE, HostInfo, VmInfo
 from vsphere_av.scheduling import CronTicker, Job, Priority, Schedule, Scheduler
 from vsphere_av.store.jobs import EventCursor, JobStore
@@ -70,7 +73,10 @@ class InventoryWatchLike(AbstractContextManager["InventoryWatchLike"], Protocol)
 
 
 class EventTailLike(AbstractContextManager["EventTailLike"], Protocol):
-    """``vsphere.watching.EventTail``."""
+    """``vsphere.watching.EventTail``; ``start_cursor``: where a tail opened without a cursor
+    starts (vCenter's time then), saved at once; None when it resumed from a cursor."""
+
+    start_cursor: EventCursor | None
 
     def read(self, *, limit: int = 2000) -> list[VcEvent]: ...
     def close(self) -> None: ...
@@ -147,29 +153,82 @@ class ControllerOptions:
     containment_threads: int = 16
     shutdown_grace: float = 20.0
     instant_on_full: bool = False            # instant-on scans read every byte
+    release_infected: str = "operator"       # isolation.release_infected (RELEASE_RULES)
     appliance_prefix: str = "vsphere-av-appliance-"   # names of our appliance VMs
 
     @classmethod
     def from_settings(cls, settings: Any) -> ControllerOptions:
         """Options from ``config.Settings`` (``[controller]`` may override the timings)."""
-        from vsphere_av.scheduling import parse_schedules
-
-        timings = ("watch_wait", "event_poll", "housekeeping", "retry_base", "retry_max",
-                   "max_attempts", "reconnect_max", "inventory_max_age", "containment_threads",
-                   "shutdown_grace")
-        kinds = {**dict.fromkeys(timings, float), "instant_on_full": bool}
-        values = typed_section(settings.extra.get("controller", {}), kinds, "controller")
-        for key, value in values.items():
-            if kinds[key] is float and value <= 0:
-                raise errors.ConfigError(f"controller.{key} must be a positive number")
-            values[key] = type(getattr(cls, key))(value)
-        from vsphere_av.appliances import settings_from as appliance_settings
-
-        values["appliance_prefix"] = appliance_settings(settings.extra).name_prefix
         return cls(isolate_stale=settings.scan.isolate_stale,
+                   release_infected=settings.isolation.release_infected,
                    per_host_limit=settings.scan.per_host_limit,
                    global_limit=settings.scan.global_limit,
-                   schedules=tuple(parse_schedules(settings.extra)), **values)
+                   schedules=tuple(Schedule.from_settings(s) for s in settings.schedules),
+                   appliance_prefix=settings.appliances.name_prefix,
+                   **asdict(settings.controller))
+
+
+# The reason of a job an operator asked for (``vsphere-av scan VM``); merged jobs keep it.
+OPERATOR_SCAN = "on-demand scan"
+# Triggers that belong to a power-on: one power-on is one exposure, however many arrive.
+POWER_ON_TRIGGERS = (Trigger.POWERED_ON, Trigger.TOOLS_READY)
+# A reset or guest reboot boots again without the power state changing: a new exposure.
+REBOOT_CAUSES = frozenset({"VmResettingEvent", "VmGuestRebootEvent"})
+
+
+def nics_to_restore(recorded: Sequence[Mapping[str, Any]], *,
+                    running: bool) -> list[dict[str, Any]]:
+    """The vNIC flags a released VM gets back (called by :meth:`Controller.release`).
+
+    The recorded flags, except ``connected``, which is what the VM would have now: a VM
+    isolated while it was still powering on recorded ``connected = false`` (ESXi connects a
+    vNIC only once the VM runs, when ``startConnected`` is true), so a running VM gets
+    connected where it was connected or set to connect at power-on; a powered-off VM
+    reports every vNIC disconnected, so only ``startConnected`` matters there.
+    """
+    return [{**nic, "connected": running and (bool(nic["connected"])
+                                              or bool(nic["start_connected"]))}
+            for nic in recorded]
+
+
+def release_allowed(*, held: str, rule: str, operator: bool, full: bool) -> bool:
+    """Whether a clean scan releases an isolated VM (called by :meth:`Controller.run_job`).
+
+    A VM isolated only because it was stale goes back on the network with any clean scan.
+    One held since a detection follows ``isolation.release_infected``: ``operator`` (only a
+    scan an operator asked for), ``clean_rescan`` (also any clean full rescan).
+    """
+    if not held or operator:
+        return True
+    return rule == "clean_rescan" and full
+
+
+def cut_network(*, jobs: JobStore, nics: NicPort, vm: str, name: str,
+                reason: str) -> tuple[bool, list[Any], int, bool]:
+    """Cut every vNIC of ``vm`` under the one isolation record (save first, then cut).
+
+    Called by :meth:`Controller.isolate` (instant-on) and ``app.App`` (a powered-off VM a
+    disk scan found infected), so :meth:`Controller.release` and ``release_infected`` apply
+    to both alike. Returns (cut now, previous NIC states, NICs edited, finished a cut a
+    crash interrupted); (False, [], 0, False) when the VM is isolated already, so the state
+    to restore is never replaced by the cut one.
+    """
+    existing = jobs.isolation(vm)
+    if existing is not None:
+        if existing.state == "pending":
+            # The process died between saving and cutting: finish the cut.
+            changed = nics.disconnect(vm, existing.nics)
+            jobs.confirm_isolation(vm)
+            return True, list(existing.nics), changed, True
+        return False, [], 0, False
+
+    def save(states: list[dict[str, Any]]) -> None:
+        # The exact previous state is durable before the first NIC is touched.
+        jobs.record_isolation(vm=vm, vm_name=name, nics=states, reason=reason, state="pending")
+
+    before, changed = nics.isolate(vm, before_cut=save)
+    jobs.confirm_isolation(vm)
+    return True, before, changed, False
 
 
 class ScanInterrupted(errors.VsphereAvError):
@@ -227,6 +286,9 @@ class Controller:
         self._inv_time = float("-inf")
         self._containing: queue.Queue[tuple[str, Attention, str]] = queue.Queue()
         self._containing_now: set[str] = set()
+        # Latest time each VM was seen stopped (event time or watch time): a power-on trigger
+        # after it starts a new exposure; one before it belongs to an exposure already had.
+        self._stopped_at: dict[str, float] = {}
         self._contain_lock = threading.Lock()
         self._swept_version: int | None = None
         self._ticker_lock = threading.Lock()
@@ -310,6 +372,11 @@ class Controller:
         facts = self.watcher.facts(vm)
         if facts is not None and (facts.template or self._is_appliance(vm, facts.name)):
             return      # templates never run; our appliances are never contained or scanned
+        if item.trigger is Trigger.POWERED_OFF and (facts is None or not facts.running):
+            # Only a stop the watch agrees with: a late power-off event of an earlier run
+            # must not split the run that follows it.
+            with self._contain_lock:
+                self._stopped_at[vm] = max(self._stopped_at.get(vm, item.at), item.at)
         mark = marks_stale(item, watched_hosts=self.watcher.hosts)
         record = self.state.vm_state(vm, current_version=version)
         if mark is not None:
@@ -340,7 +407,39 @@ class Controller:
             return
         if needs_instant_on(item, running=running, stale_reason=reason):
             assert reason is not None
+            if item.trigger in POWER_ON_TRIGGERS and self._same_power_on(vm, item):
+                log.debug("%s of %s joins its power-on's exposure", item.cause, vm)
+                return
             self._queue_containment(vm, item, reason)
+
+    def _same_power_on(self, vm: str, item: Attention) -> bool:
+        """True when ``item`` belongs to a power-on that already has an exposure.
+
+        A power-on arrives as a ``runtime.powerState`` change, ``VmStartingEvent`` and
+        ``VmPoweredOnEvent``, in any order and possibly after the scan's verdict. The VM's
+        last exposure covers every such trigger until the VM is seen stopped after it
+        started; a trigger older than that stop is a late one of a run already handled.
+        An exposure ended because the VM was not running yet (a start event ahead of the
+        power state) covers nothing.
+        """
+        if item.cause in REBOOT_CAUSES:
+            return False
+        exposures = self.jobs.exposures(vm)
+        if not exposures:
+            return False
+        last = exposures[-1]
+        if last.closed is not None and last.outcome.startswith("VM "):
+            return False
+        with self._contain_lock:
+            stopped = self._stopped_at.get(vm)
+        if stopped is not None and last.started < stopped <= item.at:
+            return False
+        if last.closed is None:
+            # Still open: a cut that has not happened (or failed) is done by containing.
+            record = self.jobs.isolation(vm)
+            return not self.options.isolate_stale or (record is not None
+                                                      and record.state == "isolated")
+        return True
 
     # -- containment (instant-on) ----------------------------------------------------------
 
@@ -426,40 +525,26 @@ class Controller:
         Returns (cut now, previous NIC states, NICs edited); (False, [], 0) when the VM was
         isolated already, so the state to restore is never replaced by the cut one.
         """
-        existing = self.jobs.isolation(vm)
-        if existing is not None:
-            if existing.state == "pending":
-                # The process died between saving and cutting: finish the cut.
-                changed = self.nics.disconnect(vm, existing.nics)
-                self.jobs.confirm_isolation(vm)
-                self.jobs.mark_exposure(vm, isolated=self.now())
-                return True, list(existing.nics), changed
-            self.jobs.mark_exposure(vm, isolated=self.now())
-            return False, [], 0
-
-        def save(nics: list[dict[str, Any]]) -> None:
-            # The exact previous state is durable before the first NIC is touched.
-            self.jobs.record_isolation(vm=vm, vm_name=name, nics=nics, reason=reason,
-                                       state="pending")
-
-        before, changed = self.nics.isolate(vm, before_cut=save)
-        self.jobs.confirm_isolation(vm)
+        cut, before, changed, finished = cut_network(jobs=self.jobs, nics=self.nics, vm=vm,
+                                                     name=name, reason=reason)
         self.jobs.mark_exposure(vm, isolated=self.now())
-        with self._stats_lock:
-            self.stats.isolated += 1
-        return True, before, changed
+        if cut and not finished:
+            with self._stats_lock:
+                self.stats.isolated += 1
+        return cut, before, changed
 
-    def release(self, vm: str, *, name: str, host: str) -> bool:
-        """Put back the exact saved vNIC state; False when the VM was not isolated."""
+    def release(self, vm: str, *, name: str, host: str, running: bool,
+                why: str = "scanned clean") -> bool:
+        """Put back the saved vNIC state (see :func:`nics_to_restore`); False if not isolated."""
         rec = self.jobs.isolation(vm)
         if rec is None:
             return False
-        changed = self.nics.restore(vm, rec.nics)
+        changed = self.nics.restore(vm, nics_to_restore(rec.nics, running=running))
         self.jobs.clear_isolation(vm)
         with self._stats_lock:
             self.stats.released += 1
         self._audit("isolation.release", vm=name or rec.vm_name, moref=vm, host_moref=host,
-                    reason="scanned clean", changed=changed)
+                    reason=why, changed=changed)
         return True
 
     # -- workers ---------------------------------------------------------------------------
@@ -487,7 +572,8 @@ class Controller:
         try:
             vm = self._vm(job.vm)
         except errors.VsphereAvError as exc:
-            self._retry(job, f"cannot read inventory: {exc}")
+            self._retry(job, f"cannot read inventory: {exc}",
+                        outage=isinstance(exc, errors.ConnectionLost))
             return
         if vm is None:
             self.scheduler.finish(job)
@@ -537,15 +623,29 @@ class Controller:
         # The exposure is closed last, so whoever waits for it finds everything else done.
         if status == "clean":
             verdict = self.now()
-            self.release(job.vm, name=vm.name, host=host)
+            isolation = self.jobs.isolation(job.vm)
+            operator = OPERATOR_SCAN in job.reason.split("; ")
+            if isolation is None or release_allowed(
+                    held=isolation.held, rule=self.options.release_infected,
+                    operator=operator, full=bool(getattr(result, "full", job.full))):
+                self.release(job.vm, name=vm.name, host=host, running=vm.powered_on,
+                             why="operator's rescan clean" if operator else "scanned clean")
+            else:
+                with self._stats_lock:
+                    self.stats.kept_isolated += 1
+                self._audit("isolation.keep", vm=vm.name, moref=job.vm, host_moref=host,
+                            reason=self._hold_reason(), job_id=job.job_id,
+                            release_infected=self.options.release_infected)
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, clean=verdict, outcome="clean", close=True)
         elif status == "infected":
             if self.jobs.isolation(job.vm) is not None:
+                self.jobs.hold_isolation(job.vm, held=f"detection (job {job.job_id})")
                 with self._stats_lock:
                     self.stats.kept_isolated += 1
                 self._audit("isolation.keep", vm=vm.name, moref=job.vm, host_moref=host,
-                            reason="detection: stays isolated until a rescan is clean")
+                            reason=f"detection: {self._hold_reason()}",
+                            release_infected=self.options.release_infected)
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome="infected", close=True)
         elif status == "unreachable" and "invalid guest login" in result.reason:
@@ -554,23 +654,41 @@ class Controller:
             self.jobs.mark_exposure(job.vm, outcome="unreachable: invalid guest login",
                                     close=True)
         elif status in ("unreachable", "error"):
-            self._retry(job, result.reason)
+            # A scan cut by an outage failed (the VM is unprotected, not clean): run it again.
+            self._retry(job, result.reason, outage=bool(getattr(result, "outage", False)))
         else:                                      # skipped (powered off meanwhile)
             self.scheduler.finish(job)
 
-    def _retry(self, job: Job, reason: str) -> None:
+    def _hold_reason(self) -> str:
+        if self.options.release_infected == "clean_rescan":
+            return "stays isolated until an operator's rescan or a full rescan is clean"
+        return "stays isolated until an operator's rescan is clean"
+
+    def _retry(self, job: Job, reason: str, *, outage: bool = False) -> None:
+        """Queue a failed job again with backoff, or give up after ``max_attempts``.
+
+        Called by :meth:`run_job`. ``outage``: vCenter or the VM's host stopped answering
+        (``errors.ConnectionLost``); the job is not at fault, so it is never given up on and
+        is retried at most ``reconnect_max`` apart (the watch loops' pace) until vCenter
+        answers again and the scan can run.
+        """
         # An appliance that is down is repaired by the reconcile loop: its host's jobs wait
         # (at the slowest retry pace) however long that takes, and are never given up on.
-        waiting = "appliance down" in reason or "appliance unhealthy" in reason
+        appliance = "appliance down" in reason or "appliance unhealthy" in reason
+        waiting = appliance or outage
         if job.attempts >= self.options.max_attempts and not waiting:
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome=f"gave up: {reason}", close=True)
             self._audit("job.failed", moref=job.vm, job_id=job.job_id, reason=reason,
                         attempts=job.attempts)
             return
-        delay = min(self.options.retry_max, self.options.retry_base * 2 ** (job.attempts - 1))
-        if waiting:
+        # (The exponent is bounded: an outage of hours keeps counting attempts.)
+        delay = min(self.options.retry_max,
+                    self.options.retry_base * 2 ** min(job.attempts - 1, 32))
+        if appliance:
             delay = self.options.retry_max
+        elif outage:
+            delay = min(delay, self.options.reconnect_max)
         with self._stats_lock:
             self.stats.retries += 1
         self.scheduler.finish(job, retry_after=delay)
@@ -608,6 +726,7 @@ class Controller:
                             if first:
                                 items = [self._listed(i) for i in items]
                                 self.watcher.synced = True
+                                self._note_stopped_listed()
                         if first:
                             first = False
                             self.inventory_ready.set()
@@ -622,6 +741,15 @@ class Controller:
                 log.warning("inventory watch lost (%s); reconnecting in %.0fs", exc, backoff)
                 self._pause(stop, backoff)
                 backoff = min(self.options.reconnect_max, backoff * 2)
+
+    def _note_stopped_listed(self) -> None:
+        # Stopped at (re)connection: whatever exposure came before has ended (the power-off
+        # events may be older than the event cursor); the caller holds the watch lock.
+        now = self.now()
+        with self._contain_lock:
+            for moref, facts in self.watcher.vms.items():
+                if not facts.running:
+                    self._stopped_at[moref] = max(self._stopped_at.get(moref, now), now)
 
     def _listed(self, item: Attention) -> Attention:
         # The first listing after (re)connecting reports every running VM: that is not a
@@ -639,6 +767,11 @@ class Controller:
         while not stop.is_set():
             try:
                 with self._open_tail(self.jobs.cursor()) as tail:
+                    if tail.start_cursor is not None:
+                        # First start (no cursor yet): keep where the tail starts now, not
+                        # after the first event, so that power-ons while a controller that
+                        # crashed before any event was down are still read at restart.
+                        self.jobs.save_cursor(tail.start_cursor)
                     backoff = 1.0
                     while not stop.is_set():
                         events = tail.read()
@@ -700,7 +833,7 @@ class Controller:
                 continue
             job = self.scheduler.submit(vm=str(vm.moref), host=vm.host.moref if vm.host else "",
                                         priority=Priority.ON_DEMAND, full=full,
-                                        reason="on-demand scan")
+                                        reason=OPERATOR_SCAN)
             self._audit("job.queued", vm=vm.name, moref=vm.moref, job_id=job.job_id,
                         priority="on-demand", request_id=request_id)
 

@@ -15,14 +15,24 @@ the edge that meets them (``raise X from exc``); everything above sees only thes
     │   ├── TlsVerificationError   certificate or pinned thumbprint mismatch
     │   ├── NotFound               the object is gone
     │   ├── InvalidPowerState      VM not in the needed power state
+    │   ├── PermissionDenied       vCenter or a host refused for lack of a privilege
+    │   ├── SnapshotError          a scan snapshot could not be taken (the reason says why)
     │   ├── GuestError             guest operations on one VM failed
     │   │   ├── GuestLoginError        invalid guest login: permanent for that VM
     │   │   ├── GuestUnavailable       tools / guest ops not running: transient
     │   │   ├── GuestFileNotFound      the guest path does not exist
     │   │   └── GuestFileExists        the guest path exists already
     │   └── TransientError        retry with backoff (session lost, busy, network)
-    └── ApplianceError             appliance deploy / SSH management
-        └── HostKeyMismatch        an appliance's SSH host key changed
+    │       └── ConnectionLost    vCenter or a host unreachable, session gone: the whole job
+    │                             is cut (never one file's error), retried after a reconnect
+    ├── ApplianceError             appliance deploy / SSH management
+    │   └── HostKeyMismatch        an appliance's SSH host key changed
+    └── DiskError                  reading a virtual disk's bytes (scan.sources.disk)
+        ├── DiskImageError         the VMDK chain is corrupt, truncated or incomplete: the
+        │                          whole disk is unreadable
+        └── DiskFileError          one guest file or directory could not be read: the walk
+                                   goes on (an unknown, damaged or encrypted volume is not an
+                                   exception but the volume's ``problem``)
 """
 
 from __future__ import annotations
@@ -76,6 +86,15 @@ class InvalidPowerState(VsphereError):
     """The VM is not in the power state the operation needs."""
 
 
+class PermissionDenied(VsphereError):
+    """vCenter or an ESXi host refused the operation: the account lacks a privilege."""
+
+
+class SnapshotError(VsphereError):
+    """A snapshot for scanning could not be taken (independent disk, RDM, ...): the message
+    says why; retrying does not help until the VM changes."""
+
+
 class GuestError(VsphereError):
     """A guest operation on one VM failed."""
 
@@ -100,9 +119,29 @@ class TransientError(VsphereError):
     """Retry with backoff: session lost, server busy, connection reset."""
 
 
+class ConnectionLost(TransientError):
+    """vCenter or a host's transfer endpoint cannot be reached, or the session is gone.
+
+    Not one file's trouble: every call on that connection fails alike, so whatever was
+    running (a scan) is cut as a whole and retried once vCenter answers again.
+    """
+
+
 class ApplianceError(VsphereAvError):
     """Deploying or managing a security appliance failed."""
 
 
 class HostKeyMismatch(ApplianceError):
     """An appliance's SSH host key differs from the pinned one."""
+
+
+class DiskError(VsphereAvError):
+    """A virtual disk's contents could not be read."""
+
+
+class DiskImageError(DiskError):
+    """The VMDK chain is corrupt, truncated or incomplete: nothing on the disk can be trusted."""
+
+
+class DiskFileError(DiskError):
+    """One guest file or directory on a disk could not be read; the message names the path."""

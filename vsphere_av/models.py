@@ -155,3 +155,100 @@ class FileRecord:
     sha256: str
     signature_version: int
     verdict: str                 # clean | infected
+
+
+# --- Virtual disks (read by the disk-scan path) ----------------------------------------------
+
+DatastoreId = NewType("DatastoreId", str)    # Datastore moref value, e.g. "datastore-61"
+SnapshotId = NewType("SnapshotId", str)      # VirtualMachineSnapshot moref value
+
+INDEPENDENT_DISK_MODES = ("independent_persistent", "independent_nonpersistent")
+
+
+@dataclass(frozen=True)
+class DatastoreInfo:
+    """A datastore as the datastore HTTP interface names it (``dsName`` and ``dcPath``)."""
+
+    moref: DatastoreId
+    name: str
+    datacenter_path: str         # inventory path of its datacenter, e.g. "DC0" or "EU/DC1"
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    """One file of a virtual disk, from ``layoutEx.file``."""
+
+    name: str                    # datastore path, e.g. "[LocalDS_0] vm/vm.vmdk"
+    datastore: DatastoreInfo
+    path: str                    # path inside the datastore, e.g. "vm/vm.vmdk"
+    type: str                    # diskDescriptor | diskExtent
+    size: int                    # bytes; -1 when vCenter does not list the file
+
+
+@dataclass(frozen=True)
+class DiskUnit:
+    """One level of a disk chain (the base disk or one delta): its descriptor and extents."""
+
+    files: tuple[DiskFile, ...]
+
+    @property
+    def descriptor(self) -> DiskFile:
+        """The descriptor file (``.vmdk``); for a one-file disk, that file."""
+        for f in self.files:
+            if f.type == "diskDescriptor":
+                return f
+        return self.files[0]
+
+    @property
+    def extents(self) -> tuple[DiskFile, ...]:
+        """The data files of this level (empty for a one-file sparse disk)."""
+        top = self.descriptor
+        return tuple(f for f in self.files if f is not top)
+
+
+@dataclass(frozen=True)
+class VirtualDiskInfo:
+    """One virtual disk of a VM and the chain of files that make it up.
+
+    ``chain[0]`` is the level the guest sees (the running point, or the point in time of a
+    snapshot), each next one its parent, the last one the base disk.
+    """
+
+    vm: VmId
+    key: int                     # device key in config.hardware.device
+    label: str                   # "Hard disk 1"
+    capacity: int                # bytes
+    disk_mode: str               # persistent | independent_persistent | ...
+    backing: str                 # backing type: flat | sparse | seSparse | rdm-virtual | ...
+    datastore: DatastoreInfo     # where the disk's own descriptor lives
+    host: HostId | None          # host the VM runs on (or is registered on)
+    chain: tuple[DiskUnit, ...]
+
+    @property
+    def independent(self) -> bool:
+        """Independent disks are left out of snapshots: their contents cannot be frozen."""
+        return self.disk_mode in INDEPENDENT_DISK_MODES
+
+    @property
+    def file_name(self) -> str:
+        """Datastore path of the descriptor the guest sees (``chain[0]``)."""
+        return self.chain[0].descriptor.name if self.chain else ""
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """One VM snapshot, by moref and name."""
+
+    vm: VmId
+    moref: SnapshotId
+    name: str
+    created: str = ""            # ISO 8601 creation time as vCenter reports it
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ScanSnapshot:
+    """A snapshot taken for scanning and the disks to read under it (the pre-snapshot chain)."""
+
+    snapshot: SnapshotRef
+    disks: tuple[VirtualDiskInfo, ...]

@@ -22,15 +22,34 @@ next scan finishes exactly once (see ``_Job._recover_pending``).
 
 Resuming (time windows): ``result.resume_point`` is the last guest path, in walk order, that
 was fully processed together with every file before it; a scan given it as ``resume_after``
-skips the walk up to and including that path (the controller keeps it in the job).
+skips the walk up to and including that path (the controller keeps it in the job), and
+takes over the incomplete paths of the interrupted run before it (``_carry_incomplete``).
+
+Outages: vCenter or the host not answering (``errors.ConnectionLost`` from the guest adapter,
+also when it breaks a download off) is never one file's error: the scan ends failed and the
+VM unprotected (``_Job._stopped``); the controller retries the job.
 
 Counting rules (the summary a person reads):
   scanned    files read and given a verdict (clean or infected)
   unchanged  not downloaded: same path, size and mtime already found clean under this
              signature version (in this VM, or in any VM when sharing is on)
-  skipped    listed but not scanned: over the size limit, not scannable by the engine,
-             or vanished between listing and download (``vanished`` counts those alone)
-  errors     files that could not be read after one retry, and unreadable directories
+  skipped    listed but not scanned on purpose: over ``max_file_size`` with
+             ``scan.skip_large = true`` (``skipped_by_policy``), or gone from the guest
+             between listing and download (``vanished``)
+  incomplete files and directories not fully checked: over ``max_file_size`` (policy not
+             skipping them), partly checked by the engine (an archive over a limit with
+             ``alert_exceeds_max`` off, an encrypted member), unreadable after one retry
+             (``errors`` counts those), listed but not openable, unreadable directories
+
+"Protected" means every byte was checked: a scan with anything incomplete and no detection
+ends ``incomplete`` (the VM ``unprotected``, CLI exit 2), never ``clean``. Each such path is
+kept with its reason in the state store (``StateStore.scan_files``, per scan) and in one
+``scan.incomplete`` audit entry; the result holds the first ``FILES_KEPT`` for display.
+
+Vanished or not: a download that answers "file not found" is asked about again by listing
+the file's directory (``GuestFiles.stat``). Only a file that is no longer listed is gone
+(nothing left to be a risk); one still listed (a name the guest tools cannot hand back, a
+race with a rename) or whose directory cannot be listed is incomplete.
 """
 
 from __future__ import annotations
@@ -49,6 +68,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vsphere_av import errors
 from vsphere_av.config import ScanPolicy
+from vsphere_av.engine import TOO_LARGE
 from vsphere_av.models import (
     INFECTED,
     PROTECTED,
@@ -56,6 +76,7 @@ from vsphere_av.models import (
     UNREACHABLE,
     FileRecord,
     GuestFile,
+    VmId,
     VmInfo,
 )
 from vsphere_av.store.state import PENDING
@@ -63,6 +84,7 @@ from vsphere_av.store.state import PENDING
 log = logging.getLogger(__name__)
 
 INDEX_BATCH = 200
+FILES_KEPT = 1000                    # incomplete / skipped paths a result holds (all are stored)
 PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
 GLOB_CHARS = frozenset("*?[")
 
@@ -70,6 +92,7 @@ GLOB_CHARS = frozenset("*?[")
 CLEAN = "clean"
 FOUND = "infected"
 SKIPPED = "skipped"
+INCOMPLETE = "incomplete"
 UNREACHABLE_STATUS = "unreachable"
 ERROR = "error"
 
@@ -90,17 +113,24 @@ class DownloadLike(Protocol):
 
 
 class GuestAccess(Protocol):
-    """Guest file access on one VM (``vsphere.guest.GuestFiles``).
+    """Guest file access on one VM (``vsphere.guest.GuestFiles``, ``diskscan.DiskGuest``).
 
     A class attribute ``local_downloads = True`` says its downloads bring the bytes into
     this process, so they may be fetched ahead (read on the type: wrappers that hand
     transfers to someone else, like the appliance dispatch, do not inherit it).
+
+    What a disk reader (``diskscan.DiskGuest``) adds, read with ``getattr`` so the guest
+    source needs none of it: ``reads_disks = True`` (class attribute: the VM's power state
+    does not matter, its disks are read), ``index_key(entry)`` (the incremental index row a
+    file is kept under, so disk and guest entries never mix) and ``remediation`` (the
+    guest access that changes files, or None when nothing can be changed now; then a
+    detection waits with ``remediation_pending`` as its detail).
     """
 
     windows: bool
 
     def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
-             on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]: ...
+             on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]: ...
     def open_download(self, path: str) -> DownloadLike: ...
     def delete_file(self, path: str) -> None: ...
 
@@ -224,6 +254,8 @@ def protection_after(status: str, *, previous: str | None) -> str | None:
         return INFECTED
     if status == UNREACHABLE_STATUS:
         return INFECTED if previous == INFECTED else UNREACHABLE
+    if status == INCOMPLETE:
+        return INFECTED if previous == INFECTED else UNPROTECTED
     if status == SKIPPED:
         return UNPROTECTED if previous in (None, UNPROTECTED, UNREACHABLE) else None
     return UNREACHABLE if previous != INFECTED else None
@@ -266,7 +298,9 @@ class ScanResult:
     unchanged: int = 0
     shared: int = 0
     skipped: int = 0
+    skipped_by_policy: int = 0
     vanished: int = 0
+    incomplete: int = 0
     errors: int = 0
     bytes: int = 0
     duration: float = 0.0
@@ -275,11 +309,18 @@ class ScanResult:
     recovered: int = 0           # detections of an earlier, crashed run finished by this one
     resumed_from: str = ""       # the walk skipped everything up to and including this path
     resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
+    outage: bool = False         # vCenter or the host stopped answering: failed, retry later
+    via: str = "guest"           # how the files were read: guest (Guest Operations) | disk
+    disk_read: int = 0           # disk scans: bytes fetched from the datastores
+    # The first FILES_KEPT incomplete and skipped-by-policy paths (all are in the store):
+    # {"path", "kind" (incomplete | skipped), "reason"}.
+    files: list[dict[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """The counters stored with the scan record."""
         return {"scanned": self.scanned, "unchanged": self.unchanged, "skipped": self.skipped,
-                "errors": self.errors, "detections": len(self.found), "bytes": self.bytes}
+                "incomplete": self.incomplete, "errors": self.errors,
+                "detections": len(self.found), "bytes": self.bytes}
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (``scan --json``)."""
@@ -287,10 +328,16 @@ class ScanResult:
                 "reason": self.reason, "full": self.full,
                 "signature_version": self.signature_version, "scanned": self.scanned,
                 "unchanged": self.unchanged, "shared": self.shared, "skipped": self.skipped,
-                "vanished": self.vanished, "errors": self.errors, "bytes": self.bytes,
+                "skipped_by_policy": self.skipped_by_policy, "vanished": self.vanished,
+                "incomplete": self.incomplete, "errors": self.errors, "bytes": self.bytes,
                 "duration": round(self.duration, 3), "recovered": self.recovered,
                 "resumed_from": self.resumed_from, "resume_point": self.resume_point,
-                "detections": [f.as_dict() for f in self.found]}
+                "via": self.via, "disk_read": self.disk_read,
+                "detections": [f.as_dict() for f in self.found],
+                "incomplete_files": [f for f in self.files if f["kind"] == INCOMPLETE],
+                "skipped_files": [f for f in self.files if f["kind"] == SKIPPED],
+                "files_listed": len(self.files),
+                "files_total": self.incomplete + self.skipped_by_policy}
 
 
 @dataclass(frozen=True)
@@ -344,6 +391,10 @@ class _Job:
         # Files of the walk (in its order) not yet below the resume point: [path, done].
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
+        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
+        # reader never writes; it names the guest access to use, or None for "not now").
+        self.remedy: GuestAccess | None = getattr(guest, "remediation", guest)
+        self.reads_disks = bool(getattr(type(guest), "reads_disks", False))
         receiver = session if isinstance(session, ReceivingSession) else None
         self.transfers = _Transfers(
             guest, receiver, name=vm.name,
@@ -361,7 +412,7 @@ class _Job:
         started = self.clock()
         previous = self.store.vm_state(self.vm.moref)
         prev_state = previous.state if previous else None
-        if not self.vm.powered_on:
+        if not self.vm.powered_on and not self.reads_disks:
             r.status, r.reason = SKIPPED, REASON_OFF
             self.store.upsert_vm(self.vm)
             self._audit("scan.skipped", reason=REASON_OFF, power_state=self.vm.power_state)
@@ -378,6 +429,10 @@ class _Job:
             self._walk()
             if not r.resumed_from:            # a resumed walk did not meet every file
                 self._recover_pending(walked=True)
+            else:
+                self._carry_incomplete()
+        except errors.ConnectionLost as exc:
+            return self._stopped(exc, started=started, prev_state=prev_state)
         except errors.GuestLoginError:
             r.status, r.reason = UNREACHABLE_STATUS, REASON_LOGIN
         except errors.GuestUnavailable:
@@ -390,6 +445,10 @@ class _Job:
             r.status, r.reason = UNREACHABLE_STATUS, str(exc)
         except _StopRequested as stop:
             return self._stopped(stop.cause, started=started, prev_state=prev_state)
+        except errors.DiskError as exc:
+            # The disks could not be read (or hold nothing to read): never clean, and the
+            # VM unprotected with the reason, as for any path not fully checked.
+            r.status, r.reason = INCOMPLETE, str(exc)
         except errors.VsphereAvError as exc:
             r.status, r.reason = ERROR, str(exc)
         except Exception as exc:
@@ -407,9 +466,14 @@ class _Job:
         if r.found:
             interrupted = f"; scan interrupted: {r.reason}" if r.reason else ""
             r.status = FOUND
-            r.reason = self._found_reason() + interrupted
+            r.reason = self._found_reason() + interrupted + self._incomplete_reason("; ")
+        elif r.status == CLEAN and r.incomplete:
+            r.status = INCOMPLETE
+            r.reason = self._incomplete_reason("")
+        elif r.status == INCOMPLETE and r.incomplete:
+            r.reason += self._incomplete_reason("; ")
         elif r.status == CLEAN:
-            r.reason = "clean" + (f" ({r.errors} file error(s))" if r.errors else "")
+            r.reason = "clean"
         r.duration = self.clock() - started
         self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
         self._set_protection(prev_state)
@@ -426,29 +490,94 @@ class _Job:
         return r
 
     def _stopped(self, cause: Exception, *, started: float, prev_state: str | None) -> ScanResult:
-        """The progress callback stopped the scan (shutdown, a time window closed).
+        """The scan stopped before reading everything: the progress callback stopped it
+        (shutdown, a time window closed) or vCenter / the host stopped answering.
 
-        The records are closed (start/end pairs stay balanced) and protection is left as it
-        was: a VM is not unreachable because its window closed. Detections already made stand.
-        A stop asked for with a ``VsphereAvError`` (the controller's) returns the result, whose
-        ``resume_point`` says where to continue; any other exception is raised again.
+        The records are closed (start/end pairs stay balanced). Detections already made stand.
+        A stop the controller asked for leaves protection as it was: a VM is not unreachable
+        because its window closed. An outage (``ConnectionLost``, raised by the guest adapter
+        for the whole connection, never for one file) fails the scan: the VM is
+        ``unprotected`` with the reason (an infected one stays infected) and ``outage`` tells
+        the controller to retry once vCenter answers. A stop asked for with a
+        ``VsphereAvError`` returns the result, whose ``resume_point`` says where to continue;
+        any other exception is raised again.
         """
         r = self.result
         self._flush_index()
-        r.reason = f"interrupted: {cause}"
+        r.outage = isinstance(cause, errors.ConnectionLost)
+        r.reason = (f"scan interrupted: vCenter/host unreachable ({cause})" if r.outage
+                    else f"interrupted: {cause}")
         r.status = ERROR
         if r.found:
             r.status = FOUND
-            r.reason = f"{self._found_reason()}; scan {r.reason}"
+            r.reason = (f"{self._found_reason()}; "
+                        f"{r.reason if r.outage else 'scan ' + r.reason}")
         r.duration = self.clock() - started
         self.store.finish_scan(r.scan_id, status=r.status, reason=r.reason, counts=r.counts())
         if r.found:
             self._set_protection(prev_state)
+        elif r.outage and prev_state != INFECTED:
+            self.store.set_protection(self.vm.moref, state=UNPROTECTED, reason=r.reason)
         self._audit("scan.end", status=r.status, reason=r.reason, scan_id=r.scan_id,
                     signature_version=r.signature_version, **r.counts())
         if isinstance(cause, errors.VsphereAvError):
             return r
         raise cause
+
+    def _carry_incomplete(self) -> None:
+        """A resumed scan answers for the part before the resume point too: what the
+        stopped run could not check there is incomplete in this one as well."""
+        previous = self.store.last_finished_scan(self.vm.moref)
+        if previous is None or "interrupted: " not in str(previous["reason"]):
+            return
+        for f in self.store.scan_files(previous["id"]):
+            if f["kind"] == INCOMPLETE:
+                self._unscanned(f["path"], kind=INCOMPLETE, reason=f["reason"])
+
+    def _incomplete_reason(self, prefix: str) -> str:
+        r = self.result
+        if not r.incomplete:
+            return ""
+        first = next((f for f in r.files if f["kind"] == INCOMPLETE), None)
+        example = f", e.g. {first['path']}: {first['reason']}" if first else ""
+        return f"{prefix}incomplete: {r.incomplete} path(s) not fully checked{example}"
+
+    def _unscanned(self, path: str, *, kind: str, reason: str) -> None:
+        """A path not fully checked (``INCOMPLETE``) or skipped by policy (``SKIPPED``).
+
+        Counted, stored with the scan, audited (one entry per path) and kept in the result
+        up to ``FILES_KEPT``.
+        """
+        r = self.result
+        if kind == INCOMPLETE:
+            r.incomplete += 1
+        else:
+            r.skipped += 1
+            r.skipped_by_policy += 1
+        if len(r.files) < FILES_KEPT:
+            r.files.append({"path": path, "kind": kind, "reason": reason})
+        if r.scan_id is not None:
+            self.store.add_scan_file(r.scan_id, path=path, kind=kind, reason=reason)
+        self._audit("scan.incomplete" if kind == INCOMPLETE else "scan.skipped_file",
+                    path=path, reason=reason, scan_id=r.scan_id)
+        log.info("%s: %s %s: %s", self.vm.name, kind, path, reason)
+
+    def _too_large(self, path: str, size: int) -> None:
+        reason = f"{TOO_LARGE} ({size} > {self.filters.max_file_size} bytes)"
+        self._unscanned(path, kind=SKIPPED if self.policy.skip_large else INCOMPLETE,
+                        reason=reason)
+
+    def _gone(self, path: str, exc: errors.GuestError) -> bool:
+        """After "file not found": True when the path is no longer listed (really gone)."""
+        stat = getattr(self.guest, "stat", None)
+        if stat is None:
+            return False                      # no way to ask: not proven gone
+        try:
+            return stat(path) is None
+        except (errors.GuestLoginError, errors.GuestUnavailable):
+            raise
+        except errors.GuestError:
+            return False                      # cannot tell: not proven gone
 
     def _found_reason(self) -> str:
         threats = sorted({f.threat for f in self.result.found})
@@ -464,7 +593,7 @@ class _Job:
         clean_version = r.signature_version if state == PROTECTED else None
         self.store.set_protection(self.vm.moref, state=state, reason=r.reason or r.status,
                                   clean_signature_version=clean_version,
-                                  scanned=r.status in (CLEAN, FOUND),
+                                  scanned=r.status in (CLEAN, FOUND, INCOMPLETE),
                                   full=self.full and r.status in (CLEAN, FOUND))
 
     def _walk(self) -> None:
@@ -472,15 +601,18 @@ class _Job:
 
         failed_roots: list[str] = []
 
-        def on_error(path: str, exc: errors.GuestError) -> None:
+        def on_error(path: str, exc: errors.VsphereAvError) -> None:
             if path in roots:
                 failed_roots.append(f"{path} ({exc})")
-            elif isinstance(exc, errors.GuestFileNotFound):
+            elif isinstance(exc, errors.GuestFileNotFound) and self._gone(path, exc):
                 self.result.vanished += 1      # a directory removed while we walked
                 self.result.skipped += 1
                 return
             self.result.errors += 1
-            log.info("%s: cannot list %s: %s", self.vm.name, path, exc)
+            # A disk reader's messages name the disk, volume or file and say what is wrong.
+            reason = str(exc) if isinstance(exc, errors.DiskError) \
+                else f"cannot list directory: {exc}"
+            self._unscanned(path, kind=INCOMPLETE, reason=reason)
 
         transfers = self.transfers
         try:
@@ -510,7 +642,7 @@ class _Job:
             raise errors.GuestError(f"cannot list {', '.join(failed_roots)}")
 
     def _entries(self, roots: list[str],
-                 on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]:
+                 on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]:
         """The walk, past the resume point when there is one (from the start if it is gone)."""
         skip_to = self.resume_after
         if skip_to:
@@ -556,17 +688,18 @@ class _Job:
         r = self.result
         version = self.session.version
         if entry.size > self.filters.max_file_size:
-            r.skipped += 1
+            self._too_large(entry.path, entry.size)
             return True
         if not self.full and entry.mtime:
-            known = self.store.file_record(self.vm.moref, entry.path)
+            owner, key, mtime = self._index_key(entry)
+            known = self.store.file_record(owner, key)
             if (known is not None and known.verdict == "clean" and known.size == entry.size
-                    and known.mtime == entry.mtime and known.signature_version == version):
+                    and known.mtime == mtime and known.signature_version == version):
                 r.unchanged += 1
                 self._done(entry.path)
                 self._tick(entry.path)
                 return True
-            if self.share and self._reuse_shared(entry, version):
+            if self.share and not self.reads_disks and self._reuse_shared(entry, version):
                 return True
         return False
 
@@ -585,11 +718,15 @@ class _Job:
         if outcome is None:
             return False
         if outcome.status == "skipped":
-            r.skipped += 1
+            if outcome.reason == TOO_LARGE:
+                self._too_large(entry.path, outcome.size)
+            else:
+                self._unscanned(entry.path, kind=INCOMPLETE,
+                                reason=f"not fully checked: {outcome.reason}")
             return False
         if outcome.status == "error":
             r.errors += 1
-            log.info("%s: %s: %s", self.vm.name, entry.path, outcome.reason)
+            self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {outcome.reason}")
             return False
         r.scanned += 1
         r.bytes += outcome.size
@@ -633,18 +770,23 @@ class _Job:
                     return receiver.scan_received(fetched.take(), path=entry.path,
                                                   name=entry.name)
                 return self._stream(entry)
-            except errors.GuestFileNotFound:
-                r.vanished += 1
-                r.skipped += 1
-                self.store.forget_file(self.vm.moref, entry.path)
+            except errors.GuestFileNotFound as exc:
+                self.store.forget_file(*self._index_key(entry)[:2])
+                if self._gone(entry.path, exc):
+                    r.vanished += 1
+                    r.skipped += 1
+                else:
+                    r.errors += 1
+                    self._unscanned(entry.path, kind=INCOMPLETE,
+                                    reason=f"listed but cannot be opened: {exc}")
                 return None
             except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
-                    errors.NotFound):
-                raise
-            except (errors.TransientError, errors.GuestError) as exc:
+                    errors.NotFound, errors.ConnectionLost):
+                raise                         # the VM's or the connection's trouble, not the file's
+            except (errors.TransientError, errors.GuestError, errors.DiskFileError) as exc:
                 if attempt == 2:
                     r.errors += 1
-                    log.info("%s: %s: %s", self.vm.name, entry.path, exc)
+                    self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {exc}")
                     return None
         return None
 
@@ -668,11 +810,14 @@ class _Job:
                 finally:
                     slot.release()
         stream = _SlotStream(download, slot)
+        feed = _Feed(stream)
         try:
-            return self.session.scan_stream(stream, path=entry.path, name=entry.name,
-                                            size_hint=download.size)
+            outcome = self.session.scan_stream(feed, path=entry.path, name=entry.name,
+                                               size_hint=download.size)
         finally:
             stream.close()
+        feed.check()
+        return outcome
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
         # A YARA rule and a hash list naming the same threat in the same member are one
@@ -707,7 +852,7 @@ class _Job:
                                            size=outcome.size, action=action, member=d.member,
                                            detail=detail, quarantine_id=qid))
         if action in ("quarantined", "deleted"):
-            self.store.forget_file(self.vm.moref, entry.path)
+            self.store.forget_file(*self._index_key(entry)[:2])
         else:
             self._index(entry, outcome.sha256, "infected")
 
@@ -721,7 +866,9 @@ class _Job:
         the guest is found again by the walk and completed there (the quarantine hands back
         the item it already holds, so there is never a second one).
         """
-        stat = getattr(self.guest, "stat", None)
+        if self.remedy is None:
+            return          # nothing can be settled without the guest: its next scan will
+        stat = getattr(self.remedy, "stat", None)
         for det in self.store.pending_detections(self.vm.moref):
             if det.scan_id == self.result.scan_id:
                 continue
@@ -772,7 +919,21 @@ class _Job:
                    and e.details.get("quarantine_id") == qid for e in entries())
 
     def _remediate(self, entry: GuestFile, outcome: Any, threat: str) -> tuple[str, str, str]:
-        """Try the policy's action then its fallback; returns (action, quarantine id, detail)."""
+        """Try the policy's action then its fallback; returns (action, quarantine id, detail).
+
+        With no guest access to change files now (a disk scan of a VM that is off or has no
+        guest credentials), the detection stays ``pending`` (``reported`` when the policy
+        only reports) with the source's ``remediation_pending`` as its detail: the VM is
+        infected, so its next guest scan finds the file and completes that row.
+        """
+        if self.remedy is None:
+            later = str(getattr(self.guest, "remediation_pending", "")
+                        or "guest operations are not available")
+            action = "reported" if self.policy.action == "report" else PENDING
+            self._audit("remediation", path=entry.path, action=self.policy.action,
+                        result=action, detail=later, threat=threat, sha256=outcome.sha256)
+            return action, "", later
+        remedy = self.remedy
         failures: list[str] = []
         for act in remediation_plan(self.policy.action, self.policy.fallback_action):
             try:
@@ -781,13 +942,13 @@ class _Job:
                                 threat=threat, sha256=outcome.sha256)
                     return "reported", "", "; ".join(failures)
                 if act == "quarantine":
-                    qid = self._quarantine(entry, outcome, threat)
+                    qid = self._quarantine(entry, outcome, threat, remedy)
                     self._audit("remediation", path=entry.path, action="quarantine",
                                 result="quarantined", quarantine_id=qid, threat=threat,
                                 sha256=outcome.sha256)
                     return "quarantined", qid, "; ".join(failures)
                 if act == "delete":
-                    self.guest.delete_file(entry.path)
+                    remedy.delete_file(entry.path)
                     self._audit("remediation", path=entry.path, action="delete", result="deleted",
                                 threat=threat, sha256=outcome.sha256)
                     return "deleted", "", "; ".join(failures)
@@ -797,10 +958,11 @@ class _Job:
                             error=str(exc), threat=threat, sha256=outcome.sha256)
         return "failed", "", "; ".join(failures)
 
-    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str) -> str:
+    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str,
+                    remedy: GuestAccess) -> str:
         """Copy the file's bytes into the quarantine, check they are the scanned ones, delete it."""
         with self.transfers.slot:
-            download = self.guest.open_download(entry.path)
+            download = remedy.open_download(entry.path)
             try:
                 item = self.quarantine.put(
                     download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
@@ -813,17 +975,30 @@ class _Job:
             self.quarantine.discard(item.id)
             raise errors.GuestError(f"{entry.path} changed between scan and quarantine")
         try:
-            self.guest.delete_file(entry.path)
+            remedy.delete_file(entry.path)
         except errors.VsphereAvError:
             self.quarantine.discard(item.id)
             raise
         return str(item.id)
 
+    def _index_key(self, entry: GuestFile) -> tuple[VmId, str, str]:
+        """(owner, key, mtime) of the file's incremental index row.
+
+        The guest path by default; a disk reader keys its rows by disk, volume and file id
+        under an owner that is not the VM's moref, so the two indexes never mix.
+        """
+        index_key = getattr(self.guest, "index_key", None)
+        if index_key is None:
+            return self.vm.moref, entry.path, entry.mtime
+        owner, key, mtime = index_key(entry)
+        return VmId(owner), str(key), str(mtime)
+
     def _index(self, entry: GuestFile, sha256: str, verdict: str) -> None:
         if not entry.mtime or not sha256:
             return
-        self.pending.append(FileRecord(vm_moref=self.vm.moref, path=entry.path, size=entry.size,
-                                       mtime=entry.mtime, sha256=sha256,
+        owner, key, mtime = self._index_key(entry)
+        self.pending.append(FileRecord(vm_moref=owner, path=key, size=entry.size,
+                                       mtime=mtime, sha256=sha256,
                                        signature_version=self.session.version, verdict=verdict))
         if len(self.pending) >= INDEX_BATCH:
             self._flush_index()
@@ -866,6 +1041,31 @@ class _StopRequested(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class _Feed:
+    """A download's chunks on their way into the engine, keeping what broke them off.
+
+    The engine turns a failing producer into an "error" verdict of that file; the scan
+    needs the exception itself (:meth:`check`), so that a transfer that broke off is retried
+    and an outage (``ConnectionLost``) ends the scan instead of counting as one file's error.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.error: errors.VsphereAvError | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._chunks
+        except errors.VsphereAvError as exc:
+            self.error = exc
+            raise
+
+    def check(self) -> None:
+        """Raise what broke the download off, if anything did."""
+        if self.error is not None:
+            raise self.error
 
 
 class _SlotStream:
@@ -965,8 +1165,12 @@ class _Transfers:
             try:
                 if not getattr(download, "local", False) or self.receiver is None:
                     return _Fetched(entry=entry, deferred=True)
-                received = self.receiver.receive(self._until_stopped(download.chunks()),
+                feed = _Feed(download.chunks())
+                received = self.receiver.receive(self._until_stopped(feed),
                                                 size_hint=download.size)
+                if feed.error is not None:
+                    received.discard()
+                    return _Fetched(entry=entry, error=feed.error)
                 if self._stop.is_set():
                     received.discard()
                     return _Fetched(entry=entry, deferred=True)

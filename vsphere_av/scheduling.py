@@ -3,9 +3,9 @@
 Called by ``controller.py`` (submit work, workers ``take`` and ``finish`` jobs, migrations
 ``move_vm``), by ``app.py`` (``vsphere-av scan`` without a controller: the same queue and
 caps, no journal) and by ``cli.py`` for statistics. Calls nothing but its collaborators
-(and ``config.typed_section`` for ``[[schedule]]`` tables): a clock (``now``) and an optional
-``journal`` (``store.jobs.JobStore``) that makes the queue durable. No threads start here;
-the controller's worker threads block in :meth:`Scheduler.take`.
+(``[[schedule]]`` tables arrive typed, as ``config.ScheduleSettings``): a clock (``now``)
+and an optional ``journal`` (``store.jobs.JobStore``) that makes the queue durable. No
+threads start here; the controller's worker threads block in :meth:`Scheduler.take`.
 
 Rules (issue 5, point 5), modelled on Trio's ``CapacityLimiter`` for the slot statistics:
 
@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 from croniter import croniter
 
-from vsphere_av.config import typed_section
+from vsphere_av.config import ScheduleSettings
 from vsphere_av.errors import ConfigError
 
 Clock = Callable[[], float]
@@ -482,25 +482,6 @@ class Scheduler:
 # -- cron schedules ---------------------------------------------------------------------
 
 
-def parse_duration(value: str | int | float) -> float:
-    """'90', '30s', '15m', '2h' -> seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"bad duration {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip().lower()
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        try:
-            seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units \
-                else float(text)
-        except ValueError as exc:
-            raise ConfigError(f"bad duration {value!r}: use e.g. 90, 30s, 15m, 2h") from exc
-    if seconds < 0:
-        raise ConfigError(f"duration must not be negative: {value!r}")
-    return seconds
-
-
 @dataclass(frozen=True)
 class Schedule:
     """A cron-driven scheduled scan: which VMs, how thorough, when, spread over ``jitter``."""
@@ -511,6 +492,13 @@ class Schedule:
     window: TimeWindow | None = None
     full: bool = True
     vms: str = "*"                   # fnmatch pattern on the VM name
+
+    @classmethod
+    def from_settings(cls, entry: ScheduleSettings) -> Schedule:
+        """One ``[[schedule]]`` table, already checked by ``config``: ``ControllerOptions``."""
+        return cls(name=entry.name, cron=entry.cron, jitter=entry.jitter,
+                   window=TimeWindow.parse(entry.window) if entry.window else None,
+                   full=entry.full, vms=entry.vms)
 
     def next_fire(self, after: datetime) -> datetime:
         """The next cron time strictly after ``after`` (UTC)."""
@@ -524,34 +512,6 @@ class Schedule:
             return 0.0
         digest = hashlib.sha256(f"{self.name}|{vm}|{fire.isoformat()}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64 * self.jitter
-
-
-# Keys of one [[schedule]] table; ``object``: converted (and checked) by parse_schedules itself.
-_SCHEDULE_KINDS: Mapping[str, type] = {"name": object, "cron": object, "jitter": object,
-                                       "window": object, "full": bool, "vms": object}
-
-
-def parse_schedules(extra: Mapping[str, Any]) -> list[Schedule]:
-    """Read ``[[schedule]]`` tables from the settings' extra sections."""
-    raw = extra.get("schedule", [])
-    if isinstance(raw, Mapping):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise ConfigError("schedule must be a list of tables ([[schedule]])")
-    result: list[Schedule] = []
-    for i, entry in enumerate(raw):
-        where = f"schedule[{i}]"
-        full = typed_section(entry, _SCHEDULE_KINDS, where).get("full", True)
-        cron = str(entry.get("cron", ""))
-        if not cron or not croniter.is_valid(cron):
-            raise ConfigError(f"{where}.cron is not a valid cron expression: {cron!r}")
-        window = entry.get("window")
-        result.append(Schedule(
-            name=str(entry.get("name") or f"schedule-{i + 1}"), cron=cron,
-            jitter=parse_duration(entry.get("jitter", 0)),
-            window=TimeWindow.parse(str(window)) if window else None,
-            full=full, vms=str(entry.get("vms", "*"))))
-    return result
 
 
 @dataclass

@@ -53,6 +53,8 @@ def command_line(
     guest_user: str = "root",
     guest_password: str = "vmware",
     cert_file: Path | None = None,
+    identity: Path | None = None,
+    disks: bool = False,
 ) -> list[str]:
     """The argv that starts the simulator with these settings (validated)."""
     counts = {"datacenters": datacenters, "clusters": clusters, "hosts": hosts, "vms": vms}
@@ -82,6 +84,10 @@ def command_line(
         argv.append(f"-guest-root={guest_root}")
     if cert_file is not None:
         argv.append(f"-cert={cert_file}")
+    if identity is not None:
+        argv.append(f"-identity={identity}")
+    if disks:
+        argv.append("-disks")
     return argv
 
 
@@ -154,9 +160,19 @@ def start(
     guest_root: Path,
     guest_user: str = "root",
     guest_password: str = "vmware",
+    identity: Path | None = None,
     timeout: float = 60.0,
+    disks: bool = False,
 ) -> Simulator:
-    """Start the simulator and return once it accepts TLS connections."""
+    """Start the simulator and return once it accepts TLS connections.
+
+    ``disks``: every VM gets a real disk image built from its guest tree (vcsim/README.md).
+
+    ``identity``: a PEM file for the TLS key and certificate, created on first use; a
+    simulator started again with the same file, ``listen`` address and ``guest_root`` is
+    the same vCenter to its clients (same pinned thumbprint, same VMs and hosts with the
+    same morefs).
+    """
     guest_root = Path(guest_root)
     guest_root.mkdir(parents=True, exist_ok=True)
     cert_fd, cert_name = tempfile.mkstemp(prefix="vcsim-", suffix=".pem")
@@ -165,7 +181,8 @@ def start(
     argv = command_line(
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
         username=username, password=password, guest_root=guest_root, guest_user=guest_user,
-        guest_password=guest_password, cert_file=cert_file,
+        guest_password=guest_password, cert_file=cert_file, identity=identity,
+        disks=disks,
     )
     deadline = time.monotonic() + timeout
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)

@@ -301,7 +301,7 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
     from pyVmomi import vim
 
     from vsphere_av import appliances as ap
-    from vsphere_av import simulator
+    from vsphere_av import config, simulator
     from vsphere_av.config import Secret, VcenterSettings
     from vsphere_av.store.audit import AuditLog
     from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
@@ -317,9 +317,10 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
         conn = connect(VcenterSettings(server=sim.host, port=sim.port, user=sim.username,
                                        password=Secret(sim.password),
                                        thumbprint=sim.thumbprint))
-        settings = ap.settings_from({"appliances": {
+        settings = config.parse({"appliances": {
             "enabled": True, "ovf": str(descriptor), "addresses": ["127.0.0.91"],
-            "ssh_key_file": str(key_file), "engine_token_file": str(token_file)}})
+            "ssh_key_file": str(key_file), "engine_token_file": str(token_file)}},
+            env={}).appliances
         adapter = VsphereApplianceAdapter(connection=conn, settings=settings)
         desired = ap.Desired.from_settings(settings)
         result = ap.reconcile_once(adapter=adapter, audit=audit, desired=desired,

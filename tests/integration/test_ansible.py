@@ -202,6 +202,7 @@ def test_vcenter_role_creates_least_privilege_roles_idempotently(
     assert not roles["vsphere-av-scanner"] & appliances - SYSTEM_PRIVILEGES
     assert not any("GuestOperations.Execute" in p for n in ROLE_NAMES for p in roles[n])
     assert "vsphere-av-tagging" not in roles     # off by default: nothing tags yet
+    assert "vsphere-av-disk-scanner" not in roles    # off by default: no disk scans yet
 
     si = connect(sim)
     auth = si.content.authorizationManager
@@ -226,6 +227,28 @@ def test_vcenter_role_creates_least_privilege_roles_idempotently(
         "--tags", "vcenter", env=env)
     assert gone.count("sim", "changed") == 1
     assert not set(ROLE_NAMES) & set(_roles(sim))
+
+
+def test_vcenter_role_disk_scanner_holds_snapshot_and_datastore_privileges_only(
+        tmp_path: Path, vcsim_factory: SimulatorFactory) -> None:
+    sim = vcsim_factory(hosts=1, vms=0)
+    env = _env(tmp_path, VSPHERE_AV_VCENTER_ADMIN_PASSWORD=sim.password,
+               SSL_CERT_FILE=str(sim.cert_file))
+    inventory = _vcenter_inventory(
+        sim, vsphere_av_vcenter_role_diskscan_enabled=True,
+        vsphere_av_vcenter_role_scanner_enabled=False,
+        vsphere_av_vcenter_role_isolation_enabled=False,
+        vsphere_av_vcenter_role_appliances_enabled=False)
+
+    run = _playbook(tmp_path, inventory, "--tags", "vcenter", env=env)
+
+    assert run.count("sim", "failed") == 0
+    assert run.status("Check that each managed role exists with exactly its privileges") == "ok"
+    roles = _roles(sim)
+    assert roles["vsphere-av-disk-scanner"] == SYSTEM_PRIVILEGES | {
+        "VirtualMachine.State.CreateSnapshot", "VirtualMachine.State.RemoveSnapshot",
+        "Datastore.Browse", "Datastore.FileManagement"}
+    assert not set(ROLE_NAMES) & set(roles)          # only the enabled role was made
 
 
 def test_vcenter_role_refuses_to_run_without_credentials(

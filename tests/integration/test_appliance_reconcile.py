@@ -15,7 +15,7 @@ from conftest import SimulatorFactory, connect, vm_named, wait_task
 from pyVmomi import vim
 
 from vsphere_av import appliances as ap
-from vsphere_av import simulator
+from vsphere_av import config, simulator
 from vsphere_av.config import Secret, VcenterSettings
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
@@ -59,7 +59,8 @@ class Rig:
 def make_rig(sim: simulator.Simulator, tmp_path: Any, **section: Any) -> Rig:
     conn = vs_connect(VcenterSettings(server=sim.host, port=sim.port, user=sim.username,
                                       password=Secret(sim.password), thumbprint=sim.thumbprint))
-    settings = ap.settings_from({"appliances": {"enabled": True, "addresses": POOL, **section}})
+    settings = config.parse({"appliances": {"enabled": True, "addresses": POOL, **section}},
+                            env={}).appliances
     audit = AuditLog.open(tmp_path / "state")
     return Rig(sim=sim, conn=conn, adapter=VsphereApplianceAdapter(connection=conn,
                                                                   settings=settings),

@@ -93,6 +93,9 @@ def test_jobs_of_a_host_whose_appliance_is_down_wait_and_are_never_given_up(
             vms = {vm.name: vm for vm in all_vms(a.si)}
             host = vms[WORKLOAD].runtime.host
             appliance = next(vm for vm in host.vm if vm.name.startswith("vsphere-av-"))
+            # Listed before the deploy powered it on: powering it off needs it running.
+            wait_for(lambda: appliance.runtime.powerState == "poweredOn", timeout=30,
+                     what="appliance running")
             task = appliance.PowerOffVM_Task()
             wait_for(lambda: task.info.state == "success", timeout=30, what="appliance off")
             task = vms[WORKLOAD].PowerOnVM_Task()

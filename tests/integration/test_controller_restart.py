@@ -18,12 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import plant, wait_task
+from conftest import plant, settings_for, wait_task
 from controller_support import EICAR, admin, audit_entries, cli_env, wait_for
 
 from vsphere_av import simulator
-from vsphere_av.store.jobs import JobStore
+from vsphere_av.store.jobs import EventCursor, JobStore
 from vsphere_av.store.state import StateStore
+from vsphere_av.vsphere.connection import connect
+from vsphere_av.vsphere.watching import EventTail
+from vsphere_av.watching import WATCHED_EVENT_TYPES
 
 BIG_A, BIG_B, LATE = (f"DC0_C0_RP0_VM{i}" for i in range(3))
 INFECTED_PATHS = ("/aaa/eicar-early.com", "/srv/zzz/eicar-late.com")
@@ -93,8 +96,10 @@ def test_kill_9_during_scans_then_restart_loses_nothing_and_doubles_nothing(
             proc.wait(timeout=30)
         assert proc.returncode == 0, log.read_text()[-3000:]
 
-        # The clean late VM got its exact NIC state back; the infected ones stay cut.
-        assert late_nics == nics_before[LATE]
+        # The clean late VM got its NIC state back as a running VM has it (its vNICs
+        # reported disconnected while it was off); the infected ones stay cut.
+        assert late_nics == [(key, start, start) for key, _, start in nics_before[LATE]]
+        assert any(start for _, _, start in nics_before[LATE])
         for n in (BIG_A, BIG_B):
             assert all(not c and not s for _, c, s in a.nics(n))
 
@@ -160,3 +165,72 @@ def test_sigterm_puts_in_flight_scans_back_in_the_queue(sim: simulator.Simulator
         pending = jobs.pending_jobs()
         assert [(j.vm, running) for j, running in pending] == [(moref, False)]
         assert jobs.isolation(moref) is not None       # still contained until scanned clean
+
+
+def test_crash_before_any_event_still_finds_power_ons_while_down(sim: simulator.Simulator,
+                                                                   tmp_path: Path) -> None:
+    # Issue 11, point 4: a fresh state directory has no event cursor until an event is
+    # processed. The first start saves one at once (vCenter's time), so a controller killed
+    # before any event still reads, at restart, the power-on that happened while it was down.
+    state, log = tmp_path / "state", tmp_path / "serve.log"
+    plant(sim, LATE, "/etc/hostname", b"late\n")
+    with admin(sim) as a:
+        a.power_off(BIG_A, BIG_B, LATE)          # nothing runs: no job, no event to process
+        moref = a.vms[LATE]._moId
+        nics_before = a.nics(LATE)
+
+        def cursor() -> EventCursor | None:
+            if not (state / "jobs.sqlite").exists():
+                return None
+            with JobStore.open(state) as jobs:
+                return jobs.cursor()
+
+        proc = _serve(sim, state, log)
+        try:
+            saved = wait_for(cursor, timeout=60, what="the event tail watching")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        assert saved.key == 0, "an event was processed: the test needs none before the kill"
+        assert not any(act.startswith(("isolation.", "scan.")) for act, _ in _actions(state))
+
+        wait_task(a.vms[LATE].PowerOnVM_Task())   # while the controller is down
+
+        proc = _serve(sim, state, log)
+        try:
+            def scanned() -> bool:
+                with JobStore.open(state) as jobs:
+                    return any(e.outcome == "clean" for e in jobs.exposures(moref))
+            wait_for(scanned, timeout=60, what="the missed power-on contained and scanned")
+            # Released after the clean scan, as a running VM has them (connected where
+            # startConnected; the simulator reports them disconnected while off).
+            assert a.nics(LATE) == [(key, start, start) for key, _, start in nics_before]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+    isolated = [d for act, d in _actions(state) if act == "isolation.isolate"]
+    assert [d["moref"] for d in isolated] == [moref]
+    assert isolated[0]["priority"] == "instant-on"
+    assert isolated[0]["event_key"] is not None      # found from the events, not the listing
+
+
+def test_first_start_tail_starts_at_vcenter_time_and_keeps_later_events_in_view(
+        sim: simulator.Simulator, tmp_path: Path) -> None:
+    # Events after the start time that are already in the new collector's view (they came
+    # while it was being built) are new, not history; events before it are history.
+    with admin(sim) as a:
+        a.power_off(LATE)                          # before the start: history
+        moref = a.vms[LATE]._moId
+        conn = connect(settings_for(sim, tmp_path / "state").vcenter)
+        try:
+            start = conn.current_time()
+            wait_task(a.vms[LATE].PowerOnVM_Task())   # after it, before the tail exists
+            with EventTail(conn, since=None, type_ids=WATCHED_EVENT_TYPES,
+                           start=start) as tail:
+                assert tail.start_cursor == EventCursor(0, start.isoformat())
+                events = tail.read()
+        finally:
+            conn.close()
+    assert all(e.created >= start for e in events)
+    assert "VmPoweredOnEvent" in [e.type_id for e in events if e.vm == moref]

@@ -150,52 +150,97 @@ def test_large_stream_is_spooled_not_held_in_memory(tmp_path: Path) -> None:
     eng.close()
 
 
-def test_archive_depth_limit(tmp_path: Path) -> None:
-    eng = Engine.open(make_settings(tmp_path / "s", archive_max_depth=2))
+def make_limited(state: Path, *, alert: bool, **engine: int) -> Engine:
+    settings = make_settings(state, **engine)
+    return Engine.open(dataclasses.replace(settings, engine=dataclasses.replace(
+        settings.engine, alert_exceeds_max=alert)))
+
+
+def limited_outcome(out: FileOutcome, *, alert: bool, limit: str, reason: str) -> None:
+    """An archive over a limit: a detection of its own (alert on) or skipped with the reason."""
+    assert reason in out.reason
+    if alert:
+        assert out.status == "infected", out
+        assert [d.threat for d in out.detections] == [f"Heuristics.Limits.Exceeded.{limit}"]
+        assert out.detections[0].source == "limit"
+    else:
+        assert out.status == "skipped", out
+        assert out.detections == ()
+
+
+@pytest.mark.parametrize("alert", [True, False])
+def test_archive_depth_limit(tmp_path: Path, alert: bool) -> None:
+    eng = make_limited(tmp_path / "s", alert=alert, archive_max_depth=2)
     deep = zip_bytes({"l1.zip": zip_bytes({"l2.zip": zip_bytes({"e.com": EICAR})})})
     shallow = zip_bytes({"l1.zip": zip_bytes({"e.com": EICAR})})
     with eng.session() as s:
         out = scan(s, deep, "/d/deep.zip", chunk=4096)
         ok = scan(s, shallow, "/d/shallow.zip", chunk=4096)
-    assert out.status == "skipped"
-    assert "depth limit (2)" in out.reason
+    limited_outcome(out, alert=alert, limit="MaxDepth", reason="depth limit (2)")
+    if alert:
+        assert out.detections[0].member == "deep.zip!l1.zip!l2.zip"
     assert ok.status == "infected"
+    assert [d.source for d in ok.detections] != ["limit"]
     eng.close()
 
 
-def test_archive_member_count_limit(tmp_path: Path) -> None:
-    eng = Engine.open(make_settings(tmp_path / "s", archive_max_members=5))
+def test_a_cached_limit_detection_does_not_outlive_turning_alerts_off(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    many = zip_bytes({f"f{i}.txt": b"x" for i in range(10)})
+    alerting = make_limited(state, alert=True, archive_max_members=5)
+    with alerting.session() as s:
+        assert scan(s, many, "/d/many.zip", chunk=4096).status == "infected"
+    alerting.close()
+    quiet = make_limited(state, alert=False, archive_max_members=5)
+    with quiet.session() as s:
+        out = scan(s, many, "/d/many.zip", chunk=4096)
+    assert (out.status, out.cached) == ("skipped", False)
+    quiet.close()
+
+
+@pytest.mark.parametrize("alert", [True, False])
+def test_archive_member_count_limit(tmp_path: Path, alert: bool) -> None:
+    eng = make_limited(tmp_path / "s", alert=alert, archive_max_members=5)
     many = zip_bytes({f"f{i}.txt": b"x" for i in range(10)} | {"z_last.com": EICAR})
     with eng.session() as s:
         out = scan(s, many, "/d/many.zip", chunk=4096)
-    assert out.status == "skipped"
-    assert "member limit (5)" in out.reason
+    limited_outcome(out, alert=alert, limit="MaxMembers", reason="member limit (5)")
     eng.close()
 
 
-def test_compression_ratio_limit_stops_a_zip_bomb(tmp_path: Path) -> None:
-    eng = Engine.open(make_settings(tmp_path / "s", archive_max_ratio=50))
+@pytest.mark.parametrize("alert", [True, False])
+def test_compression_ratio_limit_stops_a_zip_bomb(tmp_path: Path, alert: bool) -> None:
+    eng = make_limited(tmp_path / "s", alert=alert, archive_max_ratio=50)
     bomb = zip_bytes({"zeros.bin": b"\x00" * (20 * MiB)})
     gz_bomb = gzip.compress(b"\x00" * (20 * MiB))
     with eng.session() as s:
         out = scan(s, bomb, "/d/bomb.zip", chunk=65536)
         gz = scan(s, gz_bomb, "/d/bomb.gz", chunk=65536)
     assert len(bomb) < 100_000
-    assert out.status == "skipped"
-    assert "compression ratio limit (50:1)" in out.reason
-    assert gz.status == "skipped"
-    assert "compression ratio limit" in gz.reason
+    limited_outcome(out, alert=alert, limit="MaxRatio", reason="compression ratio limit (50:1)")
+    limited_outcome(gz, alert=alert, limit="MaxRatio", reason="compression ratio limit")
     eng.close()
 
 
-def test_total_extracted_size_limit(tmp_path: Path) -> None:
-    eng = Engine.open(make_settings(tmp_path / "s", archive_max_total_size=3 * MiB,
-                                    archive_max_ratio=10_000))
+@pytest.mark.parametrize("alert", [True, False])
+def test_total_extracted_size_limit(tmp_path: Path, alert: bool) -> None:
+    eng = make_limited(tmp_path / "s", alert=alert, archive_max_total_size=3 * MiB,
+                       archive_max_ratio=10_000)
     data = tar_bytes({f"f{i}.bin": bytes(range(256)) * 4096 for i in range(5)})   # 5 x 1 MiB
     with eng.session() as s:
         out = scan(s, data, "/d/t.tar.gz", chunk=65536)
-    assert out.status == "skipped"
-    assert "total extracted size limit" in out.reason
+    limited_outcome(out, alert=alert, limit="MaxTotalSize", reason="total extracted size limit")
+    eng.close()
+
+
+@pytest.mark.parametrize("alert", [True, False])
+def test_member_over_max_file_size(tmp_path: Path, alert: bool) -> None:
+    eng = make_limited(tmp_path / "s", alert=alert, max_file_size=2 * MiB,
+                       archive_max_ratio=10_000)
+    data = zip_bytes({"big.bin": b"\x00" * (3 * MiB)})
+    with eng.session() as s:
+        out = scan(s, data, "/d/big.zip", chunk=65536)
+    limited_outcome(out, alert=alert, limit="MaxFileSize", reason="larger than max file size")
     eng.close()
 
 

@@ -409,6 +409,61 @@ def test_cli_scan_files_json_and_exit_codes(tmp_path: Path) -> None:
     assert "2 files" in text.stdout
 
 
+def test_cli_scan_files_a_file_over_the_size_limit_is_not_checked_unless_policy_skips_it(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small.txt").write_text("fine\n")
+    (tree / "big.bin").write_bytes(b"\0" * 4096)
+    config = tmp_path / "c.toml"
+    config.write_text("[engine]\nmax_file_size = 1024\n")
+    over = run_cli(state, "--config", str(config), "scan-files", "--json", str(tree))
+    assert over.returncode == 2, over.stderr
+    assert [s["path"] for s in json.loads(over.stdout)["skipped"]] == [str(tree / "big.bin")]
+    config.write_text("[engine]\nmax_file_size = 1024\n[scan]\nskip_large = true\n")
+    policy = run_cli(state, "--config", str(config), "scan-files", "--json", str(tree))
+    assert policy.returncode == 0, policy.stderr
+    assert len(json.loads(policy.stdout)["skipped"]) == 1
+
+
+def test_cli_scan_files_names_that_are_not_utf8_and_errors_per_file(tmp_path: Path) -> None:
+    # Issue 11, point 8: such names reach YARA (bytes that are not UTF-8 as \\xNN text),
+    # one file's error is that file's line, errors exit 2 and only detections exit 1.
+    state = tmp_path / "state"
+    rules = bundle(tmp_path / "rules", {"names.yar": (
+        'rule EscName { condition: filename == "esc\\x1b.txt" }\n'
+        'rule BadName { condition: filename == "bad\\\\xff\\\\xfe.txt" }\n')})
+    assert run_cli(state, "signatures", "import", str(rules)).returncode == 0
+    tree = os.fsencode(tmp_path / "tree")
+    os.makedirs(tree)
+    for name in (b"esc\x1b.txt", b"bad\xff\xfe.txt", b"plain.txt"):
+        with open(os.path.join(tree, name), "wb") as fh:
+            fh.write(b"harmless")
+    unreadable = "/proc/self/mem"      # a regular file whose read fails (EIO), root or not
+    for jobs in ("1", "2"):
+        run = subprocess.run([*CLI, "scan-files", "--json", "--jobs", jobs, tree, unreadable],
+                             env={**os.environ, "VSPHERE_AV_STATE_DIR": str(state)},
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 1, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr[-2000:]
+        doc = json.loads(run.stdout)
+        assert doc["files"] == 4
+        hits = {(d["file"].rsplit("/", 1)[-1], d["threat"]) for d in doc["detections"]}
+        assert hits == {("esc\x1b.txt", "EscName"), ("bad\\xff\\xfe.txt", "BadName")}
+        (error,) = doc["errors"]
+        assert error["path"] == unreadable
+        assert error["reason"].startswith("read failed")
+    text = run_cli(state, "scan-files", "--no-cache", str(tmp_path / "tree"), unreadable)
+    assert text.returncode == 1, text.stderr
+    assert "INFECTED " + str(tmp_path / "tree") + "/esc\\x1b.txt: EscName" in text.stdout
+    assert "\x1b" not in text.stdout                # no raw ESC reaches the terminal
+    assert "bad\\xff\\xfe.txt" in text.stdout
+    assert text.stderr == f"error    {unreadable}: read failed: Input/output error\n"
+    errors_only = run_cli(state, "scan-files", str(tmp_path / "tree" / "plain.txt"), unreadable)
+    assert errors_only.returncode == 2, errors_only.stderr
+
+
 def test_cli_signatures_commands(tmp_path: Path) -> None:
     state = tmp_path / "state"
     good = bundle(tmp_path / "good", {"r.yar": marker_rule("R", "MARK-R")})

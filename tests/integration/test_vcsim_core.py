@@ -147,6 +147,26 @@ def test_signal_gives_a_clean_exit_zero(vcsim_factory: Factory, sig: int) -> Non
     assert sim.process.wait(timeout=15) == 0
 
 
+def test_identity_restart_is_the_same_vcenter(vcsim_factory: Factory, tmp_path: Path) -> None:
+    identity = tmp_path / "identity.pem"
+    first = vcsim_factory(hosts=1, vms=2, identity=identity)
+    assert identity.stat().st_mode & 0o777 == 0o600
+    def inventory(sim: simulator.Simulator) -> list[tuple[str, str]]:
+        si = connect(sim)
+        return sorted((o.name, o._moId) for kind in (vim.VirtualMachine, vim.HostSystem)
+                      for o in objects(si, kind))
+
+    before = inventory(first)
+    first.process.send_signal(signal.SIGKILL)          # an outage, not a shutdown
+    first.process.wait(timeout=10)
+    again = vcsim_factory(listen=f"{first.host}:{first.port}", guest_root=first.guest_root,
+                          hosts=1, vms=2, identity=identity)
+    assert (again.port, again.thumbprint) == (first.port, first.thumbprint)
+    assert inventory(again) == before
+    other = vcsim_factory(hosts=1, vms=0)              # without -identity: a fresh certificate
+    assert other.thumbprint != first.thumbprint
+
+
 def test_wrong_password_is_refused(vcsim: simulator.Simulator) -> None:
     stub = SoapStubAdapter(host=vcsim.host, port=vcsim.port, sslContext=vcsim.ssl_context())
     try:
@@ -623,3 +643,72 @@ def test_eventex_reaches_a_collector_with_a_time_filter(vcsim_factory: Any) -> N
         assert events[0].vm.vm._moId == vm._moId
     finally:
         collector.DestroyCollector()
+
+
+# --- power-on as ESXi orders it (issue 11, point 6) ------------------------------------------
+
+def _nic_flags(vm: vim.VirtualMachine) -> list[tuple[bool, bool]]:
+    return [(bool(d.connectable.connected), bool(d.connectable.startConnected))
+            for d in vm.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+
+def _set_nics(vm: vim.VirtualMachine, *, connected: bool, start_connected: bool) -> None:
+    changes = []
+    for d in vm.config.hardware.device:
+        if isinstance(d, vim.vm.device.VirtualEthernetCard):
+            d.connectable.connected = connected
+            d.connectable.startConnected = start_connected
+            changes.append(vim.vm.device.VirtualDeviceSpec(
+                operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=d))
+    run(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=changes)))
+
+
+def test_nics_are_connected_only_while_running(vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=2))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    other = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM1")
+    run(vm.PowerOffVM_Task())
+    run(other.PowerOffVM_Task())
+    assert _nic_flags(vm)
+    assert all(not c for c, _ in _nic_flags(vm))        # off: disconnected
+    _set_nics(vm, connected=True, start_connected=True)
+    assert _nic_flags(vm) == [(False, True)] * len(_nic_flags(vm))
+    _set_nics(other, connected=False, start_connected=False)
+    run(vm.PowerOnVM_Task())
+    run(other.PowerOnVM_Task())
+    assert all(c and s for c, s in _nic_flags(vm))        # startConnected: connects
+    assert all(not c for c, _ in _nic_flags(other))       # not startConnected: stays down
+    # While running, connected is the client's: disconnect it and it stays so.
+    _set_nics(vm, connected=False, start_connected=True)
+    assert _nic_flags(vm) == [(False, True)] * len(_nic_flags(vm))
+    run(vm.PowerOffVM_Task())
+    assert _nic_flags(vm) == [(False, True)] * len(_nic_flags(vm))
+    run(vm.PowerOnVM_Task())
+    assert all(c for c, _ in _nic_flags(vm))
+
+
+def test_starting_event_comes_before_the_power_state_and_powered_on_after(
+        vcsim_factory: Factory) -> None:
+    si = connect(vcsim_factory(hosts=1, vms=1))
+    vm = by_name(si, vim.VirtualMachine, "DC0_C0_RP0_VM0")
+    run(vm.PowerOffVM_Task())
+    run(vm.PowerOnVM_Task())
+    boot = vm.summary.runtime.bootTime
+    spec = vim.event.EventFilterSpec(
+        eventTypeId=["VmStartingEvent", "VmPoweredOnEvent"],
+        entity=vim.event.EventFilterSpec.ByEntity(entity=vm, recursion="self"))
+    events = sorted(si.content.eventManager.QueryEvents(spec), key=lambda e: e.key)
+    last = [e for e in events if e.createdTime >= boot - timedelta(seconds=5)][-2:]
+    # One of each per power-on (the library posted both before changing the state).
+    assert [type(e).__name__ for e in last] == ["vim.event.VmStartingEvent",
+                                                "vim.event.VmPoweredOnEvent"]
+    starting, powered_on = last
+    assert starting.createdTime <= boot <= powered_on.createdTime
+    assert starting.vm.vm == vm
+    assert powered_on.host.host == vm.runtime.host
+    # A power-on of a running VM fails in its task and posts nothing.
+    with pytest.raises(vim.fault.InvalidPowerState):
+        run(vm.PowerOnVM_Task())
+    after = sorted(si.content.eventManager.QueryEvents(spec), key=lambda e: e.key)
+    assert after[-1].key == powered_on.key

@@ -572,6 +572,45 @@ def test_directories_moves_deletes_and_faults(sim: Sim) -> None:
     assert root.is_dir()
 
 
+# Names XML 1.0 cannot carry (vcsim/README.md, "Guest file names on the wire"): each such
+# byte b is sent as U+F700+b, and so is each byte of a name's own U+F700..U+F7FF characters.
+WIRE_NAMES = {
+    b"esc\x1b[0m.com": "esc\uf71b[0m.com",
+    b"bel\x07": "bel\uf707",
+    b"bad\xff\xfe.com": "bad\uf7ff\uf7fe.com",
+    b"cut\xc3(": "cut\uf7c3(",
+    "private\uf701".encode(): "private\uf7ef\uf79c\uf781",
+    "tab\tcr\r\u00e9\U0001f600".encode(): "tab\tcr\uf70d\u00e9\U0001f600",
+}
+
+
+def test_names_xml_cannot_carry_list_and_transfer_like_any_other(sim: Sim) -> None:
+    vm = linux(sim)
+    root = os.fsencode(vm_root(sim, vm) / "wire")
+    os.makedirs(root, exist_ok=True)
+    for i, raw in enumerate(WIRE_NAMES):
+        with open(os.path.join(root, raw), "wb") as fh:
+            fh.write(b"content %d" % i)
+    m = fm(sim)
+    listing = m.ListFilesInGuest(vm, auth(), "/wire", maxResults=100)
+    assert sorted(names(listing)) == sorted(WIRE_NAMES.values())
+    for i, wire in enumerate(WIRE_NAMES.values()):
+        assert get_file(sim, vm, f"/wire/{wire}") == b"content %d" % i
+        (entry,) = m.ListFilesInGuest(vm, auth(), f"/wire/{wire}").files
+        assert entry.path == wire
+    # a pattern matches the names as sent
+    (hit,) = m.ListFilesInGuest(vm, auth(), "/wire", matchPattern="^esc\uf71b").files
+    assert hit.path == WIRE_NAMES[b"esc\x1b[0m.com"]
+    put_file(sim, vm, "/wire/new\uf71b.bin", b"up")
+    with open(os.path.join(root, b"new\x1b.bin"), "rb") as fh:
+        assert fh.read() == b"up"
+    m.DeleteFileInGuest(vm, auth(), "/wire/bel\uf707")
+    assert not os.path.exists(os.path.join(root, b"bel\x07"))
+    tmp = m.CreateTemporaryFileInGuest(vm, auth(), "t\uf71b", "", "/wire")
+    assert tmp.startswith("/wire/t\uf71b")
+    assert os.path.exists(os.path.join(root, b"t\x1b" + os.fsencode(tmp)[len("/wire/t") + 3:]))
+
+
 def test_temporary_files_and_directories(sim: Sim) -> None:
     vm = linux(sim)
     root = vm_root(sim, vm)

@@ -14,10 +14,11 @@ from test_appliance_plan import H1, H2, Log, World
 
 from vsphere_av import appliances as ap
 from vsphere_av.appliance_manager import ApplianceManager, read_health
+from vsphere_av.config import ApplianceSettings
 
 
 def manager(tmp_path: Path, world: World, log: Log) -> ApplianceManager:
-    return ApplianceManager(state_dir=tmp_path, settings=ap.ApplianceSettings(enabled=True),
+    return ApplianceManager(state_dir=tmp_path, settings=ApplianceSettings(enabled=True),
                             adapter=world, audit=log, actor="t", clock=lambda: 1000.0)
 
 

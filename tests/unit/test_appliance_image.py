@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vsphere_av import appliances as ap
+from vsphere_av.config import ApplianceSettings
 from vsphere_av.errors import ApplianceError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ def test_a_deploy_fills_the_controllers_key_and_token(tmp_path: Path) -> None:
                                            serialization.NoEncryption()))
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-0123456789\n")
-    settings = ap.ApplianceSettings(ssh_key_file=str(key_file), engine_token_file=str(token_file))
+    settings = ApplianceSettings(ssh_key_file=str(key_file), engine_token_file=str(token_file))
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
     image = ap.declared_properties(TEMPLATE.read_text())
@@ -143,7 +144,7 @@ def test_a_deploy_fills_the_controllers_key_and_token(tmp_path: Path) -> None:
     placeholder = ap.declared_properties(PLACEHOLDER.read_text())
     assert ap.ovf_properties(settings, {ap.ADDRESS_KEY: "127.0.0.11"}, placeholder) == \
         {ap.ADDRESS_KEY: "127.0.0.11"}
-    assert ap.ovf_properties(ap.ApplianceSettings(), {}, image) == {}
+    assert ap.ovf_properties(ApplianceSettings(), {}, image) == {}
     key_file.write_text("garbage")
     with pytest.raises(ApplianceError):
         ap.ovf_properties(settings, {}, image)

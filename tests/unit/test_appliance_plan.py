@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from vsphere_av import appliances as ap
+from vsphere_av import config
 from vsphere_av.errors import ApplianceError, ConfigError, VsphereError
 
 C1 = "domain-c1"
@@ -206,7 +207,7 @@ def test_appliance_down_hosts(hosts: tuple[ap.HostInfo, ...], apps: tuple[ap.App
     (["127.0.0.8/31"], ["127.0.0.8", "127.0.0.9"]),
 ])
 def test_expand_addresses(entries: list[str], expected: list[str]) -> None:
-    assert ap.expand_addresses(entries) == expected
+    assert config.expand_addresses(entries) == expected
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -222,16 +223,16 @@ def test_expand_addresses(entries: list[str], expected: list[str]) -> None:
 ])
 def test_bad_settings(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        ap.settings_from({"appliances": section})
+        config.parse({"appliances": section}, env={})
 
 
 def test_settings_defaults_and_values() -> None:
-    s = ap.settings_from({"appliances": {"enabled": True, "clusters": "C1",
-                                         "addresses": ["127.0.0.11-127.0.0.12"]}})
+    s = config.parse({"appliances": {"enabled": True, "clusters": "C1",
+                                     "addresses": ["127.0.0.11-127.0.0.12"]}}, env={}).appliances
     assert s.enabled
     assert s.clusters == ("C1",)
     assert ap.Desired.from_settings(s).addresses == ("127.0.0.11", "127.0.0.12")
-    assert ap.settings_from({}).ovf.endswith("appliance.ovf")
+    assert config.parse({}, env={}).appliances.ovf.endswith("appliance.ovf")
 
 
 # ------------------------------------------------------------------ apply

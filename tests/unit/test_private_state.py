@@ -128,3 +128,31 @@ def test_private_dir_refuses_what_is_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("")
     with pytest.raises(StoreError, match="cannot create"):
         private_dir(tmp_path / "state")
+
+
+def test_opening_a_database_again_keeps_the_locks_of_the_connection_already_open(
+        tmp_path: Path) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it. In WAL
+    # mode each open connection holds a shared lock on the database file, which tells the
+    # last connection to close (in any process) not to checkpoint and delete the -wal and
+    # -shm under the others. A second open of a database this process already has open must
+    # not open the file itself: serve's audit log failed with "disk I/O error" once a command
+    # in another process had read the log.
+    from vsphere_av.store.sqlite import open_database
+
+    schema = "CREATE TABLE IF NOT EXISTS t (v INTEGER);"
+    path = tmp_path / "state" / "x.sqlite"
+    first = open_database(path, schema=schema, what="test")
+    first.execute("INSERT INTO t VALUES (1)")
+    open_database(path, schema=schema, what="test").close()
+    reader = ("import sqlite3, sys\n"
+              "db = sqlite3.connect(sys.argv[1])\n"
+              "db.execute('SELECT count(*) FROM t').fetchone()\n"
+              "db.close()\n")
+    subprocess.run([sys.executable, "-c", reader, str(path)], check=True)
+    wal_kept = path.with_name(path.name + "-wal").exists()
+    first.execute("INSERT INTO t VALUES (2)")
+    count = first.execute("SELECT count(*) FROM t").fetchone()[0]
+    first.close()
+    assert wal_kept
+    assert count == 2

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
+import ssl
 
 import pytest
+import requests
 from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
@@ -109,16 +112,37 @@ def test_insecure_context_does_not_verify_and_ca_context_does() -> None:
     (vim.fault.FileAlreadyExists(file="/x"), errors.GuestFileExists),
     (vim.fault.InvalidPowerState(), errors.InvalidPowerState),
     (vmodl.fault.ManagedObjectNotFound(), errors.NotFound),
-    (vim.fault.NotAuthenticated(), errors.TransientError),
+    (vim.fault.NotAuthenticated(), errors.ConnectionLost),
     (vim.fault.InvalidLogin(), errors.VsphereError),
-    (ConnectionResetError("reset"), errors.TransientError),
+    (vim.fault.NoPermission(), errors.PermissionDenied),
+    (ConnectionResetError("reset"), errors.ConnectionLost),
     (vmodl.fault.SystemError(reason="boom"), errors.VsphereError),
+    # The whole connection (vCenter or a host's transfer endpoint) is gone: an outage.
+    (ConnectionRefusedError(111, "Connection refused"), errors.ConnectionLost),
+    (TimeoutError("timed out"), errors.ConnectionLost),
+    (OSError(113, "No route to host"), errors.ConnectionLost),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), errors.ConnectionLost),
+    (http.client.RemoteDisconnected("Remote end closed connection"), errors.ConnectionLost),
+    (http.client.IncompleteRead(b"", 10), errors.ConnectionLost),
+    (requests.exceptions.ConnectionError("refused"), errors.ConnectionLost),
+    (requests.exceptions.ReadTimeout("read timed out"), errors.ConnectionLost),
+    (vmodl.fault.HostNotConnected(), errors.ConnectionLost),
+    (vmodl.fault.HostNotReachable(), errors.ConnectionLost),
+    # One transfer's body cut short: that file's trouble (its retry tells an outage apart).
+    (requests.exceptions.ChunkedEncodingError("cut"), errors.TransientError),
 ])
 def test_fault_translation(fault: BaseException, expected: type[errors.VsphereAvError]) -> None:
     err = translate(fault, what="list /etc on vm1")
     assert type(err) is expected
     assert str(err).startswith("list /etc on vm1")
     assert "\n" not in str(err)
+
+
+def test_per_file_faults_are_never_an_outage() -> None:
+    for fault in (vim.fault.FileNotFound(file="/x"), vim.fault.GuestPermissionDenied(),
+                  vim.fault.GuestOperationsUnavailable(), vim.fault.InvalidPowerState(),
+                  requests.exceptions.ChunkedEncodingError("cut")):
+        assert not isinstance(translate(fault, what="download /x"), errors.ConnectionLost)
 
 
 def test_invalid_guest_login_message_is_fixed() -> None:

@@ -93,6 +93,9 @@ def test_remediation_plan(action: str, fallback: str, plan: tuple[str, ...]) -> 
     ("skipped", None, "unprotected"), ("skipped", "unreachable", "unprotected"),
     ("skipped", "protected", None), ("skipped", "infected", None),
     ("error", "protected", "unreachable"), ("error", "infected", None),
+    # not every byte checked: never protected, and an infected VM stays infected
+    ("incomplete", None, "unprotected"), ("incomplete", "protected", "unprotected"),
+    ("incomplete", "infected", "infected"),
 ])
 def test_protection_after(status: str, previous: str | None, state: str | None) -> None:
     assert protection_after(status, previous=previous) == state

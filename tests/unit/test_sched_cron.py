@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from vsphere_av import config
+from vsphere_av.config import parse_duration
 from vsphere_av.errors import ConfigError
-from vsphere_av.scheduling import CronTicker, Schedule, TimeWindow, parse_duration, parse_schedules
+from vsphere_av.scheduling import CronTicker, Schedule, TimeWindow
 
 
 def at(h: int, m: int = 0, day: int = 1) -> datetime:
@@ -73,6 +75,11 @@ def test_ticker_fires_once_and_collapses_missed() -> None:
     # Down for five hours: one firing, not five.
     assert len(ticker.due(at(16, 30))) == 1
     assert ticker.next_times()["hourly"] == at(17)
+
+
+def parse_schedules(document: dict[str, object]) -> list[Schedule]:
+    """[[schedule]] tables as the controller gets them: checked by config, then Schedule."""
+    return [Schedule.from_settings(s) for s in config.parse(document, env={}).schedules]
 
 
 def test_parse_schedules() -> None:

@@ -12,6 +12,13 @@ Memory stays bounded: a stream is buffered in memory up to ``spool_threshold`` b
 spooled to a temporary file beyond that (libyara then maps the file); streams longer than
 ``max_file_size`` are not read further and come back "skipped". Nested archives are opened
 up to ``archive_max_depth`` with the same rule, so at most depth x threshold bytes are held.
+
+An archive that crosses a limit (depth, members, total extracted size, compression ratio,
+a member over ``max_file_size``) was not checked to its end. With ``alert_exceeds_max`` on
+(the default, as ClamAV's ``--alert-exceeds-max``) that is a detection of its own,
+``Heuristics.Limits.Exceeded.<limit>`` (source ``limit``); otherwise the file comes back
+"skipped" with the reason, which a guest scan counts as incomplete. Anything "skipped" or
+"error" means: not every byte was checked.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ import yara
 
 from vsphere_av.engine import archives
 from vsphere_av.engine.cache import CachedVerdict, VerdictCache
-from vsphere_av.engine.matcher import HEAD_SIZE, NAME_EXTERNALS, Matcher, externals_for, split_name
+from vsphere_av.engine.matcher import (
+    HEAD_SIZE,
+    NAME_EXTERNALS,
+    Matcher,
+    externals_for,
+    split_name,
+    utf8_name,
+)
 from vsphere_av.engine.signatures import LoadedVersion, SignatureStore
 from vsphere_av.errors import EngineError
 
@@ -39,6 +53,7 @@ __all__ = ["Detection", "Engine", "FileOutcome", "Received", "Session"]
 Status = Literal["clean", "infected", "skipped", "error"]
 READ_CHUNK = 1024 * 1024
 TOO_LARGE = "larger than max file size"
+LIMIT_THREAT = "Heuristics.Limits.Exceeded."
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,7 @@ class Detection:
     """One hit: threat name, where it came from and which member of the file matched."""
 
     threat: str
-    source: Literal["yara", "hash"]
+    source: Literal["yara", "hash", "limit"]
     rule: str
     member: str = ""   # "outer.zip!dir/inner.exe", or "" for the file itself
 
@@ -166,6 +181,8 @@ def _limits_fingerprint(settings: Any) -> str:
     e = settings.engine
     raw = (f"{e.max_file_size}/{e.archive_max_depth}/{e.archive_max_members}/"
            f"{e.archive_max_total_size}/{e.archive_max_ratio}")
+    if not e.alert_exceeds_max:    # limit detections (cached) belong to the alerting setting
+        raw += "/no-alert"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -209,6 +226,7 @@ class Session:
             context += "|" + "\0".join(split_name(path, name))
         if self.uses_owner:
             context += "|owner=" + owner
+        context = utf8_name(context)      # names that are not UTF-8 (surrogate escapes)
         return context
 
     def lookup(self, sha256: str, *, path: str, name: str | None = None, owner: str = "",
@@ -404,15 +422,16 @@ class Session:
         if not kind:
             return
         if depth >= self._limits.archive_max_depth:
-            findings.notes.append(f"archive depth limit ({self._limits.archive_max_depth}) "
-                                  f"reached at {label}")
+            self._exceeded(archives.MAX_DEPTH, f"archive depth limit "
+                           f"({self._limits.archive_max_depth}) reached at {label}",
+                           member=member, findings=findings)
             return
         try:
             for item in archives.members(kind=kind, data=blob.data, path=blob.path,
                                          name=label.rsplit("!", 1)[-1].rsplit("/", 1)[-1],
                                          label=label, compressed=blob.size, budget=budget):
                 if isinstance(item, archives.Limit):
-                    findings.notes.append(item.reason)
+                    self._exceeded(item.name, item.reason, member=member, findings=findings)
                     return
                 if isinstance(item, archives.Skip):
                     if item.name:
@@ -421,25 +440,34 @@ class Session:
                 self._member(item, path=path, owner=owner, depth=depth, label=label,
                              budget=budget, findings=findings)
         except archives.ArchiveLimit as exc:
-            findings.notes.append(str(exc))
+            self._exceeded(exc.name, str(exc), member=member, findings=findings)
         except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, KeyError,
                 IndexError, archives.zlib_error(), _tar_error(), _zip_error(), _lzma_error()):
             # A damaged or truncated archive: its raw bytes were scanned above; that is all
             # anyone can do with it (clamscan and yara behave the same way).
             return
 
+    def _exceeded(self, limit: str, reason: str, *, member: str, findings: _Findings) -> None:
+        """An archive (``member``: where in the file, "" for the file itself) crossed a limit."""
+        findings.notes.append(reason)
+        if self._limits.alert_exceeds_max:
+            findings.detections.append(Detection(threat=LIMIT_THREAT + limit, source="limit",
+                                                 rule=limit, member=member))
+
     def _member(self, item: archives.Member, *, path: str, owner: str, depth: int, label: str,
                 budget: archives.Budget, findings: _Findings) -> None:
         member_label = f"{label}!{item.name}"
         if item.size > self._limits.max_file_size:
-            findings.notes.append(f"{TOO_LARGE}: {member_label}")
+            self._exceeded(archives.MAX_FILE_SIZE, f"{TOO_LARGE}: {member_label}",
+                           member=member_label, findings=findings)
             return
         spool = _Spool(threshold=self._limits.spool_threshold, directory=self._spool_dir)
         try:
             try:
                 blob = self._receive(item.open(), spool, self._limits.max_file_size)
             except _TooLarge:
-                findings.notes.append(f"{TOO_LARGE}: {member_label}")
+                self._exceeded(archives.MAX_FILE_SIZE, f"{TOO_LARGE}: {member_label}",
+                               member=member_label, findings=findings)
                 return
             inner_dir, inner_name = (item.name.rsplit("/", 1) if "/" in item.name
                                      else ("", item.name))

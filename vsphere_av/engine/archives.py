@@ -4,7 +4,8 @@ Called by ``engine.Session`` for every scanned file (and archive member) whose f
 say "archive"; calls zipfile, tarfile, gzip, bz2, lzma. Yields members as chunk streams and
 never extracts anything to disk itself. Every limit (depth is enforced by the caller;
 member count, total extracted size and compression ratio here) ends the walk with a
-``Limit`` item instead of an exception, so a hostile archive is reported, not crashed on.
+``Limit`` item (or ``ArchiveLimit`` inside a member stream) naming the limit, so a hostile
+archive is reported (a detection of its own, or an incomplete file), not crashed on.
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ class Skip:
     reason: str
 
 
+# Which limit ended a walk (the last part of ``Heuristics.Limits.Exceeded.<name>``).
+MAX_DEPTH = "MaxDepth"
+MAX_MEMBERS = "MaxMembers"
+MAX_TOTAL_SIZE = "MaxTotalSize"
+MAX_RATIO = "MaxRatio"
+MAX_FILE_SIZE = "MaxFileSize"
+
+
 @dataclass(frozen=True)
 class Limit:
-    """A limit ended the walk of this archive."""
+    """A limit ended the walk of this archive (``name``: which one, e.g. ``MAX_MEMBERS``)."""
 
     reason: str
+    name: str
 
 
 Item = Member | Skip | Limit
@@ -89,12 +99,16 @@ def _chunks(fh: _Readable, budget: Budget, *, compressed: int, label: str) -> It
         budget.total += len(data)
         if budget.total > budget.max_total:
             raise ArchiveLimit(f"archive total extracted size limit ({budget.max_total} bytes) "
-                               f"reached at {label}")
+                               f"reached at {label}", MAX_TOTAL_SIZE)
         yield data
 
 
 class ArchiveLimit(Exception):
     """Raised inside a member stream when a limit is crossed while extracting."""
+
+    def __init__(self, reason: str, name: str) -> None:
+        super().__init__(reason)
+        self.name = name
 
 
 def _ratio_exceeded(extracted: int, compressed: int, budget: Budget) -> bool:
@@ -108,7 +122,8 @@ def _zip_members(source: str | IO[bytes], budget: Budget, label: str) -> Iterato
                 continue
             budget.members += 1
             if budget.members > budget.max_members:
-                yield Limit(f"archive member limit ({budget.max_members}) reached in {label}")
+                yield Limit(f"archive member limit ({budget.max_members}) reached in {label}",
+                    MAX_MEMBERS)
                 return
             if info.flag_bits & 0x1:
                 yield Skip(info.filename, "encrypted archive member")
@@ -119,11 +134,11 @@ def _zip_members(source: str | IO[bytes], budget: Budget, label: str) -> Iterato
                 continue
             if _ratio_exceeded(info.file_size, info.compress_size, budget):
                 yield Limit(f"compression ratio limit ({budget.max_ratio}:1) exceeded by "
-                            f"{label}!{info.filename}")
+                            f"{label}!{info.filename}", MAX_RATIO)
                 return
             if budget.total + info.file_size > budget.max_total:
                 yield Limit(f"archive total extracted size limit ({budget.max_total} bytes) "
-                            f"reached at {label}!{info.filename}")
+                            f"reached at {label}!{info.filename}", MAX_TOTAL_SIZE)
                 return
 
             def opener(info: zipfile.ZipInfo = info) -> Iterator[bytes]:
@@ -148,14 +163,16 @@ def _tar_members(fileobj: IO[bytes], budget: Budget, label: str, compressed: int
                 continue
             budget.members += 1
             if budget.members > budget.max_members:
-                yield Limit(f"archive member limit ({budget.max_members}) reached in {label}")
+                yield Limit(f"archive member limit ({budget.max_members}) reached in {label}",
+                    MAX_MEMBERS)
                 return
             if budget.total + info.size > budget.max_total:
                 yield Limit(f"archive total extracted size limit ({budget.max_total} bytes) "
-                            f"reached at {label}!{info.name}")
+                            f"reached at {label}!{info.name}", MAX_TOTAL_SIZE)
                 return
             if _ratio_exceeded(budget.total + info.size, compressed, budget):
-                yield Limit(f"compression ratio limit ({budget.max_ratio}:1) exceeded by {label}")
+                yield Limit(f"compression ratio limit ({budget.max_ratio}:1) exceeded by {label}",
+                            MAX_RATIO)
                 return
 
             def opener(info: tarfile.TarInfo = info) -> Iterator[bytes]:
@@ -173,7 +190,8 @@ def _single_stream(kind: str, fileobj: IO[bytes], budget: Budget, label: str, na
                    compressed: int) -> Iterator[Item]:
     budget.members += 1
     if budget.members > budget.max_members:
-        yield Limit(f"archive member limit ({budget.max_members}) reached in {label}")
+        yield Limit(f"archive member limit ({budget.max_members}) reached in {label}",
+                    MAX_MEMBERS)
         return
     inner = name
     for suffix in (".gz", ".tgz", ".bz2", ".xz", ".z"):
@@ -197,7 +215,7 @@ def _single_stream(kind: str, fileobj: IO[bytes], budget: Budget, label: str, na
                 extracted += len(data)
                 if _ratio_exceeded(extracted, compressed, budget):
                     raise ArchiveLimit(f"compression ratio limit ({budget.max_ratio}:1) "
-                                       f"exceeded by {label}")
+                                       f"exceeded by {label}", MAX_RATIO)
                 yield data
 
     yield Member(os.path.basename(inner) or "data", -1, opener)

@@ -25,6 +25,7 @@ from typing import Any
 
 from vsphere_av.engine import Detection, Engine, FileOutcome, Session, _owner_name, cacheable
 from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
+from vsphere_av.engine.matcher import utf8_name
 from vsphere_av.engine.signatures import SignatureStore
 
 BATCH = 256            # files per verdict-cache query
@@ -71,12 +72,14 @@ class ScanReport:
             "files": self.files, "bytes": self.bytes,
             "signature_version": self.signature_version, "cached": self.cached,
             "seconds": round(self.seconds, 3),
-            "detections": [{"path": detection_path(o.path, d.member), "file": o.path,
-                            "threat": d.threat, "sha256": o.sha256, "source": d.source,
-                            "rule": d.rule, "member": d.member}
+            "detections": [{"path": utf8_name(detection_path(o.path, d.member)),
+                            "file": utf8_name(o.path), "threat": d.threat, "sha256": o.sha256,
+                            "source": d.source, "rule": d.rule, "member": utf8_name(d.member)}
                            for o in self.detected for d in o.detections],
-            "skipped": [{"path": o.path, "reason": o.reason} for o in self.skipped],
-            "errors": [{"path": o.path, "reason": o.reason} for o in self.errors],
+            "skipped": [{"path": utf8_name(o.path), "reason": utf8_name(o.reason)}
+                        for o in self.skipped],
+            "errors": [{"path": utf8_name(o.path), "reason": utf8_name(o.reason)}
+                       for o in self.errors],
         }
 
 
@@ -155,7 +158,16 @@ def _unpack(t: _Packed) -> FileOutcome:
 
 def _scan_many(paths: list[str]) -> list[_Packed]:
     assert _WORKER is not None
-    return [_pack(_WORKER.scan_file(path)) for path in paths]
+    return [_pack(_scan_one(_WORKER, path)) for path in paths]
+
+
+def _scan_one(session: Session, path: str) -> FileOutcome:
+    """One file's outcome; trouble with this file is its own "error", never the run's end."""
+    try:
+        return session.scan_file(path)
+    except Exception as exc:
+        return FileOutcome(path=path, status="error", sha256="", size=0,
+                           reason=f"{type(exc).__name__}: {exc}")
 
 
 def _tasks(items: list[tuple[str, os.stat_result]]) -> list[list[str]]:
@@ -216,7 +228,7 @@ def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: 
                 if jobs == 1:
                     for window in windows:
                         for path, _ in settle(window):
-                            finish(session.scan_file(path))
+                            finish(_scan_one(session, path))
                 else:
                     first: list[tuple[str, os.stat_result]] = []
                     for window in windows:

@@ -98,11 +98,25 @@ def split_name(path: str, name: str | None = None) -> tuple[str, str, str]:
     return base, directory, extension
 
 
+def utf8_name(text: str) -> str:
+    """A file name as YARA (and JSON) can take it: valid UTF-8.
+
+    Names that are not UTF-8 come from Python with surrogate escapes (as ``os.fsdecode``
+    gives them); each such byte is kept as the text ``\\xNN``.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
 def externals_for(*, path: str, name: str | None, head: bytes, owner: str) -> dict[str, str]:
     """The five external variables for one file."""
     filename, filepath, extension = split_name(path, name)
-    return {"filename": filename, "filepath": filepath, "extension": extension,
-            "filetype": file_type(head, extension=extension), "owner": owner}
+    return {"filename": utf8_name(filename), "filepath": utf8_name(filepath),
+            "extension": utf8_name(extension),
+            "filetype": file_type(head, extension=extension), "owner": utf8_name(owner)}
 
 
 _COMMENT_OR_STRING = re.compile(

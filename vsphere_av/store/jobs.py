@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS isolation (
     nics      TEXT NOT NULL,
     reason    TEXT NOT NULL,
     state     TEXT NOT NULL,          -- 'pending' (intent recorded) | 'isolated'
-    since     REAL NOT NULL
+    since     REAL NOT NULL,
+    held      TEXT NOT NULL DEFAULT ''   -- why a clean rescan alone does not release it
 );
 CREATE TABLE IF NOT EXISTS hosts (
     host   TEXT PRIMARY KEY,
@@ -166,6 +167,7 @@ class IsolationRecord:
     reason: str
     state: str
     since: float
+    held: str = ""       # set on a detection: only the release rule's rescans release it
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,14 @@ class JobStore:
         self.path = path
         self._lock = threading.RLock()
         self._db = open_database(path, schema=_SCHEMA, what="job store", synchronous="NORMAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns newer than a store written by an older version."""
+        with self._tx() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(isolation)")}
+            if "held" not in columns:
+                db.execute("ALTER TABLE isolation ADD COLUMN held TEXT NOT NULL DEFAULT ''")
 
     @classmethod
     def open(cls, state_dir: Path | str) -> JobStore:
@@ -348,20 +358,25 @@ class JobStore:
 
     def isolation(self, vm: str) -> IsolationRecord | None:
         """The VM's kept NIC state, or None when it is not isolated."""
-        rows = self._query("SELECT vm, vm_name, nics, reason, state, since FROM isolation"
-                           " WHERE vm = ?", (vm,))
+        rows = self._query("SELECT vm, vm_name, nics, reason, state, since, held"
+                           " FROM isolation WHERE vm = ?", (vm,))
         return self._iso(rows[0]) if rows else None
 
     def isolations(self) -> list[IsolationRecord]:
         """Every isolated (or being isolated) VM."""
-        rows = self._query("SELECT vm, vm_name, nics, reason, state, since FROM isolation"
-                           " ORDER BY since")
+        rows = self._query("SELECT vm, vm_name, nics, reason, state, since, held"
+                           " FROM isolation ORDER BY since")
         return [self._iso(r) for r in rows]
 
     @staticmethod
     def _iso(row: tuple[Any, ...]) -> IsolationRecord:
         return IsolationRecord(vm=row[0], vm_name=row[1], nics=tuple(json.loads(row[2])),
-                               reason=row[3], state=row[4], since=row[5])
+                               reason=row[3], state=row[4], since=row[5], held=row[6])
+
+    def hold_isolation(self, vm: str, *, held: str) -> None:
+        """A detection: the VM stays isolated until a rescan the release rule accepts."""
+        with self._tx() as db:
+            db.execute("UPDATE isolation SET held = ? WHERE vm = ?", (held, vm))
 
     def clear_isolation(self, vm: str) -> None:
         """The NICs were restored: forget the kept state."""
@@ -427,6 +442,15 @@ class JobStore:
         """True once the controller picked the request up."""
         rows = self._query("SELECT taken FROM requests WHERE request_id = ?", (request_id,))
         return bool(rows) and rows[0][0] is not None
+
+    def request(self, request_id: int) -> tuple[str, bool, float, float | None] | None:
+        """One request as (vm, full, created, taken), or None: the API's ``GET /scans/ID``."""
+        rows = self._query("SELECT vm, full, created, taken FROM requests WHERE request_id = ?",
+                           (request_id,))
+        if not rows:
+            return None
+        vm, full, created, taken = rows[0]
+        return str(vm), bool(full), float(created), None if taken is None else float(taken)
 
     # -- audit outbox ---------------------------------------------------------------------
 

@@ -97,6 +97,13 @@ CREATE TABLE IF NOT EXISTS detections (
     time              TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS detections_vm ON detections (vm_moref, id);
+CREATE TABLE IF NOT EXISTS scan_files (
+    scan_id           INTEGER NOT NULL,
+    path              TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    reason            TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS scan_files_scan ON scan_files (scan_id);
 CREATE TABLE IF NOT EXISTS files (
     vm_moref          TEXT NOT NULL,
     path              TEXT NOT NULL,
@@ -295,6 +302,24 @@ class StateStore:
         else:
             rows = self.query("SELECT * FROM scans ORDER BY id DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
+
+    def add_scan_file(self, scan_id: ScanId, *, path: str, kind: str, reason: str) -> None:
+        """Record a path a scan did not fully check (``incomplete``) or ``skipped`` by policy."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO scan_files (scan_id, path, kind, reason) VALUES (?, ?, ?, ?)",
+                       (scan_id, path, kind, reason))
+
+    def scan_files(self, scan_id: ScanId) -> list[dict[str, str]]:
+        """Every path recorded by ``add_scan_file`` for one scan, in the order recorded."""
+        rows = self.query("SELECT path, kind, reason FROM scan_files WHERE scan_id = ?"
+                          " ORDER BY rowid", (scan_id,))
+        return [dict(r) for r in rows]
+
+    def last_finished_scan(self, vm_moref: VmId) -> dict[str, Any] | None:
+        """The VM's newest finished scan record, or None."""
+        rows = self.query("SELECT * FROM scans WHERE vm_moref = ? AND finished != ''"
+                          " ORDER BY id DESC LIMIT 1", (vm_moref,))
+        return dict(rows[0]) if rows else None
 
     # --- detections ------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from vsphere_av.appliances import (
     POWERED_ON,
     ROLE_KEY,
     ROLE_VALUE,
-    ApplianceSettings,
     ApplianceVm,
     Desired,
     HostInfo,
@@ -52,6 +51,7 @@ from vsphere_av.appliances import (
     declared_properties,
     ovf_properties,
 )
+from vsphere_av.config import ApplianceSettings
 from vsphere_av.engine_service import TransferChunks
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url

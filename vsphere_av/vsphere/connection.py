@@ -3,7 +3,8 @@
 Called by ``app.py`` (and later the controller's watch loops) through :func:`connect`; the
 adapter modules (``inventory``, ``guest``, ...) run every SOAP call through
 :meth:`Connection.call`, which logs in again once when vCenter says the session is gone
-(``NotAuthenticated``) and translates every other fault into ``vsphere_av.errors``.
+(``NotAuthenticated``) and translates every other fault into ``vsphere_av.errors``: vCenter
+not answering, or the session lost again right after logging in, is ``ConnectionLost``.
 Calls pyVmomi and the ``ssl`` module.
 
 TLS trust, in this order of preference:
@@ -18,12 +19,14 @@ With none of the three the connection is refused: there is no silent fallback.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pyVim import connect as pyvim_connect
@@ -56,7 +59,7 @@ def fetch_certificate(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT)
                 ctx.wrap_socket(sock, server_hostname=host) as tls:
             der = tls.getpeercert(binary_form=True)
     except OSError as exc:
-        raise errors.TransientError(f"cannot reach {host}:{port}: {exc}") from exc
+        raise errors.ConnectionLost(f"cannot reach {host}:{port}: {exc}") from exc
     if not der:
         raise errors.TlsVerificationError(f"{host}:{port} presented no certificate")
     return der
@@ -129,6 +132,11 @@ class Connection:
         """Host name or address of vCenter."""
         return self._settings.server
 
+    @property
+    def port(self) -> int:
+        """HTTPS port of vCenter."""
+        return self._settings.port
+
     def _login(self) -> None:
         s = self._settings
         if self.trust.thumbprint:
@@ -181,10 +189,11 @@ class Connection:
                 if is_not_authenticated(exc) and attempt == 1:
                     self.relogin(generation)
                     continue
-                if isinstance(exc, vmodl.MethodFault | OSError | ThumbprintMismatchException):
+                if isinstance(exc, vmodl.MethodFault | OSError | http.client.HTTPException
+                              | ThumbprintMismatchException):
                     raise translate(exc, what=what) from exc
                 raise
-        raise errors.TransientError(f"{what}: vCenter session lost twice in a row")
+        raise errors.ConnectionLost(f"{what}: vCenter session lost twice in a row")
 
     def singleton(self, name: str, fetch: Callable[[Any], Any]) -> Any:
         """A service object such as the guest file manager, fetched once per login.
@@ -206,6 +215,17 @@ class Connection:
     def ref(self, kind: str, moref: str) -> Any:
         """A managed object reference (``kind`` such as "VirtualMachine") bound to this session."""
         return getattr(vim, kind)(moref, self._si._stub)
+
+    def current_time(self) -> datetime:
+        """vCenter's clock (``ServiceInstance.CurrentTime``), time zone aware.
+
+        Event times are vCenter's: a starting point for reading events comes from here, never
+        from the local clock (the two may differ by minutes).
+        """
+        moment = self.call("read vCenter time", lambda _c: self._si.CurrentTime())
+        if not isinstance(moment, datetime):
+            raise errors.VsphereError(f"read vCenter time: unexpected answer {moment!r}")
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
     def session_key(self) -> str:
         """Key of the current vCenter session (what an administrator would terminate)."""

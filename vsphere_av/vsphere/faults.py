@@ -4,12 +4,18 @@ Called by every module of the adapter (``connection``, ``inventory``, ``guest`` 
 that come later) through :func:`translating` / :func:`translate`; calls nothing.
 Messages are one line and never contain credentials: the guest password is inside the
 request, never inside a fault's text.
+
+Connection-level trouble becomes ``errors.ConnectionLost`` (a ``TransientError``): vCenter or
+a host's transfer endpoint not answering (refused, reset, timed out, no route, TLS handshake
+cut), a session that is gone, a host vCenter cannot reach (``HostCommunication``). Callers
+treat it as the end of whatever they were doing on that connection, never as one file's
+error. A fault about one file or one guest (``FileNotFound``, permission denied, tools not
+running) stays a ``GuestError``.
 """
 
 from __future__ import annotations
 
 import http.client
-import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,27 +70,30 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
     if isinstance(exc, vmodl.fault.ManagedObjectNotFound):
         return errors.NotFound(f"{what}: object no longer exists")
     if isinstance(exc, vim.fault.NotAuthenticated):
-        return errors.TransientError(f"{what}: vCenter session lost")
+        return errors.ConnectionLost(f"{what}: vCenter session lost")
+    if isinstance(exc, vmodl.fault.HostCommunication):
+        return errors.ConnectionLost(f"{what}: host unreachable ({text})")
     if isinstance(exc, vim.fault.InvalidLogin):
         return errors.VsphereError(f"{what}: vCenter rejected the login (check user and password)")
     if isinstance(exc, vim.fault.NoPermission):
         privilege = getattr(exc, "privilegeId", "") or ""
         needs = f" (needs {privilege})" if privilege else ""
-        return errors.VsphereError(f"{what}: permission denied{needs}")
+        return errors.PermissionDenied(f"{what}: permission denied{needs}")
     if isinstance(exc, vim.fault.FileFault):
         return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
     if isinstance(exc, vim.fault.GuestOperationsFault):
         return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
     if isinstance(exc, ssl.SSLCertVerificationError | requests.exceptions.SSLError):
         return errors.TlsVerificationError(f"{what}: TLS verification failed: {_one_line(exc)}")
-    if isinstance(exc, ConnectionError | socket.timeout | TimeoutError | http.client.HTTPException
-                  | requests.exceptions.ConnectionError | requests.exceptions.Timeout
-                  | requests.exceptions.ChunkedEncodingError):
-        return errors.TransientError(f"{what}: connection problem: {_one_line(exc)}")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        # A body cut short: this transfer's trouble; the next call tells whether the peer is gone.
+        return errors.TransientError(f"{what}: transfer broke off: {_one_line(exc)}")
+    if isinstance(exc, OSError | http.client.HTTPException | requests.exceptions.ConnectionError
+                  | requests.exceptions.Timeout):
+        # Only network calls reach here: refused, reset, timed out, no route, TLS cut.
+        return errors.ConnectionLost(f"{what}: unreachable: {_one_line(exc)}")
     if isinstance(exc, vmodl.MethodFault):
         return errors.VsphereError(f"{what}: {type(exc).__name__} ({text})")
-    if isinstance(exc, OSError):
-        return errors.TransientError(f"{what}: {_one_line(exc)}")
     return errors.VsphereError(f"{what}: {type(exc).__name__}: {_one_line(exc)}")
 
 

@@ -6,6 +6,13 @@ the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable`
 ``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or
 ``TransientError``. The guest password travels only inside the SOAP request.
 
+One file's trouble and an outage are told apart here: vCenter or the host's transfer
+endpoint not answering (refused, reset, timed out) or the session gone is
+``errors.ConnectionLost``, raised by every call alike, including ``walk`` (never passed to its
+``on_error``) and ``open_download``; a download that breaks off mid-body or an HTTP error
+status is a ``TransientError`` of that file (the caller's retry finds out whether the host
+is gone).
+
 Transfers (``https://*:PORT/guestFile?...``) go to the ESXi host the VM runs on: ``*`` is
 replaced by the host's management address. TLS for that hop, in this order:
   1. the host certificate's SHA-256, computed from the PEM vCenter reports in
@@ -100,10 +107,13 @@ class _TrustAdapter(HTTPAdapter):
     new connection.
     """
 
-    def __init__(self, *, context: ssl.SSLContext, fingerprint: str = "") -> None:
+    def __init__(self, *, context: ssl.SSLContext, fingerprint: str = "",
+                 pool_maxsize: int = 1) -> None:
         self._context = context
         self._fingerprint = fingerprint.replace(":", "").lower()
-        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
+        # A pool of more than one connection blocks when full, so it stays a bound.
+        super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0,
+                         pool_block=pool_maxsize > 1)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
                          **pool_kwargs: Any) -> None:
@@ -141,25 +151,23 @@ def _new_context(ca_file: str = "") -> ssl.SSLContext:
     return ctx
 
 
-def _http_session(host: HostInfo | None, trust: TlsTrust) -> tuple[requests.Session, bool | str]:
-    """A session and a `verify` value implementing the module's transfer trust rules."""
+def _http_session(host: HostInfo | None, trust: TlsTrust, *, keep_alive: bool = False,
+                  pool_maxsize: int = 1) -> tuple[requests.Session, bool | str]:
+    """A session and a `verify` value implementing the module's transfer trust rules.
+
+    Transfer URLs get ``Connection: close``; ``keep_alive`` (datastore range reads, many
+    requests to one host) keeps up to ``pool_maxsize`` connections open instead.
+    """
     session = requests.Session()
     session.trust_env = False          # never route guest bytes through a proxy from the env
-    session.headers["Connection"] = "close"
-    if host is not None and host.certificate_sha256:
-        session.mount("https://", _TrustAdapter(context=_new_context(),
-                                                fingerprint=host.certificate_sha256))
-        return session, False
-    if trust.ca_file:
-        session.mount("https://", _TrustAdapter(context=_new_context(trust.ca_file)))
-        return session, trust.ca_file
-    if trust.thumbprint:
-        session.mount("https://", _TrustAdapter(context=_new_context(),
-                                                fingerprint=trust.thumbprint))
-        return session, False
-    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked for: --insecure
-    session.mount("https://", _TrustAdapter(context=_new_context()))
-    return session, False
+    if not keep_alive:
+        session.headers["Connection"] = "close"
+    ca_file, pin = _transfer_trust(host, trust)
+    if not (ca_file or pin):
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # asked: --insecure
+    session.mount("https://", _TrustAdapter(context=_new_context(ca_file), fingerprint=pin,
+                                            pool_maxsize=pool_maxsize))
+    return session, ca_file or False
 
 
 def _transfer_trust(host: HostInfo | None, trust: TlsTrust) -> tuple[str, str]:

@@ -148,6 +148,24 @@ def read_inventory(conn: Connection) -> tuple[list[VmInfo], list[HostInfo]]:
     return vms, sorted(hosts.values(), key=lambda h: h.name)
 
 
+def read_host(conn: Connection, host_id: HostId) -> HostInfo:
+    """Fresh data for one host (address, certificate); NotFound when it is gone."""
+    pc = vmodl.query.PropertyCollector
+    ref = conn.ref("HostSystem", host_id)
+    spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=ref, skip=False)],
+                         propSet=[pc.PropertySpec(type=vim.HostSystem, pathSet=HOST_PATHS)])
+
+    def fetch(content: Any) -> Any:
+        return content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+
+    result = conn.call(f"read host {host_id}", fetch)
+    for obj in result.objects if result is not None else []:
+        if obj.missingSet and not obj.propSet:
+            break
+        return _host_from(host_id, _props(obj))
+    raise errors.NotFound(f"host {host_id} no longer exists")
+
+
 def list_vms(conn: Connection) -> list[VmInfo]:
     """All VMs (no templates), sorted by name."""
     return read_inventory(conn)[0]
@@ -182,3 +200,24 @@ def get_vm(conn: Connection, vm_id: VmId) -> VmInfo:
         if vm.moref == vm_id:
             return vm
     raise errors.NotFound(f"VM {vm_id} no longer exists")
+
+
+def host_clusters(conn: Connection) -> dict[str, str]:
+    """Host name -> the name of its cluster ("" for a standalone host), one round trip.
+
+    For the console's fleet overview (``api.server``), which counts VMs per cluster and host.
+    """
+    def fetch(content: Any) -> list[Any]:
+        return _retrieve(content, [(vim.HostSystem, ["name", "parent"]),
+                                   (vim.ClusterComputeResource, ["name"])])
+
+    parents: dict[str, str] = {}
+    clusters: dict[str, str] = {}
+    for obj in conn.call("read clusters", fetch):
+        p = _props(obj)
+        if isinstance(obj.obj, vim.HostSystem):
+            parent = p.get("parent")
+            parents[str(p.get("name", obj.obj._moId))] = parent._moId if parent else ""
+        else:
+            clusters[obj.obj._moId] = str(p.get("name", ""))
+    return {host: clusters.get(parent, "") for host, parent in parents.items()}

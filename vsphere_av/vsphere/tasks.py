@@ -7,6 +7,7 @@ Polls quickly first (containment is measured in milliseconds) and backs off to 1
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyVmomi import vmodl
@@ -17,8 +18,13 @@ from vsphere_av.vsphere.connection import Connection
 TASK_TIMEOUT = 120.0
 
 
-def wait_task(conn: Connection, task: Any, what: str, *, timeout: float = TASK_TIMEOUT) -> Any:
-    """Wait for ``task`` to finish; return its result or raise the translated fault."""
+def wait_task(conn: Connection, task: Any, what: str, *, timeout: float = TASK_TIMEOUT,
+              fault_error: Callable[[Any, str], errors.VsphereAvError] | None = None) -> Any:
+    """Wait for ``task`` to finish; return its result or raise the translated fault.
+
+    ``fault_error(fault, what)`` translates a failed task's fault when the caller knows
+    better than the generic rule (snapshots: why it could not be taken).
+    """
     deadline = time.monotonic() + timeout
     pause = 0.005
     while True:
@@ -27,6 +33,8 @@ def wait_task(conn: Connection, task: Any, what: str, *, timeout: float = TASK_T
             return info.result
         if info.state == "error":
             fault = info.error
+            if fault_error is not None:
+                raise fault_error(fault, what)
             if isinstance(fault, vmodl.fault.ManagedObjectNotFound):
                 raise errors.NotFound(f"{what}: object no longer exists")
             raise errors.VsphereError(f"{what}: {type(fault).__name__}"

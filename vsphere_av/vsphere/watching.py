@@ -185,7 +185,9 @@ class EventTail:
     """Reads new vCenter events in key order, resuming after ``since`` (key and time).
 
     With a cursor, a one-shot catch-up collector filtered from the cursor's time is drained
-    first (events that happened while the controller was down), then destroyed. The live
+    first (events that happened while the controller was down), then destroyed. Without one
+    (a fresh state directory) the tail starts at vCenter's current time and offers that as
+    ``start_cursor`` for the caller to save before it reads anything. The live
     collector has no time filter (a filter on time would also be applied to events as they
     are posted); its new events are read from the latest page and the scrollable view.
     """
@@ -197,8 +199,12 @@ class EventTail:
         self._type_ids = list(type_ids)
         self._last_key = since.key if since else 0
         self._backlog: dict[int, Any] = {}
-        # Without a cursor (first start) history is not ours to replay.
-        self._not_before = None if since else (start or datetime.now(UTC))
+        # Without a cursor (first start) history is not ours to replay: events from vCenter's
+        # current time on are. That point is the cursor to keep until an event is processed
+        # (``start_cursor``), so a crash before the first event still resumes from it.
+        self._not_before = None if since else _aware(start or conn.current_time())
+        self.start_cursor: EventCursor | None = (
+            None if self._not_before is None else EventCursor(0, self._not_before.isoformat()))
         try:
             if since is not None:
                 self._catch_up(datetime.fromisoformat(since.time))
@@ -220,6 +226,8 @@ class EventTail:
         try:
             collector.SetCollectorPageSize(EVENT_PAGE_SIZE)
             # Everything now in the view is history (or backlog): new events come after it.
+            # (ResetCollector puts the view just before the latest page, so on a first start
+            # its events after the start time are read again by read(), through _add.)
             for ev in collector.latestPage or []:
                 if ev.key > self._last_key and self._not_before is None:
                     self._backlog[ev.key] = ev

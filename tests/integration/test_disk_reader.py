@@ -1,0 +1,430 @@
+"""The disk file source against real disk images built by vcsim/mkdisk.sh (Debian's tools).
+
+Every image is a real VMDK (qemu-img) holding a real partition table (sfdisk), LVM2 (lvm),
+file system (mke2fs, mkntfs + ntfs-3g, mkfs.xfs) or LUKS2 header (cryptsetup); the reader
+sees them only through an opener, as it will see a datastore.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from vsphere_av import errors
+from vsphere_av.scan.sources.disk import (
+    DiskFile,
+    DiskFiles,
+    DiskLimits,
+    VirtualDisk,
+    open_virtual_disk,
+)
+from vsphere_av.scan.sources.rangefile import RangeFile
+
+MKDISK = Path(__file__).resolve().parents[2] / "vcsim" / "mkdisk.sh"
+BIG = os.urandom(300_000)
+CRON = b"* * * * * root /tmp/x\n"
+
+
+def mkdisk(src: Path, out: Path, *args: str) -> Path:
+    subprocess.run([str(MKDISK), "--src", str(src), "--out", str(out), *args], check=True,
+                   capture_output=True, timeout=240)
+    return out
+
+
+def opener(directory: Path) -> Callable[[str], BinaryIO]:
+    return lambda name: (directory / name).open("rb")
+
+
+def open_local(path: Path) -> VirtualDisk:
+    return open_virtual_disk(path.name, open_file=opener(path.parent))
+
+
+def read_all(files: DiskFiles, roots: list[str] | None = None,
+             problems: list[tuple[str, str]] | None = None) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+
+    def on_error(path: str, exc: errors.DiskError) -> None:
+        assert problems is not None, f"unexpected problem: {path}: {exc}"
+        problems.append((path, str(exc)))
+
+    for f in files.walk(roots or [], on_error=on_error):
+        with files.open(f) as stream:
+            out[f.path] = b"".join(stream.chunks())
+        assert len(out[f.path]) == f.size
+    return out
+
+
+@pytest.fixture(scope="session")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("trees")
+    linux = base / "linux"
+    (linux / "etc" / "cron.d").mkdir(parents=True)
+    (linux / "etc" / "cron.d" / "x").write_bytes(CRON)
+    (linux / "etc" / "fstab").write_text("# static\nLABEL=root / ext4 defaults 0 1\n")
+    (linux / "home" / "u").mkdir(parents=True)
+    (linux / "home" / "u" / "big.bin").write_bytes(BIG)
+    (linux / "home" / "u" / "link").symlink_to("/etc/fstab")
+    changed = base / "linux2"
+    shutil.copytree(linux, changed, symlinks=True)
+    (changed / "etc" / "cron.d" / "x").write_bytes(b"changed\n")
+    (changed / "etc" / "cron.d" / "y").write_bytes(b"added\n")
+    windows = base / "windows"
+    (windows / "Windows" / "Temp").mkdir(parents=True)
+    (windows / "Windows" / "Temp" / "x.exe").write_bytes(b"MZ" + BIG[:5000])
+    (windows / "Users" / "Public").mkdir(parents=True)
+    (windows / "Users" / "Public" / "notes.txt").write_bytes(b"hello\n")
+    return {"linux": linux, "linux2": changed, "windows": windows}
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("images")
+
+
+LINUX_FILES = {"/etc/cron.d/x": CRON, "/home/u/big.bin": BIG}
+
+
+@pytest.mark.parametrize(("fs", "table", "fmt"), [
+    ("ext4", "gpt", "monolithicSparse"),
+    ("ext4", "mbr", "monolithicFlat"),
+    ("ext4", "none", "streamOptimized"),
+    ("xfs", "gpt", "monolithicSparse"),
+])
+def test_linux_disk_files_read_as_the_guest_names_them(trees: dict[str, Path], images: Path,
+                                                       fs: str, table: str, fmt: str) -> None:
+    path = mkdisk(trees["linux"], images / f"{fs}-{table}-{fmt}.vmdk", "--fs", fs,
+                  "--table", table, "--format", fmt)
+    disk = open_local(path)
+    assert disk.create_type == fmt
+    with DiskFiles.mount([disk]) as files:
+        assert not files.windows
+        [volume] = files.volumes
+        assert (volume.filesystem, volume.mount, volume.label, volume.problem) == (
+            fs, "/", "root", "")
+        assert volume.kind == ("whole disk" if table == "none" else "partition")
+        got = read_all(files, ["/"])
+        assert {p: got[p] for p in LINUX_FILES} == LINUX_FILES
+        assert set(got) == {*LINUX_FILES, "/etc/fstab"}       # the symlink is not a file
+        entries = {f.path: f for f in files.walk(["/"])}
+        again = {f.path: f for f in files.walk(["/"])}
+        assert {p: f.file_id for p, f in entries.items()} == {
+            p: f.file_id for p, f in again.items()}
+        assert all(f.volume == volume.index and f.mtime_ns > 0 for f in entries.values())
+
+
+def test_prune_and_roots_limit_the_walk(trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "prune.vmdk", "--fs", "ext4")
+    with DiskFiles.mount([open_local(path)]) as files:
+        pruned = [f.path for f in files.walk(["/"], prune=lambda d: d == "/home")]
+        assert sorted(pruned) == ["/etc/cron.d/x", "/etc/fstab"]
+        assert [f.path for f in files.walk(["/etc/cron.d"])] == ["/etc/cron.d/x"]
+        problems: list[tuple[str, str]] = []
+        assert read_all(files, ["/nonexistent"], problems) == {}
+        assert problems == [("/nonexistent", "/nonexistent: no such directory")]
+
+
+def test_ntfs_on_mbr_is_drive_c_with_windows_paths(trees: dict[str, Path],
+                                                   images: Path) -> None:
+    path = mkdisk(trees["windows"], images / "win.vmdk", "--fs", "ntfs", "--table", "mbr")
+    with DiskFiles.mount([open_local(path)]) as files:
+        assert files.windows
+        [volume] = files.volumes
+        assert (volume.filesystem, volume.mount, volume.label) == ("ntfs", "C:", "Windows")
+        got = read_all(files, ["C:\\"])
+        assert got == {"C:\\Windows\\Temp\\x.exe": b"MZ" + BIG[:5000],
+                       "C:\\Users\\Public\\notes.txt": b"hello\n"}
+        temp = list(files.walk(["c:/windows/temp"]))    # Windows paths: any case, any slash
+        assert [f.path for f in temp] == ["C:\\Windows\\Temp\\x.exe"]
+        assert temp[0].file_id >= 24                   # an MFT record number, not metadata
+
+
+def test_lvm_logical_volume_is_the_root(trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "lvm.vmdk", "--fs", "ext4", "--lvm")
+    with DiskFiles.mount([open_local(path)]) as files:
+        pv, lv = files.volumes
+        assert (pv.filesystem, pv.mount, pv.problem) == ("LVM2_member", "", "")
+        assert (lv.name, lv.kind, lv.filesystem, lv.mount) == (
+            "vg0/root", "logical volume", "ext4", "/")
+        assert read_all(files, ["/etc/cron.d"]) == {"/etc/cron.d/x": CRON}
+
+
+def test_snapshot_chain_reads_the_delta_over_its_parent(trees: dict[str, Path],
+                                                        images: Path) -> None:
+    chain_dir = images / "chain"
+    chain_dir.mkdir()
+    base = mkdisk(trees["linux"], chain_dir / "vm.vmdk", "--fs", "ext4")
+    child = mkdisk(trees["linux2"], chain_dir / "vm-000001.vmdk", "--fs", "ext4",
+                   "--parent", str(base))
+    assert child.stat().st_size < base.stat().st_size
+    disk = open_local(child)
+    assert disk.chain == ("vm-000001.vmdk", "vm.vmdk")
+    with DiskFiles.mount([disk]) as files:
+        got = read_all(files, ["/etc/cron.d"])
+    assert got == {"/etc/cron.d/x": b"changed\n", "/etc/cron.d/y": b"added\n"}
+    with DiskFiles.mount([open_local(base)]) as files:
+        assert read_all(files, ["/etc/cron.d"]) == {"/etc/cron.d/x": CRON}
+    # Without its parent a delta is no disk at all.
+    (chain_dir / "vm.vmdk").rename(chain_dir / "moved.vmdk")
+    try:
+        with pytest.raises(errors.DiskImageError, match=r"vm\.vmdk: cannot open"):
+            open_local(child)
+    finally:
+        (chain_dir / "moved.vmdk").rename(chain_dir / "vm.vmdk")
+    # A parent rebuilt after the snapshot has a new content id: the delta no longer fits it.
+    mkdisk(trees["linux"], chain_dir / "vm.vmdk", "--fs", "ext4")
+    with pytest.raises(errors.DiskImageError, match=r"vm-000001\.vmdk: its parent vm\.vmdk "
+                                                    r"changed after the snapshot \(CID "):
+        open_local(child)
+
+
+def test_truncated_vmdk_is_an_error_for_the_whole_disk(trees: dict[str, Path],
+                                                        images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "cut.vmdk", "--fs", "ext4")
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(size // 2)
+    # Where the cut shows depends on what is read first: opening, mounting or a file's data.
+    with (pytest.raises(errors.DiskImageError, match=r"cut\.vmdk: truncated"),
+          DiskFiles.mount([open_local(path)]) as files):
+        read_all(files, ["/"])
+
+
+def test_flat_extent_shorter_than_declared_is_truncated(trees: dict[str, Path],
+                                                        images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "short.vmdk", "--fs", "ext4",
+                  "--format", "monolithicFlat")
+    flat = images / "short-flat.vmdk"
+    with flat.open("r+b") as f:
+        f.truncate(flat.stat().st_size - 4096)
+    with pytest.raises(errors.DiskImageError, match=r"short-flat\.vmdk: truncated"):
+        open_local(path)
+
+
+def test_not_a_vmdk_is_one_line(images: Path) -> None:
+    junk = images / "junk.vmdk"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(errors.DiskImageError, match=r"junk\.vmdk: not a VMDK") as caught:
+        open_local(junk)
+    assert "\n" not in str(caught.value)
+
+
+def test_random_bytes_partition_is_an_unknown_file_system(trees: dict[str, Path],
+                                                          images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "noise.vmdk", "--fs", "ext4", "--table", "mbr",
+                  "--format", "monolithicFlat")
+    with (images / "noise-flat.vmdk").open("r+b") as f:
+        f.seek(1024 * 1024)                              # the partition starts at 1 MiB
+        f.write(os.urandom(4 * 1024 * 1024))
+    with DiskFiles.mount([open_local(path)]) as files:
+        [volume] = files.volumes
+        assert (volume.filesystem, volume.mount, volume.problem) == (
+            "", "", "unknown file system")
+        assert files.problems == (volume,)
+        problems: list[tuple[str, str]] = []
+        assert read_all(files, ["/"], problems) == {}
+        assert problems == [("/", "/: on no volume of these disks")]
+
+
+def test_luks_volume_is_detected_and_named(trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "luks.vmdk", "--fs", "ext4", "--luks")
+    with DiskFiles.mount([open_local(path)]) as files:
+        [volume] = files.volumes
+        assert volume.filesystem == "LUKS"
+        assert volume.problem == "encrypted volume (LUKS2): contents not readable without its key"
+        assert not volume.readable
+
+
+def test_fstab_mounts_a_second_disk_by_uuid_and_leaves_the_rest_unmounted(
+        trees: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    data_tree = tmp_path / "data"
+    (data_tree / "www").mkdir(parents=True)
+    (data_tree / "www" / "index.php").write_bytes(b"<?php evil();\n")
+    data = mkdisk(data_tree, images / "data.vmdk", "--fs", "xfs")
+    spare = mkdisk(data_tree, images / "spare.vmdk", "--fs", "ext4", "--table", "mbr")
+    with DiskFiles.mount([open_local(data)]) as alone:
+        uuid = alone.volumes[0].uuid
+        assert alone.volumes[0].mount == "/[unmounted]/disk0-p1"
+    root_tree = tmp_path / "root"
+    shutil.copytree(trees["linux"], root_tree, symlinks=True)
+    (root_tree / "etc" / "fstab").write_text(
+        f"LABEL=root / ext4 defaults 0 1\nUUID={uuid.upper()} /srv xfs defaults 0 2\n"
+        "UUID=0000-gone /mnt/gone ext4 defaults 0 2\nproc /proc proc defaults 0 0\n")
+    root = mkdisk(root_tree, images / "root2.vmdk", "--fs", "ext4")
+    disks = [open_local(root), open_local(data), open_local(spare)]
+    with DiskFiles.mount(disks) as files:
+        assert [(v.disk, v.filesystem, v.mount) for v in files.volumes] == [
+            (0, "ext4", "/"), (1, "xfs", "/srv"), (2, "ext4", "/[unmounted]/disk2-p1")]
+        assert files.notes == ("fstab: UUID=0000-gone on /mnt/gone: not on these disks",)
+        got = read_all(files, ["/"])
+    assert got["/srv/www/index.php"] == b"<?php evil();\n"
+    assert got["/[unmounted]/disk2-p1/www/index.php"] == b"<?php evil();\n"
+    assert got["/etc/cron.d/x"] == CRON
+
+
+def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[str, Path],
+                                                                  images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "big.vmdk", "--fs", "ext4", "--size-mib", "1024")
+    files_opened: list[RangeFile] = []
+    locals_opened: list[BinaryIO] = []
+
+    def open_range(name: str) -> BinaryIO:
+        local = (images / name).open("rb")
+        locals_opened.append(local)
+        size = local.seek(0, os.SEEK_END)
+
+        def read_range(offset: int, length: int) -> bytes:
+            local.seek(offset)
+            return local.read(length)
+
+        rf = RangeFile(read_range, size, name=name)
+        files_opened.append(rf)
+        return rf  # type: ignore[return-value]
+
+    try:
+        disk = open_virtual_disk(path.name, open_file=open_range)
+        assert disk.size == 1024 * 1024 * 1024
+        with DiskFiles.mount([disk]) as files:
+            found = list(files.walk(["/etc/cron.d"]))
+            with files.open(found[0]) as stream:
+                assert b"".join(stream.chunks()) == CRON
+    finally:
+        for local in locals_opened:
+            local.close()
+    [rf] = files_opened
+    stats = rf.statistics()
+    # Metadata read in neighbouring blocks grows a readahead window (RangeFile): < 1 MiB.
+    assert stats.bytes_fetched <= 1024 * 1024, stats
+    assert stats.calls <= 16, stats
+
+
+def test_ntfs_alternate_data_streams_are_files_of_their_own(trees: dict[str, Path],
+                                                            images: Path,
+                                                            tmp_path: Path) -> None:
+    path = mkdisk(trees["windows"], images / "ads.vmdk", "--fs", "ntfs", "--table", "none",
+                  "--format", "monolithicFlat")
+    # ntfs-3g writes a named stream through the user.* extended attribute of the file.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fuse = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(images / "ads-flat.vmdk"),
+                             str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+        assert os.path.ismount(mnt), "ntfs-3g did not mount the image"
+        os.setxattr(mnt / "Windows" / "Temp" / "x.exe", "user.Zone.Identifier",
+                    b"[ZoneTransfer]\r\nZoneId=3\r\n")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        fuse.wait(timeout=30)
+    with DiskFiles.mount([open_local(path)]) as files:
+        entries = {f.path: f for f in files.walk(["C:\\Windows\\Temp"])}
+        assert set(entries) == {"C:\\Windows\\Temp\\x.exe",
+                                "C:\\Windows\\Temp\\x.exe:Zone.Identifier"}
+        stream = entries["C:\\Windows\\Temp\\x.exe:Zone.Identifier"]
+        assert (stream.stream, stream.size) == ("Zone.Identifier", 26)
+        assert stream.file_id == entries["C:\\Windows\\Temp\\x.exe"].file_id
+        with files.open(stream) as s:
+            assert b"".join(s.chunks()) == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+
+
+def test_damaged_directory_and_file_are_reported_and_the_walk_goes_on(
+        trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "damaged.vmdk", "--fs", "ext4", "--table", "none",
+                  "--format", "monolithicFlat")
+    # debugfs zeroes the extent header magic of a directory and of a file in place.
+    for target in ("/home/u", "/etc/cron.d/x"):
+        subprocess.run(["debugfs", "-w", "-R", f"sif {target} block[0] 0",
+                        str(images / "damaged-flat.vmdk")], check=True, capture_output=True)
+    with DiskFiles.mount([open_local(path)]) as files:
+        problems: list[tuple[str, str]] = []
+        entries = {f.path: f for f in files.walk(["/"], on_error=lambda p, e: problems.append(
+            (p, str(e))))}
+        assert problems == [("/home/u", "/home/u: cannot list: Invalid extent_header magic")]
+        assert set(entries) == {"/etc/fstab", "/etc/cron.d/x"}
+        with pytest.raises(errors.DiskFileError,
+                           match=r"^/etc/cron\.d/x: cannot open: Invalid extent_header magic$"):
+            files.open(entries["/etc/cron.d/x"])
+        with files.open(entries["/etc/fstab"]) as stream:
+            assert b"".join(stream.chunks()).startswith(b"# static")
+
+
+def test_walk_limits_are_reported_not_silent(trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "limits.vmdk", "--fs", "ext4")
+    shallow = DiskLimits(max_depth=1)
+    with DiskFiles.mount([open_local(path)], limits=shallow) as files:
+        problems: list[tuple[str, str]] = []
+        got = [f.path for f in files.walk(["/"], on_error=lambda p, e: problems.append(
+            (p, str(e))))]
+        assert sorted(got) == ["/etc/fstab"]
+        assert sorted(problems) == [
+            ("/etc/cron.d", "/etc/cron.d: deeper than 1 levels: not walked"),
+            ("/home/u", "/home/u: deeper than 1 levels: not walked")]
+    with DiskFiles.mount([open_local(path)], limits=DiskLimits(max_entries=3)) as files:
+        problems = []
+        list(files.walk(["/"], on_error=lambda p, e: problems.append((p, str(e)))))
+        assert len(problems) == 1
+        assert problems[0][1].endswith("more than 3 entries: walk stopped")
+
+
+def test_files_read_in_another_thread_while_the_walk_goes_on(images: Path,
+                                                             tmp_path: Path) -> None:
+    tree = tmp_path / "many"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_bytes(b"LABEL=root / ext4 defaults 0 1\n")
+    expected: dict[str, bytes] = {"/etc/fstab": b"LABEL=root / ext4 defaults 0 1\n"}
+    for d in range(8):
+        (tree / f"d{d}").mkdir()
+        for n in range(8):
+            data = os.urandom(5000 + 997 * n)
+            (tree / f"d{d}" / f"f{n}").write_bytes(data)
+            expected[f"/d{d}/f{n}"] = data
+    path = mkdisk(tree, images / "many.vmdk", "--fs", "ext4", "--format", "streamOptimized")
+
+    def read(files: DiskFiles, f: DiskFile) -> tuple[str, bytes]:
+        with files.open(f) as stream:
+            return f.path, b"".join(stream.chunks())
+
+    with (DiskFiles.mount([open_local(path)]) as files,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        futures = [pool.submit(read, files, f) for f in files.walk(["/"])]
+        got = dict(future.result() for future in futures)
+    assert got == expected
+
+
+def test_a_transport_error_passes_through_unchanged(trees: dict[str, Path],
+                                                    images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "transport.vmdk", "--fs", "ext4")
+    local = path.open("rb")
+    failing = False
+
+    def read_range(offset: int, length: int) -> bytes:
+        if failing:
+            raise errors.TransientError("datastore read: connection reset")
+        local.seek(offset)
+        return local.read(length)
+
+    def open_range(name: str) -> BinaryIO:
+        rf = RangeFile(read_range, path.stat().st_size, block_size=4096, cache_blocks=4,
+                       name=name)
+        return rf  # type: ignore[return-value]
+
+    try:
+        disk = open_virtual_disk(path.name, open_file=open_range)
+        with DiskFiles.mount([disk]) as files:
+            failing = True          # the walk's reads, not the mount's, meet the failure
+            problems: list[tuple[str, str]] = []
+            with pytest.raises(errors.TransientError, match="connection reset"):
+                read_all(files, ["/"], problems)
+            assert problems == []   # not taken for an unreadable directory or file
+    finally:
+        local.close()

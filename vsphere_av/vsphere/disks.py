@@ -1,0 +1,741 @@
+"""A VM's virtual disks, snapshots taken for scanning them, and range reads of datastore files.
+
+Called by the disk-scan path (which audits what it does: nothing is audited here) and by
+the controller at start, to remove scan snapshots a crash left behind. Calls
+``Connection.call`` (PropertyCollector, ``CreateSnapshot_Task``, ``RemoveSnapshot_Task``,
+``SessionManager.AcquireGenericServiceTicket``), ``tasks.wait_task``, and ``requests``
+through the transfer trust of ``guest`` for the host's ``/folder`` interface. Returns
+``models.VirtualDiskInfo`` / ``SnapshotRef`` / ``ScanSnapshot`` and :class:`DatastoreFile`,
+never live vim objects.
+
+Which files make up a disk: the device's backing chain (``backing.fileName``, then
+``backing.parent``...) gives the order, the guest-visible level first; ``layoutEx.disk`` and
+``layoutEx.file`` give each level's descriptor and extents with their sizes. After a
+snapshot the VM writes to new delta disks; the disks to read are the levels the snapshot's
+file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken.
+
+Errors: a snapshot that cannot be taken (independent disk, physical RDM, a snapshot fault
+from vCenter) -> ``SnapshotError`` with the reason; the VM or snapshot gone -> ``NotFound``;
+a VM busy with another task -> ``TransientError``. Datastore reads: HTTP 404 -> ``NotFound``
+naming the file, 401/403 (after one fresh ticket) -> ``PermissionDenied``, a certificate
+that is not the pinned one -> ``TlsVerificationError``, network trouble and 5xx ->
+``TransientError``.
+
+Datastore reads (``GET https://<host>/folder/<path>?dcPath=<dc>&dsName=<ds>`` with a
+``Range`` header) go straight to the ESXi host the VM is on, so the bytes stay on that
+host's network when the host's appliance reads them. Authentication is a generic service
+ticket from vCenter bound to that URL and method (cookie ``vmware_cgi_ticket``): one ticket
+per file, replaced once when the host answers 401/403; when a host turns out to accept each
+ticket only once, every request to it gets a fresh one. The host certificate is pinned
+exactly as for guest transfers (``guest._http_session``). Each host gets one keep-alive
+session with at most ``pool_size`` connections (requests wait for a free one); at most
+``max_hosts`` sessions are kept, the least recently used closed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import requests
+import urllib3
+from pyVmomi import vim, vmodl
+
+from vsphere_av import errors
+from vsphere_av.models import (
+    DatastoreId,
+    DatastoreInfo,
+    DiskFile,
+    DiskUnit,
+    HostId,
+    HostInfo,
+    ScanSnapshot,
+    SnapshotId,
+    SnapshotRef,
+    VirtualDiskInfo,
+    VmId,
+)
+from vsphere_av.vsphere.connection import Connection
+from vsphere_av.vsphere.faults import is_not_authenticated, translate
+from vsphere_av.vsphere.guest import _http_session
+from vsphere_av.vsphere.inventory import read_host
+from vsphere_av.vsphere.tasks import wait_task
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_DESCRIPTION = "vsphere-av disk scan: temporary, removed when the scan ends"
+SNAPSHOT_TIMEOUT = 900.0        # create (quiesced: the guest flushes first) or remove+consolidate
+HTTP_TIMEOUT = (15.0, 120.0)
+MAX_RANGE = 64 * 1024 * 1024    # one read_range call; callers read in blocks far below this
+ESXI_HTTPS_PORT = 443
+DISK_FILE_TYPES = ("diskDescriptor", "diskExtent")
+
+VM_PATHS = ["name", "config.hardware.device", "layoutEx.file", "layoutEx.disk",
+            "layoutEx.snapshot", "runtime.host", "snapshot"]
+UP_PATHS = ["name", "parent"]
+
+_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]*)\]\s*(?P<path>.*)$")
+_CONTENT_RANGE = re.compile(r"^bytes\s+(?:(?P<start>\d+)-(?P<end>\d+)|\*)/(?P<size>\d+|\*)$")
+
+
+# --- Reading disks -------------------------------------------------------------------------
+
+def split_datastore_path(name: str) -> tuple[str, str]:
+    """``"[ds] dir/f.vmdk"`` -> ``("ds", "dir/f.vmdk")``; ValueError for anything else."""
+    match = _DS_PATH.match(name.strip())
+    if match is None:
+        raise ValueError(f"not a datastore path: {name!r}")
+    return match["ds"], match["path"]
+
+
+def _retrieve(conn: Connection, what: str, specs: Sequence[Any]) -> list[Any]:
+    """Every ObjectContent of one RetrievePropertiesEx (all pages)."""
+    pc = vmodl.query.PropertyCollector
+
+    def fetch(content: Any) -> list[Any]:
+        collector = content.propertyCollector
+        out: list[Any] = []
+        result = collector.RetrievePropertiesEx(list(specs), pc.RetrieveOptions())
+        while result is not None:
+            out.extend(result.objects)
+            if not result.token:
+                break
+            result = collector.ContinueRetrievePropertiesEx(result.token)
+        return out
+
+    return conn.call(what, fetch)
+
+
+def _props(obj: Any) -> dict[str, Any]:
+    return {p.name: p.val for p in (obj.propSet or [])}
+
+
+def _vm_filter(vm: Any) -> Any:
+    """The VM with its datastores and their datacenters' paths."""
+    pc = vmodl.query.PropertyCollector
+    up = [pc.SelectionSpec(name="folderUp"), pc.SelectionSpec(name="dcUp")]
+    traversals = [
+        pc.TraversalSpec(name="vmDatastores", type=vim.VirtualMachine, path="datastore",
+                         skip=False, selectSet=[pc.SelectionSpec(name="dsUp")]),
+        pc.TraversalSpec(name="dsUp", type=vim.Datastore, path="parent", skip=False,
+                         selectSet=up),
+        pc.TraversalSpec(name="folderUp", type=vim.Folder, path="parent", skip=False,
+                         selectSet=up),
+        pc.TraversalSpec(name="dcUp", type=vim.Datacenter, path="parent", skip=False,
+                         selectSet=up),
+    ]
+    objects = [pc.ObjectSpec(obj=vm, skip=False, selectSet=traversals)]
+    props = [pc.PropertySpec(type=vim.VirtualMachine, pathSet=VM_PATHS),
+             pc.PropertySpec(type=vim.Datastore, pathSet=UP_PATHS),
+             pc.PropertySpec(type=vim.Folder, pathSet=UP_PATHS),
+             pc.PropertySpec(type=vim.Datacenter, pathSet=UP_PATHS)]
+    return pc.FilterSpec(objectSet=objects, propSet=props)
+
+
+def _moid(ref: Any) -> str:
+    return str(ref._moId) if ref is not None else ""
+
+
+def _datacenter_path(start: str, up: dict[str, tuple[str, str, bool]]) -> str:
+    """Inventory path of the datacenter above ``start``: folder names below the root, then
+    the datacenter's name ("DC0", "EU/DC1")."""
+    node, seen = start, set()
+    while node and node in up and not up[node][2]:       # climb to the datacenter
+        seen.add(node)
+        node = up[node][1]
+        if node in seen:
+            return ""
+    if node not in up:
+        return ""
+    names = [up[node][0]]
+    node = up[node][1]
+    while node in up and up[node][1] and node not in seen:   # the root folder has no parent
+        seen.add(node)
+        names.append(up[node][0])
+        node = up[node][1]
+    return "/".join(reversed(names))
+
+
+def _backing_kind(backing: Any) -> str:
+    if isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo):
+        mode = str(getattr(backing, "compatibilityMode", "") or "")
+        return "rdm-physical" if mode == "physicalMode" else "rdm-virtual"
+    kinds = (
+        (vim.vm.device.VirtualDisk.FlatVer2BackingInfo, "flat"),
+        (vim.vm.device.VirtualDisk.FlatVer1BackingInfo, "flat"),
+        (vim.vm.device.VirtualDisk.SparseVer2BackingInfo, "sparse"),
+        (vim.vm.device.VirtualDisk.SparseVer1BackingInfo, "sparse"),
+        (vim.vm.device.VirtualDisk.SeSparseBackingInfo, "seSparse"),
+    )
+    for cls, kind in kinds:
+        if isinstance(backing, cls):
+            return kind
+    return type(backing).__name__
+
+
+class _DiskReader:
+    """Turns one collector read (VM, datastores, folders, maybe a snapshot) into models."""
+
+    def __init__(self, vm_id: VmId, objects: Iterable[Any]) -> None:
+        self.vm_id = vm_id
+        self.vm: dict[str, Any] | None = None
+        datastores: dict[str, tuple[str, str]] = {}
+        up: dict[str, tuple[str, str, bool]] = {}     # moref -> (name, parent, is datacenter)
+        for obj in objects:
+            ref, p = obj.obj, _props(obj)
+            if isinstance(ref, vim.VirtualMachine):
+                if obj.missingSet and not obj.propSet:
+                    break
+                self.vm = p
+            elif isinstance(ref, vim.Datastore):
+                datastores[_moid(ref)] = (str(p.get("name", "")), _moid(p.get("parent")))
+            else:
+                up[_moid(ref)] = (str(p.get("name", "")), _moid(p.get("parent")),
+                                  isinstance(ref, vim.Datacenter))
+        if self.vm is None:
+            raise errors.NotFound(f"VM {vm_id} no longer exists")
+        self.datastores = {
+            name: DatastoreInfo(moref=DatastoreId(moref), name=name,
+                                datacenter_path=_datacenter_path(parent, up))
+            for moref, (name, parent) in datastores.items()}
+        self.files = {int(f.key): f for f in self.vm.get("layoutEx.file") or []}
+        self.units = self._units()
+
+    def _datastore(self, name: str) -> DatastoreInfo:
+        found = self.datastores.get(name)
+        if found is None:       # a datastore the VM's datastore list misses: name only
+            found = DatastoreInfo(moref=DatastoreId(""), name=name, datacenter_path="")
+        return found
+
+    def _file(self, name: str, type_: str, size: int) -> DiskFile:
+        try:
+            ds, path = split_datastore_path(name)
+        except ValueError as exc:
+            raise errors.VsphereError(f"VM {self.vm_id}: disk file {name!r} is not a "
+                                      f"datastore path") from exc
+        return DiskFile(name=name, datastore=self._datastore(ds), path=path, type=type_,
+                        size=size)
+
+    def _units(self) -> dict[str, DiskUnit]:
+        """Every disk level vCenter lists (now and in snapshots), by descriptor name."""
+        layouts = list(self.vm.get("layoutEx.disk") or []) if self.vm else []
+        for snap in (self.vm.get("layoutEx.snapshot") or []) if self.vm else []:
+            layouts.extend(snap.disk or [])
+        units: dict[str, DiskUnit] = {}
+        for layout in layouts:
+            for unit in layout.chain or []:
+                files = []
+                for key in unit.fileKey or []:
+                    f = self.files.get(int(key))
+                    if f is not None and f.type in DISK_FILE_TYPES:
+                        files.append(self._file(str(f.name), str(f.type), int(f.size or 0)))
+                if files:
+                    level = DiskUnit(files=tuple(files))
+                    units.setdefault(level.descriptor.name, level)
+        return units
+
+    def disks(self, devices: Iterable[Any]) -> tuple[VirtualDiskInfo, ...]:
+        """The VirtualDisks among ``devices``, each with its chain of files."""
+        assert self.vm is not None
+        host = _moid(self.vm.get("runtime.host"))
+        out = []
+        for dev in devices:
+            if not isinstance(dev, vim.vm.device.VirtualDisk):
+                continue
+            backing: Any = dev.backing
+            chain: list[DiskUnit] = []
+            level, seen = backing, set()
+            while level is not None and getattr(level, "fileName", None):
+                name = str(level.fileName)
+                if name in seen:
+                    break
+                seen.add(name)
+                chain.append(self.units.get(name) or DiskUnit(
+                    files=(self._file(name, "diskDescriptor", -1),)))
+                level = getattr(level, "parent", None)
+            top = chain[0].descriptor.datastore if chain else self._datastore("")
+            out.append(VirtualDiskInfo(
+                vm=self.vm_id, key=int(dev.key),
+                label=str(dev.deviceInfo.label if dev.deviceInfo else f"disk {dev.key}"),
+                capacity=int(dev.capacityInBytes or (dev.capacityInKB or 0) * 1024),
+                disk_mode=str(getattr(backing, "diskMode", "") or ""),
+                backing=_backing_kind(backing), datastore=top,
+                host=HostId(host) if host else None, chain=tuple(chain)))
+        return tuple(sorted(out, key=lambda d: d.key))
+
+    def frozen(self, snapshot: SnapshotId) -> tuple[VirtualDiskInfo, ...]:
+        """The disks as ``snapshot`` froze them: each current chain cut at the first level
+        the snapshot's file layout lists (the levels above it were made by later snapshots).
+
+        ``layoutEx.snapshot`` says which files belong to a snapshot; the current backing
+        chain says in which order. Both are read in the same collector call.
+        """
+        assert self.vm is not None
+        layout = next((s for s in self.vm.get("layoutEx.snapshot") or []
+                       if _moid(s.key) == snapshot), None)
+        if layout is None:
+            raise errors.SnapshotError(
+                f"VM {self.vm_id}: vCenter lists no files for snapshot {snapshot}")
+        members: dict[int, set[str]] = {}
+        for disk_layout in layout.disk or []:
+            names = members.setdefault(int(disk_layout.key), set())
+            for unit in disk_layout.chain or []:
+                names.update(str(self.files[int(k)].name) for k in unit.fileKey or []
+                             if int(k) in self.files)
+        out = []
+        for disk in self.disks(self.vm.get("config.hardware.device") or []):
+            names = members.get(disk.key, set())
+            cut = next((i for i, unit in enumerate(disk.chain)
+                        if unit.descriptor.name in names), None)
+            if cut is None:
+                raise errors.SnapshotError(
+                    f"VM {self.vm_id}: {disk.label} is not in snapshot {snapshot}: "
+                    f"its contents are not frozen")
+            chain = disk.chain[cut:]          # the delta above may live elsewhere
+            out.append(replace(disk, chain=chain, datastore=chain[0].descriptor.datastore))
+        return tuple(out)
+
+    def snapshots(self) -> list[SnapshotRef]:
+        """Every snapshot of the VM (the whole tree)."""
+        assert self.vm is not None
+        info = self.vm.get("snapshot")
+        return list(_walk(self.vm_id, info.rootSnapshotList if info is not None else []))
+
+
+def _walk(vm_id: VmId, trees: Iterable[Any]) -> Iterable[SnapshotRef]:
+    stack = list(trees or [])
+    while stack:
+        node = stack.pop()
+        created = node.createTime
+        yield SnapshotRef(
+            vm=vm_id, moref=SnapshotId(_moid(node.snapshot)), name=str(node.name or ""),
+            created=created.isoformat() if isinstance(created, datetime) else str(created or ""),
+            description=str(node.description or ""))
+        stack.extend(node.childSnapshotList or [])
+
+
+def _read(conn: Connection, vm_id: VmId) -> _DiskReader:
+    vm = conn.ref("VirtualMachine", vm_id)
+    return _DiskReader(vm_id, _retrieve(conn, f"read disks of {vm_id}", [_vm_filter(vm)]))
+
+
+def disks_of(conn: Connection, vm_id: VmId) -> tuple[VirtualDiskInfo, ...]:
+    """The VM's virtual disks as it runs now, each with its chain of files (one read)."""
+    reader = _read(conn, vm_id)
+    assert reader.vm is not None
+    return reader.disks(reader.vm.get("config.hardware.device") or [])
+
+
+# --- Snapshots -----------------------------------------------------------------------------
+
+def _snapshot_error(fault: Any, what: str) -> errors.VsphereAvError:
+    """A snapshot fault as the error the scan reports (the reason in plain words)."""
+    text = " ".join(str(getattr(fault, "msg", "") or "").split())
+    detail = type(fault).__name__.rsplit(".", 1)[-1] + (f" ({text})" if text else "")
+    if isinstance(fault, vim.fault.TaskInProgress):
+        return errors.TransientError(f"{what}: the VM is busy with another task ({detail})")
+    if isinstance(fault, vim.fault.SnapshotIncompatibleDeviceInVm):
+        return errors.SnapshotError(
+            f"{what}: the VM has a device snapshots cannot cover, such as an independent "
+            f"disk or a physical-mode RDM ({detail})")
+    if isinstance(fault, vim.fault.ApplicationQuiesceFault):
+        return errors.SnapshotError(f"{what}: the guest could not be quiesced ({detail})")
+    if isinstance(fault, vim.fault.SnapshotFault | vim.fault.FileFault
+                  | vmodl.fault.NotSupported | vim.fault.InvalidState):
+        return errors.SnapshotError(f"{what}: {detail}")
+    return translate(fault, what=what)
+
+
+def _unsnapshottable(disks: Iterable[VirtualDiskInfo]) -> list[str]:
+    reasons = []
+    for disk in disks:
+        if disk.independent:
+            reasons.append(f"{disk.label} is {disk.disk_mode}")
+        elif disk.backing == "rdm-physical":
+            reasons.append(f"{disk.label} is a physical-mode RDM")
+    return reasons
+
+
+def create_scan_snapshot(conn: Connection, vm_id: VmId, *, name: str,
+                         quiesce: bool = False) -> ScanSnapshot:
+    """Snapshot the VM (no memory) and return it with the disks to read under it.
+
+    The disks are the chains as the snapshot froze them: the files the VM had before the
+    snapshot, which it no longer writes (it writes to the new deltas above them). A VM
+    with an independent disk or a physical-mode RDM is refused before anything is created
+    (a snapshot would not freeze that disk).
+    """
+    what = f"snapshot {vm_id} for scanning"
+    refused = _unsnapshottable(disks_of(conn, vm_id))
+    if refused:
+        raise errors.SnapshotError(
+            f"{what}: {'; '.join(refused)}: snapshots leave such disks out, so their "
+            f"contents cannot be frozen for a scan")
+    ref = conn.ref("VirtualMachine", vm_id)
+
+    def start(_content: Any) -> Any:
+        try:
+            return ref.CreateSnapshot_Task(name=name, description=SNAPSHOT_DESCRIPTION,
+                                           memory=False, quiesce=quiesce)
+        except vmodl.MethodFault as exc:
+            if is_not_authenticated(exc):
+                raise           # Connection.call logs in again and retries
+            raise _snapshot_error(exc, what) from exc
+
+    task = conn.call(what, start)
+    snapshot = SnapshotId(_moid(wait_task(conn, task, what, timeout=SNAPSHOT_TIMEOUT,
+                                          fault_error=_snapshot_error)))
+    try:
+        reader = _read(conn, vm_id)
+        refs = [s for s in reader.snapshots() if s.moref == snapshot]
+        if not refs:
+            raise errors.NotFound(f"{what}: snapshot {snapshot} vanished")
+        return ScanSnapshot(snapshot=refs[0], disks=reader.frozen(snapshot))
+    except errors.VsphereAvError:
+        # Do not leave it for the next start to find if it can go now.
+        try:
+            remove_snapshot(conn, SnapshotRef(vm=vm_id, moref=snapshot, name=name))
+        except errors.VsphereAvError as exc:
+            log.warning("%s: snapshot %s left behind: %s", what, snapshot, exc)
+        raise
+
+
+def remove_snapshot(conn: Connection, ref: SnapshotRef) -> bool:
+    """Remove one snapshot (children kept, disks consolidated); False when it was gone."""
+    what = f"remove snapshot {ref.name!r} ({ref.moref}) of {ref.vm}"
+    snap = conn.ref("VirtualMachineSnapshot", ref.moref)
+    try:
+        task = conn.call(what, lambda _c: snap.RemoveSnapshot_Task(removeChildren=False,
+                                                                    consolidate=True))
+        wait_task(conn, task, what, timeout=SNAPSHOT_TIMEOUT)
+    except errors.NotFound:
+        return False
+    return True
+
+
+def find_scan_snapshots(conn: Connection, vm_id: VmId | None, *,
+                        prefix: str) -> tuple[SnapshotRef, ...]:
+    """Snapshots whose name starts with ``prefix``, of one VM or (``None``) of every VM."""
+    if not prefix.strip():
+        raise ValueError("a snapshot name prefix is needed (an empty one matches every snapshot)")
+    found = _read(conn, vm_id).snapshots() if vm_id is not None else _all_snapshots(conn)
+    return tuple(sorted((s for s in found if s.name.startswith(prefix)),
+                        key=lambda s: (s.vm, s.created, s.moref)))
+
+
+def _all_snapshots(conn: Connection) -> list[SnapshotRef]:
+    """Every snapshot of every VM, through a container view destroyed afterwards."""
+    pc = vmodl.query.PropertyCollector
+
+    def fetch(content: Any) -> list[SnapshotRef]:
+        view = content.viewManager.CreateContainerView(content.rootFolder,
+                                                       [vim.VirtualMachine], True)
+        try:
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                    name="view", type=vim.view.ContainerView, path="view", skip=False)])],
+                propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=["snapshot"])])
+            collector = content.propertyCollector
+            found: list[SnapshotRef] = []
+            result = collector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+            while result is not None:
+                for obj in result.objects:
+                    snap = _props(obj).get("snapshot")
+                    if snap is not None:
+                        found.extend(_walk(VmId(_moid(obj.obj)), snap.rootSnapshotList or []))
+                if not result.token:
+                    break
+                result = collector.ContinueRetrievePropertiesEx(result.token)
+            return found
+        finally:
+            view.DestroyView()
+
+    return conn.call("read snapshots of every VM", fetch)
+
+
+# --- Datastore files on a host ------------------------------------------------------------
+
+def _content_range(value: str) -> tuple[int | None, int | None, int | None]:
+    """``bytes a-b/n`` -> (a, b, n); ``bytes */n`` -> (None, None, n); unknown parts None."""
+    match = _CONTENT_RANGE.match(value.strip())
+    if match is None:
+        return None, None, None
+    size = match["size"]
+    return (int(match["start"]) if match["start"] else None,
+            int(match["end"]) if match["end"] else None,
+            int(size) if size != "*" else None)
+
+
+def folder_url(address: str, port: int, datastore: DatastoreInfo, path: str) -> str:
+    """``https://<address>[:port]/folder/<path>?dcPath=<dc>&dsName=<ds>``.
+
+    dcPath is the vCenter datacenter path; ESXi itself knows only ``ha-datacenter`` (its
+    default when dcPath is left out; govmomi drops dcPath for host URLs). The simulator
+    needs it: check this against a real host before relying on it.
+    """
+    host = f"[{address}]" if ":" in address else address
+    netloc = host if port == ESXI_HTTPS_PORT else f"{host}:{port}"
+    query = urlencode({"dcPath": datastore.datacenter_path, "dsName": datastore.name},
+                      quote_via=quote)
+    return f"https://{netloc}/folder/{quote(path.lstrip('/'), safe='/')}?{query}"
+
+
+@dataclass(frozen=True)
+class ReadStatistics:
+    """What a DatastoreFiles has done: host sessions open, connections made, requests sent,
+    service tickets acquired (connections far below requests: keep-alive works)."""
+
+    hosts: int
+    connections: int
+    requests: int
+    tickets: int
+
+
+class _HostSession:
+    """The keep-alive session to one host, and what we learnt about its tickets."""
+
+    def __init__(self, host: HostInfo, session: requests.Session, verify: bool | str) -> None:
+        self.host = host
+        self.session = session
+        self.verify = verify
+        self.single_use_tickets = False
+
+
+class DatastoreFiles:
+    """Range reads of datastore files on ESXi hosts, for one vCenter session (thread-safe)."""
+
+    def __init__(self, *, connection: Connection, host_port: int | None = None,
+                 pool_size: int = 4, max_hosts: int = 32) -> None:
+        self._conn = connection
+        self._host_port = host_port
+        self._pool_size = pool_size
+        self._max_hosts = max_hosts
+        self._sessions: OrderedDict[tuple[str, str, str, bool], _HostSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tickets = 0
+
+    def __repr__(self) -> str:
+        return f"DatastoreFiles(hosts={len(self._sessions)}, pool_size={self._pool_size})"
+
+    def statistics(self) -> ReadStatistics:
+        """Counts over the open host sessions (and every ticket so far)."""
+        with self._lock:
+            links = list(self._sessions.values())
+            tickets = self._tickets
+        connections = requests_sent = 0
+        for link in links:
+            for adapter in link.session.adapters.values():
+                pools: Any = getattr(getattr(adapter, "poolmanager", None), "pools", None)
+                for key in list(pools.keys()) if pools is not None else []:
+                    pool = pools.get(key)
+                    connections += getattr(pool, "num_connections", 0)
+                    requests_sent += getattr(pool, "num_requests", 0)
+        return ReadStatistics(hosts=len(links), connections=connections,
+                              requests=requests_sent, tickets=tickets)
+
+    def port_for(self, host: HostInfo) -> int:
+        """The host's HTTPS port: 443 (ESXi's reverse proxy), unless given.
+
+        The bundled simulator is vCenter and every host at one address and port: a host
+        whose address is vCenter's own is reached on vCenter's port.
+        """
+        if self._host_port is not None:
+            return self._host_port
+        return self._conn.port if host.address == self._conn.server else ESXI_HTTPS_PORT
+
+    def _session(self, host: HostInfo) -> _HostSession:
+        trust = self._conn.trust
+        key = (host.address, host.certificate_sha256, trust.thumbprint or trust.ca_file,
+               trust.insecure)
+        with self._lock:
+            found = self._sessions.get(key)
+            if found is not None:
+                self._sessions.move_to_end(key)
+                return found
+            session, verify = _http_session(host, trust, keep_alive=True,
+                                            pool_maxsize=self._pool_size)
+            found = self._sessions[key] = _HostSession(host, session, verify)
+            while len(self._sessions) > self._max_hosts:
+                _, old = self._sessions.popitem(last=False)
+                old.session.close()
+            return found
+
+    def ticket(self, url: str) -> str:
+        """A generic service ticket for ``GET url`` (vCenter checks the privileges)."""
+        spec = vim.SessionManager.HttpServiceRequestSpec(method="httpGet", url=url)
+        with self._lock:
+            self._tickets += 1
+        ticket = self._conn.call(
+            f"acquire a service ticket for {url.split('?', 1)[0]}",
+            lambda c: c.sessionManager.AcquireGenericServiceTicket(spec=spec))
+        return str(ticket.id)
+
+    def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
+        """Open ``[datastore] path`` for range reads on that host; its size is known after."""
+        host = read_host(self._conn, host_id)
+        if not host.address:
+            raise errors.VsphereError(f"host {host.name} reports no management address")
+        url = folder_url(host.address, self.port_for(host), datastore, path)
+        handle = DatastoreFile(owner=self, link=self._session(host), url=url,
+                               name=f"[{datastore.name}] {path}")
+        handle.size = handle.probe_size()
+        return handle
+
+    def close(self) -> None:
+        """Close every host session (open files cannot read afterwards)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for s in sessions:
+            s.session.close()
+
+    def __enter__(self) -> DatastoreFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DatastoreFile:
+    """One datastore file on one host: :meth:`read_range` reads exactly the bytes asked for."""
+
+    size: int = -1
+
+    def __init__(self, *, owner: DatastoreFiles, link: _HostSession, url: str,
+                 name: str) -> None:
+        self._owner = owner
+        self._link = link
+        self.url = url
+        self.name = name
+        self._ticket = ""
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DatastoreFile({self.name!r}, host={self._link.host.name!r}, size={self.size})"
+
+    @property
+    def _what(self) -> str:
+        return f"read {self.name} on host {self._link.host.name}"
+
+    def _get(self, start: int, end: int) -> requests.Response:
+        """GET one byte range with a service ticket; one fresh ticket on 401/403."""
+        for attempt in (1, 2):
+            with self._lock:
+                ticket, reused = self._ticket, bool(self._ticket)
+            if not ticket or self._link.single_use_tickets:
+                ticket, reused = self._owner.ticket(self.url), False
+            try:
+                response = self._link.session.get(
+                    self.url, stream=True, allow_redirects=False, verify=self._link.verify,
+                    timeout=HTTP_TIMEOUT,
+                    headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity",
+                             "Cookie": f"vmware_cgi_ticket={ticket}"})
+            except requests.exceptions.SSLError as exc:
+                raise self._tls_error(exc) from exc
+            except requests.exceptions.RequestException as exc:
+                raise translate(exc, what=self._what) from exc
+            if response.status_code in (401, 403):
+                response.close()
+                with self._lock:
+                    self._ticket = ""
+                if reused:
+                    # A ticket that worked before was refused: this host takes each once.
+                    self._link.single_use_tickets = True
+                if attempt == 1:
+                    continue
+                raise errors.PermissionDenied(
+                    f"{self._what}: the host refused the service ticket (HTTP "
+                    f"{response.status_code}): the vCenter account needs Datastore.Browse and "
+                    f"Datastore.FileManagement on this datastore")
+            with self._lock:
+                self._ticket = ticket
+            return response
+        raise AssertionError("unreachable")
+
+    def _tls_error(self, exc: requests.exceptions.SSLError) -> errors.VsphereAvError:
+        if "fingerprint" in str(exc).lower():
+            host = self._link.host
+            return errors.TlsVerificationError(
+                f"{self._what}: the certificate of {host.address} does not match the pinned "
+                f"thumbprint")
+        return translate(exc, what=self._what)
+
+    def _check(self, response: requests.Response) -> None:
+        """Raise the error for anything but 206 (and 416, handled by the caller)."""
+        status = response.status_code
+        if status in (206, 416):
+            return
+        response.close()
+        if status == 404:
+            raise errors.NotFound(f"{self._what}: no such file on the datastore (HTTP 404)")
+        if status == 200:
+            raise errors.VsphereError(
+                f"{self._what}: the host ignored the Range header (HTTP 200)")
+        if status >= 500:
+            raise errors.TransientError(f"{self._what}: HTTP {status}")
+        raise errors.VsphereError(f"{self._what}: HTTP {status}")
+
+    def probe_size(self) -> int:
+        """The file's size, from the answer to a one-byte range (``bytes 0-0/SIZE``)."""
+        response = self._get(0, 0)
+        try:
+            self._check(response)
+            start, _, size = _content_range(response.headers.get("Content-Range", ""))
+            if size is None or (response.status_code == 206 and start != 0):
+                raise errors.VsphereError(
+                    f"{self._what}: unusable Content-Range "
+                    f"{response.headers.get('Content-Range', '')!r}")
+            response.content  # noqa: B018 -- drain the byte so the connection is reused
+            return size
+        finally:
+            response.close()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative range {offset}+{length}")
+        if length > MAX_RANGE:
+            raise ValueError(f"range of {length} bytes is larger than {MAX_RANGE}")
+        end = min(offset + length, self.size) - 1
+        if length == 0 or offset >= self.size:
+            return b""
+        response = self._get(offset, end)
+        try:
+            self._check(response)
+            if response.status_code == 416:
+                raise errors.TransientError(
+                    f"{self._what}: bytes {offset}-{end} are past the end: the file shrank")
+            start, stop, _ = _content_range(response.headers.get("Content-Range", ""))
+            if start != offset or stop != end:
+                raise errors.VsphereError(
+                    f"{self._what}: asked for bytes {offset}-{end}, got Content-Range "
+                    f"{response.headers.get('Content-Range', '')!r}")
+            try:
+                # One read of the whole range: requests' .content goes in 10 KiB pieces.
+                data = response.raw.read(end - offset + 1, decode_content=False)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise errors.TransientError(f"{self._what}: read broke off: {exc}") from exc
+        finally:
+            response.close()
+        if len(data) != end - offset + 1:
+            raise errors.TransientError(
+                f"{self._what}: got {len(data)} of {end - offset + 1} bytes at {offset}")
+        return data
+
+    def close(self) -> None:
+        """Forget the ticket (the host session stays open for other files)."""
+        with self._lock:
+            self._ticket = ""
+
+    def __enter__(self) -> DatastoreFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
