@@ -17,18 +17,30 @@ APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server p
   e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils \
   chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
 
-.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-disk-scan bench-storm lint clean
+# The security appliance (issue 13): built with Debian's tools, boot-tested in QEMU. Only the
+# appliance targets install these, so `make test` on a fresh machine never pulls them in.
+APPLIANCE_BUILD_PACKAGES := debootstrap e2fsprogs fdisk dosfstools mtools qemu-utils
+APPLIANCE_TEST_PACKAGES  := qemu-system-x86 ovmf qemu-utils
+APPLIANCE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+APPLIANCE_SETUP := appliance/rootfs/usr/local/sbin/vsphere-av-setup
+APPLIANCE_OVA := build/appliance/vsphere-av-appliance-$(APPLIANCE_VERSION).ova
+
+.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-disk-scan bench-storm lint clean appliance appliance-test
 
 # System packages: only installed when something is missing, so a machine that has them
-# needs no network and no root.
-system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# needs no network and no root. $(call apt_install,PACKAGES[,APT OPTIONS])
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+
+system-deps:
+	$(call apt_install,$(APT_PACKAGES))
 
 install: $(VENV)/.installed
 
@@ -78,8 +90,19 @@ bench-storm: install vcsim
 	$(PY) bench/storm.py
 
 lint: install
-	$(BIN)/ruff check vsphere_av tests bench
-	$(BIN)/mypy vsphere_av
+	$(BIN)/ruff check vsphere_av tests bench appliance $(APPLIANCE_SETUP)
+	$(BIN)/mypy vsphere_av appliance/ovf.py tests/appliance $(APPLIANCE_SETUP)
+
+# build/appliance/vsphere-av-appliance-VERSION.ova (+ .mf); prints build time and sizes.
+appliance: install
+	$(call apt_install,$(APPLIANCE_BUILD_PACKAGES),--no-install-recommends)
+	$(SUDO) appliance/build.sh build/appliance $(PY)
+
+# Boots the built OVA's disk in QEMU and checks it over forwarded loopback ports.
+appliance-test: install vcsim
+	@[ -f $(APPLIANCE_OVA) ] || { echo "$(APPLIANCE_OVA) missing: run make appliance first"; exit 1; }
+	$(call apt_install,$(APPLIANCE_TEST_PACKAGES),--no-install-recommends)
+	$(PY) tests/appliance/boot_check.py $(APPLIANCE_OVA)
 
 clean:
 	rm -rf build $(VENV)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from vsphere_av.config import ApplianceSettings  # the [appliances] section, declared there
@@ -37,6 +38,10 @@ ROLE_KEY = "vsphere-av.role"
 ROLE_VALUE = "appliance"
 HOST_KEY = "vsphere-av.host"
 ADDRESS_KEY = "guestinfo.ipaddress"
+# OVF properties of the built appliance image (appliance/appliance.ovf.in) that a deploy
+# fills from the controller's own settings; the image's setup service reads them at boot.
+SSH_KEY_PROPERTY = "vsphere_av.ssh_authorized_key"
+TOKEN_PROPERTY = "vsphere_av.engine_token"
 
 # VMware security configuration guide, VM controls (see shared design vsphere-api.md).
 HARDENING: Mapping[str, str] = {
@@ -61,6 +66,42 @@ APPLIANCE_DOWN = "appliance down"   # the status reason of VMs whose appliance c
 # Order in which a plan's actions are applied: clean-up first (so names and addresses are
 # free), then creation, then the fixes that depend on the VM existing.
 KINDS = ("destroy", "unpin", "deploy", "configure", "relocate", "pin", "power_on", "shutdown")
+
+
+def declared_properties(descriptor: str) -> set[str]:
+    """The ``ovf:key`` of every property an OVF descriptor declares."""
+    import re
+
+    return set(re.findall(r'<Property\b[^>]*\bovf:key="([^"]+)"', descriptor))
+
+
+def public_key_line(key_file: str) -> str:
+    """The OpenSSH public key line of the controller's private key file."""
+    import paramiko
+
+    try:
+        key = paramiko.PKey.from_path(Path(key_file).expanduser())
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ApplianceError(f"cannot read the SSH key {key_file}: {exc}") from exc
+    return f"{key.get_name()} {key.get_base64()} vsphere-av-controller"
+
+
+def ovf_properties(settings: ApplianceSettings, extra_config: Mapping[str, str],
+                   declared: set[str]) -> dict[str, str]:
+    """The OVF properties a deploy sets: the pool address (when one was given), and, when the
+    descriptor declares them (the built image does, the placeholder does not), the controller's
+    SSH public key and the engine token, so a new appliance trusts this controller and no one
+    else from its first boot. The token is a secret: it goes only into the import spec."""
+    from vsphere_av.engine_service import load_token
+
+    values: dict[str, str] = {}
+    if extra_config.get(ADDRESS_KEY):
+        values[ADDRESS_KEY] = extra_config[ADDRESS_KEY]
+    if SSH_KEY_PROPERTY in declared and settings.ssh_key_file:
+        values[SSH_KEY_PROPERTY] = public_key_line(settings.ssh_key_file)
+    if TOKEN_PROPERTY in declared and settings.engine_token_file:
+        values[TOKEN_PROPERTY] = load_token(token_file=settings.engine_token_file)
+    return values
 
 
 # ----------------------------------------------------------------------------- observed state

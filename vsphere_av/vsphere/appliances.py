@@ -38,7 +38,6 @@ from pyVmomi import vim
 
 from vsphere_av import errors
 from vsphere_av.appliances import (
-    ADDRESS_KEY,
     HOST_KEY,
     POWERED_OFF,
     POWERED_ON,
@@ -49,6 +48,8 @@ from vsphere_av.appliances import (
     HostInfo,
     HostPin,
     Observed,
+    declared_properties,
+    ovf_properties,
 )
 from vsphere_av.config import ApplianceSettings
 from vsphere_av.engine_service import TransferChunks
@@ -284,8 +285,8 @@ class VsphereApplianceAdapter:
         if ctx["network"] is not None:
             mapping = [vim.OvfManager.NetworkMapping(name=_ovf_network_name(descriptor),
                                                      network=ctx["network"])]
-        properties = [vim.KeyValue(key=ADDRESS_KEY, value=extra_config[ADDRESS_KEY])] \
-            if extra_config.get(ADDRESS_KEY) else []
+        properties = [vim.KeyValue(key=key, value=value) for key, value in ovf_properties(
+            self._settings, extra_config, declared_properties(descriptor)).items()]
         params = vim.OvfManager.CreateImportSpecParams(
             entityName=name, hostSystem=ctx["host"], networkMapping=mapping,
             propertyMapping=properties, diskProvisioning="thin")
