@@ -11,6 +11,9 @@ cap of ``scan.global_limit``.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsphere_av import errors
-from vsphere_av.config import Settings
+from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, QuarantineItem, VmId, VmInfo
+from vsphere_av.models import INFECTED, UNPROTECTED, QuarantineItem, VmId, VmInfo
 from vsphere_av.quarantine import Quarantine
 from vsphere_av.scanning import (
     ERROR,
@@ -36,6 +39,34 @@ from vsphere_av.store.audit import AuditLog, current_actor
 from vsphere_av.store.state import StateStore
 
 log = logging.getLogger(__name__)
+
+
+# Scan snapshots are named "<prefix><machine>-<pid>-<random>": found by the prefix after a
+# crash, and left alone while the process that took them still runs on this machine.
+SNAPSHOT_PREFIX = "vsphere-av-scan-"
+
+
+def scan_snapshot_name() -> str:
+    """A new scan snapshot's name (``vsphere-av-scan-<machine>-<pid>-<random>``)."""
+    return f"{SNAPSHOT_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def snapshot_in_use(name: str) -> bool:
+    """True when a scan snapshot's name says another process on this machine still runs.
+
+    Ours (this pid) cannot be in use at start: it is a dead run's whose pid came back.
+    """
+    machine, _, _random = name.removeprefix(SNAPSHOT_PREFIX).rpartition("-")
+    machine, _, pid = machine.rpartition("-")
+    if machine != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True         # alive, another user's
+    return True
 
 
 @dataclass
@@ -228,17 +259,36 @@ class App:
                 out.append(by_key[n])
         return out
 
+    def scan_route(self, vm: VmInfo, via: str | None = None) -> str:
+        """How ``vm`` is read: ``"disk"`` or ``"guest"`` (``via``, else ``scan.via``).
+
+        ``auto``: the disk path for a VM that is not running, has no guest credentials
+        configured or no running VMware Tools; Guest Operations otherwise.
+        """
+        chosen = via or self.settings.scan.via
+        if chosen not in SCAN_VIA:
+            raise errors.ConfigError(f"--via {chosen!r}: must be one of {', '.join(SCAN_VIA)}")
+        if chosen != "auto":
+            return chosen
+        user, _ = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
+        return "guest" if vm.powered_on and user and vm.tools_running else "disk"
+
     def scan_one(self, vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Progress], None] | None = None,
-                 resume_after: str = "") -> ScanResult:
+                 resume_after: str = "", via: str | None = None) -> ScanResult:
         """Scan one VM in the calling thread; any failure becomes the result's reason.
 
         ``resume_after``: continue a stopped scan after that guest path (``scanning.scan_vm``).
+        ``via``: ``"guest"``, ``"disk"`` or ``"auto"`` (None: ``scan.via``; see
+        :meth:`scan_route`). Called by ``scan`` (the CLI) and the controller's workers.
         """
         from vsphere_av.vsphere.guest import GuestFiles
 
         host = vm.host.name if vm.host else ""
         try:
+            if self.scan_route(vm, via) == "disk":
+                return self._scan_disks(vm, full=full, on_progress=on_progress,
+                                        resume_after=resume_after)
             user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
             if vm.powered_on and not user:
                 self.audit.append(actor=self.actor, action="scan.skipped", details={
@@ -266,13 +316,171 @@ class App:
             return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=ERROR, reason=reason,
                               full=full, outage=isinstance(exc, errors.ConnectionLost))
 
+    # --- the disk path (issue 12) ----------------------------------------------------------
+
+    def _scan_disks(self, vm: VmInfo, *, full: bool,
+                    on_progress: Callable[[Progress], None] | None,
+                    resume_after: str) -> ScanResult:
+        """Scan a VM's files on its virtual disks (``diskscan.DiskGuest`` in ``scan_vm``).
+
+        A running VM is read under a temporary snapshot (no memory; quiesced when
+        ``scan.disk_quiesce``), removed in ``finally`` whatever happens; a VM that is off,
+        as its disks are. The bytes are read from the VM's host's datastores by this
+        process. Detections are remediated through Guest Operations at once when the VM
+        runs with guest credentials and tools; otherwise they wait for its next guest scan,
+        and a powered-off infected VM gets its vNICs cut before it boots
+        (:meth:`isolate_infected`).
+        """
+        from vsphere_av.diskscan import DEFERRED, DiskGuest
+        from vsphere_av.vsphere import disks
+        from vsphere_av.vsphere.guest import GuestFiles
+
+        conn = self.connection
+        user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
+        remediation: Any = None
+        pending = DEFERRED
+        if vm.powered_on and user and vm.tools_running:
+            remediation = GuestFiles(connection=conn, vm=vm, user=user, password=password)
+        elif vm.powered_on:
+            pending = ("will be quarantined through guest operations once they are available "
+                       "(guest credentials and running VMware Tools)")
+        snapshot = None
+        try:
+            if vm.powered_on:
+                name = scan_snapshot_name()
+                try:
+                    taken = disks.create_scan_snapshot(
+                        conn, vm.moref, name=name, quiesce=self.settings.scan.disk_quiesce)
+                except errors.SnapshotError as exc:
+                    return self._not_read(vm, reason=str(exc), full=full)
+                snapshot = taken.snapshot
+                self._disk_audit("disk.snapshot.created", vm, snapshot=snapshot.name,
+                                 snapshot_moref=snapshot.moref,
+                                 quiesce=self.settings.scan.disk_quiesce)
+                chains = taken.disks
+            else:
+                chains = disks.disks_of(conn, vm.moref)
+            with disks.DatastoreFiles(connection=conn) as files:
+                source = DiskGuest(vm=vm, disks=chains, files=files, remediation=remediation,
+                                   remediation_pending=pending)
+                try:
+                    with self.engine.session() as session:
+                        result = scan_vm(vm=vm, guest=source, session=session, store=self.store,
+                                         audit=self.audit, quarantine=self.quarantine,
+                                         policy=self.settings.scan, full=full, actor=self.actor,
+                                         engine_max_file_size=self.settings.engine.max_file_size,
+                                         share_across_vms=False, on_progress=on_progress,
+                                         resume_after=resume_after)
+                finally:
+                    source.close()
+            result.via = "disk"
+            result.disk_read = source.bytes_read()
+        finally:
+            if snapshot is not None:
+                self._remove_snapshot(vm, snapshot)
+        if result.status == FOUND and not vm.powered_on:
+            self.isolate_infected(vm, result)
+        self.sync_tag(vm)
+        return result
+
+    def _not_read(self, vm: VmInfo, *, reason: str, full: bool) -> ScanResult:
+        """A VM whose disks could not be read at all: unprotected (or still infected)."""
+        host = vm.host.name if vm.host else ""
+        self.audit.append(actor=self.actor, action="scan.skipped", details={
+            "vm": vm.name, "moref": vm.moref, "host": host, "via": "disk", "reason": reason})
+        self.store.upsert_vm(vm)
+        state = self.store.vm_state(vm.moref)
+        if state is None or state.state != INFECTED:
+            self.store.set_protection(vm.moref, state=UNPROTECTED, reason=reason)
+        return ScanResult(vm=vm.name, moref=vm.moref, host=host, status=INCOMPLETE,
+                          reason=reason, full=full, via="disk")
+
+    def _disk_audit(self, action: str, vm: VmInfo, **details: Any) -> None:
+        self.audit.append(actor=self.actor, action=action, details={
+            "vm": vm.name, "moref": vm.moref, "host": vm.host.name if vm.host else "",
+            "host_moref": vm.host.moref if vm.host else "", **details})
+
+    def _remove_snapshot(self, vm: VmInfo, snapshot: Any) -> None:
+        """Remove a scan snapshot; one that will not go is left for the next start."""
+        from vsphere_av.vsphere import disks
+
+        try:
+            disks.remove_snapshot(self.connection, snapshot)
+        except errors.VsphereAvError as exc:
+            log.warning("%s: scan snapshot %s not removed: %s", vm.name, snapshot.name, exc)
+            self._disk_audit("disk.snapshot.remove_failed", vm, snapshot=snapshot.name,
+                             snapshot_moref=snapshot.moref, error=str(exc))
+            return
+        self._disk_audit("disk.snapshot.removed", vm, snapshot=snapshot.name,
+                         snapshot_moref=snapshot.moref)
+
+    def remove_leftover_snapshots(self) -> int:
+        """Remove scan snapshots a crashed run left behind; returns how many went.
+
+        Called at the start of ``vsphere-av scan`` and ``serve`` (``start_controller``).
+        Snapshots named by a process still running on this machine are left alone (a
+        scan in progress); every removal is audited (``disk.snapshot.leftover_removed``).
+        """
+        from vsphere_av.vsphere import disks
+
+        removed = 0
+        for ref in disks.find_scan_snapshots(self.connection, None, prefix=SNAPSHOT_PREFIX):
+            if snapshot_in_use(ref.name):
+                continue
+            try:
+                gone = disks.remove_snapshot(self.connection, ref)
+            except errors.VsphereAvError as exc:
+                log.warning("leftover scan snapshot %s of %s not removed: %s", ref.name,
+                            ref.vm, exc)
+                continue
+            if gone:
+                removed += 1
+                self.audit.append(actor=self.actor, action="disk.snapshot.leftover_removed",
+                                  details={"moref": ref.vm, "snapshot": ref.name,
+                                           "snapshot_moref": ref.moref, "created": ref.created})
+        return removed
+
+    def isolate_infected(self, vm: VmInfo, result: ScanResult) -> None:
+        """Cut the vNICs of a powered-off VM a disk scan found infected, before it boots.
+
+        The controller's own isolation record (``controller.cut_network``) is used and held
+        for the detection, so ``isolation.release_infected`` decides its release exactly as
+        for a VM isolated at power-on. Off with ``scan.isolate_stale = false``.
+        """
+        from vsphere_av.controller import cut_network
+        from vsphere_av.store.jobs import JobStore
+
+        if not self.settings.scan.isolate_stale:
+            return
+        reason = "infected (disk scan): cut off before it boots"
+        try:
+            with JobStore.open(self.settings.state_dir) as jobs:
+                cut, before, changed, _ = cut_network(
+                    jobs=jobs, nics=_Nics(lambda: self.connection), vm=vm.moref, name=vm.name,
+                    reason=reason)
+                jobs.hold_isolation(vm.moref, held=f"detection (disk scan {result.scan_id})")
+        except errors.VsphereAvError as exc:
+            log.warning("%s: network not cut: %s", vm.name, exc)
+            self._disk_audit("isolation.failed", vm, reason=reason, error=str(exc),
+                             scan_id=result.scan_id)
+            result.reason += f"; network not cut: {exc}"
+            return
+        self._disk_audit("isolation.isolate" if cut else "isolation.keep", vm, reason=reason,
+                         trigger="disk scan", scan_id=result.scan_id, changed=changed,
+                         nics=[n.get("label", n.get("key")) for n in before])
+
     def scan(self, *, names: Sequence[str] = (), all_vms: bool = False, full: bool = False,
              on_progress: Callable[[Progress], None] | None = None,
-             on_start: Callable[[list[VmInfo]], None] | None = None) -> ScanReport:
-        """Scan VMs: per host at most ``per_host_limit`` at once, hosts in parallel."""
+             on_start: Callable[[list[VmInfo]], None] | None = None,
+             via: str | None = None) -> ScanReport:
+        """Scan VMs: per host at most ``per_host_limit`` at once, hosts in parallel.
+
+        Scan snapshots an earlier run left behind are removed first.
+        """
         started = time.monotonic()
         vms = self.select_vms(names=names, all_vms=all_vms)
         version = self.engine.active_version()
+        self.remove_leftover_snapshots()
         if on_start:
             on_start(vms)
         policy = self.settings.scan
@@ -281,11 +489,12 @@ class App:
                           global_limit=policy.global_limit, now=time.time)
         results: dict[str, ScanResult] = {}
         for vm in vms:
-            if vm.powered_on:
+            if vm.powered_on or self.scan_route(vm, via) == "disk":
                 queue.submit(vm=vm.moref, host=vm.host.moref if vm.host else "",
                              priority=Priority.ON_DEMAND, full=full)
             else:                       # nothing to read: no slot needed
-                results[vm.moref] = self.scan_one(vm, full=full, on_progress=on_progress)
+                results[vm.moref] = self.scan_one(vm, full=full, on_progress=on_progress,
+                                                  via=via)
         by_moref: dict[str, VmInfo] = {vm.moref: vm for vm in vms}
         failures: list[BaseException] = []
         stop = threading.Event()
@@ -297,7 +506,7 @@ class App:
                     continue
                 try:
                     results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
-                                                    on_progress=on_progress)
+                                                    on_progress=on_progress, via=via)
                 except BaseException as exc:   # re-raised below, after every worker ended
                     failures.append(exc)
                     stop.set()
@@ -558,6 +767,7 @@ def start_controller(settings: Settings, *,
     watch_session, event_session = _Fresh(settings), _Fresh(settings)
     try:
         app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
+        app.remove_leftover_snapshots()
 
         def scan(vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:

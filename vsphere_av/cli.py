@@ -285,19 +285,24 @@ def _scan_progress(enabled: bool) -> Any:
 @main.command("scan")
 @click.argument("vms", nargs=-1)
 @click.option("--all", "all_vms", is_flag=True,
-              help="Scan every VM (powered-off ones are skipped).")
-@click.option("--full", is_flag=True, help="Download every file, even unchanged ones.")
+              help="Scan every VM (powered-off ones through their disks, unless --via guest).")
+@click.option("--full", is_flag=True, help="Read every file, even unchanged ones.")
+@click.option("--via", type=click.Choice(["auto", "disk", "guest"]), default=None,
+              help="Read files through the VMs' disks or Guest Operations (default: scan.via, "
+                   "auto: disk for VMs off, without guest credentials or tools).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_context
 def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool,
-             as_json: bool) -> None:
-    """Scan running VMs' files through Guest Operations and remediate detections."""
+             via: str | None, as_json: bool) -> None:
+    """Scan VMs' files (Guest Operations or their virtual disks) and remediate detections."""
     if bool(vms) == all_vms:
         raise errors.ConfigError("name one or more VMs, or use --all (not both)")
     # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
-    # storm limits) instead of scanning beside it; None when no controller is running.
+    # storm limits) instead of scanning beside it; None when no controller is running. The
+    # controller does not take disk scans yet: an explicit --via disk scans here.
     from vsphere_av.app import hand_over_scan
-    handed = hand_over_scan(settings_from(ctx), names=vms, all_vms=all_vms, full=full)
+    handed = None if via == "disk" else hand_over_scan(settings_from(ctx), names=vms,
+                                                       all_vms=all_vms, full=full)
     app = _app(ctx)
     show = not as_json and sys.stderr.isatty()
     with _scan_progress(show) as progress:
@@ -314,16 +319,17 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
                                 description=f"{event.vm}" + (" done" if event.done else ""))
 
         report = handed or app.scan(names=vms, all_vms=all_vms, full=full,
-                                    on_progress=on_progress, on_start=on_start)
+                                    on_progress=on_progress, on_start=on_start, via=via)
     if as_json:
         print_json(report.as_dict(files_of=app.store.scan_files))
     else:
-        rows = [{"vm": r.vm, "host": r.host, "status": r.status, "scanned": r.scanned,
-                 "unchanged": r.unchanged, "skipped": r.skipped, "incomplete": r.incomplete,
-                 "detections": len(r.found), "reason": r.reason} for r in report.results]
-        print_table(rows, ["vm", "host", "status", "scanned", "unchanged", "skipped",
+        rows = [{"vm": r.vm, "host": r.host, "via": r.via, "status": r.status,
+                 "scanned": r.scanned, "unchanged": r.unchanged, "skipped": r.skipped,
+                 "incomplete": r.incomplete, "detections": len(r.found), "reason": r.reason}
+                for r in report.results]
+        print_table(rows, ["vm", "host", "via", "status", "scanned", "unchanged", "skipped",
                            "incomplete", "detections", "reason"],
-                    title=f"guest scan (signature version {report.signature_version})")
+                    title=f"scan (signature version {report.signature_version})")
         for r in report.results:
             for u in r.files:
                 click.echo(f"{r.vm}: {u['kind']}: {u['path']}: {u['reason']}")

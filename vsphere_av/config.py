@@ -202,6 +202,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 
 ACTIONS = ("report", "quarantine", "delete")
+SCAN_VIA = ("auto", "disk", "guest")
 
 
 @with_config(_TABLE)
@@ -226,6 +227,12 @@ class ScanPolicy:
     global_limit: Count = 16
     share_across_vms: Bool = True  # reuse verdicts of identical files in clones
     isolate_stale: Bool = True
+    # How a VM's files are read: "guest" (Guest Operations), "disk" (its virtual disks,
+    # no guest credentials or tools needed; a running VM under a temporary snapshot) or
+    # "auto": disk for VMs powered off, without guest credentials or without running tools.
+    via: Annotated[Str, _rule(lambda v: v in SCAN_VIA, "must be one of auto, disk, guest")] = "auto"
+    # Quiesce the guest (VMware Tools flush its file systems) for the scan snapshot.
+    disk_quiesce: Bool = False
 
 
 RELEASE_RULES = ("operator", "clean_rescan")

@@ -203,6 +203,34 @@ def release_allowed(*, held: str, rule: str, operator: bool, full: bool) -> bool
     return rule == "clean_rescan" and full
 
 
+def cut_network(*, jobs: JobStore, nics: NicPort, vm: str, name: str,
+                reason: str) -> tuple[bool, list[Any], int, bool]:
+    """Cut every vNIC of ``vm`` under the one isolation record (save first, then cut).
+
+    Called by :meth:`Controller.isolate` (instant-on) and ``app.App`` (a powered-off VM a
+    disk scan found infected), so :meth:`Controller.release` and ``release_infected`` apply
+    to both alike. Returns (cut now, previous NIC states, NICs edited, finished a cut a
+    crash interrupted); (False, [], 0, False) when the VM is isolated already, so the state
+    to restore is never replaced by the cut one.
+    """
+    existing = jobs.isolation(vm)
+    if existing is not None:
+        if existing.state == "pending":
+            # The process died between saving and cutting: finish the cut.
+            changed = nics.disconnect(vm, existing.nics)
+            jobs.confirm_isolation(vm)
+            return True, list(existing.nics), changed, True
+        return False, [], 0, False
+
+    def save(states: list[dict[str, Any]]) -> None:
+        # The exact previous state is durable before the first NIC is touched.
+        jobs.record_isolation(vm=vm, vm_name=name, nics=states, reason=reason, state="pending")
+
+    before, changed = nics.isolate(vm, before_cut=save)
+    jobs.confirm_isolation(vm)
+    return True, before, changed, False
+
+
 class ScanInterrupted(errors.VsphereAvError):
     """Raised from the progress callback to stop a scan (shutdown, time window closed)."""
 
@@ -497,28 +525,13 @@ class Controller:
         Returns (cut now, previous NIC states, NICs edited); (False, [], 0) when the VM was
         isolated already, so the state to restore is never replaced by the cut one.
         """
-        existing = self.jobs.isolation(vm)
-        if existing is not None:
-            if existing.state == "pending":
-                # The process died between saving and cutting: finish the cut.
-                changed = self.nics.disconnect(vm, existing.nics)
-                self.jobs.confirm_isolation(vm)
-                self.jobs.mark_exposure(vm, isolated=self.now())
-                return True, list(existing.nics), changed
-            self.jobs.mark_exposure(vm, isolated=self.now())
-            return False, [], 0
-
-        def save(nics: list[dict[str, Any]]) -> None:
-            # The exact previous state is durable before the first NIC is touched.
-            self.jobs.record_isolation(vm=vm, vm_name=name, nics=nics, reason=reason,
-                                       state="pending")
-
-        before, changed = self.nics.isolate(vm, before_cut=save)
-        self.jobs.confirm_isolation(vm)
+        cut, before, changed, finished = cut_network(jobs=self.jobs, nics=self.nics, vm=vm,
+                                                     name=name, reason=reason)
         self.jobs.mark_exposure(vm, isolated=self.now())
-        with self._stats_lock:
-            self.stats.isolated += 1
-        return True, before, changed
+        if cut and not finished:
+            with self._stats_lock:
+                self.stats.isolated += 1
+        return cut, before, changed
 
     def release(self, vm: str, *, name: str, host: str, running: bool,
                 why: str = "scanned clean") -> bool:

@@ -76,6 +76,7 @@ from vsphere_av.models import (
     UNREACHABLE,
     FileRecord,
     GuestFile,
+    VmId,
     VmInfo,
 )
 from vsphere_av.store.state import PENDING
@@ -112,17 +113,24 @@ class DownloadLike(Protocol):
 
 
 class GuestAccess(Protocol):
-    """Guest file access on one VM (``vsphere.guest.GuestFiles``).
+    """Guest file access on one VM (``vsphere.guest.GuestFiles``, ``diskscan.DiskGuest``).
 
     A class attribute ``local_downloads = True`` says its downloads bring the bytes into
     this process, so they may be fetched ahead (read on the type: wrappers that hand
     transfers to someone else, like the appliance dispatch, do not inherit it).
+
+    What a disk reader (``diskscan.DiskGuest``) adds, read with ``getattr`` so the guest
+    source needs none of it: ``reads_disks = True`` (class attribute: the VM's power state
+    does not matter, its disks are read), ``index_key(entry)`` (the incremental index row a
+    file is kept under, so disk and guest entries never mix) and ``remediation`` (the
+    guest access that changes files, or None when nothing can be changed now; then a
+    detection waits with ``remediation_pending`` as its detail).
     """
 
     windows: bool
 
     def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
-             on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]: ...
+             on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]: ...
     def open_download(self, path: str) -> DownloadLike: ...
     def delete_file(self, path: str) -> None: ...
 
@@ -302,6 +310,8 @@ class ScanResult:
     resumed_from: str = ""       # the walk skipped everything up to and including this path
     resume_point: str = ""       # last guest path (walk order) fully processed, all before it too
     outage: bool = False         # vCenter or the host stopped answering: failed, retry later
+    via: str = "guest"           # how the files were read: guest (Guest Operations) | disk
+    disk_read: int = 0           # disk scans: bytes fetched from the datastores
     # The first FILES_KEPT incomplete and skipped-by-policy paths (all are in the store):
     # {"path", "kind" (incomplete | skipped), "reason"}.
     files: list[dict[str, str]] = field(default_factory=list)
@@ -322,6 +332,7 @@ class ScanResult:
                 "incomplete": self.incomplete, "errors": self.errors, "bytes": self.bytes,
                 "duration": round(self.duration, 3), "recovered": self.recovered,
                 "resumed_from": self.resumed_from, "resume_point": self.resume_point,
+                "via": self.via, "disk_read": self.disk_read,
                 "detections": [f.as_dict() for f in self.found],
                 "incomplete_files": [f for f in self.files if f["kind"] == INCOMPLETE],
                 "skipped_files": [f for f in self.files if f["kind"] == SKIPPED],
@@ -380,6 +391,10 @@ class _Job:
         # Files of the walk (in its order) not yet below the resume point: [path, done].
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
+        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
+        # reader never writes; it names the guest access to use, or None for "not now").
+        self.remedy: GuestAccess | None = getattr(guest, "remediation", guest)
+        self.reads_disks = bool(getattr(type(guest), "reads_disks", False))
         receiver = session if isinstance(session, ReceivingSession) else None
         self.transfers = _Transfers(
             guest, receiver, name=vm.name,
@@ -397,7 +412,7 @@ class _Job:
         started = self.clock()
         previous = self.store.vm_state(self.vm.moref)
         prev_state = previous.state if previous else None
-        if not self.vm.powered_on:
+        if not self.vm.powered_on and not self.reads_disks:
             r.status, r.reason = SKIPPED, REASON_OFF
             self.store.upsert_vm(self.vm)
             self._audit("scan.skipped", reason=REASON_OFF, power_state=self.vm.power_state)
@@ -430,6 +445,10 @@ class _Job:
             r.status, r.reason = UNREACHABLE_STATUS, str(exc)
         except _StopRequested as stop:
             return self._stopped(stop.cause, started=started, prev_state=prev_state)
+        except errors.DiskError as exc:
+            # The disks could not be read (or hold nothing to read): never clean, and the
+            # VM unprotected with the reason, as for any path not fully checked.
+            r.status, r.reason = INCOMPLETE, str(exc)
         except errors.VsphereAvError as exc:
             r.status, r.reason = ERROR, str(exc)
         except Exception as exc:
@@ -451,6 +470,8 @@ class _Job:
         elif r.status == CLEAN and r.incomplete:
             r.status = INCOMPLETE
             r.reason = self._incomplete_reason("")
+        elif r.status == INCOMPLETE and r.incomplete:
+            r.reason += self._incomplete_reason("; ")
         elif r.status == CLEAN:
             r.reason = "clean"
         r.duration = self.clock() - started
@@ -580,7 +601,7 @@ class _Job:
 
         failed_roots: list[str] = []
 
-        def on_error(path: str, exc: errors.GuestError) -> None:
+        def on_error(path: str, exc: errors.VsphereAvError) -> None:
             if path in roots:
                 failed_roots.append(f"{path} ({exc})")
             elif isinstance(exc, errors.GuestFileNotFound) and self._gone(path, exc):
@@ -588,7 +609,10 @@ class _Job:
                 self.result.skipped += 1
                 return
             self.result.errors += 1
-            self._unscanned(path, kind=INCOMPLETE, reason=f"cannot list directory: {exc}")
+            # A disk reader's messages name the disk, volume or file and say what is wrong.
+            reason = str(exc) if isinstance(exc, errors.DiskError) \
+                else f"cannot list directory: {exc}"
+            self._unscanned(path, kind=INCOMPLETE, reason=reason)
 
         transfers = self.transfers
         try:
@@ -618,7 +642,7 @@ class _Job:
             raise errors.GuestError(f"cannot list {', '.join(failed_roots)}")
 
     def _entries(self, roots: list[str],
-                 on_error: Callable[[str, errors.GuestError], None]) -> Iterator[GuestFile]:
+                 on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]:
         """The walk, past the resume point when there is one (from the start if it is gone)."""
         skip_to = self.resume_after
         if skip_to:
@@ -667,14 +691,15 @@ class _Job:
             self._too_large(entry.path, entry.size)
             return True
         if not self.full and entry.mtime:
-            known = self.store.file_record(self.vm.moref, entry.path)
+            owner, key, mtime = self._index_key(entry)
+            known = self.store.file_record(owner, key)
             if (known is not None and known.verdict == "clean" and known.size == entry.size
-                    and known.mtime == entry.mtime and known.signature_version == version):
+                    and known.mtime == mtime and known.signature_version == version):
                 r.unchanged += 1
                 self._done(entry.path)
                 self._tick(entry.path)
                 return True
-            if self.share and self._reuse_shared(entry, version):
+            if self.share and not self.reads_disks and self._reuse_shared(entry, version):
                 return True
         return False
 
@@ -746,7 +771,7 @@ class _Job:
                                                   name=entry.name)
                 return self._stream(entry)
             except errors.GuestFileNotFound as exc:
-                self.store.forget_file(self.vm.moref, entry.path)
+                self.store.forget_file(*self._index_key(entry)[:2])
                 if self._gone(entry.path, exc):
                     r.vanished += 1
                     r.skipped += 1
@@ -758,7 +783,7 @@ class _Job:
             except (errors.GuestLoginError, errors.GuestUnavailable, errors.InvalidPowerState,
                     errors.NotFound, errors.ConnectionLost):
                 raise                         # the VM's or the connection's trouble, not the file's
-            except (errors.TransientError, errors.GuestError) as exc:
+            except (errors.TransientError, errors.GuestError, errors.DiskFileError) as exc:
                 if attempt == 2:
                     r.errors += 1
                     self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {exc}")
@@ -827,7 +852,7 @@ class _Job:
                                            size=outcome.size, action=action, member=d.member,
                                            detail=detail, quarantine_id=qid))
         if action in ("quarantined", "deleted"):
-            self.store.forget_file(self.vm.moref, entry.path)
+            self.store.forget_file(*self._index_key(entry)[:2])
         else:
             self._index(entry, outcome.sha256, "infected")
 
@@ -841,7 +866,9 @@ class _Job:
         the guest is found again by the walk and completed there (the quarantine hands back
         the item it already holds, so there is never a second one).
         """
-        stat = getattr(self.guest, "stat", None)
+        if self.remedy is None:
+            return          # nothing can be settled without the guest: its next scan will
+        stat = getattr(self.remedy, "stat", None)
         for det in self.store.pending_detections(self.vm.moref):
             if det.scan_id == self.result.scan_id:
                 continue
@@ -892,7 +919,21 @@ class _Job:
                    and e.details.get("quarantine_id") == qid for e in entries())
 
     def _remediate(self, entry: GuestFile, outcome: Any, threat: str) -> tuple[str, str, str]:
-        """Try the policy's action then its fallback; returns (action, quarantine id, detail)."""
+        """Try the policy's action then its fallback; returns (action, quarantine id, detail).
+
+        With no guest access to change files now (a disk scan of a VM that is off or has no
+        guest credentials), the detection stays ``pending`` (``reported`` when the policy
+        only reports) with the source's ``remediation_pending`` as its detail: the VM is
+        infected, so its next guest scan finds the file and completes that row.
+        """
+        if self.remedy is None:
+            later = str(getattr(self.guest, "remediation_pending", "")
+                        or "guest operations are not available")
+            action = "reported" if self.policy.action == "report" else PENDING
+            self._audit("remediation", path=entry.path, action=self.policy.action,
+                        result=action, detail=later, threat=threat, sha256=outcome.sha256)
+            return action, "", later
+        remedy = self.remedy
         failures: list[str] = []
         for act in remediation_plan(self.policy.action, self.policy.fallback_action):
             try:
@@ -901,13 +942,13 @@ class _Job:
                                 threat=threat, sha256=outcome.sha256)
                     return "reported", "", "; ".join(failures)
                 if act == "quarantine":
-                    qid = self._quarantine(entry, outcome, threat)
+                    qid = self._quarantine(entry, outcome, threat, remedy)
                     self._audit("remediation", path=entry.path, action="quarantine",
                                 result="quarantined", quarantine_id=qid, threat=threat,
                                 sha256=outcome.sha256)
                     return "quarantined", qid, "; ".join(failures)
                 if act == "delete":
-                    self.guest.delete_file(entry.path)
+                    remedy.delete_file(entry.path)
                     self._audit("remediation", path=entry.path, action="delete", result="deleted",
                                 threat=threat, sha256=outcome.sha256)
                     return "deleted", "", "; ".join(failures)
@@ -917,10 +958,11 @@ class _Job:
                             error=str(exc), threat=threat, sha256=outcome.sha256)
         return "failed", "", "; ".join(failures)
 
-    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str) -> str:
+    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str,
+                    remedy: GuestAccess) -> str:
         """Copy the file's bytes into the quarantine, check they are the scanned ones, delete it."""
         with self.transfers.slot:
-            download = self.guest.open_download(entry.path)
+            download = remedy.open_download(entry.path)
             try:
                 item = self.quarantine.put(
                     download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
@@ -933,17 +975,30 @@ class _Job:
             self.quarantine.discard(item.id)
             raise errors.GuestError(f"{entry.path} changed between scan and quarantine")
         try:
-            self.guest.delete_file(entry.path)
+            remedy.delete_file(entry.path)
         except errors.VsphereAvError:
             self.quarantine.discard(item.id)
             raise
         return str(item.id)
 
+    def _index_key(self, entry: GuestFile) -> tuple[VmId, str, str]:
+        """(owner, key, mtime) of the file's incremental index row.
+
+        The guest path by default; a disk reader keys its rows by disk, volume and file id
+        under an owner that is not the VM's moref, so the two indexes never mix.
+        """
+        index_key = getattr(self.guest, "index_key", None)
+        if index_key is None:
+            return self.vm.moref, entry.path, entry.mtime
+        owner, key, mtime = index_key(entry)
+        return VmId(owner), str(key), str(mtime)
+
     def _index(self, entry: GuestFile, sha256: str, verdict: str) -> None:
         if not entry.mtime or not sha256:
             return
-        self.pending.append(FileRecord(vm_moref=self.vm.moref, path=entry.path, size=entry.size,
-                                       mtime=entry.mtime, sha256=sha256,
+        owner, key, mtime = self._index_key(entry)
+        self.pending.append(FileRecord(vm_moref=owner, path=key, size=entry.size,
+                                       mtime=mtime, sha256=sha256,
                                        signature_version=self.session.version, verdict=verdict))
         if len(self.pending) >= INDEX_BATCH:
             self._flush_index()

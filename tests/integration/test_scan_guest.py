@@ -204,7 +204,9 @@ def test_unreachable_and_powered_off_vms_do_not_stop_the_others(sim, tmp_path):
     plant(sim, BADPASS, "/etc/motd", b"hi")
     plant(sim, NOTOOLS, "/etc/motd", b"hi")
     plant(sim, CLEAN, "/etc/motd", b"hi")
-    toml = (f'[[guest.credentials]]\nvm = "{BADPASS}"\nuser = "root"\n'
+    # Guest Operations only (scan.via = "auto" would read the VM without tools and the
+    # powered-off one through their disks: test_scan_disk.py).
+    toml = (f'[scan]\nvia = "guest"\n[[guest.credentials]]\nvm = "{BADPASS}"\nuser = "root"\n'
             f'password_env = "BAD_GUEST_PASSWORD"\n')
     with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
         report = app.scan(names=[BADPASS, NOTOOLS, OFF, CLEAN])

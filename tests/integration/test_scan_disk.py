@@ -1,0 +1,268 @@
+"""Scanning VMs through their virtual disks (issue 12) against the bundled simulator.
+
+Called by pytest. The simulator runs with ``-disks``: every VM's first disk is a real VMDK
+in its datastore directory, built by ``vcsim/mkdisk.sh`` from the VM's guest tree when the
+VM powers off or is snapshotted (ext4, NTFS for Windows guests, LVM, LUKS on request).
+vsphere-av reads it through the host's ``/folder`` interface with Dissect, scans with the
+real YARA engine (built-in EICAR bundle), and records into real SQLite files. pyVmomi is
+used here only to drive the simulator (power, extraConfig, snapshots) and to read back
+what the product did (NICs, snapshots); the datastore directory is written only to damage
+a disk on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import connect, env_for, plant, vm_named, wait_task
+from pyVmomi import vim
+
+from vsphere_av import config, simulator
+from vsphere_av.app import SNAPSHOT_PREFIX, App
+from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.jobs import JobStore
+
+EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
+FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
+VM0, VM1, VM2, VM3 = (f"DC0_C0_RP0_VM{i}" for i in range(4))
+
+pytestmark = pytest.mark.vcsim(hosts=1, vms=4, disks=True)
+
+
+def no_guest_env(sim: simulator.Simulator, state: Path) -> dict[str, str]:
+    """vCenter only: no guest user or password anywhere."""
+    env = env_for(sim, state)
+    del env["VSPHERE_AV_GUEST_USER"], env["VSPHERE_AV_GUEST_PASSWORD"]
+    return env
+
+
+def settings(sim: simulator.Simulator, state: Path, *, toml: str = "",
+             guest: bool = False) -> config.Settings:
+    cfg = None
+    if toml:
+        cfg = state.parent / f"{state.name}.toml"
+        cfg.write_text(toml)
+    env = env_for(sim, state) if guest else no_guest_env(sim, state)
+    return config.load(config_file=cfg, env=env)
+
+
+@pytest.fixture
+def si(sim: simulator.Simulator) -> Any:
+    return connect(sim)
+
+
+def reconfig(si: Any, name: str, **extra: str) -> None:
+    vm = vm_named(si, name)
+    wait_task(vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key=k.replace("_", "."), value=v) for k, v in extra.items()])))
+
+
+def power_off(si: Any, name: str) -> None:
+    """Power a VM off; the simulator rebuilds its disk from the guest tree before answering."""
+    wait_task(vm_named(si, name).PowerOffVM_Task(), timeout=120)
+
+
+def nics(si: Any, name: str) -> list[tuple[bool, bool]]:
+    return [(d.connectable.connected, d.connectable.startConnected)
+            for d in vm_named(si, name).config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+
+def actions(state: Path) -> list[tuple[str, dict[str, Any]]]:
+    with AuditLog.open(state) as log:
+        return [(e.action, e.details) for e in log.entries()]
+
+
+def snapshots(si: Any, name: str) -> list[str]:
+    vm = vm_named(si, name)
+    out: list[str] = []
+    stack = list(vm.snapshot.rootSnapshotList) if vm.snapshot else []
+    while stack:
+        node = stack.pop()
+        out.append(node.name)
+        stack.extend(node.childSnapshotList or [])
+    return out
+
+
+# --- powered-off VMs -----------------------------------------------------------------------
+
+def test_a_dormant_linux_vm_is_found_infected_through_its_disk_and_cut_off_before_it_boots(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/etc/cron.d/job", b"* * * * * root /opt/x\n")
+    plant(sim, VM0, "/opt/app/dropper.bin", EICAR)
+    assert all(start for _, start in nics(si, VM0))
+    power_off(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        assert app.settings.guest.user == ""
+        report = app.scan(names=[VM0])
+
+        r = report.results[0]
+        assert (r.via, r.status) == ("disk", "infected"), r.reason
+        assert [(f.path, f.threat, f.action) for f in r.found] == [
+            ("/opt/app/dropper.bin", "EICAR-Test-File", "pending")]
+        assert "next power-on through guest operations" in r.found[0].detail
+        assert r.scanned >= 3
+        assert r.incomplete == 0
+        assert report.exit_code() == 1
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
+        assert row["state"] == "infected"
+        moref = r.moref
+    # Cut while off: nothing connected, nothing set to connect at power-on.
+    assert nics(si, VM0)
+    assert all(n == (False, False) for n in nics(si, VM0))
+    with JobStore.open(state) as jobs:
+        record = jobs.isolation(moref)
+        assert record is not None
+        assert record.state == "isolated"
+        assert record.held.startswith("detection (disk scan")
+        assert all(n["start_connected"] for n in record.nics)    # what release gives back
+    audited = actions(state)
+    assert ("isolation.isolate", "disk scan") in [(a, d.get("trigger")) for a, d in audited]
+    assert any(a == "detection" and d["path"] == "/opt/app/dropper.bin" for a, d in audited)
+    assert any(a == "remediation" and d["result"] == "pending" for a, d in audited)
+    # Nothing was written to the disk: the datastore files are as the simulator left them.
+    assert not any(a.startswith("disk.snapshot") for a, _ in audited)
+
+
+def test_a_dormant_windows_vm_names_its_files_as_windows_does(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    wait_task(vm_named(si, VM1).ReconfigVM_Task(vim.vm.ConfigSpec(guestId="windows9_64Guest")))
+    plant(sim, VM1, "C/Windows/System32/drivers/etc/hosts", b"127.0.0.1 localhost\n")
+    plant(sim, VM1, "C/Users/Bob/Downloads/invoice.exe", EICAR)
+    power_off(si, VM1)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM1]).results[0]
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [(f.path, f.action) for f in r.found] == [
+        ("C:\\Users\\Bob\\Downloads\\invoice.exe", "pending")]
+
+
+def test_a_dormant_vm_on_lvm_is_read_through_its_logical_volume(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    reconfig(si, VM2, vcsim_disk_layout="lvm")
+    plant(sim, VM2, "/etc/fstab", b"/dev/mapper/vg0-root / ext4 defaults 0 1\n")
+    plant(sim, VM2, "/var/tmp/.x/payload", EICAR)
+    power_off(si, VM2)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM2]).results[0]
+
+    assert (r.via, r.status, r.incomplete) == ("disk", "infected", 0), r.reason
+    assert [f.path for f in r.found] == ["/var/tmp/.x/payload"]
+
+
+def test_unchanged_files_are_not_read_again_and_full_reads_everything(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    for i in range(5):
+        plant(sim, VM0, f"/srv/data/blob{i}.bin", os.urandom(300_000))
+    power_off(si, VM0)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        first = app.scan(names=[VM0]).results[0]
+        second = app.scan(names=[VM0]).results[0]
+        full = app.scan(names=[VM0], full=True).results[0]
+        guest_rows = app.store.query("SELECT COUNT(*) AS n FROM files WHERE vm_moref = ?",
+                                     (first.moref,))
+
+    assert (first.status, second.status, full.status) == ("clean", "clean", "clean")
+    assert first.scanned >= 6
+    assert (second.scanned, second.unchanged) == (0, first.scanned)
+    # The second run read file system metadata only: far less than the 1.5 MB of files.
+    assert first.disk_read > 1_500_000
+    assert second.disk_read < first.disk_read - 1_500_000
+    assert (full.scanned, full.unchanged) == (first.scanned, 0)
+    assert full.disk_read > 1_500_000
+    # Disk rows never mix with the guest-path index of the same VM.
+    assert guest_rows[0]["n"] == 0
+
+
+# --- running VMs: a temporary snapshot ----------------------------------------------------
+
+def test_a_running_vm_is_read_under_a_snapshot_that_is_removed_and_remediated_at_once(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    dropped = plant(sim, VM3, "/tmp/dropper", EICAR)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state, guest=True)) as app:
+        r = app.scan(names=[VM3], via="disk").results[0]
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [(f.path, f.action) for f in r.found] == [("/tmp/dropper", "quarantined")]
+    assert not dropped.exists()           # quarantined through Guest Operations at once
+    assert snapshots(si, VM3) == []
+    assert vm_named(si, VM3).runtime.powerState == "poweredOn"
+    audited = [(a, d) for a, d in actions(state) if a.startswith("disk.snapshot")]
+    assert [a for a, _ in audited] == ["disk.snapshot.created", "disk.snapshot.removed"]
+    created, removed = (d for _, d in audited)
+    assert created["snapshot"].startswith("vsphere-av-scan-")
+    assert (created["snapshot"], created["quiesce"]) == (removed["snapshot"], False)
+    assert created["moref"] == r.moref
+
+
+def test_a_running_vm_without_guest_credentials_keeps_its_detection_pending(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    dropped = plant(sim, VM3, "/tmp/dropper", EICAR)
+    before = nics(si, VM3)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM3]).results[0]      # auto: no credentials -> disk
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [f.action for f in r.found] == ["pending"]
+    assert dropped.exists()
+    assert snapshots(si, VM3) == []
+    assert nics(si, VM3) == before        # a running VM's isolation is the controller's call
+
+
+def test_leftover_scan_snapshots_are_removed_at_the_next_start(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    vm = vm_named(si, VM3)
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = f"{SNAPSHOT_PREFIX}{socket.gethostname()}-999999-0badc0de"
+        busy = f"{SNAPSHOT_PREFIX}{socket.gethostname()}-{alive.pid}-1234abcd"
+        for name in ("before patching", dead, busy):
+            wait_task(vm.CreateSnapshot_Task(name=name, memory=False, quiesce=False))
+        state = tmp_path / "state"
+
+        with App(settings(sim, state)) as app:
+            app.scan(names=[VM0], via="guest")
+
+        # The crashed run's snapshot went; an operator's and a live scan's stayed.
+        assert sorted(snapshots(si, VM3)) == sorted(["before patching", busy])
+        removed = [d for a, d in actions(state) if a == "disk.snapshot.leftover_removed"]
+        assert [(d["snapshot"], d["moref"]) for d in removed] == [(dead, vm._moId)]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_serve_removes_leftover_scan_snapshots_when_it_starts(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    from vsphere_av.app import start_controller
+
+    vm = vm_named(si, VM3)
+    dead = f"{SNAPSHOT_PREFIX}elsewhere-4242-deadbeef"
+    wait_task(vm.CreateSnapshot_Task(name=dead, memory=False, quiesce=False))
+    state = tmp_path / "state"
+
+    runtime = start_controller(settings(sim, state))
+    try:
+        assert snapshots(si, VM3) == []
+    finally:
+        runtime.stop(grace=5)
+    assert [d["snapshot"] for a, d in actions(state)
+            if a == "disk.snapshot.leftover_removed"] == [dead]
