@@ -128,3 +128,31 @@ def test_private_dir_refuses_what_is_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("")
     with pytest.raises(StoreError, match="cannot create"):
         private_dir(tmp_path / "state")
+
+
+def test_opening_a_store_again_loses_no_write_of_the_one_already_open(tmp_path: Path) -> None:
+    # serve keeps its audit log and job store open while its own loops open them again (the
+    # SIEM forwarder, a disk scan's isolation record) and other processes (the CLI) open and
+    # close them: none of that may cost serve a write another process can read.
+    state_dir = tmp_path / "state"
+    with AuditLog.open(state_dir) as log, JobStore.open(state_dir) as jobs:
+        log.append(actor="t", action="first", details={})
+        jobs.set_meta("first", "1")
+        with AuditLog.open(state_dir), JobStore.open(state_dir):
+            pass                                  # a second store of the same files, closed
+        subprocess.run([sys.executable, "-c", (
+            "import sys\n"
+            "from vsphere_av.store.audit import AuditLog\n"
+            "from vsphere_av.store.jobs import JobStore\n"
+            "with AuditLog.open(sys.argv[1]), JobStore.open(sys.argv[1]):\n"
+            "    pass\n"), str(state_dir)], check=True, timeout=60)
+        log.append(actor="t", action="second", details={})
+        jobs.set_meta("second", "2")
+        seen = subprocess.run([sys.executable, "-c", (
+            "import sys\n"
+            "from vsphere_av.store.audit import AuditLog\n"
+            "from vsphere_av.store.jobs import JobStore\n"
+            "with AuditLog.open(sys.argv[1]) as log, JobStore.open(sys.argv[1]) as jobs:\n"
+            "    print(','.join(e.action for e in log.entries()), jobs.get_meta('second'))\n"),
+            str(state_dir)], check=True, timeout=60, capture_output=True, text=True)
+    assert seen.stdout.split() == ["first,second", "2"]

@@ -43,8 +43,14 @@ def private_dir(path: Path) -> Path:
 def private_file(path: Path, *, create: bool = False) -> None:
     """Tighten ``path`` to 0600 when it exists; with ``create``, make it (empty) when not."""
     if create:
+        # An existing file is never opened here: closing any descriptor of a database file
+        # drops every POSIX lock this process holds on it, SQLite's included, and another
+        # process closing its connection then takes itself for the last one and deletes the
+        # WAL under this process's open connection, whose later writes are lost.
         try:
-            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, FILE_MODE))
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        except FileExistsError:
+            pass
         except OSError as exc:
             raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
     _tighten(path, FILE_MODE)
