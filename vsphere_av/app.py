@@ -46,6 +46,19 @@ log = logging.getLogger(__name__)
 SNAPSHOT_PREFIX = "vsphere-av-scan-"
 
 
+def scan_route(via: str, *, powered_on: bool, credentials: bool, tools_running: bool) -> str:
+    """``"disk"`` or ``"guest"``: how a VM is read for ``via`` (``scan.via`` / ``--via``).
+
+    ``auto`` reads through the disks a VM that is not running, has no guest credentials or
+    no running VMware Tools (Guest Operations could not read it), the guest otherwise.
+    """
+    if via not in SCAN_VIA:
+        raise errors.ConfigError(f"--via {via!r}: must be one of {', '.join(SCAN_VIA)}")
+    if via != "auto":
+        return via
+    return "guest" if powered_on and credentials and tools_running else "disk"
+
+
 def scan_snapshot_name() -> str:
     """A new scan snapshot's name (``vsphere-av-scan-<machine>-<pid>-<random>``)."""
     return f"{SNAPSHOT_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -265,13 +278,9 @@ class App:
         ``auto``: the disk path for a VM that is not running, has no guest credentials
         configured or no running VMware Tools; Guest Operations otherwise.
         """
-        chosen = via or self.settings.scan.via
-        if chosen not in SCAN_VIA:
-            raise errors.ConfigError(f"--via {chosen!r}: must be one of {', '.join(SCAN_VIA)}")
-        if chosen != "auto":
-            return chosen
         user, _ = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
-        return "guest" if vm.powered_on and user and vm.tools_running else "disk"
+        return scan_route(via or self.settings.scan.via, powered_on=vm.powered_on,
+                          credentials=bool(user), tools_running=vm.tools_running)
 
     def scan_one(self, vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Progress], None] | None = None,

@@ -216,6 +216,7 @@ def signatures_rollback(ctx: click.Context) -> None:
 def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_json: bool,
                no_cache: bool) -> None:
     """Scan local files and directories with the active signatures (exit 1 on detection)."""
+    from vsphere_av.engine import TOO_LARGE
     from vsphere_av.engine.localscan import detection_path, scan_paths
 
     settings = settings_from(ctx)
@@ -254,7 +255,11 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
                    f"{len(report.errors)} errors")
     if report.detected:
         sys.exit(EXIT_DETECTED)
-    if report.errors:
+    # A file not read to the end is as unchecked here as in a guest scan (exit 2), unless
+    # the policy skips large files on purpose (scan.skip_large).
+    unchecked = [o for o in report.skipped
+                 if not (settings.scan.skip_large and o.reason == TOO_LARGE)]
+    if report.errors or unchecked:
         sys.exit(EXIT_ERROR)
 
 
@@ -287,7 +292,7 @@ def _scan_progress(enabled: bool) -> Any:
 @click.option("--all", "all_vms", is_flag=True,
               help="Scan every VM (powered-off ones through their disks, unless --via guest).")
 @click.option("--full", is_flag=True, help="Read every file, even unchanged ones.")
-@click.option("--via", type=click.Choice(["auto", "disk", "guest"]), default=None,
+@click.option("--via", default=None, metavar="auto|disk|guest",
               help="Read files through the VMs' disks or Guest Operations (default: scan.via, "
                    "auto: disk for VMs off, without guest credentials or tools).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -297,6 +302,9 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
     """Scan VMs' files (Guest Operations or their virtual disks) and remediate detections."""
     if bool(vms) == all_vms:
         raise errors.ConfigError("name one or more VMs, or use --all (not both)")
+    from vsphere_av.config import SCAN_VIA
+    if via is not None and via not in SCAN_VIA:
+        raise errors.ConfigError(f"--via {via!r}: must be one of {', '.join(SCAN_VIA)}")
     # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
     # storm limits) instead of scanning beside it; None when no controller is running. The
     # controller reads the disks of powered-off VMs (scan.via auto or disk); an explicit

@@ -20,8 +20,9 @@ per disk, ``[ds] vm/disk.vmdk``); a volume with a problem: encrypted (LUKS, BitL
 unknown or damaged file system (one path per volume, where it would be mounted or
 ``<disk label> <volume>``). A walk that finds no volume for its root at all raises
 ``errors.DiskError`` (the scan ends ``incomplete`` with that reason). What the transport
-raises otherwise (``TransientError``: the datastore went away) passes through and fails the
-scan, for the controller to retry.
+raises otherwise passes through: vCenter or the host unreachable is
+``errors.ConnectionLost``, which the scan job treats as an outage (failed, the VM
+unprotected, retried by the controller) even when it breaks a file's read off.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class DiskGuest:
         # which VirtualDiskInfo each DiskFiles disk index is (disks that failed are left out)
         self._opened: list[VirtualDiskInfo] = []
         self._tried = False
+        self._problems = 0          # disks and volumes reported unreadable
 
     def __repr__(self) -> str:
         return f"<DiskGuest {self.vm.name} disks={[d.file_name for d in self.disks]}>"
@@ -156,11 +158,8 @@ class DiskGuest:
     def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
              on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]:
         """Every regular file under ``roots`` on the VM's disks (disks mounted on first use)."""
-        problems = 0
-
         def report(path: str, exc: errors.VsphereAvError) -> None:
-            nonlocal problems
-            problems += 1
+            self._problems += 1
             on_error(path, exc)
 
         if self._mounted is None:
@@ -176,10 +175,11 @@ class DiskGuest:
             except errors.DiskImageError as exc:
                 report(", ".join(d.file_name for d in self._opened), exc)
                 return
+            # Once per scan, even when the walk runs twice (a resume point not met).
+            for volume in self._mounted.problems:
+                report(self._volume_path(volume), errors.DiskFileError(
+                    f"{volume.kind} {volume.name}: {volume.problem}"))
         mounted = self._mounted
-        for volume in mounted.problems:
-            report(self._volume_path(volume), errors.DiskFileError(
-                f"{volume.kind} {volume.name}: {volume.problem}"))
         missing: list[str] = []
 
         def walk_error(path: str, exc: errors.DiskError) -> None:
@@ -197,7 +197,7 @@ class DiskGuest:
                 yield entry
         except errors.DiskImageError as exc:
             report(", ".join(d.file_name for d in self._opened), exc)
-        if missing and not problems:
+        if missing and not self._problems:
             found = "; ".join(f"{v.name} {v.filesystem or 'no file system'}"
                               + (f" on {v.mount}" if v.mount else "") for v in mounted.volumes)
             raise errors.DiskError(f"{'; '.join(missing)} (volumes: {found or 'none'})")

@@ -409,6 +409,24 @@ def test_cli_scan_files_json_and_exit_codes(tmp_path: Path) -> None:
     assert "2 files" in text.stdout
 
 
+def test_cli_scan_files_a_file_over_the_size_limit_is_not_checked_unless_policy_skips_it(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small.txt").write_text("fine\n")
+    (tree / "big.bin").write_bytes(b"\0" * 4096)
+    config = tmp_path / "c.toml"
+    config.write_text("[engine]\nmax_file_size = 1024\n")
+    over = run_cli(state, "--config", str(config), "scan-files", "--json", str(tree))
+    assert over.returncode == 2, over.stderr
+    assert [s["path"] for s in json.loads(over.stdout)["skipped"]] == [str(tree / "big.bin")]
+    config.write_text("[engine]\nmax_file_size = 1024\n[scan]\nskip_large = true\n")
+    policy = run_cli(state, "--config", str(config), "scan-files", "--json", str(tree))
+    assert policy.returncode == 0, policy.stderr
+    assert len(json.loads(policy.stdout)["skipped"]) == 1
+
+
 def test_cli_scan_files_names_that_are_not_utf8_and_errors_per_file(tmp_path: Path) -> None:
     # Issue 11, point 8: such names reach YARA (bytes that are not UTF-8 as \\xNN text),
     # one file's error is that file's line, errors exit 2 and only detections exit 1.

@@ -12,9 +12,13 @@ a disk on purpose.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,13 @@ from pyVmomi import vim
 
 from vsphere_av import config, simulator
 from vsphere_av.app import SNAPSHOT_PREFIX, App
+from vsphere_av.models import VmId
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.store.jobs import JobStore
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
+MKDISK = Path(__file__).resolve().parents[2] / "vcsim" / "mkdisk.sh"
 VM0, VM1, VM2, VM3 = (f"DC0_C0_RP0_VM{i}" for i in range(4))
 
 pytestmark = pytest.mark.vcsim(hosts=1, vms=4, disks=True)
@@ -266,3 +272,252 @@ def test_serve_removes_leftover_scan_snapshots_when_it_starts(
         runtime.stop(grace=5)
     assert [d["snapshot"] for a, d in actions(state)
             if a == "disk.snapshot.leftover_removed"] == [dead]
+
+
+# --- bad input: one line, the VM unprotected with the reason, never protected --------------
+
+def datastore_dir(si: Any, name: str) -> Path:
+    vm = vm_named(si, name)
+    return Path(vm.datastore[0].info.url) / name
+
+
+def truncate_sparse(si: Any, name: str) -> None:
+    disk = datastore_dir(si, name) / "disk1.vmdk"
+    with disk.open("r+b") as f:
+        f.truncate(disk.stat().st_size // 2)
+
+
+def garble_file_system(si: Any, name: str) -> None:
+    flat = datastore_dir(si, name) / "disk1-flat.vmdk"
+    with flat.open("r+b") as f:          # the partition starts at 1 MiB
+        f.seek(1024 * 1024)
+        f.write(b"\xab" * 65536)
+
+
+@pytest.mark.parametrize(("extra", "damage", "words"), [
+    ({}, truncate_sparse, "truncated"),
+    ({"vcsim_disk_format": "monolithicFlat"}, garble_file_system, "unknown file system"),
+    ({"vcsim_disk_luks": "TRUE"}, None, "encrypted volume (LUKS2)"),
+    ({"vcsim_disk_inaccessible": "TRUE"}, None, "HTTP 404"),
+], ids=["truncated-vmdk", "unknown-file-system", "luks", "inaccessible-datastore"])
+def test_a_disk_that_cannot_be_read_leaves_the_vm_unprotected_with_the_reason(
+        sim: simulator.Simulator, si: Any, tmp_path: Path, extra: dict[str, str],
+        damage: Any, words: str) -> None:
+    if extra:
+        reconfig(si, VM0, **extra)
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/etc/motd", b"hello\n")
+    power_off(si, VM0)
+    if damage is not None:
+        damage(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        report = app.scan(names=[VM0])
+        r = report.results[0]
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
+
+    assert (r.via, r.status) == ("disk", "incomplete"), r.reason
+    assert words in r.reason
+    assert "\n" not in r.reason
+    assert report.exit_code() == 2
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+    assert row["incomplete_files"] == [
+        {"path": f["path"], "kind": "incomplete", "reason": f["reason"]} for f in r.files]
+
+
+@pytest.mark.parametrize("refusal", ["snapshots-disabled", "independent-disk"])
+def test_a_running_vm_whose_snapshot_cannot_be_taken_is_unprotected_with_the_reason(
+        sim: simulator.Simulator, si: Any, tmp_path: Path, refusal: str) -> None:
+    vm = vm_named(si, VM3)
+    if refusal == "snapshots-disabled":
+        spec = vim.vm.ConfigSpec(flags=vim.vm.FlagInfo(snapshotDisabled=True))
+        words = "SnapshotDisabled"
+    else:
+        disk = next(d for d in vm.config.hardware.device
+                    if isinstance(d, vim.vm.device.VirtualDisk))
+        disk.backing.diskMode = "independent_persistent"
+        spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(
+            operation="edit", device=disk)])
+        words = "independent_persistent"
+    wait_task(vm.ReconfigVM_Task(spec))
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        report = app.scan(names=[VM3], via="disk")
+        r = report.results[0]
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM3)
+
+    assert (r.via, r.status) == ("disk", "incomplete")
+    assert words in r.reason
+    assert report.exit_code() == 2
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+    assert snapshots(si, VM3) == []
+    assert not any(a.startswith("disk.snapshot") for a, _ in actions(state))
+
+
+def test_an_outage_mid_disk_scan_fails_the_scan_for_a_retry(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    for i in range(4):
+        plant(sim, VM0, f"/srv/blob{i}.bin", os.urandom(400_000))
+    power_off(si, VM0)
+    state = tmp_path / "state"
+    stopped: list[str] = []
+
+    def outage(tick: Any) -> None:
+        # The whole simulator (vCenter and the host's /folder) goes away after the first
+        # file: the reads that follow meet a refused connection.
+        if not stopped and tick.files:
+            stopped.append(tick.path)
+            sim.stop()
+
+    with App(settings(sim, state)) as app:
+        vm = app.select_vms(names=[VM0])[0]
+        r = app.scan_one(vm, on_progress=outage)
+        row = app.store.vm_state(vm.moref)
+
+    assert stopped
+    # An outage: the scan failed (the controller retries it), the VM is not protected.
+    assert (r.via, r.status, r.outage) == ("disk", "error", True), r.reason
+    assert "unreachable" in r.reason
+    assert "\n" not in r.reason
+    assert row is not None
+    assert (row.state, row.reason) == ("unprotected", r.reason)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsphere_av", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_scan_via_disk_exit_codes_and_via_guest_unchanged(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    reconfig(si, VM2, vcsim_disk_luks="TRUE")
+    for name in (VM0, VM1, VM2):
+        plant(sim, name, "/etc/fstab", FSTAB)
+        plant(sim, name, "/etc/motd", b"hello\n")
+    plant(sim, VM0, "/root/.cache/x", EICAR)
+    for name in (VM0, VM1, VM2):
+        power_off(si, name)
+    state = tmp_path / "state"
+    env = no_guest_env(sim, state)
+
+    infected = cli(env, "scan", "--via", "disk", VM0, "--json")
+    clean = cli(env, "scan", "--via", "disk", VM1, "--json")
+    encrypted = cli(env, "scan", "--via", "disk", VM2)
+    guest = cli(env_for(sim, state), "scan", "--via", "guest", VM1, VM3, "--json")
+    bad = cli(env, "scan", "--via", "floppy", VM1)
+
+    assert infected.returncode == 1, infected.stderr
+    doc = json.loads(infected.stdout)["vms"][0]
+    assert (doc["via"], doc["status"]) == ("disk", "infected")
+    assert [d["path"] for d in doc["detections"]] == ["/root/.cache/x"]
+    assert doc["disk_read"] > 0
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["vms"][0]["status"] == "clean"
+    assert encrypted.returncode == 2, encrypted.stderr
+    assert "encrypted volume (LUKS2)" in encrypted.stdout
+    assert "Traceback" not in encrypted.stdout + encrypted.stderr
+    # Guest Operations, as before the disk path: a VM that is off is skipped, not read.
+    assert guest.returncode == 0, guest.stderr
+    by_vm = {d["vm"]: d for d in json.loads(guest.stdout)["vms"]}
+    assert (by_vm[VM1]["via"], by_vm[VM1]["status"], by_vm[VM1]["reason"]) == (
+        "guest", "skipped", "powered off")
+    assert (by_vm[VM3]["via"], by_vm[VM3]["status"]) == ("guest", "clean")
+    assert snapshots(si, VM3) == []
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "floppy" in bad.stderr
+
+
+def test_a_pending_detection_is_completed_by_the_guest_scan_after_power_on(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    dropped = plant(sim, VM0, "/opt/app/dropper.bin", EICAR)
+    power_off(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state)) as app:
+        first = app.scan(names=[VM0]).results[0]
+        again = app.scan(names=[VM0]).results[0]      # still off: the same record waits
+
+    assert [f.action for f in first.found] == [f.action for f in again.found] == ["pending"]
+    wait_task(vm_named(si, VM0).PowerOnVM_Task(), timeout=60)
+    with App(settings(sim, state, guest=True)) as app:
+        third = app.scan(names=[VM0]).results[0]      # auto: running with tools -> guest
+        rows = [(d.path, d.action) for d in app.store.detections(vm_moref=VmId(third.moref))]
+
+    assert (third.via, third.status) == ("guest", "infected"), third.reason
+    assert [(f.path, f.action) for f in third.found] == [("/opt/app/dropper.bin", "quarantined")]
+    assert not dropped.exists()
+    # One finding from first to last: the disk scans' pending row, completed by the guest.
+    assert rows == [("/opt/app/dropper.bin", "quarantined")]
+    assert [a for a, d in actions(state) if a == "detection"] == ["detection"]
+
+
+def test_a_scan_killed_under_its_snapshot_leaves_it_for_the_next_start_to_remove(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    for i in range(24):
+        plant(sim, VM3, f"/srv/data/blob{i:02}.bin", os.urandom(1024 * 1024))
+    state = tmp_path / "state"
+    env = no_guest_env(sim, state)
+    scan = subprocess.Popen([sys.executable, "-m", "vsphere_av", "scan", "--via", "disk", VM3],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshots(si, VM3) and scan.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scan.send_signal(signal.SIGKILL)       # a crash: no finally runs
+    finally:
+        scan.kill()
+        scan.wait()
+    left = snapshots(si, VM3)
+    assert len(left) == 1
+    assert left[0].startswith(f"{SNAPSHOT_PREFIX}{socket.gethostname()}-{scan.pid}-")
+
+    restart = cli(env, "scan", "--via", "guest", VM0)
+
+    assert restart.returncode in (0, 2), restart.stderr     # VM0 itself: not the point
+    assert snapshots(si, VM3) == []
+    removed = [d["snapshot"] for a, d in actions(state) if a == "disk.snapshot.leftover_removed"]
+    assert removed == left
+
+
+def test_an_encrypted_second_disk_is_named_and_the_first_is_still_scanned(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/home/u/eicar.com", EICAR)
+    tree = tmp_path / "data"
+    (tree / "secrets").mkdir(parents=True)
+    (tree / "secrets" / "x").write_bytes(EICAR)       # behind LUKS: cannot be seen
+    directory = datastore_dir(si, VM0)
+    subprocess.run([str(MKDISK), "--src", str(tree), "--out", str(directory / "data.vmdk"),
+                    "--fs", "ext4", "--luks", "--format", "monolithicFlat"],
+                   check=True, capture_output=True, timeout=240)
+    vm = vm_named(si, VM0)
+    scsi = next(d for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualSCSIController))
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
+            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[LocalDS_0] {VM0}/data.vmdk", diskMode="persistent")))])))
+    power_off(si, VM0)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM0]).results[0]
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [f.path for f in r.found] == ["/home/u/eicar.com"]
+    assert r.incomplete == 1
+    assert "encrypted volume (LUKS2)" in r.files[0]["reason"]
+    label = next(d.deviceInfo.label for d in vm_named(si, VM0).config.hardware.device
+                 if isinstance(d, vim.vm.device.VirtualDisk)
+                 and d.backing.fileName.endswith("data.vmdk"))
+    assert r.files[0]["path"] == f"{label} p1"     # not mounted anywhere: disk and volume
+    assert "incomplete: 1 path(s) not fully checked" in r.reason

@@ -43,10 +43,10 @@ def private_dir(path: Path) -> Path:
 def private_file(path: Path, *, create: bool = False) -> None:
     """Tighten ``path`` to 0600 when it exists; with ``create``, make it (empty) when not."""
     if create:
-        # An existing file is never opened here: closing any descriptor of a database file
-        # drops every POSIX lock this process holds on it, SQLite's included, and another
-        # process closing its connection then takes itself for the last one and deletes the
-        # WAL under this process's open connection, whose later writes are lost.
+        # O_EXCL: an existing file is never opened here. Closing any descriptor of a file
+        # drops every POSIX lock this process holds on it, so opening and closing a database
+        # that a SQLite connection of this process has open would release that connection's
+        # locks under it (seen as "disk I/O error" in serve's audit log).
         try:
             os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
         except FileExistsError:
