@@ -510,6 +510,7 @@ class Controller:
             record = self.jobs.isolation(vm)
             if not self.options.isolate_stale or (record is not None
                                                   and record.state == "isolated"):
+                self._stamp_isolated(vm)
                 return
         self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
                                 started=min(item.at, seen), seen=seen, event_key=item.event_key)
@@ -538,17 +539,25 @@ class Controller:
         """
         cut, before, changed, finished = cut_network(jobs=self.jobs, nics=self.nics, vm=vm,
                                                      name=name, reason=reason)
-        at = self.now()
-        exposure = self.jobs.open_exposure_for(vm)
-        if not cut and exposure is not None:
-            # Cut before this exposure began (a disk scan found it infected while it was off,
-            # or an earlier run kept it): it was never on the network while it ran.
-            at = min(at, exposure.started)
-        self.jobs.mark_exposure(vm, isolated=at)
+        if cut:
+            self.jobs.mark_exposure(vm, isolated=self.now())
+        else:
+            self._stamp_isolated(vm)
         if cut and not finished:
             with self._stats_lock:
                 self.stats.isolated += 1
         return cut, before, changed
+
+    def _stamp_isolated(self, vm: str) -> None:
+        """Stamp the open exposure of a VM that was isolated already: isolated since it
+        started running when the cut came first (a disk scan found it infected while it was
+        off, or an earlier run kept it cut), so its window is zero."""
+        exposure = self.jobs.open_exposure_for(vm)
+        record = self.jobs.isolation(vm)
+        if exposure is None or record is None or record.state != "isolated":
+            return
+        self.jobs.mark_exposure(vm, isolated=max(exposure.started,
+                                                 min(record.since, self.now())))
 
     def release(self, vm: str, *, name: str, host: str, running: bool,
                 why: str = "scanned clean") -> bool:
@@ -643,6 +652,19 @@ class Controller:
                         resume_after=again.resume_after if again is not None else "")
             return
         status = result.status
+        facts = self.watcher.facts(job.vm)
+        if not vm.powered_on and facts is not None and facts.running \
+                and self.jobs.open_exposure_for(job.vm) is not None:
+            # It was started while its disks were read: the verdict is its disk's (recorded),
+            # the power-on's exposure gets a scan of its own, ahead of other work.
+            self.scheduler.finish(job)
+            again = self.scheduler.submit(vm=job.vm, host=facts.host or host,
+                                          priority=Priority.INSTANT_ON,
+                                          reason="powered on while its disks were read")
+            self._audit("job.requeued", vm=vm.name, moref=job.vm, job_id=again.job_id,
+                        priority="instant-on", verdict=status,
+                        reason="powered on while its disks were read")
+            return
         # The exposure is closed last, so whoever waits for it finds everything else done.
         if status == "clean":
             verdict = self.now()
@@ -651,9 +673,7 @@ class Controller:
             if isolation is None or release_allowed(
                     held=isolation.held, rule=self.options.release_infected,
                     operator=operator, full=bool(getattr(result, "full", job.full))):
-                # What the VM does now, not when the scan began: a dormant VM read through
-                # its disks may have started meanwhile (its boot disk is the one found clean).
-                facts = self.watcher.facts(job.vm)
+                # What the VM does now, not when the scan began (it may have started since).
                 self.release(job.vm, name=vm.name, host=host,
                              running=facts.running if facts is not None else vm.powered_on,
                              why="operator's rescan clean" if operator else "scanned clean")
