@@ -1016,7 +1016,9 @@ def instant_on_timeline(settings: Settings, vm_moref: str) -> list[dict[str, Any
     for e in exposures:
         rows.append((e.started, f"started running ({e.trigger})"))
         if e.isolated is not None:
-            rows.append((e.isolated, "network isolated (every vNIC disconnected)"))
+            rows.append((e.isolated, "network isolated (every vNIC disconnected)"
+                         if e.isolated > e.started else
+                         "network already cut before it booted (startConnected false)"))
         if e.clean is not None:
             rows.append((e.clean, "scanned clean"))
         if e.closed is not None:
