@@ -242,3 +242,46 @@ def test_disk_scans_count_against_the_per_host_cap_and_follow_the_running_vms(
     starts = [d["vm"] for act, d in after if act == "scan.start"]
     assert sorted(starts) == sorted([running, *morefs])
     assert starts[0] == running                               # running VMs first
+
+
+def test_a_dormant_infected_vm_with_guest_credentials_waits_for_its_tools_to_be_quarantined(
+        sim: simulator.Simulator, tmp_path: Path) -> None:
+    infected = VMS[0]
+    state = tmp_path / "state"
+    settings = settings_for(sim, state)
+    settings = replace(settings, controller=replace(settings.controller, retry_base=0.5,
+                                                     retry_max=1.0))
+    with admin(sim) as a:
+        moref = dormant(a, sim, infected, {"/etc/fstab": FSTAB, "/opt/app/dropper.bin": EICAR})
+        dropper = sim.guest_root / infected / "opt/app/dropper.bin"
+        wait_task(a.vms[infected].ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+            vim.option.OptionValue(key="vcsim.tools.disabled", value="TRUE")])))
+
+        with running_controller(settings) as rt:
+            start_up_done(rt, 3)
+            new_signature_version(sim, state, rt)
+            wait_for(lambda: (r := isolation(state, moref)) is not None and r.held,
+                     timeout=90, what="the dormant sweep's detection and cut")
+            power_on(a, infected)
+            # Its tools do not run: the guest scan that would quarantine is retried, and the
+            # disks are not read again under a snapshot meanwhile.
+            wait_for(lambda: sum(1 for act, d in audit_entries(state) if act == "scan.end"
+                                 and d.get("moref") == moref
+                                 and d["status"] == "unreachable") >= 2,
+                     timeout=60, what="the guest scan waiting for tools")
+            assert dropper.exists()
+            assert [e.closed for e in exposures(state, moref)] == [None]
+            wait_task(a.vms[infected].ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+                vim.option.OptionValue(key="vcsim.tools.disabled", value="FALSE")])))
+            wait_for(lambda: any(e.outcome == "infected" and e.closed is not None
+                                 for e in exposures(state, moref)),
+                     timeout=60, what="the guest scan once tools run")
+            detections = [(d.path, d.action) for d in rt.app.store.detections(vm_moref=moref)]
+            on_nics = a.nics(infected)
+
+    assert detections == [("/opt/app/dropper.bin", "quarantined")]
+    assert not dropper.exists()
+    assert all(not conn for _, conn, _ in on_nics)
+    entries = audit_entries(state)
+    assert not [act for act, d in entries
+                if act.startswith("disk.snapshot") and d.get("moref") == moref]
