@@ -9,6 +9,7 @@ pyVmomi is used only to set the scene (power, extraConfig, NIC flags) and to rea
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -285,3 +286,37 @@ def test_a_dormant_infected_vm_with_guest_credentials_waits_for_its_tools_to_be_
     entries = audit_entries(state)
     assert not [act for act, d in entries
                 if act.startswith("disk.snapshot") and d.get("moref") == moref]
+
+
+def test_a_dormant_vm_started_while_its_disks_are_read_gets_its_own_scan_for_the_power_on(
+        sim: simulator.Simulator, tmp_path: Path) -> None:
+    infected = VMS[0]
+    state = tmp_path / "state"
+    # Enough bytes that the disk scan is still reading when the power-on is seen.
+    blobs = {f"/srv/data/blob{i}.bin": os.urandom(60 * 1024 * 1024) for i in range(5)}
+    with admin(sim) as a:
+        moref = dormant(a, sim, infected, {"/etc/fstab": FSTAB, "/opt/app/dropper.bin": EICAR,
+                                           **blobs})
+        del blobs
+        with running_controller(settings_for(sim, state)) as rt:
+            start_up_done(rt, 3)
+            new_signature_version(sim, state, rt)
+            wait_for(lambda: any(act == "scan.start" and d.get("moref") == moref
+                                 for act, d in audit_entries(state)),
+                     timeout=90, what="the dormant disk scan to start")
+            power_on(a, infected)
+            wait_for(lambda: any(e.closed is not None for e in exposures(state, moref)),
+                     timeout=180, what="the power-on's verdict")
+            detections = [(d.path, d.action) for d in rt.app.store.detections(vm_moref=moref)]
+            on_nics = a.nics(infected)
+
+    entries = audit_entries(state)
+    mine = [(act, d) for act, d in entries if d.get("moref") == moref]
+    requeued = [d for act, d in mine if act == "job.requeued"]
+    assert [(d["verdict"], d["priority"]) for d in requeued] == [("infected", "instant-on")]
+    ends = [(d["status"], d["reason"][:150]) for act, d in mine if act == "scan.end"]
+    assert [s for s, _ in ends][:2] == ["infected", "infected"], ends  # disks, then guest
+    (exposure,) = exposures(state, moref)
+    assert exposure.outcome == "infected"            # closed by the power-on's own scan
+    assert detections == [("/opt/app/dropper.bin", "quarantined")]
+    assert all(not conn for _, conn, _ in on_nics)
