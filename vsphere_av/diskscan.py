@@ -22,7 +22,9 @@ unknown or damaged file system (one path per volume, where it would be mounted o
 ``errors.DiskError`` (the scan ends ``incomplete`` with that reason). What the transport
 raises otherwise passes through: vCenter or the host unreachable is
 ``errors.ConnectionLost``, which the scan job treats as an outage (failed, the VM
-unprotected, retried by the controller) even when it breaks a file's read off.
+unprotected, retried by the controller) even when it breaks a file's read off. A disk file
+that opened but then fails to read (HTTP 5xx, 404, a read cut short) is made
+``ConnectionLost`` too: it is the datastore's trouble, never one guest file's.
 """
 
 from __future__ import annotations
@@ -122,7 +124,21 @@ class DiskGuest:
             datastore = listed.datastore if listed is not None else top.datastore
             handle = self._files.open(host, datastore, name)
             self._handles.append(handle)
-            extent = RangeFile(handle.read_range, handle.size, name=f"[{datastore.name}] {name}")
+            shown = f"[{datastore.name}] {name}"
+
+            def read_range(offset: int, length: int) -> bytes:
+                try:
+                    return handle.read_range(offset, length)
+                except errors.ConnectionLost:
+                    raise
+                except (errors.TransientError, errors.NotFound) as exc:
+                    # A file the host served a moment ago fails or is gone: the datastore
+                    # (or the VM's disk layout) changed under the scan, not one guest file.
+                    # The whole scan fails as an outage, to be run again.
+                    raise errors.ConnectionLost(
+                        f"{shown}: the host stopped serving it mid-scan: {exc}") from exc
+
+            extent = RangeFile(read_range, handle.size, name=shown)
             self._extents.append(extent)
             return cast(BinaryIO, extent)
 

@@ -29,6 +29,7 @@ from pyVmomi import vim
 from vsphere_av import config, simulator
 from vsphere_av.app import SNAPSHOT_PREFIX, App
 from vsphere_av.models import VmId
+from vsphere_av.scan.sources.disk import DiskFiles, open_virtual_disk
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.store.jobs import JobStore
 
@@ -167,6 +168,26 @@ def test_a_dormant_vm_on_lvm_is_read_through_its_logical_volume(
     assert [f.path for f in r.found] == ["/var/tmp/.x/payload"]
 
 
+def test_a_dormant_vm_on_xfs_and_mbr_is_read(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    reconfig(si, VM1, vcsim_disk_fs="xfs", vcsim_disk_layout="mbr")
+    plant(sim, VM1, "/etc/fstab", b"/dev/sda1 / xfs defaults 0 0\n")
+    plant(sim, VM1, "/usr/local/bin/helper", EICAR)
+    power_off(si, VM1)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[VM1]).results[0]
+
+    assert (r.via, r.status, r.incomplete) == ("disk", "infected", 0), r.reason
+    assert [f.path for f in r.found] == ["/usr/local/bin/helper"]
+    # What the simulator built (read locally): one XFS partition on an MBR disk.
+    directory = datastore_dir(si, VM1)
+    disk = open_virtual_disk("disk1.vmdk", open_file=lambda n: (directory / n).open("rb"))
+    with DiskFiles.mount([disk]) as files:
+        assert [(v.filesystem, v.mount) for v in files.volumes] == [("xfs", "/")]
+        assert files.volumes[0].partition_uuid == ""        # MBR partitions carry no GUID
+
+
 def test_unchanged_files_are_not_read_again_and_full_reads_everything(
         sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
     plant(sim, VM0, "/etc/fstab", FSTAB)
@@ -215,6 +236,28 @@ def test_a_running_vm_is_read_under_a_snapshot_that_is_removed_and_remediated_at
     assert created["snapshot"].startswith("vsphere-av-scan-")
     assert (created["snapshot"], created["quiesce"]) == (removed["snapshot"], False)
     assert created["moref"] == r.moref
+
+
+def test_scan_disk_quiesce_asks_for_a_quiesced_snapshot(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM3, "/etc/fstab", FSTAB)
+    state = tmp_path / "state"
+    vm = vm_named(si, VM3)
+    seen: list[tuple[str, bool]] = []
+
+    def during(tick: Any) -> None:        # the snapshot as vCenter shows it mid-scan
+        if not seen and vm.snapshot is not None:
+            node = vm.snapshot.rootSnapshotList[0]
+            seen.append((node.name, node.quiesced))
+
+    with App(settings(sim, state, toml="[scan]\ndisk_quiesce = true\n")) as app:
+        r = app.scan(names=[VM3], on_progress=during).results[0]
+
+    assert (r.via, r.status) == ("disk", "clean"), r.reason
+    created = [d for a, d in actions(state) if a == "disk.snapshot.created"]
+    assert [d["quiesce"] for d in created] == [True]
+    assert seen == [(created[0]["snapshot"], True)]
+    assert snapshots(si, VM3) == []
 
 
 def test_a_running_vm_without_guest_credentials_keeps_its_detection_pending(

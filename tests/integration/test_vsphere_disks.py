@@ -385,7 +385,7 @@ def test_a_host_that_does_not_answer_is_a_transient_error(
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     with disks.DatastoreFiles(connection=conn, host_port=closed) as files, \
-            pytest.raises(errors.TransientError, match="connection problem"):
+            pytest.raises(errors.ConnectionLost, match="unreachable"):
         files.open(host, ds, _plant(vm, "c.bin", b"x"))
 
 
