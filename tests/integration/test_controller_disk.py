@@ -33,7 +33,7 @@ from pyVmomi import vim
 
 import vsphere_av.engine
 from vsphere_av import config, simulator
-from vsphere_av.app import ControllerRuntime
+from vsphere_av.app import ControllerRuntime, hand_over_scan
 from vsphere_av.store.jobs import JobStore
 
 FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
@@ -230,8 +230,14 @@ def test_disk_scans_count_against_the_per_host_cap_and_follow_the_running_vms(
                      timeout=120, what="the dormant sweep")
             peak = rt.controller.scheduler.peak_per_host()
             off = {name: a.vms[name].runtime.powerState for name in morefs}
+            # `vsphere-av scan` of a dormant VM is handed to the running controller too.
+            handed = hand_over_scan(settings, names=[VMS[0]], timeout=60)
 
     assert off == dict.fromkeys(morefs, "poweredOff")      # read through their disks
+    assert handed is not None
+    (result,) = handed.results
+    assert (result.status, result.via) == ("clean", "disk")
+    assert result.reason.endswith("(scanned by the running controller)")
     entries = audit_entries(state)
     # From the new version's activation (the sweep is audited once its jobs are queued).
     actions = [act for act, _ in entries]
@@ -241,8 +247,9 @@ def test_disk_scans_count_against_the_per_host_cap_and_follow_the_running_vms(
     assert max_concurrent_per_host(after) == {host: 1}
     assert peak == {host: 1}
     starts = [d["vm"] for act, d in after if act == "scan.start"]
-    assert sorted(starts) == sorted([running, *morefs])
+    assert sorted(starts[:4]) == sorted([running, *morefs])    # the sweep
     assert starts[0] == running                               # running VMs first
+    assert starts[4:] == [VMS[0]]                             # the handed-over scan
 
 
 def test_a_dormant_infected_vm_with_guest_credentials_waits_for_its_tools_to_be_quarantined(
