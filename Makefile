@@ -9,12 +9,15 @@ VCSIM := build/vcsim
 GOPATH_DEB := /usr/share/gocode
 GOENV := GO111MODULE=off GOPATH=$(GOPATH_DEB) GOCACHE=$(CURDIR)/build/gocache GOFLAGS=
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# chromium chromium-driver: the dashboard test's real headless browser (issue 14);
+# libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core: what WeasyPrint needs for PDF reports.
 # e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils: vcsim/mkdisk.sh builds the
 # simulator's VM disks (file systems, LVM, LUKS header, partition table, VMDK).
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server python3-venv sudo \
-  e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils
+  e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils \
+  chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
 
-.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-storm lint clean
+.PHONY: install system-deps vcsim vet test unit integration demo bench-engine bench-guest-scan bench-disk-scan bench-storm lint clean
 
 # System packages: only installed when something is missing, so a machine that has them
 # needs no network and no root.
@@ -67,6 +70,9 @@ bench-engine: install
 
 bench-guest-scan: install vcsim
 	$(PY) bench/guest_scan.py
+
+bench-disk-scan: install vcsim
+	$(PY) bench/disk_scan.py
 
 bench-storm: install vcsim
 	$(PY) bench/storm.py

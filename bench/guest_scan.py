@@ -167,6 +167,48 @@ def _measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, di
     return wall, peak, engine_bench.LAST_CPU[0], json.loads(out)
 
 
+def import_rules(cli: str, rules: Path, state: Path, env: dict[str, str]) -> str:
+    """Import the rule set (built-in rules when it is missing) into ``state``; its name."""
+    env = {**env, "VSPHERE_AV_STATE_DIR": str(state)}
+    if not rules.exists():
+        subprocess.run([cli, "signatures", "list"], check=True, capture_output=True, env=env)
+        return "built-in"
+    count = len(engine_bench.rule_files(rules)) if rules.is_dir() else 1
+    subprocess.run([cli, "signatures", "import", "--skip-invalid", str(rules)], check=True,
+                   env=env, capture_output=True)
+    return f"{rules} ({count} files)"
+
+
+def fresh_state(template: Path, state: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a state directory copied from ``template`` (rules imported, verdict cache
+    and file index empty)."""
+    shutil.rmtree(state, ignore_errors=True)
+    shutil.copytree(template, state)
+    return {**env, "VSPHERE_AV_STATE_DIR": str(state)}
+
+
+def measure_local(cli: str, tree: Path, jobs: int, env: dict[str, str]) -> dict:
+    """``scan-files`` over ``tree``: its own seconds, wall, CPU, peak RSS and counts."""
+    wall, peak, cpu, rep = _measure([cli, "scan-files", "--json", "--jobs", str(jobs), str(tree)],
+                                    env)
+    return {"seconds": float(rep["seconds"]), "wall": wall, "cpu": cpu, "peak_rss": peak,
+            "files": rep["files"], "bytes": rep["bytes"], "cached": rep["cached"],
+            "errors": len(rep["errors"]), "skipped": len(rep["skipped"])}
+
+
+def measure_scan(cmd: list[str], env: dict[str, str], sim: simulator.Simulator) -> dict:
+    """One ``vsphere-av scan ... --json`` run: its own duration, wall, CPU, peak RSS and
+    counts, and the CPU seconds the simulator spent meanwhile."""
+    sim_cpu = _cpu_seconds(sim.process.pid)
+    wall, peak, cpu, rep = _measure(cmd, env)
+    s = rep["summary"]
+    return {"seconds": float(s["duration"]), "wall": wall, "cpu": cpu, "peak_rss": peak,
+            "files": s["scanned"], "bytes": s["bytes"], "errors": s["errors"],
+            "skipped": s["skipped_files"],
+            "simulator_cpu": _cpu_seconds(sim.process.pid) - sim_cpu,
+            "peak_per_host": rep["peak_per_host"], "report": rep}
+
+
 def main() -> None:
     """Parse arguments, run both sides in interleaved rounds, print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -206,22 +248,7 @@ def main() -> None:
         files, size, dups = build_tree(corpus, tree, min_size=args.min_kb * 1024)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("VSPHERE_AV_")}
         template = work / "state-template"
-        rules = "built-in"
-        if args.rules.exists():
-            rule_count = len(engine_bench.rule_files(args.rules)) if args.rules.is_dir() else 1
-            rules = f"{args.rules} ({rule_count} files)"
-            subprocess.run([cli, "signatures", "import", "--skip-invalid", str(args.rules)],
-                           check=True, env={**base_env, "VSPHERE_AV_STATE_DIR": str(template)},
-                           capture_output=True)
-        else:
-            subprocess.run([cli, "signatures", "list"], check=True, capture_output=True,
-                           env={**base_env, "VSPHERE_AV_STATE_DIR": str(template)})
-
-        def fresh_state(name: str) -> dict[str, str]:
-            state = work / name
-            shutil.rmtree(state, ignore_errors=True)
-            shutil.copytree(template, state)
-            return {**base_env, "VSPHERE_AV_STATE_DIR": str(state)}
+        rules = import_rules(cli, args.rules, template, base_env)
 
         guest_root = work / "guests"
         sim = simulator.start(guest_root=guest_root, hosts=1, vms=vms)
@@ -253,35 +280,24 @@ def main() -> None:
                 got: dict[str, dict] = {}
                 for side in sides:
                     if side == "local":
-                        wall, peak, cpu, rep = _measure(
-                            [cli, "scan-files", "--json", "--jobs", str(args.jobs), str(tree)],
-                            fresh_state("local"))
-                        got["local"] = {"seconds": float(rep["seconds"]), "wall": wall,
-                                        "cpu": cpu, "peak_rss": peak, "files": rep["files"],
-                                        "bytes": rep["bytes"], "cached": rep["cached"],
-                                        "errors": len(rep["errors"]),
-                                        "skipped": len(rep["skipped"])}
+                        got["local"] = measure_local(cli, tree, args.jobs,
+                                                     fresh_state(template, work / "local",
+                                                                 base_env))
                     elif side == "transfers":
                         sim_cpu = _cpu_seconds(sim.process.pid)
                         wall, peak, cpu, rep = _measure(
                             [sys.executable, __file__, "--transfers-only", *names],
-                            {**fresh_state("transfers"), **sim_env})
+                            {**fresh_state(template, work / "transfers", base_env), **sim_env})
                         got["transfers"] = {"seconds": float(rep["seconds"]), "wall": wall,
                                             "cpu": cpu, "peak_rss": peak, "files": rep["files"],
                                             "bytes": rep["bytes"], "errors": 0, "skipped": 0,
                                             "simulator_cpu": _cpu_seconds(sim.process.pid)
                                             - sim_cpu}
                     else:
-                        sim_cpu = _cpu_seconds(sim.process.pid)
-                        wall, peak, cpu, rep = _measure([cli, "scan", "--all", "--full", "--json"],
-                                                        {**fresh_state("guest"), **sim_env})
-                        s = rep["summary"]
-                        got["guest"] = {"seconds": float(s["duration"]), "wall": wall,
-                                        "cpu": cpu, "peak_rss": peak, "files": s["scanned"],
-                                        "bytes": s["bytes"], "errors": s["errors"],
-                                        "skipped": s["skipped_files"],
-                                        "simulator_cpu": _cpu_seconds(sim.process.pid) - sim_cpu,
-                                        "peak_per_host": rep["peak_per_host"]}
+                        got["guest"] = measure_scan(
+                            [cli, "scan", "--all", "--full", "--json"],
+                            {**fresh_state(template, work / "guest", base_env), **sim_env}, sim)
+                        del got["guest"]["report"]
                 for side in got.values():
                     side["mb_per_s"] = side["bytes"] / 1e6 / side["seconds"]
                 got["ratio"] = got["guest"]["mb_per_s"] / got["local"]["mb_per_s"]

@@ -66,7 +66,44 @@ COMMANDS: dict[str, frozenset[str]] = {
     "audit forward": READ,
     "appliances list": READ,
     "appliances health": READ,
+    # the console (issue 14): tokens hand out roles, so only security admins create or
+    # revoke them (and, past that, only for a role they hold: see may_grant)
+    "api token create": frozenset({SECURITY}),
+    "api token revoke": frozenset({SECURITY}),
+    "api token list": READ,
+    "report": READ,
 }
+# REST API route (method, path as declared) -> the command whose roles it needs: one map
+# for the CLI and the API (api/server.py checks every request's token role against it).
+API_ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/api/v1/vms"): "status",
+    ("GET", "/api/v1/vms/{moref}"): "status",
+    ("GET", "/api/v1/detections"): "detections",
+    ("GET", "/api/v1/quarantine"): "quarantine list",
+    ("POST", "/api/v1/quarantine/{item_id}/restore"): "quarantine restore",
+    ("DELETE", "/api/v1/quarantine/{item_id}"): "quarantine purge",
+    ("POST", "/api/v1/scans"): "scan",
+    ("GET", "/api/v1/scans/{request_id}"): "status",
+    ("GET", "/api/v1/audit"): "audit export",
+    ("GET", "/api/v1/audit/verify"): "audit verify",
+    ("GET", "/api/v1/signatures"): "signatures list",
+    ("POST", "/api/v1/signatures/{version}/activate"): "signatures activate",
+    ("GET", "/api/v1/appliances"): "appliances list",
+    ("GET", "/api/v1/events"): "audit export",
+    ("GET", "/api/v1/report"): "report",
+    ("GET", "/metrics"): "status",
+    # the dashboard's pages: what each shows needs the role of the command that shows it
+    ("GET", "/"): "status",
+    ("GET", "/vms/{moref}"): "status",
+    ("GET", "/detections"): "detections",
+    ("GET", "/quarantine"): "quarantine list",
+    ("GET", "/audit"): "audit verify",
+    ("GET", "/signatures"): "signatures list",
+    ("GET", "/appliances"): "appliances list",
+}
+# Routes any caller may reach: the login form, the OpenAPI document, static files, liveness.
+PUBLIC_ROUTES = frozenset({("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
+                           ("GET", "/health"), ("GET", "/api/v1/openapi.json")})
 UNCHECKED = frozenset({"vcsim"})     # the bundled simulator: a development tool, no state
 
 
@@ -156,6 +193,21 @@ def check(command: str, *, settings: AccessSettings, state_dir: Path,
         needed = " or ".join(sorted(f"access.{r}" for r in allowed))
         raise AccessDenied(f"{command} needs a role in {needed}; {who} holds "
                            f"{', '.join(held) or 'none'}")
+
+
+def may_run(command: str, role: str) -> bool:
+    """True when ``role`` (an API token's) may run ``command``; unknown commands: never."""
+    return role in COMMANDS.get(command, frozenset())
+
+
+def may_grant(role: str, *, settings: AccessSettings, state_dir: Path) -> bool:
+    """``api token create --role``: the caller must hold that role themselves (a security
+    admin cannot mint an infrastructure admin's token); root, the service account, or no
+    ``[access]`` at all: any role."""
+    who = caller(state_dir=state_dir)
+    if not settings.enabled or who == "root" or (who == _account() and _privileged(state_dir)):
+        return True
+    return role in roles_of(who, settings)
 
 
 def _require_service_config(command: str, config_file: str | None) -> None:

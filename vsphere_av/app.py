@@ -732,11 +732,14 @@ class ControllerRuntime:
     threads: list[threading.Thread]
     sessions: list[_Fresh]
     jobs: Any
+    api: Any = None         # api.ApiServer when [api] listen is set (issue 14)
 
     def stop(self, *, grace: float | None = None) -> None:
         """Stop the loops; in-flight scans finish or are put back; close everything."""
         import os
         self.stop_event.set()
+        if self.api is not None:
+            self.api.stop()
         self.controller.shutdown()
         deadline = time.monotonic() + (self.controller.options.shutdown_grace
                                        if grace is None else grace)
@@ -754,6 +757,8 @@ class ControllerRuntime:
         for s in self.sessions:
             s.close()
         self.jobs.close()
+        if self.api is not None:
+            self.api.close()
         self.app.close()
 
 
@@ -788,9 +793,11 @@ def start_controller(settings: Settings, *,
     app = App(settings)
     jobs = JobStore.open(settings.state_dir)
     watch_session, event_session = _Fresh(settings), _Fresh(settings)
+    api_server = None
     try:
         app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
         app.remove_leftover_snapshots()
+        api_server = _console(settings)     # a bad [api] listen fails now too
 
         def scan(vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:
@@ -811,6 +818,8 @@ def start_controller(settings: Settings, *,
                           global_limit=options.global_limit,
                           isolate_stale=options.isolate_stale)
     except BaseException:
+        if api_server is not None:
+            api_server.close()
         watch_session.close()
         event_session.close()
         jobs.close()
@@ -837,12 +846,25 @@ def start_controller(settings: Settings, *,
     loops += [(f"contain-{i}", controller.containing)
               for i in range(options.containment_threads)]
     loops += [(f"scan-{i}", controller.work) for i in range(options.global_limit)]
+    if api_server is not None:
+        loops.append(("api", lambda _stop: api_server.serve()))
     threads = [threading.Thread(target=fn, args=(stop_event,), name=name, daemon=True)
                for name, fn in loops]
     for t in threads:
         t.start()
     return ControllerRuntime(controller=controller, app=app, stop_event=stop_event,
-                             threads=threads, sessions=[watch_session, event_session], jobs=jobs)
+                             threads=threads, sessions=[watch_session, event_session], jobs=jobs,
+                             api=api_server)
+
+
+def _console(settings: Settings) -> Any:
+    """With ``[api] listen``: the console, bound (a bad address fails ``serve`` at start);
+    its thread runs ``serve()`` and ``ControllerRuntime.stop`` ends it. None without."""
+    if not settings.api.listen:
+        return None
+    from vsphere_av.api import ApiServer
+
+    return ApiServer(settings=settings)
 
 
 def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:

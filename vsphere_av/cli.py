@@ -726,6 +726,109 @@ def serve_cmd(ctx: click.Context, log_level: str) -> None:
     click.echo("vsphere-av serve: stopped", err=True)
 
 
+# --- the console (issue 14: api/): tokens and reports ---
+
+
+@main.group("api")
+def api_group() -> None:
+    """The console's REST API (served by 'serve' when [api] listen is set)."""
+
+
+@api_group.group("token")
+def api_token_group() -> None:
+    """Bearer tokens: create (printed once, stored as a hash), list, revoke."""
+
+
+def _token_store(ctx: click.Context) -> Any:
+    from vsphere_av.api.tokens import TokenStore
+
+    store = TokenStore(state_dir=settings_from(ctx).state_dir)
+    ctx.call_on_close(store.close)
+    return store
+
+
+@api_token_group.command("create")
+@click.option("--name", required=True, help="Who or what uses it (the audit log's actor).")
+@click.option("--role", required=True,
+              type=click.Choice(["security_admin", "infrastructure_admin", "auditor"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def api_token_create(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
+    """Create a token and print it once: only its hash is kept."""
+    from vsphere_av import access
+    from vsphere_av.api.tokens import ROLE_NAMES
+    from vsphere_av.store.audit import current_actor
+
+    settings = settings_from(ctx)
+    if not access.may_grant(ROLE_NAMES[role], settings=settings.access,
+                            state_dir=settings.state_dir):
+        raise errors.AccessDenied(f"api token create: a token of role {role} needs that "
+                                  f"role (access.{ROLE_NAMES[role]})")
+    token = _token_store(ctx).create(name=name, role=role,
+                                     actor=current_actor(state_dir=settings.state_dir))
+    if as_json:
+        print_json({"name": name, "role": role, "token": token})
+    else:
+        click.echo(token)
+        click.echo(f"token {name!r} ({role}) created; it is shown only now", err=True)
+
+
+@api_token_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def api_token_list(ctx: click.Context, as_json: bool) -> None:
+    """Every token's name, role, creator and revocation (never the token)."""
+    rows = [t.as_dict() for t in _token_store(ctx).list()]
+    if as_json:
+        print_json({"tokens": rows})
+    else:
+        print_table(rows, ["name", "role", "created", "creator", "revoked"], title="API tokens")
+
+
+@api_token_group.command("revoke")
+@click.argument("name")
+@click.pass_context
+def api_token_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke the token called NAME: it stops working at once."""
+    from vsphere_av.store.audit import current_actor
+
+    settings = settings_from(ctx)
+    info = _token_store(ctx).revoke(name, actor=current_actor(state_dir=settings.state_dir))
+    click.echo(f"token {info.name!r} ({info.role}) revoked")
+
+
+@main.command("report")
+@click.option("--since", default="", help="Start of the period: YYYY-MM-DD or an ISO 8601 "
+              "time (default: 30 days ago).")
+@click.option("--format", "fmt", type=click.Choice(["html", "csv", "pdf", "json"]),
+              default="html", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this new file (never over one, never in the state directory); "
+                   "default: stdout (not for pdf).")
+@click.pass_context
+def report_cmd(ctx: click.Context, since: str, fmt: str, output: str | None) -> None:
+    """Per VM protection, last clean full scan, detections, exposures; totals; audit head."""
+    import os
+
+    from vsphere_av.api import report
+    from vsphere_av.store.private import create_outside
+
+    settings = settings_from(ctx)
+    document = report.build(settings=settings, since=report.parse_since(since))
+    if fmt == "json":
+        body = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    else:
+        body, _media = report.render(document, fmt=fmt)
+    if output:
+        with os.fdopen(create_outside(output, state_dir=settings.state_dir), "wb") as fh:
+            fh.write(body)
+    elif fmt == "pdf" and sys.stdout.isatty():
+        fail("a PDF goes to a file: give -o FILE")
+    else:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+
+
 # --- access control (every command, after all are defined; see access.py) ---
 
 

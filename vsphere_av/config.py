@@ -353,6 +353,24 @@ class AccessSettings:
         return tuple(getattr(self, role))
 
 
+def _listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if text and (not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536):
+        raise PydanticCustomError("config", "must be HOST:PORT (e.g. 127.0.0.1:8480)")
+    return text
+
+
+@with_config(_TABLE)
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``[api]`` section: the console served by ``serve`` (``vsphere_av/api``)."""
+
+    listen: Annotated[Str, AfterValidator(_listen)] = ""   # HOST:PORT; "" = no API (default)
+    tls_cert: Str = ""            # PEM certificate; required to listen beyond loopback
+    tls_key: Str = ""             # its PEM private key
+    max_body: Annotated[int, Strict(), Field(ge=256, le=16 * MiB)] = 65536   # request bytes
+
+
 MAX_ADDRESSES = 4096
 DEFAULT_OVF = str(Path(__file__).resolve().parent / "data" / "appliance.ovf")
 
@@ -640,6 +658,7 @@ class _File:
     appliances: ApplianceSettings = field(default_factory=ApplianceSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     schedule: Annotated[tuple[ScheduleSettings, ...], BeforeValidator(_tables)] = ()
+    api: ApiSettings = field(default_factory=ApiSettings)
 
 
 @dataclass(frozen=True)
@@ -658,6 +677,7 @@ class Settings:
     appliances: ApplianceSettings = field(default_factory=ApplianceSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     schedules: tuple[ScheduleSettings, ...] = ()   # [[schedule]], each named
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     def with_state_dir(self, path: Path) -> Settings:
         """A copy with another state directory."""
@@ -874,4 +894,5 @@ def parse(data: Mapping[str, Any], *, insecure: bool = False,
         state_dir=state_dir, vcenter=vcenter, guest=guest, engine=file.engine, scan=file.scan,
         tagging=file.tagging, siem=file.siem, access=file.access, isolation=file.isolation,
         appliances=appliances, controller=file.controller, schedules=schedules,
+        api=file.api,
     )

@@ -300,7 +300,8 @@ def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[st
             local.close()
     [rf] = files_opened
     stats = rf.statistics()
-    assert stats.bytes_fetched <= 512 * 1024, stats
+    # Metadata read in neighbouring blocks grows a readahead window (RangeFile): < 1 MiB.
+    assert stats.bytes_fetched <= 1024 * 1024, stats
     assert stats.calls <= 16, stats
 
 

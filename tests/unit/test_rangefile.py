@@ -1,4 +1,5 @@
-"""RangeFile: reads only the blocks asked for, keeps them in a bounded LRU, fails short reads."""
+"""RangeFile: reads only the blocks asked for (and ahead of sequential reads), keeps them in a
+bounded LRU, fails short reads."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_only_the_blocks_asked_for_are_fetched_and_a_read_is_one_call() -> None:
 
 def test_cache_is_bounded_and_least_recently_used_goes_first() -> None:
     src = Source()
-    f = RangeFile(src, len(DATA), block_size=1024, cache_blocks=2)
+    f = RangeFile(src, len(DATA), block_size=1024, cache_blocks=2, readahead_blocks=0)
     for block in (0, 1, 0, 2):                   # 1 is the least recently used when 2 comes
         f.seek(block * 1024)
         f.read(1)
@@ -64,6 +65,26 @@ def test_cache_is_bounded_and_least_recently_used_goes_first() -> None:
     f.seek(1024)
     f.read(1)
     assert len(src.calls) == 4                   # 1 was evicted
+
+
+def test_a_miss_after_a_cached_block_reads_ahead_in_a_growing_window() -> None:
+    data = os.urandom(64 * 1024)
+    src = Source(data)
+    f = RangeFile(src, len(data), block_size=1024, cache_blocks=64, max_fetch_blocks=64,
+                  readahead_blocks=16)
+    f.seek(10 * 1024)
+    f.read(10)                                   # block 10: nothing cached before it
+    assert src.calls == [(10 * 1024, 1024)]
+    for offset in range(11 * 1024, 64 * 1024, 512):
+        f.seek(offset)
+        assert f.read(10) == data[offset:offset + 10]
+    # A sequential stream: windows of 4, 8, 16 (the limit) blocks, then 16 to the end.
+    assert [n // 1024 for _, n in src.calls[1:]] == [4, 8, 16, 16, 9]
+    f.seek(40)
+    f.read(10)                                   # random: block 0 only
+    assert src.calls[-1] == (0, 1024)
+    with pytest.raises(ValueError, match="readahead"):
+        RangeFile(src, len(data), readahead_blocks=-1)
 
 
 def test_a_large_read_is_split_at_the_fetch_limit() -> None:

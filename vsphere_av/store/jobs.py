@@ -443,6 +443,15 @@ class JobStore:
         rows = self._query("SELECT taken FROM requests WHERE request_id = ?", (request_id,))
         return bool(rows) and rows[0][0] is not None
 
+    def request(self, request_id: int) -> tuple[str, bool, float, float | None] | None:
+        """One request as (vm, full, created, taken), or None: the API's ``GET /scans/ID``."""
+        rows = self._query("SELECT vm, full, created, taken FROM requests WHERE request_id = ?",
+                           (request_id,))
+        if not rows:
+            return None
+        vm, full, created, taken = rows[0]
+        return str(vm), bool(full), float(created), None if taken is None else float(taken)
+
     # -- audit outbox ---------------------------------------------------------------------
 
     def outbox_add(self, action: str, details: Mapping[str, Any]) -> int:

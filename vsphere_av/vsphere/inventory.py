@@ -200,3 +200,24 @@ def get_vm(conn: Connection, vm_id: VmId) -> VmInfo:
         if vm.moref == vm_id:
             return vm
     raise errors.NotFound(f"VM {vm_id} no longer exists")
+
+
+def host_clusters(conn: Connection) -> dict[str, str]:
+    """Host name -> the name of its cluster ("" for a standalone host), one round trip.
+
+    For the console's fleet overview (``api.server``), which counts VMs per cluster and host.
+    """
+    def fetch(content: Any) -> list[Any]:
+        return _retrieve(content, [(vim.HostSystem, ["name", "parent"]),
+                                   (vim.ClusterComputeResource, ["name"])])
+
+    parents: dict[str, str] = {}
+    clusters: dict[str, str] = {}
+    for obj in conn.call("read clusters", fetch):
+        p = _props(obj)
+        if isinstance(obj.obj, vim.HostSystem):
+            parent = p.get("parent")
+            parents[str(p.get("name", obj.obj._moId))] = parent._moId if parent else ""
+        else:
+            clusters[obj.obj._moId] = str(p.get("name", ""))
+    return {host: clusters.get(parent, "") for host, parent in parents.items()}

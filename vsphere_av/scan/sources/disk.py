@@ -49,6 +49,7 @@ volumes, entries per directory, walk depth and entries, fstab size; files are st
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import posixpath
@@ -80,6 +81,7 @@ NO_PARENT = "ffffffff"
 UNMOUNTED_ROOT = "/[unmounted]"
 FIRST_NTFS_USER_RECORD = 24          # MFT records below this are NTFS metadata files ($MFT...)
 PROBE_BYTES = 64 * 1024              # read from each volume to tell what it holds
+WALKED_NODES = 1024                  # file nodes the walk parsed, kept for open (per volume)
 
 # File systems and other contents a volume can hold (Volume.filesystem).
 EXT4, EXT3, EXT2, XFS, NTFS = "ext4", "ext3", "ext2", "xfs", "ntfs"
@@ -430,11 +432,33 @@ def _unix_kind(mode: int) -> str:
     return "other"
 
 
+class _Walked:
+    """File nodes the walk just parsed, so opening one of them does not parse it again (an
+    inode or MFT record costs more to parse than a small file costs to read). Bounded;
+    callers hold the DiskFiles lock."""
+
+    def __init__(self) -> None:
+        self._nodes: collections.OrderedDict[int, Any] = collections.OrderedDict()
+
+    def keep(self, entries: list[_Entry]) -> list[_Entry]:
+        for entry in entries:
+            if entry.kind == "file" and entry.node is not None:
+                self._nodes[entry.file_id] = entry.node
+        while len(self._nodes) > WALKED_NODES:
+            self._nodes.popitem(last=False)
+        return entries
+
+    def node(self, file_id: int) -> Any:
+        """The node the walk parsed for ``file_id`` (None: not kept); kept for its streams."""
+        return self._nodes.get(file_id)
+
+
 class _Ext:
     windows = False
 
     def __init__(self, fs: Any) -> None:
         self.fs = fs
+        self._walked = _Walked()
 
     def root(self) -> Any:
         return self.fs.root
@@ -447,7 +471,7 @@ class _Ext:
             if len(out) >= limit:
                 raise _TooMany(limit)
             out.append(self._entry(inode))
-        return out
+        return self._walked.keep(out)
 
     def _entry(self, inode: Any) -> _Entry:
         mode = int(inode.inode.i_mode)
@@ -459,7 +483,7 @@ class _Ext:
         return next((e for e in self.children(node, limit=_LOOKUP_LIMIT) if e.name == name), None)
 
     def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
-        inode = self.fs.get_inode(file_id)
+        inode = self._walked.node(file_id) or self.fs.get_inode(file_id)
         return inode.open(), int(inode.size)
 
 
@@ -478,6 +502,7 @@ class _Ntfs:
         from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
         self.fs = fs
         self._types = ATTRIBUTE_TYPE_CODE
+        self._walked = _Walked()
 
     def root(self) -> Any:
         return self.fs.mft.get(5)
@@ -495,7 +520,7 @@ class _Ntfs:
             if len(out) >= limit:
                 raise _TooMany(limit)
             out.append(self._entry(name, self.fs.mft.get(ref)))
-        return out
+        return self._walked.keep(out)
 
     def _entry(self, name: str, record: Any) -> _Entry:
         types = self._types
@@ -528,7 +553,7 @@ class _Ntfs:
                     None)
 
     def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
-        record = self.fs.mft.get(file_id)
+        record = self._walked.node(file_id) or self.fs.mft.get(file_id)
         return record.open(stream), int(record.size(stream))
 
 

@@ -8,9 +8,15 @@ these per extent, and ``scan.sources.disk`` reads it like any file. It calls not
 Reads are served in whole blocks (``block_size``) kept in a bounded LRU cache
 (``cache_blocks``): file system metadata is read many times in small pieces, so re-reads
 cost nothing, and neighbouring misses of one read are fetched in one call (at most
-``max_fetch_blocks`` blocks), so a large sequential read is few calls. Nothing is read
-that was not asked for beyond rounding to whole blocks. ``statistics()`` says how many
-calls and bytes it took.
+``max_fetch_blocks`` blocks), so a large sequential read is few calls. A miss just after a
+cached block is taken for a sequential stream of reads (a file's data in small pieces, the
+next file of a directory, VMDK grains one by one) and reads ahead: the following blocks
+come in the same call, a window that starts at ``READAHEAD_START`` blocks and doubles at each
+next miss of the same stream up to ``readahead_blocks``, so a long stream costs one call per
+window instead of one per read (each call is an HTTP request and a vCenter service ticket)
+while a few neighbouring metadata reads fetch little. Otherwise nothing is read that was not
+asked for beyond rounding to whole blocks.
+``statistics()`` says how many calls and bytes it took.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from vsphere_av import errors
 DEFAULT_BLOCK_SIZE = 32 * 1024
 DEFAULT_CACHE_BLOCKS = 512            # 16 MiB with the default block size
 DEFAULT_MAX_FETCH_BLOCKS = 32         # one call reads at most 1 MiB with the default size
+DEFAULT_READAHEAD_BLOCKS = 32         # largest readahead window: 1 MiB with the default size
+READAHEAD_START = 4                   # first window of a sequential stream, in blocks
+READAHEAD_STREAMS = 64                # sequential streams whose window is remembered
 
 
 @dataclass(frozen=True)
@@ -45,18 +54,24 @@ class RangeFile(io.RawIOBase):
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  cache_blocks: int = DEFAULT_CACHE_BLOCKS,
                  max_fetch_blocks: int = DEFAULT_MAX_FETCH_BLOCKS,
+                 readahead_blocks: int = DEFAULT_READAHEAD_BLOCKS,
                  name: str = "") -> None:
         super().__init__()
         if size < 0:
             raise ValueError(f"size must not be negative: {size}")
         if block_size <= 0 or cache_blocks <= 0 or max_fetch_blocks <= 0:
             raise ValueError("block_size, cache_blocks and max_fetch_blocks must be positive")
+        if readahead_blocks < 0:
+            raise ValueError(f"readahead_blocks must not be negative: {readahead_blocks}")
         self._read_range = read_range
         self.size = size
         self.name = name
         self._block_size = block_size
         self._cache_blocks = cache_blocks
         self._max_fetch = min(max_fetch_blocks, cache_blocks)
+        self._readahead = readahead_blocks
+        # block a sequential stream will miss next -> the window it has grown to
+        self._streams: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._pos = 0
         self._calls = 0
@@ -120,13 +135,23 @@ class RangeFile(io.RawIOBase):
             self._cache.move_to_end(index)
             self._hits += 1
             return block
-        # The following blocks come in the same call only while this read wants them: the
-        # run ends at a cached block, at the read's end or at the fetch limit.
+        # The following blocks come in the same call while this read wants them, or up to
+        # the readahead window when the block before is cached (a sequential stream): the
+        # run ends at a cached block, at that point or at the fetch limit.
         last = (min(end, self.size) - 1) // self._block_size
+        window = 0
+        if self._readahead and index - 1 in self._cache:
+            grown = self._streams.pop(index, 0)
+            window = min(grown * 2 if grown else READAHEAD_START, self._readahead)
+            last = min(max(last, index + window - 1), (self.size - 1) // self._block_size)
         count = 1
         while (count < self._max_fetch and index + count <= last
                and index + count not in self._cache):
             count += 1
+        if window:
+            self._streams[index + count] = window
+            while len(self._streams) > READAHEAD_STREAMS:
+                self._streams.popitem(last=False)
         offset = index * self._block_size
         length = min(count * self._block_size, self.size - offset)
         data = self._read_range(offset, length)

@@ -1,0 +1,87 @@
+"""``/metrics`` (issue 14): every family read from real stores in a state directory.
+
+The state, job and audit stores are real SQLite files; what the controller and scans would
+have written is written through the stores' own methods; the text is parsed back with
+prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from vsphere_av import config
+from vsphere_av.api.metrics import StateCollector, render
+from vsphere_av.appliance_manager import HEALTH_FILE
+from vsphere_av.store.audit import SIEM_CURSOR_FILE, AuditLog
+from vsphere_av.store.jobs import JobStore
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_every_family_comes_from_the_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    settings = config.parse({"siem": {"target": "tcp://127.0.0.1:6514"}},
+                            env={"VSPHERE_AV_STATE_DIR": str(state)})
+    from vsphere_av.engine import Engine
+    Engine.open(settings).close()                      # the built-in signature version 1
+    with JobStore.open(state) as jobs:
+        for vm, started, isolated in (("vm-1", 100.0, 100.012), ("vm-2", 200.0, 203.0)):
+            jobs.open_exposure(vm=vm, vm_name=vm, trigger="poweron", started=started,
+                               seen=started)
+            jobs.mark_exposure(vm, isolated=isolated, outcome="isolated", close=True)
+        jobs.open_exposure(vm="vm-3", vm_name="vm-3", trigger="poweron", started=300.0,
+                           seen=300.0)                 # still open: no window yet
+        jobs.publish_hosts({"host-1": ("esx-a", 3, 1), "host-2": ("esx-b", 0, 0)})
+        jobs.beat(os.getpid())
+    with AuditLog.open(state) as log:
+        for i in range(5):
+            log.append(actor="tester", action="test.entry", details={"i": i})
+        head = log.head()
+    (state / SIEM_CURSOR_FILE).write_text(json.dumps({"seq": head[0] - 2, "hash": "x"}))
+    health = state / HEALTH_FILE
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text(json.dumps({"hosts": {"host-2": "appliance down"}}))
+
+    body, media = render(settings=settings)
+    assert media.startswith("text/plain")
+    got = samples(body.decode())
+    bucket = "vsphere_av_exposure_window_seconds_bucket"
+    assert got[(bucket, (("le", "0.05"),))] == 1      # 12 ms: isolated at power-on
+    assert got[(bucket, (("le", "2.5"),))] == 1
+    assert got[(bucket, (("le", "5.0"),))] == 2       # 3 s
+    assert got[(bucket, (("le", "+Inf"),))] == 2
+    assert round(got[("vsphere_av_exposure_window_seconds_sum", ())], 3) == 3.012
+    assert got[("vsphere_av_controller_up", ())] == 1
+    assert got[("vsphere_av_queue_depth", (("host", "esx-a"),))] == 3
+    assert got[("vsphere_av_active_scans", (("host", "esx-a"),))] == 1
+    assert got[("vsphere_av_queue_depth", (("host", "esx-b"),))] == 0
+    assert got[("vsphere_av_audit_head", ())] == head[0]
+    assert got[("vsphere_av_audit_forward_lag_entries", ())] == 2
+    assert got[("vsphere_av_signature_version", ())] == 1
+    assert got[("vsphere_av_scans_started_total", ())] == 0
+    assert got[("vsphere_av_appliance_down", (("host", "host-2"),))] == 1
+    assert ("vsphere_av_appliance_down", (("host", "host-1"),)) not in got
+
+
+def test_signature_age_follows_the_clock(tmp_path: Path) -> None:
+    settings = config.parse({}, env={"VSPHERE_AV_STATE_DIR": str(tmp_path / "state")})
+    from vsphere_av.engine import Engine
+    from vsphere_av.engine.signatures import SignatureStore
+
+    Engine.open(settings).close()
+    from datetime import datetime
+    imported = datetime.fromisoformat(
+        SignatureStore(state_dir=settings.state_dir).info(1).imported_at).timestamp()
+    collector = StateCollector(settings=settings, clock=lambda: imported + 3600)
+    ages = [m for m in collector.collect() if m.name == "vsphere_av_signature_age_seconds"]
+    assert ages[0].samples[0].value == 3600
