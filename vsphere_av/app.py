@@ -762,6 +762,20 @@ class ControllerRuntime:
         self.app.close()
 
 
+def remediation_via(app: App, vm: VmInfo) -> str | None:
+    """``"guest"`` for a running VM with guest credentials whose detections wait for Guest
+    Operations; None otherwise (``scan.via`` decides). Called by the controller's scans.
+
+    A disk scan found them while the VM was off: its scan after power-on is the one that
+    quarantines, so when its tools are not running yet it waits for them (the job is retried)
+    instead of reading the disks again under a snapshot and leaving the files in place.
+    """
+    if app.settings.scan.via != "auto" or not vm.powered_on:
+        return None
+    user, _ = app.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
+    return "guest" if user and app.store.pending_detections(vm.moref) else None
+
+
 def start_controller(settings: Settings, *,
                      stop_event: threading.Event | None = None) -> ControllerRuntime:
     """Build the controller against vCenter and start its threads; returns the runtime."""
@@ -787,7 +801,8 @@ def start_controller(settings: Settings, *,
 
         def scan(vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:
-            return app.scan_one(vm, full=full, on_progress=on_progress, resume_after=resume_after)
+            return app.scan_one(vm, full=full, on_progress=on_progress, resume_after=resume_after,
+                                via=remediation_via(app, vm))
 
         controller = Controller(
             options=options, state=app.store, jobs=jobs, audit=app.audit, actor=app.actor,
@@ -937,13 +952,15 @@ def controller_status(settings: Settings, *,
 
 
 def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bool = False,
-                   full: bool = False, timeout: float = 3600.0,
-                   poll: float = 0.25) -> ScanReport | None:
+                   full: bool = False, timeout: float = 3600.0, poll: float = 0.25,
+                   via: str | None = None) -> ScanReport | None:
     """``vsphere-av scan`` with a controller running: queue the VMs there and wait for them.
 
-    Returns None when no controller is running (the caller scans by itself). Powered-off VMs
-    are reported as skipped without a request; the rest are queued at on-demand priority
-    under the controller's storm limits, and their scan records are read back when done.
+    Returns None when no controller is running (the caller scans by itself). The VMs are
+    queued at on-demand priority under the controller's storm limits, and their scan records
+    are read back when done. Powered-off VMs are queued too when the controller reads disks
+    (``scan.via`` auto or disk) and ``via`` is not ``guest``; otherwise they are reported as
+    skipped without a request.
     """
     from vsphere_av.models import VmId
     from vsphere_av.scanning import SKIPPED, Found
@@ -958,9 +975,10 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
             version = app.engine.active_version()
             baseline = {vm.moref: max((int(r["id"]) for r in app.store.scans(
                 vm_moref=vm.moref, limit=1)), default=0) for vm in vms}
-            for vm in vms:
-                if vm.powered_on:
-                    jobs.add_request(vm=str(vm.moref), full=full)
+            dormant = via != "guest" and settings.scan.via in ("auto", "disk")
+            wanted = [vm for vm in vms if vm.powered_on or dormant]
+            for vm in wanted:
+                jobs.add_request(vm=str(vm.moref), full=full)
             results: dict[str, ScanResult] = {}
             deadline = time.monotonic() + timeout
             while True:
@@ -968,7 +986,7 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
                     if vm.moref in results:
                         continue
                     host = vm.host.name if vm.host else ""
-                    if not vm.powered_on:
+                    if vm not in wanted:
                         results[vm.moref] = ScanResult(vm=vm.name, moref=vm.moref, host=host,
                                                        status=SKIPPED, reason="powered off",
                                                        full=full)
@@ -985,6 +1003,7 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
                              if d.scan_id == r["id"]]
                     results[vm.moref] = ScanResult(
                         vm=vm.name, moref=vm.moref, host=host, status=r["status"],
+                        via=remediation_via(app, vm) or app.scan_route(vm),
                         reason=f"{r['reason']} (scanned by the running controller)",
                         full=bool(r["full"]), signature_version=r["signature_version"],
                         scanned=r["scanned"], unchanged=r["unchanged"], skipped=r["skipped"],
@@ -1019,7 +1038,9 @@ def instant_on_timeline(settings: Settings, vm_moref: str) -> list[dict[str, Any
     for e in exposures:
         rows.append((e.started, f"started running ({e.trigger})"))
         if e.isolated is not None:
-            rows.append((e.isolated, "network isolated (every vNIC disconnected)"))
+            rows.append((e.isolated, "network isolated (every vNIC disconnected)"
+                         if e.isolated > e.started else
+                         "network already cut before it booted (startConnected false)"))
         if e.clean is not None:
             rows.append((e.clean, "scanned clean"))
         if e.closed is not None:

@@ -307,10 +307,11 @@ def scan_cmd(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, full: bool
         raise errors.ConfigError(f"--via {via!r}: must be one of {', '.join(SCAN_VIA)}")
     # controller (issue 5): with `vsphere-av serve` running, the work is queued there (same
     # storm limits) instead of scanning beside it; None when no controller is running. The
-    # controller does not take disk scans yet: an explicit --via disk scans here.
+    # controller reads the disks of powered-off VMs (scan.via auto or disk); an explicit
+    # --via disk (a running VM under a snapshot) scans here.
     from vsphere_av.app import hand_over_scan
     handed = None if via == "disk" else hand_over_scan(settings_from(ctx), names=vms,
-                                                       all_vms=all_vms, full=full)
+                                                       all_vms=all_vms, full=full, via=via)
     app = _app(ctx)
     show = not as_json and sys.stderr.isatty()
     with _scan_progress(show) as progress:

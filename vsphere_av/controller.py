@@ -20,6 +20,15 @@ network on a clean result or keep it cut on a detection (until a rescan that
 one power-on (property change, ``VmStartingEvent``, ``VmPoweredOnEvent``) are one exposure
 (:meth:`Controller._same_power_on`).
 
+Dormant VMs (issue 12, point 5): with ``scan.via`` auto or disk, a job whose VM is powered
+off reads its virtual disks (``App.scan_one`` takes the disk path) under the same per-host
+and global caps and priorities as any scan, and the signature sweep queues dormant VMs after
+the running ones. A VM found clean that way is protected under the active version before it
+wakes: its power-on is not an instant-on (no exposure, no isolation). One found infected has
+its vNICs cut while it is off (startConnected false, under the isolation record, held for
+the detection); at power-on it stays cut and its guest scan quarantines, and only a rescan
+that ``isolation.release_infected`` accepts releases it.
+
 Restart safety: the queue, the event cursor, exposures and isolation records are in
 ``store.jobs.JobStore`` (SQLite, synchronous writes). Interrupted jobs run again after a
 restart; events that arrived while the controller was down are read from the last processed
@@ -96,7 +105,7 @@ class NicPort(Protocol):
 class ScanOutcome(Protocol):
     """What the scan function returns (``scanning.ScanResult`` fits)."""
 
-    status: str      # clean | infected | skipped | unreachable | error
+    status: str      # clean | infected | incomplete | skipped | unreachable | error
     reason: str
     bytes: int
 
@@ -139,6 +148,7 @@ class ControllerOptions:
     """Tunables of the serve loop (from ``Settings.scan`` and the ``[controller]`` section)."""
 
     isolate_stale: bool = True
+    disk_scans: bool = True                  # scan.via auto | disk: dormant VMs are read
     per_host_limit: int = 4
     global_limit: int = 16
     schedules: tuple[Schedule, ...] = ()
@@ -160,6 +170,7 @@ class ControllerOptions:
     def from_settings(cls, settings: Any) -> ControllerOptions:
         """Options from ``config.Settings`` (``[controller]`` may override the timings)."""
         return cls(isolate_stale=settings.scan.isolate_stale,
+                   disk_scans=settings.scan.via in ("auto", "disk"),
                    release_infected=settings.isolation.release_infected,
                    per_host_limit=settings.scan.per_host_limit,
                    global_limit=settings.scan.global_limit,
@@ -499,6 +510,7 @@ class Controller:
             record = self.jobs.isolation(vm)
             if not self.options.isolate_stale or (record is not None
                                                   and record.state == "isolated"):
+                self._stamp_isolated(vm)
                 return
         self.jobs.open_exposure(vm=vm, vm_name=name, trigger=item.cause,
                                 started=min(item.at, seen), seen=seen, event_key=item.event_key)
@@ -527,11 +539,25 @@ class Controller:
         """
         cut, before, changed, finished = cut_network(jobs=self.jobs, nics=self.nics, vm=vm,
                                                      name=name, reason=reason)
-        self.jobs.mark_exposure(vm, isolated=self.now())
+        if cut:
+            self.jobs.mark_exposure(vm, isolated=self.now())
+        else:
+            self._stamp_isolated(vm)
         if cut and not finished:
             with self._stats_lock:
                 self.stats.isolated += 1
         return cut, before, changed
+
+    def _stamp_isolated(self, vm: str) -> None:
+        """Stamp the open exposure of a VM that was isolated already: isolated since it
+        started running when the cut came first (a disk scan found it infected while it was
+        off, or an earlier run kept it cut), so its window is zero."""
+        exposure = self.jobs.open_exposure_for(vm)
+        record = self.jobs.isolation(vm)
+        if exposure is None or record is None or record.state != "isolated":
+            return
+        self.jobs.mark_exposure(vm, isolated=max(exposure.started,
+                                                 min(record.since, self.now())))
 
     def release(self, vm: str, *, name: str, host: str, running: bool,
                 why: str = "scanned clean") -> bool:
@@ -579,7 +605,13 @@ class Controller:
             self.scheduler.finish(job)
             self._audit("job.dropped", moref=job.vm, job_id=job.job_id, reason="VM is gone")
             return
-        if not vm.powered_on:
+        facts = self.watcher.facts(job.vm)
+        if not vm.powered_on and facts is not None and facts.running:
+            # Starting now (the watch saw it before vCenter's inventory did): its running
+            # disks are not the dormant ones to read, and its containment waits for this job.
+            self.scheduler.finish(job, retry_after=self.options.retry_base)
+            return
+        if not vm.powered_on and not self.options.disk_scans:
             # Nothing to read; it stays stale and is contained when it starts running.
             self.scheduler.finish(job)
             self.jobs.mark_exposure(job.vm, outcome=f"VM {vm.power_state}", close=True)
@@ -620,6 +652,19 @@ class Controller:
                         resume_after=again.resume_after if again is not None else "")
             return
         status = result.status
+        facts = self.watcher.facts(job.vm)
+        if not vm.powered_on and facts is not None and facts.running \
+                and self.jobs.open_exposure_for(job.vm) is not None:
+            # It was started while its disks were read: the verdict is its disk's (recorded),
+            # the power-on's exposure gets a scan of its own, ahead of other work.
+            self.scheduler.finish(job)
+            again = self.scheduler.submit(vm=job.vm, host=facts.host or host,
+                                          priority=Priority.INSTANT_ON,
+                                          reason="powered on while its disks were read")
+            self._audit("job.requeued", vm=vm.name, moref=job.vm, job_id=again.job_id,
+                        priority="instant-on", verdict=status,
+                        reason="powered on while its disks were read")
+            return
         # The exposure is closed last, so whoever waits for it finds everything else done.
         if status == "clean":
             verdict = self.now()
@@ -628,7 +673,9 @@ class Controller:
             if isolation is None or release_allowed(
                     held=isolation.held, rule=self.options.release_infected,
                     operator=operator, full=bool(getattr(result, "full", job.full))):
-                self.release(job.vm, name=vm.name, host=host, running=vm.powered_on,
+                # What the VM does now, not when the scan began (it may have started since).
+                self.release(job.vm, name=vm.name, host=host,
+                             running=facts.running if facts is not None else vm.powered_on,
                              why="operator's rescan clean" if operator else "scanned clean")
             else:
                 with self._stats_lock:
@@ -656,6 +703,18 @@ class Controller:
         elif status in ("unreachable", "error"):
             # A scan cut by an outage failed (the VM is unprotected, not clean): run it again.
             self._retry(job, result.reason, outage=bool(getattr(result, "outage", False)))
+        elif status == "incomplete":
+            # Not everything could be read (a damaged or encrypted disk, files that would not
+            # open): the VM is unprotected, not clean. Running the job again would read the
+            # same; a contained VM stays cut until a scan is clean.
+            isolated = self.jobs.isolation(job.vm) is not None
+            if isolated:
+                with self._stats_lock:
+                    self.stats.kept_isolated += 1
+            self.scheduler.finish(job)
+            self._audit("job.incomplete", vm=vm.name, moref=job.vm, host_moref=host,
+                        job_id=job.job_id, reason=result.reason, isolated=isolated)
+            self.jobs.mark_exposure(job.vm, outcome=f"incomplete: {result.reason}", close=True)
         else:                                      # skipped (powered off meanwhile)
             self.scheduler.finish(job)
 
@@ -874,12 +933,15 @@ class Controller:
         self._audit("signatures.sweep", signature_version=version, queued=count)
 
     def sweep(self, version: int) -> int:
-        """Queue every running VM not clean under ``version`` (running first; the rest wait)."""
+        """Queue every VM not clean under ``version``: running ones first, then dormant ones
+        (read through their disks) when ``disk_scans``; returns how many were queued."""
         vms, _ = self.inventory(max_age=0.0)
         count = 0
         for vm in sorted(vms.values(), key=lambda v: (not v.powered_on, v.name)):
-            if not vm.powered_on or vm.template or vm.is_appliance:
-                continue      # powered-off VMs are stale now and contained when they start
+            if vm.template or vm.is_appliance:
+                continue
+            if not vm.powered_on and not self.options.disk_scans:
+                continue      # stale now, and contained when it starts
             record = self.state.vm_state(vm.moref, current_version=version)
             protection = (Protection(record.state, record.signature_version, record.reason)
                           if record is not None else None)
