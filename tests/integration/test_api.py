@@ -453,7 +453,9 @@ def test_metrics_over_loopback_need_no_token(console, served):
     assert response.status_code == 200
     text = response.text
     assert "vsphere_av_scans_started_total" in text
-    assert 'vsphere_av_read_bytes_total{path="all"}' in text
+    assert 'vsphere_av_read_bytes_total{path="guest"}' in text      # the fleet's guest scans
+    assert 'vsphere_av_read_bytes_total{path="disk"} 0.0' in text
+    assert 'path="all"' not in text
     assert "vsphere_av_exposure_window_seconds_bucket" in text
     assert "vsphere_av_signature_age_seconds" in text
     assert 'vsphere_av_scans_finished_total{result="infected"} 1.0' in text
