@@ -563,11 +563,13 @@ class App:
                 for s in states]
 
     def _last_scan_files(self, moref: VmId) -> dict[str, Any]:
-        """The paths the VM's last finished scan did not fully check or skipped by policy."""
+        """How the VM's last finished scan read it (guest or disk, None before any) and the
+        paths it did not fully check or skipped by policy."""
         last = self.store.last_finished_scan(moref)
         files = self.store.scan_files(last["id"]) if last else []
         incomplete = [f for f in files if f["kind"] == INCOMPLETE]
-        return {"incomplete": len(incomplete), "incomplete_files": incomplete,
+        return {"last_scan_via": last["via"] if last else None,
+                "incomplete": len(incomplete), "incomplete_files": incomplete,
                 "skipped_files": [f for f in files if f["kind"] != INCOMPLETE]}
 
     # --- appliances (added by the appliance area; see appliance_manager.py) ---------------

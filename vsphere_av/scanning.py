@@ -79,7 +79,7 @@ from vsphere_av.models import (
     VmId,
     VmInfo,
 )
-from vsphere_av.store.state import PENDING
+from vsphere_av.store.state import PENDING, VIA_DISK, VIA_GUEST
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +385,17 @@ class _Job:
         self.actor, self.share, self.clock, self.on_progress = actor, share, clock, on_progress
         self.filters = Filters.from_policy(policy, windows=vm.is_windows, engine_max=engine_max)
         host = vm.host.name if vm.host else ""
-        self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full)
+        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
+        # reader never writes; it names the guest access to use, or None for "not now").
+        self.remedy: GuestAccess | None = getattr(guest, "remediation", guest)
+        self.reads_disks = bool(getattr(type(guest), "reads_disks", False))
+        self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full,
+                                 via=VIA_DISK if self.reads_disks else VIA_GUEST)
         self.pending: list[FileRecord] = []
         self.resume_after = resume_after
         # Files of the walk (in its order) not yet below the resume point: [path, done].
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
-        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
-        # reader never writes; it names the guest access to use, or None for "not now").
-        self.remedy: GuestAccess | None = getattr(guest, "remediation", guest)
-        self.reads_disks = bool(getattr(type(guest), "reads_disks", False))
         receiver = session if isinstance(session, ReceivingSession) else None
         self.transfers = _Transfers(
             guest, receiver, name=vm.name,
@@ -420,7 +421,7 @@ class _Job:
             return r
         r.signature_version = self.session.version
         r.scan_id = self.store.begin_scan(self.vm, full=self.full,
-                                          signature_version=r.signature_version)
+                                          signature_version=r.signature_version, via=r.via)
         resumed = {"resumed_from": self.resume_after} if self.resume_after else {}
         self._audit("scan.start", full=self.full, signature_version=r.signature_version,
                     scan_id=r.scan_id, **resumed)

@@ -233,6 +233,7 @@ def test_reads_have_the_shapes_of_the_cli_json(console):
     assert set(api["vms"]["vms"][0]) == set(cli_status["vms"][0])
     states = {v["name"]: v["state"] for v in api["vms"]["vms"]}
     assert states[VM0] == "infected"
+    assert {v["last_scan_via"] for v in api["vms"]["vms"]} == {"guest"}
 
 
 def test_one_vm_with_its_timeline_detections_and_scans(console):
@@ -244,7 +245,8 @@ def test_one_vm_with_its_timeline_detections_and_scans(console):
     assert doc["timeline"] == []
     assert doc["exposures"] == []
     assert len(doc["detections"]) == 3
-    assert doc["scans"][0]["status"] == "infected"
+    assert (doc["scans"][0]["status"], doc["scans"][0]["via"]) == ("infected", "guest")
+    assert doc["last_scan_via"] == "guest"
 
 
 def test_a_vm_page_shows_its_instant_on_exposure(console):
@@ -271,6 +273,8 @@ def test_a_vm_page_shows_its_instant_on_exposure(console):
         console.client.cookies.clear()
     assert page.status_code == 200
     assert "network isolated (every vNIC disconnected)" in page.text
+    assert "<th>via</th>" in page.text
+    assert "<td>guest</td>" in page.text
 
 
 def test_restore_and_purge_as_a_security_admin_are_audited_with_the_token_name(console):
@@ -453,7 +457,9 @@ def test_metrics_over_loopback_need_no_token(console, served):
     assert response.status_code == 200
     text = response.text
     assert "vsphere_av_scans_started_total" in text
-    assert 'vsphere_av_read_bytes_total{path="all"}' in text
+    assert 'vsphere_av_read_bytes_total{path="guest"}' in text      # the fleet's guest scans
+    assert 'vsphere_av_read_bytes_total{path="disk"} 0.0' in text
+    assert 'path="all"' not in text
     assert "vsphere_av_exposure_window_seconds_bucket" in text
     assert "vsphere_av_signature_age_seconds" in text
     assert 'vsphere_av_scans_finished_total{result="infected"} 1.0' in text

@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 from conftest import connect, env_for, plant, vm_named, wait_task
+from prometheus_client.parser import text_string_to_metric_families
 from pyVmomi import vim
 
 from vsphere_av import config, simulator
+from vsphere_av.api.metrics import render
 from vsphere_av.app import SNAPSHOT_PREFIX, App
 from vsphere_av.models import VmId
 from vsphere_av.scan.sources.disk import DiskFiles, open_virtual_disk
@@ -474,6 +476,38 @@ def test_scan_via_disk_exit_codes_and_via_guest_unchanged(
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1
     assert "floppy" in bad.stderr
+
+
+def test_metrics_and_status_tell_guest_reads_from_disk_reads(
+        sim: simulator.Simulator, si: Any, tmp_path: Path) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/srv/data/blob.bin", os.urandom(200_000))
+    plant(sim, VM3, "/srv/data/small.bin", os.urandom(30_000))
+    power_off(si, VM0)
+    state = tmp_path / "state"
+
+    with App(settings(sim, state, guest=True)) as app:
+        # auto: VM0 is off -> its disks; VM3 runs with tools and credentials -> the guest
+        by_vm = {r.vm: r for r in app.scan(names=[VM0, VM3]).results}
+        recorded = {(s["vm_name"], s["via"]) for s in app.store.scans()}
+        body, _ = render(settings=app.settings)
+    disk, guest = by_vm[VM0], by_vm[VM3]
+    assert (disk.via, disk.status, guest.via, guest.status) == (
+        "disk", "clean", "guest", "clean"), (disk.reason, guest.reason)
+    assert recorded == {(VM0, "disk"), (VM3, "guest")}
+    assert disk.bytes >= 200_000
+    assert guest.bytes >= 30_000
+    got = {(s.name, s.labels["path"]): s.value
+           for family in text_string_to_metric_families(body.decode())
+           for s in family.samples if "path" in s.labels}
+    assert got == {("vsphere_av_read_bytes_total", "disk"): disk.bytes,
+                   ("vsphere_av_read_files_total", "disk"): disk.scanned,
+                   ("vsphere_av_read_bytes_total", "guest"): guest.bytes,
+                   ("vsphere_av_read_files_total", "guest"): guest.scanned}
+    status = cli(env_for(sim, state), "status", "--json")
+    assert status.returncode == 0, status.stderr
+    vias = {v["name"]: v["last_scan_via"] for v in json.loads(status.stdout)["vms"]}
+    assert (vias[VM0], vias[VM3], vias[VM1]) == ("disk", "guest", None)
 
 
 def test_a_pending_detection_is_completed_by_the_guest_scan_after_power_on(

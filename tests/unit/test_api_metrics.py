@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,8 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from vsphere_av import config
 from vsphere_av.api.metrics import StateCollector, render
 from vsphere_av.appliance_manager import HEALTH_FILE
+from vsphere_av.models import HostId, HostInfo, VmId, VmInfo
 from vsphere_av.store.audit import SIEM_CURSOR_FILE, AuditLog
 from vsphere_av.store.jobs import JobStore
+from vsphere_av.store.state import StateStore
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -85,3 +88,55 @@ def test_signature_age_follows_the_clock(tmp_path: Path) -> None:
     collector = StateCollector(settings=settings, clock=lambda: imported + 3600)
     ages = [m for m in collector.collect() if m.name == "vsphere_av_signature_age_seconds"]
     assert ages[0].samples[0].value == 3600
+
+
+def _vm(moref: str) -> VmInfo:
+    host = HostInfo(moref=HostId("host-1"), name="esx1", address="10.0.0.1")
+    return VmInfo(moref=VmId(moref), name=moref, instance_uuid="uuid-" + moref,
+                  power_state="poweredOff", tools_running=False, guest_id="otherGuest", host=host)
+
+
+def test_bytes_and_files_read_are_labelled_by_the_path_each_scan_took(tmp_path: Path) -> None:
+    settings = config.parse({}, env={"VSPHERE_AV_STATE_DIR": str(tmp_path / "state")})
+    with StateStore.open(settings.state_dir) as store:
+        for moref, via, scanned, nbytes in (("vm-1", "guest", 3, 300), ("vm-2", "disk", 5, 5000),
+                                            ("vm-1", "disk", 2, 20), ("vm-3", "guest", 4, 40)):
+            scan = store.begin_scan(_vm(moref), full=False, signature_version=1, via=via)
+            store.finish_scan(scan, status="clean", reason="clean",
+                              counts={"scanned": scanned, "bytes": nbytes})
+        store.begin_scan(_vm("vm-2"), full=False, signature_version=1, via="disk")  # running
+
+    got = samples(render(settings=settings)[0].decode())
+    assert got[("vsphere_av_read_bytes_total", (("path", "guest"),))] == 340
+    assert got[("vsphere_av_read_files_total", (("path", "guest"),))] == 7
+    assert got[("vsphere_av_read_bytes_total", (("path", "disk"),))] == 5020
+    assert got[("vsphere_av_read_files_total", (("path", "disk"),))] == 7
+    assert got[("vsphere_av_scans_started_total", ())] == 5
+    assert not [key for key in got if ("path", "all") in key[1]]
+
+
+def test_an_old_state_file_reads_as_guest_and_disk_starts_at_zero(tmp_path: Path) -> None:
+    """Scans recorded before ``via`` existed all read through Guest Operations."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    db = sqlite3.connect(state / "state.sqlite")
+    db.executescript(
+        "CREATE TABLE scans (id INTEGER PRIMARY KEY AUTOINCREMENT, vm_moref TEXT NOT NULL,"
+        " vm_name TEXT NOT NULL, host TEXT NOT NULL DEFAULT '', started TEXT NOT NULL,"
+        " finished TEXT NOT NULL DEFAULT '', full INTEGER NOT NULL DEFAULT 0,"
+        " status TEXT NOT NULL DEFAULT 'running', reason TEXT NOT NULL DEFAULT '',"
+        " signature_version INTEGER, scanned INTEGER NOT NULL DEFAULT 0,"
+        " unchanged INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0,"
+        " errors INTEGER NOT NULL DEFAULT 0, detections INTEGER NOT NULL DEFAULT 0,"
+        " bytes INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO scans (vm_moref, vm_name, started, finished, status, scanned, bytes)"
+        " VALUES ('vm-1', 'web01', '2026-01-01T00:00:00+00:00', '2026-01-01T00:01:00+00:00',"
+        " 'clean', 9, 900);")
+    db.close()
+    settings = config.parse({}, env={"VSPHERE_AV_STATE_DIR": str(state)})
+
+    got = samples(render(settings=settings)[0].decode())
+    assert got[("vsphere_av_read_bytes_total", (("path", "guest"),))] == 900
+    assert got[("vsphere_av_read_files_total", (("path", "guest"),))] == 9
+    assert got[("vsphere_av_read_bytes_total", (("path", "disk"),))] == 0
+    assert got[("vsphere_av_read_files_total", (("path", "disk"),))] == 0

@@ -158,3 +158,94 @@ def test_quarantine_ids_are_checked(store: StateStore, tmp_path: Path, bad: str)
     q = Quarantine.open(tmp_path, store=store)
     with pytest.raises(StoreError):
         q.reader(bad)
+
+
+# The tables of a state.sqlite written before scans kept ``via`` (schema 1), as that version
+# created them; the other tables did not change and are created on open as before.
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vms (
+    moref             TEXT PRIMARY KEY,
+    instance_uuid     TEXT NOT NULL DEFAULT '',
+    name              TEXT NOT NULL,
+    host              TEXT NOT NULL DEFAULT '',
+    host_moref        TEXT NOT NULL DEFAULT '',
+    state             TEXT NOT NULL DEFAULT 'unprotected',
+    reason            TEXT NOT NULL DEFAULT 'never scanned',
+    last_scan         TEXT NOT NULL DEFAULT '',
+    last_full_scan    TEXT NOT NULL DEFAULT '',
+    clean_signature_version INTEGER,
+    present           INTEGER NOT NULL DEFAULT 1,
+    updated           TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE scans (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_moref          TEXT NOT NULL,
+    vm_name           TEXT NOT NULL,
+    host              TEXT NOT NULL DEFAULT '',
+    started           TEXT NOT NULL,
+    finished          TEXT NOT NULL DEFAULT '',
+    full              INTEGER NOT NULL DEFAULT 0,
+    status            TEXT NOT NULL DEFAULT 'running',
+    reason            TEXT NOT NULL DEFAULT '',
+    signature_version INTEGER,
+    scanned           INTEGER NOT NULL DEFAULT 0,
+    unchanged         INTEGER NOT NULL DEFAULT 0,
+    skipped           INTEGER NOT NULL DEFAULT 0,
+    errors            INTEGER NOT NULL DEFAULT 0,
+    detections        INTEGER NOT NULL DEFAULT 0,
+    bytes             INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX scans_vm ON scans (vm_moref, id);
+INSERT INTO meta (key, value) VALUES ('schema', '1');
+INSERT INTO vms (moref, name, state, reason) VALUES ('vm-1', 'web01', 'protected', 'clean');
+INSERT INTO scans (vm_moref, vm_name, started, finished, status, reason, scanned, bytes)
+    VALUES ('vm-1', 'web01', '2026-01-01T00:00:00+00:00', '2026-01-01T00:01:00+00:00',
+            'clean', 'clean', 7, 700);
+"""
+
+
+def old_state_file(state_dir: Path) -> Path:
+    """A state.sqlite as schema 1 left it: one VM and one finished scan."""
+    import sqlite3
+
+    state_dir.mkdir(mode=0o700)
+    path = state_dir / "state.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    db.close()
+    return path
+
+
+def test_an_old_state_file_gets_via_and_its_scans_read_guest(tmp_path: Path) -> None:
+    old_state_file(tmp_path / "state")
+    with StateStore.open(tmp_path / "state") as store:
+        (old,) = store.scans()
+        assert (old["scanned"], old["bytes"], old["via"]) == (7, 700, "guest")
+        assert store.query("SELECT value FROM meta WHERE key = 'schema'")[0][0] == "2"
+        disk = store.begin_scan(_vm(), full=False, signature_version=1, via="disk")
+        store.finish_scan(disk, status="clean", reason="clean", counts={"scanned": 2})
+    # Opening again finds the column there: nothing added twice, nothing rewritten.
+    with StateStore.open(tmp_path / "state") as store:
+        assert [(s["id"], s["via"]) for s in store.scans()] == [
+            (disk, "disk"), (old["id"], "guest")]
+        last = store.last_finished_scan(VmId("vm-1"))
+        assert last is not None
+        assert last["via"] == "disk"
+        assert [r["name"] for r in store.query("PRAGMA table_info(scans)")].count("via") == 1
+
+
+def test_a_newer_schema_version_is_not_lowered(tmp_path: Path) -> None:
+    with StateStore.open(tmp_path) as store, store.transaction() as db:
+        db.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
+    with StateStore.open(tmp_path) as store:
+        assert store.query("SELECT value FROM meta WHERE key = 'schema'")[0][0] == "9"
+
+
+def test_scans_record_how_they_read_the_vm(store: StateStore) -> None:
+    guest = store.begin_scan(_vm(), full=False, signature_version=1)
+    disk = store.begin_scan(_vm(), full=False, signature_version=1, via="disk")
+    assert {s["id"]: s["via"] for s in store.scans()} == {guest: "guest", disk: "disk"}
+    with pytest.raises(ValueError, match="floppy"):
+        store.begin_scan(_vm(), full=False, signature_version=1, via="floppy")
+    assert len(store.scans()) == 2

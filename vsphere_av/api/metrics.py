@@ -7,8 +7,9 @@ signature store). Every value is read from durable state at scrape time, so the 
 are the same whichever process did the work (``serve``, a CLI scan, a restart) and survive
 restarts: counters are totals over the state store's history, as Prometheus expects.
 
-Bytes and files read are labelled by ``path``: ``guest`` or ``disk`` once the scan records
-keep a ``via`` column; until then one ``all`` series (both paths write the same records).
+Bytes and files read are labelled by ``path``: ``guest`` (Guest Operations) or ``disk`` (the
+VM's virtual disks), from each scan record's ``via``; both series are always there, 0 until
+a scan of that kind finished, so a rate over either starts from a known value.
 """
 
 from __future__ import annotations
@@ -51,18 +52,14 @@ class StateCollector(Collector):
         yield from self._audit()
 
     def _scans(self) -> Iterator[Metric]:
-        from vsphere_av.store.state import StateStore
+        from vsphere_av.store.state import VIA_DISK, VIA_GUEST, StateStore
 
-        with StateStore.open(self.settings.state_dir) as store:
-            columns = {r["name"] for r in store.query("PRAGMA table_info(scans)")}
-            # Scan records do not say yet how files were read (guest or disk, issue 12):
-            # until they keep a ``via`` column the totals carry path="all".
-            path = "via" if "via" in columns else "'all'"
+        with StateStore.open(self.settings.state_dir) as store:     # adds ``via`` to old files
             started = store.query("SELECT count(*) AS n FROM scans")[0]["n"]
             finished = store.query("SELECT status, count(*) AS n FROM scans WHERE finished != ''"
                                    " GROUP BY status")
-            read = store.query(f"SELECT {path} AS path, sum(bytes) AS bytes, "
-                               f"sum(scanned) AS files FROM scans GROUP BY {path}")
+            read = {r["via"]: r for r in store.query(
+                "SELECT via, sum(bytes) AS bytes, sum(scanned) AS files FROM scans GROUP BY via")}
             found = store.query("SELECT action, count(*) AS n FROM detections GROUP BY action")
         yield CounterMetricFamily("vsphere_av_scans_started", "VM scans started.",
                                   value=started)
@@ -75,9 +72,10 @@ class StateCollector(Collector):
                                      labels=["path"])
         files = CounterMetricFamily("vsphere_av_read_files", "Files read from VMs, by path.",
                                     labels=["path"])
-        for r in read:
-            nbytes.add_metric([r["path"] or "all"], r["bytes"] or 0)
-            files.add_metric([r["path"] or "all"], r["files"] or 0)
+        for via in (VIA_GUEST, VIA_DISK):
+            row = read.get(via)
+            nbytes.add_metric([via], row["bytes"] if row else 0)
+            files.add_metric([via], row["files"] if row else 0)
         yield nbytes
         yield files
         detections = CounterMetricFamily("vsphere_av_detections",

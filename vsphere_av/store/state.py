@@ -38,7 +38,11 @@ from vsphere_av.models import (
 )
 from vsphere_av.store.sqlite import open_database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2         # 2: scans.via
+
+# How a scan read the VM's files: Guest Operations or its virtual disks (``diskscan``).
+VIA_GUEST = "guest"
+VIA_DISK = "disk"
 
 # A detection's action while its remediation runs: written before the guest is changed, so a
 # crash in between leaves a row to finish (``scanning`` resolves it on the VM's next scan).
@@ -76,7 +80,8 @@ CREATE TABLE IF NOT EXISTS scans (
     skipped           INTEGER NOT NULL DEFAULT 0,
     errors            INTEGER NOT NULL DEFAULT 0,
     detections        INTEGER NOT NULL DEFAULT 0,
-    bytes             INTEGER NOT NULL DEFAULT 0
+    bytes             INTEGER NOT NULL DEFAULT 0,
+    via               TEXT NOT NULL DEFAULT 'guest'
 );
 CREATE INDEX IF NOT EXISTS scans_vm ON scans (vm_moref, id);
 CREATE TABLE IF NOT EXISTS detections (
@@ -146,11 +151,30 @@ class StateStore:
         self.path = path
         self._lock = threading.RLock()
         self._db = open_database(path, schema=_SCHEMA, what="state database", rows=True)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to this schema.
+
+        Version 2 adds ``scans.via``; every scan before it read through Guest Operations (the
+        only path there was), so old rows get ``guest``. Checked inside the write
+        transaction: two processes opening the same old file do not both add the column.
+        """
         try:
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                             (str(SCHEMA_VERSION),))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+            with self.transaction() as db:
+                columns = {r["name"] for r in db.execute("PRAGMA table_info(scans)")}
+                if "via" not in columns:
+                    db.execute(f"ALTER TABLE scans ADD COLUMN via TEXT NOT NULL"
+                               f" DEFAULT '{VIA_GUEST}'")
+                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                           (str(SCHEMA_VERSION),))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'"
+                           " AND CAST(value AS INTEGER) < ?",
+                           (str(SCHEMA_VERSION), SCHEMA_VERSION))
+        except StoreError as exc:
+            self._db.close()
+            raise StoreError(f"cannot open state database {self.path}: "
+                             f"{exc.__cause__ or exc}") from exc
 
     @classmethod
     def open(cls, state_dir: Path | str) -> StateStore:
@@ -273,15 +297,18 @@ class StateStore:
 
     # --- scans -----------------------------------------------------------------------------
 
-    def begin_scan(self, vm: VmInfo, *, full: bool, signature_version: int | None) -> ScanId:
-        """Open a scan record and return its id."""
+    def begin_scan(self, vm: VmInfo, *, full: bool, signature_version: int | None,
+                   via: str = VIA_GUEST) -> ScanId:
+        """Open a scan record and return its id; ``via`` says how it reads the VM's files."""
+        if via not in (VIA_GUEST, VIA_DISK):
+            raise ValueError(f"scan via {via!r}: must be {VIA_GUEST!r} or {VIA_DISK!r}")
         with self.transaction() as db:
             self._upsert_vm(db, vm, now_iso())
             cur = db.execute(
-                "INSERT INTO scans (vm_moref, vm_name, host, started, full, signature_version)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO scans (vm_moref, vm_name, host, started, full, signature_version,"
+                " via) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (vm.moref, vm.name, vm.host.name if vm.host else "", now_iso(), int(full),
-                 signature_version))
+                 signature_version, via))
             return ScanId(int(cur.lastrowid or 0))
 
     def finish_scan(self, scan_id: ScanId, *, status: str, reason: str,
@@ -457,4 +484,5 @@ def _qitem(r: sqlite3.Row) -> QuarantineItem:
         key=bytes(r["key"]), restored_at=r["restored_at"], purged_at=r["purged_at"])
 
 
-__all__ = ["INFECTED", "PENDING", "PROTECTED", "STALE", "UNPROTECTED", "StateStore", "now_iso"]
+__all__ = ["INFECTED", "PENDING", "PROTECTED", "STALE", "UNPROTECTED", "VIA_DISK", "VIA_GUEST",
+           "StateStore", "now_iso"]
