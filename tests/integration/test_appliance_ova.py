@@ -33,7 +33,8 @@ NAME = "test-appliance"
 DISK = f"{NAME}-disk1.vmdk"
 
 
-def build_ova(directory: Path, *, tamper: str = "") -> tuple[Path, Path]:
+def build_ova(directory: Path, *, tamper: str = "",
+              disk_text: bytes = b"vsphere-av test appliance disk\n") -> tuple[Path, Path]:
     """(ova, vmdk): ``tamper`` = "manifest" (a wrong digest for the disk) or "disk" (the
     disk changed after its manifest line was written)."""
     if shutil.which("qemu-img") is None:
@@ -44,7 +45,7 @@ def build_ova(directory: Path, *, tamper: str = "") -> tuple[Path, Path]:
     with raw.open("wb") as f:
         f.truncate(8 * 1024 * 1024)
         f.seek(1024 * 1024)
-        f.write(b"vsphere-av test appliance disk\n" * 1000)
+        f.write(disk_text * 1000)
     vmdk = stage / DISK
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o",
                     "subformat=streamOptimized", str(raw), str(vmdk)], check=True)
