@@ -35,6 +35,7 @@ from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
 HEALTH_FILE = Path("appliances") / "health.json"
 HEALTH_TIMEOUT = 10.0       # seconds for an engine's /health answer (as for SSH)
 SCAN_TIMEOUT = 120.0        # seconds for one file's verdict from an appliance
+HOST_KEY_CHANGED = "SSH host key of appliance"   # how ssh.HostKeyMismatch messages begin
 UPGRADE_POLL = 1.0          # seconds between health checks of an upgrade's new appliance
 
 
@@ -452,6 +453,8 @@ class ApplianceManager:
                 if check.ok:
                     return check
                 reason = check.reason
+                if reason.startswith(HOST_KEY_CHANGED):   # waiting will not change the key
+                    return dataclasses.replace(check, reason=f"new appliance refused: {reason}")
             if time.monotonic() >= deadline:
                 return ApplianceCheck(app.host_id if app else "", app.host if app else "",
                                       app.vm if app else "", app.address if app else "",
