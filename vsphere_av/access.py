@@ -7,8 +7,8 @@ Roles, from ``[access]`` (users, or ``%group``):
 - ``security_admins``: what changes protection or guests: ``scan`` (remediates),
   quarantine ``restore`` / ``purge``, signature ``import`` / ``activate`` / ``rollback``;
 - ``infrastructure_admins``: what runs and deploys the product: ``serve``, the appliance
-  commands that change appliances (``reconcile``, ``push-signatures``, ``restart-engine``)
-  and ``engine serve``;
+  commands that change appliances (``reconcile``, ``upgrade``, ``push-signatures``,
+  ``restart-engine``) and ``engine serve``;
 - ``auditors``: reading only: ``status``, ``detections``, quarantine and signature lists,
   ``audit verify`` / ``head`` / ``export`` / ``forward``, appliance ``list`` / ``health``,
   ``scan-files`` (local files only). Every role may read.
@@ -55,6 +55,7 @@ COMMANDS: dict[str, frozenset[str]] = {
     "appliances reconcile": frozenset({INFRASTRUCTURE}),
     "appliances push-signatures": frozenset({INFRASTRUCTURE}),
     "appliances restart-engine": frozenset({INFRASTRUCTURE}),
+    "appliances upgrade": frozenset({INFRASTRUCTURE}),
     "status": READ,
     "detections": READ,
     "scan-files": READ,

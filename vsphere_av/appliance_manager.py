@@ -18,6 +18,7 @@ is reached at ``http(s)://<address>:<engine_port>`` (https with ``engine_ca_file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,8 @@ from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
 HEALTH_FILE = Path("appliances") / "health.json"
 HEALTH_TIMEOUT = 10.0       # seconds for an engine's /health answer (as for SSH)
 SCAN_TIMEOUT = 120.0        # seconds for one file's verdict from an appliance
+HOST_KEY_CHANGED = "SSH host key of appliance"   # how ssh.HostKeyMismatch messages begin
+UPGRADE_POLL = 1.0          # seconds between health checks of an upgrade's new appliance
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,54 @@ class ApplianceCheck:
         return {"host_id": self.host_id, "host": self.host, "vm": self.vm,
                 "address": self.address, "ok": self.ok, "reason": self.reason or None,
                 "signature_version": self.signature_version}
+
+
+@dataclass(frozen=True)
+class UpgradeOutcome:
+    """What ``appliances upgrade`` did on one host."""
+
+    step: ap.UpgradeStep
+    status: str                 # replaced | failed | skipped | not attempted
+    new_vm_id: str = ""
+    reason: str = ""
+    move_seconds: float | None = None   # from routing to the new one until the old was gone
+
+    @property
+    def ok(self) -> bool:
+        """False only for a failed replacement."""
+        return self.status != "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: the step plus the outcome."""
+        out = self.step.as_dict()
+        out.update(status=self.status, ok=self.ok, new_vm_id=self.new_vm_id or None,
+                   reason=self.reason or self.step.reason,
+                   move_seconds=None if self.move_seconds is None
+                   else round(self.move_seconds, 3))
+        return out
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    """The upgrade plan and, unless dry-run, each host's outcome."""
+
+    steps: tuple[ap.UpgradeStep, ...]
+    outcomes: tuple[UpgradeOutcome, ...] = ()
+    dry_run: bool = False
+    image: str = ""
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when no host's replacement failed."""
+        return all(o.ok for o in self.outcomes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"image": ..., "hosts": [...], "dry_run": ..., "ok": ...}``."""
+        hosts = [s.as_dict() for s in self.steps] if self.dry_run else \
+            [o.as_dict() for o in self.outcomes]
+        return {"image": self.image, "hosts": hosts, "dry_run": self.dry_run, "ok": self.ok,
+                "warnings": list(self.warnings)}
 
 
 def read_health(state_dir: Path | str, *, section: str = "hosts") -> dict[str, str]:
@@ -105,10 +156,20 @@ class ApplianceManager:
     # -- vSphere side ----------------------------------------------------------------------
     def reconcile(self, *, dry_run: bool = False) -> ap.ReconcileResult:
         """One reconcile round (see ``appliances.reconcile_once``); remembers who is down."""
+        from vsphere_av.appliance_image import placeholder_warning
+
         result = ap.reconcile_once(adapter=self.adapter, audit=self.audit, desired=self.desired,
                                    actor=self.actor, dry_run=dry_run)
+        warning = placeholder_warning(self.settings)
+        if warning:
+            result = dataclasses.replace(result, warnings=(warning,))
         if dry_run:
             return result
+        deployed = [r.action.vm for r in result.results if r.ok and r.action.kind == "deploy"]
+        if warning and deployed:
+            self.audit.append(actor=self.actor, action="appliance.placeholder_image",
+                              details={"warning": warning, "vms": deployed,
+                                       "ovf": self.settings.ovf})
         previous = read_health(self.state_dir)
         unhealthy = self._unhealthy if self._unhealthy is not None else \
             read_health(self.state_dir, section="unhealthy")   # keep the last check's verdict
@@ -152,9 +213,11 @@ class ApplianceManager:
         """A ``RemoteEngine`` for the appliance of ``host_id``; None when it has none running."""
         from vsphere_av.engine_service import RemoteEngine
 
-        for app in self.appliances():
-            if app.host_id == host_id and app.powered_on and app.address:
-                return RemoteEngine(self._engine_client(app.address))
+        running = [a for a in self.appliances()
+                   if a.host_id == host_id and a.powered_on and a.address]
+        # The serving appliance; an upgrade's standby only when nothing else runs there.
+        for app in sorted(running, key=lambda a: a.standby):
+            return RemoteEngine(self._engine_client(app.address))
         return None
 
     def _engine_client(self, address: str, *, timeout: float = SCAN_TIMEOUT) -> Any:
@@ -181,22 +244,27 @@ class ApplianceManager:
     def _each(self, fn: Callable[[Any, Any], ApplianceCheck]) -> list[ApplianceCheck]:
         out = []
         for app in self.appliances():
-            if not app.powered_on or not app.address:
-                out.append(ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
-                                          reason=ap.APPLIANCE_DOWN if not app.powered_on
-                                          else "appliance has no management address yet"))
-                continue
-            try:
-                conn = self._ssh(app)
-                conn.connect()
-                try:
-                    out.append(fn(app, conn))
-                finally:
-                    conn.close()
-            except VsphereAvError as exc:
-                out.append(ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
-                                          reason=str(exc)))
+            if app.standby:
+                continue   # an upgrade checks its own new appliance (see upgrade)
+            out.append(self._one(app, fn))
         return out
+
+    def _one(self, app: Any, fn: Callable[[Any, Any], ApplianceCheck]) -> ApplianceCheck:
+        """``fn(app, ssh)`` for one appliance; a failure becomes a not-ok check."""
+        if not app.powered_on or not app.address:
+            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
+                                  reason=ap.APPLIANCE_DOWN if not app.powered_on
+                                  else "appliance has no management address yet")
+        try:
+            conn = self._ssh(app)
+            conn.connect()
+            try:
+                return fn(app, conn)
+            finally:
+                conn.close()
+        except VsphereAvError as exc:
+            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=False,
+                                  reason=str(exc))
 
     def push_signatures(self, *, version_dir: Path) -> list[ApplianceCheck]:
         """Push one signature version to every running appliance (checksum verified there)."""
@@ -214,27 +282,7 @@ class ApplianceManager:
         need it; a changed key may be an impostor) and the engine service answers ``/health``
         with the token, on the route scans take, with the expected signature version.
         """
-        def check(app: Any, conn: Any) -> ApplianceCheck:
-            client = self._engine_client(app.address, timeout=HEALTH_TIMEOUT)
-            try:
-                health = client.health()
-            finally:
-                client.close()
-            if "signature_version" not in health:
-                raise ApplianceError(f"engine service {client.base_url}: the token was not "
-                                     "accepted")
-            version = health.get("signature_version")
-            if health.get("status") != "ok":
-                reason = f"appliance unhealthy: engine status {health.get('status')}"
-            elif expected_version is not None and version != expected_version:
-                reason = (f"appliance unhealthy: signature version {version}, "
-                          f"expected {expected_version}")
-            else:
-                reason = ""
-            return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=not reason,
-                                  reason=reason, signature_version=version)
-
-        results = self._each(check)
+        results = self._each(lambda app, conn: self._engine_check(app, expected_version))
         self._unhealthy = {}
         for r in results:
             if not r.ok:
@@ -246,6 +294,181 @@ class ApplianceManager:
         _write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
                       clock=self.clock)
         return results
+
+    def _engine_check(self, app: Any, expected_version: int | None) -> ApplianceCheck:
+        """The engine half of a health check (the SSH half is ``_one`` connecting)."""
+        client = self._engine_client(app.address, timeout=HEALTH_TIMEOUT)
+        try:
+            health = client.health()
+        finally:
+            client.close()
+        if "signature_version" not in health:
+            raise ApplianceError(f"engine service {client.base_url}: the token was not "
+                                 "accepted")
+        version = health.get("signature_version")
+        if health.get("status") != "ok":
+            reason = f"appliance unhealthy: engine status {health.get('status')}"
+        elif expected_version is not None and version != expected_version:
+            reason = (f"appliance unhealthy: signature version {version}, "
+                      f"expected {expected_version}")
+        else:
+            reason = ""
+        return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=not reason,
+                              reason=reason, signature_version=version)
+
+    # -- upgrade ---------------------------------------------------------------------------
+    def upgrade(self, *, dry_run: bool = False, expected_version: int | None = None,
+                version_dir: Path | None = None,
+                sleep: Callable[[float], None] = time.sleep) -> UpgradeResult:
+        """Replace, one host at a time, every appliance not on the configured image.
+
+        Per host: deploy the new appliance beside the old one (a standby: scans and health
+        rounds leave it alone), power it on, wait until it is healthy (SSH with a pinned host
+        key, the engine's ``/health`` with the token and, when given, ``expected_version``;
+        pushed from ``version_dir`` when it is behind), then move the work: pin it, clear its
+        standby mark (scans of the host go to it from then on) and destroy the old one. A new
+        appliance that is not healthy within ``appliances.upgrade_timeout`` is destroyed and
+        the old one kept; the rollout stops there. Each host is re-read and re-planned just
+        before its turn, so a rerun after an interruption continues where it stopped.
+        """
+        from vsphere_av.appliance_image import placeholder_warning
+
+        warning = placeholder_warning(self.settings)
+        warnings = (warning,) if warning else ()
+        observed = self.adapter.observe(desired=self.desired)
+        steps = ap.plan_upgrade(self.desired, observed)
+        if dry_run:
+            return UpgradeResult(tuple(steps), dry_run=True, image=self.desired.image,
+                                 warnings=warnings)
+        self.audit.append(actor=self.actor, action="appliance.upgrade.started", details={
+            "image": self.desired.image,
+            "hosts": [s.host for s in steps if s.kind == "replace"]})
+        outcomes: list[UpgradeOutcome] = []
+        stopped = ""
+        for planned in steps:
+            if planned.kind != "replace":
+                outcomes.append(UpgradeOutcome(planned, "skipped"))
+                continue
+            if stopped:
+                outcomes.append(UpgradeOutcome(planned, "not attempted",
+                                               reason=f"stopped after the failure on {stopped}"))
+                continue
+            fresh = ap.plan_upgrade(self.desired, self.adapter.observe(desired=self.desired))
+            step = next((s for s in fresh if s.host_id == planned.host_id), None)
+            if step is None or step.kind != "replace":
+                outcomes.append(UpgradeOutcome(step or planned, "skipped",
+                                               reason=step.reason if step else "host gone"))
+                continue
+            outcome = self._replace(step, expected_version=expected_version,
+                                    version_dir=version_dir, sleep=sleep)
+            outcomes.append(outcome)
+            if not outcome.ok:
+                stopped = step.host
+        result = UpgradeResult(tuple(steps), tuple(outcomes), image=self.desired.image,
+                               warnings=warnings)
+        self.audit.append(actor=self.actor, action="appliance.upgrade.finished", details={
+            "image": self.desired.image, "ok": result.ok,
+            "replaced": [o.step.host for o in outcomes if o.status == "replaced"],
+            "failed": [o.step.host for o in outcomes if o.status == "failed"]})
+        return result
+
+    def _upgrade_details(self, step: ap.UpgradeStep, **extra: Any) -> dict[str, Any]:
+        return {"host": step.host, "host_id": step.host_id, "old_vm": step.old_vm,
+                "old_vm_id": step.old_vm_id, "old_image": step.old_image or None,
+                "new_vm": step.new_vm, "image": self.desired.image, **extra}
+
+    def _replace(self, step: ap.UpgradeStep, *, expected_version: int | None,
+                 version_dir: Path | None, sleep: Callable[[float], None]) -> UpgradeOutcome:
+        """Deploy, check, move, remove on one host (see :meth:`upgrade`)."""
+        new_id = ""
+        serving = False     # True once scans of the host may go to the new appliance
+        try:
+            for leftover in step.remove_first:   # a standby of an interrupted earlier run
+                self.adapter.destroy(vm_id=leftover)
+                self.audit.append(actor=self.actor, action="appliance.upgrade.leftover_removed",
+                                  details=self._upgrade_details(step, vm_id=leftover))
+            new_id = self.adapter.deploy(host_id=step.host_id, name=step.new_vm,
+                                         extra_config=dict(step.extra_config))
+            self.adapter.power_on(vm_id=new_id)
+            self.audit.append(actor=self.actor, action="appliance.upgrade.deployed",
+                              details=self._upgrade_details(step, new_vm_id=new_id))
+            check = self._await_healthy(new_id, expected_version=expected_version,
+                                        version_dir=version_dir, sleep=sleep)
+            if not check.ok:
+                self.adapter.destroy(vm_id=new_id)
+                self.audit.append(actor=self.actor, action="appliance.upgrade.failed",
+                                  details=self._upgrade_details(
+                                      step, new_vm_id=new_id, error=check.reason,
+                                      kept=step.old_vm, removed=step.new_vm))
+                return UpgradeOutcome(step, "failed", new_vm_id=new_id, reason=check.reason)
+            self.audit.append(actor=self.actor, action="appliance.upgrade.healthy",
+                              details=self._upgrade_details(
+                                  step, new_vm_id=new_id, address=check.address,
+                                  signature_version=check.signature_version))
+            started = time.monotonic()
+            if step.cluster_id:
+                self.adapter.pin(cluster_id=step.cluster_id, host_id=step.host_id,
+                                 vm_id=new_id)
+            self.adapter.reconfigure(vm_id=new_id, extra_config={ap.STANDBY_KEY: ""})
+            serving = True
+            old = next((a for a in self.appliances() if a.vm_id == step.old_vm_id), None)
+            self.adapter.destroy(vm_id=step.old_vm_id)
+            moved = time.monotonic() - started
+            if old is not None and old.address:
+                self._forget_host_key(old)
+            self.audit.append(actor=self.actor, action="appliance.upgrade.replaced",
+                              details=self._upgrade_details(step, new_vm_id=new_id,
+                                                            move_seconds=round(moved, 3)))
+            return UpgradeOutcome(step, "replaced", new_vm_id=new_id, move_seconds=moved)
+        except VsphereAvError as exc:
+            if new_id and not serving:   # the old one still serves: keep it, drop the new
+                # left as a standby if this fails too: the next upgrade removes it first
+                with contextlib.suppress(VsphereAvError):
+                    self.adapter.destroy(vm_id=new_id)
+            self.audit.append(actor=self.actor, action="appliance.upgrade.failed",
+                              details=self._upgrade_details(
+                                  step, new_vm_id=new_id or None, error=str(exc),
+                                  kept=step.new_vm if serving else step.old_vm))
+            return UpgradeOutcome(step, "failed", new_vm_id=new_id, reason=str(exc))
+
+    def _await_healthy(self, vm_id: str, *, expected_version: int | None,
+                       version_dir: Path | None,
+                       sleep: Callable[[float], None]) -> ApplianceCheck:
+        """Check the new appliance until healthy or ``upgrade_timeout`` seconds passed."""
+        def push(app: Any, conn: Any) -> ApplianceCheck:
+            conn.push_signatures(version_dir=version_dir,
+                                 remote_state_dir=self.settings.remote_state_dir)
+            return self._engine_check(app, expected_version)
+
+        timeout = self.settings.upgrade_timeout
+        deadline = time.monotonic() + timeout
+        reason = "not deployed"
+        while True:
+            app = next((a for a in self.appliances() if a.vm_id == vm_id), None)
+            if app is not None:
+                check = self._one(app, lambda a, conn: self._engine_check(a, expected_version))
+                if not check.ok and "signature version" in check.reason and \
+                        version_dir is not None:
+                    check = self._one(app, push)
+                if check.ok:
+                    return check
+                reason = check.reason
+                if reason.startswith(HOST_KEY_CHANGED):   # waiting will not change the key
+                    return dataclasses.replace(check, reason=f"new appliance refused: {reason}")
+            if time.monotonic() >= deadline:
+                return ApplianceCheck(app.host_id if app else "", app.host if app else "",
+                                      app.vm if app else "", app.address if app else "",
+                                      ok=False, reason=f"new appliance not healthy within "
+                                      f"{timeout:g} s: {reason}")
+            sleep(UPGRADE_POLL)
+
+    def _forget_host_key(self, app: Any) -> None:
+        """The destroyed appliance's pinned SSH host key: its address may go to another."""
+        if self._ssh_open is None and not self.settings.ssh_key_file:
+            return
+        # a stale pin only makes a later appliance at that address unhealthy
+        with contextlib.suppress(VsphereAvError):
+            self._ssh(app).forget_host_key(reason="appliance replaced by appliances upgrade")
 
     def keep_signatures_current(self, *, version: int | None,
                                 version_dir: Path | None) -> list[ApplianceCheck]:

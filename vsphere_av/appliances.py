@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vsphere_av.appliance_image import IMAGE_KEY, image_id
 from vsphere_av.config import ApplianceSettings  # the [appliances] section, declared there
 from vsphere_av.errors import ApplianceError, VsphereAvError
 
@@ -38,6 +39,10 @@ ROLE_KEY = "vsphere-av.role"
 ROLE_VALUE = "appliance"
 HOST_KEY = "vsphere-av.host"
 ADDRESS_KEY = "guestinfo.ipaddress"
+# On an appliance deployed by `appliances upgrade` beside the one it replaces, until the
+# work moves to it: the moref of the old one. Scans and health rounds skip a standby;
+# reconcile neither counts it as a duplicate nor removes the appliance it replaces.
+STANDBY_KEY = "vsphere-av.standby"
 # OVF properties of the built appliance image (appliance/appliance.ovf.in) that a deploy
 # fills from the controller's own settings; the image's setup service reads them at boot.
 SSH_KEY_PROPERTY = "vsphere_av.ssh_authorized_key"
@@ -163,12 +168,17 @@ class Desired:
     clusters: frozenset[str] = frozenset()
     name_prefix: str = "vsphere-av-appliance-"
     addresses: tuple[str, ...] = ()
+    image: str = ""     # "sha256:<hex>" of the configured image; recorded on every deploy
 
     @classmethod
     def from_settings(cls, settings: ApplianceSettings) -> Desired:
         """Build from the ``[appliances]`` settings."""
+        try:
+            image = image_id(settings)
+        except ApplianceError:
+            image = ""      # an unreadable image: the deploy itself says why
         return cls(clusters=frozenset(settings.clusters), name_prefix=settings.name_prefix,
-                   addresses=tuple(settings.address_pool()))
+                   addresses=tuple(settings.address_pool()), image=image)
 
 
 # ----------------------------------------------------------------------------- actions
@@ -213,10 +223,13 @@ def _in_scope(desired: Desired, host: HostInfo) -> bool:
     return not desired.clusters or host.cluster_name in desired.clusters
 
 
-def _keeper(apps: Sequence[ApplianceVm], host: HostInfo, name: str) -> ApplianceVm:
-    """The one appliance to keep among several for the same host (deterministic)."""
-    def score(app: ApplianceVm) -> tuple[int, int, int, str]:
-        return (0 if app.host_id == host.id else 1,
+def _keeper(apps: Sequence[ApplianceVm], host: HostInfo, name: str,
+            image: str = "") -> ApplianceVm:
+    """The one appliance to keep among several for the same host (deterministic); one on
+    the configured image first (an interrupted upgrade keeps the new appliance)."""
+    def score(app: ApplianceVm) -> tuple[int, int, int, int, str]:
+        return (0 if image and app.extra_config.get(IMAGE_KEY) == image else 1,
+                0 if app.host_id == host.id else 1,
                 0 if app.power_state == POWERED_ON else 1,
                 0 if app.name == name else 1,
                 app.id)
@@ -244,7 +257,8 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
     scope = {h.id: h for h in observed.hosts if _in_scope(desired, h)}
     by_host: dict[str, list[ApplianceVm]] = {}
     for app in sorted(observed.appliances, key=lambda a: a.id):
-        by_host.setdefault(app.marker_host, []).append(app)
+        if not _standby_of_live(app, observed):   # an upgrade in progress owns it
+            by_host.setdefault(app.marker_host, []).append(app)
     taken = {a.extra_config.get(ADDRESS_KEY, "") for a in observed.appliances} | {
         a.address for a in observed.appliances}
     taken.discard("")
@@ -286,6 +300,8 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
             if host.maintenance:
                 continue  # nothing can be deployed onto a host in maintenance mode
             extra = dict(want_extra)
+            if desired.image:
+                extra[IMAGE_KEY] = desired.image
             address = _free_address(desired, taken)
             if address:
                 extra[ADDRESS_KEY] = address
@@ -297,11 +313,13 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
             add("power_on", host, host.id, name, reason="new appliance")
             continue
 
-        keep = _keeper(apps, host, name)
+        keep = _keeper(apps, host, name, desired.image)
         for dup in apps:
             if dup is not keep:
                 add("destroy", host, host.id, dup.name, dup.id, reason="duplicate appliance")
         drift = {k: v for k, v in want_extra.items() if keep.extra_config.get(k) != v}
+        if keep.extra_config.get(STANDBY_KEY):
+            drift[STANDBY_KEY] = ""    # the appliance it was to replace is gone: promote it
         if drift:
             add("configure", host, host.id, keep.name, keep.id,
                 reason="hardening or markers changed: " + ", ".join(sorted(drift)),
@@ -335,6 +353,101 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
 
     order = {kind: i for i, kind in enumerate(KINDS)}
     return sorted(actions, key=lambda a: order[a.kind])  # stable: host order kept per kind
+
+
+def _standby_of_live(app: ApplianceVm, observed: Observed) -> bool:
+    """True for an upgrade's new appliance while the appliance it replaces still exists."""
+    old = app.extra_config.get(STANDBY_KEY, "")
+    return bool(old) and any(a.id == old and a.marker_host == app.marker_host
+                             for a in observed.appliances)
+
+
+# ----------------------------------------------------------------------------- upgrade
+
+
+@dataclass(frozen=True)
+class UpgradeStep:
+    """One host's appliance to replace (``kind = "replace"``), or why a host is left alone
+    (``kind = "skip"``)."""
+
+    kind: str
+    host: str
+    host_id: str
+    old_vm: str = ""
+    old_vm_id: str = ""
+    old_image: str = ""
+    new_vm: str = ""
+    cluster_id: str = ""
+    reason: str = ""
+    extra_config: tuple[tuple[str, str], ...] = ()   # the new appliance's deploy keys
+    remove_first: tuple[str, ...] = ()   # standbys an interrupted upgrade left behind
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (the deploy keys are not printed: they hold nothing people need)."""
+        return {"kind": self.kind, "host": self.host, "host_id": self.host_id,
+                "old_vm": self.old_vm or None, "old_vm_id": self.old_vm_id or None,
+                "old_image": self.old_image or None, "new_vm": self.new_vm or None,
+                "remove_first": list(self.remove_first), "reason": self.reason}
+
+
+def upgrade_name(desired: Desired, host: HostInfo) -> str:
+    """The new appliance's name: ``<prefix><host>-<first 8 hex of the image>`` (never the
+    name of the appliance it replaces, which runs beside it until the move)."""
+    return f"{appliance_name(desired, host)}-{desired.image.removeprefix('sha256:')[:8]}"
+
+
+def plan_upgrade(desired: Desired, observed: Observed) -> list[UpgradeStep]:
+    """Which hosts' appliances to replace by one on ``desired.image``, in host-name order.
+
+    A host is replaced only when exactly one running appliance serves it (reconcile first
+    otherwise) and that one records another image; hosts in maintenance mode, disconnected
+    or without a running appliance are skipped with the reason. Pure.
+    """
+    if not desired.image:
+        raise ApplianceError("appliances upgrade needs an image: set appliances.ova (or ovf) "
+                             "with source = \"ovf\"")
+    taken = {a.extra_config.get(ADDRESS_KEY, "") for a in observed.appliances} | {
+        a.address for a in observed.appliances}
+    taken.discard("")
+    steps: list[UpgradeStep] = []
+    for host in sorted(observed.hosts, key=lambda h: (h.name, h.id)):
+        if not _in_scope(desired, host):
+            continue
+        apps = [a for a in observed.appliances if a.marker_host == host.id]
+        active = [a for a in apps if not _standby_of_live(a, observed)]
+        skip = ""
+        if not host.connected:
+            skip = "host disconnected"
+        elif host.maintenance:
+            skip = "host in maintenance mode"
+        elif len(active) != 1:
+            skip = ("no appliance: run appliances reconcile" if not active
+                    else "several appliances: run appliances reconcile")
+        elif active[0].power_state != POWERED_ON or active[0].host_id != host.id:
+            skip = "its appliance is not running on it: run appliances reconcile"
+        elif active[0].extra_config.get(IMAGE_KEY) == desired.image:
+            skip = "already on the image"
+        if skip:
+            old = active[0] if len(active) == 1 else None
+            steps.append(UpgradeStep("skip", host.name, host.id,
+                                     old_vm=old.name if old else "",
+                                     old_vm_id=old.id if old else "",
+                                     old_image=old.extra_config.get(IMAGE_KEY, "") if old else "",
+                                     reason=skip))
+            continue
+        old = active[0]
+        extra = {**expected_extra_config(host.id), IMAGE_KEY: desired.image, STANDBY_KEY: old.id}
+        address = _free_address(desired, taken)
+        if address:
+            extra[ADDRESS_KEY] = address
+        steps.append(UpgradeStep(
+            "replace", host.name, host.id, old_vm=old.name, old_vm_id=old.id,
+            old_image=old.extra_config.get(IMAGE_KEY, ""), new_vm=upgrade_name(desired, host),
+            cluster_id=host.cluster_id or "",
+            reason=f"image {old.extra_config.get(IMAGE_KEY) or 'unrecorded'} -> {desired.image}",
+            extra_config=tuple(sorted(extra.items())),
+            remove_first=tuple(sorted(a.id for a in apps if a not in active))))
+    return steps
 
 
 # ----------------------------------------------------------------------------- health
@@ -475,9 +588,13 @@ def apply(actions: Sequence[Action], *, adapter: ApplianceAdapter, audit: Audit,
 
 
 def _audit_details(action: Action, vm_id: str) -> dict[str, Any]:
-    return {"host": action.host, "host_id": action.host_id, "vm": action.vm,
-            "vm_id": vm_id or None, "cluster_id": action.cluster_id or None,
-            "reason": action.reason}
+    details = {"host": action.host, "host_id": action.host_id, "vm": action.vm,
+               "vm_id": vm_id or None, "cluster_id": action.cluster_id or None,
+               "reason": action.reason}
+    image = dict(action.extra_config).get(IMAGE_KEY)
+    if image:
+        details["image"] = image
+    return details
 
 
 def _perform(action: Action, vm_id: str, *, adapter: ApplianceAdapter) -> str:
@@ -516,6 +633,7 @@ class ReconcileResult:
     dry_run: bool = False
     down: Mapping[str, str] = field(default_factory=dict)   # host moref -> reason, after apply
     back: tuple[str, ...] = ()   # hosts whose appliance was down and runs again: rescan them
+    warnings: tuple[str, ...] = ()   # e.g. the bundled placeholder is the configured image
 
     @property
     def ok(self) -> bool:
@@ -529,7 +647,8 @@ class ReconcileResult:
         else:
             actions = [r.as_dict() for r in self.results]
         return {"actions": actions, "dry_run": self.dry_run, "ok": self.ok,
-                "down": dict(self.down), "back": list(self.back)}
+                "down": dict(self.down), "back": list(self.back),
+                "warnings": list(self.warnings)}
 
 
 def reconcile_once(*, adapter: ApplianceAdapter, audit: Audit, desired: Desired, actor: str,

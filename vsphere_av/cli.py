@@ -616,6 +616,8 @@ def appliances_reconcile(ctx: click.Context, dry_run: bool, as_json: bool) -> No
     """Make exactly one pinned, hardened, running appliance exist on every host."""
     result = _appliance_manager(ctx).reconcile(dry_run=dry_run)
     document = result.as_dict()
+    for warning in () if as_json else result.warnings:   # --json: in "warnings"
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         print_json(document)
     elif not document["actions"]:
@@ -624,6 +626,35 @@ def appliances_reconcile(ctx: click.Context, dry_run: bool, as_json: bool) -> No
         columns = ["kind", "host", "vm", "reason"] + ([] if dry_run else ["ok", "error"])
         print_table(document["actions"], columns,
                     title="appliance plan (dry run)" if dry_run else "appliance actions")
+    if not result.ok:
+        sys.exit(EXIT_ERROR)
+
+
+@appliances_group.command("upgrade")
+@click.option("--dry-run", is_flag=True, help="Print which hosts would be replaced; change "
+              "nothing.")
+@click.option("--json", "as_json", is_flag=True, help='Machine output: {"hosts": [...]}.')
+@click.pass_context
+def appliances_upgrade(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Replace appliances host by host with the configured image (deploy, check, move, remove)."""
+    from vsphere_av.engine.signatures import SignatureStore
+
+    manager = _appliance_manager(ctx)
+    store = SignatureStore(state_dir=manager.state_dir)
+    version = store.active_version()
+    result = manager.upgrade(dry_run=dry_run, expected_version=version or None,
+                             version_dir=store.root / f"v{version:04d}" if version else None)
+    document = result.as_dict()
+    for warning in () if as_json else result.warnings:   # --json: in "warnings"
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        print_json(document)
+    else:
+        columns = ["kind", "host", "old_vm", "new_vm", "reason"] if dry_run else \
+            ["host", "old_vm", "new_vm", "status", "move_seconds", "reason"]
+        print_table(document["hosts"], columns,
+                    title=f"appliance upgrade to {result.image}" + (" (dry run)" if dry_run
+                                                                    else ""))
     if not result.ok:
         sys.exit(EXIT_ERROR)
 

@@ -372,7 +372,7 @@ class ApiSettings:
 
 
 MAX_ADDRESSES = 4096
-DEFAULT_OVF = str(Path(__file__).resolve().parent / "data" / "appliance.ovf")
+DEFAULT_OVF = str(Path(__file__).resolve().parent / "data" / "appliance-placeholder.ovf")
 
 
 def expand_addresses(entries: Iterable[str]) -> list[str]:
@@ -434,7 +434,8 @@ class ApplianceSettings:
     enabled: Bool = False
     source: Annotated[Str, _rule(lambda s: s in ("ovf", "template"),
                                  "must be ovf or template")] = "ovf"
-    ovf: Str = DEFAULT_OVF
+    ovf: Str = DEFAULT_OVF                  # default: the bundled placeholder (tests only)
+    ova: Str = ""                           # a built image (make appliance); wins over ovf
     template: Str = ""                      # template VM name when source = "template"
     clusters: Names = ()                    # cluster names; empty = every host
     name_prefix: Annotated[Str, _rule(lambda p: 0 < len(p) <= 40,
@@ -452,6 +453,8 @@ class ApplianceSettings:
     engine_ca_file: Str = ""                # CA of the engine services' TLS certs: https if set
     restart_command: Str = "sudo -n systemctl restart vsphere-av-engine"  # run over SSH
     remote_state_dir: Str = "/var/lib/vsphere-av"   # the appliance engine's state directory
+    # seconds `appliances upgrade` waits for a new appliance to be healthy before removing it
+    upgrade_timeout: Seconds = 600.0
     # seconds between reconcile rounds inside `serve`
     interval: Annotated[int, Strict(), _rule(lambda i: i >= 1, "must be at least 1 second")] = 30
 

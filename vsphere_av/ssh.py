@@ -162,6 +162,34 @@ class ApplianceSsh:
                           details=self._details(key_type=key.get_name(),
                                                 fingerprint=fingerprint(key)))
 
+    def forget_host_key(self, *, reason: str) -> bool:
+        """Remove this address's pinned host key (the appliance behind it was destroyed by
+        us, so a new one may get the address); audited. False when nothing was pinned."""
+        name = known_hosts_name(self.host, self.port)
+        if not self.known_hosts.exists():
+            return False
+        with _KNOWN_HOSTS_LOCK, open(self.known_hosts.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            keys = self._load_known()
+            existing = keys.lookup(name)
+            if not existing:
+                return False
+            kept = paramiko.HostKeys()
+            for host_name in keys:
+                if host_name != name:
+                    for key_type, key in keys[host_name].items():
+                        kept.add(host_name, key_type, key)
+            tmp = self.known_hosts.with_name(f".known_hosts.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+            kept.save(str(tmp))
+            os.replace(tmp, self.known_hosts)
+        self.audit.append(actor=self.actor, action="appliance.ssh.host_key_forgotten",
+                          details=self._details(fingerprints=[fingerprint(k) for k in
+                                                              existing.values()],
+                                                reason=reason))
+        return True
+
     def _mismatch(self, got: paramiko.PKey, expected: paramiko.PKey) -> None:
         self.audit.append(actor=self.actor, action="appliance.ssh.host_key_mismatch",
                           details=self._details(expected=fingerprint(expected),

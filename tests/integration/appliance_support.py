@@ -170,8 +170,9 @@ def _start_sshd(config: Path, host: str, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("sshd did not start listening within 10 s")
 
 
-def start_sshd(directory: Path, host: str) -> Sshd:
-    """Start ``/usr/sbin/sshd`` on ``host`` (a free port) with its own host and client keys."""
+def start_sshd(directory: Path, host: str, port: int = 0) -> Sshd:
+    """Start ``/usr/sbin/sshd`` on ``host`` (``port``, or a free one) with its own host and
+    client keys."""
     if not os.path.exists(SSHD):
         raise RuntimeError(f"{SSHD} is missing: run `make system-deps` (openssh-server)")
     if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
@@ -185,7 +186,7 @@ def start_sshd(directory: Path, host: str) -> Sshd:
     authorized = directory / "authorized_keys"
     shutil.copy(client_key.with_suffix(".pub"), authorized)
     authorized.chmod(0o600)
-    port = free_port(host)
+    port = port or free_port(host)
     user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
     config = directory / "sshd_config"
     config.write_text("\n".join([

@@ -27,7 +27,7 @@ from vsphere_av.errors import ApplianceError
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "appliance" / "rootfs" / "usr" / "local" / "sbin" / "vsphere-av-setup"
 TEMPLATE = ROOT / "appliance" / "appliance.ovf.in"
-PLACEHOLDER = ROOT / "vsphere_av" / "data" / "appliance.ovf"
+PLACEHOLDER = ROOT / "vsphere_av" / "data" / "appliance-placeholder.ovf"
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 
 

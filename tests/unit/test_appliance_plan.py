@@ -232,7 +232,7 @@ def test_settings_defaults_and_values() -> None:
     assert s.enabled
     assert s.clusters == ("C1",)
     assert ap.Desired.from_settings(s).addresses == ("127.0.0.11", "127.0.0.12")
-    assert config.parse({}, env={}).appliances.ovf.endswith("appliance.ovf")
+    assert config.parse({}, env={}).appliances.ovf.endswith("appliance-placeholder.ovf")
 
 
 # ------------------------------------------------------------------ apply

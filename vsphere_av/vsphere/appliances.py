@@ -36,13 +36,14 @@ from typing import Any
 import requests
 from pyVmomi import vim
 
-from vsphere_av import errors
+from vsphere_av import appliance_image, errors
 from vsphere_av.appliances import (
     HOST_KEY,
     POWERED_OFF,
     POWERED_ON,
     ROLE_KEY,
     ROLE_VALUE,
+    STANDBY_KEY,
     ApplianceVm,
     Desired,
     HostInfo,
@@ -83,6 +84,7 @@ class ApplianceAddress:
     vm: str
     address: str        # guest.ipAddress from VMware Tools ("" while unknown)
     powered_on: bool
+    standby: bool = False   # deployed by an upgrade, not serving yet (see STANDBY_KEY)
 
 
 def _option_dict(options: Iterable[Any] | None) -> dict[str, str]:
@@ -104,6 +106,7 @@ class VsphereApplianceAdapter:
         self._settings = settings
         self._lock = threading.Lock()
         self.writes = 0
+        self.uploads: list[tuple[str, int]] = []   # (file name, bytes) put through NFC leases
 
     def __repr__(self) -> str:
         return f"VsphereApplianceAdapter({self._conn!r}, source={self._settings.source!r})"
@@ -195,7 +198,8 @@ class VsphereApplianceAdapter:
             if app.marker_host in names:
                 out.append(ApplianceAddress(
                     host_id=app.marker_host, host=names[app.marker_host], vm_id=app.id,
-                    vm=app.name, address=app.address, powered_on=app.power_state == POWERED_ON))
+                    vm=app.name, address=app.address, powered_on=app.power_state == POWERED_ON,
+                    standby=bool(app.extra_config.get(STANDBY_KEY))))
         return sorted(out, key=lambda a: (a.host, a.vm_id))
 
     def _host_context(self, host_id: str) -> dict[str, Any]:
@@ -273,7 +277,12 @@ class VsphereApplianceAdapter:
         spec.bootOptions = vim.vm.BootOptions(efiSecureBootEnabled=True)
 
     def _import_ovf(self, ctx: dict[str, Any], name: str, extra_config: Mapping[str, str]) -> str:
-        ovf_path = Path(self._settings.ovf).expanduser()
+        # An OVA is unpacked and checked against its manifest before anything is imported.
+        with appliance_image.descriptor(self._settings) as ovf_path:
+            return self._import_descriptor(ctx, name, extra_config, ovf_path)
+
+    def _import_descriptor(self, ctx: dict[str, Any], name: str,
+                           extra_config: Mapping[str, str], ovf_path: Path) -> str:
         try:
             if ovf_path.stat().st_size > MAX_OVF_BYTES:
                 raise errors.ApplianceError(f"OVF descriptor {ovf_path} is larger than 1 MiB")
@@ -360,6 +369,8 @@ class VsphereApplianceAdapter:
                 raise errors.ApplianceError(f"upload of {item.path} to {host_info.name}: "
                                             f"HTTP {response.status_code}")
             done += size
+            with self._lock:
+                self.uploads.append((item.path, size))
             percent = min(99, int(done * 100 / total))
             self._call("import progress", lambda _c, p=percent: lease.HttpNfcLeaseProgress(p))
 
