@@ -133,21 +133,7 @@ def power_off(sim: simulator.Simulator, names: list[str]) -> None:
 
 def main() -> None:
     """Parse arguments, run the sides in interleaved rounds, print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus-mb", type=int,
-                        default=int(os.environ.get("BENCH_CORPUS_MB", "200")),
-                        help="corpus size in MB (env BENCH_CORPUS_MB, default 200)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="local scan-files processes = VMs scanned at once (default: cores)")
-    parser.add_argument("--vms", type=int, default=0,
-                        help="VMs the tree is split over, per side (default: as many as jobs)")
-    default_rules = os.environ.get("BENCH_RULES", str(engine_bench.DEFAULT_RULES))
-    parser.add_argument("--rules", type=Path, default=Path(default_rules),
-                        help="YARA rule set imported on every side (default: signature-base)")
-    parser.add_argument("--min-kb", type=int, default=0,
-                        help="only files of at least this size (shows the per-file overhead)")
-    parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", "3")),
-                        help="interleaved rounds (env BENCH_REPEAT, default 3)")
+    parser = guest_scan.common_parser(__doc__)
     parser.add_argument("--no-guest", action="store_true",
                         help="leave the Guest Operations side out (no disk/guest ratio)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")

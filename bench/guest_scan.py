@@ -209,23 +209,29 @@ def measure_scan(cmd: list[str], env: dict[str, str], sim: simulator.Simulator) 
             "peak_per_host": rep["peak_per_host"], "report": rep}
 
 
-def main() -> None:
-    """Parse arguments, run both sides in interleaved rounds, print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every scan benchmark takes (also ``bench/disk_scan.py``'s)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--corpus-mb", type=int,
                         default=int(os.environ.get("BENCH_CORPUS_MB", "200")),
                         help="corpus size in MB (env BENCH_CORPUS_MB, default 200)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="local scan-files processes = VMs scanned at once (default: cores)")
     parser.add_argument("--vms", type=int, default=0,
-                        help="VMs the tree is split over (default: as many as jobs)")
+                        help="VMs the tree is split over, per side (default: as many as jobs)")
     default_rules = os.environ.get("BENCH_RULES", str(engine_bench.DEFAULT_RULES))
     parser.add_argument("--rules", type=Path, default=Path(default_rules),
-                        help="YARA rule set imported on both sides (default: signature-base)")
+                        help="YARA rule set imported on every side (default: signature-base)")
     parser.add_argument("--min-kb", type=int, default=0,
                         help="only files of at least this size (shows the per-file overhead)")
     parser.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", "3")),
                         help="interleaved rounds (env BENCH_REPEAT, default 3)")
+    return parser
+
+
+def main() -> None:
+    """Parse arguments, run both sides in interleaved rounds, print the comparison."""
+    parser = common_parser(__doc__)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--transfers-only", metavar="VM", nargs="+",
                         help=argparse.SUPPRESS)     # internal: the ceiling run, as a child
