@@ -6,9 +6,11 @@ import base64
 import hashlib
 import http.client
 import ssl
+from typing import Any
 
 import pytest
 import requests
+import urllib3
 from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
@@ -181,3 +183,30 @@ def test_pyvmomi_thumbprint_mismatch_names_both() -> None:
     assert isinstance(err, errors.TlsVerificationError)
     assert "aa" * 32 in str(err)
     assert "bb" * 32 in str(err)
+
+
+def _as_requests_does(reason: BaseException) -> BaseException:
+    from urllib3.exceptions import MaxRetryError
+
+    return requests.exceptions.SSLError(MaxRetryError(None, "/folder/x", reason))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    # the host or vCenter stopping during the handshake: an outage the controller retries
+    (lambda: _as_requests_does(urllib3.exceptions.SSLError(
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))), errors.ConnectionLost),
+    (lambda: _as_requests_does(urllib3.exceptions.SSLError(ConnectionResetError(104, "reset"))),
+     errors.ConnectionLost),
+    # a certificate that does not verify or a pin that does not match stays a TLS refusal
+    (lambda: _as_requests_does(urllib3.exceptions.SSLError(
+        'Fingerprints did not match. Expected "aa", got "bb"')), errors.TlsVerificationError),
+    (lambda: _as_requests_does(urllib3.exceptions.SSLError(
+        ssl.SSLCertVerificationError(1, "certificate verify failed"))),
+     errors.TlsVerificationError),
+    (lambda: ssl.SSLCertVerificationError(1, "certificate verify failed"),
+     errors.TlsVerificationError),
+])
+def test_ssl_errors_a_cut_handshake_is_an_outage_a_failed_verification_is_not(
+        make: Any, kind: type[Exception]) -> None:
+    err = translate(make(), what="read x")
+    assert type(err) is kind

@@ -84,6 +84,10 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
     if isinstance(exc, vim.fault.GuestOperationsFault):
         return errors.GuestError(f"{what}: {type(exc).__name__} ({text})")
     if isinstance(exc, ssl.SSLCertVerificationError | requests.exceptions.SSLError):
+        if _handshake_cut(exc):
+            # The peer went away during the handshake (a host or vCenter stopping): an
+            # outage, not a certificate that failed to verify.
+            return errors.ConnectionLost(f"{what}: unreachable: {_one_line(exc)}")
         return errors.TlsVerificationError(f"{what}: TLS verification failed: {_one_line(exc)}")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         # A body cut short: this transfer's trouble; the next call tells whether the peer is gone.
@@ -95,6 +99,29 @@ def translate(exc: BaseException, *, what: str) -> errors.VsphereAvError:
     if isinstance(exc, vmodl.MethodFault):
         return errors.VsphereError(f"{what}: {type(exc).__name__} ({text})")
     return errors.VsphereError(f"{what}: {type(exc).__name__}: {_one_line(exc)}")
+
+
+_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ConnectionError)
+
+
+def _handshake_cut(exc: BaseException) -> bool:
+    """True when an SSL error was the connection closing, not a failed verification.
+
+    requests wraps urllib3's MaxRetryError, whose ``reason`` wraps the ``ssl`` error: follow
+    causes, contexts, ``reason`` and exception arguments (bounded) to the bottom.
+    """
+    seen: list[BaseException] = [exc]
+    for current in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(current, _CUT):
+            return True
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None),
+                  *current.args]
+        seen.extend(e for e in linked if isinstance(e, BaseException) and e not in seen)
+        if len(seen) > 20:
+            break
+    return False
 
 
 def _one_line(exc: BaseException) -> str:
