@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -104,15 +103,10 @@ def _read_disk_vm(name: str) -> tuple[int, int]:
 
 def disk_reads_only(names: list[str]) -> None:
     """The "disk reads only" side (run as a child): one process per VM, JSON on stdout."""
-    # Imported before the clock starts and before forking, as the CLI is before it scans.
     from vsphere_av import config  # noqa: F401
     from vsphere_av.scan import sources  # noqa: F401
     from vsphere_av.vsphere import connection, disks, inventory  # noqa: F401
-    started = time.monotonic()
-    with multiprocessing.get_context("fork").Pool(len(names)) as pool:
-        got = pool.map(_read_disk_vm, names)
-    print(json.dumps({"seconds": time.monotonic() - started, "files": sum(f for f, _ in got),
-                      "bytes": sum(b for _, b in got)}))
+    guest_scan.read_in_processes(names, _read_disk_vm)
 
 
 def power_off(sim: simulator.Simulator, names: list[str]) -> None:

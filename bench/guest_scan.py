@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -149,16 +150,24 @@ def _read_vm(name: str) -> tuple[int, int]:
         conn.close()
 
 
-def transfers_only(names: list[str]) -> None:
-    """The "transfers only" side (run as a child): one process per VM, JSON on stdout."""
-    # Imported before the clock starts and before forking, as the CLI is before it scans.
-    from vsphere_av import config  # noqa: F401
-    from vsphere_av.vsphere import connection, guest, inventory  # noqa: F401
+def read_in_processes(names: list[str], read_vm: Callable[[str], tuple[int, int]]) -> None:
+    """A ceiling run (as a child): ``read_vm`` for each VM, one process per VM, JSON on stdout.
+
+    The caller imports what ``read_vm`` needs first, before the clock starts and before
+    forking, as the CLI has before it scans.
+    """
     started = time.monotonic()
     with multiprocessing.get_context("fork").Pool(len(names)) as pool:
-        got = pool.map(_read_vm, names)
+        got = pool.map(read_vm, names)
     print(json.dumps({"seconds": time.monotonic() - started, "files": sum(f for f, _ in got),
                       "bytes": sum(b for _, b in got)}))
+
+
+def transfers_only(names: list[str]) -> None:
+    """The "transfers only" side (run as a child): one process per VM, JSON on stdout."""
+    from vsphere_av import config  # noqa: F401
+    from vsphere_av.vsphere import connection, guest, inventory  # noqa: F401
+    read_in_processes(names, _read_vm)
 
 
 def _measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, dict]:
