@@ -94,6 +94,18 @@ def _rule(check: Callable[[Any], bool], words: str) -> AfterValidator:
     return AfterValidator(validate)
 
 
+def _parsed_by(parse: Callable[[Any], object]) -> AfterValidator:
+    """A validator that runs ``parse`` on the value at load time (a malformed value fails
+    now, not later in a loop or a deploy) and keeps the value; its ConfigError is the line."""
+    def validate(value: Any) -> Any:
+        try:
+            parse(value)
+        except ConfigError as exc:
+            raise PydanticCustomError("config_line", str(exc)) from exc
+        return value
+    return AfterValidator(validate)
+
+
 def _as_tuple(value: Any) -> Any:
     """A string or a list of strings as a tuple (TOML has lists; one name may stand alone)."""
     if isinstance(value, str):
@@ -291,22 +303,13 @@ def parse_syslog_target(text: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or SYSLOG_PORTS[parts.scheme]
 
 
-def _syslog_target(text: str) -> str:
-    if text:
-        try:
-            parse_syslog_target(text)     # a malformed target fails now, not in the loop
-        except ConfigError as exc:
-            raise PydanticCustomError("config_line", str(exc)) from exc
-    return text
-
-
 @with_config(_TABLE)
 @dataclass(frozen=True)
 class SiemSettings:
     """Forwarding the audit log to a SIEM over syslog (``siem.py``); off while target is ""."""
 
     # tls://host:port (RFC 5425), tcp://host:port, udp://host:port
-    target: Annotated[Str, AfterValidator(_syslog_target)] = ""
+    target: Annotated[Str, _parsed_by(lambda t: t and parse_syslog_target(t))] = ""
     # cef | jsonl: the syslog message body
     format: Annotated[Str, _rule(lambda f: f in ("cef", "jsonl"), "must be cef or jsonl")] = "cef"
     # tcp/tls: octet-counting (RFC 6587) | newline
@@ -418,14 +421,6 @@ def expand_addresses(entries: Iterable[str]) -> list[str]:
     return out
 
 
-def _address_pool(entries: tuple[str, ...]) -> tuple[str, ...]:
-    try:
-        expand_addresses(entries)     # validate now, not at deploy time
-    except ConfigError as exc:
-        raise PydanticCustomError("config_line", str(exc)) from exc
-    return entries
-
-
 @with_config(_TABLE)
 @dataclass(frozen=True)
 class ApplianceSettings:
@@ -444,7 +439,7 @@ class ApplianceSettings:
     network: Str = ""                       # empty: the host's first network
     folder: Str = ""                        # VM folder name; empty: the datacenter's VM folder
     # pool: "127.0.0.11", "127.0.0.11-127.0.0.40", CIDR
-    addresses: Annotated[Names, AfterValidator(_address_pool)] = ()
+    addresses: Annotated[Names, _parsed_by(expand_addresses)] = ()
     ssh_user: Str = "vsphere-av"
     ssh_port: Port = 22
     ssh_key_file: Str = ""                  # private key (keys only, never passwords)
