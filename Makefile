@@ -75,7 +75,7 @@ integration: install vcsim
 	$(BIN)/pytest -q tests/integration
 
 demo: install vcsim
-	$(PY) -m vsphere_av.demo
+	$(PY) -m vsphere_av.lab.demo
 
 bench-engine: install
 	$(PY) bench/engine.py
@@ -92,6 +92,7 @@ bench-storm: install vcsim
 lint: install
 	$(BIN)/ruff check vsphere_av tests bench appliance $(APPLIANCE_SETUP)
 	$(BIN)/mypy vsphere_av appliance/ovf.py tests/appliance $(APPLIANCE_SETUP)
+	$(BIN)/lint-imports
 
 # build/appliance/vsphere-av-appliance-VERSION.ova (+ .mf); prints build time and sizes.
 appliance: install

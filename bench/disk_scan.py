@@ -58,7 +58,7 @@ sys.path.insert(0, str(HERE))
 import engine as engine_bench  # noqa: E402  (bench/engine.py: corpus builder, sampler)
 import guest_scan  # noqa: E402  (bench/guest_scan.py: tree, split, rules, measured runs)
 
-from vsphere_av import simulator  # noqa: E402
+from vsphere_av.lab import simulator  # noqa: E402
 
 GOAL_LOCAL = 0.8
 GOAL_GUEST = 3.0

@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 
 import engine as engine_bench  # noqa: E402  (bench/engine.py: corpus builder, sampler)
 
-from vsphere_av import simulator  # noqa: E402
+from vsphere_av.lab import simulator  # noqa: E402
 
 GOAL = 0.7
 

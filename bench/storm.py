@@ -2,7 +2,7 @@
 
 Run by ``make bench-storm`` (full size: 4 hosts x 50 VMs) or, smaller,
 ``.venv/bin/python bench/storm.py --hosts 2 --vms-per-host 10``.
-Calls the bundled simulator (``vsphere_av.simulator``), pyVmomi (to clone and power VMs, as
+Calls the bundled simulator (``vsphere_av.lab.simulator``), pyVmomi (to clone and power VMs, as
 an administrator would) and the real controller in-process (``app.start_controller``: the
 same threads as ``vsphere-av serve``), with the real engine and SQLite state.
 
@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
 from pyVmomi import vim  # noqa: E402
 
-from vsphere_av import config, simulator  # noqa: E402
+from vsphere_av import config  # noqa: E402
 from vsphere_av.app import App, start_controller  # noqa: E402
+from vsphere_av.lab import simulator  # noqa: E402
 from vsphere_av.store.audit import AuditLog  # noqa: E402
 
 

@@ -1,13 +1,25 @@
 """Plain data shared by every layer: frozen dataclasses and NewType ids. No behaviour.
 
-Built by the vSphere adapter (``vsphere_av.vsphere``) and the state store; read by
-``scanning``, ``app``, the CLI and the controller. Nothing here talks to anything.
+Built by the vSphere adapter (``vsphere_av.vsphere``) and the stores; read by every layer
+above them (``scan``, ``controller``, ``fleet``, ``app``, the CLI and the API). Nothing here
+talks to anything. The types two layers exchange live here, so that neither imports the
+other: the watch stream (:class:`ObjectChange`, :class:`VcEvent`, :class:`EventCursor`), scan
+jobs (:class:`Job`, :class:`Priority`, :class:`TimeWindow`) and the one audit interface
+(:class:`Audit`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NewType
+from datetime import UTC, datetime, time, timedelta
+from enum import IntEnum
+from typing import Any, NewType, Protocol
+
+from vsphere_av.errors import ConfigError
+
+_HHMM = re.compile(r"^\d{2}:\d{2}$")
 
 VmId = NewType("VmId", str)              # VirtualMachine moref value, e.g. "vm-42"
 HostId = NewType("HostId", str)          # HostSystem moref value, e.g. "host-21"
@@ -252,3 +264,153 @@ class ScanSnapshot:
 
     snapshot: SnapshotRef
     disks: tuple[VirtualDiskInfo, ...]
+
+
+@dataclass(frozen=True)
+class ObjectChange:
+    """One object's changed properties from WaitForUpdatesEx, as plain values."""
+
+    kind: str                                    # "VirtualMachine" | "HostSystem"
+    moref: str
+    op: str                                      # "enter" | "modify" | "leave"
+    changes: tuple[tuple[str, Any], ...] = ()    # (property path, plain value or None)
+
+
+@dataclass(frozen=True)
+class VcEvent:
+    """One vCenter event, reduced to what the controller reads."""
+
+    key: int
+    created: datetime
+    type_id: str                 # class name ("VmPoweredOnEvent") or EventEx eventTypeId
+    vm: str = ""                 # VM moref the event is about
+    vm_name: str = ""
+    host: str = ""               # host moref (the destination for migrations)
+    source_host: str = ""        # migrations: where the VM came from
+    description_id: str = ""     # TaskEvent: the task's descriptionId
+    message: str = ""
+
+
+# -- what the controller gets back ------------------------------------------------------
+
+
+VM_PROPERTIES: tuple[str, ...] = (
+    "name", "runtime.powerState", "runtime.host", "guest.toolsRunningStatus",
+    "snapshot.currentSnapshot", "config.template", "config.instanceUuid",
+)
+
+
+HOST_PROPERTIES: tuple[str, ...] = ("name", "runtime.connectionState",
+                                    "runtime.inMaintenanceMode")
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """Where the event tail stopped: last processed key and that event's createdTime (ISO)."""
+
+    key: int
+    time: str
+
+
+class Priority(IntEnum):
+    """Lower value runs first."""
+
+    INSTANT_ON = 0
+    ON_DEMAND = 1
+    SWEEP = 2
+    SCHEDULED = 3
+
+    @property
+    def label(self) -> str:
+        """Lower-case name used in the store, JSON and the audit log."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def parse(cls, value: str | int) -> Priority:
+        """Accept a Priority value, its number or its label."""
+        if isinstance(value, int):
+            return cls(value)
+        for member in cls:
+            if value in (member.label, member.name):
+                return member
+        raise ConfigError(f"unknown priority {value!r}")
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Daily window [start, end) in UTC; end before start wraps midnight (22:00-06:00)."""
+
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, text: str) -> TimeWindow:
+        """Parse 'HH:MM-HH:MM'."""
+        try:
+            left, right = text.split("-")
+            if not all(_HHMM.match(part.strip()) for part in (left, right)):
+                raise ValueError(text)
+            start = time.fromisoformat(left.strip())
+            end = time.fromisoformat(right.strip())
+        except ValueError as exc:
+            raise ConfigError(f"time window must look like 22:00-06:00, got {text!r}") from exc
+        if start == end:
+            raise ConfigError(f"time window {text!r} is empty")
+        return cls(start, end)
+
+    def __str__(self) -> str:
+        return f"{self.start.strftime('%H:%M')}-{self.end.strftime('%H:%M')}"
+
+    def contains(self, at: datetime) -> bool:
+        """True when ``at`` falls inside the window."""
+        t = at.astimezone(UTC).time().replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= t < self.end
+        return t >= self.start or t < self.end
+
+    def next_open(self, after: datetime) -> datetime:
+        """The moment the window is next open at or after ``after`` (``after`` if open now)."""
+        after = after.astimezone(UTC)
+        if self.contains(after):
+            return after
+        candidate = after.replace(hour=self.start.hour, minute=self.start.minute, second=0,
+                                  microsecond=0)
+        if candidate <= after:
+            candidate += timedelta(days=1)
+        return candidate
+
+    def closes_at(self, at: datetime) -> datetime:
+        """When the window that contains ``at`` closes (``at`` itself if it is closed)."""
+        at = at.astimezone(UTC)
+        if not self.contains(at):
+            return at
+        candidate = at.replace(hour=self.end.hour, minute=self.end.minute, second=0, microsecond=0)
+        if candidate <= at:
+            candidate += timedelta(days=1)
+        return candidate
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of scan work for one VM. The worker re-reads the VM's state before acting."""
+
+    job_id: int
+    vm: str                      # VM moref
+    host: str                    # host moref the VM runs on (the queue it waits in)
+    priority: Priority
+    seq: int                     # arrival order; FIFO within a priority
+    full: bool = False           # read every byte (no incremental / shared-verdict shortcuts)
+    reason: str = ""
+    not_before: float = 0.0      # epoch seconds; jitter and retry backoff
+    window: TimeWindow | None = None
+    attempts: int = 0
+    resume_after: str = ""       # guest path a window-limited scan stopped after
+
+
+class Audit(Protocol):
+    """Where security-relevant actions are recorded: ``store.audit.AuditLog`` (the one
+    implementation) as every layer that records sees it."""
+
+    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
+        """Record one entry; raise rather than lose it."""
+        ...

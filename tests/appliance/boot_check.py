@@ -51,10 +51,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from vsphere_av.engine.remote import EngineClient
 from vsphere_av.engine.signatures import SignatureStore
-from vsphere_av.engine_service import EngineClient
 from vsphere_av.errors import EngineError, HostKeyMismatch
-from vsphere_av.ssh import ApplianceSsh, fingerprint
+from vsphere_av.fleet.ssh import ApplianceSsh, fingerprint
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
@@ -300,9 +300,10 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
     on. The simulator shows an import's vApp properties as extraConfig."""
     from pyVmomi import vim
 
-    from vsphere_av import appliances as ap
-    from vsphere_av import config, simulator
+    from vsphere_av import config
     from vsphere_av.config import Secret, VcenterSettings
+    from vsphere_av.fleet import plan as ap
+    from vsphere_av.lab import simulator
     from vsphere_av.store.audit import AuditLog
     from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
     from vsphere_av.vsphere.connection import connect

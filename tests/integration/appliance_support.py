@@ -27,7 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from vsphere_av import config, simulator
+from vsphere_av import config
+
+# The EICAR test file, assembled at run time so this source file is not itself a detection.
+from vsphere_av.lab import simulator
 
 # The EICAR test file, assembled at run time so this source file is not itself a detection.
 EICAR = bytes.fromhex(

@@ -1,13 +1,13 @@
 """Shared fixtures for integration tests: the bundled vSphere simulator (``build/vcsim``).
 
-Called by pytest for every test under ``tests/integration``; calls ``vsphere_av.simulator``
+Called by pytest for every test under ``tests/integration``; calls ``vsphere_av.lab.simulator``
 (which runs the binary) and pyVmomi (tests may use it directly to drive the simulator).
 
 - ``vcsim``: one simulator for the whole session with the default inventory (1 datacenter,
   1 cluster, 3 hosts, 2 VMs: DC0_C0_RP0_VM0 and DC0_C0_RP0_VM1). Read-only use: a test that
   changes inventory (power, snapshots, clones, guest files it leaves behind) uses the factory.
 - ``vcsim_factory(**kwargs)``: a fresh simulator process with its own temporary guest root;
-  keyword arguments are those of ``vsphere_av.simulator.start``; stopped at teardown.
+  keyword arguments are those of ``vsphere_av.lab.simulator.start``; stopped at teardown.
 - ``sim``: a private simulator (from the factory) shaped by the test's ``vcsim`` marker, e.g.
   ``pytestmark = pytest.mark.vcsim(hosts=2, vms=4)``.
 - ``connect(sim)``: a pyVmomi ServiceInstance trusting exactly that simulator's certificate;
@@ -29,7 +29,8 @@ import pytest
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
-from vsphere_av import config, errors, simulator
+from vsphere_av import config, errors
+from vsphere_av.lab import simulator
 
 SimulatorFactory = Callable[..., simulator.Simulator]
 

@@ -19,8 +19,9 @@ from conftest import all_vms, env_for, wait_task
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.app import ControllerRuntime, start_controller
+from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vsphere_av.quarantine import Quarantine
 from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.quarantine import Quarantine
 from vsphere_av.store.state import StateStore
 
 CLI = [sys.executable, "-m", "vsphere_av"]

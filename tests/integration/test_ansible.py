@@ -28,7 +28,8 @@ import pytest
 from conftest import SimulatorFactory, connect
 from pyVmomi import vim
 
-from vsphere_av import config, simulator
+from vsphere_av import config
+from vsphere_av.lab import simulator
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"

@@ -24,11 +24,12 @@ import httpx2 as httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from vsphere_av import access, config, errors, simulator
+from vsphere_av import config, errors
 from vsphere_av.api import ApiServer
 from vsphere_av.api.server import BodyLimit, create_app
 from vsphere_av.api.tokens import TokenStore
-from vsphere_av.app import App
+from vsphere_av.app import App, access
+from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from conftest import SimulatorFactory, all_vms, connect, env_for, wait_task
 from pyVmomi import vim
 
-from vsphere_av import simulator
 from vsphere_av.cli import main
+from vsphere_av.lab import simulator
 
 
 def _env(sim: simulator.Simulator, tmp_path: Path) -> dict[str, str]:

@@ -17,10 +17,11 @@ import pytest
 from appliance_support import EICAR, appliance_settings
 from conftest import SimulatorFactory, connect, plant, vm_named, wait_task
 
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.app import App
 from vsphere_av.engine import Engine
-from vsphere_av.engine_service import EngineClient, EngineService
+from vsphere_av.engine.remote import EngineClient, EngineService
+from vsphere_av.lab import simulator
 from vsphere_av.vsphere import inventory
 
 TOKEN = "dispatch-token-0123456789abcdef"
@@ -53,7 +54,7 @@ def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
     settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.81-127.0.0.90",
                                         token=TOKEN)
     with App(settings, actor="tester") as app:
-        from vsphere_av.appliance_manager import open_manager
+        from vsphere_av.fleet.manager import open_manager
         manager = open_manager(settings, connection=app.connection, audit=app.audit,
                                actor="tester")
         assert manager.reconcile().ok
@@ -113,7 +114,7 @@ def test_appliance_down_means_unprotected_and_waiting_then_resumed(world: World)
         waiting = app.scan_one(vm)
         assert waiting.status == "error"
         assert waiting.reason == "appliance down"
-        from vsphere_av.appliance_manager import open_manager
+        from vsphere_av.fleet.manager import open_manager
         manager = open_manager(world.settings, connection=app.connection, audit=app.audit,
                                actor="tester")
         healed = manager.reconcile()

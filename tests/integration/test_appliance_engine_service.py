@@ -14,7 +14,7 @@ from appliance_support import EICAR, FileServer, iter_bytes, self_signed
 
 from vsphere_av import config
 from vsphere_av.engine import Engine
-from vsphere_av.engine_service import (
+from vsphere_av.engine.remote import (
     EngineClient,
     EngineService,
     RemoteEngine,

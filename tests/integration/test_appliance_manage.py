@@ -20,10 +20,10 @@ from conftest import SimulatorFactory
 
 from vsphere_av import config
 from vsphere_av.app import App
-from vsphere_av.appliance_manager import ApplianceManager, open_manager, read_health
 from vsphere_av.engine import Engine
-from vsphere_av.engine_service import EngineService
-from vsphere_av.ssh import ApplianceSsh
+from vsphere_av.engine.remote import EngineService
+from vsphere_av.fleet.manager import ApplianceManager, open_manager, read_health
+from vsphere_av.fleet.ssh import ApplianceSsh
 
 TOKEN = "manage-token-0123456789abcdef"
 

@@ -24,10 +24,10 @@ from click.testing import CliRunner
 from conftest import SimulatorFactory, env_for
 from test_appliance_reconcile import make_rig
 
-from vsphere_av import appliances as ap
-from vsphere_av.appliance_image import IMAGE_KEY, file_sha256
 from vsphere_av.cli import main
 from vsphere_av.config import DEFAULT_OVF
+from vsphere_av.fleet import plan as ap
+from vsphere_av.fleet.image import IMAGE_KEY, file_sha256
 
 NAME = "test-appliance"
 DISK = f"{NAME}-disk1.vmdk"

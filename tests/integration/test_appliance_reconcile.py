@@ -14,9 +14,10 @@ import pytest
 from conftest import SimulatorFactory, connect, vm_named, wait_task
 from pyVmomi import vim
 
-from vsphere_av import appliances as ap
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.config import Secret, VcenterSettings
+from vsphere_av.fleet import plan as ap
+from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
 from vsphere_av.vsphere.connection import Connection

@@ -17,10 +17,10 @@ import pytest
 from appliance_support import EICAR, Sshd, start_sshd
 
 from vsphere_av import config
-from vsphere_av import ssh as ssh_mod
 from vsphere_av.engine import Engine
 from vsphere_av.errors import ApplianceError, HostKeyMismatch
-from vsphere_av.ssh import ApplianceSsh
+from vsphere_av.fleet import ssh as ssh_mod
+from vsphere_av.fleet.ssh import ApplianceSsh
 from vsphere_av.store.audit import AuditLog
 
 TOKEN = "ssh-test-token-0123456789abcdef"

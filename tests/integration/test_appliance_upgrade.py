@@ -26,11 +26,11 @@ from test_appliance_ova import build_ova
 
 from vsphere_av import config
 from vsphere_av.app import App
-from vsphere_av.appliance_image import IMAGE_KEY, file_sha256
-from vsphere_av.appliance_manager import ApplianceManager, open_manager
 from vsphere_av.cli import main
 from vsphere_av.engine import Engine
-from vsphere_av.engine_service import EngineClient, EngineService
+from vsphere_av.engine.remote import EngineClient, EngineService
+from vsphere_av.fleet.image import IMAGE_KEY, file_sha256
+from vsphere_av.fleet.manager import ApplianceManager, open_manager
 from vsphere_av.vsphere import inventory
 
 TOKEN = "upgrade-token-0123456789abcdef"

@@ -16,8 +16,8 @@ from conftest import all_vms, plant, settings_for
 from controller_support import Admin, admin, audit_entries, running_controller, wait_for
 from pyVmomi import vim
 
-from vsphere_av import simulator
 from vsphere_av.app import ControllerRuntime
+from vsphere_av.lab import simulator
 
 WORKLOAD = "DC0_C0_RP0_VM0"
 APPLIANCES = "[appliances]\nenabled = true\ninterval = 1\naddresses = ['127.0.0.61-127.0.0.70']\n"

@@ -16,8 +16,8 @@ import pytest
 from conftest import plant, settings_for
 from controller_support import EICAR, admin, audit_entries, cli_env, running_controller, wait_for
 
-from vsphere_av import simulator
 from vsphere_av.app import ControllerRuntime
+from vsphere_av.lab import simulator
 
 CLEAN, DIRTY = "DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"
 pytestmark = pytest.mark.vcsim(hosts=2, vms=2)

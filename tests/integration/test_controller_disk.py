@@ -32,8 +32,9 @@ from controller_support import (
 from pyVmomi import vim
 
 import vsphere_av.engine
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.app import ControllerRuntime, hand_over_scan
+from vsphere_av.lab import simulator
 from vsphere_av.store.jobs import JobStore
 
 FSTAB = b"LABEL=root / ext4 defaults 0 1\n"

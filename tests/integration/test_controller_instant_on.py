@@ -14,8 +14,8 @@ import pytest
 from conftest import plant, settings_for, wait_task
 from controller_support import EICAR, admin, audit_entries, running_controller, wait_for
 
-from vsphere_av import simulator
 from vsphere_av.app import ControllerRuntime, instant_on_timeline
+from vsphere_av.lab import simulator
 from vsphere_av.store.jobs import JobStore
 
 INFECTED, CLEAN, REVERTED, OTHER = (f"DC0_C0_RP0_VM{i}" for i in range(4))

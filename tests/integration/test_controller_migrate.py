@@ -14,7 +14,7 @@ from conftest import plant, settings_for, wait_task
 from controller_support import admin, audit_entries, running_controller, wait_for
 from pyVmomi import vim
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 
 BLOCKER_SIZE = 512 * 1024 * 1024
 pytestmark = pytest.mark.vcsim(hosts=2, vms=4)

@@ -19,11 +19,11 @@ from typing import Any
 from conftest import SimulatorFactory, plant, settings_for
 from controller_support import audit_entries, running_controller, wait_for
 
-from vsphere_av import simulator
 from vsphere_av.app import App
 from vsphere_av.config import Secret
+from vsphere_av.lab import simulator
 from vsphere_av.models import PROTECTED, UNPROTECTED
-from vsphere_av.scanning import scan_vm
+from vsphere_av.scan.job import scan_vm
 from vsphere_av.vsphere import inventory
 from vsphere_av.vsphere.guest import Download, GuestFiles
 

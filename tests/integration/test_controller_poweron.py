@@ -17,8 +17,9 @@ from conftest import plant, settings_for, wait_task
 from controller_support import EICAR, Admin, admin, audit_entries, running_controller, wait_for
 from pyVmomi import vim
 
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.app import ControllerRuntime
+from vsphere_av.lab import simulator
 from vsphere_av.store.jobs import JobStore
 
 INFECTED, SPARE = "DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"
@@ -174,7 +175,7 @@ def test_clean_rescan_rule_releases_on_a_clean_full_rescan(
         assert len(_exposures(state, moref)) == 1
         assert _cut(a, INFECTED)
         # A clean incremental rescan is not enough; a clean full one releases.
-        from vsphere_av.scheduling import Priority
+        from vsphere_av.models import Priority
         rt.controller.scheduler.submit(vm=moref, host=a.host_of(INFECTED),
                                        priority=Priority.SWEEP, reason="test sweep")
         wait_for(lambda: rt.controller.stats.results.get("clean", 0) >= 1, timeout=30,

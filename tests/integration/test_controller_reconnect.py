@@ -12,7 +12,7 @@ import pytest
 from conftest import plant, settings_for, wait_task
 from controller_support import admin, running_controller, wait_for
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 
 VM = "DC0_C0_RP0_VM0"
 pytestmark = pytest.mark.vcsim(hosts=1, vms=1)

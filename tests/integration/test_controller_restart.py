@@ -21,12 +21,13 @@ import pytest
 from conftest import plant, settings_for, wait_task
 from controller_support import EICAR, admin, audit_entries, cli_env, wait_for
 
-from vsphere_av import simulator
-from vsphere_av.store.jobs import EventCursor, JobStore
+from vsphere_av.controller.attention import WATCHED_EVENT_TYPES
+from vsphere_av.lab import simulator
+from vsphere_av.models import EventCursor
+from vsphere_av.store.jobs import JobStore
 from vsphere_av.store.state import StateStore
 from vsphere_av.vsphere.connection import connect
 from vsphere_av.vsphere.watching import EventTail
-from vsphere_av.watching import WATCHED_EVENT_TYPES
 
 BIG_A, BIG_B, LATE = (f"DC0_C0_RP0_VM{i}" for i in range(3))
 INFECTED_PATHS = ("/aaa/eicar-early.com", "/srv/zzz/eicar-late.com")

@@ -14,8 +14,8 @@ import pytest
 from conftest import plant, settings_for
 from controller_support import audit_entries, running_controller, wait_for
 
-from vsphere_av import simulator
-from vsphere_av.scheduling import Priority
+from vsphere_av.lab import simulator
+from vsphere_av.models import Priority
 
 TOML = """
 [[schedule]]

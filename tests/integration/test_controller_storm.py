@@ -21,7 +21,7 @@ from controller_support import (
     wait_for,
 )
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 from vsphere_av.store.jobs import JobStore
 
 VMS = 40

@@ -17,7 +17,7 @@ from conftest import plant, settings_for
 from controller_support import audit_entries, cli_env, running_controller, wait_for
 
 import vsphere_av.engine
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 
 VMS = [f"DC0_C0_RP0_VM{i}" for i in range(3)]
 MARKER_RULE = 'rule Sweep_Test_Marker { strings: $a = "SWEEP-TEST-MARKER-7f3a" condition: $a }\n'

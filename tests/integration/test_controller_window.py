@@ -17,10 +17,10 @@ import pytest
 from conftest import plant, settings_for
 from controller_support import audit_entries
 
-from vsphere_av import simulator
 from vsphere_av.app import App, _Nics
 from vsphere_av.controller import Controller, ControllerOptions
-from vsphere_av.scheduling import Priority, TimeWindow
+from vsphere_av.lab import simulator
+from vsphere_av.models import Priority, TimeWindow
 from vsphere_av.store.jobs import JobStore
 from vsphere_av.vsphere import inventory
 

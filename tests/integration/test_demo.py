@@ -7,12 +7,12 @@ import re
 import subprocess
 import sys
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 
 
 def test_demo_runs_end_to_end() -> None:
     assert simulator.binary_path().exists(), "run make vcsim"
-    proc = subprocess.run([sys.executable, "-m", "vsphere_av.demo"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "vsphere_av.lab.demo"], capture_output=True,
                           text=True, timeout=300, check=False,
                           env={**os.environ, "COLUMNS": "200"})
     out = proc.stdout

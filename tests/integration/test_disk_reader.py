@@ -19,7 +19,7 @@ from typing import BinaryIO
 import pytest
 
 from vsphere_av import errors
-from vsphere_av.scan.sources.disk import (
+from vsphere_av.scan.sources.diskimage import (
     DiskFile,
     DiskFiles,
     DiskLimits,

@@ -19,12 +19,12 @@ import pytest
 
 from vsphere_av import config
 from vsphere_av.app import App
-from vsphere_av.scanning import scan_vm
+from vsphere_av.scan.job import scan_vm
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.vsphere import inventory
 from vsphere_av.vsphere.guest import GuestFiles
 
-simulator = pytest.importorskip("vsphere_av.simulator")
+simulator = pytest.importorskip("vsphere_av.lab.simulator")
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 VM = "DC0_C0_RP0_VM0"

@@ -27,11 +27,12 @@ from conftest import connect, env_for, plant, vm_named, wait_task
 from prometheus_client.parser import text_string_to_metric_families
 from pyVmomi import vim
 
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.api.metrics import render
 from vsphere_av.app import SNAPSHOT_PREFIX, App
+from vsphere_av.lab import simulator
 from vsphere_av.models import VmId
-from vsphere_av.scan.sources.disk import DiskFiles, open_virtual_disk
+from vsphere_av.scan.sources.diskimage import DiskFiles, open_virtual_disk
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.store.jobs import JobStore
 

@@ -30,7 +30,7 @@ from vsphere_av.vsphere import connection as vconn
 from vsphere_av.vsphere import inventory
 from vsphere_av.vsphere.guest import GuestFiles
 
-simulator = pytest.importorskip("vsphere_av.simulator")
+simulator = pytest.importorskip("vsphere_av.lab.simulator")
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 MiB = 1024 * 1024
@@ -293,7 +293,7 @@ def test_file_vanishing_between_listing_and_download_is_counted(sim, tmp_path):
             def stat(self, path):
                 return real.stat(path)
 
-        from vsphere_av.scanning import scan_vm
+        from vsphere_av.scan.job import scan_vm
         with app.engine.session() as session:
             result = scan_vm(vm=vm, guest=Racing(), session=session, store=app.store,
                              audit=app.audit, quarantine=app.quarantine, policy=settings.scan,
@@ -330,7 +330,7 @@ def test_file_listed_but_not_found_on_download_is_incomplete(sim, tmp_path):
             def stat(self, path):
                 return real.stat(path)
 
-        from vsphere_av.scanning import scan_vm
+        from vsphere_av.scan.job import scan_vm
         with app.engine.session() as session:
             result = scan_vm(vm=vm, guest=Mangled(), session=session, store=app.store,
                              audit=app.audit, quarantine=app.quarantine, policy=settings.scan,

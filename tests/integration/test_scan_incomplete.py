@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"

@@ -24,8 +24,8 @@ from appliance_support import self_signed
 
 from vsphere_av import config, errors
 from vsphere_av.config import SiemSettings
-from vsphere_av.siem import Forwarder, frame, message, unframe
 from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.siem import Forwarder, frame, message, unframe
 
 
 class Receiver:

@@ -27,7 +27,8 @@ from conftest import connect
 from pyVim.task import WaitForTask
 from pyVmomi import SoapStubAdapter, vim, vmodl
 
-from vsphere_av import cli, errors, simulator
+from vsphere_av import cli, errors
+from vsphere_av.lab import simulator
 
 REVERTED = "com.vmware.vc.vm.VmStateRevertedToSnapshot"
 Factory = Callable[..., simulator.Simulator]

@@ -23,7 +23,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from vsphere_av import errors, simulator
+from vsphere_av import errors
+from vsphere_av.lab import simulator
 
 ROOT = Path(__file__).resolve().parents[2]
 MKDISK = ROOT / "vcsim" / "mkdisk.sh"

@@ -14,7 +14,7 @@ import requests
 from conftest import connect
 from pyVmomi import vim
 
-from vsphere_av import simulator
+from vsphere_av.lab import simulator
 
 GO124 = Path(__file__).resolve().parents[2] / "build" / "vcsim-go1.24"
 

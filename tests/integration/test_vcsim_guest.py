@@ -22,7 +22,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
-from vsphere_av import errors, simulator
+from vsphere_av import errors
+from vsphere_av.lab import simulator
 
 GUEST_USER = "root"
 GUEST_PASSWORD = "vmware"

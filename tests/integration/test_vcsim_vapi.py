@@ -26,7 +26,8 @@ from vmware.vapi.security.user_password import create_user_password_security_con
 from vmware.vapi.stdlib.client.factories import StubConfigurationFactory
 from vmware.vapi.vsphere.client import VsphereClient, create_vsphere_client
 
-from vsphere_av import errors, simulator
+from vsphere_av import errors
+from vsphere_av.lab import simulator
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ import pytest
 from conftest import connect, vm_named, wait_task
 from pyVmomi import vim
 
-from vsphere_av import errors, simulator
+from vsphere_av import errors
 from vsphere_av.config import Secret, VcenterSettings
+from vsphere_av.lab import simulator
 from vsphere_av.models import DatastoreInfo, HostId, VirtualDiskInfo, VmId
 from vsphere_av.vsphere import disks
 from vsphere_av.vsphere.connection import Connection, TlsTrust

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import pytest
 
-from vsphere_av import access
+from vsphere_av.app import access
 from vsphere_av.cli import main
 from vsphere_av.config import AccessSettings
 from vsphere_av.errors import AccessDenied

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vsphere_av import access
 from vsphere_av.api.tokens import ROLE_NAMES
+from vsphere_av.app import access
 from vsphere_av.config import AccessSettings
 
 ROLES = AccessSettings(security_admins=("alice",), infrastructure_admins=("bob",),

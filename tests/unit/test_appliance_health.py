@@ -12,9 +12,9 @@ from pathlib import Path
 
 from test_appliance_plan import H1, H2, Log, World
 
-from vsphere_av import appliances as ap
-from vsphere_av.appliance_manager import ApplianceManager, read_health
 from vsphere_av.config import ApplianceSettings
+from vsphere_av.fleet import plan as ap
+from vsphere_av.fleet.manager import ApplianceManager, read_health
 
 
 def manager(tmp_path: Path, world: World, log: Log) -> ApplianceManager:

@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vsphere_av import appliances as ap
 from vsphere_av.config import ApplianceSettings
 from vsphere_av.errors import ApplianceError
+from vsphere_av.fleet import plan as ap
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "appliance" / "rootfs" / "usr" / "local" / "sbin" / "vsphere-av-setup"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from vsphere_av import appliances as ap
 from vsphere_av import config
 from vsphere_av.errors import ApplianceError, ConfigError, VsphereError
+from vsphere_av.fleet import plan as ap
 
 C1 = "domain-c1"
 H1 = ap.HostInfo(id="host-1", name="esx1", cluster_id=C1, cluster_name="C1")

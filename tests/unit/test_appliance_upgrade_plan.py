@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from test_appliance_plan import GOOD, H1, H2, H3, kinds, pin, vm
 
-from vsphere_av import appliances as ap
-from vsphere_av.appliance_image import IMAGE_KEY, read_manifest, unpack_ova
 from vsphere_av.errors import ApplianceError
+from vsphere_av.fleet import plan as ap
+from vsphere_av.fleet.image import IMAGE_KEY, read_manifest, unpack_ova
 
 OLD = "sha256:" + "a" * 64
 NEW = "sha256:" + "b" * 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vsphere_av.scan.sources.disk import (
+from vsphere_av.scan.sources.diskimage import (
     FstabEntry,
     Volume,
     parse_fstab,

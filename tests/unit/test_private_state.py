@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from vsphere_av.errors import StoreError
-from vsphere_av.quarantine import Quarantine
+from vsphere_av.files import private_dir
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.store.jobs import JobStore
-from vsphere_av.store.private import private_dir
+from vsphere_av.store.quarantine import Quarantine
 from vsphere_av.store.state import StateStore
 
 
@@ -138,7 +138,7 @@ def test_opening_a_database_again_keeps_the_locks_of_the_connection_already_open
     # -shm under the others. A second open of a database this process already has open must
     # not open the file itself: serve's audit log failed with "disk I/O error" once a command
     # in another process had read the log.
-    from vsphere_av.store.sqlite import open_database
+    from vsphere_av.files import open_database
 
     schema = "CREATE TABLE IF NOT EXISTS t (v INTEGER);"
     path = tmp_path / "state" / "x.sqlite"

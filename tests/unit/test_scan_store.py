@@ -11,7 +11,7 @@ import pytest
 
 from vsphere_av.errors import StoreError
 from vsphere_av.models import FileRecord, HostId, HostInfo, VmId, VmInfo
-from vsphere_av.quarantine import Quarantine, _xor
+from vsphere_av.store.quarantine import Quarantine, _xor
 from vsphere_av.store.state import StateStore
 
 

@@ -8,8 +8,9 @@ import pytest
 
 from vsphere_av import config
 from vsphere_av.config import parse_duration
+from vsphere_av.controller.scheduling import CronTicker, Schedule
 from vsphere_av.errors import ConfigError
-from vsphere_av.scheduling import CronTicker, Schedule, TimeWindow
+from vsphere_av.models import TimeWindow
 
 
 def at(h: int, m: int = 0, day: int = 1) -> datetime:

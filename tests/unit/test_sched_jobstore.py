@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from vsphere_av.scheduling import Priority, Scheduler, TimeWindow
-from vsphere_av.store.jobs import EventCursor, JobStore
+from vsphere_av.controller.scheduling import Scheduler
+from vsphere_av.models import EventCursor, Priority, TimeWindow
+from vsphere_av.store.jobs import JobStore
 
 
 def test_queue_survives_reopen_and_interrupted_jobs_requeue(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vsphere_av.scheduling import Priority, Scheduler, TimeWindow
+from vsphere_av.controller.scheduling import Scheduler
+from vsphere_av.models import Priority, TimeWindow
 from vsphere_av.store.jobs import JobStore
 
 WINDOW = TimeWindow.parse("02:00-04:00")

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from vsphere_av.controller.scheduling import Scheduler, SlotStats
 from vsphere_av.errors import ConfigError
-from vsphere_av.scheduling import Job, Priority, Scheduler, SlotStats, TimeWindow
+from vsphere_av.models import Job, Priority, TimeWindow
 
 
 class FakeClock:

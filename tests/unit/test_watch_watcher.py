@@ -7,19 +7,18 @@ from typing import Any
 
 import pytest
 
-from vsphere_av.watching import (
+from vsphere_av.controller.attention import (
     WATCHED_EVENT_TYPES,
     Attention,
-    ObjectChange,
     Protection,
     Trigger,
-    VcEvent,
     Watcher,
     event_trigger,
     marks_stale,
     needs_instant_on,
     staleness,
 )
+from vsphere_av.models import ObjectChange, VcEvent
 
 
 def vm(moref: str, op: str = "modify", **props: Any) -> ObjectChange:

@@ -48,8 +48,9 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vsphere_av import access, errors
+from vsphere_av import errors
 from vsphere_av.api.tokens import TokenInfo, TokenStore
+from vsphere_av.app import access
 from vsphere_av.config import Settings
 from vsphere_av.engine.signatures import SignatureStore
 from vsphere_av.store.audit import AuditLog
@@ -469,7 +470,7 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return appliances_document()
 
     def appliances_document() -> dict[str, Any]:
-        from vsphere_av.appliance_manager import open_manager, read_health
+        from vsphere_av.fleet.manager import open_manager, read_health
 
         if not settings.appliances.enabled:
             return {"appliances": [], "down": read_health(settings.state_dir), "enabled": False}

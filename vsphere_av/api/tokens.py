@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vsphere_av import access
+from vsphere_av.app import access
 from vsphere_av.errors import ConfigError, NotFound
+from vsphere_av.files import open_database
 from vsphere_av.store.audit import AuditLog
-from vsphere_av.store.sqlite import open_database
 
 TOKEN_PREFIX = "vsav_"
 # The names a person types (--role) -> the access roles of ``access.py``.

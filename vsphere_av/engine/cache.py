@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsphere_av.errors import EngineError, StoreError
-from vsphere_av.store.sqlite import open_database
+from vsphere_av.files import open_database
 
 TOUCH_EVERY = 3600          # seconds between LRU refreshes of one row
 FLUSH_EVERY = 512           # buffered writes before a commit

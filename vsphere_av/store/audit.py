@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -42,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import AuditIntegrityError, ConfigError, StoreError
-from vsphere_av.store.private import private_file
-from vsphere_av.store.sqlite import open_database
+from vsphere_av.files import open_database, private_file
 
 GENESIS = "0" * 64
 CHECKPOINT = "audit.checkpoint"      # forwarded last in each SIEM round: names the chain head
@@ -103,11 +103,40 @@ class Verification:
     message: str = ""
 
 
+def caller(*, state_dir: Path | None = None) -> str:
+    """The person acting: SUDO_USER when the command runs as root or as the owner of
+    ``state_dir`` (accounts reached through sudo), else the account's own name. "root"
+    when root used sudo (Ansible's become does): root holds everything anyway."""
+    own = account()
+    sudo_user = os.environ.get("SUDO_USER", "")
+    if sudo_user and sudo_user != own and privileged(state_dir):
+        return sudo_user
+    return own
+
+
+def account() -> str:
+    """The name of the effective user (from the uid, never from USER or LOGNAME)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid:{os.geteuid()}"
+
+
+def privileged(state_dir: Path | None) -> bool:
+    """Running as root or as the state directory's owner (the service account)."""
+    if os.geteuid() == 0:
+        return True
+    if state_dir is None:
+        return False
+    try:
+        return Path(state_dir).stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def current_actor(*, state_dir: Path | str | None = None) -> str:
     """Who is acting: VSPHERE_AV_ACTOR if set (the controller names itself), else the person
     (``access.caller``: SUDO_USER when running as root or as the owner of ``state_dir``)."""
-    from vsphere_av.access import caller
-
     person = caller(state_dir=Path(state_dir) if state_dir is not None else None)
     actor = os.environ.get("VSPHERE_AV_ACTOR")
     if actor and "SUDO_USER" not in os.environ:   # a person through sudo cannot rename

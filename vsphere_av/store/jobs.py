@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import StoreError
-from vsphere_av.scheduling import Job, Priority, TimeWindow
-from vsphere_av.store.sqlite import open_database
+from vsphere_av.files import open_database
+from vsphere_av.models import EventCursor, Job, Priority, TimeWindow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -124,14 +124,6 @@ CREATE TABLE IF NOT EXISTS seen_events (
     time      REAL NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class EventCursor:
-    """Where the event tail stopped: last processed key and that event's createdTime (ISO)."""
-
-    key: int
-    time: str
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import StoreError
+from vsphere_av.files import open_database
 from vsphere_av.models import (
     INFECTED,
     PROTECTED,
@@ -36,7 +37,6 @@ from vsphere_av.models import (
     VmInfo,
     VmState,
 )
-from vsphere_av.store.sqlite import open_database
 
 SCHEMA_VERSION = 2         # 2: scans.via
 

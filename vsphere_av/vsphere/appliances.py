@@ -1,6 +1,6 @@
 """vSphere side of the per-host appliances: read what exists, deploy, pin, harden, heal, remove.
 
-Called by ``vsphere_av.appliances`` (through the ``ApplianceAdapter`` protocol: ``plan`` /
+Called by ``vsphere_av.fleet.plan`` (through the ``ApplianceAdapter`` protocol: ``plan`` /
 ``apply`` / ``reconcile_once``) and by the controller to find each appliance's management
 address. Calls pyVmomi through ``Connection.call`` (faults become ``vsphere_av.errors``) and
 ``requests`` for the NFC upload of the OVF's disks. Returns plain dataclasses and moref
@@ -36,8 +36,11 @@ from typing import Any
 import requests
 from pyVmomi import vim
 
-from vsphere_av import appliance_image, errors
-from vsphere_av.appliances import (
+from vsphere_av import errors
+from vsphere_av.config import ApplianceSettings
+from vsphere_av.engine.remote import TransferChunks
+from vsphere_av.fleet import image as appliance_image
+from vsphere_av.fleet.plan import (
     HOST_KEY,
     POWERED_OFF,
     POWERED_ON,
@@ -52,8 +55,6 @@ from vsphere_av.appliances import (
     declared_properties,
     ovf_properties,
 )
-from vsphere_av.config import ApplianceSettings
-from vsphere_av.engine_service import TransferChunks
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url
 from vsphere_av.vsphere.inventory import _host_from, _props, _retrieve

@@ -1,6 +1,6 @@
 """What a vSphere administrator does by hand, for the demo and the benchmarks.
 
-Called by ``vsphere_av.demo`` and ``bench/``; never by the product's own protection path.
+Called by ``vsphere_av.lab.demo`` and ``bench/``; never by the product's own protection path.
 Calls pyVmomi through ``Connection``. Each function waits for its task.
 """
 

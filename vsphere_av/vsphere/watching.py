@@ -2,7 +2,7 @@
 
 Called by ``controller.py`` (its watch threads, started from ``app.py``). Calls pyVmomi through
 ``Connection.call`` (re-login on session loss, faults translated into ``vsphere_av.errors``).
-Returns only plain dataclasses from ``vsphere_av.watching`` (:class:`ObjectChange`,
+Returns only plain dataclasses from ``vsphere_av.controller.attention`` (:class:`ObjectChange`,
 :class:`VcEvent`), never live vim objects.
 
 Cleanup rules: :class:`InventoryWatch` creates its own PropertyCollector (one wait loop per
@@ -24,9 +24,8 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from vsphere_av import errors
-from vsphere_av.store.jobs import EventCursor
+from vsphere_av.models import HOST_PROPERTIES, VM_PROPERTIES, EventCursor, ObjectChange, VcEvent
 from vsphere_av.vsphere.connection import Connection
-from vsphere_av.watching import HOST_PROPERTIES, VM_PROPERTIES, ObjectChange, VcEvent
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Where a scan's files come from: ``disk`` reads them from the VM's virtual disks
 (``rangefile.RangeFile`` carries datastore range reads); the guest operations source stays in
-``vsphere_av.scanning`` / ``vsphere.guest`` for now.
+``vsphere_av.scan.job`` / ``vsphere.guest`` for now.
 """
 
-from vsphere_av.scan.sources.disk import (
+from vsphere_av.scan.sources.diskimage import (
     DiskFile,
     DiskFiles,
     DiskLimits,

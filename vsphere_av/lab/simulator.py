@@ -28,7 +28,7 @@ BINARY_ENV = "VSPHERE_AV_VCSIM"
 #: the extraConfig key that keeps a VM's tools "not running" (set with ReconfigVM_Task)
 TOOLS_DISABLED_KEY = "vcsim.tools.disabled"
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def binary_path() -> Path:

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vsphere_av.errors import StoreError
+from vsphere_av.files import private_dir, private_file
 from vsphere_av.models import QuarantineId, QuarantineItem, VmId
-from vsphere_av.store.private import private_dir, private_file
 from vsphere_av.store.state import StateStore, now_iso
 
 KEY_LEN = 32

@@ -31,112 +31,17 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, time, timedelta
-from enum import IntEnum
+from datetime import UTC, datetime
 from typing import Protocol
 
 from croniter import croniter
 
 from vsphere_av.config import ScheduleSettings
 from vsphere_av.errors import ConfigError
+from vsphere_av.models import Job, Priority, TimeWindow
 
 Clock = Callable[[], float]
 _HHMM = re.compile(r"^\d{2}:\d{2}$")
-
-
-class Priority(IntEnum):
-    """Lower value runs first."""
-
-    INSTANT_ON = 0
-    ON_DEMAND = 1
-    SWEEP = 2
-    SCHEDULED = 3
-
-    @property
-    def label(self) -> str:
-        """Lower-case name used in the store, JSON and the audit log."""
-        return self.name.lower().replace("_", "-")
-
-    @classmethod
-    def parse(cls, value: str | int) -> Priority:
-        """Accept a Priority value, its number or its label."""
-        if isinstance(value, int):
-            return cls(value)
-        for member in cls:
-            if value in (member.label, member.name):
-                return member
-        raise ConfigError(f"unknown priority {value!r}")
-
-
-@dataclass(frozen=True)
-class TimeWindow:
-    """Daily window [start, end) in UTC; end before start wraps midnight (22:00-06:00)."""
-
-    start: time
-    end: time
-
-    @classmethod
-    def parse(cls, text: str) -> TimeWindow:
-        """Parse 'HH:MM-HH:MM'."""
-        try:
-            left, right = text.split("-")
-            if not all(_HHMM.match(part.strip()) for part in (left, right)):
-                raise ValueError(text)
-            start = time.fromisoformat(left.strip())
-            end = time.fromisoformat(right.strip())
-        except ValueError as exc:
-            raise ConfigError(f"time window must look like 22:00-06:00, got {text!r}") from exc
-        if start == end:
-            raise ConfigError(f"time window {text!r} is empty")
-        return cls(start, end)
-
-    def __str__(self) -> str:
-        return f"{self.start.strftime('%H:%M')}-{self.end.strftime('%H:%M')}"
-
-    def contains(self, at: datetime) -> bool:
-        """True when ``at`` falls inside the window."""
-        t = at.astimezone(UTC).time().replace(tzinfo=None)
-        if self.start < self.end:
-            return self.start <= t < self.end
-        return t >= self.start or t < self.end
-
-    def next_open(self, after: datetime) -> datetime:
-        """The moment the window is next open at or after ``after`` (``after`` if open now)."""
-        after = after.astimezone(UTC)
-        if self.contains(after):
-            return after
-        candidate = after.replace(hour=self.start.hour, minute=self.start.minute, second=0,
-                                  microsecond=0)
-        if candidate <= after:
-            candidate += timedelta(days=1)
-        return candidate
-
-    def closes_at(self, at: datetime) -> datetime:
-        """When the window that contains ``at`` closes (``at`` itself if it is closed)."""
-        at = at.astimezone(UTC)
-        if not self.contains(at):
-            return at
-        candidate = at.replace(hour=self.end.hour, minute=self.end.minute, second=0, microsecond=0)
-        if candidate <= at:
-            candidate += timedelta(days=1)
-        return candidate
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of scan work for one VM. The worker re-reads the VM's state before acting."""
-
-    job_id: int
-    vm: str                      # VM moref
-    host: str                    # host moref the VM runs on (the queue it waits in)
-    priority: Priority
-    seq: int                     # arrival order; FIFO within a priority
-    full: bool = False           # read every byte (no incremental / shared-verdict shortcuts)
-    reason: str = ""
-    not_before: float = 0.0      # epoch seconds; jitter and retry backoff
-    window: TimeWindow | None = None
-    attempts: int = 0
-    resume_after: str = ""       # guest path a window-limited scan stopped after
 
 
 @dataclass(frozen=True)

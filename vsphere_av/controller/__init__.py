@@ -51,20 +51,29 @@ from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from vsphere_av import errors
-from vsphere_av.models import INFECTED, STALE, HostInfo, VmInfo
-from vsphere_av.scheduling import CronTicker, Job, Priority, Schedule, Scheduler
-from vsphere_av.store.jobs import EventCursor, JobStore
-from vsphere_av.watching import (
+from vsphere_av.controller.attention import (
     Attention,
-    ObjectChange,
     Protection,
     Trigger,
-    VcEvent,
     Watcher,
     marks_stale,
     needs_instant_on,
     staleness,
 )
+from vsphere_av.controller.scheduling import CronTicker, Schedule, Scheduler
+from vsphere_av.models import (
+    INFECTED,
+    STALE,
+    Audit,
+    EventCursor,
+    HostInfo,
+    Job,
+    ObjectChange,
+    Priority,
+    VcEvent,
+    VmInfo,
+)
+from vsphere_av.store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +140,6 @@ class StateLike(Protocol):
     def set_protection(self, vm_moref: Any, *, state: str, reason: str,
                        clean_signature_version: int | None = None, scanned: bool = False,
                        full: bool = False) -> None: ...
-
-
-class AuditLike(Protocol):
-    """``store.audit.AuditLog``."""
-
-    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
-        ...
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class Controller:
     """See the module docstring. One instance per ``vsphere-av serve`` process."""
 
     def __init__(self, *, options: ControllerOptions, state: StateLike, jobs: JobStore,
-                 audit: AuditLike, actor: str, active_version: Callable[[], int | None],
+                 audit: Audit, actor: str, active_version: Callable[[], int | None],
                  read_inventory: Callable[[], tuple[list[VmInfo], list[HostInfo]]],
                  open_inventory_watch: Callable[[], InventoryWatchLike],
                  open_event_tail: Callable[[EventCursor | None], EventTailLike],

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vsphere_av.appliance_image import IMAGE_KEY, image_id
 from vsphere_av.config import ApplianceSettings  # the [appliances] section, declared there
 from vsphere_av.errors import ApplianceError, VsphereAvError
+from vsphere_av.fleet.image import IMAGE_KEY, image_id
+from vsphere_av.models import Audit
 
 ROLE_KEY = "vsphere-av.role"
 ROLE_VALUE = "appliance"
@@ -97,7 +98,7 @@ def ovf_properties(settings: ApplianceSettings, extra_config: Mapping[str, str],
     descriptor declares them (the built image does, the placeholder does not), the controller's
     SSH public key and the engine token, so a new appliance trusts this controller and no one
     else from its first boot. The token is a secret: it goes only into the import spec."""
-    from vsphere_av.engine_service import load_token
+    from vsphere_av.engine.remote import load_token
 
     values: dict[str, str] = {}
     if extra_config.get(ADDRESS_KEY):
@@ -530,14 +531,6 @@ class ApplianceAdapter(Protocol):
 
     def destroy(self, *, vm_id: str) -> None:
         """Power off and delete the VM (no-op when it is gone)."""
-        ...
-
-
-class Audit(Protocol):
-    """The part of ``store.audit.AuditLog`` used here."""
-
-    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
-        """Record one entry."""
         ...
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from vsphere_av import errors
 from vsphere_av.config import SCAN_VIA, Settings
+from vsphere_av.controller.scheduling import Scheduler
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, UNPROTECTED, QuarantineItem, VmId, VmInfo
-from vsphere_av.quarantine import Quarantine
-from vsphere_av.scanning import (
+from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
+from vsphere_av.scan.job import (
     ERROR,
     FOUND,
     INCOMPLETE,
@@ -34,8 +34,8 @@ from vsphere_av.scanning import (
     ScanResult,
     scan_vm,
 )
-from vsphere_av.scheduling import Priority, Scheduler
 from vsphere_av.store.audit import AuditLog, current_actor
+from vsphere_av.store.quarantine import Quarantine
 from vsphere_av.store.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class App:
         and a powered-off infected VM gets its vNICs cut before it boots
         (:meth:`isolate_infected`).
         """
-        from vsphere_av.diskscan import DEFERRED, DiskGuest
+        from vsphere_av.scan.sources.disk import DEFERRED, DiskGuest
         from vsphere_av.vsphere import disks
         from vsphere_av.vsphere.guest import GuestFiles
 
@@ -581,11 +581,11 @@ class App:
         host's appliance down, ApplianceError("appliance down") (the job waits, nothing is
         scanned silently elsewhere). Without appliances: the in-process engine.
         """
-        from vsphere_av import appliances
+        from vsphere_av.fleet import plan as appliances
 
         if not self.settings.appliances.enabled:
             return guest, self.engine
-        from vsphere_av.appliance_manager import open_manager
+        from vsphere_av.fleet.manager import open_manager
         from vsphere_av.vsphere.appliances import ApplianceGuestFiles
 
         manager = open_manager(self.settings, connection=self.connection, audit=self.audit,
@@ -597,8 +597,8 @@ class App:
 
     def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
         """With appliances enabled, VMs on a host whose appliance is down show unprotected."""
-        from vsphere_av import appliances
-        from vsphere_av.appliance_manager import open_manager, read_health
+        from vsphere_av.fleet import plan as appliances
+        from vsphere_av.fleet.manager import open_manager, read_health
 
         if not self.settings.appliances.enabled:
             return list(states)
@@ -783,12 +783,12 @@ def start_controller(settings: Settings, *,
     """Build the controller against vCenter and start its threads; returns the runtime."""
     import os
 
-    from vsphere_av.appliance_manager import periodic_hook as appliance_periodic_hook
     from vsphere_av.controller import Controller, ControllerOptions
+    from vsphere_av.controller.attention import WATCHED_EVENT_TYPES
+    from vsphere_av.fleet.manager import periodic_hook as appliance_periodic_hook
     from vsphere_av.store.jobs import JobStore
     from vsphere_av.vsphere import inventory
     from vsphere_av.vsphere.watching import EventTail, InventoryWatch
-    from vsphere_av.watching import WATCHED_EVENT_TYPES
 
     options = ControllerOptions.from_settings(settings)
     stop_event = stop_event or threading.Event()
@@ -871,7 +871,7 @@ def _console(settings: Settings) -> Any:
 
 def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:
     """The thread body that sends new audit entries to the SIEM every ``siem.interval``."""
-    from vsphere_av.siem import Forwarder
+    from vsphere_av.store.siem import Forwarder
 
     def loop(stop: threading.Event) -> None:
         forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
@@ -885,7 +885,7 @@ def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:
 
 def _forward_once(settings: Settings) -> None:
     """Send what the SIEM has not seen yet; trouble is logged (the next start sends it)."""
-    from vsphere_av.siem import Forwarder
+    from vsphere_av.store.siem import Forwarder
 
     forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
     try:
@@ -965,7 +965,7 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
     skipped without a request.
     """
     from vsphere_av.models import VmId
-    from vsphere_av.scanning import SKIPPED, Found
+    from vsphere_av.scan.job import SKIPPED, Found
     from vsphere_av.store.jobs import JobStore
 
     with JobStore.open(settings.state_dir) as jobs:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vsphere_av import appliances as ap
 from vsphere_av.config import ApplianceSettings
 from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
+from vsphere_av.fleet import plan as ap
 
 HEALTH_FILE = Path("appliances") / "health.json"
 HEALTH_TIMEOUT = 10.0       # seconds for an engine's /health answer (as for SSH)
@@ -156,7 +156,7 @@ class ApplianceManager:
     # -- vSphere side ----------------------------------------------------------------------
     def reconcile(self, *, dry_run: bool = False) -> ap.ReconcileResult:
         """One reconcile round (see ``appliances.reconcile_once``); remembers who is down."""
-        from vsphere_av.appliance_image import placeholder_warning
+        from vsphere_av.fleet.image import placeholder_warning
 
         result = ap.reconcile_once(adapter=self.adapter, audit=self.audit, desired=self.desired,
                                    actor=self.actor, dry_run=dry_run)
@@ -197,7 +197,7 @@ class ApplianceManager:
 
     # -- engine side -----------------------------------------------------------------------
     def _token(self) -> str:
-        from vsphere_av.engine_service import load_token
+        from vsphere_av.engine.remote import load_token
 
         if not self.settings.engine_token_file:
             raise ConfigError("appliances.engine_token_file is not set")
@@ -211,7 +211,7 @@ class ApplianceManager:
 
     def engine_for_host(self, host_id: str) -> Any:
         """A ``RemoteEngine`` for the appliance of ``host_id``; None when it has none running."""
-        from vsphere_av.engine_service import RemoteEngine
+        from vsphere_av.engine.remote import RemoteEngine
 
         running = [a for a in self.appliances()
                    if a.host_id == host_id and a.powered_on and a.address]
@@ -223,7 +223,7 @@ class ApplianceManager:
     def _engine_client(self, address: str, *, timeout: float = SCAN_TIMEOUT) -> Any:
         """The client for the engine service at ``address``: the one route scans and health
         checks take (https, verified against ``engine_ca_file``, when that is set)."""
-        from vsphere_av.engine_service import EngineClient
+        from vsphere_av.engine.remote import EngineClient
 
         return EngineClient(self.engine_url(address), token=self._token(),
                             ca_file=self.settings.engine_ca_file, timeout=timeout)
@@ -232,7 +232,7 @@ class ApplianceManager:
     def _ssh(self, app: Any) -> Any:
         if self._ssh_open is not None:
             return self._ssh_open(app)
-        from vsphere_av.ssh import ApplianceSsh
+        from vsphere_av.fleet.ssh import ApplianceSsh
 
         if not self.settings.ssh_key_file:
             raise ConfigError("appliances.ssh_key_file is not set (SSH uses keys only)")
@@ -331,7 +331,7 @@ class ApplianceManager:
         the old one kept; the rollout stops there. Each host is re-read and re-planned just
         before its turn, so a rerun after an interruption continues where it stopped.
         """
-        from vsphere_av.appliance_image import placeholder_warning
+        from vsphere_av.fleet.image import placeholder_warning
 
         warning = placeholder_warning(self.settings)
         warnings = (warning,) if warning else ()
@@ -552,7 +552,7 @@ def start_local_engines(manager: ApplianceManager, *, engine_settings: Any,
     them with ``shutdown()``.
     """
     from vsphere_av.engine import Engine
-    from vsphere_av.engine_service import EngineService
+    from vsphere_av.engine.remote import EngineService
 
     services: list[Any] = []
     engine = Engine.open(engine_settings, use_cache=False)   # nothing to close afterwards

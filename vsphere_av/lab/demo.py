@@ -1,6 +1,6 @@
 """``make demo``: the whole product end to end on the bundled simulator.
 
-Called by ``make demo`` (``python -m vsphere_av.demo``). Starts the simulator with real
+Called by ``make demo`` (``python -m vsphere_av.lab.demo``). Starts the simulator with real
 virtual disks (each VM's disk is built from its guest tree when it powers off), plants test
 files (the harmless EICAR test string) in guests, then runs the real ``vsphere-av``
 commands a person would type and prints their output, so what you see is what you get.
@@ -26,12 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vsphere_av import config, simulator
+from vsphere_av import config
 from vsphere_av.errors import VsphereAvError
+from vsphere_av.lab import simulator
 from vsphere_av.models import VmInfo
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APPLIANCE_POOL_FIRST, APPLIANCE_POOL_LAST = "127.0.0.101", "127.0.0.120"
 WORK = ROOT / "build" / "demo"
 
@@ -118,7 +119,7 @@ class SyslogSink:
 
     def messages(self) -> list[bytes]:
         """Every complete message received so far."""
-        from vsphere_av.siem import unframe
+        from vsphere_av.store.siem import unframe
 
         with self._lock:
             return unframe(bytes(self.data))
@@ -268,7 +269,7 @@ def main() -> int:
         run(env, "appliances", "reconcile")
         run(env, "appliances", "reconcile")            # nothing left to do: zero actions
         with App(settings) as app:
-            from vsphere_av.appliance_manager import open_manager
+            from vsphere_av.fleet.manager import open_manager
 
             addresses = [a.address for a in open_manager(
                 settings, connection=app.connection, audit=app.audit,
@@ -290,7 +291,7 @@ def main() -> int:
         banner("5. On-demand scan of every VM through Guest Operations (no agent),"
                " each host's files scanned by its own appliance")
         run(env, "scan", "--all", "--via", "guest", check_codes=(1,))
-        from vsphere_av.engine_service import EngineClient
+        from vsphere_av.engine.remote import EngineClient
 
         for address in addresses:
             health = EngineClient(f"http://{address}:{engine_port}",

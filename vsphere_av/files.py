@@ -1,8 +1,16 @@
-"""The state directory is private: the directory 0700, the files the stores keep in it 0600.
+"""Files in the state directory: private (the directory 0700, its files 0600), and the one
+way to open the product's SQLite databases.
 
-Called by ``store.sqlite`` (every database, its ``-wal`` / ``-shm`` and lock file),
-``store.audit`` (``audit.head`` and its lock), ``quarantine`` (its directory and blobs) and
-``cli.py`` (``audit export -o``: :func:`create_outside`). Calls only ``os``.
+The base layer beside ``models``, ``config`` and ``errors``: called by the stores
+(``store.state``, ``store.jobs``, ``store.audit``, ``store.quarantine``), the engine's
+verdict cache and the CLI (``audit export -o``: :func:`create_outside`). Calls only ``os``,
+``fcntl`` and ``sqlite3``.
+
+:func:`open_database`: every database is in WAL mode with autocommit off at the Python
+level (``isolation_level=None``: each store opens its own ``BEGIN IMMEDIATE``
+transactions) and shared between threads under the store's own lock. The directory is made
+private and each database file, its ``-wal`` / ``-shm`` and its lock file 0600 before
+SQLite opens it.
 
 A directory or file that already exists with looser modes (made by hand, by a package, or by
 an earlier version under the umask) is tightened, not refused: the service owns these files
@@ -16,8 +24,10 @@ and ``-shm`` with the database file's own mode, so creating the database 0600 ke
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -131,3 +141,34 @@ def _within(directory: int, guarded: tuple[int, int]) -> bool:
                 return False            # the root
     finally:
         os.close(current)
+
+def open_database(path: Path, *, schema: str, what: str, synchronous: str = "FULL",
+                  rows: bool = False) -> sqlite3.Connection:
+    """Create the parent directory (0700), open ``path`` (0600), set WAL + ``synchronous``,
+    apply ``schema``.
+
+    ``synchronous=FULL`` survives a power cut with nothing acknowledged lost; ``NORMAL`` in
+    WAL mode survives a killed process (the job queue's case) and is cheaper.
+    """
+    try:
+        private_dir(path.parent)
+        lock_path = path.with_name(path.name + ".lock")
+        for companion in (lock_path, path.with_name(path.name + "-wal"),
+                          path.with_name(path.name + "-shm")):
+            private_file(companion, create=companion == lock_path)
+        # Switching a new file to WAL answers "database is locked" at once (no busy wait)
+        # while another process does the same: serialize opening across processes.
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            private_file(path, create=True)     # before SQLite makes it under the umask
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                 timeout=30)
+            if rows:
+                db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(schema)
+        return db
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"cannot open {what} {path}: {exc}") from exc

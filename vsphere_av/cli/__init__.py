@@ -123,7 +123,7 @@ def vcsim_command(listen: str, datacenters: int, clusters: int, hosts: int, vms:
     """Run the bundled vSphere simulator in the foreground (first line: the SDK URL)."""
     from pathlib import Path
 
-    from vsphere_av import simulator
+    from vsphere_av.lab import simulator
 
     argv = simulator.command_line(
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
@@ -496,7 +496,7 @@ def audit_forward(ctx: click.Context, as_json: bool) -> None:
 
     ``serve`` does the same every siem.interval seconds.
     """
-    from vsphere_av.siem import Forwarder
+    from vsphere_av.store.siem import Forwarder
 
     settings = settings_from(ctx)
     forwarder = Forwarder(settings=settings.siem, state_dir=settings.state_dir)
@@ -524,8 +524,8 @@ def audit_export(ctx: click.Context, fmt: str, output: str | None) -> None:
     import os
 
     from vsphere_av import __version__
+    from vsphere_av.files import create_outside
     from vsphere_av.store.audit import AuditLog, to_cef, to_jsonl
-    from vsphere_av.store.private import create_outside
 
     state_dir = settings_from(ctx).state_dir
     with AuditLog.open(state_dir) as log:
@@ -569,7 +569,7 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
     import signal
 
     from vsphere_av.engine import Engine
-    from vsphere_av.engine_service import EngineService, load_token, parse_listen
+    from vsphere_av.engine.remote import EngineService, load_token, parse_listen
 
     settings = settings_from(ctx)
     token = load_token(token_file=token_file)
@@ -600,7 +600,7 @@ def appliances_group() -> None:
 
 def _appliance_manager(ctx: click.Context) -> Any:
     from vsphere_av.app import App
-    from vsphere_av.appliance_manager import open_manager
+    from vsphere_av.fleet.manager import open_manager
 
     app = App(settings_from(ctx))
     ctx.call_on_close(app.close)
@@ -786,8 +786,8 @@ def _token_store(ctx: click.Context) -> Any:
 @click.pass_context
 def api_token_create(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
     """Create a token and print it once: only its hash is kept."""
-    from vsphere_av import access
     from vsphere_av.api.tokens import ROLE_NAMES
+    from vsphere_av.app import access
     from vsphere_av.store.audit import current_actor
 
     settings = settings_from(ctx)
@@ -842,7 +842,7 @@ def report_cmd(ctx: click.Context, since: str, fmt: str, output: str | None) -> 
     import os
 
     from vsphere_av.api import report
-    from vsphere_av.store.private import create_outside
+    from vsphere_av.files import create_outside
 
     settings = settings_from(ctx)
     document = report.build(settings=settings, since=report.parse_since(since))
@@ -865,7 +865,7 @@ def report_cmd(ctx: click.Context, since: str, fmt: str, output: str | None) -> 
 
 def _guard(group: click.Group, prefix: str = "") -> None:
     """Check ``[access]`` before each command of ``group`` runs."""
-    from vsphere_av import access
+    from vsphere_av.app import access
 
     for name, command in group.commands.items():
         path = f"{prefix}{name}"
@@ -878,7 +878,7 @@ def _guard(group: click.Group, prefix: str = "") -> None:
 def _checked(path: str, callback: Command) -> Command:
     @functools.wraps(callback)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from vsphere_av import access
+        from vsphere_av.app import access
 
         ctx = click.get_current_context()
         settings = settings_from(ctx)

@@ -74,6 +74,7 @@ from vsphere_av.models import (
     PROTECTED,
     UNPROTECTED,
     UNREACHABLE,
+    Audit,
     FileRecord,
     GuestFile,
     VmId,
@@ -152,12 +153,6 @@ class ReceivingSession(EngineSession, Protocol):
     def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
     def scan_received(self, received: Any, *, path: str, name: str | None = None,
                       owner: str = "") -> Any: ...
-
-
-class AuditSink(Protocol):
-    """Where security-relevant actions are recorded (``store.audit.AuditLog``)."""
-
-    def append(self, *, actor: str, action: str, details: dict[str, Any]) -> Any: ...
 
 
 # --- policy filters (pure) -------------------------------------------------------------------
@@ -353,7 +348,7 @@ class Progress:
 
 # --- the job ---------------------------------------------------------------------------------
 
-def scan_vm(*, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any, audit: AuditSink,
+def scan_vm(*, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any, audit: Audit,
             quarantine: Any, policy: ScanPolicy, full: bool = False, actor: str = "",
             engine_max_file_size: int | None = None,
             share_across_vms: bool | None = None,
@@ -377,7 +372,7 @@ def scan_vm(*, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: An
 
 class _Job:
     def __init__(self, *, vm: VmInfo, guest: GuestAccess, session: EngineSession, store: Any,
-                 audit: AuditSink, quarantine: Any, policy: ScanPolicy, full: bool, actor: str,
+                 audit: Audit, quarantine: Any, policy: ScanPolicy, full: bool, actor: str,
                  share: bool, engine_max: int | None, clock: Callable[[], float],
                  on_progress: Callable[[Progress], None] | None, resume_after: str = "") -> None:
         self.vm, self.guest, self.session, self.store = vm, guest, session, store

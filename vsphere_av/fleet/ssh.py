@@ -33,26 +33,19 @@ import stat
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import paramiko
 
 from vsphere_av.errors import ApplianceError, HostKeyMismatch
+from vsphere_av.models import Audit
 
 MAX_OUTPUT = 1024 * 1024
 MAX_STATE_JSON = 64 * 1024
 _KNOWN_HOSTS_LOCK = threading.Lock()
-
-
-class Audit(Protocol):
-    """The part of ``store.audit.AuditLog`` used here."""
-
-    def append(self, *, actor: str, action: str, details: Mapping[str, Any] | None = None) -> Any:
-        """Record one entry."""
-        ...
 
 
 def fingerprint(key: paramiko.PKey) -> str:

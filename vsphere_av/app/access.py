@@ -37,6 +37,9 @@ from pathlib import Path
 
 from vsphere_av.config import AccessSettings
 from vsphere_av.errors import AccessDenied
+from vsphere_av.store.audit import account as _account
+from vsphere_av.store.audit import caller
+from vsphere_av.store.audit import privileged as _privileged
 
 SECURITY, INFRASTRUCTURE, AUDITOR = "security_admins", "infrastructure_admins", "auditors"
 ROLES = (SECURITY, INFRASTRUCTURE, AUDITOR)
@@ -106,37 +109,6 @@ API_ROUTES: dict[tuple[str, str], str] = {
 PUBLIC_ROUTES = frozenset({("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
                            ("GET", "/health"), ("GET", "/api/v1/openapi.json")})
 UNCHECKED = frozenset({"vcsim"})     # the bundled simulator: a development tool, no state
-
-
-def caller(*, state_dir: Path | None = None) -> str:
-    """The person acting: SUDO_USER when the command runs as root or as the owner of
-    ``state_dir`` (accounts reached through sudo), else the account's own name. "root"
-    when root used sudo (Ansible's become does): root holds everything anyway."""
-    account = _account()
-    sudo_user = os.environ.get("SUDO_USER", "")
-    if sudo_user and sudo_user != account and _privileged(state_dir):
-        return sudo_user
-    return account
-
-
-def _account() -> str:
-    """The name of the effective user (from the uid, never from USER or LOGNAME)."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid:{os.geteuid()}"
-
-
-def _privileged(state_dir: Path | None) -> bool:
-    """Running as root or as the state directory's owner (the service account)."""
-    if os.geteuid() == 0:
-        return True
-    if state_dir is None:
-        return False
-    try:
-        return Path(state_dir).stat().st_uid == os.geteuid()
-    except OSError:
-        return False
 
 
 def in_entries(user: str, entries: Sequence[str]) -> bool:

@@ -17,39 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from vsphere_av.models import ObjectChange, VcEvent
+
 # -- what the adapter hands in ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ObjectChange:
-    """One object's changed properties from WaitForUpdatesEx, as plain values."""
-
-    kind: str                                    # "VirtualMachine" | "HostSystem"
-    moref: str
-    op: str                                      # "enter" | "modify" | "leave"
-    changes: tuple[tuple[str, Any], ...] = ()    # (property path, plain value or None)
-
-
-@dataclass(frozen=True)
-class VcEvent:
-    """One vCenter event, reduced to what the controller reads."""
-
-    key: int
-    created: datetime
-    type_id: str                 # class name ("VmPoweredOnEvent") or EventEx eventTypeId
-    vm: str = ""                 # VM moref the event is about
-    vm_name: str = ""
-    host: str = ""               # host moref (the destination for migrations)
-    source_host: str = ""        # migrations: where the VM came from
-    description_id: str = ""     # TaskEvent: the task's descriptionId
-    message: str = ""
-
-
-# -- what the controller gets back ------------------------------------------------------
 
 
 class Trigger(StrEnum):
@@ -123,13 +96,6 @@ TASK_EVENTS = frozenset({"TaskEvent"})
 WATCHED_EVENT_TYPES: tuple[str, ...] = tuple(sorted(
     POWER_ON_EVENTS | REVERT_EVENTS | CREATE_EVENTS | MIGRATE_EVENTS | CHANGE_EVENTS
     | REMOVE_EVENTS | POWER_OFF_EVENTS | HOST_EVENTS | TASK_EVENTS))
-
-VM_PROPERTIES: tuple[str, ...] = (
-    "name", "runtime.powerState", "runtime.host", "guest.toolsRunningStatus",
-    "snapshot.currentSnapshot", "config.template", "config.instanceUuid",
-)
-HOST_PROPERTIES: tuple[str, ...] = ("name", "runtime.connectionState",
-                                    "runtime.inMaintenanceMode")
 
 _FIELD_OF = {
     "name": "name", "runtime.powerState": "power_state", "runtime.host": "host",

@@ -1,0 +1,1 @@
+"""The lab: the bundled simulator (vcsim) and the end-to-end demo."""
