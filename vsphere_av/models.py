@@ -248,6 +248,21 @@ class VirtualDiskInfo:
 
 
 @dataclass(frozen=True)
+class FolderGrant:
+    """Leave to read one datastore file on a host, as plain data for another process.
+
+    Made by the controller (``vsphere.disks.DatastoreFiles.grant``) for the host's
+    appliance, which reads the bytes itself (``vsphere.disks.GrantedFiles``): the
+    ``/folder`` URL on the host, a generic service ticket for it (vCenter's; the appliance
+    holds no vCenter credentials) and the SHA-256 of the host certificate to pin.
+    """
+
+    url: str
+    ticket: str
+    thumbprint: str
+
+
+@dataclass(frozen=True)
 class SnapshotRef:
     """One VM snapshot, by moref and name."""
 

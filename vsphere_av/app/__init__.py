@@ -335,15 +335,21 @@ class App:
         A running VM is read under a temporary snapshot (no memory; quiesced when
         ``scan.disk_quiesce``), removed in ``finally`` whatever happens; a VM that is off,
         as its disks are. The bytes are read from the VM's host's datastores by this
-        process. Detections are remediated through Guest Operations at once when the VM
-        runs with guest credentials and tools; otherwise they wait for its next guest scan,
-        and a powered-off infected VM gets its vNICs cut before it boots
-        (:meth:`isolate_infected`).
+        process, or by the host's appliance (below). Detections are remediated through
+        Guest Operations at once when the VM runs with guest credentials and tools;
+        otherwise they wait for its next guest scan, and a powered-off infected VM gets its
+        vNICs cut before it boots (:meth:`isolate_infected`). With appliances enabled the
+        VM's host appliance reads and matches the bytes (``scan.sources.remote_disk``; this
+        process grants it the service tickets); its appliance down: ApplianceError before
+        any snapshot.
         """
+        from vsphere_av.scan.job import Filters
         from vsphere_av.scan.sources.disk import DEFERRED, DiskGuest
+        from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest, RemoteDiskSession
         from vsphere_av.vsphere import disks
         from vsphere_av.vsphere.guest import GuestFiles
 
+        remote = self.appliance_engine(vm)
         conn = self.connection
         user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
         remediation: Any = None
@@ -370,10 +376,20 @@ class App:
             else:
                 chains = disks.disks_of(conn, vm.moref)
             with disks.DatastoreFiles(connection=conn) as files:
-                source = DiskGuest(vm=vm, disks=chains, files=files, remediation=remediation,
-                                   remediation_pending=pending)
+                source: DiskGuest | RemoteDiskGuest
+                if remote is None:
+                    source = DiskGuest(vm=vm, disks=chains, files=files,
+                                       remediation=remediation, remediation_pending=pending)
+                else:
+                    excludes = Filters.from_policy(self.settings.scan,
+                                                   windows=vm.is_windows).excludes
+                    source = RemoteDiskGuest(vm=vm, disks=chains, client=remote.client,
+                                             grant=files.grant, excludes=excludes,
+                                             remediation=remediation,
+                                             remediation_pending=pending)
                 try:
-                    with self.engine.session() as session:
+                    with (remote or self.engine).session() as opened:
+                        session = opened if remote is None else RemoteDiskSession(opened)
                         result = scan_vm(vm=vm, guest=source, session=session, store=self.store,
                                          audit=self.audit, quarantine=self.quarantine,
                                          policy=self.settings.scan, full=full, actor=self.actor,
@@ -581,19 +597,28 @@ class App:
         host's appliance down, ApplianceError("appliance down") (the job waits, nothing is
         scanned silently elsewhere). Without appliances: the in-process engine.
         """
+        remote = self.appliance_engine(vm)
+        if remote is None:
+            return guest, self.engine
+        from vsphere_av.vsphere.appliances import ApplianceGuestFiles
+
+        return ApplianceGuestFiles(guest, connection=self.connection), remote
+
+    def appliance_engine(self, vm: VmInfo) -> Any:
+        """The VM's host appliance's engine (``RemoteEngine``), or None without appliances;
+        ApplianceError("appliance down") when appliances are enabled and it cannot scan."""
         from vsphere_av.fleet import plan as appliances
 
         if not self.settings.appliances.enabled:
-            return guest, self.engine
+            return None
         from vsphere_av.fleet.manager import open_manager
-        from vsphere_av.vsphere.appliances import ApplianceGuestFiles
 
         manager = open_manager(self.settings, connection=self.connection, audit=self.audit,
                                actor=self.actor)
         remote = manager.engine_for_host(vm.host.moref if vm.host else "")
         if remote is None:
             raise errors.ApplianceError(appliances.APPLIANCE_DOWN)
-        return ApplianceGuestFiles(guest, connection=self.connection), remote
+        return remote
 
     def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
         """With appliances enabled, VMs on a host whose appliance is down show unprotected."""

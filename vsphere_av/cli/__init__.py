@@ -570,6 +570,8 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
 
     from vsphere_av.engine import Engine
     from vsphere_av.engine.remote import EngineService, load_token, parse_listen
+    from vsphere_av.scan.sources.disk_service import DiskService
+    from vsphere_av.vsphere.disks import GrantedFiles
 
     settings = settings_from(ctx)
     token = load_token(token_file=token_file)
@@ -577,6 +579,8 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
     service = EngineService(engine=engine, token=token, listen=parse_listen(listen),
                             max_concurrent=max_concurrent, tls_cert=tls_cert, tls_key=tls_key,
                             allow_plaintext=allow_plaintext)
+    # Disk scans of this host's VMs: read here, with tickets the controller grants.
+    service.routes.update(DiskService(scan=service.scan, reader=GrantedFiles).routes())
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt

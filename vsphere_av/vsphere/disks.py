@@ -38,11 +38,11 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
-from urllib.parse import quote, urlencode
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode, urlsplit
 
 import requests
 import urllib3
@@ -54,6 +54,7 @@ from vsphere_av.models import (
     DatastoreInfo,
     DiskFile,
     DiskUnit,
+    FolderGrant,
     HostId,
     HostInfo,
     ScanSnapshot,
@@ -62,7 +63,7 @@ from vsphere_av.models import (
     VirtualDiskInfo,
     VmId,
 )
-from vsphere_av.vsphere.connection import Connection
+from vsphere_av.vsphere.connection import Connection, TlsTrust
 from vsphere_av.vsphere.faults import is_not_authenticated, translate
 from vsphere_av.vsphere.guest import _http_session
 from vsphere_av.vsphere.inventory import read_host
@@ -520,6 +521,7 @@ class DatastoreFiles:
         self._sessions: OrderedDict[tuple[str, str, str, bool], _HostSession] = OrderedDict()
         self._lock = threading.Lock()
         self._tickets = 0
+        self._granting: dict[HostId, HostInfo] = {}     # hosts read once for grant()
 
     def __repr__(self) -> str:
         return f"DatastoreFiles(hosts={len(self._sessions)}, pool_size={self._pool_size})"
@@ -577,6 +579,30 @@ class DatastoreFiles:
             lambda c: c.sessionManager.AcquireGenericServiceTicket(spec=spec))
         return str(ticket.id)
 
+    def grant(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> FolderGrant:
+        """Leave for another process (the host's appliance) to read ``[datastore] path``.
+
+        A fresh service ticket for the file's ``/folder`` URL on the host and the host
+        certificate's SHA-256 to pin (vCenter's pinned thumbprint when vCenter reports
+        none for the host, as for guest transfers); no pin at all -> TlsVerificationError:
+        the reader would have nothing to verify the host with.
+        """
+        with self._lock:
+            host = self._granting.get(host_id)
+        if host is None:
+            host = read_host(self._conn, host_id)
+            with self._lock:
+                self._granting[host_id] = host
+        if not host.address:
+            raise errors.VsphereError(f"host {host.name} reports no management address")
+        pin = host.certificate_sha256 or self._conn.trust.thumbprint
+        if not pin:
+            raise errors.TlsVerificationError(
+                f"host {host.name}: no certificate thumbprint to pin, so its datastore files "
+                "cannot be read by its appliance")
+        url = folder_url(host.address, self.port_for(host), datastore, path)
+        return FolderGrant(url=url, ticket=self.ticket(url), thumbprint=pin)
+
     def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
         """Open ``[datastore] path`` for range reads on that host; its size is known after."""
         host = read_host(self._conn, host_id)
@@ -603,12 +629,18 @@ class DatastoreFiles:
         self.close()
 
 
+class _TicketSource(Protocol):
+    """Where a DatastoreFile gets a service ticket for its URL (DatastoreFiles, _Grants)."""
+
+    def ticket(self, url: str) -> str: ...
+
+
 class DatastoreFile:
     """One datastore file on one host: :meth:`read_range` reads exactly the bytes asked for."""
 
     size: int = -1
 
-    def __init__(self, *, owner: DatastoreFiles, link: _HostSession, url: str,
+    def __init__(self, *, owner: _TicketSource, link: _HostSession, url: str,
                  name: str) -> None:
         self._owner = owner
         self._link = link
@@ -739,3 +771,82 @@ class DatastoreFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- Datastore files granted by the controller (the appliance's side) -----------------------
+
+class _Grants:
+    """The tickets of one granted file: the one that came with the grant, then fresh grants."""
+
+    def __init__(self, first: FolderGrant, again: Callable[[], FolderGrant]) -> None:
+        self._first: FolderGrant | None = first
+        self._again = again
+        self._url = first.url
+        self._lock = threading.Lock()
+
+    def ticket(self, url: str) -> str:
+        with self._lock:
+            first, self._first = self._first, None
+        grant = first or self._again()
+        if grant.url != self._url or url != self._url:
+            raise errors.VsphereError("a service ticket was granted for another file")
+        return grant.ticket
+
+
+def check_grant(grant: FolderGrant) -> HostInfo:
+    """The host a grant sends us to; VsphereError / TlsVerificationError for a grant that is
+    not an https ``/folder`` URL without credentials, with a SHA-256 pin."""
+    parts = urlsplit(grant.url)
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise errors.VsphereError("a granted datastore URL must be https, name a host and "
+                                  "carry no credentials")
+    if not parts.path.startswith("/folder/"):
+        raise errors.VsphereError("a granted datastore URL must be a /folder URL")
+    pin = grant.thumbprint.replace(":", "").lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise errors.TlsVerificationError("a granted datastore URL needs the SHA-256 of the "
+                                          "host certificate to pin")
+    return HostInfo(moref=HostId(""), name=parts.hostname, address=parts.hostname,
+                    certificate_sha256=grant.thumbprint)
+
+
+class GrantedFiles:
+    """Range reads of datastore files on leave from someone else (``DatastoreReader``).
+
+    Used by the host's appliance (``scan.sources.disk_service``): ``grant(datastore, path)``
+    asks the controller for a ``FolderGrant`` (URL, service ticket, host pin); every read is
+    then :class:`DatastoreFile`'s, with the same ticket reuse, single-use detection, errors
+    and the host certificate pinned to the granted thumbprint (never unverified). Holds no
+    vCenter connection.
+    """
+
+    def __init__(self, *, grant: Callable[[DatastoreInfo, str], FolderGrant],
+                 pool_size: int = 4) -> None:
+        self._grant = grant
+        self._pool_size = pool_size
+        self._sessions: dict[tuple[str, str], _HostSession] = {}
+        self._lock = threading.Lock()
+
+    def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
+        """Open ``[datastore] path`` (on the host the controller names in the grant)."""
+        first = self._grant(datastore, path)
+        host = check_grant(first)
+        key = (first.url.split("/folder/", 1)[0], host.certificate_sha256)
+        with self._lock:
+            link = self._sessions.get(key)
+            if link is None:
+                session, verify = _http_session(host, TlsTrust(), keep_alive=True,
+                                                pool_maxsize=self._pool_size)
+                link = self._sessions[key] = _HostSession(host, session, verify)
+        handle = DatastoreFile(owner=_Grants(first, lambda: self._grant(datastore, path)),
+                               link=link, url=first.url, name=f"[{datastore.name}] {path}")
+        handle.size = handle.probe_size()
+        return handle
+
+    def close(self) -> None:
+        """Close the host sessions."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for s in sessions:
+            s.session.close()

@@ -24,6 +24,9 @@ compared in constant time):
                           only, the ESXi certificate pinned by SHA-256 thumbprint) and scans it.
                           The controller replaced ``*`` with the host's address; the appliance
                           holds no vCenter or guest credentials.
+    POST <route>          JSON in, JSON out: the ``routes`` given by whoever starts the service
+                          (``cli.py`` adds the disk-scan routes ``/v1/disk/...`` of
+                          ``scan.sources.disk_service``); they take no scan slot of their own.
 
 Listening beyond loopback without TLS is refused unless explicitly allowed (the bearer token
 would cross the network in clear).
@@ -40,7 +43,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,9 @@ READ_CHUNK = 1024 * 1024
 MIN_TOKEN_LENGTH = 16
 TOKEN_ENV = "VSPHERE_AV_ENGINE_TOKEN"
 GUEST_FILE_PATH = "/guestFile"
+
+# An added route of the service: the request's JSON object -> the answer's (EngineError: 400).
+JsonRoute = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def load_token(*, token_file: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -147,7 +153,8 @@ class EngineService:
     def __init__(self, *, engine: Any, token: str, listen: tuple[str, int],
                  max_concurrent: int = 4, tls_cert: str = "", tls_key: str = "",
                  allow_plaintext: bool = False, clock: Callable[[], float] = time.monotonic,
-                 fetch: Callable[..., Iterable[bytes]] | None = None) -> None:
+                 fetch: Callable[..., Iterable[bytes]] | None = None,
+                 routes: Mapping[str, JsonRoute] | None = None) -> None:
         if len(token) < MIN_TOKEN_LENGTH:
             raise ConfigError(f"engine token must be at least {MIN_TOKEN_LENGTH} characters")
         if not _is_loopback(listen[0]) and not tls_cert and not allow_plaintext:
@@ -163,6 +170,7 @@ class EngineService:
         self._lock = threading.Lock()
         self.max_concurrent = max_concurrent
         self._fetch = fetch or fetch_transfer_url
+        self.routes: dict[str, JsonRoute] = dict(routes or {})
         service = self
 
         class Handler(_Handler):
@@ -311,6 +319,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         """POST /v1/scan and /v1/scan-url."""
         parts = urlsplit(self.path)
+        if parts.path in self.owner.routes:
+            self._json_route(self.owner.routes[parts.path])
+            return
         if parts.path not in ("/v1/scan", "/v1/scan-url"):
             self._error(404, "no such route", close=True)
             return
@@ -348,7 +359,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # A body the engine stopped reading (too large) leaves bytes on the socket: close.
         self._send(200, result, close=not body.complete)
 
-    def _scan_url(self) -> None:
+    def _json_body(self) -> dict[str, Any]:
         raw = self.headers.get("Content-Length", "")
         if not raw.isdigit() or int(raw) > MAX_JSON_BODY:
             raise EngineError(f"JSON body required (at most {MAX_JSON_BODY} bytes)")
@@ -358,6 +369,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise EngineError("body is not JSON") from exc
         if not isinstance(request, dict):
             raise EngineError("body must be a JSON object")
+        return request
+
+    def _json_route(self, route: JsonRoute) -> None:
+        """An added route: authenticated JSON in, JSON out; EngineError is HTTP 400."""
+        if not self._authorised():
+            return
+        try:
+            self._send(200, route(self._json_body()))
+        except EngineError as exc:
+            self._error(400, str(exc), close=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._error(400, f"malformed request: {exc!r}", close=True)
+
+    def _scan_url(self) -> None:
+        request = self._json_body()
         url, path = request.get("url"), request.get("path")
         thumbprint = request.get("thumbprint") or ""
         size = request.get("size")
@@ -446,6 +472,7 @@ class EngineClient:
 
         self.base_url = base_url.rstrip("/")
         self._token = token
+        self._ca_file = ca_file
         self._timeout = timeout
         self._http = requests.Session()
         self._http.trust_env = False       # straight to the appliance: no proxy from the env
@@ -458,14 +485,20 @@ class EngineClient:
         """Close pooled connections."""
         self._http.close()
 
+    def clone(self) -> EngineClient:
+        """A client of the same service with connections of its own (for another thread)."""
+        return EngineClient(self.base_url, token=self._token, timeout=self._timeout,
+                            ca_file=self._ca_file)
+
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"}
 
     def _request(self, method: str, route: str, **kw: Any) -> dict[str, Any]:
         import requests
 
+        kw.setdefault("timeout", self._timeout)
         try:
-            response = self._http.request(method, self.base_url + route, timeout=self._timeout,
+            response = self._http.request(method, self.base_url + route,
                                           headers=self._headers(), verify=self._verify, **kw)
         except requests.RequestException as exc:
             raise EngineError(f"engine service {self.base_url} unreachable: "
@@ -485,6 +518,12 @@ class EngineClient:
     def health(self) -> dict[str, Any]:
         """The detailed health document (signature version, load, uptime)."""
         return self._request("GET", "/health")
+
+    def call(self, route: str, document: dict[str, Any], *,
+             timeout: float | None = None) -> dict[str, Any]:
+        """POST a JSON object to one of the service's added routes; its JSON answer."""
+        kw: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        return self._request("POST", route, json=document, **kw)
 
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> Any:

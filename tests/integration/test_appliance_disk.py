@@ -1,0 +1,156 @@
+"""Disk scans read on the VM's own host by its appliance (issue 12, point 2).
+
+Real parts: the bundled simulator with real disk images (``-disks``), the per-host
+appliances deployed by the product's reconcile, and the appliance's engine service run as
+what each appliance runs: a ``vsphere-av engine serve`` process on the appliance's own
+loopback address, with real YARA. The controller is this test process; which process
+sends ``/folder`` requests is seen with CPython's ``http.client.send`` audit event (every
+HTTP request this process writes), so a request the controller made cannot hide.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from appliance_support import EICAR, appliance_settings
+from conftest import connect, env_for, plant, vm_named, wait_task
+
+from vsphere_av import config
+from vsphere_av.app import App
+from vsphere_av.engine.remote import EngineClient
+from vsphere_av.lab import simulator
+from vsphere_av.scan.job import ScanResult
+
+TOKEN = "appliance-disk-token-0123456789"
+VM0 = "DC0_C0_RP0_VM0"
+
+pytestmark = pytest.mark.vcsim(hosts=1, vms=2, disks=True)
+
+_sent: list[bytes] = []
+_recording = threading.Event()
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "http.client.send" and _recording.is_set():
+        data = args[1]
+        if isinstance(data, bytes | bytearray) and data[:4] in (b"GET ", b"HEAD", b"POST"):
+            _sent.append(bytes(data.split(b"\r\n", 1)[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def folder_requests(run: Any) -> tuple[Any, list[bytes]]:
+    """(run(), the /folder request lines this process sent meanwhile)."""
+    _sent.clear()
+    _recording.set()
+    try:
+        out = run()
+    finally:
+        _recording.clear()
+    return out, [line for line in _sent if b" /folder/" in line]
+
+
+def files_of(result: ScanResult) -> tuple[Any, ...]:
+    return (result.status, result.scanned, result.unchanged, result.skipped,
+            result.incomplete, result.errors, result.bytes,
+            sorted((f.path, f.threat, f.sha256, f.action) for f in result.found),
+            sorted((f["path"], f["kind"], f["reason"]) for f in result.files))
+
+
+@pytest.fixture
+def world(sim: simulator.Simulator, tmp_path: Path) -> Iterator[tuple[config.Settings, Any]]:
+    """Settings with appliances on 127.0.0.91.., reconciled; the appliance's engine service
+    process started on its address (``serve()`` returns it; stopped at teardown)."""
+    settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.91-127.0.0.99",
+                                        token=TOKEN)
+    processes: list[subprocess.Popen[str]] = []
+
+    def serve() -> str:
+        with App(settings, actor="tester") as app:
+            from vsphere_av.fleet.manager import open_manager
+            manager = open_manager(settings, connection=app.connection, audit=app.audit,
+                                   actor="tester")
+            assert manager.reconcile().ok
+            (appliance,) = manager.appliances()
+        state = tmp_path / "appliance-state"
+        env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_ENGINE_TOKEN": TOKEN}
+        env.pop("VSPHERE_AV_CONFIG", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vsphere_av", "engine", "serve",
+             "--listen", f"{appliance.address}:{port}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        processes.append(proc)
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url == f"http://{appliance.address}:{port}", url
+        assert EngineClient(url, token=TOKEN).health()["status"] == "ok"
+        return url
+
+    try:
+        yield settings, serve
+    finally:
+        for proc in processes:
+            proc.terminate()
+            proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_the_appliance_reads_the_disk_on_its_host_and_finds_what_the_controller_finds(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    plant(sim, VM0, "/home/bob/eicar.com", EICAR)
+    plant(sim, VM0, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")   # mounted as /
+    plant(sim, VM0, "/etc/motd", b"welcome\n")
+    plant(sim, VM0, "/srv/big.bin", os.urandom(400_000))
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+
+    # The controller reading the disk itself (no appliances): its /folder requests show.
+    local = config.load(env=env_for(sim, tmp_path / "local"))
+    with App(local, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        here, sent_here = folder_requests(lambda: app.scan_one(vm, full=True, via="disk"))
+    assert here.status == "infected", here.reason
+    assert sent_here, "the controller's own reads must be visible to this check"
+
+    serve()
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        there, sent_there = folder_requests(lambda: app.scan_one(vm, full=True, via="disk"))
+        again = app.scan_one(vm, via="disk")     # the incremental index, kept by the controller
+    assert sent_there == []                        # not one /folder request from the controller
+    assert there.status == "infected", there.reason
+    assert there.via == "disk"
+    assert files_of(there) == files_of(here)       # same files, same detections
+    assert {f.path for f in there.found} == {"/home/bob/eicar.com"}
+    assert there.disk_read >= 400_000              # the appliance read the bytes (and says so)
+    assert again.status == "infected"
+    assert again.scanned == 1                      # only the detection is read again
+    assert again.unchanged == here.scanned - 1
+
+
+def test_with_the_appliance_down_the_disk_scan_waits_and_the_vm_is_unprotected(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    serve()
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        assert vm.host is not None
+        wait_task(vm_named(si, f"vsphere-av-appliance-{vm.host.name}").PowerOffVM_Task())
+        waiting, sent = folder_requests(lambda: app.scan_one(vm, via="disk"))
+        rows = {r["name"]: r for r in app.status()}
+    assert (waiting.status, waiting.reason) == ("error", "appliance down")
+    assert sent == []                       # nothing read elsewhere in its place
+    assert rows[VM0]["state"] == "unprotected"
+    assert rows[VM0]["reason"] == "appliance down"

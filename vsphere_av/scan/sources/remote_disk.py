@@ -1,0 +1,296 @@
+"""The controller's side of a disk scan read by the VM's host appliance.
+
+Called by ``app.App._scan_disks`` when the VM's host has a healthy appliance: it hands
+:class:`RemoteDiskGuest` to ``scan.job.scan_vm`` in place of ``scan.sources.disk.DiskGuest``,
+and the appliance's engine session wrapped in :class:`RemoteDiskSession`. Calls the
+appliance's engine service (``engine.remote.EngineClient.call``: the ``/v1/disk/*`` routes of
+``scan.sources.disk_service``, whose docstring has the design and the protocol) and a
+``grant(host, datastore, path)`` collaborator (``vsphere.disks.DatastoreFiles.grant``: a
+``/folder`` URL, a fresh vCenter service ticket, the host pin) for every ticket the
+appliance's reader asks for. Nothing else is called: no file byte comes here.
+
+The scan job is the same as for ``DiskGuest``: this source walks (the appliance's walk,
+page by page, its errors given to ``on_error`` in order), says each file's incremental
+index row (computed on the appliance from the disk, volume and file id, as ``DiskGuest``
+does) and opens "downloads" that are not local: their chunks are a :class:`DiskChunks`
+handle that :class:`RemoteDiskSession` sends to the appliance, which reads and matches the
+file there and answers a ``FileOutcome``. So include globs, the size limit, the index,
+archives (the engine's, on the appliance), the verdict cache (the appliance engine's,
+content SHA-256 x signature version) and incomplete accounting are the job's own.
+
+Grants run in one thread per scan (a long poll, so a reader waiting for a ticket never
+waits for the job's thread), and only for files in the datastore folders of the VM's disk
+files (a descriptor names its extents relative to itself), whatever the appliance asks.
+Errors: what the appliance raises is raised here again (same
+class and message); the appliance itself unreachable or failing mid-scan is
+``errors.ConnectionLost`` (an outage: the scan fails, the VM stays unprotected, the
+controller retries).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from vsphere_av import errors
+from vsphere_av.models import (
+    DatastoreInfo,
+    FolderGrant,
+    GuestFile,
+    HostId,
+    VirtualDiskInfo,
+    VmInfo,
+)
+from vsphere_av.scan.sources.disk import DEFERRED
+from vsphere_av.scan.sources.disk_service import (
+    MAX_POLL_WAIT,
+    WALK_PAGE,
+    disks_json,
+    error_from,
+    error_json,
+    vm_json,
+)
+
+log = logging.getLogger(__name__)
+
+Grant = Callable[[HostId, DatastoreInfo, str], FolderGrant]
+
+
+@dataclass(frozen=True)
+class RemoteDiskFile(GuestFile):
+    """A file the appliance walked, with the index row it computed for it."""
+
+    index: tuple[str, str, str] = ("", "", "")
+
+
+class DiskChunks(Iterator[bytes]):
+    """A file on the appliance's mounted disks: scanned there (:class:`RemoteDiskSession`).
+
+    Reading it here is refused: the bytes of a disk read by the appliance never come here.
+    """
+
+    def __init__(self, guest: RemoteDiskGuest, path: str) -> None:
+        self.guest = guest
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"DiskChunks({self.path!r})"
+
+    def __next__(self) -> bytes:
+        raise errors.DiskError(f"{self.path}: read by the host's appliance, not here")
+
+
+class _RemoteDownload:
+    """What ``open_download`` gives the job: not local, its chunks a :class:`DiskChunks`."""
+
+    local = False
+
+    def __init__(self, chunks: DiskChunks, size: int) -> None:
+        self._chunks = chunks
+        self.size = size
+
+    def chunks(self) -> DiskChunks:
+        return self._chunks
+
+    def close(self) -> None:
+        """Nothing is open here."""
+
+
+class RemoteDiskGuest:
+    """A VM's files on its virtual disks as its host's appliance reads them (see module)."""
+
+    local_downloads: ClassVar[bool] = False    # the bytes stay on the appliance
+    reads_disks: ClassVar[bool] = True
+
+    def __init__(self, *, vm: VmInfo, disks: Sequence[VirtualDiskInfo], client: Any,
+                 grant: Grant, excludes: Sequence[str], remediation: Any = None,
+                 remediation_pending: str = DEFERRED, poll_wait: float = 20.0) -> None:
+        self.vm = vm
+        self.windows = vm.is_windows
+        self.disks = tuple(disks)
+        self.remediation = remediation
+        self.remediation_pending = remediation_pending
+        self._client = client
+        self._grant = grant
+        self._excludes = tuple(excludes)
+        self._poll_wait = min(poll_wait, MAX_POLL_WAIT)
+        self._session = ""
+        self._host = HostId("")
+        # Tickets are granted only for files in the folders of the VM's disk files.
+        self._folders = {(f.datastore.name, posixpath.dirname(f.path))
+                         for d in self.disks for unit in d.chain for f in unit.files}
+        self._sizes: dict[str, int] = {}
+        self._bytes_read = 0
+        self._walks = 0
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._poll_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteDiskGuest {self.vm.name} via {self._client!r}>"
+
+    # --- the appliance ----------------------------------------------------------------------
+
+    def _call(self, route: str, document: dict[str, Any]) -> dict[str, Any]:
+        from vsphere_av.errors import EngineError
+
+        try:
+            answer: dict[str, Any] = self._client.call(route, document)
+        except EngineError as exc:
+            raise errors.ConnectionLost(f"the host's appliance stopped reading the disks: "
+                                        f"{exc}") from exc
+        if "bytes_read" in answer:
+            self._bytes_read = int(answer["bytes_read"])
+        return answer
+
+    def _open(self) -> str:
+        if not self._session:
+            host = self.vm.host.moref if self.vm.host else None
+            if host is None:
+                raise errors.DiskError(f"{self.vm.name} is on no host: its datastore files "
+                                       "cannot be read")
+            self._host = HostId(host)
+            answer = self._call("/v1/disk/open", {"vm": vm_json(self.vm),
+                                                  "disks": disks_json(self.disks)})
+            self._session = str(answer["session"])
+            self._poller = threading.Thread(target=self._poll, daemon=True,
+                                            name=f"disk-grants-{self.vm.name}")
+            self._poller.start()
+        return self._session
+
+    def _poll(self) -> None:
+        """Answer the appliance's readers' needs with grants until the session ends."""
+        client = self._client.clone()       # its own connections: this is another thread
+        answers: list[dict[str, Any]] = []
+        try:
+            while not self._stop.is_set():
+                reply = client.call("/v1/disk/grants", {
+                    "session": self._session, "answers": answers, "wait": self._poll_wait},
+                    timeout=self._poll_wait + 30.0)
+                answers = []
+                if reply.get("closed"):
+                    return
+                for need in reply.get("needs") or []:
+                    answers.append(self._answer(need))
+        except Exception as exc:    # the appliance gone: its readers time out, the job sees it
+            self._poll_error = exc
+            log.warning("%s: disk grants to the appliance stopped: %s", self.vm.name, exc)
+        finally:
+            client.close()
+
+    def _answer(self, need: dict[str, Any]) -> dict[str, Any]:
+        ident = need.get("id")
+        try:
+            d = need["datastore"]
+            datastore = DatastoreInfo(moref=d["moref"], name=str(d["name"]),
+                                      datacenter_path=str(d["datacenter_path"]))
+            path = str(need["path"])
+            if (datastore.name, posixpath.dirname(path)) not in self._folders:
+                raise errors.PermissionDenied(
+                    f"[{datastore.name}] {path}: not in a folder of {self.vm.name}'s disks: "
+                    "no ticket granted")
+            grant = self._grant(self._host, datastore, path)
+        except errors.VsphereAvError as exc:
+            return {"id": ident, "error": error_json(exc)}
+        except (KeyError, TypeError) as exc:
+            return {"id": ident, "error": error_json(errors.VsphereAvError(
+                f"malformed grant request from the appliance: {exc!r}"))}
+        return {"id": ident, "grant": asdict(grant)}
+
+    # --- the scan job's source -----------------------------------------------------------
+
+    def bytes_read(self) -> int:
+        """Bytes the appliance fetched from the datastores for this scan."""
+        return self._bytes_read
+
+    def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
+             on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]:
+        """The appliance's walk (pruned there with the policy's exclusions, the same ones
+        ``prune`` tests: a file below one is also refused by the job's include/exclude test)."""
+        session = self._open()
+        restart = self._walks > 0
+        self._walks += 1
+        while True:
+            page = self._call("/v1/disk/walk", {
+                "session": session, "roots": list(roots), "excludes": list(self._excludes),
+                "restart": restart, "max": WALK_PAGE})
+            restart = False
+            for item in page.get("items") or []:
+                if "error" in item:
+                    problem = item["error"]
+                    on_error(str(problem.get("path", "")), error_from(problem))
+                    continue
+                f = item["file"]
+                index = f.get("index") or ["", "", ""]
+                entry = RemoteDiskFile(
+                    path=str(f["path"]), name=str(f["name"]), type=str(f["type"]),
+                    size=int(f["size"]), mtime=str(f.get("mtime") or ""),
+                    permissions=f.get("permissions"),
+                    index=(str(index[0]), str(index[1]), str(index[2])))
+                self._sizes[entry.path] = entry.size
+                yield entry
+            if page.get("raise"):
+                raise error_from(page["raise"])
+            if page.get("done"):
+                return
+
+    def open_download(self, path: str) -> _RemoteDownload:
+        """A handle on a walked file for :class:`RemoteDiskSession` (nothing is read here)."""
+        if path not in self._sizes:
+            raise errors.DiskFileError(f"{path}: not met by the walk")
+        return _RemoteDownload(DiskChunks(self, path), self._sizes[path])
+
+    def scan(self, path: str, *, name: str | None, owner: str) -> Any:
+        """Have the appliance read and scan one walked file; its ``engine.FileOutcome``."""
+        from vsphere_av.engine.remote import outcome_from_json
+
+        answer = self._call("/v1/disk/scan", {"session": self._open(), "path": path,
+                                              "name": name, "owner": owner})
+        if answer.get("raise"):
+            raise error_from(answer["raise"])
+        return outcome_from_json(answer["outcome"])
+
+    def delete_file(self, path: str) -> None:
+        """Never: a disk scan does not write to a disk (remediation goes through the guest)."""
+        raise errors.DiskError(f"{path}: a disk scan never changes a disk")
+
+    def index_key(self, entry: GuestFile) -> tuple[str, str, str]:
+        """The index row the appliance computed (``DiskGuest.index_key``)."""
+        if not isinstance(entry, RemoteDiskFile):
+            raise TypeError(f"not a file of this disk scan: {entry!r}")
+        return entry.index
+
+    def close(self) -> None:
+        """End the appliance's session (its disks closed) and the grants thread."""
+        self._stop.set()
+        if self._session:
+            try:
+                self._call("/v1/disk/close", {"session": self._session})
+            except errors.ConnectionLost as exc:
+                log.warning("%s: closing the disk session on the appliance: %s",
+                            self.vm.name, exc)
+        if self._poller is not None:
+            self._poller.join(timeout=self._poll_wait + 35.0)
+
+
+class RemoteDiskSession:
+    """The appliance's engine session for a disk scan: files of a :class:`RemoteDiskGuest`
+    are scanned where they are read; anything else goes to the wrapped session."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.version = session.version
+
+    def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
+                    owner: str = "", size_hint: int | None = None) -> Any:
+        if isinstance(chunks, DiskChunks):
+            return chunks.guest.scan(chunks.path, name=name, owner=owner)
+        return self._session.scan_stream(chunks, path=path, name=name, owner=owner,
+                                         size_hint=size_hint)
+
+    def lookup(self, sha256: str, *, path: str) -> Any:
+        return self._session.lookup(sha256, path=path)
