@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from appliance_support import EICAR, appliance_settings
 from conftest import connect, env_for, plant, vm_named, wait_task
+from pyVmomi import vim
 
 from vsphere_av import config
 from vsphere_av.app import App
@@ -65,43 +66,56 @@ def files_of(result: ScanResult) -> tuple[Any, ...]:
             sorted((f["path"], f["kind"], f["reason"]) for f in result.files))
 
 
-@pytest.fixture
-def world(sim: simulator.Simulator, tmp_path: Path) -> Iterator[tuple[config.Settings, Any]]:
-    """Settings with appliances on 127.0.0.91.., reconciled; the appliance's engine service
-    process started on its address (``serve()`` returns it; stopped at teardown)."""
-    settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.91-127.0.0.99",
-                                        token=TOKEN)
-    processes: list[subprocess.Popen[str]] = []
+class Appliances:
+    """Reconciles the appliances and runs the engine service process of the one appliance
+    (``serve()`` returns its URL; ``stop(url)`` ends it; all stopped at teardown)."""
 
-    def serve() -> str:
-        with App(settings, actor="tester") as app:
+    def __init__(self, settings: config.Settings, port: int, state: Path) -> None:
+        self.settings = settings
+        self.port = port
+        self.state = state
+        self.processes: dict[str, subprocess.Popen[str]] = {}
+
+    def __call__(self) -> str:
+        with App(self.settings, actor="tester") as app:
             from vsphere_av.fleet.manager import open_manager
-            manager = open_manager(settings, connection=app.connection, audit=app.audit,
+            manager = open_manager(self.settings, connection=app.connection, audit=app.audit,
                                    actor="tester")
             assert manager.reconcile().ok
             (appliance,) = manager.appliances()
-        state = tmp_path / "appliance-state"
-        env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(state), "VSPHERE_AV_ENGINE_TOKEN": TOKEN}
+        env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(self.state),
+               "VSPHERE_AV_ENGINE_TOKEN": TOKEN}
         env.pop("VSPHERE_AV_CONFIG", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "vsphere_av", "engine", "serve",
-             "--listen", f"{appliance.address}:{port}"],
+             "--listen", f"{appliance.address}:{self.port}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        processes.append(proc)
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
-        assert url == f"http://{appliance.address}:{port}", url
+        self.processes[url] = proc
+        assert url == f"http://{appliance.address}:{self.port}", url
         assert EngineClient(url, token=TOKEN).health()["status"] == "ok"
         return url
 
+    def stop(self, url: str) -> None:
+        proc = self.processes.pop(url)
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture
+def world(sim: simulator.Simulator, tmp_path: Path) -> Iterator[tuple[config.Settings, Any]]:
+    """Settings with appliances on 127.0.0.91..; the appliance's engine service process."""
+    settings, port = appliance_settings(sim, tmp_path, addresses="127.0.0.91-127.0.0.99",
+                                        token=TOKEN)
+    appliances = Appliances(settings, port, tmp_path / "appliance-state")
     try:
-        yield settings, serve
+        yield settings, appliances
     finally:
-        for proc in processes:
-            proc.terminate()
-            proc.wait(timeout=30)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        for url in list(appliances.processes):
+            appliances.stop(url)
 
 
 def test_the_appliance_reads_the_disk_on_its_host_and_finds_what_the_controller_finds(
@@ -154,3 +168,51 @@ def test_with_the_appliance_down_the_disk_scan_waits_and_the_vm_is_unprotected(
     assert sent == []                       # nothing read elsewhere in its place
     assert rows[VM0]["state"] == "unprotected"
     assert rows[VM0]["reason"] == "appliance down"
+
+
+def test_a_disk_its_appliance_cannot_read_leaves_the_vm_unprotected_with_the_reason(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    serve()
+    si = connect(sim)
+    vm_ref = vm_named(si, VM0)
+    plant(sim, VM0, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")
+    wait_task(vm_ref.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="vcsim.disk.inaccessible", value="TRUE")])))
+    wait_task(vm_ref.PowerOffVM_Task(), timeout=120)
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        r, sent = folder_requests(lambda: app.scan_one(vm, via="disk"))
+        row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
+    assert sent == []
+    assert (r.via, r.status) == ("disk", "incomplete"), r.reason
+    assert "HTTP 404" in r.reason                 # the appliance's reader, named as at home
+    assert "\n" not in r.reason
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+
+
+def test_the_appliance_stopping_mid_scan_is_an_outage_never_protected(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    url = serve()
+    plant(sim, VM0, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")
+    for i in range(4):
+        plant(sim, VM0, f"/srv/blob{i}.bin", os.urandom(200_000))
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    stopped: list[str] = []
+
+    def appliance_dies(tick: Any) -> None:
+        if not stopped and tick.files:
+            stopped.append(tick.path)
+            serve.stop(url)
+
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        r = app.scan_one(vm, full=True, via="disk", on_progress=appliance_dies)
+        row = app.store.vm_state(vm.moref)
+    assert stopped
+    assert (r.via, r.status, r.outage) == ("disk", "error", True), r.reason
+    assert "appliance" in r.reason
+    assert row is not None
+    assert (row.state, row.reason) == ("unprotected", r.reason)
