@@ -22,7 +22,7 @@ from pyVmomi import vim
 from vsphere_av import errors
 from vsphere_av.config import Secret, VcenterSettings
 from vsphere_av.lab import simulator
-from vsphere_av.models import DatastoreInfo, HostId, VirtualDiskInfo, VmId
+from vsphere_av.models import DatastoreInfo, FolderGrant, HostId, VirtualDiskInfo, VmId
 from vsphere_av.vsphere import disks
 from vsphere_av.vsphere.connection import Connection, TlsTrust
 from vsphere_av.vsphere.connection import connect as vs_connect
@@ -419,3 +419,51 @@ def test_a_host_certificate_other_than_the_pinned_one_is_refused(
     with disks.DatastoreFiles(connection=conn) as files, \
             pytest.raises(errors.TlsVerificationError, match="pinned thumbprint"):
         files.open(host, ds, path)
+
+
+def test_granted_files_read_on_leave_with_the_host_pinned_and_refuse_bad_grants(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    # The appliance's reader: no vCenter connection, only grants (URL, ticket, pin).
+    vm = _vm(sim)
+    data = os.urandom(1024 * 1024 + 3)
+    path = _plant(vm, "granted.bin", data)
+    host, ds = _where(vm)
+    with disks.DatastoreFiles(connection=conn) as files:
+        asked: list[tuple[str, str]] = []
+
+        def grant(datastore: DatastoreInfo, name: str) -> FolderGrant:
+            asked.append((datastore.name, name))
+            return files.grant(host, datastore, name)
+
+        reader = disks.GrantedFiles(grant=grant)
+        try:
+            f = reader.open(host, ds, path)
+            assert f.size == len(data)
+            assert f.read_range(5, 300_000) == data[5:300_005]
+            assert f.read_range(len(data) - 3, 10) == data[-3:]
+            # The simulator takes each ticket once: every request after the first two
+            # (size probe, refused reuse) came with a grant of its own.
+            assert asked[0] == (ds.name, path)
+            assert len(asked) >= 3
+        finally:
+            reader.close()
+
+        good = files.grant(host, ds, path)
+        wrong_pin = FolderGrant(url=good.url, ticket=good.ticket, thumbprint="AB" * 32)
+        bad = [
+            (wrong_pin, errors.TlsVerificationError, "pinned"),
+            (FolderGrant(url=good.url, ticket=good.ticket, thumbprint=""),
+             errors.TlsVerificationError, "SHA-256"),
+            (FolderGrant(url=good.url.replace("https:", "http:"), ticket=good.ticket,
+                               thumbprint=good.thumbprint), errors.VsphereError, "https"),
+            (FolderGrant(url=good.url.replace("/folder/", "/guestFile/"),
+                               ticket=good.ticket, thumbprint=good.thumbprint),
+             errors.VsphereError, "/folder"),
+        ]
+        for given, error, words in bad:
+            reader = disks.GrantedFiles(grant=lambda _ds, _p, g=given: g)
+            try:
+                with pytest.raises(error, match=words):
+                    reader.open(host, ds, path)
+            finally:
+                reader.close()
