@@ -182,6 +182,9 @@ class _Broker:
             return answer
         if answer is not None:
             raise answer
+        if self.closed:
+            raise errors.ConnectionLost(f"[{datastore.name}] {path}: the disk session ended "
+                                        "while the read waited for its service ticket")
         raise errors.ConnectionLost(f"[{datastore.name}] {path}: no service ticket from the "
                                     f"controller within {self._timeout:.0f} s")
 

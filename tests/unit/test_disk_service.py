@@ -1,0 +1,119 @@
+"""The appliance's disk sessions: grants brokered between its readers and the controller,
+errors carried across as themselves, sessions that end (``scan.sources.disk_service``).
+
+Pure Python: the broker with real threads, the service's routes called directly with a
+reader that only records what it was asked (no host is read here; the simulator tests in
+``tests/integration/test_appliance_disk.py`` read real disks).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from vsphere_av import errors
+from vsphere_av.models import DatastoreInfo, FolderGrant
+from vsphere_av.scan.sources.disk_service import (
+    DiskService,
+    _Broker,
+    error_from,
+    error_json,
+)
+
+DS = DatastoreInfo(moref="datastore-1", name="LocalDS_0", datacenter_path="DC0")  # type: ignore[arg-type]
+GRANT = FolderGrant(url="https://10.0.0.1/folder/vm/disk.vmdk?dcPath=DC0&dsName=LocalDS_0",
+                    ticket="t-1", thumbprint="AB" * 32)
+
+
+def test_a_reader_waits_for_the_grant_the_controller_sends_with_its_next_poll() -> None:
+    broker = _Broker(timeout=10)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(broker.grant(DS, "vm/disk.vmdk")))
+    reader.start()
+    needs = broker.exchange([], wait=5)
+    assert needs == [{"id": 1, "datastore": {"moref": "datastore-1", "name": "LocalDS_0",
+                                             "datacenter_path": "DC0"},
+                      "path": "vm/disk.vmdk"}]
+    assert broker.exchange([{"id": 1, "grant": {"url": GRANT.url, "ticket": "t-1",
+                                                "thumbprint": GRANT.thumbprint}}],
+                           wait=0) == []
+    reader.join(5)
+    assert got == [GRANT]
+
+
+def test_a_refused_grant_is_the_controllers_error_and_no_grant_is_an_outage() -> None:
+    broker = _Broker(timeout=0.3)
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            broker.grant(DS, "vm/disk.vmdk")
+        except errors.VsphereAvError as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    (need,) = broker.exchange([], wait=5)
+    denied = errors.PermissionDenied("vm/other.vmdk: not in a folder of vm's disks")
+    broker.exchange([{"id": need["id"], "error": error_json(denied)}], wait=0)
+    reader.join(5)
+    assert [type(e) for e in failures] == [errors.PermissionDenied]
+    assert str(failures[0]) == str(denied)
+
+    with pytest.raises(errors.ConnectionLost, match="no service ticket"):
+        broker.grant(DS, "vm/disk.vmdk")       # nobody polls: times out
+
+
+def test_errors_cross_as_their_own_class_and_unknown_kinds_as_the_base() -> None:
+    assert type(error_from(error_json(errors.DiskFileError("x")))) is errors.DiskFileError
+    assert type(error_from({"kind": "SystemExit", "message": "m"})) is errors.VsphereAvError
+    assert type(error_from({"kind": "ConnectionLost"})) is errors.ConnectionLost
+    assert str(error_from(None)) == "error on the appliance"
+
+
+def test_closing_a_session_fails_its_waiting_reads_and_forgets_it() -> None:
+    asked: list[Any] = []
+
+    class Reader:
+        def __init__(self, *, grant: Any) -> None:
+            self.grant = grant
+            self.closed = False
+
+        def open(self, *args: Any) -> Any:
+            asked.append(args)
+            return self.grant(DS, "vm/disk.vmdk")
+
+        def close(self) -> None:
+            self.closed = True
+
+    service = DiskService(scan=lambda *a, **k: {}, reader=Reader, grant_timeout=30)
+    vm = {"moref": "vm-1", "name": "vm", "guest_id": "otherLinux64Guest",
+          "power_state": "poweredOff"}
+    disk = {"vm": "vm-1", "key": 2000, "label": "Hard disk 1", "capacity": 1 << 20,
+            "disk_mode": "persistent", "backing": "flat",
+            "datastore": {"moref": "datastore-1", "name": "LocalDS_0", "datacenter_path": "DC0"},
+            "host": "host-1", "chain": [{"files": [{
+                "name": "[LocalDS_0] vm/disk.vmdk", "path": "vm/disk.vmdk", "type":
+                "diskDescriptor", "size": 100, "datastore": {
+                    "moref": "datastore-1", "name": "LocalDS_0", "datacenter_path": "DC0"}}]}]}
+    session = service.open({"vm": vm, "disks": [disk]})["session"]
+    answers: list[dict[str, Any]] = []
+    walker = threading.Thread(target=lambda: answers.append(service.walk(
+        {"session": session, "roots": ["/"], "excludes": []})))
+    walker.start()
+    needs = service.grants({"session": session, "answers": [], "wait": 5})
+    assert [n["path"] for n in needs["needs"]] == ["vm/disk.vmdk"]
+    assert service.close({"session": session})["closed"] is True
+    walker.join(10)
+    assert not walker.is_alive()
+    # The waiting read failed as an outage (the disk is reported, never read as clean).
+    (page,) = answers
+    assert (page["done"], page["items"]) == (True, [])
+    assert page["raise"] == {"kind": "ConnectionLost", "message": (
+        "[LocalDS_0] vm/disk.vmdk: the disk session ended while the read waited for its "
+        "service ticket")}
+    assert service.grants({"session": session, "wait": 0}) == {"needs": [], "closed": True}
+    with pytest.raises(errors.EngineError, match="no such disk session"):
+        service.walk({"session": session, "roots": ["/"]})
