@@ -30,7 +30,7 @@ from vsphere_av.lab import simulator
 from vsphere_av.scan.job import ScanResult
 
 TOKEN = "appliance-disk-token-0123456789"
-VM0 = "DC0_C0_RP0_VM0"
+VM0, VM1 = "DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"
 
 pytestmark = pytest.mark.vcsim(hosts=1, vms=2, disks=True)
 
@@ -150,6 +150,26 @@ def test_the_appliance_reads_the_disk_on_its_host_and_finds_what_the_controller_
     assert again.status == "infected"
     assert again.scanned == 1                      # only the detection is read again
     assert again.unchanged == here.scanned - 1
+
+
+def test_a_running_vm_is_read_by_its_appliance_under_a_snapshot_and_remediated_at_once(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    serve()
+    plant(sim, VM1, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")
+    dropped = plant(sim, VM1, "/tmp/dropper", EICAR)
+    si = connect(sim)
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM1]))
+        assert vm.powered_on
+        r, sent = folder_requests(lambda: app.scan_one(vm, via="disk"))
+        audited = [e.action for e in app.audit.entries() if e.action.startswith("disk.snap")]
+    assert sent == []
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [(f.path, f.action) for f in r.found] == [("/tmp/dropper", "quarantined")]
+    assert not dropped.exists()       # quarantined through Guest Operations at once
+    assert audited == ["disk.snapshot.created", "disk.snapshot.removed"]
+    assert vm_named(si, VM1).snapshot is None
 
 
 def test_with_the_appliance_down_the_disk_scan_waits_and_the_vm_is_unprotected(

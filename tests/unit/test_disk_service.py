@@ -117,3 +117,34 @@ def test_closing_a_session_fails_its_waiting_reads_and_forgets_it() -> None:
     assert service.grants({"session": session, "wait": 0}) == {"needs": [], "closed": True}
     with pytest.raises(errors.EngineError, match="no such disk session"):
         service.walk({"session": session, "roots": ["/"]})
+
+
+def test_the_controller_grants_tickets_only_for_the_folders_of_the_vms_disks() -> None:
+    from vsphere_av.models import DiskFile, DiskUnit, HostId, HostInfo, VirtualDiskInfo, VmInfo
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+
+    host = HostInfo(moref=HostId("host-1"), name="esx1", address="10.0.0.1")
+    vm = VmInfo(moref="vm-1", name="vm", instance_uuid="", power_state="poweredOff",  # type: ignore[arg-type]
+                tools_running=False, guest_id="otherLinux64Guest", host=host)
+    descriptor = DiskFile(name="[LocalDS_0] vm/disk.vmdk", datastore=DS, path="vm/disk.vmdk",
+                          type="diskDescriptor", size=100)
+    disk = VirtualDiskInfo(vm=vm.moref, key=2000, label="Hard disk 1", capacity=1 << 20,
+                           disk_mode="persistent", backing="flat", datastore=DS,
+                           host=host.moref, chain=(DiskUnit(files=(descriptor,)),))
+    granted: list[tuple[str, str, str]] = []
+
+    def grant(host_id: str, datastore: DatastoreInfo, path: str) -> FolderGrant:
+        granted.append((host_id, datastore.name, path))
+        return GRANT
+
+    guest = RemoteDiskGuest(vm=vm, disks=[disk], client=None, grant=grant, excludes=())
+    guest._host = host.moref
+    where = {"moref": "datastore-1", "name": "LocalDS_0", "datacenter_path": "DC0"}
+    ok = guest._answer({"id": 1, "datastore": where, "path": "vm/disk-flat.vmdk"})
+    assert ok == {"id": 1, "grant": {"url": GRANT.url, "ticket": "t-1",
+                                     "thumbprint": GRANT.thumbprint}}
+    for path, ds in (("other-vm/disk.vmdk", where), ("vm.vmx", where),
+                     ("vm/disk.vmdk", {**where, "name": "SharedDS"})):
+        refused = guest._answer({"id": 2, "datastore": ds, "path": path})
+        assert refused["error"]["kind"] == "PermissionDenied", path
+    assert granted == [("host-1", "LocalDS_0", "vm/disk-flat.vmdk")]
