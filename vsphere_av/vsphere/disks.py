@@ -1,7 +1,8 @@
 """A VM's virtual disks, snapshots taken for scanning them, and range reads of datastore files.
 
-Called by the disk-scan path (which audits what it does: nothing is audited here) and by
-the controller at start, to remove scan snapshots a crash left behind. Calls
+Called by the disk-scan path (which audits what it does: nothing is audited here), by
+the controller at start, to remove scan snapshots a crash left behind, and by the engine
+service of each host's appliance (:class:`GrantedFiles`, built by ``cli.py``). Calls
 ``Connection.call`` (PropertyCollector, ``CreateSnapshot_Task``, ``RemoveSnapshot_Task``,
 ``SessionManager.AcquireGenericServiceTicket``), ``tasks.wait_task``, and ``requests``
 through the transfer trust of ``guest`` for the host's ``/folder`` interface. Returns
@@ -30,6 +31,13 @@ ticket only once, every request to it gets a fresh one. The host certificate is 
 exactly as for guest transfers (``guest._http_session``). Each host gets one keep-alive
 session with at most ``pool_size`` connections (requests wait for a free one); at most
 ``max_hosts`` sessions are kept, the least recently used closed first.
+
+When the host's appliance reads instead (``scan.sources.remote_disk``), the controller only
+grants: :meth:`DatastoreFiles.grant` gives the URL, a fresh ticket and the host pin as a
+``models.FolderGrant``, and the appliance's :class:`GrantedFiles` reads with the same
+:class:`DatastoreFile` (same ticket rules, same errors), asking for a new grant wherever
+this side would acquire a new ticket. It holds no vCenter connection and reads only https
+``/folder`` URLs with a SHA-256 pin (never unverified).
 """
 
 from __future__ import annotations

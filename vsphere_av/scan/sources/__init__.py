@@ -1,6 +1,7 @@
 """Where a scan's files come from: ``disk`` reads them from the VM's virtual disks
-(``rangefile.RangeFile`` carries datastore range reads); the guest operations source stays in
-``vsphere_av.scan.job`` / ``vsphere.guest`` for now.
+(``rangefile.RangeFile`` carries datastore range reads); ``remote_disk`` has the VM's host
+appliance read them (``disk_service`` is the appliance's side); the guest operations source
+stays in ``vsphere_av.scan.job`` / ``vsphere.guest`` for now.
 """
 
 from vsphere_av.scan.sources.diskimage import (
