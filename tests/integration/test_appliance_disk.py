@@ -25,7 +25,8 @@ from pyVmomi import vim
 
 from vsphere_av import config
 from vsphere_av.app import App
-from vsphere_av.engine.remote import EngineClient
+from vsphere_av.engine import Engine
+from vsphere_av.engine.remote import EngineClient, EngineService
 from vsphere_av.lab import simulator
 from vsphere_av.scan.job import ScanResult
 
@@ -76,24 +77,29 @@ class Appliances:
         self.state = state
         self.processes: dict[str, subprocess.Popen[str]] = {}
 
-    def __call__(self) -> str:
+    def address(self) -> str:
+        """The one appliance, deployed and running: its address."""
         with App(self.settings, actor="tester") as app:
             from vsphere_av.fleet.manager import open_manager
             manager = open_manager(self.settings, connection=app.connection, audit=app.audit,
                                    actor="tester")
             assert manager.reconcile().ok
             (appliance,) = manager.appliances()
+        return str(appliance.address)
+
+    def __call__(self) -> str:
+        address = self.address()
         env = {**os.environ, "VSPHERE_AV_STATE_DIR": str(self.state),
                "VSPHERE_AV_ENGINE_TOKEN": TOKEN}
         env.pop("VSPHERE_AV_CONFIG", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "vsphere_av", "engine", "serve",
-             "--listen", f"{appliance.address}:{self.port}"],
+             "--listen", f"{address}:{self.port}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         self.processes[url] = proc
-        assert url == f"http://{appliance.address}:{self.port}", url
+        assert url == f"http://{address}:{self.port}", url
         assert EngineClient(url, token=TOKEN).health()["status"] == "ok"
         return url
 
@@ -236,3 +242,28 @@ def test_the_appliance_stopping_mid_scan_is_an_outage_never_protected(
     assert "appliance" in r.reason
     assert row is not None
     assert (row.state, row.reason) == ("unprotected", r.reason)
+
+
+def test_an_appliance_whose_engine_cannot_read_disks_says_so_and_nothing_is_read(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    settings, appliances = world
+    # An engine service without the disk routes (an appliance not yet upgraded).
+    engine = Engine.open(config.Settings(state_dir=tmp_path / "old-appliance"))
+    old = EngineService(engine=engine, token=TOKEN, listen=(appliances.address(),
+                                                            appliances.port))
+    old.start()
+    try:
+        si = connect(sim)
+        wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+        with App(settings, actor="tester") as app:
+            vm = next(v for v in app.select_vms(names=[VM0]))
+            r, sent = folder_requests(lambda: app.scan_one(vm, via="disk"))
+            row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
+    finally:
+        old.shutdown()
+        engine.close()
+    assert sent == []
+    assert r.status == "error", r.reason
+    assert not r.outage                     # not retried as an outage: it will not heal
+    assert "upgrade the appliance" in r.reason
+    assert (row["state"], row["reason"]) == ("unreachable", r.reason)   # never protected

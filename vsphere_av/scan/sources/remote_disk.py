@@ -141,6 +141,10 @@ class RemoteDiskGuest:
         try:
             answer: dict[str, Any] = self._client.call(route, document)
         except EngineError as exc:
+            if route == "/v1/disk/open" and "HTTP 404" in str(exc):
+                raise errors.ApplianceError(
+                    "the host's appliance cannot read disks (its engine service has no "
+                    "/v1/disk routes): upgrade the appliance") from exc
             raise errors.ConnectionLost(f"the host's appliance stopped reading the disks: "
                                         f"{exc}") from exc
         if "bytes_read" in answer:
