@@ -24,7 +24,7 @@ compared in constant time):
                           only, the ESXi certificate pinned by SHA-256 thumbprint) and scans it.
                           The controller replaced ``*`` with the host's address; the appliance
                           holds no vCenter or guest credentials.
-    POST <route>          JSON in, JSON out: the ``routes`` given by whoever starts the service
+    POST <route>          JSON in, JSON out: ``routes`` added by whoever starts the service
                           (``cli.py`` adds the disk-scan routes ``/v1/disk/...`` of
                           ``scan.sources.disk_service``); they take no scan slot of their own.
 
@@ -43,7 +43,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +153,7 @@ class EngineService:
     def __init__(self, *, engine: Any, token: str, listen: tuple[str, int],
                  max_concurrent: int = 4, tls_cert: str = "", tls_key: str = "",
                  allow_plaintext: bool = False, clock: Callable[[], float] = time.monotonic,
-                 fetch: Callable[..., Iterable[bytes]] | None = None,
-                 routes: Mapping[str, JsonRoute] | None = None) -> None:
+                 fetch: Callable[..., Iterable[bytes]] | None = None) -> None:
         if len(token) < MIN_TOKEN_LENGTH:
             raise ConfigError(f"engine token must be at least {MIN_TOKEN_LENGTH} characters")
         if not _is_loopback(listen[0]) and not tls_cert and not allow_plaintext:
@@ -170,7 +169,7 @@ class EngineService:
         self._lock = threading.Lock()
         self.max_concurrent = max_concurrent
         self._fetch = fetch or fetch_transfer_url
-        self.routes: dict[str, JsonRoute] = dict(routes or {})
+        self.routes: dict[str, JsonRoute] = {}     # added routes: path -> handler
         service = self
 
         class Handler(_Handler):
@@ -317,7 +316,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, self.owner.health(detailed=detailed))
 
     def do_POST(self) -> None:
-        """POST /v1/scan and /v1/scan-url."""
+        """POST /v1/scan, /v1/scan-url and the added routes."""
         parts = urlsplit(self.path)
         if parts.path in self.owner.routes:
             self._json_route(self.owner.routes[parts.path])
