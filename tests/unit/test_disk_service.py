@@ -148,3 +148,27 @@ def test_the_controller_grants_tickets_only_for_the_folders_of_the_vms_disks() -
         refused = guest._answer({"id": 2, "datastore": ds, "path": path})
         assert refused["error"]["kind"] == "PermissionDenied", path
     assert granted == [("host-1", "LocalDS_0", "vm/disk-flat.vmdk")]
+
+
+def test_the_disk_routes_need_the_token_and_a_well_formed_request() -> None:
+    import requests
+
+    from vsphere_av.engine.remote import EngineClient, EngineService
+
+    token = "disk-routes-token-0123456789"
+    service = EngineService(engine=None, token=token, listen=("127.0.0.1", 0))
+    service.routes.update(DiskService(scan=lambda *a, **k: {}, reader=lambda **_: None)
+                          .routes())
+    service.start()
+    try:
+        anonymous = requests.post(service.url + "/v1/disk/open", json={"vm": {}, "disks": []},
+                                  timeout=10)
+        assert anonymous.status_code == 401
+        client = EngineClient(service.url, token=token)
+        with pytest.raises(errors.EngineError, match=r"HTTP 400.*malformed disk session"):
+            client.call("/v1/disk/open", {"vm": {"name": "no moref"}, "disks": []})
+        with pytest.raises(errors.EngineError, match=r"HTTP 400.*no such disk session"):
+            client.call("/v1/disk/walk", {"session": "guessed", "roots": ["/"]})
+        client.close()
+    finally:
+        service.shutdown()
