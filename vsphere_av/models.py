@@ -260,6 +260,7 @@ class FolderGrant:
     url: str
     ticket: str
     thumbprint: str
+    spare: tuple[str, ...] = ()  # more tickets for the same URL, for hosts that take each once
 
 
 @dataclass(frozen=True)

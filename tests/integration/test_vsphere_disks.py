@@ -429,22 +429,25 @@ def test_granted_files_read_on_leave_with_the_host_pinned_and_refuse_bad_grants(
     path = _plant(vm, "granted.bin", data)
     host, ds = _where(vm)
     with disks.DatastoreFiles(connection=conn) as files:
-        asked: list[tuple[str, str]] = []
+        asked: list[tuple[str, str, int]] = []
 
-        def grant(datastore: DatastoreInfo, name: str) -> FolderGrant:
-            asked.append((datastore.name, name))
-            return files.grant(host, datastore, name)
+        def grant(datastore: DatastoreInfo, name: str, *, tickets: int = 1) -> FolderGrant:
+            asked.append((datastore.name, name, tickets))
+            return files.grant(host, datastore, name, tickets=tickets)
 
         reader = disks.GrantedFiles(grant=grant)
         try:
             f = reader.open(host, ds, path)
             assert f.size == len(data)
-            assert f.read_range(5, 300_000) == data[5:300_005]
-            assert f.read_range(len(data) - 3, 10) == data[-3:]
-            # The simulator takes each ticket once: every request after the first two
-            # (size probe, refused reuse) came with a grant of its own.
-            assert asked[0] == (ds.name, path)
-            assert len(asked) >= 3
+            for offset in range(0, len(data), 32_768):
+                assert f.read_range(offset, 32_768) == data[offset:offset + 32_768]
+            # The simulator takes each ticket once: after the size probe and the refused
+            # reuse, each grant brings twice the tickets of the last, up to 1 + MAX_SPARE.
+            requests = 1 + 1 + len(range(0, len(data), 32_768))
+            assert [n for _, _, n in asked] == [1, 2, 4, 8, 16, 16]    # 6 grants for 34 tickets
+            assert {(d, p) for d, p, _ in asked} == {(ds.name, path)}
+            assert sum(n for _, _, n in asked) >= requests - 1
+            assert files.statistics().tickets == sum(n for _, _, n in asked)
         finally:
             reader.close()
 
@@ -461,7 +464,7 @@ def test_granted_files_read_on_leave_with_the_host_pinned_and_refuse_bad_grants(
              errors.VsphereError, "/folder"),
         ]
         for given, error, words in bad:
-            reader = disks.GrantedFiles(grant=lambda _ds, _p, g=given: g)
+            reader = disks.GrantedFiles(grant=lambda _ds, _p, g=given, **_: g)
             try:
                 with pytest.raises(error, match=words):
                     reader.open(host, ds, path)

@@ -35,7 +35,7 @@ def test_a_reader_waits_for_the_grant_the_controller_sends_with_its_next_poll() 
     needs = broker.exchange([], wait=5)
     assert needs == [{"id": 1, "datastore": {"moref": "datastore-1", "name": "LocalDS_0",
                                              "datacenter_path": "DC0"},
-                      "path": "vm/disk.vmdk"}]
+                      "path": "vm/disk.vmdk", "tickets": 1}]
     assert broker.exchange([{"id": 1, "grant": {"url": GRANT.url, "ticket": "t-1",
                                                 "thumbprint": GRANT.thumbprint}}],
                            wait=0) == []
@@ -131,23 +131,25 @@ def test_the_controller_grants_tickets_only_for_the_folders_of_the_vms_disks() -
     disk = VirtualDiskInfo(vm=vm.moref, key=2000, label="Hard disk 1", capacity=1 << 20,
                            disk_mode="persistent", backing="flat", datastore=DS,
                            host=host.moref, chain=(DiskUnit(files=(descriptor,)),))
-    granted: list[tuple[str, str, str]] = []
+    granted: list[tuple[str, str, str, int]] = []
 
-    def grant(host_id: str, datastore: DatastoreInfo, path: str) -> FolderGrant:
-        granted.append((host_id, datastore.name, path))
+    def grant(host_id: str, datastore: DatastoreInfo, path: str, *,
+              tickets: int = 1) -> FolderGrant:
+        granted.append((host_id, datastore.name, path, tickets))
         return GRANT
 
     guest = RemoteDiskGuest(vm=vm, disks=[disk], client=None, grant=grant, excludes=())
     guest._host = host.moref
     where = {"moref": "datastore-1", "name": "LocalDS_0", "datacenter_path": "DC0"}
-    ok = guest._answer({"id": 1, "datastore": where, "path": "vm/disk-flat.vmdk"})
+    ok = guest._answer({"id": 1, "datastore": where, "path": "vm/disk-flat.vmdk",
+                        "tickets": 4})
     assert ok == {"id": 1, "grant": {"url": GRANT.url, "ticket": "t-1",
-                                     "thumbprint": GRANT.thumbprint}}
+                                     "thumbprint": GRANT.thumbprint, "spare": ()}}
     for path, ds in (("other-vm/disk.vmdk", where), ("vm.vmx", where),
                      ("vm/disk.vmdk", {**where, "name": "SharedDS"})):
         refused = guest._answer({"id": 2, "datastore": ds, "path": path})
         assert refused["error"]["kind"] == "PermissionDenied", path
-    assert granted == [("host-1", "LocalDS_0", "vm/disk-flat.vmdk")]
+    assert granted == [("host-1", "LocalDS_0", "vm/disk-flat.vmdk", 4)]
 
 
 def test_the_disk_routes_need_the_token_and_a_well_formed_request() -> None:

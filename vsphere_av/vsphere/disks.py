@@ -45,7 +45,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_DESCRIPTION = "vsphere-av disk scan: temporary, removed when the scan ends"
 SNAPSHOT_TIMEOUT = 900.0        # create (quiesced: the guest flushes first) or remove+consolidate
 HTTP_TIMEOUT = (15.0, 120.0)
+MAX_SPARE = 15                  # spare tickets one grant carries at most (GrantedFiles)
+SPARE_TTL = 60.0                # seconds a spare ticket is offered before it is dropped
 MAX_RANGE = 64 * 1024 * 1024    # one read_range call; callers read in blocks far below this
 ESXI_HTTPS_PORT = 443
 DISK_FILE_TYPES = ("diskDescriptor", "diskExtent")
@@ -587,13 +590,15 @@ class DatastoreFiles:
             lambda c: c.sessionManager.AcquireGenericServiceTicket(spec=spec))
         return str(ticket.id)
 
-    def grant(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> FolderGrant:
+    def grant(self, host_id: HostId, datastore: DatastoreInfo, path: str, *,
+              tickets: int = 1) -> FolderGrant:
         """Leave for another process (the host's appliance) to read ``[datastore] path``.
 
-        A fresh service ticket for the file's ``/folder`` URL on the host and the host
-        certificate's SHA-256 to pin (vCenter's pinned thumbprint when vCenter reports
-        none for the host, as for guest transfers); no pin at all -> TlsVerificationError:
-        the reader would have nothing to verify the host with.
+        ``tickets`` fresh service tickets (the first, then ``spare``; at most
+        ``MAX_SPARE`` spares) for the file's ``/folder`` URL on the host and the host
+        certificate's SHA-256 to pin (vCenter's pinned thumbprint when vCenter reports none
+        for the host, as for guest transfers); no pin at all -> TlsVerificationError: the
+        reader would have nothing to verify the host with.
         """
         with self._lock:
             host = self._granting.get(host_id)
@@ -609,7 +614,8 @@ class DatastoreFiles:
                 f"host {host.name}: no certificate thumbprint to pin, so its datastore files "
                 "cannot be read by its appliance")
         url = folder_url(host.address, self.port_for(host), datastore, path)
-        return FolderGrant(url=url, ticket=self.ticket(url), thumbprint=pin)
+        issued = [self.ticket(url) for _ in range(max(1, min(tickets, MAX_SPARE + 1)))]
+        return FolderGrant(url=url, ticket=issued[0], thumbprint=pin, spare=tuple(issued[1:]))
 
     def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
         """Open ``[datastore] path`` for range reads on that host; its size is known after."""
@@ -784,20 +790,35 @@ class DatastoreFile:
 # --- Datastore files granted by the controller (the appliance's side) -----------------------
 
 class _Grants:
-    """The tickets of one granted file: the one that came with the grant, then fresh grants."""
+    """The tickets of one granted file: the grant's, then its spares, then fresh grants.
 
-    def __init__(self, first: FolderGrant, again: Callable[[], FolderGrant]) -> None:
-        self._first: FolderGrant | None = first
+    Each grant is a round trip to the controller; on a host that takes each ticket once
+    every read needs one, so each fresh grant asks for twice the tickets of the last (up to
+    ``MAX_SPARE`` spares), and spares older than ``SPARE_TTL`` are dropped unused.
+    """
+
+    def __init__(self, first: FolderGrant, again: Callable[[int], FolderGrant]) -> None:
         self._again = again
         self._url = first.url
         self._lock = threading.Lock()
+        self._want = 1
+        self._tickets: deque[str] = deque([first.ticket, *first.spare])
+        self._since = time.monotonic()
 
     def ticket(self, url: str) -> str:
+        if url != self._url:
+            raise errors.VsphereError("a service ticket was asked for another file")
         with self._lock:
-            first, self._first = self._first, None
-        grant = first or self._again()
-        if grant.url != self._url or url != self._url:
+            if self._tickets and time.monotonic() - self._since < SPARE_TTL:
+                return self._tickets.popleft()
+            self._want = min(self._want * 2, MAX_SPARE + 1)
+            want = self._want
+        grant = self._again(want)
+        if grant.url != self._url:
             raise errors.VsphereError("a service ticket was granted for another file")
+        with self._lock:
+            self._tickets = deque(grant.spare)
+            self._since = time.monotonic()
         return grant.ticket
 
 
@@ -821,15 +842,14 @@ def check_grant(grant: FolderGrant) -> HostInfo:
 class GrantedFiles:
     """Range reads of datastore files on leave from someone else (``DatastoreReader``).
 
-    Used by the host's appliance (``scan.sources.disk_service``): ``grant(datastore, path)``
-    asks the controller for a ``FolderGrant`` (URL, service ticket, host pin); every read is
-    then :class:`DatastoreFile`'s, with the same ticket reuse, single-use detection, errors
-    and the host certificate pinned to the granted thumbprint (never unverified). Holds no
-    vCenter connection.
+    Used by the host's appliance (``scan.sources.disk_service``): ``grant(datastore, path,
+    tickets=N)`` asks the controller for a ``FolderGrant`` (URL, service tickets, host pin);
+    every read is then :class:`DatastoreFile`'s, with the same ticket reuse, single-use
+    detection, errors and the host certificate pinned to the granted thumbprint (never
+    unverified). Holds no vCenter connection.
     """
 
-    def __init__(self, *, grant: Callable[[DatastoreInfo, str], FolderGrant],
-                 pool_size: int = 4) -> None:
+    def __init__(self, *, grant: Callable[..., FolderGrant], pool_size: int = 4) -> None:
         self._grant = grant
         self._pool_size = pool_size
         self._sessions: dict[tuple[str, str], _HostSession] = {}
@@ -837,7 +857,7 @@ class GrantedFiles:
 
     def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
         """Open ``[datastore] path`` (on the host the controller names in the grant)."""
-        first = self._grant(datastore, path)
+        first = self._grant(datastore, path, tickets=1)
         host = check_grant(first)
         key = (first.url.split("/folder/", 1)[0], host.certificate_sha256)
         with self._lock:
@@ -846,7 +866,8 @@ class GrantedFiles:
                 session, verify = _http_session(host, TlsTrust(), keep_alive=True,
                                                 pool_maxsize=self._pool_size)
                 link = self._sessions[key] = _HostSession(host, session, verify)
-        handle = DatastoreFile(owner=_Grants(first, lambda: self._grant(datastore, path)),
+        handle = DatastoreFile(owner=_Grants(first, lambda n: self._grant(datastore, path,
+                                                                          tickets=n)),
                                link=link, url=first.url, name=f"[{datastore.name}] {path}")
         handle.size = handle.probe_size()
         return handle

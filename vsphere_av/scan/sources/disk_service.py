@@ -21,7 +21,9 @@ range read that needs a ticket (the first read of a file, or each read on a host
 each ticket once) posts a *need* (datastore, path) and waits; the controller keeps one
 long-poll request open (``/v1/disk/grants``) that returns the needs as they come and
 carries the grants back (URL, ticket, host pin: ``models.FolderGrant``) with the next
-poll. The controller computes the URL, so the appliance builds none and trusts none it was
+poll; a reader on a host that takes each ticket once asks for more at a time (spares,
+doubling up to ``vsphere.disks.MAX_SPARE``), so most reads need no round trip. The
+controller computes the URL, so the appliance builds none and trusts none it was
 not handed for its session's files; a grant that does not come in time (controller gone)
 or comes back as an error fails the read with that error, so the scan fails as it would
 have on the controller.
@@ -35,7 +37,7 @@ id ``open`` returned):
                      "raise"?}: the next entries of the walk, with the walk's errors in order
     /v1/disk/scan    {"session", "path", "name", "owner"} -> {"outcome"} | {"raise"}
     /v1/disk/grants  {"session", "answers": [{"id", "grant"|"error"}], "wait"} -> {"needs":
-                     [{"id", "datastore", "path"}], "closed"}
+                     [{"id", "datastore", "path", "tickets"}], "closed"}
     /v1/disk/close   {"session"} -> {"bytes_read"}
 
 Errors travel as ``{"kind", "message"}`` (a ``vsphere_av.errors`` class name) and are raised
@@ -76,7 +78,7 @@ IDLE_TIMEOUT = 900.0      # a session nobody asked anything of for this long is 
 MAX_SESSIONS = 64
 MAX_POLL_WAIT = 30.0
 
-GrantFn = Callable[[DatastoreInfo, str], FolderGrant]
+GrantFn = Callable[..., FolderGrant]     # (datastore, path, *, tickets=1) -> FolderGrant
 
 
 class ReaderFactory(Protocol):
@@ -156,18 +158,19 @@ class _Broker:
     def __init__(self, *, timeout: float) -> None:
         self._timeout = timeout
         self._cond = threading.Condition()
-        self._waiting: dict[int, tuple[DatastoreInfo, str]] = {}
+        self._waiting: dict[int, tuple[DatastoreInfo, str, int]] = {}
         self._unsent: list[int] = []
         self._answers: dict[int, FolderGrant | errors.VsphereAvError] = {}
         self._next = 0
         self.closed = False
 
-    def grant(self, datastore: DatastoreInfo, path: str) -> FolderGrant:
-        """Called by a reader: wait for the controller's grant for ``[datastore] path``."""
+    def grant(self, datastore: DatastoreInfo, path: str, *, tickets: int = 1) -> FolderGrant:
+        """Called by a reader: wait for the controller's grant for ``[datastore] path``
+        (``tickets``: how many it asks for, the first and spares)."""
         with self._cond:
             self._next += 1
             ident = self._next
-            self._waiting[ident] = (datastore, path)
+            self._waiting[ident] = (datastore, path, tickets)
             self._unsent.append(ident)
             self._cond.notify_all()
             deadline = time.monotonic() + self._timeout
@@ -197,9 +200,10 @@ class _Broker:
                     continue
                 if isinstance(answer.get("grant"), dict):
                     g = answer["grant"]
-                    self._answers[ident] = FolderGrant(url=str(g.get("url", "")),
-                                                       ticket=str(g.get("ticket", "")),
-                                                       thumbprint=str(g.get("thumbprint", "")))
+                    self._answers[ident] = FolderGrant(
+                        url=str(g.get("url", "")), ticket=str(g.get("ticket", "")),
+                        thumbprint=str(g.get("thumbprint", "")),
+                        spare=tuple(str(t) for t in g.get("spare") or ()))
                 else:
                     self._answers[ident] = error_from(answer.get("error"))
             self._cond.notify_all()
@@ -210,7 +214,8 @@ class _Broker:
                     break
                 self._cond.wait(left)
             needs = [{"id": i, "datastore": dataclasses.asdict(self._waiting[i][0]),
-                      "path": self._waiting[i][1]} for i in self._unsent if i in self._waiting]
+                      "path": self._waiting[i][1], "tickets": self._waiting[i][2]}
+                     for i in self._unsent if i in self._waiting]
             self._unsent.clear()
             return needs
 
@@ -294,10 +299,10 @@ class DiskService:
             raise EngineError(f"malformed disk session request: {exc}") from exc
         broker = _Broker(timeout=self._grant_timeout)
 
-        def grant(datastore: DatastoreInfo, path: str) -> FolderGrant:
+        def grant(datastore: DatastoreInfo, path: str, *, tickets: int = 1) -> FolderGrant:
             with self._lock:
                 self.granted += 1
-            return broker.grant(datastore, path)
+            return broker.grant(datastore, path, tickets=tickets)
 
         reader = self._reader(grant=grant)
         files: DatastoreReader = reader

@@ -57,7 +57,7 @@ from vsphere_av.scan.sources.disk_service import (
 
 log = logging.getLogger(__name__)
 
-Grant = Callable[[HostId, DatastoreInfo, str], FolderGrant]
+Grant = Callable[..., FolderGrant]    # (host, datastore, path, *, tickets=1) -> FolderGrant
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,9 @@ class RemoteDiskGuest:
                 raise errors.PermissionDenied(
                     f"[{datastore.name}] {path}: not in a folder of {self.vm.name}'s disks: "
                     "no ticket granted")
-            grant = self._grant(self._host, datastore, path)
+            tickets = need.get("tickets", 1)
+            grant = self._grant(self._host, datastore, path,
+                                tickets=tickets if isinstance(tickets, int) else 1)
         except errors.VsphereAvError as exc:
             return {"id": ident, "error": error_json(exc)}
         except (KeyError, TypeError) as exc:
