@@ -1,6 +1,7 @@
 """``vsphere-av api token ...``: the console's bearer tokens: create, list, revoke.
 
-Registered by ``cli/__init__.py``; calls ``api.tokens`` and ``app.access``.
+Registered by ``cli/__init__.py``; calls ``api.tokens``, ``app.access`` (who may grant
+which role) and ``store.audit`` (the actor).
 """
 
 from __future__ import annotations

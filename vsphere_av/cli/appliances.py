@@ -1,7 +1,8 @@
 """``vsphere-av appliances ...``: one security appliance per ESXi host: reconcile, upgrade,
 list, push signatures, health, restart the engine.
 
-Registered by ``cli/__init__.py``; calls ``fleet.manager`` through the application.
+Registered by ``cli/__init__.py``; calls ``fleet.manager`` (opened on the
+application's connection and audit log) and the engine's signature store.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``vsphere-av audit ...``: verify, keep the head of, forward and export the audit log.
 
-Registered by ``cli/__init__.py``; calls ``store.audit`` and ``store.siem``.
+Registered by ``cli/__init__.py``; calls ``store.audit``, ``store.siem`` and
+``files.create_outside``.
 """
 
 from __future__ import annotations

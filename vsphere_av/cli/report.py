@@ -1,6 +1,6 @@
 """``vsphere-av report``: the protection report as HTML, CSV, PDF or JSON.
 
-Registered by ``cli/__init__.py``; calls ``api.report``.
+Registered by ``cli/__init__.py``; calls ``api.report`` and ``files.create_outside``.
 """
 
 from __future__ import annotations

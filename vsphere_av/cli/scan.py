@@ -1,7 +1,8 @@
 """``vsphere-av scan``, ``status`` and ``detections``: scan VMs, show their protection and
 what was found.
 
-Registered by ``cli/__init__.py``; calls the application (``app``).
+Registered by ``cli/__init__.py``; calls the application (``app``) and, for the
+hosts' list in ``status``, ``vsphere.inventory``.
 """
 
 from __future__ import annotations

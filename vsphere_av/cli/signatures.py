@@ -1,6 +1,7 @@
 """``vsphere-av signatures ...``: import, list, activate and roll back signature versions.
 
-Registered by ``cli/__init__.py``; calls the engine's signature store.
+Registered by ``cli/__init__.py``; calls the engine's signature store
+(``engine.Engine``).
 """
 
 from __future__ import annotations
