@@ -25,7 +25,7 @@ from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.controller.scheduling import Scheduler
 from vsphere_av.engine import Engine
 from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
-from vsphere_av.scan.job import (
+from vsphere_av.scan import (
     ERROR,
     FOUND,
     INCOMPLETE,
@@ -965,7 +965,7 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
     skipped without a request.
     """
     from vsphere_av.models import VmId
-    from vsphere_av.scan.job import SKIPPED, Found
+    from vsphere_av.scan import SKIPPED, Found
     from vsphere_av.store.jobs import JobStore
 
     with JobStore.open(settings.state_dir) as jobs:
