@@ -1,12 +1,14 @@
 """One VM's scan, whatever the file source: the face of the ``scan`` package.
 
-Called by ``app`` (``App.scan_one`` runs :func:`scan_vm`) and the tests; other packages
-import from here. Inside:
+Called by ``app`` (``App.scan_one`` runs :func:`scan_vm`; its remediation and tag methods
+call ``scan.remediate``) and the tests; other packages import from here. Inside:
 
 - ``job``: :func:`scan_vm`, one VM's scan job, its :class:`ScanResult` and :class:`Progress`
   ticks, the scan statuses and :func:`protection_after`;
 - ``filters``: the policy's path filters (:class:`Filters`, :func:`matches`; pure);
-- ``remediate``: what is done about infected files (the job's ``Remediation``);
+- ``remediate``: what is done about infected files (the job's ``Remediation``) and infected
+  VMs (:func:`isolate_infected`, :func:`remediation_via`, the infected tag: :func:`sync_tag`,
+  :func:`resync_tags`);
 - ``sources``: where the files come from, in the shape of :class:`GuestAccess`:
   ``sources.guest`` (Guest Operations and the per-VM transfer pipeline) and ``sources.disk``
   (the VM's virtual disks; imported on use, it loads the Dissect libraries).
@@ -31,7 +33,16 @@ from vsphere_av.scan.job import (
     protection_after,
     scan_vm,
 )
-from vsphere_av.scan.remediate import remediation_plan
+from vsphere_av.scan.remediate import (
+    NetworkCut,
+    TagFailures,
+    TaggingPort,
+    isolate_infected,
+    remediation_plan,
+    remediation_via,
+    resync_tags,
+    sync_tag,
+)
 from vsphere_av.scan.sources.guest import DownloadLike, GuestAccess
 
 __all__ = [
@@ -46,11 +57,18 @@ __all__ = [
     "Filters",
     "Found",
     "GuestAccess",
+    "NetworkCut",
     "Progress",
     "ScanResult",
+    "TagFailures",
+    "TaggingPort",
+    "isolate_infected",
     "matches",
     "normalise",
     "protection_after",
     "remediation_plan",
+    "remediation_via",
+    "resync_tags",
     "scan_vm",
+    "sync_tag",
 ]

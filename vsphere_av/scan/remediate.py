@@ -1,10 +1,14 @@
-"""Remediation: what is done about infected files.
+"""Remediation: what is done about infected files and infected VMs, and the tag that says so.
 
 Called by ``scan.job`` (a job's :class:`Remediation`: the policy's quarantine / delete /
 report on each infected file, and the completion of detections a dead run left
-``pending``). Calls only its collaborators, all keyword-only: the guest access that changes
-files (``scan.sources.guest.GuestAccess``), the ``Quarantine``, the ``StateStore`` and the
-audit log. No pyVmomi, no threads.
+``pending``) and by ``app.App``, whose thin methods pass its collaborators in
+(:func:`sync_tag`, :func:`resync_tags`, :func:`isolate_infected`, :func:`remediation_via`;
+the CLI, the API and the controller call those through ``App``). Calls only its
+collaborators, all keyword-only: the guest access that changes files
+(``scan.sources.guest.GuestAccess``), the ``Quarantine``, the ``StateStore``, the audit log,
+the tagging adapter (``vsphere.tagging.Tagging``) and a network cut (``App`` builds it on
+``controller.cut_network``). No pyVmomi, no threads.
 
 Crash safety (write-ahead): the job makes a detection's audit entry and its store row (action
 ``pending``) durable before :meth:`Remediation.act` changes the guest; the outcome then
@@ -12,7 +16,8 @@ updates the row and adds the ``remediation`` entry. A run killed in between leav
 row that the VM's next scan finishes exactly once (:meth:`Remediation.recover`).
 
 Remediation never decides a scan's verdict: a failed quarantine is a detection whose action
-is ``failed``.
+is ``failed``, and tagging or isolation trouble is audited and logged, never raised into a
+scan's outcome.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from vsphere_av import errors
 from vsphere_av.config import ScanPolicy
-from vsphere_av.models import Audit, GuestFile, VmInfo
+from vsphere_av.models import INFECTED, Audit, GuestFile, VmInfo
 from vsphere_av.scan.sources.guest import GuestAccess
 from vsphere_av.store.state import PENDING
+
+if TYPE_CHECKING:
+    from vsphere_av.scan.job import ScanResult
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +217,140 @@ def _still_there(path: str, stat: Callable[[str], Any] | None, *, walked: bool) 
         raise
     except errors.GuestError:
         return True                       # cannot tell: leave it for a later scan
+
+
+# --- infected VMs: the route, the network, the tag -------------------------------------------
+
+def remediation_via(vm: VmInfo, *, via: str, credentials: bool, store: Any) -> str | None:
+    """``"guest"`` for a running VM with guest credentials whose detections wait for Guest
+    Operations; None otherwise (``via``, the configured ``scan.via``, decides).
+
+    A disk scan found them while the VM was off: its scan after power-on is the one that
+    quarantines, so when its tools are not running yet it waits for them (the job is retried)
+    instead of reading the disks again under a snapshot and leaving the files in place.
+    """
+    if via != "auto" or not vm.powered_on:
+        return None
+    return "guest" if credentials and store.pending_detections(vm.moref) else None
+
+
+class NetworkCut(Protocol):
+    """Cuts every vNIC of a VM under the controller's one isolation record and holds it
+    (``App`` builds it on ``controller.cut_network`` and ``JobStore.hold_isolation``).
+
+    Returns (cut now, the previous NIC states, NICs edited); (False, [], 0) when the VM is
+    isolated already. Raises ``errors.VsphereAvError`` when it could not.
+    """
+
+    def __call__(self, vm: VmInfo, *, reason: str,
+                 held: str) -> tuple[bool, list[dict[str, Any]], int]: ...
+
+
+def isolate_infected(vm: VmInfo, result: ScanResult, *, enabled: bool, cut: NetworkCut,
+                     audit: Audit, actor: str) -> None:
+    """Cut the vNICs of a powered-off VM a disk scan found infected, before it boots.
+
+    Nothing happens unless the scan found something (``result.found``) and the VM is off,
+    nor when ``enabled`` (``scan.isolate_stale``) is false. The isolation is
+    held for the detection, so ``isolation.release_infected`` decides its release exactly as
+    for a VM isolated at power-on. A cut that fails is audited (``isolation.failed``) and
+    named in ``result.reason``; the verdict stays.
+    """
+    if not enabled or not result.found or vm.powered_on:
+        return
+    trail = VmAudit(log=audit, actor=actor, vm=vm)
+    reason = "infected (disk scan): cut off before it boots"
+    try:
+        done, before, changed = cut(vm, reason=reason,
+                                    held=f"detection (disk scan {result.scan_id})")
+    except errors.VsphereAvError as exc:
+        log.warning("%s: network not cut: %s", vm.name, exc)
+        trail("isolation.failed", reason=reason, error=str(exc), scan_id=result.scan_id)
+        result.reason += f"; network not cut: {exc}"
+        return
+    trail("isolation.isolate" if done else "isolation.keep", reason=reason,
+          trigger="disk scan", scan_id=result.scan_id, changed=changed,
+          nics=[n.get("label", n.get("key")) for n in before])
+
+
+class TaggingPort(Protocol):
+    """The infected tag on VMs (``vsphere.tagging.Tagging``)."""
+
+    def mark(self, vm_moref: str, *, infected: bool) -> bool: ...
+    def put(self, vm_moref: str, *, infected: bool) -> None: ...
+    def tagged_vms(self) -> set[str]: ...
+
+
+@dataclass
+class TagFailures:
+    """The tagging failure last audited as ``tag.failed`` ("" while tagging works): one
+    entry per run of the same failure, not one per VM. One per ``App``."""
+
+    reason: str = ""
+
+
+def sync_tag(vm: VmInfo, *, tagging: TaggingPort | None, store: Any, audit: Audit, actor: str,
+             label: str, failures: TagFailures) -> None:
+    """Make the VM carry the infected tag exactly while its recorded state is infected.
+
+    Tagging trouble never changes a scan's outcome: it is logged, audited once per run
+    of failures (not once per VM), and the next scan or ``serve``'s resync tries again.
+    ``tagging`` None: tagging is off.
+    """
+    if tagging is None:
+        return
+    state = store.vm_state(vm.moref)
+    infected = state is not None and state.state == INFECTED
+    try:
+        changed = tagging.mark(vm.moref, infected=infected)
+    except Exception as exc:
+        _tagging_failed(exc, vm=vm.name, audit=audit, actor=actor, label=label,
+                        failures=failures)
+        return
+    failures.reason = ""
+    if changed:
+        _tag_changed(vm.name, vm.moref, infected, audit=audit, actor=actor, label=label)
+
+
+def resync_tags(*, tagging: TaggingPort | None, store: Any, audit: Audit, actor: str, label: str,
+                failures: TagFailures) -> dict[str, int]:
+    """Compare the tag with every known VM's state in one pass; fix what differs.
+
+    ``serve`` runs it every ``tagging.resync_interval``: it repairs what a failed
+    tagging call left behind and tags someone removed or added by hand. Raises
+    ``errors.VsphereError`` when tagging fails (audited as for :func:`sync_tag`).
+    """
+    if tagging is None:
+        return {"attached": 0, "detached": 0}
+    try:
+        tagged = tagging.tagged_vms()
+        counts = {"attached": 0, "detached": 0}
+        for state in store.vm_states():
+            infected = state.state == INFECTED
+            if infected != (state.moref in tagged):
+                tagging.put(state.moref, infected=infected)
+                _tag_changed(state.name, state.moref, infected, audit=audit, actor=actor,
+                             label=label)
+                counts["attached" if infected else "detached"] += 1
+    except Exception as exc:
+        _tagging_failed(exc, vm="", audit=audit, actor=actor, label=label, failures=failures)
+        raise errors.VsphereError(f"tag resync: {exc}") from exc
+    failures.reason = ""
+    return counts
+
+
+def _tag_changed(name: str, moref: str, infected: bool, *, audit: Audit, actor: str,
+                 label: str) -> None:
+    audit.append(actor=actor, action="tag.attached" if infected else "tag.detached",
+                 details={"vm": name, "moref": moref, "tag": label})
+
+
+def _tagging_failed(exc: Exception, *, vm: str, audit: Audit, actor: str, label: str,
+                    failures: TagFailures) -> None:
+    reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
+              else f"internal error: {exc!r}")
+    log.warning("tagging %s failed: %s", vm or "(resync)", reason)
+    if reason != failures.reason:       # once per run of the same failure
+        failures.reason = reason
+        audit.append(actor=actor, action="tag.failed", details={
+            "vm": vm, "tag": label, "reason": reason})
