@@ -180,6 +180,22 @@ def _backing_kind(backing: Any) -> str:
     return type(backing).__name__
 
 
+def _guest_order(devices: Iterable[Any]) -> dict[int, tuple[int, ...]]:
+    """Sort key of each VirtualDisk: the order the guest numbers its disks in (``sda``,
+    ``sdb``... / disk 0, 1...): by controller bus number, then unit number. Device keys say
+    nothing about it: a disk added later may get a lower key than the first one."""
+    devices = list(devices)
+    bus = {int(dev.key): int(dev.busNumber or 0) for dev in devices
+           if isinstance(dev, vim.vm.device.VirtualController)}
+    order: dict[int, tuple[int, ...]] = {}
+    for dev in devices:
+        if isinstance(dev, vim.vm.device.VirtualDisk):
+            controller = int(dev.controllerKey or 0)
+            unit = int(dev.unitNumber) if dev.unitNumber is not None else -1
+            order[int(dev.key)] = (bus.get(controller, 0), controller, unit, int(dev.key))
+    return order
+
+
 class _DiskReader:
     """Turns one collector read (VM, datastores, folders, maybe a snapshot) into models."""
 
@@ -242,7 +258,9 @@ class _DiskReader:
         return units
 
     def disks(self, devices: Iterable[Any]) -> tuple[VirtualDiskInfo, ...]:
-        """The VirtualDisks among ``devices``, each with its chain of files."""
+        """The VirtualDisks among ``devices``, each with its chain of files, in the order
+        the guest numbers them."""
+        devices = list(devices)
         assert self.vm is not None
         host = _moid(self.vm.get("runtime.host"))
         out = []
@@ -268,7 +286,8 @@ class _DiskReader:
                 disk_mode=str(getattr(backing, "diskMode", "") or ""),
                 backing=_backing_kind(backing), datastore=top,
                 host=HostId(host) if host else None, chain=tuple(chain)))
-        return tuple(sorted(out, key=lambda d: d.key))
+        order = _guest_order(devices)
+        return tuple(sorted(out, key=lambda d: order.get(d.key, (d.key,))))
 
     def frozen(self, snapshot: SnapshotId) -> tuple[VirtualDiskInfo, ...]:
         """The disks as ``snapshot`` froze them: each current chain cut at the first level
