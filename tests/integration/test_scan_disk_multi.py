@@ -26,8 +26,12 @@ from pyVmomi import vim
 
 from vsphere_av import config
 from vsphere_av.app import App
+from vsphere_av.config import Secret, VcenterSettings
 from vsphere_av.lab import simulator
+from vsphere_av.models import VmId
 from vsphere_av.scan.sources.diskimage import DiskFiles, open_virtual_disk
+from vsphere_av.vsphere import disks as vs_disks
+from vsphere_av.vsphere.connection import connect as vs_connect
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
@@ -166,6 +170,28 @@ def test_each_disk_gets_its_own_delta_under_a_snapshot_and_is_consolidated_after
 
 
 # --- the product reads every disk ------------------------------------------------------------
+
+def test_disks_of_lists_the_disks_in_the_guest_order_with_their_files_and_frozen_chains(
+        sim: simulator.Simulator, si: Any) -> None:
+    plant(sim, VM3, "/data/a.txt", b"a\n")
+    second = add_disk(si, VM3)
+    first = next(d for d in disks(si, VM3) if d.key != second.key)
+    assert second.key < first.key            # the library's new key sorts before disk 1's
+    moref = VmId(vm_named(si, VM3)._moId)
+    conn = vs_connect(VcenterSettings(server=sim.host, port=sim.port, user=sim.username,
+                                      password=Secret(sim.password), thumbprint=sim.thumbprint))
+    try:
+        found = vs_disks.disks_of(conn, moref)
+        snap = vs_disks.create_scan_snapshot(conn, moref, name="vsphere-av-scan test")
+        vs_disks.remove_snapshot(conn, snap.snapshot)
+    finally:
+        conn.close()
+
+    assert [d.file_name for d in found] == [first.backing.fileName, second.backing.fileName]
+    assert all(d.chain[0].descriptor.size > 0 for d in found)    # listed in layoutEx
+    assert [d.key for d in snap.disks] == [first.key, second.key]
+    assert [d.file_name for d in snap.disks] == [d.file_name for d in found]   # frozen bases
+
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vsphere_av", *args], env={**os.environ, **env},
