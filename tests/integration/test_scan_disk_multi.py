@@ -91,14 +91,27 @@ def datastore_dir(si: Any, name: str) -> Path:
     return Path(vm.datastore[0].info.url) / name
 
 
+def _open(si: Any, name: str, device: Any) -> Any:
+    """A disk as the guest sees it now (its leaf and the chain under it), read locally."""
+    directory = datastore_dir(si, name)
+    top = device.backing.fileName.split("] ", 1)[1].split("/", 1)[1]
+    return open_virtual_disk(top, open_file=lambda n: (directory / n).open("rb"))
+
+
+def read_guest_file(si: Any, name: str, guest_path: str) -> bytes:
+    """One file's bytes as the VM's disks, mounted together, hold it."""
+    ordered = sorted(disks(si, name), key=lambda d: d.unitNumber)
+    with DiskFiles.mount([_open(si, name, d) for d in ordered]) as files:
+        entry = next(f for f in files.walk() if f.path == guest_path)
+        with files.open(entry) as stream:
+            return b"".join(stream.chunks())
+
+
 def local_files(si: Any, name: str) -> dict[str, list[str]]:
     """Each disk's guest paths, read locally from the datastore with the product's reader:
     the disks one at a time (what is on each) and together (where the guest mounts them)."""
-    directory = datastore_dir(si, name)
-
     def opened(device: Any) -> Any:
-        top = device.backing.fileName.split("] ", 1)[1].split("/", 1)[1]
-        return open_virtual_disk(top, open_file=lambda n: (directory / n).open("rb"))
+        return _open(si, name, device)
 
     out: dict[str, list[str]] = {}
     devices = disks(si, name)
@@ -159,9 +172,16 @@ def test_each_disk_gets_its_own_delta_under_a_snapshot_and_is_consolidated_after
     assert all(len(d.chain) == 1 for d in snapshot_layout.disk)
     for leaf in leaves:
         assert (datastore_dir(si, VM3) / leaf.rsplit("/", 1)[1]).is_file()
+    # The second disk's delta takes the change at power-off; a revert drops it again.
+    plant(sim, VM3, "/data/a.txt", b"after\n")
+    power_off(si, VM3)
+    assert read_guest_file(si, VM3, "/data/a.txt") == b"after\n"
+    snapshot = vm.snapshot.rootSnapshotList[0].snapshot
+    wait_task(snapshot.RevertToSnapshot_Task(suppressPowerOn=True), timeout=120)
+    assert sorted(d.backing.fileName for d in disks(si, VM3)) == leaves
+    assert read_guest_file(si, VM3, "/data/a.txt") == b"before\n"
 
-    wait_task(vm.snapshot.rootSnapshotList[0].snapshot.RemoveSnapshot_Task(
-        removeChildren=False), timeout=120)
+    wait_task(snapshot.RemoveSnapshot_Task(removeChildren=False), timeout=120)
 
     assert sorted(d.backing.fileName for d in disks(si, VM3)) == bases
     assert all(d.backing.parent is None for d in disks(si, VM3))
