@@ -12,7 +12,9 @@ Which files make up a disk: the device's backing chain (``backing.fileName``, th
 ``backing.parent``...) gives the order, the guest-visible level first; ``layoutEx.disk`` and
 ``layoutEx.file`` give each level's descriptor and extents with their sizes. After a
 snapshot the VM writes to new delta disks; the disks to read are the levels the snapshot's
-file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken.
+file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken. A VM's
+disks come in the order the guest numbers them (controller bus number, then unit number:
+``sda``, ``sdb``...), which is what the reader's ``/dev/sdX`` names and drive letters follow.
 
 Errors: a snapshot that cannot be taken (independent disk, physical RDM, a snapshot fault
 from vCenter) -> ``SnapshotError`` with the reason; the VM or snapshot gone -> ``NotFound``;
