@@ -69,8 +69,9 @@ from vsphere_av.models import (
     VmId,
     VmInfo,
 )
-from vsphere_av.scan.job import Filters, _Feed
+from vsphere_av.scan.filters import Filters
 from vsphere_av.scan.sources.disk import DatastoreReader, DiskGuest
+from vsphere_av.scan.sources.guest import Feed
 
 WALK_PAGE = 64            # entries per walk call: well below DiskGuest.RECENT_FILES
 GRANT_TIMEOUT = 120.0     # seconds a read waits for the controller's grant
@@ -370,7 +371,7 @@ class DiskService:
                 download = guest.open_download(path)
             except errors.VsphereAvError as exc:
                 return {"raise": error_json(exc), "bytes_read": guest.bytes_read()}
-            feed = _Feed(download.chunks())
+            feed = Feed(download.chunks())
             try:
                 outcome = self._scan(feed, path=path, name=str(name) if name else None,
                                      owner=str(request.get("owner") or ""),
