@@ -46,11 +46,14 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
             _sent.append(bytes(data.split(b"\r\n", 1)[0]))
 
 
-sys.addaudithook(_audit)
+_hooked: list[bool] = []
 
 
 def folder_requests(run: Any) -> tuple[Any, list[bytes]]:
     """(run(), the /folder request lines this process sent meanwhile)."""
+    if not _hooked:             # audit hooks stay for the process: one, added when first used
+        sys.addaudithook(_audit)
+        _hooked.append(True)
     _sent.clear()
     _recording.set()
     try:
