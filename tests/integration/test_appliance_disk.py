@@ -22,6 +22,7 @@ import pytest
 from appliance_support import EICAR, appliance_settings
 from conftest import connect, env_for, plant, vm_named, wait_task
 from pyVmomi import vim
+from test_scan_disk_multi import add_disk
 
 from vsphere_av import config
 from vsphere_av.app import App
@@ -127,14 +128,16 @@ def world(sim: simulator.Simulator, tmp_path: Path) -> Iterator[tuple[config.Set
             appliances.stop(url)
 
 
-def test_the_appliance_reads_the_disk_on_its_host_and_finds_what_the_controller_finds(
+def test_the_appliance_reads_the_disks_on_its_host_and_finds_what_the_controller_finds(
         sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
     settings, serve = world
     plant(sim, VM0, "/home/bob/eicar.com", EICAR)
     plant(sim, VM0, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")   # mounted as /
     plant(sim, VM0, "/etc/motd", b"welcome\n")
     plant(sim, VM0, "/srv/big.bin", os.urandom(400_000))
+    plant(sim, VM0, "/data/srv/payload.bin", EICAR)      # on a second disk, mounted at /data
     si = connect(sim)
+    add_disk(si, VM0)
     wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
 
     # The controller reading the disk itself (no appliances): its /folder requests show.
@@ -154,11 +157,11 @@ def test_the_appliance_reads_the_disk_on_its_host_and_finds_what_the_controller_
     assert there.status == "infected", there.reason
     assert there.via == "disk"
     assert files_of(there) == files_of(here)       # same files, same detections
-    assert {f.path for f in there.found} == {"/home/bob/eicar.com"}
+    assert {f.path for f in there.found} == {"/home/bob/eicar.com", "/data/srv/payload.bin"}
     assert there.disk_read >= 400_000              # the appliance read the bytes (and says so)
     assert again.status == "infected"
-    assert again.scanned == 1                      # only the detection is read again
-    assert again.unchanged == here.scanned - 1
+    assert again.scanned == 2                      # only the detections are read again
+    assert again.unchanged == here.scanned - 2
 
 
 def test_a_running_vm_is_read_by_its_appliance_under_a_snapshot_and_remediated_at_once(
