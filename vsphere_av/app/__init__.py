@@ -23,8 +23,9 @@ from typing import Any
 from vsphere_av import errors
 from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.controller.scheduling import Scheduler
+from vsphere_av.controller.workers import working
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
+from vsphere_av.models import INFECTED, UNPROTECTED, Job, Priority, QuarantineItem, VmId, VmInfo
 from vsphere_av.scan import (
     ERROR,
     FOUND,
@@ -457,22 +458,21 @@ class App:
         failures: list[BaseException] = []
         stop = threading.Event()
 
-        def work() -> None:
-            while not stop.is_set() and not queue.idle():
-                job = queue.take(stop=stop, timeout=0.5)
-                if job is None:
-                    continue
-                try:
-                    results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
-                                                    on_progress=on_progress, via=via)
-                except BaseException as exc:   # re-raised below, after every worker ended
-                    failures.append(exc)
-                    stop.set()
-                finally:
-                    queue.finish(job)
+        def run(job: Job) -> None:
+            try:
+                results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
+                                                on_progress=on_progress, via=via)
+            except BaseException as exc:   # re-raised below, after every worker ended
+                failures.append(exc)
+                stop.set()
+            finally:
+                queue.finish(job)
 
-        # Threads start here and only here; all are joined before returning.
-        workers = [threading.Thread(target=work, name=f"scan-{i}", daemon=True)
+        # The controller's worker loop, until the queue is empty. Threads start here and
+        # only here; all are joined before returning.
+        workers = [threading.Thread(target=working, name=f"scan-{i}", daemon=True,
+                                    kwargs={"scheduler": queue, "run": run, "stop": stop,
+                                            "until_idle": True})
                    for i in range(min(policy.global_limit, len(queue.queued())))]
         for worker in workers:
             worker.start()
