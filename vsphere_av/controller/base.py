@@ -62,7 +62,7 @@ class NicPort(Protocol):
 
 
 class ScanOutcome(Protocol):
-    """What the scan function returns (``scanning.ScanResult`` fits)."""
+    """What the scan function returns (``scan.ScanResult`` fits)."""
 
     status: str      # clean | infected | incomplete | skipped | unreachable | error
     reason: str
