@@ -18,13 +18,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vsphere_av import errors
 from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.controller.scheduling import Scheduler
+from vsphere_av.controller.workers import working
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
+from vsphere_av.models import INFECTED, UNPROTECTED, Job, Priority, QuarantineItem, VmId, VmInfo
 from vsphere_av.scan import (
     ERROR,
     FOUND,
@@ -457,22 +458,21 @@ class App:
         failures: list[BaseException] = []
         stop = threading.Event()
 
-        def work() -> None:
-            while not stop.is_set() and not queue.idle():
-                job = queue.take(stop=stop, timeout=0.5)
-                if job is None:
-                    continue
-                try:
-                    results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
-                                                    on_progress=on_progress, via=via)
-                except BaseException as exc:   # re-raised below, after every worker ended
-                    failures.append(exc)
-                    stop.set()
-                finally:
-                    queue.finish(job)
+        def run(job: Job) -> None:
+            try:
+                results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
+                                                on_progress=on_progress, via=via)
+            except BaseException as exc:   # re-raised below, after every worker ended
+                failures.append(exc)
+                stop.set()
+            finally:
+                queue.finish(job)
 
-        # Threads start here and only here; all are joined before returning.
-        workers = [threading.Thread(target=work, name=f"scan-{i}", daemon=True)
+        # The controller's worker loop, until the queue is empty. Threads start here and
+        # only here; all are joined before returning.
+        workers = [threading.Thread(target=working, name=f"scan-{i}", daemon=True,
+                                    kwargs={"scheduler": queue, "run": run, "stop": stop,
+                                            "until_idle": True})
                    for i in range(min(policy.global_limit, len(queue.queued())))]
         for worker in workers:
             worker.start()
@@ -673,6 +673,23 @@ class _Fresh:
             self.conn = None
 
 
+class Console(Protocol):
+    """The console that runs beside the controller (``api.ApiServer`` fits): bound when
+    built, ``serve()`` is its thread's body, ``stop()`` ends it and ``close()`` frees it."""
+
+    url: str                    # where it answers (the real port when listen asks for 0)
+
+    def serve(self) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleFactory(Protocol):
+    """Builds the console from the settings (``api.ApiServer``); a bad address raises."""
+
+    def __call__(self, *, settings: Settings) -> Console: ...
+
+
 @dataclass
 class ControllerRuntime:
     """A running controller: its object, threads and sessions (``stop()`` ends it)."""
@@ -683,7 +700,7 @@ class ControllerRuntime:
     threads: list[threading.Thread]
     sessions: list[_Fresh]
     jobs: Any
-    api: Any = None         # api.ApiServer when [api] listen is set (issue 14)
+    api: Console | None = None      # the console when [api] listen is set (issue 14)
 
     def stop(self, *, grace: float | None = None) -> None:
         """Stop the loops; in-flight scans finish or are put back; close everything."""
@@ -722,9 +739,13 @@ def remediation_via(app: App, vm: VmInfo) -> str | None:
                                      store=app.store)
 
 
-def start_controller(settings: Settings, *,
-                     stop_event: threading.Event | None = None) -> ControllerRuntime:
-    """Build the controller against vCenter and start its threads; returns the runtime."""
+def start_controller(settings: Settings, *, stop_event: threading.Event | None = None,
+                     console: ConsoleFactory | None = None) -> ControllerRuntime:
+    """Build the controller against vCenter and start its threads; returns the runtime.
+
+    ``console`` (``vsphere-av serve`` passes ``api.ApiServer``) builds the console that runs
+    beside it when ``[api] listen`` is set; a bad address fails here, before any thread.
+    """
     import os
 
     from vsphere_av.controller import Controller, ControllerOptions
@@ -739,11 +760,12 @@ def start_controller(settings: Settings, *,
     app = App(settings)
     jobs = JobStore.open(settings.state_dir)
     watch_session, event_session = _Fresh(settings), _Fresh(settings)
-    api_server = None
+    api_server: Console | None = None
     try:
         app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
         app.remove_leftover_snapshots()
-        api_server = _console(settings)     # a bad [api] listen fails now too
+        if console is not None and settings.api.listen:
+            api_server = console(settings=settings)     # a bad [api] listen fails now too
 
         def scan(vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:
@@ -803,16 +825,6 @@ def start_controller(settings: Settings, *,
                              api=api_server)
 
 
-def _console(settings: Settings) -> Any:
-    """With ``[api] listen``: the console, bound (a bad address fails ``serve`` at start);
-    its thread runs ``serve()`` and ``ControllerRuntime.stop`` ends it. None without."""
-    if not settings.api.listen:
-        return None
-    from vsphere_av.api import ApiServer
-
-    return ApiServer(settings=settings)
-
-
 def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:
     """The thread body that sends new audit entries to the SIEM every ``siem.interval``."""
     from vsphere_av.store.siem import Forwarder
@@ -854,9 +866,10 @@ def _every(seconds: float, task: Callable[[], Any]) -> Callable[[threading.Event
     return loop
 
 
-def run_controller(settings: Settings, stop_event: threading.Event) -> None:
+def run_controller(settings: Settings, stop_event: threading.Event, *,
+                   console: ConsoleFactory | None = None) -> None:
     """Run ``vsphere-av serve`` until ``stop_event`` is set (SIGTERM / SIGINT)."""
-    runtime = start_controller(settings, stop_event=stop_event)
+    runtime = start_controller(settings, stop_event=stop_event, console=console)
     try:
         while not stop_event.wait(1.0):
             pass
