@@ -206,10 +206,12 @@ class Containing(Journaling):
         if rec is None:
             return False
         changed = self.nics.restore(vm, nics_to_restore(rec.nics, running=running))
+        # Audited before the record is cleared: a crash in between repeats the release at the
+        # next start (nothing left to change, a second entry), it never loses the entry.
+        self._audit("isolation.release", vm=name or rec.vm_name, moref=vm, host_moref=host,
+                    reason=why, changed=changed)
         self.jobs.clear_isolation(vm)
         with self._stats_lock:
             self.stats.released += 1
-        self._audit("isolation.release", vm=name or rec.vm_name, moref=vm, host_moref=host,
-                    reason=why, changed=changed)
         return True
 
