@@ -1,11 +1,14 @@
-"""Application wiring for guest scans: builds the adapter, store, engine and threads.
+"""The application: the one face the CLI (``cli``), the REST API (``api``) and the demo
+(``lab.demo``) call, and the only place threads start.
 
-Called by ``cli.py`` (``scan``, ``status``, ``detections``, ``quarantine ...``) and reusable
-by the controller. Calls ``vsphere.connection`` / ``inventory`` / ``guest``, ``engine``,
-``store.state``, ``store.audit``, ``quarantine`` and ``scanning``. This is the only module
-of the scan path that starts threads: one small pool per ESXi host (at most
-``scan.per_host_limit`` VMs of that host at once) with all hosts in parallel, under a global
-cap of ``scan.global_limit``.
+:class:`App` wires the vSphere adapter (``vsphere.connection`` / ``inventory`` / ``guest`` /
+``disks`` / ``tagging``), the engine (local, or the host's appliance through ``fleet``), the
+stores (``store.state``, ``store.audit``, ``store.quarantine``) and one VM's scan
+(``scan.scan_vm``, remediation in ``scan.remediate``). ``App.scan`` runs the controller's
+worker loop (``controller.working``) over a queue with the same per-host
+(``scan.per_host_limit``) and global (``scan.global_limit``) caps; :func:`start_controller`
+builds the controller for ``vsphere-av serve`` and starts its loops, the console's server
+included when the CLI hands one in.
 """
 
 from __future__ import annotations
@@ -245,7 +248,7 @@ class App:
                  resume_after: str = "", via: str | None = None) -> ScanResult:
         """Scan one VM in the calling thread; any failure becomes the result's reason.
 
-        ``resume_after``: continue a stopped scan after that guest path (``scanning.scan_vm``).
+        ``resume_after``: continue a stopped scan after that guest path (``scan.scan_vm``).
         ``via``: ``"guest"``, ``"disk"`` or ``"auto"`` (None: ``scan.via``; see
         :meth:`scan_route`). Called by ``scan`` (the CLI) and the controller's workers.
         """
