@@ -302,6 +302,7 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
 
     from vsphere_av import config
     from vsphere_av.config import Secret, VcenterSettings
+    from vsphere_av.fleet import image
     from vsphere_av.fleet import plan as ap
     from vsphere_av.lab import simulator
     from vsphere_av.store.audit import AuditLog
@@ -322,14 +323,15 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
             "enabled": True, "ovf": str(descriptor), "addresses": ["127.0.0.91"],
             "ssh_key_file": str(key_file), "engine_token_file": str(token_file)}},
             env={}).appliances
-        adapter = VsphereApplianceAdapter(connection=conn, settings=settings)
+        adapter = VsphereApplianceAdapter(connection=conn, settings=settings,
+                                          image=image.ConfiguredImage(settings))
         desired = ap.Desired.from_settings(settings)
         result = ap.reconcile_once(adapter=adapter, audit=audit, desired=desired,
                                    actor="boot-test")
         run.check("reconcile: deployed from the built OVF without error", result.ok,
                   "; ".join(r.error for r in result.results if not r.ok))
         kinds = sorted(a.kind for a in result.actions)
-        observed = adapter.observe(desired=desired).appliances
+        observed = adapter.observe().appliances
         run.check("reconcile: one appliance, deployed, pinned and powered on",
                   kinds == ["deploy", "pin", "power_on"] and len(observed) == 1
                   and observed[0].power_state == ap.POWERED_ON,
@@ -338,9 +340,9 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
         props = observed[0].extra_config if observed else {}
         public = paramiko.PKey.from_path(key_file)
         run.check("reconcile: the import carried the controller's SSH key and the token",
-                  props.get(ap.SSH_KEY_PROPERTY, "").split()[:2]
+                  props.get(image.SSH_KEY_PROPERTY, "").split()[:2]
                   == [public.get_name(), public.get_base64()]
-                  and props.get(ap.TOKEN_PROPERTY) == token
+                  and props.get(image.TOKEN_PROPERTY) == token
                   and props.get(ap.ADDRESS_KEY) == "127.0.0.91")
         def secure_boot(content: Any) -> bool:
             view = content.viewManager.CreateContainerView(content.rootFolder,

@@ -165,7 +165,7 @@ def test_upgrade_replaces_each_host_and_moves_its_scans(site: Site) -> None:
         assert apps["DC0_C0_H0"].address == "127.0.0.93"
         assert apps["DC0_C0_H1"].address == "127.0.0.91"     # freed by H0's old appliance
         assert not any(a.standby for a in apps.values())
-        observed = manager.adapter.observe(desired=manager.desired)
+        observed = manager.adapter.observe()
         assert {a.extra_config[IMAGE_KEY] for a in observed.appliances} == {v2}
         assert len(observed.appliances) == 2
         assert manager.reconcile().actions == ()             # pinned, hardened, running

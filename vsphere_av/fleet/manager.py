@@ -185,11 +185,11 @@ class ApplianceManager:
 
     def appliances(self) -> list[Any]:
         """Every appliance with its host and management address."""
-        return list(self.adapter.addresses(desired=self.desired))
+        return list(self.adapter.addresses())
 
     def down_hosts(self) -> dict[str, str]:
         """Host moref -> reason: appliance down now (live) or unhealthy at the last check."""
-        observed = self.adapter.observe(desired=self.desired)
+        observed = self.adapter.observe()
         down = ap.appliance_down_hosts(self.desired, observed)
         for host_id, reason in read_health(self.state_dir, section="unhealthy").items():
             down.setdefault(host_id, reason)
@@ -290,7 +290,7 @@ class ApplianceManager:
                     f"appliance unhealthy: {r.reason}"
                 self._unhealthy[r.host_id] = reason
         observed_down = ap.appliance_down_hosts(self.desired,
-                                                self.adapter.observe(desired=self.desired))
+                                                self.adapter.observe())
         _write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
                       clock=self.clock)
         return results
@@ -335,7 +335,7 @@ class ApplianceManager:
 
         warning = placeholder_warning(self.settings)
         warnings = (warning,) if warning else ()
-        observed = self.adapter.observe(desired=self.desired)
+        observed = self.adapter.observe()
         steps = ap.plan_upgrade(self.desired, observed)
         if dry_run:
             return UpgradeResult(tuple(steps), dry_run=True, image=self.desired.image,
@@ -353,7 +353,7 @@ class ApplianceManager:
                 outcomes.append(UpgradeOutcome(planned, "not attempted",
                                                reason=f"stopped after the failure on {stopped}"))
                 continue
-            fresh = ap.plan_upgrade(self.desired, self.adapter.observe(desired=self.desired))
+            fresh = ap.plan_upgrade(self.desired, self.adapter.observe())
             step = next((s for s in fresh if s.host_id == planned.host_id), None)
             if step is None or step.kind != "replace":
                 outcomes.append(UpgradeOutcome(step or planned, "skipped",
@@ -491,10 +491,12 @@ class ApplianceManager:
 
 def open_manager(settings: Any, *, connection: Any, audit: Any, actor: str) -> ApplianceManager:
     """Wire a manager from ``config.Settings`` and a vCenter ``Connection``."""
+    from vsphere_av.fleet.image import ConfiguredImage
     from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
 
     section = settings.appliances
-    adapter = VsphereApplianceAdapter(connection=connection, settings=section)
+    adapter = VsphereApplianceAdapter(connection=connection, settings=section,
+                                      image=ConfiguredImage(section))
     return ApplianceManager(state_dir=settings.state_dir, settings=section, adapter=adapter,
                             audit=audit, actor=actor)
 
