@@ -55,6 +55,7 @@ from vsphere_av.engine.remote import EngineClient
 from vsphere_av.engine.signatures import SignatureStore
 from vsphere_av.errors import EngineError, HostKeyMismatch
 from vsphere_av.fleet.ssh import ApplianceSsh, fingerprint
+from vsphere_av.store.audit import AuditOnUse
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
@@ -506,7 +507,9 @@ def main() -> int:
             before = scan(MARKER, "marker.txt")
             run.check("scan: the test marker is clean under the built-in signatures",
                       not before.detections, before.status)
-            store = SignatureStore(state_dir=work / "controller-state")
+            store = SignatureStore(state_dir=work / "controller-state",
+                                   audit=AuditOnUse(work / "controller-state"),
+                                   actor="boot-test")
             store.ensure_builtin()
             bundle = work / "bundle"
             bundle.mkdir()

@@ -22,6 +22,7 @@ from vsphere_av.app import App
 from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineClient, EngineService
 from vsphere_av.lab import simulator
+from vsphere_av.store.audit import AuditOnUse
 from vsphere_av.vsphere import inventory
 
 TOKEN = "dispatch-token-0123456789abcdef"
@@ -63,7 +64,9 @@ def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
     engines = []
     try:
         for a in appliances:    # what each appliance runs: `vsphere-av engine serve`
-            engine = Engine.open(config.Settings(state_dir=tmp_path / f"appliance-{a.host}"))
+            own = tmp_path / f"appliance-{a.host}"
+            engine = Engine.open(config.Settings(state_dir=own), audit=AuditOnUse(own),
+                                 actor="tester")
             engines.append(engine)
             svc = EngineService(engine=engine, token=TOKEN, listen=(a.address, port))
             svc.start()

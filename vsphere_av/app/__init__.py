@@ -167,7 +167,7 @@ class App:
     def engine(self) -> Engine:
         """The scan engine (opened on first use)."""
         if self._engine is None:
-            self._engine = Engine.open(self.settings)
+            self._engine = Engine.open(self.settings, audit=self.audit, actor=self.actor)
         return self._engine
 
     @property

@@ -145,7 +145,15 @@ def signatures_group() -> None:
 def _signature_store(ctx: click.Context) -> Any:
     from vsphere_av.engine import Engine
 
-    return Engine.open(settings_from(ctx), use_cache=False).store
+    return Engine.open(settings_from(ctx), use_cache=False, **_signature_audit(ctx)).store
+
+
+def _signature_audit(ctx: click.Context) -> dict[str, Any]:
+    """Where the signature store records changes: the audit log, and who acts."""
+    from vsphere_av.store.audit import AuditOnUse, current_actor
+
+    state_dir = settings_from(ctx).state_dir
+    return {"audit": AuditOnUse(state_dir), "actor": current_actor(state_dir=state_dir)}
 
 
 @signatures_group.command("import")
@@ -221,7 +229,8 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
 
     settings = settings_from(ctx)
     if as_json or not sys.stderr.isatty():
-        report = scan_paths(settings=settings, paths=paths, jobs=jobs, use_cache=not no_cache)
+        report = scan_paths(settings=settings, paths=paths, jobs=jobs, use_cache=not no_cache,
+                            **_signature_audit(ctx))
     else:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
@@ -235,7 +244,8 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
                 bar.update(task, completed=nbytes, files=files)
 
             report = scan_paths(settings=settings, paths=paths, jobs=jobs,
-                                use_cache=not no_cache, progress=advance)
+                                use_cache=not no_cache, progress=advance,
+                                **_signature_audit(ctx))
     if as_json:
         print_json(report.as_dict())
     else:
@@ -573,7 +583,7 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
 
     settings = settings_from(ctx)
     token = load_token(token_file=token_file)
-    engine = Engine.open(settings)
+    engine = Engine.open(settings, **_signature_audit(ctx))
     service = EngineService(engine=engine, token=token, listen=parse_listen(listen),
                             max_concurrent=max_concurrent, tls_cert=tls_cert, tls_key=tls_key,
                             allow_plaintext=allow_plaintext)

@@ -557,7 +557,8 @@ def start_local_engines(manager: ApplianceManager, *, engine_settings: Any,
     from vsphere_av.engine.remote import EngineService
 
     services: list[Any] = []
-    engine = Engine.open(engine_settings, use_cache=False)   # nothing to close afterwards
+    engine = Engine.open(engine_settings, use_cache=False,   # nothing to close afterwards
+                         audit=manager.audit, actor=manager.actor)
     try:
         for app in manager.appliances():
             if app.powered_on and app.address:

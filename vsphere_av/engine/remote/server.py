@@ -1,7 +1,7 @@
 """The engine service: the scan engine behind an authenticated HTTP API (the appliance side).
 
-Called by ``cli`` (``vsphere-av engine serve --listen ADDR``) on each appliance, and by
-``fleet.manager.start_local_engines`` for the simulator and ``make demo``. Calls
+Called by ``cli`` (``vsphere-av engine serve --listen ADDR``) on each appliance (and by
+``fleet.manager.start_local_engines`` in one process, for the simulator). Calls
 ``vsphere_av.engine`` (one pinned signature version per request) and, for ``/v1/scan-url``,
 the ESXi host the transfer URL names. Its client, the controller side, is ``client.py``.
 
