@@ -22,7 +22,8 @@ from vsphere_av import config
 from vsphere_av.app import App
 from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineService
-from vsphere_av.fleet.manager import ApplianceManager, open_manager, read_health
+from vsphere_av.fleet.health import read_health
+from vsphere_av.fleet.manager import ApplianceManager, open_manager
 from vsphere_av.fleet.ssh import ApplianceSsh
 from vsphere_av.store.audit import AuditOnUse
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vsphere_av import config
 from vsphere_av.api.metrics import StateCollector, render
-from vsphere_av.fleet.manager import HEALTH_FILE
+from vsphere_av.fleet.health import HEALTH_FILE
 from vsphere_av.models import HostId, HostInfo, VmId, VmInfo
 from vsphere_av.store.audit import SIEM_CURSOR_FILE, AuditLog, AuditOnUse
 from vsphere_av.store.jobs import JobStore

@@ -474,7 +474,8 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return appliances_document()
 
     def appliances_document() -> dict[str, Any]:
-        from vsphere_av.fleet.manager import open_manager, read_health
+        from vsphere_av.fleet.health import read_health
+        from vsphere_av.fleet.manager import open_manager
 
         if not settings.appliances.enabled:
             return {"appliances": [], "down": read_health(settings.state_dir), "enabled": False}

@@ -22,7 +22,9 @@ Pinning is one ``ReconfigureComputeResource_Task`` per change with ``modify=True
 VM-Host rule ``vsphere-av-pin-<host moref>``, a DRS override (``enabled=False``) and an HA
 override (restart priority ``disabled``). Each method re-reads the current state first and
 writes only what differs, so applying an action twice is harmless. :attr:`writes` counts
-every call that changes vCenter (tests check that a converged reconcile makes none).
+every call that changes vCenter (tests check that a converged reconcile makes none),
+:attr:`observes` every read of the appliances (scans reuse the routes read once per
+reconcile: see ``fleet.routing``).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class VsphereApplianceAdapter:
         self._image = image
         self._lock = threading.Lock()
         self.writes = 0
+        self.observes = 0   # inventory reads (tests check scans do not read it each time)
         self.uploads: list[tuple[str, int]] = []   # (file name, bytes) put through NFC leases
 
     def __repr__(self) -> str:
@@ -119,6 +122,8 @@ class VsphereApplianceAdapter:
     # -- reading ---------------------------------------------------------------------------
     def observe(self) -> Observed:
         """Hosts, our appliance VMs (by marker) and our pin groups/rules, in one round trip."""
+        with self._lock:
+            self.observes += 1
         objects = self._call("read appliances", lambda c: _retrieve(c, [
             (vim.HostSystem, HOST_PATHS), (vim.VirtualMachine, VM_PATHS),
             (vim.ClusterComputeResource, CLUSTER_PATHS)]))
