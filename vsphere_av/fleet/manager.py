@@ -237,10 +237,9 @@ class ApplianceManager:
         """
         results = self._each(lambda app, conn: self._engine_check(app, expected_version))
         self._unhealthy = unhealthy_hosts(results)
-        observed_down = ap.appliance_down_hosts(self.desired,
-                                                self.adapter.observe())
+        observed_down = ap.appliance_down_hosts(self.desired, self.adapter.observe())
         write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
-                      clock=self.clock)
+                     clock=self.clock)
         return results
 
     def _engine_check(self, app: Any, expected_version: int | None) -> ApplianceCheck:
