@@ -231,12 +231,16 @@ func fixupFor(method *simulator.Method, user string) func(response []byte) {
 		return afterRelocate(req.This, req.Spec, "", "")
 	case *types.ReconfigVM_Task:
 		restore := beforeDiskEdit(req)
+		rebuild := afterDiskChange(req)
 		return func(response []byte) {
 			if restore != nil {
 				restore()
 			}
 			if succeeded(response) {
 				syncToolsLocked(req.This)
+			}
+			if rebuild != nil {
+				rebuild(response)
 			}
 		}
 	case *types.AddHost_Task:

@@ -1,6 +1,6 @@
 """Settings: one TOML file (``--config`` / ``VSPHERE_AV_CONFIG``) plus environment overrides.
 
-Called by ``cli.py``, ``demo.py`` (and tests) through :func:`load` (or :func:`parse` for a
+Called by ``cli``, ``lab.demo`` (and tests) through :func:`load` (or :func:`parse` for a
 mapping already read); calls nothing but the file system. Every section of the file is
 declared here, as a frozen dataclass whose field types pydantic checks strictly (``"5"`` is
 not 5, ``true`` is not 1, a section is a table): other modules read typed settings only
@@ -306,7 +306,7 @@ def parse_syslog_target(text: str) -> tuple[str, str, int]:
 @with_config(_TABLE)
 @dataclass(frozen=True)
 class SiemSettings:
-    """Forwarding the audit log to a SIEM over syslog (``siem.py``); off while target is ""."""
+    """Forwarding the audit log to a SIEM over syslog (``store.siem``); off while target is ""."""
 
     # tls://host:port (RFC 5425), tcp://host:port, udp://host:port
     target: Annotated[Str, _parsed_by(lambda t: t and parse_syslog_target(t))] = ""
@@ -340,7 +340,7 @@ _Members = Annotated[Names, AfterValidator(_role_members)]
 @with_config(_TABLE)
 @dataclass(frozen=True)
 class AccessSettings:
-    """The ``[access]`` section: users and ``%groups`` per role (``access.py``)."""
+    """The ``[access]`` section: users and ``%groups`` per role (``app.access``)."""
 
     security_admins: _Members = ()
     infrastructure_admins: _Members = ()
@@ -424,7 +424,7 @@ def expand_addresses(entries: Iterable[str]) -> list[str]:
 @with_config(_TABLE)
 @dataclass(frozen=True)
 class ApplianceSettings:
-    """The ``[appliances]`` section (``appliances.py``, ``appliance_manager.py``)."""
+    """The ``[appliances]`` section (``fleet.plan``, ``fleet.manager``)."""
 
     enabled: Bool = False
     source: Annotated[Str, _rule(lambda s: s in ("ovf", "template"),

@@ -23,7 +23,7 @@ from vsphere_av.app import App
 from vsphere_av.config import Secret
 from vsphere_av.lab import simulator
 from vsphere_av.models import PROTECTED, UNPROTECTED
-from vsphere_av.scan.job import scan_vm
+from vsphere_av.scan import scan_vm
 from vsphere_av.vsphere import inventory
 from vsphere_av.vsphere.guest import Download, GuestFiles
 

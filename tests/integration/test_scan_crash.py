@@ -19,7 +19,7 @@ import pytest
 
 from vsphere_av import config
 from vsphere_av.app import App
-from vsphere_av.scan.job import scan_vm
+from vsphere_av.scan import scan_vm
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.vsphere import inventory
 from vsphere_av.vsphere.guest import GuestFiles

@@ -293,7 +293,7 @@ def test_file_vanishing_between_listing_and_download_is_counted(sim, tmp_path):
             def stat(self, path):
                 return real.stat(path)
 
-        from vsphere_av.scan.job import scan_vm
+        from vsphere_av.scan import scan_vm
         with app.engine.session() as session:
             result = scan_vm(vm=vm, guest=Racing(), session=session, store=app.store,
                              audit=app.audit, quarantine=app.quarantine, policy=settings.scan,
@@ -330,7 +330,7 @@ def test_file_listed_but_not_found_on_download_is_incomplete(sim, tmp_path):
             def stat(self, path):
                 return real.stat(path)
 
-        from vsphere_av.scan.job import scan_vm
+        from vsphere_av.scan import scan_vm
         with app.engine.session() as session:
             result = scan_vm(vm=vm, guest=Mangled(), session=session, store=app.store,
                              audit=app.audit, quarantine=app.quarantine, policy=settings.scan,

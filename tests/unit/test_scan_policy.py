@@ -6,7 +6,7 @@ import pytest
 
 from vsphere_av.app import ScanReport
 from vsphere_av.config import ScanPolicy
-from vsphere_av.scan.job import Filters, ScanResult, matches, protection_after, remediation_plan
+from vsphere_av.scan import Filters, ScanResult, matches, protection_after, remediation_plan
 
 
 @pytest.mark.parametrize(("pattern", "path", "windows", "expected"), [

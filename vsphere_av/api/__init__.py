@@ -2,7 +2,7 @@
 
 Called by ``app.start_controller`` (``vsphere-av serve`` with ``[api] listen``: it builds an
 :class:`ApiServer` and runs :meth:`ApiServer.serve` in its own thread, threads starting only
-in ``app.py``), by ``cli.py`` (``api token ...`` through ``api.tokens``, ``report`` through
+in ``app``), by ``cli`` (``api token ...`` through ``api.tokens``, ``report`` through
 ``api.report``) and by tests. Calls ``api.server`` (the ASGI application) and uvicorn.
 
 Nothing listens beyond loopback unless ``[api] tls_cert`` and ``tls_key`` are set: tokens
@@ -81,7 +81,7 @@ class ApiServer:
         self.server = uvicorn.Server(config)
 
     def serve(self) -> None:
-        """Serve until :meth:`stop` (the body of the ``api`` thread in ``app.py``)."""
+        """Serve until :meth:`stop` (the body of the ``api`` thread in ``app``)."""
         log.info("console and API at %s", self.url)
         self.server.run(sockets=[self.socket])
 

@@ -1,6 +1,6 @@
 """Reports for auditors: per VM protection, scans, detections and exposures over a period.
 
-Called by ``cli.py`` (``vsphere-av report``) and ``api.server`` (``GET /api/v1/report``).
+Called by ``cli`` (``vsphere-av report``) and ``api.server`` (``GET /api/v1/report``).
 Calls the application face (``app.App.status`` / ``detections``), ``store.jobs``
 (exposures), ``store.audit`` (the chain head and its verification), Jinja2 (HTML, the same
 template for the PDF) and WeasyPrint (PDF; imported only for a PDF, it loads Pango).

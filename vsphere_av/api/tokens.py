@@ -1,8 +1,8 @@
 """API bearer tokens: created once, stored only as SHA-256 hashes, each with a name and a role.
 
-Called by ``cli.py`` (``api token create | list | revoke``) and by ``api.server`` (every
+Called by ``cli`` (``api token create | list | revoke``) and by ``api.server`` (every
 request's ``Authorization: Bearer`` or the dashboard's session cookie, through
-:meth:`TokenStore.authenticate`). Calls ``store.sqlite`` (``<state_dir>/api-tokens.sqlite``,
+:meth:`TokenStore.authenticate`). Calls ``files`` (``<state_dir>/api-tokens.sqlite``,
 0600) and ``store.audit`` (creation and revocation are audited with the CLI caller as actor).
 
 A token is ``vsav_`` + 43 URL-safe characters (256 random bits): hashing it with plain
@@ -29,7 +29,7 @@ from vsphere_av.files import open_database
 from vsphere_av.store.audit import AuditLog
 
 TOKEN_PREFIX = "vsav_"
-# The names a person types (--role) -> the access roles of ``access.py``.
+# The names a person types (--role) -> the access roles of ``app.access``.
 ROLE_NAMES: dict[str, str] = {"security_admin": access.SECURITY,
                               "infrastructure_admin": access.INFRASTRUCTURE,
                               "auditor": access.AUDITOR}
@@ -59,7 +59,7 @@ class TokenInfo:
 
     @property
     def access_role(self) -> str:
-        """The ``access.py`` role this token acts with."""
+        """The ``app.access`` role this token acts with."""
         return ROLE_NAMES[self.role]
 
     def as_dict(self) -> dict[str, Any]:

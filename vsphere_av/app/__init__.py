@@ -25,13 +25,14 @@ from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.controller.scheduling import Scheduler
 from vsphere_av.engine import Engine
 from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
-from vsphere_av.scan.job import (
+from vsphere_av.scan import (
     ERROR,
     FOUND,
     INCOMPLETE,
     UNREACHABLE_STATUS,
     Progress,
     ScanResult,
+    remediate,
     scan_vm,
 )
 from vsphere_av.store.audit import AuditLog, current_actor
@@ -144,7 +145,7 @@ class App:
         self._conn: Any = None
         self._tagging: Any = None
         self._tagging_lock = threading.Lock()
-        self._tagging_failing = ""      # the reason last audited as tag.failed ("" = working)
+        self._tag_failures = remediate.TagFailures()
         self._fleet: Any = None
         self._fleet_lock = threading.Lock()
 
@@ -195,62 +196,18 @@ class App:
             return self._tagging
 
     def sync_tag(self, vm: VmInfo) -> None:
-        """Make the VM carry the infected tag exactly while its recorded state is infected.
-
-        Tagging trouble never changes a scan's outcome: it is logged, audited once per run
-        of failures (not once per VM), and the next scan or ``serve``'s resync tries again.
-        """
-        tagging = self.tagging
-        if tagging is None:
-            return
-        state = self.store.vm_state(vm.moref)
-        infected = state is not None and state.state == INFECTED
-        try:
-            changed = tagging.mark(vm.moref, infected=infected)
-        except Exception as exc:
-            self._tagging_failed(exc, vm=vm.name)
-            return
-        self._tagging_failing = ""
-        if changed:
-            self._tag_changed(vm.name, vm.moref, infected)
+        """Make the VM carry the infected tag exactly while its recorded state is infected
+        (``scan.remediate.sync_tag``: trouble is audited once per run, never raised)."""
+        remediate.sync_tag(vm, tagging=self.tagging, store=self.store, audit=self.audit,
+                           actor=self.actor, label=self.settings.tagging.label,
+                           failures=self._tag_failures)
 
     def resync_tags(self) -> dict[str, int]:
-        """Compare the tag with every known VM's state in one pass; fix what differs.
-
-        ``serve`` runs it every ``tagging.resync_interval``: it repairs what a failed
-        tagging call left behind and tags someone removed or added by hand.
-        """
-        tagging = self.tagging
-        if tagging is None:
-            return {"attached": 0, "detached": 0}
-        try:
-            tagged = tagging.tagged_vms()
-            counts = {"attached": 0, "detached": 0}
-            for state in self.store.vm_states():
-                infected = state.state == INFECTED
-                if infected != (state.moref in tagged):
-                    tagging.put(state.moref, infected=infected)
-                    self._tag_changed(state.name, state.moref, infected)
-                    counts["attached" if infected else "detached"] += 1
-        except Exception as exc:
-            self._tagging_failed(exc, vm="")
-            raise errors.VsphereError(f"tag resync: {exc}") from exc
-        self._tagging_failing = ""
-        return counts
-
-    def _tag_changed(self, name: str, moref: str, infected: bool) -> None:
-        self.audit.append(actor=self.actor, action="tag.attached" if infected else "tag.detached",
-                          details={"vm": name, "moref": moref,
-                                   "tag": self.settings.tagging.label})
-
-    def _tagging_failed(self, exc: Exception, *, vm: str) -> None:
-        reason = (str(exc) if isinstance(exc, errors.VsphereAvError)
-                  else f"internal error: {exc!r}")
-        log.warning("tagging %s failed: %s", vm or "(resync)", reason)
-        if reason != self._tagging_failing:     # once per run of the same failure
-            self._tagging_failing = reason
-            self.audit.append(actor=self.actor, action="tag.failed", details={
-                "vm": vm, "tag": self.settings.tagging.label, "reason": reason})
+        """Compare the tag with every known VM's state in one pass and fix what differs
+        (``scan.remediate.resync_tags``); ``serve`` runs it every ``tagging.resync_interval``."""
+        return remediate.resync_tags(tagging=self.tagging, store=self.store, audit=self.audit,
+                                     actor=self.actor, label=self.settings.tagging.label,
+                                     failures=self._tag_failures)
 
     # --- scanning --------------------------------------------------------------------------
 
@@ -452,33 +409,25 @@ class App:
         return removed
 
     def isolate_infected(self, vm: VmInfo, result: ScanResult) -> None:
-        """Cut the vNICs of a powered-off VM a disk scan found infected, before it boots.
+        """Cut the vNICs of a powered-off VM a disk scan found infected, before it boots
+        (``scan.remediate.isolate_infected``; off with ``scan.isolate_stale = false``)."""
+        remediate.isolate_infected(vm, result, enabled=self.settings.scan.isolate_stale,
+                                   cut=self._cut_network, audit=self.audit, actor=self.actor)
 
-        The controller's own isolation record (``controller.cut_network``) is used and held
-        for the detection, so ``isolation.release_infected`` decides its release exactly as
-        for a VM isolated at power-on. Off with ``scan.isolate_stale = false``.
-        """
+    def _cut_network(self, vm: VmInfo, *, reason: str,
+                     held: str) -> tuple[bool, list[dict[str, Any]], int]:
+        """``scan.remediate.NetworkCut``: the controller's own isolation record
+        (``controller.cut_network``), held for the detection, so ``isolation.release_infected``
+        decides its release exactly as for a VM isolated at power-on."""
         from vsphere_av.controller import cut_network
         from vsphere_av.store.jobs import JobStore
 
-        if not self.settings.scan.isolate_stale:
-            return
-        reason = "infected (disk scan): cut off before it boots"
-        try:
-            with JobStore.open(self.settings.state_dir) as jobs:
-                cut, before, changed, _ = cut_network(
-                    jobs=jobs, nics=_Nics(lambda: self.connection), vm=vm.moref, name=vm.name,
-                    reason=reason)
-                jobs.hold_isolation(vm.moref, held=f"detection (disk scan {result.scan_id})")
-        except errors.VsphereAvError as exc:
-            log.warning("%s: network not cut: %s", vm.name, exc)
-            self._disk_audit("isolation.failed", vm, reason=reason, error=str(exc),
-                             scan_id=result.scan_id)
-            result.reason += f"; network not cut: {exc}"
-            return
-        self._disk_audit("isolation.isolate" if cut else "isolation.keep", vm, reason=reason,
-                         trigger="disk scan", scan_id=result.scan_id, changed=changed,
-                         nics=[n.get("label", n.get("key")) for n in before])
+        with JobStore.open(self.settings.state_dir) as jobs:
+            cut, before, changed, _ = cut_network(
+                jobs=jobs, nics=_Nics(lambda: self.connection), vm=vm.moref, name=vm.name,
+                reason=reason)
+            jobs.hold_isolation(vm.moref, held=held)
+        return cut, before, changed
 
     def scan(self, *, names: Sequence[str] = (), all_vms: bool = False, full: bool = False,
              on_progress: Callable[[Progress], None] | None = None,
@@ -777,16 +726,11 @@ class ControllerRuntime:
 
 def remediation_via(app: App, vm: VmInfo) -> str | None:
     """``"guest"`` for a running VM with guest credentials whose detections wait for Guest
-    Operations; None otherwise (``scan.via`` decides). Called by the controller's scans.
-
-    A disk scan found them while the VM was off: its scan after power-on is the one that
-    quarantines, so when its tools are not running yet it waits for them (the job is retried)
-    instead of reading the disks again under a snapshot and leaving the files in place.
-    """
-    if app.settings.scan.via != "auto" or not vm.powered_on:
-        return None
+    Operations; None otherwise (``scan.remediate.remediation_via``). Called by the
+    controller's scans."""
     user, _ = app.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
-    return "guest" if user and app.store.pending_detections(vm.moref) else None
+    return remediate.remediation_via(vm, via=app.settings.scan.via, credentials=bool(user),
+                                     store=app.store)
 
 
 def start_controller(settings: Settings, *,
@@ -976,7 +920,7 @@ def hand_over_scan(settings: Settings, *, names: Sequence[str] = (), all_vms: bo
     skipped without a request.
     """
     from vsphere_av.models import VmId
-    from vsphere_av.scan.job import SKIPPED, Found
+    from vsphere_av.scan import SKIPPED, Found
     from vsphere_av.store.jobs import JobStore
 
     with JobStore.open(settings.state_dir) as jobs:

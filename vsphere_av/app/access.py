@@ -1,6 +1,6 @@
 """Who may run which command: security admins, infrastructure admins and auditors.
 
-Called by ``cli.py`` before every command (through :func:`check`) and by
+Called by ``cli`` before every command (through :func:`check`) and by
 ``store.audit.current_actor`` (through :func:`caller`). Calls ``pwd`` / ``grp`` only.
 
 Roles, from ``[access]`` (users, or ``%group``):

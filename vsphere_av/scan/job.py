@@ -1,24 +1,23 @@
-"""One VM's scan job: walk the guest, filter by policy, stream through the engine, remediate.
+"""One VM's scan job: walk its files, filter by policy, stream through the engine, remediate.
 
-Called by ``app.py`` (CLI scans) and the controller's workers, one call per VM job.
-Everything it touches comes in as keyword-only collaborators: the guest file access
-(``vsphere.guest.GuestFiles``), an engine ``Session`` (one signature version), the
-``StateStore``, the ``AuditLog``, the ``Quarantine`` and the clock. It never raises for
-one VM's trouble: the result says what happened and why.
+Called by ``app.App`` (CLI scans and the controller's workers), one call of :func:`scan_vm`
+per VM job. Everything it touches comes in as keyword-only collaborators: the file source
+(``scan.sources.guest.GuestAccess``: ``vsphere.guest.GuestFiles`` or the disk reader
+``scan.sources.disk.DiskGuest``), an engine ``Session`` (one signature version), the
+``StateStore``, the ``AuditLog``, the ``Quarantine`` and the clock. It uses
+``scan.filters`` (the policy's paths), ``scan.sources.guest.Transfers`` (the VM's transfer
+slot and read-ahead) and ``scan.remediate.Remediation`` (the policy's action on each
+infected file). It never raises for one VM's trouble: the result says what happened and why.
 
 Pipeline: each job starts one transfer thread (joined before ``scan_vm`` returns) that
-downloads the next files (InitiateFileTransferFromGuest + GET) into the engine with
-``Session.receive`` (hashed; held in memory up to the engine's spool threshold, in a spool
-file beyond), at most ``PREFETCH_AHEAD`` files ahead, while the calling thread matches the
-previous one. There is still one transfer per VM at a time (a per-job transfer slot:
-retries and quarantine copies take the same slot), and everything else (filters, index,
-counters, remediation, audit, progress) stays in the calling thread. Downloads whose bytes
-do not pass through this process (an appliance pulls them) are handed over unread.
+receives the next files into the engine, at most ``PREFETCH_AHEAD`` files ahead, while the
+calling thread matches the previous one (``scan.sources.guest``). Everything else (filters,
+index, counters, remediation, audit, progress) stays in the calling thread.
 
 Crash safety (write-ahead): a detection's audit entry and its store row (action
-``pending``) are durable before the guest is changed; the outcome then updates the row and
-adds the ``remediation`` entry. A run killed in between leaves a pending row that the VM's
-next scan finishes exactly once (see ``_Job._recover_pending``).
+``pending``) are durable before the guest is changed (:meth:`_Job._infected`); the outcome
+then updates the row and adds the ``remediation`` entry. A run killed in between leaves a
+pending row that the VM's next scan finishes exactly once (``Remediation.recover``).
 
 Resuming (time windows): ``result.resume_point`` is the last guest path, in walk order, that
 was fully processed together with every file before it; a scan given it as ``resume_after``
@@ -55,14 +54,9 @@ race with a rename) or whose directory cannot be listed is incomplete.
 from __future__ import annotations
 
 import collections
-import fnmatch
-import functools
 import logging
-import queue
-import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -80,6 +74,15 @@ from vsphere_av.models import (
     VmId,
     VmInfo,
 )
+from vsphere_av.scan.filters import Filters
+from vsphere_av.scan.remediate import Remediation, VmAudit
+from vsphere_av.scan.sources.guest import (
+    Fetched,
+    GuestAccess,
+    Receiver,
+    StreamScanner,
+    Transfers,
+)
 from vsphere_av.store.state import PENDING, VIA_DISK, VIA_GUEST
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,6 @@ log = logging.getLogger(__name__)
 INDEX_BATCH = 200
 FILES_KEPT = 1000                    # incomplete / skipped paths a result holds (all are stored)
 PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
-GLOB_CHARS = frozenset("*?[")
 
 # Scan statuses (per VM, in results and the scans table).
 CLEAN = "clean"
@@ -104,141 +106,20 @@ REASON_OFF = "powered off"
 
 # --- collaborator interfaces (what this module needs, nothing more) ---------------------------
 
-class DownloadLike(Protocol):
-    """An open guest file stream (``local`` True: its bytes come through this process)."""
-
-    size: int
-
-    def chunks(self) -> Iterator[bytes]: ...
-    def close(self) -> None: ...
-
-
-class GuestAccess(Protocol):
-    """Guest file access on one VM (``vsphere.guest.GuestFiles``, ``diskscan.DiskGuest``).
-
-    A class attribute ``local_downloads = True`` says its downloads bring the bytes into
-    this process, so they may be fetched ahead (read on the type: wrappers that hand
-    transfers to someone else, like the appliance dispatch, do not inherit it).
-
-    What a disk reader (``diskscan.DiskGuest``) adds, read with ``getattr`` so the guest
-    source needs none of it: ``reads_disks = True`` (class attribute: the VM's power state
-    does not matter, its disks are read), ``index_key(entry)`` (the incremental index row a
-    file is kept under, so disk and guest entries never mix) and ``remediation`` (the
-    guest access that changes files, or None when nothing can be changed now; then a
-    detection waits with ``remediation_pending`` as its detail).
-    """
-
-    windows: bool
-
-    def walk(self, roots: Sequence[str], *, prune: Callable[[str], bool],
-             on_error: Callable[[str, errors.VsphereAvError], None]) -> Iterator[GuestFile]: ...
-    def open_download(self, path: str) -> DownloadLike: ...
-    def delete_file(self, path: str) -> None: ...
-
-
-class EngineSession(Protocol):
+class EngineSession(StreamScanner, Protocol):
     """An engine session pinned to one signature version (``engine.Session``)."""
 
     version: int
 
-    def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
-                    owner: str = "", size_hint: int | None = None) -> Any: ...
     def lookup(self, sha256: str, *, path: str) -> Any: ...
 
 
 @runtime_checkable
-class ReceivingSession(EngineSession, Protocol):
+class ReceivingSession(EngineSession, Receiver, Protocol):
     """An in-process engine session, whose two halves can run in two threads."""
 
-    def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
     def scan_received(self, received: Any, *, path: str, name: str | None = None,
                       owner: str = "") -> Any: ...
-
-
-# --- policy filters (pure) -------------------------------------------------------------------
-
-def normalise(path: str, *, windows: bool) -> str:
-    """Path as filters see it: forward slashes, lower case on Windows."""
-    return path.replace("\\", "/").lower() if windows else path
-
-
-def _pattern(pattern: str, *, windows: bool) -> str:
-    p = pattern.replace("\\", "/") if windows else pattern
-    p = p.lower() if windows else p
-    return p.rstrip("/") if len(p) > 1 and not p.endswith(":/") else p
-
-
-def matches(pattern: str, path: str, *, windows: bool) -> bool:
-    """Does a policy pattern match a guest path?
-
-    A pattern without wildcards is a path prefix (``/proc`` covers ``/proc/1/maps``); one
-    with wildcards and a slash is a glob on the whole path (``*/pagefile.sys``); one with
-    wildcards and no slash is a glob on the file name (``*.iso``). Windows: case-insensitive,
-    ``\\`` and ``/`` alike.
-    """
-    return _compile(pattern, windows=windows)(normalise(path, windows=windows))
-
-
-def _compile(pattern: str, *, windows: bool) -> Callable[[str], bool]:
-    """A test on normalised paths equivalent to :func:`matches` for one pattern."""
-    p = _pattern(pattern, windows=windows)
-    if not GLOB_CHARS & set(p):
-        if p in ("/", "c:/") or p.endswith(":/"):
-            return lambda target: target.startswith(p)
-        below = p + "/"
-        return lambda target: target == p or target.startswith(below)
-    glob = re.compile(fnmatch.translate(p)).match
-    if "/" in p:
-        return lambda target: glob(target) is not None
-    return lambda target: glob(target.rsplit("/", 1)[-1]) is not None
-
-
-@dataclass(frozen=True)
-class Filters:
-    """The policy's include/exclude rules for one guest OS family."""
-
-    excludes: tuple[str, ...]
-    includes: tuple[str, ...]
-    max_file_size: int
-    windows: bool
-
-    @classmethod
-    def from_policy(cls, policy: ScanPolicy, *, windows: bool,
-                    engine_max: int | None = None) -> Filters:
-        """Filters of ``policy`` (default exclusions first) for a Linux or Windows guest."""
-        limit = policy.max_file_size
-        if engine_max is not None:
-            limit = min(limit, engine_max)
-        return cls(excludes=(*policy.default_excludes, *policy.exclude), includes=policy.include,
-                   max_file_size=limit, windows=windows)
-
-    @functools.cached_property
-    def _tests(self) -> tuple[tuple[Callable[[str], bool], ...], tuple[Callable[[str], bool], ...]]:
-        # Compiled once per scan: every listed file is checked against every pattern.
-        return (tuple(_compile(p, windows=self.windows) for p in self.excludes),
-                tuple(_compile(p, windows=self.windows) for p in self.includes))
-
-    def prune(self, directory: str) -> bool:
-        """True when a directory is excluded as a whole."""
-        target = normalise(directory, windows=self.windows)
-        return any(test(target) for test in self._tests[0])
-
-    def wanted(self, path: str) -> bool:
-        """True when a file passes the include and exclude globs."""
-        target = normalise(path, windows=self.windows)
-        excludes, includes = self._tests
-        for test in excludes:
-            if test(target):
-                return False
-        return not includes or any(test(target) for test in includes)
-
-
-def remediation_plan(action: str, fallback: str) -> tuple[str, ...]:
-    """Actions to try in order: the policy's action, then its fallback when different."""
-    plan = [action]
-    if fallback and fallback != action and action != "report":
-        plan.append(fallback)
-    return tuple(plan)
 
 
 def protection_after(status: str, *, previous: str | None) -> str | None:
@@ -376,13 +257,12 @@ class _Job:
                  share: bool, engine_max: int | None, clock: Callable[[], float],
                  on_progress: Callable[[Progress], None] | None, resume_after: str = "") -> None:
         self.vm, self.guest, self.session, self.store = vm, guest, session, store
-        self.audit, self.quarantine, self.policy, self.full = audit, quarantine, policy, full
-        self.actor, self.share, self.clock, self.on_progress = actor, share, clock, on_progress
+        self.policy, self.full, self.share = policy, full, share
+        self.clock, self.on_progress = clock, on_progress
         self.filters = Filters.from_policy(policy, windows=vm.is_windows, engine_max=engine_max)
+        # Audit details always name the VM and its host, so storms can be checked afterwards.
+        self._audit = VmAudit(log=audit, actor=actor, vm=vm)
         host = vm.host.name if vm.host else ""
-        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
-        # reader never writes; it names the guest access to use, or None for "not now").
-        self.remedy: GuestAccess | None = getattr(guest, "remediation", guest)
         self.reads_disks = bool(getattr(type(guest), "reads_disks", False))
         self.result = ScanResult(vm=vm.name, moref=vm.moref, host=host, full=full,
                                  via=VIA_DISK if self.reads_disks else VIA_GUEST)
@@ -391,17 +271,17 @@ class _Job:
         # Files of the walk (in its order) not yet below the resume point: [path, done].
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
-        receiver = session if isinstance(session, ReceivingSession) else None
-        self.transfers = _Transfers(
-            guest, receiver, name=vm.name,
-            enabled=receiver is not None and bool(getattr(type(guest), "local_downloads", False)))
-
-    # audit details always name the VM and its host, so storms can be checked afterwards
-    def _audit(self, event: str, **details: Any) -> None:
-        base = {"vm": self.vm.name, "moref": self.vm.moref,
-                "host": self.vm.host.name if self.vm.host else "",
-                "host_moref": self.vm.host.moref if self.vm.host else ""}
-        self.audit.append(actor=self.actor, action=event, details={**base, **details})
+        self.receiver = session if isinstance(session, ReceivingSession) else None
+        self.transfers = Transfers(
+            guest, self.receiver, name=vm.name,
+            enabled=(self.receiver is not None
+                     and bool(getattr(type(guest), "local_downloads", False))))
+        # Who changes files in the guest: the source itself, unless it says otherwise (a disk
+        # reader never writes; it names the guest access to use, or None for "not now").
+        self.remedies = Remediation(vm=vm, source=guest, policy=policy, store=store,
+                                    quarantine=quarantine, audit=self._audit,
+                                    slot=self.transfers.slot,
+                                    max_file_size=self.filters.max_file_size)
 
     def run(self) -> ScanResult:
         r = self.result
@@ -674,7 +554,7 @@ class _Job:
         while self._inflight and self._inflight[0][1]:
             self.result.resume_point = self._inflight.popleft()[0]
 
-    def _drain(self, transfers: _Transfers) -> None:
+    def _drain(self, transfers: Transfers) -> None:
         while transfers.pending:
             fetched = transfers.take()
             self._finish(fetched.entry, fetched)
@@ -699,7 +579,7 @@ class _Job:
                 return True
         return False
 
-    def _finish(self, entry: GuestFile, fetched: _Fetched | None) -> None:
+    def _finish(self, entry: GuestFile, fetched: Fetched | None) -> None:
         """Scan a file (already fetched, or downloaded now), count it, remediate, index it."""
         ticked = self._process(entry, fetched)
         self._done(entry.path)
@@ -707,7 +587,7 @@ class _Job:
             # Last: a progress callback that stops the scan here leaves this file done.
             self._tick(entry.path)
 
-    def _process(self, entry: GuestFile, fetched: _Fetched | None) -> bool:
+    def _process(self, entry: GuestFile, fetched: Fetched | None) -> bool:
         """The work of :meth:`_finish`; True when the file was read (a progress tick is due)."""
         r = self.result
         outcome = self._download_and_scan(entry, fetched)
@@ -754,18 +634,18 @@ class _Job:
         self._index(entry, shared.sha256, "clean")
         return True
 
-    def _download_and_scan(self, entry: GuestFile, fetched: _Fetched | None = None) -> Any:
+    def _download_and_scan(self, entry: GuestFile, fetched: Fetched | None = None) -> Any:
         r = self.result
         for attempt in (1, 2):
             try:
                 if attempt == 1 and fetched is not None and not fetched.deferred:
                     if fetched.error is not None:
                         raise fetched.error
-                    receiver = self.transfers.receiver
+                    receiver = self.receiver
                     assert receiver is not None     # only a receiving session fetches ahead
                     return receiver.scan_received(fetched.take(), path=entry.path,
                                                   name=entry.name)
-                return self._stream(entry)
+                return self.transfers.stream(entry, self.session)
             except errors.GuestFileNotFound as exc:
                 self.store.forget_file(*self._index_key(entry)[:2])
                 if self._gone(entry.path, exc):
@@ -785,35 +665,6 @@ class _Job:
                     self._unscanned(entry.path, kind=INCOMPLETE, reason=f"unreadable: {exc}")
                     return None
         return None
-
-    def _stream(self, entry: GuestFile) -> Any:
-        """Download one file into the engine now, holding the VM's transfer slot."""
-        slot = self.transfers.slot
-        slot.acquire()
-        try:
-            download = self.guest.open_download(entry.path)
-        except BaseException:
-            slot.release()
-            raise
-        if not getattr(download, "local", False):
-            # The bytes may never come here (an appliance pulls them): hand it over as is.
-            try:
-                return self.session.scan_stream(download.chunks(), path=entry.path,
-                                                name=entry.name, size_hint=download.size)
-            finally:
-                try:
-                    download.close()
-                finally:
-                    slot.release()
-        stream = _SlotStream(download, slot)
-        feed = _Feed(stream)
-        try:
-            outcome = self.session.scan_stream(feed, path=entry.path, name=entry.name,
-                                               size_hint=download.size)
-        finally:
-            stream.close()
-        feed.check()
-        return outcome
 
     def _infected(self, entry: GuestFile, outcome: Any) -> None:
         # A YARA rule and a hash list naming the same threat in the same member are one
@@ -841,7 +692,8 @@ class _Job:
                 path=entry.path, threat=d.threat, sha256=outcome.sha256, size=outcome.size,
                 rule=d.rule, source=d.source, member=d.member, action=PENDING,
                 detail="remediation in progress"))
-        action, qid, detail = self._remediate(entry, outcome, threat)
+        action, qid, detail = self.remedies.act(entry, sha256=outcome.sha256, size=outcome.size,
+                                                threat=threat)
         for det_id, d in zip(ids, detections, strict=True):
             self.store.finish_detection(det_id, action=action, detail=detail, quarantine_id=qid)
             self.result.found.append(Found(path=entry.path, threat=d.threat, sha256=outcome.sha256,
@@ -853,129 +705,9 @@ class _Job:
             self._index(entry, outcome.sha256, "infected")
 
     def _recover_pending(self, *, walked: bool) -> None:
-        """Finish detections a run that died mid-remediation left ``pending``.
-
-        Only a file known to be gone from the guest is settled here (asked with the guest's
-        ``stat`` when it has one; otherwise, after a complete walk that did not meet it):
-        ``quarantined`` when the quarantine holds its bytes, else ``deleted`` (the policy
-        deletes) or ``failed``. A file still in
-        the guest is found again by the walk and completed there (the quarantine hands back
-        the item it already holds, so there is never a second one).
-        """
-        if self.remedy is None:
-            return          # nothing can be settled without the guest: its next scan will
-        stat = getattr(self.remedy, "stat", None)
-        for det in self.store.pending_detections(self.vm.moref):
-            if det.scan_id == self.result.scan_id:
-                continue
-            item = next((q for q in self.quarantine.items()
-                         if q.vm_moref == self.vm.moref and q.guest_path == det.path
-                         and q.sha256 == det.sha256 and not q.restored_at), None)
-            if self._still_there(det.path, stat, walked=walked):
-                continue
-            if item is not None:
-                action, qid = "quarantined", str(item.id)
-                result = "quarantined (recovered after restart)"
-                detail = "recovered after restart: the bytes are in the quarantine"
-            elif "delete" in remediation_plan(self.policy.action, self.policy.fallback_action):
-                action, qid = "deleted", ""
-                result = "deleted (recovered after restart)"
-                detail = "recovered after restart: the file is no longer in the guest"
-            else:
-                action, qid = "failed", ""
-                result = "gone (recovered after restart)"
-                detail = ("remediation interrupted by a restart; the file is no longer in the "
-                          "guest and its bytes were not kept")
-            if not self._remediation_audited(det, qid):
-                self._audit("remediation", path=det.path, action=self.policy.action,
-                            result=result, quarantine_id=qid, threat=det.threat,
-                            sha256=det.sha256, detection_id=det.id, scan_id=det.scan_id)
-            self.store.finish_detection(det.id, action=action, detail=detail, quarantine_id=qid)
-            self.store.forget_file(self.vm.moref, det.path)
+        """Finish what a run that died mid-remediation left pending (``Remediation.recover``)."""
+        for _ in self.remedies.recover(scan_id=self.result.scan_id, walked=walked):
             self.result.recovered += 1
-
-    def _still_there(self, path: str, stat: Callable[[str], Any] | None, *, walked: bool) -> bool:
-        """False only when the file is known to be gone from the guest."""
-        if stat is None:
-            return not walked                 # a complete walk that did not meet it: gone
-        try:
-            return stat(path) is not None
-        except (errors.GuestLoginError, errors.GuestUnavailable):
-            raise
-        except errors.GuestError:
-            return True                       # cannot tell: leave it for a later scan
-
-    def _remediation_audited(self, det: Any, qid: str) -> bool:
-        """True when the dead run got as far as its remediation entry (only the row is missing)."""
-        entries = getattr(self.audit, "entries", None)
-        if entries is None or not qid:
-            return False
-        return any(e.action == "remediation" and e.details.get("moref") == self.vm.moref
-                   and e.details.get("path") == det.path
-                   and e.details.get("quarantine_id") == qid for e in entries())
-
-    def _remediate(self, entry: GuestFile, outcome: Any, threat: str) -> tuple[str, str, str]:
-        """Try the policy's action then its fallback; returns (action, quarantine id, detail).
-
-        With no guest access to change files now (a disk scan of a VM that is off or has no
-        guest credentials), the detection stays ``pending`` (``reported`` when the policy
-        only reports) with the source's ``remediation_pending`` as its detail: the VM is
-        infected, so its next guest scan finds the file and completes that row.
-        """
-        if self.remedy is None:
-            later = str(getattr(self.guest, "remediation_pending", "")
-                        or "guest operations are not available")
-            action = "reported" if self.policy.action == "report" else PENDING
-            self._audit("remediation", path=entry.path, action=self.policy.action,
-                        result=action, detail=later, threat=threat, sha256=outcome.sha256)
-            return action, "", later
-        remedy = self.remedy
-        failures: list[str] = []
-        for act in remediation_plan(self.policy.action, self.policy.fallback_action):
-            try:
-                if act == "report":
-                    self._audit("remediation", path=entry.path, action="report", result="reported",
-                                threat=threat, sha256=outcome.sha256)
-                    return "reported", "", "; ".join(failures)
-                if act == "quarantine":
-                    qid = self._quarantine(entry, outcome, threat, remedy)
-                    self._audit("remediation", path=entry.path, action="quarantine",
-                                result="quarantined", quarantine_id=qid, threat=threat,
-                                sha256=outcome.sha256)
-                    return "quarantined", qid, "; ".join(failures)
-                if act == "delete":
-                    remedy.delete_file(entry.path)
-                    self._audit("remediation", path=entry.path, action="delete", result="deleted",
-                                threat=threat, sha256=outcome.sha256)
-                    return "deleted", "", "; ".join(failures)
-            except errors.VsphereAvError as exc:
-                failures.append(f"{act} failed: {exc}")
-                self._audit("remediation", path=entry.path, action=act, result="failed",
-                            error=str(exc), threat=threat, sha256=outcome.sha256)
-        return "failed", "", "; ".join(failures)
-
-    def _quarantine(self, entry: GuestFile, outcome: Any, threat: str,
-                    remedy: GuestAccess) -> str:
-        """Copy the file's bytes into the quarantine, check they are the scanned ones, delete it."""
-        with self.transfers.slot:
-            download = remedy.open_download(entry.path)
-            try:
-                item = self.quarantine.put(
-                    download.chunks(), vm_moref=self.vm.moref, vm_name=self.vm.name,
-                    guest_path=entry.path, threat=threat, is_windows=self.vm.is_windows,
-                    permissions=entry.permissions,
-                    max_size=max(self.filters.max_file_size, outcome.size))
-            finally:
-                download.close()
-        if item.sha256 != outcome.sha256:
-            self.quarantine.discard(item.id)
-            raise errors.GuestError(f"{entry.path} changed between scan and quarantine")
-        try:
-            remedy.delete_file(entry.path)
-        except errors.VsphereAvError:
-            self.quarantine.discard(item.id)
-            raise
-        return str(item.id)
 
     def _index_key(self, entry: GuestFile) -> tuple[VmId, str, str]:
         """(owner, key, mtime) of the file's incremental index row.
@@ -1005,179 +737,9 @@ class _Job:
             self.pending = []
 
 
-# --- the transfer pipeline -------------------------------------------------------------------
-
-@dataclass
-class _Fetched:
-    """One file from the transfer thread: received, what went wrong, or "do it yourself"."""
-
-    entry: GuestFile
-    received: Any = None        # engine.Received: owned here until taken
-    error: BaseException | None = None
-    deferred: bool = False      # not read ahead (the bytes never come here, or stopping)
-
-    def take(self) -> Any:
-        """The received file, handed over (whoever takes it frees it)."""
-        received, self.received = self.received, None
-        return received
-
-    def discard(self) -> None:
-        """Free a received file nobody took."""
-        if self.received is not None:
-            self.take().discard()
-
-
-class _Stopped(Exception):
-    pass
-
-
 class _StopRequested(Exception):
     """The progress callback raised ``cause``: stop the scan where it is."""
 
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-class _Feed:
-    """A download's chunks on their way into the engine, keeping what broke them off.
-
-    The engine turns a failing producer into an "error" verdict of that file; the scan
-    needs the exception itself (:meth:`check`), so that a transfer that broke off is retried
-    and an outage (``ConnectionLost``) ends the scan instead of counting as one file's error.
-    """
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = chunks
-        self.error: errors.VsphereAvError | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._chunks
-        except errors.VsphereAvError as exc:
-            self.error = exc
-            raise
-
-    def check(self) -> None:
-        """Raise what broke the download off, if anything did."""
-        if self.error is not None:
-            raise self.error
-
-
-class _SlotStream:
-    """A download's chunks that give the transfer slot back as soon as they are read."""
-
-    def __init__(self, download: DownloadLike, slot: threading.Lock) -> None:
-        self._download = download
-        self._slot = slot
-        self._held = True
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._download.chunks()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Close the download and release the slot (once)."""
-        if self._held:
-            self._held = False
-            try:
-                self._download.close()
-            finally:
-                self._slot.release()
-
-
-class _Transfers:
-    """One VM's transfer slot and the thread that receives the next files ahead.
-
-    The slot is held for every transfer of the job, whoever makes it; the thread holds it
-    only while it is reading a file (never while the file waits in the queue), so the
-    calling thread can always get it for a retry or a quarantine copy.
-    """
-
-    def __init__(self, guest: GuestAccess, receiver: ReceivingSession | None, *, name: str,
-                 enabled: bool) -> None:
-        self.guest = guest
-        self.receiver = receiver
-        self.enabled = enabled
-        self.slot = threading.Lock()
-        self.pending = 0
-        self._name = name
-        self._todo: queue.SimpleQueue[GuestFile | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, entry: GuestFile) -> None:
-        """Queue a file to be received ahead (starts the thread on first use)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"transfer-{self._name}",
-                                            daemon=True)
-            self._thread.start()
-        self.pending += 1
-        self._todo.put(entry)
-
-    def take(self) -> _Fetched:
-        """The next fetched file, in submission order (waits for it)."""
-        fetched = self._done.get()
-        self.pending -= 1
-        return fetched
-
-    def close(self, *, timeout: float = 30.0) -> None:
-        """Stop the thread and free what it received; waits for a read in progress."""
-        self._stop.set()
-        if self._thread is None:
-            return
-        self._todo.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("%s: transfer thread still reading after %.0f s", self._name, timeout)
-        while True:
-            try:
-                self._done.get_nowait().discard()
-            except queue.Empty:
-                return
-
-    def _run(self) -> None:
-        while True:
-            entry = self._todo.get()
-            if entry is None:
-                return
-            try:
-                fetched = self._fetch(entry)
-            except BaseException as exc:      # never leave the scan thread waiting
-                fetched = _Fetched(entry=entry, error=exc)
-            self._done.put(fetched)
-
-    def _fetch(self, entry: GuestFile) -> _Fetched:
-        if self._stop.is_set():
-            return _Fetched(entry=entry, error=_Stopped("scan stopped"))
-        with self.slot:
-            try:
-                download = self.guest.open_download(entry.path)
-            except BaseException as exc:       # handed to the scan thread, which decides
-                return _Fetched(entry=entry, error=exc)
-            try:
-                if not getattr(download, "local", False) or self.receiver is None:
-                    return _Fetched(entry=entry, deferred=True)
-                feed = _Feed(download.chunks())
-                received = self.receiver.receive(self._until_stopped(feed),
-                                                size_hint=download.size)
-                if feed.error is not None:
-                    received.discard()
-                    return _Fetched(entry=entry, error=feed.error)
-                if self._stop.is_set():
-                    received.discard()
-                    return _Fetched(entry=entry, deferred=True)
-                return _Fetched(entry=entry, received=received)
-            except BaseException as exc:
-                return _Fetched(entry=entry, error=exc)
-            finally:
-                download.close()
-
-    def _until_stopped(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            if self._stop.is_set():
-                return          # the caller sees the stop and drops what was received
-            yield chunk

@@ -1,9 +1,9 @@
 """Tamper-evident audit log: append-only, every entry chained to the previous by SHA-256.
 
 Called by everything that changes protection (scans, remediation, quarantine, signatures,
-appliances, configuration), by ``siem.py`` (checkpoints) and by ``cli.py`` (``audit verify``
+appliances, configuration), by ``store.siem`` (checkpoints) and by ``cli`` (``audit verify``
 / ``head`` / ``export``). Calls SQLite (``<state_dir>/audit.sqlite``; ``state.sqlite`` read
-only, to tell an emptied log from a new one) and ``store.private`` (files 0600).
+only, to tell an emptied log from a new one) and ``files`` (files 0600).
 
 Each entry stores ``hash = sha256(prev_hash || canonical JSON of seq, time, actor, action,
 details)``. Altering, removing or reordering any entry breaks the chain from that entry on;

@@ -1,6 +1,6 @@
 """Durable controller state in ``<state_dir>/jobs.sqlite``: what must survive kill -9.
 
-Called by ``scheduling.Scheduler`` (as its journal), ``controller.py`` and ``cli.py``
+Called by ``scheduling.Scheduler`` (as its journal), ``controller`` and ``cli``
 (``status --json`` reads hosts and isolation). Calls only SQLite.
 
 Tables:

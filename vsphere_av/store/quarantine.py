@@ -1,8 +1,8 @@
 """Quarantine: keep the exact bytes of removed files where they cannot run or be picked up.
 
-Called by ``scanning.py`` (store a detected file's bytes before it is deleted in the guest)
-and ``app.py`` (list, restore, purge). Calls the file system under
-``<state_dir>/quarantine/`` (made private by ``store.private``) and ``StateStore`` for the
+Called by ``scan.job`` (store a detected file's bytes before it is deleted in the guest)
+and ``app`` (list, restore, purge). Calls the file system under
+``<state_dir>/quarantine/`` (made private by ``files``) and ``StateStore`` for the
 records.
 
 Each item is one blob ``<id>.qbin``: the original bytes XOR-ed with a random 32-byte key

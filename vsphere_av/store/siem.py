@@ -1,6 +1,6 @@
 """Forwarding the audit log to a SIEM over syslog: RFC 5424 messages carrying CEF (or JSON).
 
-Called by ``cli.py`` (``vsphere-av audit forward``) and by ``app.py``'s ``serve`` loop (every
+Called by ``cli`` (``vsphere-av audit forward``) and by ``app``'s ``serve`` loop (every
 ``siem.interval`` seconds while ``siem.target`` is set). Calls ``store.audit`` (entries after
 the cursor, checkpoints), ``socket`` / ``ssl``, and the cursor file
 ``<state_dir>/siem-cursor.json``.

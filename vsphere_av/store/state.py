@@ -1,7 +1,7 @@
 """Protection state in SQLite: VMs, scans, detections, the per-file index, quarantine records.
 
-Called by ``scanning.py`` (through the collaborator it is given), ``quarantine.py``,
-``app.py`` and the CLI; later the controller adds its jobs table here. Calls only SQLite
+Called by ``scan.job`` (through the collaborator it is given), ``store.quarantine``,
+``app`` and the CLI; later the controller adds its jobs table here. Calls only SQLite
 (``<state_dir>/state.sqlite``, WAL, synchronous=FULL so an acknowledged write survives a
 crash). One connection shared by threads behind a lock: writes are short.
 
@@ -40,12 +40,12 @@ from vsphere_av.models import (
 
 SCHEMA_VERSION = 2         # 2: scans.via
 
-# How a scan read the VM's files: Guest Operations or its virtual disks (``diskscan``).
+# How a scan read the VM's files: Guest Operations or its virtual disks (``scan.sources.disk``).
 VIA_GUEST = "guest"
 VIA_DISK = "disk"
 
 # A detection's action while its remediation runs: written before the guest is changed, so a
-# crash in between leaves a row to finish (``scanning`` resolves it on the VM's next scan).
+# crash in between leaves a row to finish (``scan.job`` resolves it on the VM's next scan).
 PENDING = "pending"
 
 _SCHEMA = """

@@ -1,6 +1,6 @@
 """One authenticated vCenter session, with TLS trust decided here and re-login on session loss.
 
-Called by ``app.py`` (and later the controller's watch loops) through :func:`connect`; the
+Called by ``app`` (and later the controller's watch loops) through :func:`connect`; the
 adapter modules (``inventory``, ``guest``, ...) run every SOAP call through
 :meth:`Connection.call`, which logs in again once when vCenter says the session is gone
 (``NotAuthenticated``) and translates every other fault into ``vsphere_av.errors``: vCenter

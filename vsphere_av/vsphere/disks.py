@@ -12,7 +12,9 @@ Which files make up a disk: the device's backing chain (``backing.fileName``, th
 ``backing.parent``...) gives the order, the guest-visible level first; ``layoutEx.disk`` and
 ``layoutEx.file`` give each level's descriptor and extents with their sizes. After a
 snapshot the VM writes to new delta disks; the disks to read are the levels the snapshot's
-file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken.
+file layout (``layoutEx.snapshot``) lists: the chain as it was when it was taken. A VM's
+disks come in the order the guest numbers them (controller bus number, then unit number:
+``sda``, ``sdb``...), which is what the reader's ``/dev/sdX`` names and drive letters follow.
 
 Errors: a snapshot that cannot be taken (independent disk, physical RDM, a snapshot fault
 from vCenter) -> ``SnapshotError`` with the reason; the VM or snapshot gone -> ``NotFound``;
@@ -180,6 +182,22 @@ def _backing_kind(backing: Any) -> str:
     return type(backing).__name__
 
 
+def _guest_order(devices: Iterable[Any]) -> dict[int, tuple[int, ...]]:
+    """Sort key of each VirtualDisk: the order the guest numbers its disks in (``sda``,
+    ``sdb``... / disk 0, 1...): by controller bus number, then unit number. Device keys say
+    nothing about it: a disk added later may get a lower key than the first one."""
+    devices = list(devices)
+    bus = {int(dev.key): int(dev.busNumber or 0) for dev in devices
+           if isinstance(dev, vim.vm.device.VirtualController)}
+    order: dict[int, tuple[int, ...]] = {}
+    for dev in devices:
+        if isinstance(dev, vim.vm.device.VirtualDisk):
+            controller = int(dev.controllerKey or 0)
+            unit = int(dev.unitNumber) if dev.unitNumber is not None else -1
+            order[int(dev.key)] = (bus.get(controller, 0), controller, unit, int(dev.key))
+    return order
+
+
 class _DiskReader:
     """Turns one collector read (VM, datastores, folders, maybe a snapshot) into models."""
 
@@ -242,7 +260,9 @@ class _DiskReader:
         return units
 
     def disks(self, devices: Iterable[Any]) -> tuple[VirtualDiskInfo, ...]:
-        """The VirtualDisks among ``devices``, each with its chain of files."""
+        """The VirtualDisks among ``devices``, each with its chain of files, in the order
+        the guest numbers them."""
+        devices = list(devices)
         assert self.vm is not None
         host = _moid(self.vm.get("runtime.host"))
         out = []
@@ -268,7 +288,8 @@ class _DiskReader:
                 disk_mode=str(getattr(backing, "diskMode", "") or ""),
                 backing=_backing_kind(backing), datastore=top,
                 host=HostId(host) if host else None, chain=tuple(chain)))
-        return tuple(sorted(out, key=lambda d: d.key))
+        order = _guest_order(devices)
+        return tuple(sorted(out, key=lambda d: order.get(d.key, (d.key,))))
 
     def frozen(self, snapshot: SnapshotId) -> tuple[VirtualDiskInfo, ...]:
         """The disks as ``snapshot`` froze them: each current chain cut at the first level

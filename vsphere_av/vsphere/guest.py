@@ -1,6 +1,6 @@
 """Guest file operations on one VM: list (paged), walk, stream out, upload, delete, move, mkdir.
 
-Called by ``scanning.py`` (through the collaborator it is given) and ``app.py`` (quarantine
+Called by ``scan.job`` (through the collaborator it is given) and ``app`` (quarantine
 restore); calls ``Connection.call`` for the SOAP side (GuestFileManager) and ``requests`` for
 the transfer URLs. Faults become ``errors.GuestLoginError``, ``GuestUnavailable``,
 ``GuestFileNotFound``, ``GuestFileExists``, ``InvalidPowerState``, ``NotFound`` or

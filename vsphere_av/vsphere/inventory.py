@@ -1,6 +1,6 @@
 """Read VMs and hosts in one PropertyCollector round trip and return them as models.
 
-Called by ``app.py`` (scan selection, status) and later by the controller; calls
+Called by ``app`` (scan selection, status) and later by the controller; calls
 ``Connection.call`` and pyVmomi's PropertyCollector. Every ContainerView is destroyed in
 ``finally``. Returns ``models.VmInfo`` / ``models.HostInfo``, never live vim objects.
 """

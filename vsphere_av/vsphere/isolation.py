@@ -1,6 +1,6 @@
 """Network isolation without NSX: disconnect every vNIC of a VM, and restore it exactly.
 
-Called by ``controller.py`` (instant-on containment, release after a clean scan). Calls
+Called by ``controller`` (instant-on containment, release after a clean scan). Calls
 pyVmomi through ``Connection.call``; waits for the ReconfigVM task. Returns plain
 :class:`NicState` records; the caller stores them (``store.jobs.JobStore.record_isolation``)
 *before* cutting, so the exact previous state survives a crash in between.

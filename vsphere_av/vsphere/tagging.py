@@ -1,6 +1,6 @@
 """vSphere tags on VMs, through the vSphere Automation API (JSON-RPC ``/api``, ``vmware-vcenter``).
 
-Called by ``app.py`` after each VM scan when ``[tagging] enabled``: :meth:`Tagging.mark`
+Called by ``app`` after each VM scan when ``[tagging] enabled``: :meth:`Tagging.mark`
 makes the VM carry the configured tag exactly while its state is ``infected`` (level-based:
 it reads the VM's tags and changes only what differs, so calling it again changes nothing);
 and by ``serve``'s resync (``App.resync_tags``), which compares :meth:`Tagging.tagged_vms`

@@ -1,6 +1,6 @@
 """Watch vCenter: a private PropertyCollector on a ContainerView, and a resumable event tail.
 
-Called by ``controller.py`` (its watch threads, started from ``app.py``). Calls pyVmomi through
+Called by ``controller`` (its watch threads, started from ``app``). Calls pyVmomi through
 ``Connection.call`` (re-login on session loss, faults translated into ``vsphere_av.errors``).
 Returns only plain dataclasses from ``vsphere_av.controller.attention`` (:class:`ObjectChange`,
 :class:`VcEvent`), never live vim objects.

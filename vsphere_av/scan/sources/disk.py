@@ -30,6 +30,7 @@ that opened but then fails to read (HTTP 5xx, 404, a read cut short) is made
 from __future__ import annotations
 
 import collections
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, ClassVar, Protocol, cast
@@ -196,6 +197,7 @@ class DiskGuest:
                 report(self._volume_path(volume), errors.DiskFileError(
                     f"{volume.kind} {volume.name}: {volume.problem}"))
         mounted = self._mounted
+        roots = self._whole_machine(roots, mounted)
         missing: list[str] = []
 
         def walk_error(path: str, exc: errors.DiskError) -> None:
@@ -217,6 +219,17 @@ class DiskGuest:
             found = "; ".join(f"{v.name} {v.filesystem or 'no file system'}"
                               + (f" on {v.mount}" if v.mount else "") for v in mounted.volumes)
             raise errors.DiskError(f"{'; '.join(missing)} (volumes: {found or 'none'})")
+
+    def _whole_machine(self, roots: Sequence[str], mounted: DiskFiles) -> Sequence[str]:
+        """On Windows the system drive's root ``C:\\`` stands for every drive, as ``/`` does
+        on Linux (where each other volume is mounted below it): the root of each other
+        drive on the VM's disks is walked too, so a default scan reads a data disk (D:)."""
+        if not self.windows or not any(r.rstrip("\\/").lower() == "c:" for r in roots):
+            return roots
+        named = {r.rstrip("\\/").lower() for r in roots}
+        drives = [v.mount + "\\" for v in mounted.volumes if v.readable
+                  and re.fullmatch(r"[A-Za-z]:", v.mount) and v.mount.lower() not in named]
+        return [*roots, *drives]
 
     def open_download(self, path: str) -> _Download:
         """A stream over one walked file (``size``, ``chunks()``, ``close()``)."""
