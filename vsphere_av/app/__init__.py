@@ -150,6 +150,8 @@ class App:
         self._tagging: Any = None
         self._tagging_lock = threading.Lock()
         self._tag_failures = remediate.TagFailures()
+        self._fleet: Any = None
+        self._fleet_lock = threading.Lock()
 
     def close(self) -> None:
         """Log out and close files."""
@@ -172,7 +174,7 @@ class App:
     def engine(self) -> Engine:
         """The scan engine (opened on first use)."""
         if self._engine is None:
-            self._engine = Engine.open(self.settings)
+            self._engine = Engine.open(self.settings, audit=self.audit, actor=self.actor)
         return self._engine
 
     @property
@@ -531,18 +533,16 @@ class App:
 
         The appliance pulls the guest transfer URLs itself; with appliances enabled and the
         host's appliance down, ApplianceError("appliance down") (the job waits, nothing is
-        scanned silently elsewhere). Without appliances: the in-process engine.
+        scanned silently elsewhere). Without appliances: the in-process engine. Which
+        appliance serves which host is read once per reconcile (``fleet.routing``).
         """
         from vsphere_av.fleet import plan as appliances
 
         if not self.settings.appliances.enabled:
             return guest, self.engine
-        from vsphere_av.fleet.manager import open_manager
         from vsphere_av.vsphere.appliances import ApplianceGuestFiles
 
-        manager = open_manager(self.settings, connection=self.connection, audit=self.audit,
-                               actor=self.actor)
-        remote = manager.engine_for_host(vm.host.moref if vm.host else "")
+        remote = self.fleet.engine_for_host(vm.host.moref if vm.host else "")
         if remote is None:
             raise errors.ApplianceError(appliances.APPLIANCE_DOWN)
         return ApplianceGuestFiles(guest, connection=self.connection), remote
@@ -550,16 +550,27 @@ class App:
     def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
         """With appliances enabled, VMs on a host whose appliance is down show unprotected."""
         from vsphere_av.fleet import plan as appliances
-        from vsphere_av.fleet.manager import open_manager, read_health
+        from vsphere_av.fleet.health import read_health
 
         if not self.settings.appliances.enabled:
             return list(states)
         if live and self.settings.vcenter.server:
-            down = open_manager(self.settings, connection=self.connection, audit=self.audit,
-                                actor=self.actor).down_hosts()
+            down = self.fleet.down_hosts()
         else:
             down = read_health(self.settings.state_dir)
         return appliances.overlay_states(states, down)
+
+    @property
+    def fleet(self) -> Any:
+        """The appliances' manager (``fleet.manager.ApplianceManager``), made on first use;
+        its engine routes live as long as this App."""
+        with self._fleet_lock:
+            if self._fleet is None:
+                from vsphere_av.fleet.manager import open_manager
+
+                self._fleet = open_manager(self.settings, connection=self.connection,
+                                           audit=self.audit, actor=self.actor)
+            return self._fleet
 
     def detections(self) -> list[dict[str, Any]]:
         """Every recorded detection, oldest first."""
