@@ -1,5 +1,5 @@
 """Table tests for ``appliances.plan_upgrade`` (pure), the standby rules ``plan`` follows
-during an upgrade, and the OVA manifest reader of ``appliance_image``."""
+during an upgrade, and the OVA manifest reader of ``fleet.image``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The scan engine: is this file malicious? Usable on its own, without vSphere.
 
-Called by the CLI (``scan-files``), guest scans (``scanning.py``, through
+Called by the CLI (``scan-files``), guest scans (``scan.job``, through
 ``Session.scan_stream`` with chunks from an HTTP download) and the engine service; calls
 ``signatures`` (versions), ``matcher`` (YARA + hash list), ``archives`` and ``cache``.
 

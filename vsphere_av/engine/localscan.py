@@ -1,7 +1,7 @@
 """Scanning local files and directories on all cores (``vsphere-av scan-files``, the benchmark).
 
-Called by ``cli.py`` and ``bench/engine.py``; calls ``engine.Engine`` (signatures, cache) and
-starts worker processes (multiprocessing), each loading the compiled rules once.
+Called by ``cli.scan_files`` and ``bench/engine.py``; calls ``engine.Engine`` (signatures, cache)
+and starts worker processes (multiprocessing), each loading the compiled rules once.
 
 The parent walks the trees, asks the verdict cache in batches (local files whose inode,
 size and timestamps are unchanged skip even the hashing), and hands only the misses to the

@@ -1,6 +1,6 @@
 """One hardened security appliance per ESXi host: the pure plan and its idempotent application.
 
-Called by ``cli.py`` (``appliances reconcile``) and by the controller's ``serve`` loop through
+Called by ``cli`` (``appliances reconcile``) and by the controller's ``serve`` loop through
 :func:`reconcile_once`. Calls only the collaborators it is handed: an :class:`ApplianceAdapter`
 (``vsphere_av.vsphere.appliances.VsphereApplianceAdapter`` in production, which does every
 vSphere call) and the audit log; its settings are ``config.ApplianceSettings`` (``[appliances]``).
