@@ -4,17 +4,21 @@ Built by the vSphere adapter (``vsphere_av.vsphere``) and the stores; read by ev
 above them (``scan``, ``controller``, ``fleet``, ``app``, the CLI and the API). Nothing here
 talks to anything. The types two layers exchange live here, so that neither imports the
 other: the watch stream (:class:`ObjectChange`, :class:`VcEvent`, :class:`EventCursor`), scan
-jobs (:class:`Job`, :class:`Priority`, :class:`TimeWindow`) and the one audit interface
-(:class:`Audit`).
+jobs (:class:`Job`, :class:`Priority`, :class:`TimeWindow`), guest transfers handed to an
+appliance (:class:`TransferChunks`), the appliance inventory the adapter reads for the fleet
+plan (:class:`Observed` and its parts, the extraConfig keys, :class:`ApplianceImage`) and the
+one audit interface (:class:`Audit`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, NewType, Protocol
 
 from vsphere_av.errors import ConfigError
@@ -421,6 +425,120 @@ class Job:
     window: TimeWindow | None = None
     attempts: int = 0
     resume_after: str = ""       # guest path a window-limited scan stopped after
+
+
+# ----------------------------------------------------------------------------- transfers
+
+
+class TransferChunks:
+    """A guest file not yet downloaded: its single-use transfer URL, for the appliance to pull.
+
+    Made by the adapter (``vsphere.appliances.ApplianceGuestFiles``), read by the engine
+    client (``engine.remote.client.RemoteSession`` hands the URL to the appliance).
+    Iterating it streams the file through the controller instead (``fallback``), so code that
+    only knows ``Iterable[bytes]`` (the in-process engine, quarantine) still works.
+    """
+
+    def __init__(self, *, url: str, thumbprint: str, size: int,
+                 fallback: Callable[[], Iterable[bytes]]) -> None:
+        self.url = url
+        self.thumbprint = thumbprint
+        self.size = size
+        self._fallback = fallback
+
+    def __repr__(self) -> str:
+        return f"TransferChunks(size={self.size})"   # the URL carries a ticket: not shown
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._fallback())
+
+
+# ----------------------------------------------------------------------------- appliances
+# What the adapter (``vsphere.appliances``) reads and ``fleet.plan`` plans from.
+
+ROLE_KEY = "vsphere-av.role"        # extraConfig marker of every appliance VM ...
+ROLE_VALUE = "appliance"            # ... with this value
+HOST_KEY = "vsphere-av.host"        # extraConfig: the moref of the host the appliance serves
+ADDRESS_KEY = "guestinfo.ipaddress"  # extraConfig / OVF property: a pool address given at deploy
+# On an appliance deployed by `appliances upgrade` beside the one it replaces, until the
+# work moves to it: the moref of the old one. Scans and health rounds skip a standby;
+# reconcile neither counts it as a duplicate nor removes the appliance it replaces.
+STANDBY_KEY = "vsphere-av.standby"
+
+
+@dataclass(frozen=True)
+class FleetHost:
+    """One ESXi host as vCenter sees it, for the appliance plan."""
+
+    id: str                     # moref value, e.g. "host-21"
+    name: str
+    cluster_id: str | None      # None for a standalone host
+    cluster_name: str = ""
+    connected: bool = True
+    maintenance: bool = False
+
+
+@dataclass(frozen=True)
+class ApplianceVm:
+    """A VM carrying our appliance marker (``vsphere-av.role = appliance``)."""
+
+    id: str
+    name: str
+    marker_host: str            # the host moref in ``vsphere-av.host``
+    host_id: str | None         # where it runs now
+    power_state: str            # poweredOn | poweredOff | suspended
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    drs_disabled: bool = False  # a cluster DRS override with enabled = False exists
+    ha_disabled: bool = False   # a cluster HA override with restartPriority = disabled exists
+    address: str = ""           # guest.ipAddress reported by VMware Tools
+    tools_running: bool = False
+
+
+@dataclass(frozen=True)
+class HostPin:
+    """The groups and rule that pin one host's appliance, as found in its cluster."""
+
+    cluster_id: str
+    host_id: str
+    vm_group: frozenset[str] | None     # None: the VM group does not exist
+    host_group: frozenset[str] | None   # None: the host group does not exist
+    rule_ok: bool                       # rule exists, mandatory, enabled, names both groups
+    rule_exists: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything ``fleet.plan.plan`` needs to know about the inventory."""
+
+    hosts: tuple[FleetHost, ...] = ()
+    appliances: tuple[ApplianceVm, ...] = ()
+    pins: tuple[HostPin, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApplianceAddress:
+    """Where the controller reaches one appliance (SSH, engine service)."""
+
+    host_id: str
+    host: str
+    vm_id: str
+    vm: str
+    address: str        # guest.ipAddress from VMware Tools ("" while unknown)
+    powered_on: bool
+    standby: bool = False   # deployed by an upgrade, not serving yet (see STANDBY_KEY)
+
+
+class ApplianceImage(Protocol):
+    """What an OVF deploy imports (``fleet.image.ConfiguredImage``, read by the adapter)."""
+
+    def descriptor(self) -> AbstractContextManager[Path]:
+        """The checked OVF descriptor, its disks beside it, while the block runs."""
+        ...
+
+    def properties(self, *, extra_config: Mapping[str, str], descriptor: str
+                   ) -> Mapping[str, str]:
+        """The OVF property values to set, of those ``descriptor`` declares."""
+        ...
 
 
 class Audit(Protocol):

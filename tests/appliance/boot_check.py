@@ -55,6 +55,7 @@ from vsphere_av.engine.remote import EngineClient
 from vsphere_av.engine.signatures import SignatureStore
 from vsphere_av.errors import EngineError, HostKeyMismatch
 from vsphere_av.fleet.ssh import ApplianceSsh, fingerprint
+from vsphere_av.store.audit import AuditOnUse
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
@@ -302,6 +303,7 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
 
     from vsphere_av import config
     from vsphere_av.config import Secret, VcenterSettings
+    from vsphere_av.fleet import image
     from vsphere_av.fleet import plan as ap
     from vsphere_av.lab import simulator
     from vsphere_av.store.audit import AuditLog
@@ -322,14 +324,15 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
             "enabled": True, "ovf": str(descriptor), "addresses": ["127.0.0.91"],
             "ssh_key_file": str(key_file), "engine_token_file": str(token_file)}},
             env={}).appliances
-        adapter = VsphereApplianceAdapter(connection=conn, settings=settings)
+        adapter = VsphereApplianceAdapter(connection=conn, settings=settings,
+                                          image=image.ConfiguredImage(settings))
         desired = ap.Desired.from_settings(settings)
         result = ap.reconcile_once(adapter=adapter, audit=audit, desired=desired,
                                    actor="boot-test")
         run.check("reconcile: deployed from the built OVF without error", result.ok,
                   "; ".join(r.error for r in result.results if not r.ok))
         kinds = sorted(a.kind for a in result.actions)
-        observed = adapter.observe(desired=desired).appliances
+        observed = adapter.observe().appliances
         run.check("reconcile: one appliance, deployed, pinned and powered on",
                   kinds == ["deploy", "pin", "power_on"] and len(observed) == 1
                   and observed[0].power_state == ap.POWERED_ON,
@@ -338,9 +341,9 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
         props = observed[0].extra_config if observed else {}
         public = paramiko.PKey.from_path(key_file)
         run.check("reconcile: the import carried the controller's SSH key and the token",
-                  props.get(ap.SSH_KEY_PROPERTY, "").split()[:2]
+                  props.get(image.SSH_KEY_PROPERTY, "").split()[:2]
                   == [public.get_name(), public.get_base64()]
-                  and props.get(ap.TOKEN_PROPERTY) == token
+                  and props.get(image.TOKEN_PROPERTY) == token
                   and props.get(ap.ADDRESS_KEY) == "127.0.0.91")
         def secure_boot(content: Any) -> bool:
             view = content.viewManager.CreateContainerView(content.rootFolder,
@@ -504,7 +507,9 @@ def main() -> int:
             before = scan(MARKER, "marker.txt")
             run.check("scan: the test marker is clean under the built-in signatures",
                       not before.detections, before.status)
-            store = SignatureStore(state_dir=work / "controller-state")
+            store = SignatureStore(state_dir=work / "controller-state",
+                                   audit=AuditOnUse(work / "controller-state"),
+                                   actor="boot-test")
             store.ensure_builtin()
             bundle = work / "bundle"
             bundle.mkdir()

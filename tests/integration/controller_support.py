@@ -20,6 +20,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from vsphere_av import config
+from vsphere_av.api import ApiServer
 from vsphere_av.app import ControllerRuntime, start_controller
 from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
@@ -37,8 +38,10 @@ def cli_env(sim: simulator.Simulator, state: Path, **extra: str) -> dict[str, st
 @contextmanager
 def running_controller(settings: config.Settings, *, events: bool = True,
                        grace: float = 10) -> Iterator[ControllerRuntime]:
-    """``app.start_controller`` once its inventory (and event tail) is ready; stopped after."""
-    rt = start_controller(settings)
+    """``app.start_controller`` once its inventory (and event tail) is ready; stopped after.
+
+    With ``[api] listen`` the console runs beside it, as ``vsphere-av serve`` runs it."""
+    rt = start_controller(settings, console=ApiServer)
     try:
         assert rt.controller.inventory_ready.wait(20)
         if events:

@@ -354,6 +354,18 @@ def test_audit_pages_verify_and_signature_activation(console):
         "api.signatures.activate", "api:security_admin-bot", 1)
 
 
+def test_an_activation_through_the_api_is_audited_by_the_signature_store_too(console):
+    """Issue 15: the store records its own signatures.activate through the audit log the API
+    hands it (the engine imports no store), just before the API's entry."""
+    response = console.client.post("/api/v1/signatures/1/activate",
+                                   headers=console.auth("security_admin"))
+    assert response.status_code == 200
+    with AuditLog.open(console.state) as log:
+        *_, by_store, by_api = list(log.entries())
+    assert (by_store.action, by_store.details["version"]) == ("signatures.activate", 1)
+    assert not by_store.actor.startswith("api:")   # the API process's own actor
+    assert by_api.action == "api.signatures.activate"
+
 def test_appliances_openapi_and_report(console):
     auditor = console.auth("auditor")
     assert console.client.get("/api/v1/appliances", headers=auditor).json() == {

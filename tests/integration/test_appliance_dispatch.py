@@ -22,6 +22,7 @@ from vsphere_av.app import App
 from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineClient, EngineService
 from vsphere_av.lab import simulator
+from vsphere_av.store.audit import AuditOnUse
 from vsphere_av.vsphere import inventory
 
 TOKEN = "dispatch-token-0123456789abcdef"
@@ -63,7 +64,9 @@ def world(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[World]:
     engines = []
     try:
         for a in appliances:    # what each appliance runs: `vsphere-av engine serve`
-            engine = Engine.open(config.Settings(state_dir=tmp_path / f"appliance-{a.host}"))
+            own = tmp_path / f"appliance-{a.host}"
+            engine = Engine.open(config.Settings(state_dir=own), audit=AuditOnUse(own),
+                                 actor="tester")
             engines.append(engine)
             svc = EngineService(engine=engine, token=TOKEN, listen=(a.address, port))
             svc.start()
@@ -125,3 +128,41 @@ def test_appliance_down_means_unprotected_and_waiting_then_resumed(world: World)
         assert again.status == "clean", again.reason
         rows = {r["name"]: r for r in app.status()}
         assert rows[vm.name]["state"] == "protected"
+
+
+def test_routes_are_read_once_per_reconcile_not_once_per_scan(world: World) -> None:
+    """Issue 15: which appliance scans which host's VMs is read from vCenter on the first
+    scan and again only after a reconcile (in any process) marked the fleet changed."""
+    with world.app() as app:
+        vms = {v.name: v for v in inventory.list_vms(app.connection)}
+        vm = vms["DC0_C0_RP0_VM0"]
+
+        def reads() -> int:
+            return int(app.fleet.adapter.observes)
+
+        for _ in range(3):
+            assert app.scan_one(vm).status == "clean"
+        assert reads() == 1
+        from vsphere_av.fleet.manager import open_manager
+        other = open_manager(world.settings, connection=app.connection, audit=app.audit,
+                             actor="tester")       # serve's loop, or `appliances reconcile`
+        assert other.reconcile().ok
+        for _ in range(2):
+            assert app.scan_one(vm).status == "clean"
+        assert reads() == 2
+
+
+def test_a_remembered_route_whose_appliance_stopped_gives_appliance_down(world: World) -> None:
+    """A route read before the appliance stopped is not trusted: its scan reads the routes
+    again and waits with "appliance down", as it would have with a fresh read."""
+    with world.app() as app:
+        vms = {v.name: v for v in inventory.list_vms(app.connection)}
+        vm = vms["DC0_C0_RP0_VM1"]
+        assert vm.host is not None
+        assert app.scan_one(vm).status == "clean"
+        appliance = world.vm(f"vsphere-av-appliance-{vm.host.name}")
+        wait_task(appliance.PowerOffVM_Task())
+        world.services.pop(vm.host.name).shutdown()   # its engine stops with it
+        waiting = app.scan_one(vm)
+        assert (waiting.status, waiting.reason) == ("error", "appliance down")
+        assert app.fleet.adapter.observes == 2

@@ -22,6 +22,7 @@ from vsphere_av.engine.remote import (
     parse_listen,
 )
 from vsphere_av.errors import ConfigError, EngineError
+from vsphere_av.store.audit import AuditOnUse
 
 TOKEN = "t0ken-for-tests-0123456789abcdef"
 
@@ -31,7 +32,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     settings = config.Settings(state_dir=tmp_path_factory.mktemp("engine-state"))
     settings = config.Settings(state_dir=settings.state_dir,
                                engine=config.EngineSettings(max_file_size=4096))
-    eng = Engine.open(settings)
+    eng = Engine.open(settings, audit=AuditOnUse(settings.state_dir), actor="tester")
     yield eng
     eng.close()
 

@@ -22,8 +22,10 @@ from vsphere_av import config
 from vsphere_av.app import App
 from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineService
-from vsphere_av.fleet.manager import ApplianceManager, open_manager, read_health
+from vsphere_av.fleet.health import read_health
+from vsphere_av.fleet.manager import ApplianceManager, open_manager
 from vsphere_av.fleet.ssh import ApplianceSsh
+from vsphere_av.store.audit import AuditOnUse
 
 TOKEN = "manage-token-0123456789abcdef"
 
@@ -52,7 +54,8 @@ def fleet(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Fleet]:
     assert manager.reconcile().ok
     sshds: dict[str, Sshd] = {}
     services: dict[str, EngineService] = {}
-    appliance_engine = Engine.open(config.Settings(state_dir=remote), use_cache=False)
+    appliance_engine = Engine.open(config.Settings(state_dir=remote), use_cache=False,
+                                   audit=AuditOnUse(remote), actor="tester")
     try:
         for a in manager.appliances():
             sshds[a.host] = start_sshd(keys / a.host, a.address)   # its own host key

@@ -17,6 +17,7 @@ from pyVmomi import vim
 from vsphere_av import config
 from vsphere_av.config import Secret, VcenterSettings
 from vsphere_av.fleet import plan as ap
+from vsphere_av.fleet.image import ConfiguredImage
 from vsphere_av.lab import simulator
 from vsphere_av.store.audit import AuditLog
 from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
@@ -49,7 +50,7 @@ class Rig:
         return vm_named(self.si, name)
 
     def appliances(self) -> list[ap.ApplianceVm]:
-        return list(self.adapter.observe(desired=self.desired).appliances)
+        return list(self.adapter.observe().appliances)
 
     def last_event_key(self) -> int:
         """Key of the newest event: every task vCenter runs (any write) posts some."""
@@ -63,8 +64,8 @@ def make_rig(sim: simulator.Simulator, tmp_path: Any, **section: Any) -> Rig:
     settings = config.parse({"appliances": {"enabled": True, "addresses": POOL, **section}},
                             env={}).appliances
     audit = AuditLog.open(tmp_path / "state")
-    return Rig(sim=sim, conn=conn, adapter=VsphereApplianceAdapter(connection=conn,
-                                                                  settings=settings),
+    return Rig(sim=sim, conn=conn, adapter=VsphereApplianceAdapter(
+        connection=conn, settings=settings, image=ConfiguredImage(settings)),
                desired=ap.Desired.from_settings(settings), audit=audit, si=connect(sim))
 
 

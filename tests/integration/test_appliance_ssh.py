@@ -21,7 +21,7 @@ from vsphere_av.engine import Engine
 from vsphere_av.errors import ApplianceError, HostKeyMismatch
 from vsphere_av.fleet import ssh as ssh_mod
 from vsphere_av.fleet.ssh import ApplianceSsh
-from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.audit import AuditLog, AuditOnUse
 
 TOKEN = "ssh-test-token-0123456789abcdef"
 
@@ -112,7 +112,8 @@ def test_unreachable_appliance(state: Path, audit: AuditLog, tmp_path: Path) -> 
 
 
 def _engine(state_dir: Path) -> Engine:
-    return Engine.open(config.Settings(state_dir=state_dir), use_cache=False)
+    return Engine.open(config.Settings(state_dir=state_dir), use_cache=False,
+                       audit=AuditOnUse(state_dir), actor="tester")
 
 
 def test_push_signatures_verifies_and_activates(sshd: Sshd, state: Path, audit: AuditLog,

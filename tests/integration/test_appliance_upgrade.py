@@ -31,6 +31,7 @@ from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineClient, EngineService
 from vsphere_av.fleet.image import IMAGE_KEY, file_sha256
 from vsphere_av.fleet.manager import ApplianceManager, open_manager
+from vsphere_av.store.audit import AuditOnUse
 from vsphere_av.vsphere import inventory
 
 TOKEN = "upgrade-token-0123456789abcdef"
@@ -83,7 +84,8 @@ def site(vcsim_factory: SimulatorFactory, tmp_path: Path) -> Iterator[Site]:
     port = free_port(ADDRESSES[0])
     ssh_port = next(p for p in iter(lambda: free_port(ADDRESSES[0]), 0) if p != port)
     engine = Engine.open(config.Settings(state_dir=tmp_path / "appliance-state"),
-                         use_cache=False)
+                         use_cache=False, audit=AuditOnUse(tmp_path / "appliance-state"),
+                         actor="tester")
     s = Site(sim=sim, tmp=tmp_path, toml=tmp_path / "config.toml", port=port,
              ssh_port=ssh_port, ova_v1=ova_v1, ova_v2=ova_v2, engine=engine)
     try:
@@ -165,7 +167,7 @@ def test_upgrade_replaces_each_host_and_moves_its_scans(site: Site) -> None:
         assert apps["DC0_C0_H0"].address == "127.0.0.93"
         assert apps["DC0_C0_H1"].address == "127.0.0.91"     # freed by H0's old appliance
         assert not any(a.standby for a in apps.values())
-        observed = manager.adapter.observe(desired=manager.desired)
+        observed = manager.adapter.observe()
         assert {a.extra_config[IMAGE_KEY] for a in observed.appliances} == {v2}
         assert len(observed.appliances) == 2
         assert manager.reconcile().actions == ()             # pinned, hardened, running

@@ -7,11 +7,14 @@ The controller runs in-process (``app.start_controller``) against the bundled si
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 from conftest import plant, settings_for
 from controller_support import EICAR, admin, audit_entries, cli_env, running_controller, wait_for
@@ -81,3 +84,34 @@ def test_status_json_has_hosts_and_isolated(
         assert h["active_scans"] == 0
     isolated = {v["name"]: v["isolated"] for v in doc["vms"]}
     assert isolated == {DIRTY: True, CLEAN: False}
+
+
+def test_serve_runs_the_console_with_api_listen(sim: simulator.Simulator,
+                                                tmp_path: Path) -> None:
+    # The CLI hands the console to the controller (app imports no api): `serve` with
+    # [api] listen answers on that address until SIGTERM, and stops listening with it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    state, log = tmp_path / "state", tmp_path / "serve.log"
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{port}"\n')
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vsphere_av", "--config", str(cfg),
+                                 "serve"], env=cli_env(sim, state),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_for(answers, timeout=60, what=f"the console at {url}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert not answers()

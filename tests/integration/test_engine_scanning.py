@@ -18,6 +18,7 @@ import pytest
 
 from vsphere_av.config import EngineSettings, Settings
 from vsphere_av.engine import Engine, FileOutcome, Session
+from vsphere_av.store.audit import AuditOnUse
 
 # Built from two halves so this test file is not itself the test file.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -30,7 +31,8 @@ def make_settings(state: Path, **engine: int) -> Settings:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine.open(make_settings(tmp_path / "state"))
+    eng = Engine.open(make_settings(tmp_path / "state"), audit=AuditOnUse(tmp_path / "state"),
+                      actor="tester")
     yield eng
     eng.close()
 
@@ -105,7 +107,8 @@ def test_clean_archive_is_clean(engine: Engine) -> None:
 
 
 def test_too_large_is_skipped_and_the_stream_is_not_drained(tmp_path: Path) -> None:
-    eng = Engine.open(make_settings(tmp_path / "s", max_file_size=1000, spool_threshold=100))
+    eng = Engine.open(make_settings(tmp_path / "s", max_file_size=1000, spool_threshold=100),
+                      audit=AuditOnUse(tmp_path / "s"), actor="tester")
     pulled = []
 
     def chunks() -> Iterator[bytes]:
@@ -126,7 +129,8 @@ def test_too_large_is_skipped_and_the_stream_is_not_drained(tmp_path: Path) -> N
 
 def test_large_stream_is_spooled_not_held_in_memory(tmp_path: Path) -> None:
     eng = Engine.open(make_settings(tmp_path / "s", spool_threshold=1 * MiB,
-                                    max_file_size=64 * MiB))
+                                    max_file_size=64 * MiB),
+                      audit=AuditOnUse(tmp_path / "s"), actor="tester")
     block = b"\x00" * (256 * 1024)
     tail = EICAR  # not at offset 0, so only the hash of the whole would identify it
 
@@ -153,7 +157,7 @@ def test_large_stream_is_spooled_not_held_in_memory(tmp_path: Path) -> None:
 def make_limited(state: Path, *, alert: bool, **engine: int) -> Engine:
     settings = make_settings(state, **engine)
     return Engine.open(dataclasses.replace(settings, engine=dataclasses.replace(
-        settings.engine, alert_exceeds_max=alert)))
+        settings.engine, alert_exceeds_max=alert)), audit=AuditOnUse(state), actor="tester")
 
 
 def limited_outcome(out: FileOutcome, *, alert: bool, limit: str, reason: str) -> None:

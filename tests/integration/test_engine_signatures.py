@@ -19,8 +19,9 @@ import pytest
 
 from vsphere_av.config import Settings
 from vsphere_av.engine import Engine
+from vsphere_av.engine.signatures import SignatureStore
 from vsphere_av.errors import SignatureError
-from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.audit import AuditLog, AuditOnUse
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 # The public rule set the issue names, beside the clone (../shared/rulesets/signature-base),
@@ -45,7 +46,8 @@ def marker_rule(name: str, marker: str) -> str:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine.open(Settings(state_dir=tmp_path / "state"))
+    state = tmp_path / "state"
+    eng = Engine.open(Settings(state_dir=state), audit=AuditOnUse(state), actor="tester")
     yield eng
     eng.close()
 
@@ -62,7 +64,7 @@ def signature_base_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     state = tmp_path_factory.mktemp("sigbase") / "state"
-    eng = Engine.open(Settings(state_dir=state))
+    eng = Engine.open(Settings(state_dir=state), audit=AuditOnUse(state), actor="tester")
     eng.store.import_bundle(SIGNATURE_BASE)
     eng.close()
     return state
@@ -250,9 +252,34 @@ def test_activate_rollback_and_audit(engine: Engine, tmp_path: Path) -> None:
                        ("signatures.activate", 1), ("signatures.rollback", 2)]
 
 
+def test_a_store_without_an_audit_log_reads_versions_and_refuses_every_change(
+        engine: Engine, tmp_path: Path) -> None:
+    """Issue 15: the caller hands the store its audit log; without one nothing changes
+    unaudited: list and active version work, import, activate and rollback are refused."""
+    state = engine.settings.state_dir
+    v1 = engine.active_version()
+    readonly = SignatureStore(state_dir=state)
+    assert readonly.active_version() == v1
+    assert [i.version for i in readonly.infos()] == [v1]
+    with AuditLog.open(state) as log:
+        before = len(list(log.entries()))
+    with pytest.raises(SignatureError, match="without an audit log"):
+        readonly.import_bundle(bundle(tmp_path / "b", {"r.yar": marker_rule("r", "X")}))
+    with pytest.raises(SignatureError, match="without an audit log"):
+        readonly.activate(v1)
+    with pytest.raises(SignatureError, match="without an audit log"):
+        readonly.rollback()
+    assert readonly.versions() == [v1]
+    with AuditLog.open(state) as log:
+        assert len(list(log.entries())) == before
+    # A new state directory needs its built-in bundle imported: that is a change too.
+    with pytest.raises(SignatureError, match="without an audit log"):
+        Engine.open(Settings(state_dir=tmp_path / "new"))
+    assert SignatureStore(state_dir=tmp_path / "new").versions() == []
+
 def test_compiled_rules_are_stored_not_recompiled(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    Engine.open(Settings(state_dir=state)).close()
+    Engine.open(Settings(state_dir=state), audit=AuditOnUse(state), actor="tester").close()
     vdir = state / "signatures" / "v0001"
     assert (vdir / "rules.yarc").is_file()
     stamp = (vdir / "rules.yarc").stat().st_mtime_ns

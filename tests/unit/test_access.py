@@ -1,4 +1,4 @@
-"""Roles for security admins, infrastructure admins and auditors (``access.py``).
+"""Roles for security admins, infrastructure admins and auditors (``app.access``).
 
 Uses this machine's real accounts and groups (root, nobody/nogroup, daemon), and sets
 SUDO_USER the way sudo does: the state directory is the test's own (owned by the account

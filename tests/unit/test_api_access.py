@@ -1,4 +1,4 @@
-"""The console's share of ``access.py``: which token role may call what, and who may
+"""The console's share of ``app.access``: which token role may call what, and who may
 mint a token of which role (this machine's real accounts; SUDO_USER set as sudo does)."""
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vsphere_av import config
 from vsphere_av.api.metrics import StateCollector, render
-from vsphere_av.fleet.manager import HEALTH_FILE
+from vsphere_av.fleet.health import HEALTH_FILE
 from vsphere_av.models import HostId, HostInfo, VmId, VmInfo
-from vsphere_av.store.audit import SIEM_CURSOR_FILE, AuditLog
+from vsphere_av.store.audit import SIEM_CURSOR_FILE, AuditLog, AuditOnUse
 from vsphere_av.store.jobs import JobStore
 from vsphere_av.store.state import StateStore
 
@@ -36,7 +36,8 @@ def test_every_family_comes_from_the_state_directory(tmp_path: Path) -> None:
     settings = config.parse({"siem": {"target": "tcp://127.0.0.1:6514"}},
                             env={"VSPHERE_AV_STATE_DIR": str(state)})
     from vsphere_av.engine import Engine
-    Engine.open(settings).close()                      # the built-in signature version 1
+    Engine.open(settings, audit=AuditOnUse(settings.state_dir),   # the built-in version 1
+                actor="tester").close()
     with JobStore.open(state) as jobs:
         for vm, started, isolated in (("vm-1", 100.0, 100.012), ("vm-2", 200.0, 203.0)):
             jobs.open_exposure(vm=vm, vm_name=vm, trigger="poweron", started=started,
@@ -81,7 +82,7 @@ def test_signature_age_follows_the_clock(tmp_path: Path) -> None:
     from vsphere_av.engine import Engine
     from vsphere_av.engine.signatures import SignatureStore
 
-    Engine.open(settings).close()
+    Engine.open(settings, audit=AuditOnUse(settings.state_dir), actor="tester").close()
     from datetime import datetime
     imported = datetime.fromisoformat(
         SignatureStore(state_dir=settings.state_dir).info(1).imported_at).timestamp()

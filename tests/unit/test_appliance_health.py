@@ -14,7 +14,8 @@ from test_appliance_plan import H1, H2, Log, World
 
 from vsphere_av.config import ApplianceSettings
 from vsphere_av.fleet import plan as ap
-from vsphere_av.fleet.manager import ApplianceManager, read_health
+from vsphere_av.fleet.health import read_health
+from vsphere_av.fleet.manager import ApplianceManager
 
 
 def manager(tmp_path: Path, world: World, log: Log) -> ApplianceManager:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vsphere_av.config import ApplianceSettings
 from vsphere_av.errors import ApplianceError
+from vsphere_av.fleet import image as fleet_image
 from vsphere_av.fleet import plan as ap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,11 +95,11 @@ def test_the_network_file_is_static_or_dhcp(setup: ModuleType, tmp_path: Path,
 
 def test_the_template_declares_every_property_the_setup_reads(setup: ModuleType) -> None:
     read = set(re_keys(SETUP.read_text()))
-    declared = ap.declared_properties(TEMPLATE.read_text())
+    declared = fleet_image.declared_properties(TEMPLATE.read_text())
     assert read
     assert read <= declared
-    assert {ap.ADDRESS_KEY, ap.SSH_KEY_PROPERTY, ap.TOKEN_PROPERTY} <= declared
-    assert ap.declared_properties(PLACEHOLDER.read_text()) == {ap.ADDRESS_KEY}
+    assert {ap.ADDRESS_KEY, fleet_image.SSH_KEY_PROPERTY, fleet_image.TOKEN_PROPERTY} <= declared
+    assert fleet_image.declared_properties(PLACEHOLDER.read_text()) == {ap.ADDRESS_KEY}
 
 
 def re_keys(source: str) -> list[str]:
@@ -136,18 +137,18 @@ def test_a_deploy_fills_the_controllers_key_and_token(tmp_path: Path) -> None:
     settings = ApplianceSettings(ssh_key_file=str(key_file), engine_token_file=str(token_file))
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
-    image = ap.declared_properties(TEMPLATE.read_text())
-    props = ap.ovf_properties(settings, {ap.ADDRESS_KEY: "127.0.0.11"}, image)
+    image = fleet_image.declared_properties(TEMPLATE.read_text())
+    props = fleet_image.ovf_properties(settings, {ap.ADDRESS_KEY: "127.0.0.11"}, image)
     assert props == {ap.ADDRESS_KEY: "127.0.0.11",
-                     ap.SSH_KEY_PROPERTY: f"{public} vsphere-av-controller",
-                     ap.TOKEN_PROPERTY: "s3cret-token-0123456789"}
-    placeholder = ap.declared_properties(PLACEHOLDER.read_text())
-    assert ap.ovf_properties(settings, {ap.ADDRESS_KEY: "127.0.0.11"}, placeholder) == \
+                     fleet_image.SSH_KEY_PROPERTY: f"{public} vsphere-av-controller",
+                     fleet_image.TOKEN_PROPERTY: "s3cret-token-0123456789"}
+    placeholder = fleet_image.declared_properties(PLACEHOLDER.read_text())
+    assert fleet_image.ovf_properties(settings, {ap.ADDRESS_KEY: "127.0.0.11"}, placeholder) == \
         {ap.ADDRESS_KEY: "127.0.0.11"}
-    assert ap.ovf_properties(ApplianceSettings(), {}, image) == {}
+    assert fleet_image.ovf_properties(ApplianceSettings(), {}, image) == {}
     key_file.write_text("garbage")
     with pytest.raises(ApplianceError):
-        ap.ovf_properties(settings, {}, image)
+        fleet_image.ovf_properties(settings, {}, image)
 
 
 def test_without_a_certificate_the_appliance_makes_its_own(setup: ModuleType, tmp_path: Path,

@@ -18,13 +18,13 @@ from vsphere_av.errors import ApplianceError, ConfigError, VsphereError
 from vsphere_av.fleet import plan as ap
 
 C1 = "domain-c1"
-H1 = ap.HostInfo(id="host-1", name="esx1", cluster_id=C1, cluster_name="C1")
-H2 = ap.HostInfo(id="host-2", name="esx2", cluster_id=C1, cluster_name="C1")
-H3 = ap.HostInfo(id="host-3", name="esx3", cluster_id=None)          # standalone
+H1 = ap.FleetHost(id="host-1", name="esx1", cluster_id=C1, cluster_name="C1")
+H2 = ap.FleetHost(id="host-2", name="esx2", cluster_id=C1, cluster_name="C1")
+H3 = ap.FleetHost(id="host-3", name="esx3", cluster_id=None)          # standalone
 D = ap.Desired()
 
 
-def vm(vm_id: str, host: ap.HostInfo, *, on_host: str | None = None, power: str = ap.POWERED_ON,
+def vm(vm_id: str, host: ap.FleetHost, *, on_host: str | None = None, power: str = ap.POWERED_ON,
        name: str | None = None, extra: Mapping[str, str] | None = None,
        pinned: bool = True) -> ap.ApplianceVm:
     """An appliance in the desired shape unless told otherwise."""
@@ -35,7 +35,7 @@ def vm(vm_id: str, host: ap.HostInfo, *, on_host: str | None = None, power: str 
         drs_disabled=pinned, ha_disabled=pinned)
 
 
-def pin(host: ap.HostInfo, vm_id: str, *, rule_ok: bool = True,
+def pin(host: ap.FleetHost, vm_id: str, *, rule_ok: bool = True,
         cluster: str = C1) -> ap.HostPin:
     """A correct pin for ``vm_id`` on ``host`` unless told otherwise."""
     return ap.HostPin(cluster_id=cluster, host_id=host.id, vm_group=frozenset({vm_id}),
@@ -192,7 +192,7 @@ def test_configure_sets_only_the_drifted_keys() -> None:
     ((replace(H1, connected=False),), (vm("vm-1", H1),),
      {"host-1": "appliance down (host disconnected)"}),
 ])
-def test_appliance_down_hosts(hosts: tuple[ap.HostInfo, ...], apps: tuple[ap.ApplianceVm, ...],
+def test_appliance_down_hosts(hosts: tuple[ap.FleetHost, ...], apps: tuple[ap.ApplianceVm, ...],
                               expected: dict[str, str]) -> None:
     assert ap.appliance_down_hosts(D, ap.Observed(hosts=hosts, appliances=apps)) == expected
 
@@ -241,7 +241,7 @@ def test_settings_defaults_and_values() -> None:
 class World:
     """In-memory inventory implementing the adapter protocol (see module docstring)."""
 
-    def __init__(self, hosts: tuple[ap.HostInfo, ...]) -> None:
+    def __init__(self, hosts: tuple[ap.FleetHost, ...]) -> None:
         self.hosts = hosts
         self.vms: dict[str, ap.ApplianceVm] = {}
         self.pins: dict[tuple[str, str], ap.HostPin] = {}
@@ -254,7 +254,7 @@ class World:
         if (kind, key) in self.fail_on:
             raise VsphereError(f"{kind} failed on {key}")
 
-    def observe(self, *, desired: ap.Desired) -> ap.Observed:
+    def observe(self) -> ap.Observed:
         return ap.Observed(hosts=self.hosts, appliances=tuple(self.vms.values()),
                            pins=tuple(self.pins.values()))
 
@@ -347,7 +347,7 @@ def test_failure_skips_that_hosts_later_actions_only() -> None:
     assert result.down == {"host-1": "appliance down"}
     world.fail_on.clear()                            # the next round repairs it
     assert ap.reconcile_once(adapter=world, audit=log, desired=D, actor="t").ok
-    assert ap.plan(D, world.observe(desired=D)) == []
+    assert ap.plan(D, world.observe()) == []
 
 
 def test_power_on_after_someone_powered_it_off_is_audited() -> None:

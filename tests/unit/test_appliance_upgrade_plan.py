@@ -1,5 +1,5 @@
 """Table tests for ``appliances.plan_upgrade`` (pure), the standby rules ``plan`` follows
-during an upgrade, and the OVA manifest reader of ``appliance_image``."""
+during an upgrade, and the OVA manifest reader of ``fleet.image``."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ NEW = "sha256:" + "b" * 64
 D = ap.Desired(image=NEW, addresses=("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"))
 
 
-def on(image: str, vm_id: str, host: ap.HostInfo, **kw: object) -> ap.ApplianceVm:
+def on(image: str, vm_id: str, host: ap.FleetHost, **kw: object) -> ap.ApplianceVm:
     extra = {**ap.expected_extra_config(host.id), IMAGE_KEY: image}
     extra.update(kw.pop("more", {}))    # type: ignore[call-overload]
     return vm(vm_id, host, extra=extra, **kw)    # type: ignore[arg-type]
 
 
-def standby(vm_id: str, host: ap.HostInfo, old: str) -> ap.ApplianceVm:
+def standby(vm_id: str, host: ap.FleetHost, old: str) -> ap.ApplianceVm:
     return on(NEW, vm_id, host, name=f"vsphere-av-appliance-{host.name}-bbbbbbbb",
               more={ap.STANDBY_KEY: old}, pinned=False)
 

@@ -1,9 +1,10 @@
 """The console: REST API, web dashboard, Prometheus metrics and reports (issue 14).
 
-Called by ``app.start_controller`` (``vsphere-av serve`` with ``[api] listen``: it builds an
-:class:`ApiServer` and runs :meth:`ApiServer.serve` in its own thread, threads starting only
-in ``app``), by ``cli`` (``api token ...`` through ``api.tokens``, ``report`` through
-``api.report``) and by tests. Calls ``api.server`` (the ASGI application) and uvicorn.
+Called by ``app.start_controller`` (``vsphere-av serve`` hands it :class:`ApiServer`; with
+``[api] listen`` it builds one and runs :meth:`ApiServer.serve` in its own thread, threads
+starting only in ``app``), by ``cli`` (``api token ...`` through ``api.tokens``,
+``report`` through ``api.report``) and by tests. Calls ``api.server`` (the ASGI
+application) and uvicorn.
 
 Nothing listens beyond loopback unless ``[api] tls_cert`` and ``tls_key`` are set: tokens
 would cross the network in clear (the rule of ``engine serve``).

@@ -111,7 +111,7 @@ class StateCollector(Collector):
         yield active
 
     def _appliances(self) -> Iterator[Metric]:
-        from vsphere_av.fleet.manager import read_health
+        from vsphere_av.fleet.health import read_health
 
         down = read_health(self.settings.state_dir)
         yield GaugeMetricFamily("vsphere_av_appliances_enabled", "1 when [appliances] is on.",

@@ -53,7 +53,7 @@ from vsphere_av.api.tokens import TokenInfo, TokenStore
 from vsphere_av.app import access
 from vsphere_av.config import Settings
 from vsphere_av.engine.signatures import SignatureStore
-from vsphere_av.store.audit import AuditLog
+from vsphere_av.store.audit import AuditLog, AuditOnUse, current_actor
 
 log = logging.getLogger(__name__)
 
@@ -459,9 +459,13 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return info.as_dict()
 
     def signature_store() -> SignatureStore:
+        """The store; it records its changes (activations, the built-in bundle's import)
+        in the audit log under the API process's own actor."""
         from vsphere_av.engine import Engine
 
-        store: SignatureStore = Engine.open(settings, use_cache=False).store
+        store: SignatureStore = Engine.open(
+            settings, use_cache=False, audit=AuditOnUse(settings.state_dir),
+            actor=current_actor(state_dir=settings.state_dir)).store
         return store
 
     @api.get("/api/v1/appliances")
@@ -470,7 +474,8 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return appliances_document()
 
     def appliances_document() -> dict[str, Any]:
-        from vsphere_av.fleet.manager import open_manager, read_health
+        from vsphere_av.fleet.health import read_health
+        from vsphere_av.fleet.manager import open_manager
 
         if not settings.appliances.enabled:
             return {"appliances": [], "down": read_health(settings.state_dir), "enabled": False}

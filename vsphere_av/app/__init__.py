@@ -1,11 +1,14 @@
-"""Application wiring for guest scans: builds the adapter, store, engine and threads.
+"""The application: the one face the CLI (``cli``), the REST API (``api``) and the demo
+(``lab.demo``) call, and the only place threads start.
 
-Called by ``cli.py`` (``scan``, ``status``, ``detections``, ``quarantine ...``) and reusable
-by the controller. Calls ``vsphere.connection`` / ``inventory`` / ``guest``, ``engine``,
-``store.state``, ``store.audit``, ``quarantine`` and ``scanning``. This is the only module
-of the scan path that starts threads: one small pool per ESXi host (at most
-``scan.per_host_limit`` VMs of that host at once) with all hosts in parallel, under a global
-cap of ``scan.global_limit``.
+:class:`App` wires the vSphere adapter (``vsphere.connection`` / ``inventory`` / ``guest`` /
+``disks`` / ``tagging``), the engine (local, or the host's appliance through ``fleet``), the
+stores (``store.state``, ``store.audit``, ``store.quarantine``) and one VM's scan
+(``scan.scan_vm``, remediation in ``scan.remediate``). ``App.scan`` runs the controller's
+worker loop (``controller.working``) over a queue with the same per-host
+(``scan.per_host_limit``) and global (``scan.global_limit``) caps; :func:`start_controller`
+builds the controller for ``vsphere-av serve`` and starts its loops, the console's server
+included when the CLI hands one in.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vsphere_av import errors
 from vsphere_av.config import SCAN_VIA, Settings
 from vsphere_av.controller.scheduling import Scheduler
+from vsphere_av.controller.workers import working
 from vsphere_av.engine import Engine
-from vsphere_av.models import INFECTED, UNPROTECTED, Priority, QuarantineItem, VmId, VmInfo
+from vsphere_av.models import INFECTED, UNPROTECTED, Job, Priority, QuarantineItem, VmId, VmInfo
 from vsphere_av.scan import (
     ERROR,
     FOUND,
@@ -146,6 +150,8 @@ class App:
         self._tagging: Any = None
         self._tagging_lock = threading.Lock()
         self._tag_failures = remediate.TagFailures()
+        self._fleet: Any = None
+        self._fleet_lock = threading.Lock()
 
     def close(self) -> None:
         """Log out and close files."""
@@ -168,7 +174,7 @@ class App:
     def engine(self) -> Engine:
         """The scan engine (opened on first use)."""
         if self._engine is None:
-            self._engine = Engine.open(self.settings)
+            self._engine = Engine.open(self.settings, audit=self.audit, actor=self.actor)
         return self._engine
 
     @property
@@ -244,7 +250,7 @@ class App:
                  resume_after: str = "", via: str | None = None) -> ScanResult:
         """Scan one VM in the calling thread; any failure becomes the result's reason.
 
-        ``resume_after``: continue a stopped scan after that guest path (``scanning.scan_vm``).
+        ``resume_after``: continue a stopped scan after that guest path (``scan.scan_vm``).
         ``via``: ``"guest"``, ``"disk"`` or ``"auto"`` (None: ``scan.via``; see
         :meth:`scan_route`). Called by ``scan`` (the CLI) and the controller's workers.
         """
@@ -473,22 +479,21 @@ class App:
         failures: list[BaseException] = []
         stop = threading.Event()
 
-        def work() -> None:
-            while not stop.is_set() and not queue.idle():
-                job = queue.take(stop=stop, timeout=0.5)
-                if job is None:
-                    continue
-                try:
-                    results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
-                                                    on_progress=on_progress, via=via)
-                except BaseException as exc:   # re-raised below, after every worker ended
-                    failures.append(exc)
-                    stop.set()
-                finally:
-                    queue.finish(job)
+        def run(job: Job) -> None:
+            try:
+                results[job.vm] = self.scan_one(by_moref[job.vm], full=full,
+                                                on_progress=on_progress, via=via)
+            except BaseException as exc:   # re-raised below, after every worker ended
+                failures.append(exc)
+                stop.set()
+            finally:
+                queue.finish(job)
 
-        # Threads start here and only here; all are joined before returning.
-        workers = [threading.Thread(target=work, name=f"scan-{i}", daemon=True)
+        # The controller's worker loop, until the queue is empty. Threads start here and
+        # only here; all are joined before returning.
+        workers = [threading.Thread(target=working, name=f"scan-{i}", daemon=True,
+                                    kwargs={"scheduler": queue, "run": run, "stop": stop,
+                                            "until_idle": True})
                    for i in range(min(policy.global_limit, len(queue.queued())))]
         for worker in workers:
             worker.start()
@@ -544,7 +549,8 @@ class App:
 
         The appliance pulls the guest transfer URLs itself; with appliances enabled and the
         host's appliance down, ApplianceError("appliance down") (the job waits, nothing is
-        scanned silently elsewhere). Without appliances: the in-process engine.
+        scanned silently elsewhere). Without appliances: the in-process engine. Which
+        appliance serves which host is read once per reconcile (``fleet.routing``).
         """
         remote = self.appliance_engine(vm)
         if remote is None:
@@ -560,11 +566,7 @@ class App:
 
         if not self.settings.appliances.enabled:
             return None
-        from vsphere_av.fleet.manager import open_manager
-
-        manager = open_manager(self.settings, connection=self.connection, audit=self.audit,
-                               actor=self.actor)
-        remote = manager.engine_for_host(vm.host.moref if vm.host else "")
+        remote = self.fleet.engine_for_host(vm.host.moref if vm.host else "")
         if remote is None:
             raise errors.ApplianceError(appliances.APPLIANCE_DOWN)
         return remote
@@ -572,16 +574,27 @@ class App:
     def appliance_overlay(self, states: Sequence[Any], *, live: bool = True) -> list[Any]:
         """With appliances enabled, VMs on a host whose appliance is down show unprotected."""
         from vsphere_av.fleet import plan as appliances
-        from vsphere_av.fleet.manager import open_manager, read_health
+        from vsphere_av.fleet.health import read_health
 
         if not self.settings.appliances.enabled:
             return list(states)
         if live and self.settings.vcenter.server:
-            down = open_manager(self.settings, connection=self.connection, audit=self.audit,
-                                actor=self.actor).down_hosts()
+            down = self.fleet.down_hosts()
         else:
             down = read_health(self.settings.state_dir)
         return appliances.overlay_states(states, down)
+
+    @property
+    def fleet(self) -> Any:
+        """The appliances' manager (``fleet.manager.ApplianceManager``), made on first use;
+        its engine routes live as long as this App."""
+        with self._fleet_lock:
+            if self._fleet is None:
+                from vsphere_av.fleet.manager import open_manager
+
+                self._fleet = open_manager(self.settings, connection=self.connection,
+                                           audit=self.audit, actor=self.actor)
+            return self._fleet
 
     def detections(self) -> list[dict[str, Any]]:
         """Every recorded detection, oldest first."""
@@ -698,6 +711,23 @@ class _Fresh:
             self.conn = None
 
 
+class Console(Protocol):
+    """The console that runs beside the controller (``api.ApiServer`` fits): bound when
+    built, ``serve()`` is its thread's body, ``stop()`` ends it and ``close()`` frees it."""
+
+    url: str                    # where it answers (the real port when listen asks for 0)
+
+    def serve(self) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleFactory(Protocol):
+    """Builds the console from the settings (``api.ApiServer``); a bad address raises."""
+
+    def __call__(self, *, settings: Settings) -> Console: ...
+
+
 @dataclass
 class ControllerRuntime:
     """A running controller: its object, threads and sessions (``stop()`` ends it)."""
@@ -708,7 +738,7 @@ class ControllerRuntime:
     threads: list[threading.Thread]
     sessions: list[_Fresh]
     jobs: Any
-    api: Any = None         # api.ApiServer when [api] listen is set (issue 14)
+    api: Console | None = None      # the console when [api] listen is set (issue 14)
 
     def stop(self, *, grace: float | None = None) -> None:
         """Stop the loops; in-flight scans finish or are put back; close everything."""
@@ -747,9 +777,13 @@ def remediation_via(app: App, vm: VmInfo) -> str | None:
                                      store=app.store)
 
 
-def start_controller(settings: Settings, *,
-                     stop_event: threading.Event | None = None) -> ControllerRuntime:
-    """Build the controller against vCenter and start its threads; returns the runtime."""
+def start_controller(settings: Settings, *, stop_event: threading.Event | None = None,
+                     console: ConsoleFactory | None = None) -> ControllerRuntime:
+    """Build the controller against vCenter and start its threads; returns the runtime.
+
+    ``console`` (``vsphere-av serve`` passes ``api.ApiServer``) builds the console that runs
+    beside it when ``[api] listen`` is set; a bad address fails here, before any thread.
+    """
     import os
 
     from vsphere_av.controller import Controller, ControllerOptions
@@ -764,11 +798,12 @@ def start_controller(settings: Settings, *,
     app = App(settings)
     jobs = JobStore.open(settings.state_dir)
     watch_session, event_session = _Fresh(settings), _Fresh(settings)
-    api_server = None
+    api_server: Console | None = None
     try:
         app.connection  # noqa: B018  (log in now: a bad server or password fails fast)
         app.remove_leftover_snapshots()
-        api_server = _console(settings)     # a bad [api] listen fails now too
+        if console is not None and settings.api.listen:
+            api_server = console(settings=settings)     # a bad [api] listen fails now too
 
         def scan(vm: VmInfo, *, full: bool = False,
                  on_progress: Callable[[Any], None] | None = None, resume_after: str = "") -> Any:
@@ -828,16 +863,6 @@ def start_controller(settings: Settings, *,
                              api=api_server)
 
 
-def _console(settings: Settings) -> Any:
-    """With ``[api] listen``: the console, bound (a bad address fails ``serve`` at start);
-    its thread runs ``serve()`` and ``ControllerRuntime.stop`` ends it. None without."""
-    if not settings.api.listen:
-        return None
-    from vsphere_av.api import ApiServer
-
-    return ApiServer(settings=settings)
-
-
 def _forwarding(settings: Settings) -> Callable[[threading.Event], None]:
     """The thread body that sends new audit entries to the SIEM every ``siem.interval``."""
     from vsphere_av.store.siem import Forwarder
@@ -879,9 +904,10 @@ def _every(seconds: float, task: Callable[[], Any]) -> Callable[[threading.Event
     return loop
 
 
-def run_controller(settings: Settings, stop_event: threading.Event) -> None:
+def run_controller(settings: Settings, stop_event: threading.Event, *,
+                   console: ConsoleFactory | None = None) -> None:
     """Run ``vsphere-av serve`` until ``stop_event`` is set (SIGTERM / SIGINT)."""
-    runtime = start_controller(settings, stop_event=stop_event)
+    runtime = start_controller(settings, stop_event=stop_event, console=console)
     try:
         while not stop_event.wait(1.0):
             pass

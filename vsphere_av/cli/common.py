@@ -5,8 +5,8 @@ Exit codes (as clamscan and yara): 0 clean / success, 1 something detected, 2 er
 Every ``errors.VsphereAvError`` becomes one line on stderr and exit 2 (``RootGroup``).
 Called by the command modules beside it and by ``cli/__init__.py``, which guards every
 command with ``guard`` once all are registered; calls ``config``, ``app`` (``App``,
-``access``), ``engine.matcher`` (names) and ``store.audit`` (refusals), each imported when
-first needed.
+``access``), ``engine.matcher`` (names) and ``store.audit`` (refusals, the signature
+store's audit), each imported when first needed.
 """
 
 from __future__ import annotations
@@ -98,6 +98,15 @@ def app_from(ctx: click.Context) -> Any:
 
 # --- access control (every command, once all are registered; see app/access.py) ---
 
+
+
+def signature_audit(ctx: click.Context) -> dict[str, Any]:
+    """Where the engine's signature store records its changes (``Engine.open``'s ``audit``
+    and ``actor``): the state directory's audit log, opened per entry, and who acts."""
+    from vsphere_av.store.audit import AuditOnUse, current_actor
+
+    state_dir = settings_from(ctx).state_dir
+    return {"audit": AuditOnUse(state_dir), "actor": current_actor(state_dir=state_dir)}
 
 def guard(group: click.Group, prefix: str = "") -> None:
     """Check ``[access]`` before each command of ``group`` runs."""

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from vsphere_av.cli.common import settings_from
+from vsphere_av.cli.common import settings_from, signature_audit
 
 
 @click.group("engine")
@@ -43,7 +43,7 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
 
     settings = settings_from(ctx)
     token = load_token(token_file=token_file)
-    engine = Engine.open(settings)
+    engine = Engine.open(settings, **signature_audit(ctx))
     service = EngineService(engine=engine, token=token, listen=parse_listen(listen),
                             max_concurrent=max_concurrent, tls_cert=tls_cert, tls_key=tls_key,
                             allow_plaintext=allow_plaintext)

@@ -15,6 +15,7 @@ from vsphere_av.cli.common import (
     print_json,
     settings_from,
     shown,
+    signature_audit,
 )
 
 
@@ -33,7 +34,8 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
 
     settings = settings_from(ctx)
     if as_json or not sys.stderr.isatty():
-        report = scan_paths(settings=settings, paths=paths, jobs=jobs, use_cache=not no_cache)
+        report = scan_paths(settings=settings, paths=paths, jobs=jobs, use_cache=not no_cache,
+                            **signature_audit(ctx))
     else:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,7 +49,8 @@ def scan_files(ctx: click.Context, paths: tuple[str, ...], jobs: int | None, as_
                 bar.update(task, completed=nbytes, files=files)
 
             report = scan_paths(settings=settings, paths=paths, jobs=jobs,
-                                use_cache=not no_cache, progress=advance)
+                                use_cache=not no_cache, progress=advance,
+                                **signature_audit(ctx))
     if as_json:
         print_json(report.as_dict())
     else:

@@ -1,6 +1,7 @@
 """``vsphere-av serve``: run the controller until SIGTERM or SIGINT.
 
-Registered by ``cli/__init__.py``; calls ``app.run_controller``.
+Registered by ``cli/__init__.py``; calls ``app.run_controller``, handing it the console
+(``api.ApiServer``) that runs beside the controller with ``[api] listen``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def serve_cmd(ctx: click.Context, log_level: str) -> None:
     import signal
     import threading
 
+    from vsphere_av.api import ApiServer
     from vsphere_av.app import run_controller
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -41,5 +43,5 @@ def serve_cmd(ctx: click.Context, log_level: str) -> None:
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"vsphere-av serve: watching {settings.vcenter.server}:{settings.vcenter.port}"
                f" (state in {settings.state_dir})", err=True)
-    run_controller(settings, stop)
+    run_controller(settings, stop, console=ApiServer)     # the console with [api] listen
     click.echo("vsphere-av serve: stopped", err=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from vsphere_av.cli.common import print_json, print_table, settings_from
+from vsphere_av.cli.common import print_json, print_table, settings_from, signature_audit
 
 
 @click.group("signatures")
@@ -21,7 +21,7 @@ def signatures_group() -> None:
 def _signature_store(ctx: click.Context) -> Any:
     from vsphere_av.engine import Engine
 
-    return Engine.open(settings_from(ctx), use_cache=False).store
+    return Engine.open(settings_from(ctx), use_cache=False, **signature_audit(ctx)).store
 
 
 @signatures_group.command("import")

@@ -1,7 +1,7 @@
 """Level-based watching: turn vCenter property changes and events into "VM needs attention" keys.
 
-Called by ``controller.py``, which feeds it what the adapter (``vsphere.watching``) returns:
-:class:`ObjectChange` batches from ``WaitForUpdatesEx`` and :class:`VcEvent` pages from the
+Called by ``controller.watching``, which feeds it what the adapter (``vsphere.watching``)
+returns: :class:`ObjectChange` batches from ``WaitForUpdatesEx`` and :class:`VcEvent` pages from the
 event tail. Calls nothing: it keeps the last known facts of every VM and host in memory and
 returns :class:`Attention` items (a VM moref plus why); the controller re-reads state and
 decides (a work item is a key, as in controller-runtime). The same power-on arriving both as

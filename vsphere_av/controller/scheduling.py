@@ -1,11 +1,11 @@
 """Scan scheduling: per-host slots, a global cap, priorities, cron schedules with jitter.
 
-Called by ``controller.py`` (submit work, workers ``take`` and ``finish`` jobs, migrations
-``move_vm``), by ``app.py`` (``vsphere-av scan`` without a controller: the same queue and
-caps, no journal) and by ``cli.py`` for statistics. Calls nothing but its collaborators
-(``[[schedule]]`` tables arrive typed, as ``config.ScheduleSettings``): a clock (``now``)
-and an optional ``journal`` (``store.jobs.JobStore``) that makes the queue durable. No
-threads start here; the controller's worker threads block in :meth:`Scheduler.take`.
+Called by the controller's rooms (submit work, ``workers.working`` takes jobs and they are
+finished, migrations ``move_vm``), by ``app`` (``vsphere-av scan`` without a controller: the
+same queue, caps and worker loop, no journal) and by ``cli`` for statistics. Calls nothing
+but its collaborators (``[[schedule]]`` tables arrive typed, as ``config.ScheduleSettings``):
+a clock (``now``) and an optional ``journal`` (``store.jobs.JobStore``) that makes the queue
+durable. No threads start here; the worker threads block in :meth:`Scheduler.take`.
 
 Rules (issue 5, point 5), modelled on Trio's ``CapacityLimiter`` for the slot statistics:
 

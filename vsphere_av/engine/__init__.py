@@ -1,10 +1,10 @@
 """The scan engine: is this file malicious? Usable on its own, without vSphere.
 
-Called by the CLI (``scan-files``), guest scans (``scanning.py``, through
+Called by the CLI (``scan-files``), guest scans (``scan.job``, through
 ``Session.scan_stream`` with chunks from an HTTP download) and the engine service; calls
 ``signatures`` (versions), ``matcher`` (YARA + hash list), ``archives`` and ``cache``.
 
-    engine = Engine.open(settings)
+    engine = Engine.open(settings, audit=audit_log, actor="alice")
     with engine.session() as s:              # pins one signature version for the whole scan
         outcome = s.scan_stream(chunks, path="/etc/passwd", owner="root")
 
@@ -47,6 +47,7 @@ from vsphere_av.engine.matcher import (
 )
 from vsphere_av.engine.signatures import LoadedVersion, SignatureStore
 from vsphere_av.errors import EngineError
+from vsphere_av.models import Audit
 
 __all__ = ["Detection", "Engine", "FileOutcome", "Received", "Session"]
 
@@ -525,10 +526,15 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, settings: Any, *, use_cache: bool = True) -> Engine:
-        """Open the engine of ``settings.state_dir`` (imports the built-in bundle when new)."""
+    def open(cls, settings: Any, *, audit: Audit | None = None, actor: str = "",
+             use_cache: bool = True) -> Engine:
+        """Open the engine of ``settings.state_dir`` (imports the built-in bundle when new).
+
+        ``audit`` (with ``actor``) records signature changes, that import included; without
+        it the store is read-only and a state directory without signatures is an error.
+        """
         state_dir = Path(settings.state_dir)
-        store = SignatureStore(state_dir=state_dir)
+        store = SignatureStore(state_dir=state_dir, audit=audit, actor=actor)
         store.ensure_builtin()
         cache = VerdictCache.open(state_dir, max_entries=settings.engine.cache_max_entries) \
             if use_cache else None

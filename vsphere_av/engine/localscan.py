@@ -1,7 +1,7 @@
 """Scanning local files and directories on all cores (``vsphere-av scan-files``, the benchmark).
 
-Called by ``cli.py`` and ``bench/engine.py``; calls ``engine.Engine`` (signatures, cache) and
-starts worker processes (multiprocessing), each loading the compiled rules once.
+Called by ``cli.scan_files`` and ``bench/engine.py``; calls ``engine.Engine`` (signatures, cache)
+and starts worker processes (multiprocessing), each loading the compiled rules once.
 
 The parent walks the trees, asks the verdict cache in batches (local files whose inode,
 size and timestamps are unchanged skip even the hashing), and hands only the misses to the
@@ -27,6 +27,7 @@ from vsphere_av.engine import Detection, Engine, FileOutcome, Session, _owner_na
 from vsphere_av.engine.cache import CachedVerdict, FileStat, VerdictCache
 from vsphere_av.engine.matcher import utf8_name
 from vsphere_av.engine.signatures import SignatureStore
+from vsphere_av.models import Audit
 
 BATCH = 256            # files per verdict-cache query
 WINDOW = 2_000         # files walked (and sorted by size) before their misses are scheduled
@@ -193,11 +194,16 @@ def _file_stat(st: os.stat_result) -> FileStat:
 
 
 def scan_paths(*, settings: Any, paths: Sequence[str | os.PathLike[str]], jobs: int | None = None,
-               use_cache: bool = True, progress: Progress | None = None) -> ScanReport:
-    """Scan files and directories recursively with the active signatures."""
+               use_cache: bool = True, progress: Progress | None = None,
+               audit: Audit | None = None, actor: str = "") -> ScanReport:
+    """Scan files and directories recursively with the active signatures.
+
+    ``audit`` and ``actor``: where the built-in signatures' import on a new state directory
+    is recorded (see ``Engine.open``).
+    """
     started = time.monotonic()
     jobs = max(1, jobs or os.cpu_count() or 1)
-    engine = Engine.open(settings, use_cache=use_cache)
+    engine = Engine.open(settings, audit=audit, actor=actor, use_cache=use_cache)
     cache = engine.cache
     try:
         with engine.session(lazy=jobs > 1) as session:

@@ -1,7 +1,11 @@
 """Signature versions: import bundles, compile and check them, store, activate, roll back.
 
 Called by ``engine.Engine`` and the CLI (``signatures import|list|activate|rollback``);
-calls yara-python (compile, save, load), the file system and the audit log.
+calls yara-python (compile, save, load), the file system and the audit log its caller hands
+it (a ``models.Audit`` and the actor to record). A store opened without one reads versions
+(list, active version, load) and refuses every change: each import, activation and rollback
+is audited (``signatures.import`` / ``.activate`` / ``.rollback``), the built-in bundle a
+new installation gets included.
 
 Layout under ``<state_dir>/signatures/``::
 
@@ -42,6 +46,7 @@ import yara
 from vsphere_av.engine.matcher import EXTERNAL_DEFAULTS, externals_used
 from vsphere_av.engine.partition import non_pe_source
 from vsphere_av.errors import SignatureError
+from vsphere_av.models import Audit
 
 RULE_SUFFIXES = (".yar", ".yara")
 HASH_SUFFIX = ".sha256"
@@ -135,13 +140,6 @@ class ImportResult:
 
     info: VersionInfo
     skipped: tuple[str, ...]
-
-
-def _audit(action: str, details: dict[str, Any], state_dir: Path) -> None:
-    from vsphere_av.store.audit import AuditLog, current_actor
-
-    with AuditLog.open(state_dir) as log:
-        log.append(actor=current_actor(state_dir=state_dir), action=action, details=details)
 
 
 def _check_rule_file(path: Path, rel: str) -> tuple[str | None, int]:
@@ -271,11 +269,23 @@ def _compile_non_pe(non_pe: dict[str, str | None]) -> yara.Rules | None:
 class SignatureStore:
     """Versions stored under one state directory."""
 
-    def __init__(self, *, state_dir: Path) -> None:
+    def __init__(self, *, state_dir: Path, audit: Audit | None = None, actor: str = "") -> None:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "signatures"
+        self._audit = audit
+        self._actor = actor
         self._loaded: dict[int, LoadedVersion] = {}
         self._active_cache: tuple[float, int, int] | None = None
+
+    def _writable(self) -> None:
+        """Refuse a change this store could not audit (opened read-only)."""
+        if self._audit is None:
+            raise SignatureError("signature changes are audited: this signature store was "
+                                 "opened without an audit log (read-only)")
+
+    def _record(self, action: str, details: dict[str, Any]) -> None:
+        assert self._audit is not None    # _writable() was checked before the change
+        self._audit.append(actor=self._actor, action=action, details=details)
 
     # -- locking and state ------------------------------------------------------------
     @contextlib.contextmanager
@@ -357,6 +367,8 @@ class SignatureStore:
                       audit: bool = True, label: str = "", only_if_new: bool = False,
                       ) -> ImportResult:
         """Compile and check a bundle; store it as the next version (and activate it)."""
+        if audit:
+            self._writable()
         source = Path(source)
         with _unpacked(source) as root:
             files = _bundle_files(root)
@@ -420,11 +432,10 @@ class SignatureStore:
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
                 os.rename(tmp, final)
                 if audit:
-                    _audit("signatures.import", {"version": version, "hash": content_hash,
-                                                 "rules": rule_count, "hash_entries": len(hashes),
-                                                 "source": label or str(source),
-                                                 "skipped": len(problems)},
-                           self.state_dir)
+                    self._record("signatures.import", {
+                        "version": version, "hash": content_hash, "rules": rule_count,
+                        "hash_entries": len(hashes), "source": label or str(source),
+                        "skipped": len(problems)})
                 if activate:
                     self._activate_locked(version, audit=audit)
         return ImportResult(info=self.info(version), skipped=tuple(problems))
@@ -448,6 +459,8 @@ class SignatureStore:
     # -- switching --------------------------------------------------------------------
     def _activate_locked(self, version: int, *, audit: bool, action: str = "signatures.activate",
                          history: list[int] | None = None) -> None:
+        if audit:
+            self._writable()
         if version not in self.versions():
             raise SignatureError(f"signature version {version} does not exist")
         state = self._read_state()
@@ -458,7 +471,7 @@ class SignatureStore:
                 history.append(previous)
         self._write_state({"active": version, "history": history[-100:]})
         if audit:
-            _audit(action, {"version": version, "previous": previous}, self.state_dir)
+            self._record(action, {"version": version, "previous": previous})
 
     def activate(self, version: int) -> VersionInfo:
         """Make ``version`` the active one (atomic for every scan that starts afterwards)."""
@@ -468,6 +481,7 @@ class SignatureStore:
 
     def rollback(self) -> VersionInfo:
         """Go back to the previously active version."""
+        self._writable()
         with self._locked():
             state = self._read_state()
             history = [int(v) for v in state.get("history", [])]

@@ -1,9 +1,12 @@
 """The appliance image a deploy imports: an OVF descriptor, or an OVA checked against its manifest.
 
-Called by ``vsphere.appliances`` (the deploy: which descriptor to import, unpacked where),
-``appliances`` / ``appliance_manager`` (the image id each appliance records in extraConfig
-``vsphere-av.image``, which ``appliances upgrade`` compares; the warning while the bundled
-placeholder is configured). Calls only the file system (``tarfile``, ``hashlib``).
+Called by ``vsphere.appliances`` through :class:`ConfiguredImage` (the deploy: which
+descriptor to import, unpacked where, and the OVF property values to set), which
+``fleet.manager.open_manager`` hands it; by ``fleet.plan`` / ``fleet.manager`` (the image id
+each appliance records in extraConfig ``vsphere-av.image``, which ``appliances upgrade``
+compares; the warning while the bundled placeholder is configured). Calls the file system
+(``tarfile``, ``hashlib``), paramiko (the controller's public key) and
+``engine.remote.load_token``.
 
 ``[appliances] ova`` (a built image, ``make appliance``) wins over ``ovf``. An OVA is a tar
 whose first member is the descriptor; it must hold a manifest (``.mf``) with a SHA-256 line
@@ -19,15 +22,20 @@ import re
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from vsphere_av.config import DEFAULT_OVF, ApplianceSettings
 from vsphere_av.errors import ApplianceError
+from vsphere_av.models import ADDRESS_KEY
 
 IMAGE_KEY = "vsphere-av.image"      # extraConfig: "sha256:<hex>" of the image deployed
+# OVF properties of the built appliance image (appliance/appliance.ovf.in) that a deploy
+# fills from the controller's own settings; the image's setup service reads them at boot.
+SSH_KEY_PROPERTY = "vsphere_av.ssh_authorized_key"
+TOKEN_PROPERTY = "vsphere_av.engine_token"
 MAX_MEMBERS = 16                     # an OVA holds a descriptor, a manifest and a few disks
 MAX_OVA_BYTES = 64 * 1024 ** 3
 _MANIFEST_LINE = re.compile(r"^(\w+)\s?\(([^)]+)\)\s*=\s*([0-9A-Fa-f]+)$")
@@ -178,3 +186,56 @@ def descriptor(settings: ApplianceSettings) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="vsphere-av-ova-") as work:
         yield unpack_ova(ref.path, Path(work))
+
+
+def declared_properties(descriptor: str) -> set[str]:
+    """The ``ovf:key`` of every property an OVF descriptor declares."""
+    return set(re.findall(r'<Property\b[^>]*\bovf:key="([^"]+)"', descriptor))
+
+
+def public_key_line(key_file: str) -> str:
+    """The OpenSSH public key line of the controller's private key file."""
+    import paramiko
+
+    try:
+        key = paramiko.PKey.from_path(Path(key_file).expanduser())
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ApplianceError(f"cannot read the SSH key {key_file}: {exc}") from exc
+    return f"{key.get_name()} {key.get_base64()} vsphere-av-controller"
+
+
+def ovf_properties(settings: ApplianceSettings, extra_config: Mapping[str, str],
+                   declared: set[str]) -> dict[str, str]:
+    """The OVF properties a deploy sets: the pool address (when one was given), and, when the
+    descriptor declares them (the built image does, the placeholder does not), the controller's
+    SSH public key and the engine token, so a new appliance trusts this controller and no one
+    else from its first boot. The token is a secret: it goes only into the import spec."""
+    from vsphere_av.engine.remote import load_token
+
+    values: dict[str, str] = {}
+    if extra_config.get(ADDRESS_KEY):
+        values[ADDRESS_KEY] = extra_config[ADDRESS_KEY]
+    if SSH_KEY_PROPERTY in declared and settings.ssh_key_file:
+        values[SSH_KEY_PROPERTY] = public_key_line(settings.ssh_key_file)
+    if TOKEN_PROPERTY in declared and settings.engine_token_file:
+        values[TOKEN_PROPERTY] = load_token(token_file=settings.engine_token_file)
+    return values
+
+
+class ConfiguredImage:
+    """The ``[appliances]`` image as the adapter imports it (a ``models.ApplianceImage``)."""
+
+    def __init__(self, settings: ApplianceSettings) -> None:
+        self._settings = settings
+
+    def __repr__(self) -> str:
+        return f"ConfiguredImage({ImageRef.from_settings(self._settings).path})"
+
+    def descriptor(self) -> AbstractContextManager[Path]:
+        """See :func:`descriptor`."""
+        return descriptor(self._settings)
+
+    def properties(self, *, extra_config: Mapping[str, str], descriptor: str
+                   ) -> dict[str, str]:
+        """See :func:`ovf_properties`."""
+        return ovf_properties(self._settings, extra_config, declared_properties(descriptor))

@@ -1,18 +1,14 @@
 """Running the appliances: reconcile, push signatures, check health, route scans to them.
 
-Called by ``cli.py`` (``appliances ...``), ``app.py`` (status overlay, scan dispatch) and the
+Called by ``cli`` (``appliances ...``), ``app`` (status overlay, scan dispatch) and the
 controller's ``serve`` loop (``reconcile_once`` each resync, ``check_health``). Calls the
-vSphere adapter (``vsphere.appliances``), ``ssh`` (paramiko), ``engine_service.EngineClient``,
-the engine's signature store (to find the active version directory) and the audit log.
-
-Health is remembered in ``<state_dir>/appliances/health.json`` (host moref -> reason, time):
-written by :meth:`ApplianceManager.reconcile` (appliances down) and
-:meth:`ApplianceManager.check_health` (engine not answering, wrong signature version), read by
-``status`` so that VMs on such a host show ``unprotected`` with the reason, never silently
-``protected``; the controller keeps those hosts' jobs queued until the reason clears.
+vSphere adapter (``vsphere.appliances``), ``ssh`` (paramiko), ``engine.remote.EngineClient``,
+``health`` (the engine check, ``health.json``), ``routing`` (which appliance scans which
+host's VMs, read once per reconcile), the engine's signature store (to find the active
+version directory) and the audit log.
 
 Management addresses: the appliance's ``guest.ipAddress`` as VMware Tools reports it (see
-``appliances`` module docstring). SSH goes to ``<address>:<ssh_port>``; the engine service
+``plan`` module docstring). SSH goes to ``<address>:<ssh_port>``; the engine service
 is reached at ``http(s)://<address>:<engine_port>`` (https with ``engine_ca_file``).
 """
 
@@ -20,42 +16,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vsphere_av.config import ApplianceSettings
-from vsphere_av.errors import ApplianceError, ConfigError, VsphereAvError
+from vsphere_av.errors import ConfigError, VsphereAvError
 from vsphere_av.fleet import plan as ap
+from vsphere_av.fleet.health import (
+    HEALTH_TIMEOUT,
+    ApplianceCheck,
+    engine_check,
+    read_health,
+    unhealthy_hosts,
+    write_health,
+)
+from vsphere_av.fleet.routing import EngineRoutes, RoutedEngine, mark_fleet_changed
 
-HEALTH_FILE = Path("appliances") / "health.json"
-HEALTH_TIMEOUT = 10.0       # seconds for an engine's /health answer (as for SSH)
 SCAN_TIMEOUT = 120.0        # seconds for one file's verdict from an appliance
 HOST_KEY_CHANGED = "SSH host key of appliance"   # how ssh.HostKeyMismatch messages begin
 UPGRADE_POLL = 1.0          # seconds between health checks of an upgrade's new appliance
-
-
-@dataclass(frozen=True)
-class ApplianceCheck:
-    """The outcome of one health check or signature push on one appliance."""
-
-    host_id: str
-    host: str
-    vm: str
-    address: str
-    ok: bool
-    reason: str = ""
-    signature_version: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"host_id": self.host_id, "host": self.host, "vm": self.vm,
-                "address": self.address, "ok": self.ok, "reason": self.reason or None,
-                "signature_version": self.signature_version}
 
 
 @dataclass(frozen=True)
@@ -106,37 +88,6 @@ class UpgradeResult:
                 "warnings": list(self.warnings)}
 
 
-def read_health(state_dir: Path | str, *, section: str = "hosts") -> dict[str, str]:
-    """Host moref -> reason for every host whose appliance was last seen down or unhealthy."""
-    path = Path(state_dir) / HEALTH_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    hosts = data.get(section, {}) if isinstance(data, dict) else {}
-    if not isinstance(hosts, dict):
-        return {}
-    return {str(k): str(v) for k, v in hosts.items() if isinstance(v, str) and v}
-
-
-def _write_health(state_dir: Path | str, *, down: Mapping[str, str],
-                  unhealthy: Mapping[str, str], clock: Callable[[], float]) -> None:
-    path = Path(state_dir) / HEALTH_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = {}
-    hosts = dict(down)
-    for host_id, reason in unhealthy.items():
-        hosts.setdefault(host_id, reason)
-    document = {"hosts": hosts, "down": dict(down), "unhealthy": dict(unhealthy),
-                "checked_at": clock(), "previous": old.get("hosts", {})}
-    tmp = path.with_name(f".health.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class ApplianceManager:
     """The appliances of one controller (one vCenter, one state directory)."""
 
@@ -152,6 +103,8 @@ class ApplianceManager:
         self.clock = clock
         self._ssh_open = ssh_open
         self._unhealthy: dict[str, str] | None = None   # None: no check run by this manager
+        self.routes = EngineRoutes(state_dir=self.state_dir, read=self.appliances,
+                                   connect=self._remote_engine)
 
     # -- vSphere side ----------------------------------------------------------------------
     def reconcile(self, *, dry_run: bool = False) -> ap.ReconcileResult:
@@ -173,7 +126,8 @@ class ApplianceManager:
         previous = read_health(self.state_dir)
         unhealthy = self._unhealthy if self._unhealthy is not None else \
             read_health(self.state_dir, section="unhealthy")   # keep the last check's verdict
-        _write_health(self.state_dir, down=result.down, unhealthy=unhealthy, clock=self.clock)
+        write_health(self.state_dir, down=result.down, unhealthy=unhealthy, clock=self.clock)
+        mark_fleet_changed(self.state_dir)     # scans read the routes again
         back = tuple(sorted((set(previous) | set(result.back)) - set(result.down)
                             - set(unhealthy)))
         for host_id in back:
@@ -185,11 +139,11 @@ class ApplianceManager:
 
     def appliances(self) -> list[Any]:
         """Every appliance with its host and management address."""
-        return list(self.adapter.addresses(desired=self.desired))
+        return list(self.adapter.addresses())
 
     def down_hosts(self) -> dict[str, str]:
         """Host moref -> reason: appliance down now (live) or unhealthy at the last check."""
-        observed = self.adapter.observe(desired=self.desired)
+        observed = self.adapter.observe()
         down = ap.appliance_down_hosts(self.desired, observed)
         for host_id, reason in read_health(self.state_dir, section="unhealthy").items():
             down.setdefault(host_id, reason)
@@ -209,16 +163,15 @@ class ApplianceManager:
         host = f"[{address}]" if ":" in address else address
         return f"{scheme}://{host}:{self.settings.engine_port}"
 
-    def engine_for_host(self, host_id: str) -> Any:
-        """A ``RemoteEngine`` for the appliance of ``host_id``; None when it has none running."""
+    def engine_for_host(self, host_id: str) -> RoutedEngine | None:
+        """The engine of the appliance that scans ``host_id``'s VMs; None when it has none
+        running. The routes are read once per reconcile, not per scan (see ``routing``)."""
+        return self.routes.engine_for_host(host_id)
+
+    def _remote_engine(self, address: str) -> Any:
         from vsphere_av.engine.remote import RemoteEngine
 
-        running = [a for a in self.appliances()
-                   if a.host_id == host_id and a.powered_on and a.address]
-        # The serving appliance; an upgrade's standby only when nothing else runs there.
-        for app in sorted(running, key=lambda a: a.standby):
-            return RemoteEngine(self._engine_client(app.address))
-        return None
+        return RemoteEngine(self._engine_client(address))
 
     def _engine_client(self, address: str, *, timeout: float = SCAN_TIMEOUT) -> Any:
         """The client for the engine service at ``address``: the one route scans and health
@@ -283,38 +236,16 @@ class ApplianceManager:
         with the token, on the route scans take, with the expected signature version.
         """
         results = self._each(lambda app, conn: self._engine_check(app, expected_version))
-        self._unhealthy = {}
-        for r in results:
-            if not r.ok:
-                reason = r.reason if r.reason.startswith("appliance ") else \
-                    f"appliance unhealthy: {r.reason}"
-                self._unhealthy[r.host_id] = reason
-        observed_down = ap.appliance_down_hosts(self.desired,
-                                                self.adapter.observe(desired=self.desired))
-        _write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
-                      clock=self.clock)
+        self._unhealthy = unhealthy_hosts(results)
+        observed_down = ap.appliance_down_hosts(self.desired, self.adapter.observe())
+        write_health(self.state_dir, down=observed_down, unhealthy=self._unhealthy,
+                     clock=self.clock)
         return results
 
     def _engine_check(self, app: Any, expected_version: int | None) -> ApplianceCheck:
         """The engine half of a health check (the SSH half is ``_one`` connecting)."""
-        client = self._engine_client(app.address, timeout=HEALTH_TIMEOUT)
-        try:
-            health = client.health()
-        finally:
-            client.close()
-        if "signature_version" not in health:
-            raise ApplianceError(f"engine service {client.base_url}: the token was not "
-                                 "accepted")
-        version = health.get("signature_version")
-        if health.get("status") != "ok":
-            reason = f"appliance unhealthy: engine status {health.get('status')}"
-        elif expected_version is not None and version != expected_version:
-            reason = (f"appliance unhealthy: signature version {version}, "
-                      f"expected {expected_version}")
-        else:
-            reason = ""
-        return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=not reason,
-                              reason=reason, signature_version=version)
+        return engine_check(app, self._engine_client(app.address, timeout=HEALTH_TIMEOUT),
+                            expected_version=expected_version)
 
     # -- upgrade ---------------------------------------------------------------------------
     def upgrade(self, *, dry_run: bool = False, expected_version: int | None = None,
@@ -335,7 +266,7 @@ class ApplianceManager:
 
         warning = placeholder_warning(self.settings)
         warnings = (warning,) if warning else ()
-        observed = self.adapter.observe(desired=self.desired)
+        observed = self.adapter.observe()
         steps = ap.plan_upgrade(self.desired, observed)
         if dry_run:
             return UpgradeResult(tuple(steps), dry_run=True, image=self.desired.image,
@@ -353,7 +284,7 @@ class ApplianceManager:
                 outcomes.append(UpgradeOutcome(planned, "not attempted",
                                                reason=f"stopped after the failure on {stopped}"))
                 continue
-            fresh = ap.plan_upgrade(self.desired, self.adapter.observe(desired=self.desired))
+            fresh = ap.plan_upgrade(self.desired, self.adapter.observe())
             step = next((s for s in fresh if s.host_id == planned.host_id), None)
             if step is None or step.kind != "replace":
                 outcomes.append(UpgradeOutcome(step or planned, "skipped",
@@ -361,6 +292,7 @@ class ApplianceManager:
                 continue
             outcome = self._replace(step, expected_version=expected_version,
                                     version_dir=version_dir, sleep=sleep)
+            mark_fleet_changed(self.state_dir)   # another appliance may serve the host now
             outcomes.append(outcome)
             if not outcome.ok:
                 stopped = step.host
@@ -491,10 +423,12 @@ class ApplianceManager:
 
 def open_manager(settings: Any, *, connection: Any, audit: Any, actor: str) -> ApplianceManager:
     """Wire a manager from ``config.Settings`` and a vCenter ``Connection``."""
+    from vsphere_av.fleet.image import ConfiguredImage
     from vsphere_av.vsphere.appliances import VsphereApplianceAdapter
 
     section = settings.appliances
-    adapter = VsphereApplianceAdapter(connection=connection, settings=section)
+    adapter = VsphereApplianceAdapter(connection=connection, settings=section,
+                                      image=ConfiguredImage(section))
     return ApplianceManager(state_dir=settings.state_dir, settings=section, adapter=adapter,
                             audit=audit, actor=actor)
 
@@ -555,7 +489,8 @@ def start_local_engines(manager: ApplianceManager, *, engine_settings: Any,
     from vsphere_av.engine.remote import EngineService
 
     services: list[Any] = []
-    engine = Engine.open(engine_settings, use_cache=False)   # nothing to close afterwards
+    engine = Engine.open(engine_settings, use_cache=False,   # nothing to close afterwards
+                         audit=manager.audit, actor=manager.actor)
     try:
         for app in manager.appliances():
             if app.powered_on and app.address:

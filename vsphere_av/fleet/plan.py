@@ -1,6 +1,6 @@
 """One hardened security appliance per ESXi host: the pure plan and its idempotent application.
 
-Called by ``cli.py`` (``appliances reconcile``) and by the controller's ``serve`` loop through
+Called by ``cli`` (``appliances reconcile``) and by the controller's ``serve`` loop through
 :func:`reconcile_once`. Calls only the collaborators it is handed: an :class:`ApplianceAdapter`
 (``vsphere_av.vsphere.appliances.VsphereApplianceAdapter`` in production, which does every
 vSphere call) and the audit log; its settings are ``config.ApplianceSettings`` (``[appliances]``).
@@ -28,26 +28,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from vsphere_av.config import ApplianceSettings  # the [appliances] section, declared there
 from vsphere_av.errors import ApplianceError, VsphereAvError
 from vsphere_av.fleet.image import IMAGE_KEY, image_id
-from vsphere_av.models import Audit
 
-ROLE_KEY = "vsphere-av.role"
-ROLE_VALUE = "appliance"
-HOST_KEY = "vsphere-av.host"
-ADDRESS_KEY = "guestinfo.ipaddress"
-# On an appliance deployed by `appliances upgrade` beside the one it replaces, until the
-# work moves to it: the moref of the old one. Scans and health rounds skip a standby;
-# reconcile neither counts it as a duplicate nor removes the appliance it replaces.
-STANDBY_KEY = "vsphere-av.standby"
-# OVF properties of the built appliance image (appliance/appliance.ovf.in) that a deploy
-# fills from the controller's own settings; the image's setup service reads them at boot.
-SSH_KEY_PROPERTY = "vsphere_av.ssh_authorized_key"
-TOKEN_PROPERTY = "vsphere_av.engine_token"
+# The inventory types and extraConfig keys are shared with the adapter: see models.
+from vsphere_av.models import ADDRESS_KEY as ADDRESS_KEY
+from vsphere_av.models import HOST_KEY as HOST_KEY
+from vsphere_av.models import POWERED_OFF as POWERED_OFF
+from vsphere_av.models import POWERED_ON as POWERED_ON
+from vsphere_av.models import ROLE_KEY as ROLE_KEY
+from vsphere_av.models import ROLE_VALUE as ROLE_VALUE
+from vsphere_av.models import STANDBY_KEY as STANDBY_KEY
+from vsphere_av.models import ApplianceVm as ApplianceVm
+from vsphere_av.models import Audit
+from vsphere_av.models import FleetHost as FleetHost
+from vsphere_av.models import HostPin as HostPin
+from vsphere_av.models import Observed as Observed
 
 # VMware security configuration guide, VM controls (see shared design vsphere-api.md).
 HARDENING: Mapping[str, str] = {
@@ -58,15 +57,13 @@ HARDENING: Mapping[str, str] = {
     "isolation.tools.diskWiper.disable": "TRUE",
     "isolation.device.connectable.disable": "TRUE",
     "mks.enable3d": "FALSE",
-    "tools.guestlib.enableHostInfo": "FALSE",
+    "tools.guestlib.enableFleetHost": "FALSE",
     "RemoteDisplay.maxConnections": "1",
     "tools.setInfo.sizeLimit": "1048576",
     "log.keepOld": "10",
     "log.rotateSize": "2048000",
 }
 
-POWERED_ON = "poweredOn"
-POWERED_OFF = "poweredOff"
 APPLIANCE_DOWN = "appliance down"   # the status reason of VMs whose appliance cannot scan
 
 # Order in which a plan's actions are applied: clean-up first (so names and addresses are
@@ -74,92 +71,7 @@ APPLIANCE_DOWN = "appliance down"   # the status reason of VMs whose appliance c
 KINDS = ("destroy", "unpin", "deploy", "configure", "relocate", "pin", "power_on", "shutdown")
 
 
-def declared_properties(descriptor: str) -> set[str]:
-    """The ``ovf:key`` of every property an OVF descriptor declares."""
-    import re
-
-    return set(re.findall(r'<Property\b[^>]*\bovf:key="([^"]+)"', descriptor))
-
-
-def public_key_line(key_file: str) -> str:
-    """The OpenSSH public key line of the controller's private key file."""
-    import paramiko
-
-    try:
-        key = paramiko.PKey.from_path(Path(key_file).expanduser())
-    except (OSError, paramiko.SSHException, ValueError) as exc:
-        raise ApplianceError(f"cannot read the SSH key {key_file}: {exc}") from exc
-    return f"{key.get_name()} {key.get_base64()} vsphere-av-controller"
-
-
-def ovf_properties(settings: ApplianceSettings, extra_config: Mapping[str, str],
-                   declared: set[str]) -> dict[str, str]:
-    """The OVF properties a deploy sets: the pool address (when one was given), and, when the
-    descriptor declares them (the built image does, the placeholder does not), the controller's
-    SSH public key and the engine token, so a new appliance trusts this controller and no one
-    else from its first boot. The token is a secret: it goes only into the import spec."""
-    from vsphere_av.engine.remote import load_token
-
-    values: dict[str, str] = {}
-    if extra_config.get(ADDRESS_KEY):
-        values[ADDRESS_KEY] = extra_config[ADDRESS_KEY]
-    if SSH_KEY_PROPERTY in declared and settings.ssh_key_file:
-        values[SSH_KEY_PROPERTY] = public_key_line(settings.ssh_key_file)
-    if TOKEN_PROPERTY in declared and settings.engine_token_file:
-        values[TOKEN_PROPERTY] = load_token(token_file=settings.engine_token_file)
-    return values
-
-
-# ----------------------------------------------------------------------------- observed state
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    """One ESXi host as vCenter sees it."""
-
-    id: str                     # moref value, e.g. "host-21"
-    name: str
-    cluster_id: str | None      # None for a standalone host
-    cluster_name: str = ""
-    connected: bool = True
-    maintenance: bool = False
-
-
-@dataclass(frozen=True)
-class ApplianceVm:
-    """A VM carrying our appliance marker (``vsphere-av.role = appliance``)."""
-
-    id: str
-    name: str
-    marker_host: str            # the host moref in ``vsphere-av.host``
-    host_id: str | None         # where it runs now
-    power_state: str            # poweredOn | poweredOff | suspended
-    extra_config: Mapping[str, str] = field(default_factory=dict)
-    drs_disabled: bool = False  # a cluster DRS override with enabled = False exists
-    ha_disabled: bool = False   # a cluster HA override with restartPriority = disabled exists
-    address: str = ""           # guest.ipAddress reported by VMware Tools
-    tools_running: bool = False
-
-
-@dataclass(frozen=True)
-class HostPin:
-    """The groups and rule that pin one host's appliance, as found in its cluster."""
-
-    cluster_id: str
-    host_id: str
-    vm_group: frozenset[str] | None     # None: the VM group does not exist
-    host_group: frozenset[str] | None   # None: the host group does not exist
-    rule_ok: bool                       # rule exists, mandatory, enabled, names both groups
-    rule_exists: bool = False
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything :func:`plan` needs to know about the inventory."""
-
-    hosts: tuple[HostInfo, ...] = ()
-    appliances: tuple[ApplianceVm, ...] = ()
-    pins: tuple[HostPin, ...] = ()
+# ----------------------------------------------------------------------------- desired state
 
 
 @dataclass(frozen=True)
@@ -210,7 +122,7 @@ class Action:
         return out
 
 
-def appliance_name(desired: Desired, host: HostInfo) -> str:
+def appliance_name(desired: Desired, host: FleetHost) -> str:
     """``<prefix><host name>``: the name of the appliance VM for ``host``."""
     return f"{desired.name_prefix}{host.name}"
 
@@ -220,11 +132,11 @@ def expected_extra_config(host_id: str) -> dict[str, str]:
     return {**HARDENING, ROLE_KEY: ROLE_VALUE, HOST_KEY: host_id}
 
 
-def _in_scope(desired: Desired, host: HostInfo) -> bool:
+def _in_scope(desired: Desired, host: FleetHost) -> bool:
     return not desired.clusters or host.cluster_name in desired.clusters
 
 
-def _keeper(apps: Sequence[ApplianceVm], host: HostInfo, name: str,
+def _keeper(apps: Sequence[ApplianceVm], host: FleetHost, name: str,
             image: str = "") -> ApplianceVm:
     """The one appliance to keep among several for the same host (deterministic); one on
     the configured image first (an interrupted upgrade keeps the new appliance)."""
@@ -247,7 +159,7 @@ def _free_address(desired: Desired, taken: set[str]) -> str:
     return ""
 
 
-def _host_name(hosts: Mapping[str, HostInfo], host_id: str | None) -> str:
+def _host_name(hosts: Mapping[str, FleetHost], host_id: str | None) -> str:
     host = hosts.get(host_id or "")
     return host.name if host else str(host_id)
 
@@ -265,7 +177,7 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
     taken.discard("")
     actions: list[Action] = []
 
-    def add(kind: str, host: HostInfo | None, host_id: str, vm: str, vm_id: str = "",
+    def add(kind: str, host: FleetHost | None, host_id: str, vm: str, vm_id: str = "",
             **kw: Any) -> None:
         actions.append(Action(kind=kind, host=host.name if host else host_id, host_id=host_id,
                               vm=vm, vm_id=vm_id, **kw))
@@ -290,7 +202,7 @@ def plan(desired: Desired, observed: Observed) -> list[Action]:
             add("unpin", hosts.get(pin.host_id), pin.host_id, "", cluster_id=pin.cluster_id,
                 reason=why)
 
-    pins = {(p.cluster_id, p.host_id): p for p in observed.pins}
+    pins: dict[tuple[str, str], HostPin] = {(p.cluster_id, p.host_id): p for p in observed.pins}
     for host in sorted(scope.values(), key=lambda h: (h.name, h.id)):
         if not host.connected:
             continue  # nothing can be changed on it; its VMs are unprotected meanwhile
@@ -391,7 +303,7 @@ class UpgradeStep:
                 "remove_first": list(self.remove_first), "reason": self.reason}
 
 
-def upgrade_name(desired: Desired, host: HostInfo) -> str:
+def upgrade_name(desired: Desired, host: FleetHost) -> str:
     """The new appliance's name: ``<prefix><host>-<first 8 hex of the image>`` (never the
     name of the appliance it replaces, which runs beside it until the move)."""
     return f"{appliance_name(desired, host)}-{desired.image.removeprefix('sha256:')[:8]}"
@@ -497,7 +409,7 @@ def overlay_states(states: Sequence[Any], down: Mapping[str, str]) -> list[Any]:
 class ApplianceAdapter(Protocol):
     """The side effects :func:`apply` needs; every method is idempotent."""
 
-    def observe(self, *, desired: Desired) -> Observed:
+    def observe(self) -> Observed:
         """Read hosts, appliance VMs and pin rules."""
         ...
 
@@ -647,13 +559,13 @@ class ReconcileResult:
 def reconcile_once(*, adapter: ApplianceAdapter, audit: Audit, desired: Desired, actor: str,
                    dry_run: bool = False) -> ReconcileResult:
     """Observe, plan and (unless ``dry_run``) apply one round; level-based and idempotent."""
-    observed = adapter.observe(desired=desired)
+    observed = adapter.observe()
     actions = plan(desired, observed)
     if dry_run or not actions:
         return ReconcileResult(tuple(actions), dry_run=dry_run,
                                down=appliance_down_hosts(desired, observed))
     results = apply(actions, adapter=adapter, audit=audit, actor=actor)
     before = appliance_down_hosts(desired, observed)
-    down = appliance_down_hosts(desired, adapter.observe(desired=desired))
+    down = appliance_down_hosts(desired, adapter.observe())
     return ReconcileResult(tuple(actions), tuple(results), down=down,
                            back=tuple(sorted(set(before) - set(down))))

@@ -3,7 +3,7 @@
 Called by the controller (``appliances`` CLI / ``serve`` loop) for each appliance whose
 management address the vSphere adapter reported; calls paramiko (SSH, SFTP), the
 known-hosts file in the state directory and the audit log. The engine service itself is
-reached directly (``engine_service.EngineClient``), for scans and health checks alike.
+reached directly (``engine.remote.EngineClient``), for scans and health checks alike.
 
 Trust rules:
 - Keys only: ``key_file`` is the controller's private key; no password, no agent, no

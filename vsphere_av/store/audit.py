@@ -512,3 +512,21 @@ def to_cef(entry: AuditEntry, *, version: str) -> str:
 def to_jsonl(entry: AuditEntry) -> str:
     """One entry as a JSON line."""
     return json.dumps(entry.as_dict(), sort_keys=True, default=str)
+
+
+class AuditOnUse:
+    """The audit log of a state directory, opened for each entry and closed again: a
+    ``models.Audit`` for short commands that usually record nothing (``signatures list``,
+    ``scan-files``, ``engine serve``: the signature store records through it)."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self.state_dir = Path(state_dir)
+
+    def __repr__(self) -> str:
+        return f"AuditOnUse({str(self.state_dir)!r})"
+
+    def append(self, *, actor: str, action: str,
+               details: Mapping[str, Any] | None = None) -> AuditEntry:
+        """Append one entry durably (see :meth:`AuditLog.append`)."""
+        with AuditLog.open(self.state_dir) as log:
+            return log.append(actor=actor, action=action, details=details)

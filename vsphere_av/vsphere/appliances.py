@@ -1,10 +1,12 @@
 """vSphere side of the per-host appliances: read what exists, deploy, pin, harden, heal, remove.
 
 Called by ``vsphere_av.fleet.plan`` (through the ``ApplianceAdapter`` protocol: ``plan`` /
-``apply`` / ``reconcile_once``) and by the controller to find each appliance's management
-address. Calls pyVmomi through ``Connection.call`` (faults become ``vsphere_av.errors``) and
-``requests`` for the NFC upload of the OVF's disks. Returns plain dataclasses and moref
-strings, never live vim objects.
+``apply`` / ``reconcile_once``) and by ``fleet.manager`` to find each appliance's management
+address; ``fleet.manager.open_manager`` builds it with the image to deploy (a
+``models.ApplianceImage``: the checked descriptor and the OVF property values). Calls pyVmomi
+through ``Connection.call`` (faults become ``vsphere_av.errors``) and ``requests`` for the NFC
+upload of the OVF's disks. Returns the plain dataclasses of ``models`` and moref strings,
+never live vim objects; imports nothing of the fleet or the engine.
 
 Deploy, in the order vCenter wants it:
   * OVF: ``OvfManager.CreateImportSpec`` (entity name, target host, network mapping, the
@@ -20,7 +22,9 @@ Pinning is one ``ReconfigureComputeResource_Task`` per change with ``modify=True
 VM-Host rule ``vsphere-av-pin-<host moref>``, a DRS override (``enabled=False``) and an HA
 override (restart priority ``disabled``). Each method re-reads the current state first and
 writes only what differs, so applying an action twice is harmless. :attr:`writes` counts
-every call that changes vCenter (tests check that a converged reconcile makes none).
+every call that changes vCenter (tests check that a converged reconcile makes none),
+:attr:`observes` every read of the appliances (scans reuse the routes read once per
+reconcile: see ``fleet.routing``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +41,20 @@ from pyVmomi import vim
 
 from vsphere_av import errors
 from vsphere_av.config import ApplianceSettings
-from vsphere_av.engine.remote import TransferChunks
-from vsphere_av.fleet import image as appliance_image
-from vsphere_av.fleet.plan import (
+from vsphere_av.models import (
     HOST_KEY,
     POWERED_OFF,
     POWERED_ON,
     ROLE_KEY,
     ROLE_VALUE,
     STANDBY_KEY,
+    ApplianceAddress,
+    ApplianceImage,
     ApplianceVm,
-    Desired,
-    HostInfo,
+    FleetHost,
     HostPin,
     Observed,
-    declared_properties,
-    ovf_properties,
+    TransferChunks,
 )
 from vsphere_av.vsphere.connection import Connection
 from vsphere_av.vsphere.guest import _http_session, _Sized, transfer_url
@@ -75,19 +76,6 @@ HOST_PATHS = ["name", "parent", "runtime.connectionState", "runtime.inMaintenanc
 CLUSTER_PATHS = ["name", "configurationEx"]
 
 
-@dataclass(frozen=True)
-class ApplianceAddress:
-    """Where the controller reaches one appliance (SSH, engine service)."""
-
-    host_id: str
-    host: str
-    vm_id: str
-    vm: str
-    address: str        # guest.ipAddress from VMware Tools ("" while unknown)
-    powered_on: bool
-    standby: bool = False   # deployed by an upgrade, not serving yet (see STANDBY_KEY)
-
-
 def _option_dict(options: Iterable[Any] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for opt in options or []:
@@ -102,11 +90,14 @@ def _moid(ref: Any) -> str:
 class VsphereApplianceAdapter:
     """Implements ``appliances.ApplianceAdapter`` against vCenter (or the bundled simulator)."""
 
-    def __init__(self, *, connection: Connection, settings: ApplianceSettings) -> None:
+    def __init__(self, *, connection: Connection, settings: ApplianceSettings,
+                 image: ApplianceImage) -> None:
         self._conn = connection
         self._settings = settings
+        self._image = image
         self._lock = threading.Lock()
         self.writes = 0
+        self.observes = 0   # inventory reads (tests check scans do not read it each time)
         self.uploads: list[tuple[str, int]] = []   # (file name, bytes) put through NFC leases
 
     def __repr__(self) -> str:
@@ -129,8 +120,10 @@ class VsphereApplianceAdapter:
         return wait_task(self._conn, task, what, timeout=timeout)
 
     # -- reading ---------------------------------------------------------------------------
-    def observe(self, *, desired: Desired) -> Observed:
+    def observe(self) -> Observed:
         """Hosts, our appliance VMs (by marker) and our pin groups/rules, in one round trip."""
+        with self._lock:
+            self.observes += 1
         objects = self._call("read appliances", lambda c: _retrieve(c, [
             (vim.HostSystem, HOST_PATHS), (vim.VirtualMachine, VM_PATHS),
             (vim.ClusterComputeResource, CLUSTER_PATHS)]))
@@ -151,7 +144,7 @@ class VsphereApplianceAdapter:
         for moref, p in hosts_raw:
             parent = p.get("parent")
             cluster_id = _moid(parent) if isinstance(parent, vim.ClusterComputeResource) else None
-            hosts.append(HostInfo(
+            hosts.append(FleetHost(
                 id=moref, name=str(p.get("name", moref)), cluster_id=cluster_id,
                 cluster_name=str(clusters.get(cluster_id or "", {}).get("name", "")),
                 connected=str(p.get("runtime.connectionState") or "connected") == "connected",
@@ -190,9 +183,9 @@ class VsphereApplianceAdapter:
                         appliances=tuple(sorted(appliances, key=lambda a: a.id)),
                         pins=tuple(pins))
 
-    def addresses(self, *, desired: Desired) -> list[ApplianceAddress]:
+    def addresses(self) -> list[ApplianceAddress]:
         """Each host's appliance and its management address (for SSH and scan dispatch)."""
-        observed = self.observe(desired=desired)
+        observed = self.observe()
         names = {h.id: h.name for h in observed.hosts}
         out = []
         for app in observed.appliances:
@@ -279,7 +272,7 @@ class VsphereApplianceAdapter:
 
     def _import_ovf(self, ctx: dict[str, Any], name: str, extra_config: Mapping[str, str]) -> str:
         # An OVA is unpacked and checked against its manifest before anything is imported.
-        with appliance_image.descriptor(self._settings) as ovf_path:
+        with self._image.descriptor() as ovf_path:
             return self._import_descriptor(ctx, name, extra_config, ovf_path)
 
     def _import_descriptor(self, ctx: dict[str, Any], name: str,
@@ -295,8 +288,8 @@ class VsphereApplianceAdapter:
         if ctx["network"] is not None:
             mapping = [vim.OvfManager.NetworkMapping(name=_ovf_network_name(descriptor),
                                                      network=ctx["network"])]
-        properties = [vim.KeyValue(key=key, value=value) for key, value in ovf_properties(
-            self._settings, extra_config, declared_properties(descriptor)).items()]
+        properties = [vim.KeyValue(key=key, value=value) for key, value in self._image.properties(
+            extra_config=extra_config, descriptor=descriptor).items()]
         params = vim.OvfManager.CreateImportSpecParams(
             entityName=name, hostSystem=ctx["host"], networkMapping=mapping,
             propertyMapping=properties, diskProvisioning="thin")
