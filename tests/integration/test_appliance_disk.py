@@ -30,6 +30,7 @@ from vsphere_av.engine import Engine
 from vsphere_av.engine.remote import EngineClient, EngineService
 from vsphere_av.lab import simulator
 from vsphere_av.scan.job import ScanResult
+from vsphere_av.store.audit import AuditOnUse
 
 TOKEN = "appliance-disk-token-0123456789"
 VM0, VM1 = "DC0_C0_RP0_VM0", "DC0_C0_RP0_VM1"
@@ -254,7 +255,8 @@ def test_an_appliance_whose_engine_cannot_read_disks_says_so_and_nothing_is_read
         sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
     settings, appliances = world
     # An engine service without the disk routes (an appliance not yet upgraded).
-    engine = Engine.open(config.Settings(state_dir=tmp_path / "old-appliance"))
+    own = tmp_path / "old-appliance"
+    engine = Engine.open(config.Settings(state_dir=own), audit=AuditOnUse(own), actor="tester")
     old = EngineService(engine=engine, token=TOKEN, listen=(appliances.address(),
                                                             appliances.port))
     old.start()
