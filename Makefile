@@ -14,7 +14,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils: vcsim/mkdisk.sh builds the
 # simulator's VM disks (file systems, LVM, LUKS header, partition table, VMDK).
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev yara openssh-server python3-venv sudo \
-  e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils \
+  e2fsprogs ntfs-3g xfsprogs lvm2 fdisk cryptsetup-bin qemu-utils dosfstools mtools \
   chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
 
 # The security appliance (issue 13): built with Debian's tools, boot-tested in QEMU. Only the

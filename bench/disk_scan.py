@@ -27,8 +27,9 @@ What is compared, and how it is kept fair:
   * Timing: each side's own report (engine opened to last verdict: rule loading, pool or
     engine start, vCenter login and listing included) and the process wall time; several
     interleaved rounds (the machine is shared; the order turns round every round), every
-    round printed. The ratios compare throughput (MB/s) of sides run in the same round;
-    the median over the rounds is the result.
+    round printed with the machine's load average after it (other work on a shared
+    machine moves every figure). The ratios compare throughput (MB/s) of sides run in the
+    same round; the median over the rounds is the result.
 
 A fourth run, "disk reads only", is the reader without a scanner: one process per disk VM
 opens the VM's disks through the product's ``DatastoreFiles`` (service ticket, HTTPS range
@@ -216,6 +217,7 @@ def main() -> None:
                 got["reads/local"] = got["reads"]["mb_per_s"] / got["local"]["mb_per_s"]
                 if "guest" in got:
                     got["disk/guest"] = got["disk"]["mb_per_s"] / got["guest"]["mb_per_s"]
+                got["load"] = [round(x, 2) for x in os.getloadavg()]
                 rounds.append(got)
                 if not args.json:
                     print(_round_line(n + 1, got), flush=True)
@@ -304,7 +306,8 @@ def _round_line(n: int, got: dict) -> str:
     lines += [f"         {side(name)}" for name in ("guest", "disk", "reads") if name in got]
     ratios = [f"{k} {got[k]:.2f}" for k in ("disk/local", "disk/guest", "reads/local")
               if k in got]
-    lines.append(f"         {'; '.join(ratios)}")
+    load = "/".join(f"{x:.1f}" for x in got["load"])
+    lines.append(f"         {'; '.join(ratios)}; load average {load} (1/5/15 min)")
     return "\n".join(lines)
 
 

@@ -3,12 +3,15 @@
 #
 #   mkdisk.sh --src DIR --out PATH.vmdk --fs ext4|ntfs|xfs [--table gpt|mbr|none] [--lvm]
 #             [--luks] [--format monolithicSparse|monolithicFlat|streamOptimized]
-#             [--size-mib N] [--parent PARENT.vmdk]
+#             [--size-mib N] [--parent PARENT.vmdk] [--esp DIR]
 #
 # Layout of the raw disk before conversion (sizes in MiB, all offsets 1 MiB aligned):
 #   gpt / mbr: one partition from 1 MiB to 1 MiB before the end (GPT keeps its backup
 #              header there); type Linux filesystem / Microsoft basic data / Linux LVM.
 #   none:      the volume starts at byte 0 of the disk.
+#   --esp DIR: (gpt or mbr) an EFI system partition comes first, from 1 MiB: FAT32 (mkfs.vfat,
+#              label EFI, 512-byte clusters) holding DIR's tree (mcopy); the partition above
+#              follows it. At least 40 MiB (FAT32 needs 65,525 clusters).
 #   --lvm:     the partition (or disk) is an LVM2 PV (pe_start 1 MiB, extent 1 MiB) of VG
 #              "vg0" holding one linear LV "root" over all of it; the file system sits in
 #              the LV. Written with lvm2 on a loop device, never activated (no
@@ -28,7 +31,7 @@ set -u -o pipefail
 
 die() { echo "mkdisk: $*" >&2; exit 1; }
 
-src="" out="" fs="" table=gpt lvm=0 luks=0 format=monolithicSparse size_mib="" parent=""
+src="" out="" fs="" table=gpt lvm=0 luks=0 format=monolithicSparse size_mib="" parent="" esp=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --src) src="${2-}"; shift 2 || die "--src needs a value" ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
     --format) format="${2-}"; shift 2 || die "--format needs a value" ;;
     --size-mib) size_mib="${2-}"; shift 2 || die "--size-mib needs a value" ;;
     --parent) parent="${2-}"; shift 2 || die "--parent needs a value" ;;
+    --esp) esp="${2-}"; shift 2 || die "--esp needs a value" ;;
     *) die "unknown argument: $1" ;;
   esac
 done
@@ -54,6 +58,15 @@ case "$format" in monolithicSparse|monolithicFlat|streamOptimized) ;;
   *) die "--format must be monolithicSparse, monolithicFlat or streamOptimized" ;; esac
 if [ -n "$size_mib" ]; then
   [[ "$size_mib" =~ ^[1-9][0-9]*$ ]] || die "--size-mib must be a positive integer"
+fi
+esp_mib=0
+if [ -n "$esp" ]; then
+  [ -d "$esp" ] || die "not a directory: $esp"
+  [ "$table" != none ] || die "--esp needs a partition table (gpt or mbr)"
+  esp=$(cd -- "$esp" && pwd -P)
+  esp_bytes=$(du -s -B1 --apparent-size -- "$esp" 2>/dev/null | cut -f1) || die "cannot read $esp"
+  esp_mib=$(( (esp_bytes + esp_bytes / 4 + $(find "$esp" | wc -l) * 4096) / 1048576 + 8 ))
+  [ "$esp_mib" -ge 40 ] || esp_mib=40
 fi
 outdir=$(dirname -- "$out")
 [ -d "$outdir" ] || die "output directory does not exist: $outdir"
@@ -137,6 +150,7 @@ else
   fi
 fi
 [ "$disk_mib" -ge 4 ] || die "disk too small: $disk_mib MiB"
+[ -n "$parent" ] || disk_mib=$(( disk_mib + esp_mib ))
 
 raw="$tmp/disk.raw"
 truncate -s "$(( disk_mib * MiB ))" "$raw" || die "cannot create $raw"
@@ -146,19 +160,23 @@ if [ "$table" = none ]; then
   part_off=0
   part_mib=$disk_mib
 else
-  part_off=$MiB
-  part_mib=$(( disk_mib - 2 ))
+  part_off=$(( (1 + esp_mib) * MiB ))
+  part_mib=$(( disk_mib - 2 - esp_mib ))
   [ "$part_mib" -ge 2 ] || die "disk too small for a partition table: $disk_mib MiB"
   if [ "$table" = gpt ]; then
     if [ "$lvm" = 1 ]; then ptype=E6D6D379-F507-44C2-A23C-238F2A3DF928
     elif [ "$fs" = ntfs ]; then ptype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
     else ptype=0FC63DAF-8483-4772-8E79-3D69D8477DE4; fi
-    printf 'label: gpt\nlabel-id: %s\nstart=2048, size=%d, type=%s, uuid=%s\n' \
-      "$(uuid_at 0)" "$(( part_mib * 2048 ))" "$ptype" "$(uuid_at 32)" > "$tmp/table"
+    printf 'label: gpt\nlabel-id: %s\n' "$(uuid_at 0)" > "$tmp/table"
+    [ "$esp_mib" = 0 ] || printf 'start=2048, size=%d, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=%s\n' \
+      "$(( esp_mib * 2048 ))" "$(uuid_at 16)" >> "$tmp/table"
+    printf 'start=%d, size=%d, type=%s, uuid=%s\n' \
+      "$(( part_off / 512 ))" "$(( part_mib * 2048 ))" "$ptype" "$(uuid_at 32)" >> "$tmp/table"
   else
     if [ "$lvm" = 1 ]; then ptype=8e; elif [ "$fs" = ntfs ]; then ptype=7; else ptype=83; fi
-    printf 'label: dos\nlabel-id: 0x%s\nstart=2048, size=%d, type=%s\n' \
-      "${hex:0:8}" "$(( part_mib * 2048 ))" "$ptype" > "$tmp/table"
+    printf 'label: dos\nlabel-id: 0x%s\n' "${hex:0:8}" > "$tmp/table"
+    [ "$esp_mib" = 0 ] || printf 'start=2048, size=%d, type=ef\n' "$(( esp_mib * 2048 ))" >> "$tmp/table"
+    printf 'start=%d, size=%d, type=%s\n' "$(( part_off / 512 ))" "$(( part_mib * 2048 ))" "$ptype" >> "$tmp/table"
   fi
   run sfdisk --no-reread --no-tell-kernel -q "$raw" < "$tmp/table"
 fi
@@ -231,6 +249,18 @@ else
 fi
 run dd if="$vol" of="$raw" bs=1M seek="$(( vol_off / MiB ))" conv=notrunc,sparse status=none
 rm -f -- "$vol"
+
+# The EFI system partition: FAT32 holding the --esp tree (mtools: no mount).
+if [ "$esp_mib" != 0 ]; then
+  espvol="$tmp/esp.raw"
+  truncate -s "$(( esp_mib * MiB ))" "$espvol" || die "cannot create $espvol"
+  run mkfs.vfat -F 32 -s 1 -n EFI -i "${hex:48:8}" -h 2048 "$espvol"
+  if [ -n "$(ls -A -- "$esp")" ]; then
+    run env MTOOLS_SKIP_CHECK=1 mcopy -s -p -m -i "$espvol" "$esp"/* ::/
+  fi
+  run dd if="$espvol" of="$raw" bs=1M seek=1 conv=notrunc,sparse status=none
+  rm -f -- "$espvol"
+fi
 
 # VMDK.
 if [ -n "$parent" ]; then

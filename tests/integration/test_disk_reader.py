@@ -1,8 +1,9 @@
 """The disk file source against real disk images built by vcsim/mkdisk.sh (Debian's tools).
 
 Every image is a real VMDK (qemu-img) holding a real partition table (sfdisk), LVM2 (lvm),
-file system (mke2fs, mkntfs + ntfs-3g, mkfs.xfs) or LUKS2 header (cryptsetup); the reader
-sees them only through an opener, as it will see a datastore.
+file system (mke2fs, mkntfs + ntfs-3g, mkfs.xfs, mkfs.vfat + mtools for the EFI system
+partition) or LUKS2 header (cryptsetup); the reader sees them only through an opener, as it
+will see a datastore.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vsphere_av.scan.sources.diskimage import (
     DiskLimits,
     VirtualDisk,
     open_virtual_disk,
+    resolve_spec,
 )
 from vsphere_av.scan.sources.rangefile import RangeFile
 
@@ -428,3 +430,70 @@ def test_a_transport_error_passes_through_unchanged(trees: dict[str, Path],
             assert problems == []   # not taken for an unreadable directory or file
     finally:
         local.close()
+
+
+def esp_tree(base: Path) -> Path:
+    esp = base / "esp"
+    (esp / "EFI" / "BOOT").mkdir(parents=True)
+    (esp / "EFI" / "BOOT" / "BOOTX64.EFI").write_bytes(b"MZ" + BIG[:3000])
+    (esp / "EFI" / "debian").mkdir()
+    (esp / "EFI" / "debian" / "grubx64.efi").write_bytes(b"MZ grub")
+    (esp / "EFI" / "debian" / "Long Name Config.cfg").write_bytes(b"set timeout=5\n")
+    return esp
+
+
+def test_efi_system_partition_files_are_read_where_fstab_mounts_it(
+        trees: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "root"
+    shutil.copytree(trees["linux"], tree, symlinks=True)
+    (tree / "etc" / "fstab").write_text("LABEL=root / ext4 defaults 0 1\n"
+                                        "LABEL=EFI /boot/efi vfat umask=0077 0 1\n")
+    (tree / "boot" / "efi").mkdir(parents=True)
+    path = mkdisk(tree, images / "uefi.vmdk", "--fs", "ext4", "--esp", str(esp_tree(tmp_path)))
+    with DiskFiles.mount([open_local(path)]) as files:
+        esp, root = files.volumes
+        assert (esp.name, esp.filesystem, esp.label, esp.mount, esp.problem, esp.esp) == (
+            "p1", "FAT", "EFI", "/boot/efi", "", True)
+        assert (root.name, root.filesystem, root.mount, root.esp) == ("p2", "ext4", "/", False)
+        assert resolve_spec(f"UUID={esp.uuid.lower()}", files.volumes) == esp  # XXXX-XXXX
+        got = read_all(files, ["/"])
+        assert {p: v for p, v in got.items() if p.startswith("/boot/efi/")} == {
+            "/boot/efi/EFI/BOOT/BOOTX64.EFI": b"MZ" + BIG[:3000],
+            "/boot/efi/EFI/debian/grubx64.efi": b"MZ grub",          # 8.3 name, lower case
+            "/boot/efi/EFI/debian/Long Name Config.cfg": b"set timeout=5\n"}
+        assert got["/etc/cron.d/x"] == CRON
+        ids = {f.path: f.file_id for f in files.walk(["/boot/efi"])}
+        assert len(set(ids.values())) == 3
+        assert ids == {f.path: f.file_id for f in files.walk(["/boot/efi/EFI"])}
+        assert all(f.mtime_ns > 0 for f in files.walk(["/boot/efi"]))
+
+
+def test_windows_efi_system_partition_gets_no_letter_and_is_read(
+        trees: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    path = mkdisk(trees["windows"], images / "win-uefi.vmdk", "--fs", "ntfs", "--table", "mbr",
+                  "--esp", str(esp_tree(tmp_path)))
+    with DiskFiles.mount([open_local(path)]) as files:
+        assert files.windows
+        esp, system = files.volumes
+        assert (esp.filesystem, esp.mount, esp.esp) == ("FAT", "[unmounted]\\disk0-p1", True)
+        assert (system.filesystem, system.mount) == ("ntfs", "C:")
+        got = read_all(files)
+        assert got["[unmounted]\\disk0-p1\\EFI\\BOOT\\BOOTX64.EFI"] == b"MZ" + BIG[:3000]
+        assert got["C:\\Windows\\Temp\\x.exe"] == b"MZ" + BIG[:5000]
+        assert len(got) == 5
+
+
+def test_damaged_fat_is_a_volume_problem_and_the_rest_is_read(
+        trees: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    path = mkdisk(trees["linux"], images / "badesp.vmdk", "--fs", "ext4", "--format",
+                  "monolithicFlat", "--esp", str(esp_tree(tmp_path)))
+    with (images / "badesp-flat.vmdk").open("r+b") as f:
+        f.seek(1024 * 1024 + 11)                  # the ESP's BPB: bytes per sector, ...
+        f.write(b"\x00" * 25)
+    with DiskFiles.mount([open_local(path)]) as files:
+        esp, root = files.volumes
+        assert (root.filesystem, root.mount, root.problem) == ("ext4", "/", "")
+        assert esp.filesystem == "FAT"
+        assert esp.problem.startswith("damaged FAT file system: ")
+        assert files.problems == (esp,)
+        assert read_all(files, ["/etc/cron.d"]) == {"/etc/cron.d/x": CRON}

@@ -601,3 +601,48 @@ def test_an_encrypted_second_disk_is_named_and_the_first_is_still_scanned(
                  and d.backing.fileName.endswith("data.vmdk"))
     assert r.files[0]["path"] == f"{label} p1"     # not mounted anywhere: disk and volume
     assert "incomplete: 1 path(s) not fully checked" in r.reason
+
+
+@pytest.mark.parametrize(("name", "fs", "found"), [
+    (VM0, "ext4", "/boot/efi/EFI/BOOT/BOOTX64.EFI"),             # where fstab mounts it
+    (VM1, "ntfs", "[unmounted]\\disk1-p1\\EFI\\BOOT\\BOOTX64.EFI"),  # Windows: no letter
+], ids=["linux", "windows"])
+def test_a_detection_on_the_efi_system_partition_is_found_and_named(
+        sim: simulator.Simulator, si: Any, tmp_path: Path, name: str, fs: str,
+        found: str) -> None:
+    if fs == "ext4":
+        plant(sim, name, "/etc/fstab", FSTAB + b"LABEL=EFI /boot/efi vfat umask=0077 0 1\n")
+        plant(sim, name, "/etc/motd", b"hello\n")
+    else:
+        wait_task(vm_named(si, name).ReconfigVM_Task(vim.vm.ConfigSpec(
+            guestId="windows9_64Guest")))
+        plant(sim, name, "C/Windows/win.ini", b"[fonts]\n")
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "BOOT").mkdir(parents=True)
+    (esp / "EFI" / "BOOT" / "BOOTX64.EFI").write_bytes(EICAR)    # a bootkit's place
+    (esp / "EFI" / "debian").mkdir()
+    (esp / "EFI" / "debian" / "grubx64.efi").write_bytes(b"MZ grub")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "readme").write_bytes(b"second volume\n")
+    directory = datastore_dir(si, name)
+    subprocess.run([str(MKDISK), "--src", str(data), "--out", str(directory / "boot.vmdk"),
+                    "--fs", fs, "--esp", str(esp), "--format", "monolithicFlat"],
+                   check=True, capture_output=True, timeout=240)
+    vm = vm_named(si, name)
+    scsi = next(d for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualSCSIController))
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
+            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[LocalDS_0] {name}/boot.vmdk", diskMode="persistent")))])))
+    power_off(si, name)
+
+    with App(settings(sim, tmp_path / "state")) as app:
+        r = app.scan(names=[name]).results[0]
+
+    assert (r.via, r.status) == ("disk", "infected"), r.reason
+    assert [(f.path, f.threat) for f in r.found] == [(found, "EICAR-Test-File")]
+    assert r.incomplete == 0, r.files       # the ESP is read, no longer a volume problem
+    assert r.scanned >= 3                   # the system volume's files and both ESP files

@@ -89,3 +89,27 @@ def test_windows_letters(system: int | None, expected: dict[int, str]) -> None:
     mounts, notes = plan_mounts(VOLUMES, root=None, fstab=[], windows=True, system=system)
     assert mounts == expected
     assert notes == []
+
+
+ESP = Volume(index=5, disk=0, name="p3", kind="partition", size=1, filesystem="FAT",
+             label="EFI", uuid="ABCD-1234", partition_type="EFI System partition",
+             partition_number=3)
+
+
+def test_the_efi_system_partition_gets_no_drive_letter_on_windows() -> None:
+    data = Volume(index=6, disk=0, name="p4", kind="partition", size=1, filesystem="FAT",
+                  partition_type="Microsoft basic data", partition_number=4)
+    mounts, _ = plan_mounts([*VOLUMES, ESP, data], root=None, fstab=[], windows=True,
+                            system=3)
+    assert mounts == {3: "C:", 0: "D:", 2: "E:", 5: "[unmounted]\\disk0-p3", 6: "F:"}
+    assert ESP.esp
+    assert not data.esp
+
+
+def test_the_efi_system_partition_is_mounted_where_fstab_says_by_its_fat_serial() -> None:
+    fstab = parse_fstab("UUID=2222-bbbb / xfs defaults 0 1\n"
+                        "UUID=abcd-1234 /boot/efi vfat umask=0077 0 1\n")
+    mounts, notes = plan_mounts([*VOLUMES, ESP], root=2, fstab=fstab, windows=False,
+                                system=None)
+    assert mounts[5] == "/boot/efi"
+    assert notes == []

@@ -78,8 +78,8 @@ def test_a_miss_after_a_cached_block_reads_ahead_in_a_growing_window() -> None:
     for offset in range(11 * 1024, 64 * 1024, 512):
         f.seek(offset)
         assert f.read(10) == data[offset:offset + 10]
-    # A sequential stream: windows of 4, 8, 16 (the limit) blocks, then 16 to the end.
-    assert [n // 1024 for _, n in src.calls[1:]] == [4, 8, 16, 16, 9]
+    # A sequential stream: windows of 2, 4, 8, 16 (the limit) blocks, then 16 to the end.
+    assert [n // 1024 for _, n in src.calls[1:]] == [2, 4, 8, 16, 16, 7]
     f.seek(40)
     f.read(10)                                   # random: block 0 only
     assert src.calls[-1] == (0, 1024)

@@ -223,13 +223,18 @@ class DiskGuest:
     def _whole_machine(self, roots: Sequence[str], mounted: DiskFiles) -> Sequence[str]:
         """On Windows the system drive's root ``C:\\`` stands for every drive, as ``/`` does
         on Linux (where each other volume is mounted below it): the root of each other
-        drive on the VM's disks is walked too, so a default scan reads a data disk (D:)."""
+        drive on the VM's disks is walked too, so a default scan reads a data disk (D:), and
+        so is the EFI system partition, which Windows gives no letter
+        (``[unmounted]\\diskN-pN``: a bootkit's place; a Linux guest's is under ``/``, at
+        ``/boot/efi`` or ``/[unmounted]/...``)."""
         if not self.windows or not any(r.rstrip("\\/").lower() == "c:" for r in roots):
             return roots
         named = {r.rstrip("\\/").lower() for r in roots}
         drives = [v.mount + "\\" for v in mounted.volumes if v.readable
                   and re.fullmatch(r"[A-Za-z]:", v.mount) and v.mount.lower() not in named]
-        return [*roots, *drives]
+        esps = [self._volume_path(v) for v in mounted.volumes if v.esp and v.readable
+                and v.mount and v.mount.lower() not in named]
+        return [*roots, *drives, *esps]
 
     def open_download(self, path: str) -> _Download:
         """A stream over one walked file (``size``, ``chunks()``, ``close()``)."""

@@ -7,9 +7,10 @@ parents through ``parentFileNameHint``). The production opener wraps datastore H
 ``Range`` reads in a ``rangefile.RangeFile``; tests open local files. This module calls the
 Dissect libraries and nothing else: ``dissect.hypervisor`` (VMDK sparse, flat,
 streamOptimized extents and parent chains), ``dissect.volume`` (MBR, GPT, LVM2),
-``dissect.extfs``, ``dissect.xfs``, ``dissect.ntfs`` and ``dissect.fve`` (LUKS and BitLocker,
-detected and named only). No vSphere, HTTP or store here. Dissect has no type hints: its
-objects stay ``Any`` inside the ``_Ext``/``_Xfs``/``_Ntfs`` adapters and the chain opener.
+``dissect.extfs``, ``dissect.xfs``, ``dissect.ntfs``, ``dissect.fat`` (FAT12/16/32: the EFI
+system partition) and ``dissect.fve`` (LUKS and BitLocker, detected and named only). No
+vSphere, HTTP or store here. Dissect has no type hints: its objects stay ``Any`` inside the
+``_Ext``/``_Xfs``/``_Ntfs``/``_Fat`` adapters and the chain opener.
 
     disks = [open_virtual_disk("vm.vmdk", open_file=opener)]
     with DiskFiles.mount(disks) as files:        # volumes found, guest mount table built
@@ -25,9 +26,12 @@ junctions, and stops at mount points (each mount under a root is walked as its o
 in path order). Guest paths: Linux ``/etc/cron.d/x`` (the root file system is the one
 holding ``/etc/fstab``; other volumes are mounted per that fstab by UUID=, LABEL=,
 PARTUUID=, PARTLABEL=, LVM or /dev/sdXN names where they resolve, the rest under
-``/[unmounted]/diskD-NAME``); Windows ``C:\\Windows\\Temp\\x.exe`` (the NTFS volume holding
-``\\Windows`` is C:, other readable volumes take the next letters; NTFS alternate data
-streams are files of their own, ``path:stream``).
+``/[unmounted]/diskD-NAME``; the EFI system partition is where fstab puts it, usually
+``/boot/efi/EFI/...``); Windows ``C:\\Windows\\Temp\\x.exe`` (the NTFS volume holding
+``\\Windows`` is C:, other readable volumes take the next letters; the EFI system partition
+gets none, as in Windows, and is ``[unmounted]\\diskD-NAME\\EFI\\...``; NTFS alternate data
+streams are files of their own, ``path:stream``). FAT has no inode numbers: a FAT file's id
+is its directory's first cluster and its slot in that directory.
 
 Errors (``errors.DiskError``):
   DiskImageError  the VMDK chain is corrupt, truncated, incomplete or too large: raised by
@@ -86,7 +90,7 @@ WALKED_NODES = 1024                  # file nodes the walk parsed, kept for open
 # File systems and other contents a volume can hold (Volume.filesystem).
 EXT4, EXT3, EXT2, XFS, NTFS = "ext4", "ext3", "ext2", "xfs", "ntfs"
 LVM2_PV, SWAP, LUKS, BITLOCKER, FAT = "LVM2_member", "swap", "LUKS", "BitLocker", "FAT"
-READABLE = frozenset({EXT4, EXT3, EXT2, XFS, NTFS})
+READABLE = frozenset({EXT4, EXT3, EXT2, XFS, NTFS, FAT})
 LINUX_FS = frozenset({EXT4, EXT3, EXT2, XFS})
 
 # Partitions that hold no file system by design: no problem when nothing is found there.
@@ -95,6 +99,7 @@ _NO_FS_TYPES = frozenset({
     "e3c9e316-0b5c-4db8-817d-f92dd00215ae",   # Microsoft reserved (MSR)
     "5808c8aa-7e8f-42e0-85d2-e1e90434cfb3",   # Windows LDM metadata
 })
+ESP_TYPE = "efi system partition"             # GPT C12A7328-... and MBR 0xEF, as dissect names them
 
 
 @dataclass(frozen=True)
@@ -382,9 +387,10 @@ class Volume:
     name: str                  # p1, vg0/root, disk (no partition table)
     kind: str                  # partition | logical volume | whole disk
     size: int
-    filesystem: str            # ext4 | xfs | ntfs | LVM2_member | swap | LUKS | BitLocker | ...
+    filesystem: str            # ext4 | xfs | ntfs | FAT | LVM2_member | swap | LUKS | BitLocker...
     label: str = ""
-    uuid: str = ""             # ext/XFS UUID; NTFS serial as 16 hex digits (as fstab has it)
+    uuid: str = ""             # ext/XFS UUID; NTFS serial as 16 hex digits, FAT as XXXX-XXXX
+                               # (as fstab has them)
     partition_type: str = ""
     partition_uuid: str = ""   # GPT partition GUID (fstab PARTUUID=)
     partition_name: str = ""   # GPT partition name (fstab PARTLABEL=)
@@ -396,6 +402,11 @@ class Volume:
     def readable(self) -> bool:
         """Files on it can be walked."""
         return self.filesystem in READABLE and not self.problem
+
+    @property
+    def esp(self) -> bool:
+        """The EFI system partition (by its partition type)."""
+        return self.partition_type.lower() == ESP_TYPE
 
 
 class _Fs(Protocol):
@@ -557,6 +568,70 @@ class _Ntfs:
         return record.open(stream), int(record.size(stream))
 
 
+class _Fat:
+    """FAT12/16/32 (dissect.fat): no inodes, so a file's id is where its entry sits."""
+
+    windows = True
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        self._walked = _Walked()
+        self._dirs: dict[int, Any] = {0: fs.root}     # first cluster -> directory listed
+
+    def root(self) -> Any:
+        return self.fs.root
+
+    def children(self, node: Any, *, limit: int) -> list[_Entry]:
+        key = int(node.cluster or 0)
+        self._dirs.setdefault(key, node)
+        out: list[_Entry] = []
+        for slot, dirent in enumerate(node.iterdir()):
+            if slot > 0xFFFF:       # FAT allows 65,536 entries per directory
+                raise _TooMany(0x10000)
+            if dirent.name in (".", "..") or dirent.is_volume_id():
+                continue
+            if len(out) >= limit:
+                raise _TooMany(limit)
+            out.append(self._entry(dirent, file_id=(key << 16) | slot))
+        return self._walked.keep(out)
+
+    def _entry(self, dirent: Any, *, file_id: int) -> _Entry:
+        try:    # FAT keeps local time without a zone: taken as UTC
+            mtime = int(dirent.mtime.replace(tzinfo=UTC).timestamp()) * 1_000_000_000
+        except (ValueError, OverflowError):     # a date field out of range: no mtime
+            mtime = 0
+        name = _fat_name(dirent)
+        if dirent.is_directory():
+            return _Entry(name=name, kind="dir", file_id=file_id, node=dirent, mtime_ns=mtime)
+        return _Entry(name=name, kind="file", file_id=file_id, node=dirent,
+                      size=int(dirent.size), mtime_ns=mtime)
+
+    def lookup(self, node: Any, name: str) -> _Entry | None:
+        want = name.lower()
+        return next((e for e in self.children(node, limit=_LOOKUP_LIMIT)
+                     if e.name.lower() == want), None)
+
+    def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
+        dirent = self._walked.node(file_id)
+        if dirent is None:      # its directory was listed: find the entry in its slot again
+            directory = self._dirs[file_id >> 16]
+            dirent = next(d for i, d in enumerate(directory.iterdir())
+                          if i == file_id & 0xFFFF)
+        return dirent.open(), int(dirent.size)
+
+
+def _fat_name(dirent: Any) -> str:
+    """The name as Windows and Linux show it: a short name without a long one is in lower
+    case where the entry's case flags say so (NT byte 0x08: base, 0x10: extension)."""
+    name = str(dirent.name)
+    if dirent.ldirents:
+        return name
+    flags = int(dirent.dirent.DIR_NTRes)
+    base, dot, ext = name.partition(".")
+    return ((base.lower() if flags & 0x08 else base) + dot
+            + (ext.lower() if flags & 0x10 else ext))
+
+
 class _TooMany(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"more than {limit} entries")
@@ -708,7 +783,8 @@ def plan_mounts(volumes: Sequence[Volume], *, root: int | None, fstab: Sequence[
     Linux: ``root`` (the volume holding /etc/fstab) at ``/``, the others where ``fstab``
     puts them, the rest under ``/[unmounted]``. Windows: ``system`` (holding \\Windows) is
     C:, the other readable volumes take the next letters in disk order (D: first when no
-    system volume is known).
+    system volume is known); the EFI system partition gets no letter (Windows gives it none)
+    and is ``[unmounted]\\diskD-NAME`` as a volume past Z: is.
     """
     mounts: dict[int, str] = {}
     notes: list[str] = []
@@ -718,7 +794,7 @@ def plan_mounts(volumes: Sequence[Volume], *, root: int | None, fstab: Sequence[
                        else "DEFGHIJKLMNOPQRSTUVWXYZ")
         order = sorted(readable, key=lambda v: (v.index != system, v.index))
         for v in order:
-            letter = next(letters, None)
+            letter = None if v.esp else next(letters, None)
             mounts[v.index] = f"{letter}:" if letter else f"[unmounted]\\disk{v.disk}-{v.name}"
         return mounts, notes
     if root is not None:
@@ -1125,7 +1201,7 @@ def _identify(volume: Volume, fh: Any) -> tuple[Volume, Any]:
     except Exception:   # a probe that cannot parse says "not encrypted": the magic decides
         pass
     kind = _magic(head)
-    if kind in (EXT4, XFS, NTFS):
+    if kind in (EXT4, XFS, NTFS, FAT):
         try:
             fh.seek(0)
             fs = _open_fs(kind, fh)
@@ -1140,9 +1216,6 @@ def _identify(volume: Volume, fh: Any) -> tuple[Volume, Any]:
         return replace(volume, filesystem=kind), None
     if volume.filesystem == "none" and not any(head):
         return volume, None
-    if kind == FAT:
-        return replace(volume, filesystem=FAT, problem="FAT file system: not read (only ext4, "
-                                                       "XFS and NTFS are)"), None
     if not any(head):
         return replace(volume, filesystem="", problem=(
             f"no file system found (the first {len(head)} bytes are zeros)")), None
@@ -1172,6 +1245,9 @@ def _open_fs(kind: str, fh: Any) -> _Fs:
     if kind == XFS:
         from dissect.xfs import XFS as DissectXFS
         return _Xfs(DissectXFS(fh))
+    if kind == FAT:
+        from dissect.fat.fat import FATFS
+        return _Fat(FATFS(fh))
     from dissect.ntfs import NTFS as DissectNTFS
     return _Ntfs(DissectNTFS(fh))
 
@@ -1184,6 +1260,10 @@ def _identity(kind: str, fs: _Fs) -> dict[str, Any]:
                 "uuid": f"{int(serial):016X}" if serial is not None else ""}
     if isinstance(fs, _Xfs):
         return {"filesystem": XFS, "label": str(raw.name), "uuid": str(raw.uuid)}
+    if isinstance(fs, _Fat):
+        serial = int(raw.bpb_ext.BS_VolID)
+        return {"filesystem": FAT, "label": str(raw.volume_label),
+                "uuid": f"{serial >> 16:04X}-{serial & 0xFFFF:04X}"}
     names = {2: EXT2, 3: EXT3, 4: EXT4}
     return {"filesystem": names.get(int(raw.type), EXT4), "label": str(raw.volume_name),
             "uuid": str(raw.uuid)}

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 from vsphere_av import errors
 
-DEFAULT_BLOCK_SIZE = 32 * 1024
-DEFAULT_CACHE_BLOCKS = 512            # 16 MiB with the default block size
-DEFAULT_MAX_FETCH_BLOCKS = 32         # one call reads at most 1 MiB with the default size
-DEFAULT_READAHEAD_BLOCKS = 32         # largest readahead window: 1 MiB with the default size
-READAHEAD_START = 4                   # first window of a sequential stream, in blocks
+DEFAULT_BLOCK_SIZE = 64 * 1024       # one VMDK grain
+DEFAULT_CACHE_BLOCKS = 512            # 32 MiB with the default block size
+DEFAULT_MAX_FETCH_BLOCKS = 128        # one call reads at most 8 MiB with the default size
+DEFAULT_READAHEAD_BLOCKS = 128        # largest readahead window: 8 MiB with the default size
+READAHEAD_START = 2                   # first window of a sequential stream, in blocks
 READAHEAD_STREAMS = 64                # sequential streams whose window is remembered
 
 
