@@ -351,7 +351,16 @@ def main() -> int:
         banner("7. A signature update: the dormant VMs are swept through their disks"
                " (no guest password, no power-on)")
         since = datetime.now(UTC).isoformat()
-        run(env, "signatures", "import", str(new_bundle(WORK / "bundle-update")))
+        bundle = new_bundle(WORK / "bundle-update")
+        # The appliances get the bundle first, so that the sweep the activation starts reads
+        # every VM under the new version. On vSphere `appliances push-signatures` (and serve's
+        # health loop) copies it over SSH; here each appliance is a local process.
+        print("  each appliance gets the new bundle (on vSphere: appliances push-signatures)")
+        for address in addresses:
+            subprocess.run([sys.executable, "-m", "vsphere_av", "signatures", "import",
+                            str(bundle)], check=True, stdout=subprocess.DEVNULL,
+                           env={**env, "VSPHERE_AV_STATE_DIR": str(WORK / f"appliance-{address}")})
+        run(env, "signatures", "import", str(bundle))
 
         def swept() -> bool:
             with App(settings) as app:
