@@ -47,8 +47,12 @@ def test_scan_jobs_through_the_api_are_run_by_the_controller(vcsim_factory: Simu
         assert rt.api.url.startswith("http://127.0.0.1:")
         headers = {"Authorization": f"Bearer {tokens['security_admin']}"}
         with httpx.Client(base_url=rt.api.url, timeout=30) as client:
-            vms = wait_for(lambda: client.get("/api/v1/vms", headers=headers).json()["vms"],
-                           what="the controller's inventory in the state store")
+            def listed() -> Any:
+                # the first scans may write their VM before the full inventory sync lands
+                vms = client.get("/api/v1/vms", headers=headers).json()["vms"]
+                return vms if {v["name"] for v in vms} >= {VM0, VM1} else None
+
+            vms = wait_for(listed, what="the controller's inventory in the state store")
             assert {v["name"] for v in vms} >= {VM0, VM1}
             queued = client.post("/api/v1/scans", json={"vms": [VM1]}, headers=headers)
             assert queued.status_code == 202, queued.text
