@@ -176,26 +176,12 @@ def test_the_disk_routes_need_the_token_and_a_well_formed_request() -> None:
         service.shutdown()
 
 
-def test_a_disk_route_call_is_not_held_by_nagle_and_delayed_acks() -> None:
-    """One call per file: each must not wait for the client's delayed ACK (about 40 ms on
-    Linux) because the answer's headers and body are written apart."""
-    import time
 
-    from vsphere_av.engine.remote import EngineClient, EngineService
+def test_the_engine_service_answers_with_tcp_nodelay() -> None:
+    """One call per file in a disk scan: an answer's headers and body are two writes, and
+    with Nagle the body waits for the client's delayed ACK (about 40 ms a call; the disk
+    bench took 150 s instead of 22-33 s). The stdlib handler sets TCP_NODELAY on every
+    accepted socket when asked; the timing itself is the benchmark's business, not a test's."""
+    from vsphere_av.engine.remote.server import _Handler
 
-    token = "disk-routes-token-0123456789"
-    service = EngineService(engine=None, token=token, listen=("127.0.0.1", 0))
-    service.routes["/v1/disk/echo"] = lambda doc: {"echo": doc}
-    service.start()
-    client = EngineClient(service.url, token=token)
-    try:
-        client.call("/v1/disk/echo", {"n": 0})      # the connection opened
-        calls = 40
-        started = time.monotonic()
-        for n in range(calls):
-            assert client.call("/v1/disk/echo", {"n": n}) == {"echo": {"n": n}}
-        per_call = (time.monotonic() - started) / calls
-        assert per_call < 0.02, f"{per_call * 1000:.0f} ms per call"
-    finally:
-        client.close()
-        service.shutdown()
+    assert _Handler.disable_nagle_algorithm is True
