@@ -327,6 +327,18 @@ def datastore_dir(si: Any, name: str) -> Path:
     return Path(vm.datastore[0].info.url) / name
 
 
+def attach_disk(si: Any, name: str, file_name: str) -> None:
+    """Attach an existing VMDK in the VM's folder as a second SCSI disk (unit 3)."""
+    vm = vm_named(si, name)
+    scsi = next(d for d in vm.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualSCSIController))
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
+            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=f"[LocalDS_0] {name}/{file_name}", diskMode="persistent")))])))
+
+
 def truncate_sparse(si: Any, name: str) -> None:
     disk = datastore_dir(si, name) / "disk1.vmdk"
     with disk.open("r+b") as f:
@@ -579,14 +591,7 @@ def test_an_encrypted_second_disk_is_named_and_the_first_is_still_scanned(
     subprocess.run([str(MKDISK), "--src", str(tree), "--out", str(directory / "data.vmdk"),
                     "--fs", "ext4", "--luks", "--format", "monolithicFlat"],
                    check=True, capture_output=True, timeout=240)
-    vm = vm_named(si, VM0)
-    scsi = next(d for d in vm.config.hardware.device
-                if isinstance(d, vim.vm.device.VirtualSCSIController))
-    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
-        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
-            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
-            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                fileName=f"[LocalDS_0] {VM0}/data.vmdk", diskMode="persistent")))])))
+    attach_disk(si, VM0, "data.vmdk")
     power_off(si, VM0)
 
     with App(settings(sim, tmp_path / "state")) as app:
@@ -629,14 +634,7 @@ def test_a_detection_on_the_efi_system_partition_is_found_and_named(
     subprocess.run([str(MKDISK), "--src", str(data), "--out", str(directory / "boot.vmdk"),
                     "--fs", fs, "--esp", str(esp), "--format", "monolithicFlat"],
                    check=True, capture_output=True, timeout=240)
-    vm = vm_named(si, name)
-    scsi = next(d for d in vm.config.hardware.device
-                if isinstance(d, vim.vm.device.VirtualSCSIController))
-    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
-        vim.vm.device.VirtualDeviceSpec(operation="add", device=vim.vm.device.VirtualDisk(
-            key=-1, controllerKey=scsi.key, unitNumber=3, capacityInKB=64 * 1024,
-            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                fileName=f"[LocalDS_0] {name}/boot.vmdk", diskMode="persistent")))])))
+    attach_disk(si, name, "boot.vmdk")
     power_off(si, name)
 
     with App(settings(sim, tmp_path / "state")) as app:

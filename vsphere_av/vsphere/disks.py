@@ -49,7 +49,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -541,6 +541,15 @@ class _HostSession:
         self.single_use_tickets = False
 
 
+def _close_sessions(lock: threading.Lock, sessions: MutableMapping[Any, _HostSession]) -> None:
+    """Empty ``sessions`` under ``lock`` and close each host session outside it."""
+    with lock:
+        closing = list(sessions.values())
+        sessions.clear()
+    for s in closing:
+        s.session.close()
+
+
 class DatastoreFiles:
     """Range reads of datastore files on ESXi hosts, for one vCenter session (thread-safe)."""
 
@@ -651,11 +660,7 @@ class DatastoreFiles:
 
     def close(self) -> None:
         """Close every host session (open files cannot read afterwards)."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for s in sessions:
-            s.session.close()
+        _close_sessions(self._lock, self._sessions)
 
     def __enter__(self) -> DatastoreFiles:
         return self
@@ -895,8 +900,4 @@ class GrantedFiles:
 
     def close(self) -> None:
         """Close the host sessions."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for s in sessions:
-            s.session.close()
+        _close_sessions(self._lock, self._sessions)
