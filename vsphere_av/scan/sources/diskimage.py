@@ -873,9 +873,9 @@ class DiskFiles:
                 file_systems[v.index] = fs
         notes: list[str] = []
         linux_roots = [v.index for v in volumes if v.filesystem in LINUX_FS and v.readable
-                       and _is_file(file_systems[v.index], ["etc", "fstab"])]
+                       and _kind_at(file_systems[v.index], ["etc", "fstab"]) == "file"]
         systems = [v.index for v in volumes if v.filesystem == NTFS and v.readable
-                   and _is_dir(file_systems[v.index], ["Windows"])]
+                   and _kind_at(file_systems[v.index], ["Windows"]) == "dir"]
         if windows is None:
             windows = bool(systems) and not linux_roots
         root = linux_roots[0] if linux_roots else None
@@ -1280,24 +1280,15 @@ def _find(fs: _Fs, parts: list[str]) -> _Entry | None:
     return entry
 
 
-def _is_file(fs: _Fs, parts: list[str]) -> bool:
+def _kind_at(fs: _Fs, parts: list[str]) -> str | None:
+    """``"file"``, ``"dir"`` (or another entry kind) at ``parts``; None when nothing is there."""
     try:
         entry = _find(fs, parts)
     except errors.VsphereAvError:      # the disk or the transport: not this file's
         raise
     except Exception:
-        return False
-    return entry is not None and entry.kind == "file"
-
-
-def _is_dir(fs: _Fs, parts: list[str]) -> bool:
-    try:
-        entry = _find(fs, parts)
-    except errors.VsphereAvError:      # the disk or the transport: not this file's
-        raise
-    except Exception:
-        return False
-    return entry is not None and entry.kind == "dir"
+        return None
+    return entry.kind if entry is not None else None
 
 
 def _read_small(fs: _Fs, parts: list[str], *, limit: int) -> str:
