@@ -116,14 +116,17 @@ class _Body:
         if self._chunked:
             yield from self._chunks()
             return
-        left = self._left or 0
+        yield from self._exactly(self._left or 0)
+        self.complete = True
+
+    def _exactly(self, left: int) -> Iterator[bytes]:
+        """``left`` bytes of the body, in pieces of at most READ_CHUNK."""
         while left > 0:
             data = self._rfile.read(min(READ_CHUNK, left))
             if not data:
                 raise EngineError("request body ended early")
             left -= len(data)
             yield data
-        self.complete = True
 
     def _chunks(self) -> Iterator[bytes]:
         while True:
@@ -137,13 +140,7 @@ class _Body:
                     pass  # trailers
                 self.complete = True
                 return
-            left = size
-            while left > 0:
-                data = self._rfile.read(min(READ_CHUNK, left))
-                if not data:
-                    raise EngineError("request body ended early")
-                left -= len(data)
-                yield data
+            yield from self._exactly(size)
             self._rfile.readline(8)
 
 
