@@ -555,7 +555,8 @@ def _spool_files() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("vsphere-av-spool-*")}
 
 
-def test_files_over_the_spool_threshold_are_received_ahead_and_leave_no_spool(sim, tmp_path):
+def test_files_over_the_spool_threshold_are_received_ahead_and_leave_no_spool(sim, tmp_path,
+                                                                           monkeypatch):
     # The transfer thread receives the next files into the engine (memory up to the spool
     # threshold, a spool file beyond) while the scan thread matches: every file still gets
     # its verdict, and no spool file outlives the scan, finished or stopped half-way.
@@ -569,7 +570,14 @@ def test_files_over_the_spool_threshold_are_received_ahead_and_leave_no_spool(si
     plant(sim, LINUX, bad, buf.getvalue())
     toml = (f'[engine]\nspool_threshold = 65536\n[scan]\nlinux_roots = ["{root}"]\n'
             'action = "report"\nfallback_action = ""\n')
+    # Spool files go to this test's own temporary directory: other processes' spools in the
+    # system's /tmp (a second test run, a scan elsewhere) cannot change what is compared.
+    import tempfile
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     before = _spool_files()
+    assert before == set()
     with App(settings_for(sim, tmp_path / "state", toml=toml)) as app:
         (result,) = app.scan(names=[LINUX], full=True).results
         assert result.status == "infected", result.reason
