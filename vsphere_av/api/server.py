@@ -552,14 +552,23 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
 
     # -- the dashboard -------------------------------------------------------------------
 
-    def page_caller(request: Request) -> Caller | None:
-        """The dashboard's caller, or None when the login page should be shown instead."""
+    class _LoginFirst(Exception):
+        """A dashboard page asked for without a valid session: the login page instead."""
+
+    @api.exception_handler(_LoginFirst)
+    async def _login_first(_request: Request, _exc: _LoginFirst) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    def viewer(request: Request) -> Caller:
+        """The dashboard's caller; without one the page redirects to the login page."""
         try:
             return caller(request)
         except ApiError as exc:
             if exc.status == 401:
-                return None
+                raise _LoginFirst() from exc
             raise
+
+    Viewer = Annotated[Caller, Depends(viewer)]
 
     def page(request: Request, name: str, who: Caller, **context: Any) -> HTMLResponse:
         response = templates.TemplateResponse(request, name, {
@@ -567,9 +576,6 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
             **context})
         response.headers.update(PAGE_HEADERS)
         return response
-
-    def login_first() -> RedirectResponse:
-        return RedirectResponse("/login", status_code=303)
 
     @api.get("/login", response_class=HTMLResponse)
     def login_page(request: Request) -> HTMLResponse:
@@ -597,11 +603,8 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return response
 
     @api.get("/", response_class=HTMLResponse)
-    def overview(request: Request) -> Response:
+    def overview(request: Request, who: Viewer) -> Response:
         """Fleet overview: counts by state per host, live through the event stream."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         doc = vms_document()
         clusters = host_clusters()
         return page(request, "overview.html", who,
@@ -609,39 +612,27 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
                     vms=doc["vms"], hosts=doc["hosts"])
 
     @api.get("/vms/{moref}", response_class=HTMLResponse)
-    def vm_page(request: Request, moref: str) -> Response:
+    def vm_page(request: Request, moref: str, who: Viewer) -> Response:
         """One VM: its state, exposure timeline, detections and scans."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         return page(request, "vm.html", who, vm=vm_document(moref))
 
     @api.get("/detections", response_class=HTMLResponse)
-    def detections_page(request: Request) -> Response:
+    def detections_page(request: Request, who: Viewer) -> Response:
         """Every detection."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         with application() as app:
             rows = app.detections()
         return page(request, "detections.html", who, detections=rows)
 
     @api.get("/quarantine", response_class=HTMLResponse)
-    def quarantine_page(request: Request) -> Response:
+    def quarantine_page(request: Request, who: Viewer) -> Response:
         """The quarantine, with restore and purge for those allowed."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         with application() as app:
             rows = app.quarantine_list()
         return page(request, "quarantine.html", who, items=rows)
 
     @api.get("/audit", response_class=HTMLResponse)
-    def audit_page(request: Request) -> Response:
+    def audit_page(request: Request, who: Viewer) -> Response:
         """The audit log's last entries and its verification result."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         with AuditLog.open(settings.state_dir) as audit:
             result = audit.verify()
             seq, _ = audit.head()
@@ -649,20 +640,14 @@ def create_app(*, settings: Settings, tokens: TokenStore, loopback: bool,
         return page(request, "audit.html", who, verify=result, entries=list(reversed(entries)))
 
     @api.get("/signatures", response_class=HTMLResponse)
-    def signatures_page(request: Request) -> Response:
+    def signatures_page(request: Request, who: Viewer) -> Response:
         """Signature versions."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         return page(request, "signatures.html", who,
                     versions=[i.as_dict() for i in signature_store().infos()])
 
     @api.get("/appliances", response_class=HTMLResponse)
-    def appliances_page(request: Request) -> Response:
+    def appliances_page(request: Request, who: Viewer) -> Response:
         """Appliance health."""
-        who = page_caller(request)
-        if who is None:
-            return login_first()
         return page(request, "appliances.html", who, doc=appliances_document())
 
     @api.get("/health", response_class=PlainTextResponse)
