@@ -335,7 +335,7 @@ def test_the_files_go_to_the_appliance_in_batches_each_scanned_in_one_engine_ses
     assert there.scanned == here.scanned >= 152
     assert [f.path for f in there.found] == ["/srv/many/eicar.com"]
     # Batches (up to 64 files) instead of one call per file; one engine session per call.
-    assert 1 <= calls <= there.scanned // 16, calls
+    assert 1 <= calls <= there.scanned // 8, calls
     assert sessions_opened(url) - before == calls
 
 
@@ -440,6 +440,42 @@ def test_a_stop_asked_mid_batch_stops_at_that_file_and_the_next_run_resumes_afte
     assert (stopped.status, stopped.scanned) == ("error", 70), stopped.reason
     assert "time window closed" in stopped.reason
     assert stopped.resume_point == ticks[69]        # every file up to it booked, none after
-    assert scan_calls(sent) <= 4
+    assert scan_calls(sent) <= 10               # was one call per file: 70
     assert (rest.status, rest.resumed_from) == ("clean", ticks[69])
     assert stopped.scanned + rest.scanned == 151
+
+
+def test_an_outage_mid_batch_answers_the_files_before_it_and_fails_the_rest(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    from vsphere_av import errors
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+    from vsphere_av.vsphere import disks
+
+    settings, serve = world
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/srv/a.txt", b"a\n")
+    plant(sim, VM0, "/srv/big.bin", os.urandom(24 << 20))    # not all in the reader's cache
+    plant(sim, VM0, "/srv/c.txt", b"c\n")
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    client = EngineClient(serve(), token=TOKEN)
+    with App(settings, actor="tester") as app, \
+            disks.DatastoreFiles(connection=app.connection) as files:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
+                                client=client, grant=files.grant, excludes=())
+        try:
+            list(guest.walk(["/"], prune=lambda _: False, on_error=lambda p, e: None))
+            (first,) = guest.scan([("/srv/a.txt", "a.txt")])     # its blocks now cached there
+            sim.stop()              # vCenter and the host's /folder gone: the next read fails
+            answers, sent = requests_sent(lambda: guest.scan([
+                ("/srv/a.txt", "a.txt"), ("/srv/big.bin", "big.bin"), ("/srv/c.txt", "c.txt")]))
+        finally:
+            guest.close()
+            client.close()
+    assert (first.path, first.status) == ("/srv/a.txt", "clean")
+    assert scan_calls(sent) == 1
+    answered, big, after = answers
+    assert (answered.path, answered.status) == ("/srv/a.txt", "clean")    # before the outage
+    assert isinstance(big, errors.ConnectionLost), big                     # the outage
+    assert isinstance(after, errors.ConnectionLost)        # and every file after it
