@@ -395,8 +395,8 @@ def test_the_batch_protocol_answers_each_file_in_order_and_the_one_file_form_sti
                                                  on_error=lambda p, e: None)}
             before = sessions_opened(url)
             answers, sent = requests_sent(lambda: guest.scan([
-                ("/srv/a.txt", "a.txt"), ("/srv/not-walked", None),
-                ("/srv/eicar.com", "eicar.com")]))
+                ("/srv/a.txt", "a.txt", ""), ("/srv/not-walked", None, ""),
+                ("/srv/eicar.com", "eicar.com", "")]))
             one = client.call("/v1/disk/scan", {"session": guest._session, "path": "/srv/a.txt",
                                                 "name": "a.txt", "owner": ""})
             sessions = sessions_opened(url) - before
@@ -466,10 +466,11 @@ def test_an_outage_mid_batch_answers_the_files_before_it_and_fails_the_rest(
                                 client=client, grant=files.grant, excludes=())
         try:
             list(guest.walk(["/"], prune=lambda _: False, on_error=lambda p, e: None))
-            (first,) = guest.scan([("/srv/a.txt", "a.txt")])     # its blocks now cached there
+            (first,) = guest.scan([("/srv/a.txt", "a.txt", "")])     # its blocks now cached there
             sim.stop()              # vCenter and the host's /folder gone: the next read fails
             answers, sent = requests_sent(lambda: guest.scan([
-                ("/srv/a.txt", "a.txt"), ("/srv/big.bin", "big.bin"), ("/srv/c.txt", "c.txt")]))
+                ("/srv/a.txt", "a.txt", ""), ("/srv/big.bin", "big.bin", ""),
+                ("/srv/c.txt", "c.txt", "")]))
         finally:
             guest.close()
             client.close()

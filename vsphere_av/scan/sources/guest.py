@@ -99,6 +99,7 @@ class Stream:
     path: str
     name: str | None
     size_hint: int | None
+    owner: str = ""
 
 
 @runtime_checkable

@@ -261,15 +261,15 @@ class RemoteDiskGuest:
             raise errors.DiskFileError(f"{path}: not met by the walk")
         return _RemoteDownload(DiskChunks(self, path), self._sizes[path])
 
-    def scan(self, files: Sequence[tuple[str, str | None]]) -> list[Any]:
-        """Have the appliance read and scan walked files ``(path, name)`` in one call (more
-        only when the request would pass the service's body limit): one result per file,
-        in order, its ``engine.FileOutcome`` or the ``errors.VsphereAvError`` it met. An
-        outage ends the call where it happened: the files answered before it keep their
+    def scan(self, files: Sequence[tuple[str, str | None, str]]) -> list[Any]:
+        """Have the appliance read and scan walked files ``(path, name, owner)`` in one call
+        (more only when the request would pass the service's body limit): one result per
+        file, in order, its ``engine.FileOutcome`` or the ``errors.VsphereAvError`` it met.
+        An outage ends the call where it happened: the files answered before it keep their
         verdicts, it and every file after it get the outage."""
         results: list[Any] = []
-        for part in _parts([{"path": path, "name": name, "owner": ""}
-                            for path, name in files]):
+        for part in _parts([{"path": path, "name": name, "owner": owner}
+                            for path, name, owner in files]):
             answer = self._call("/v1/disk/scan", {"session": self._open(), "files": part})
             answered = answer.get("results")
             if not isinstance(answered, list):
@@ -336,7 +336,7 @@ class RemoteDiskSession:
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> Any:
         if isinstance(chunks, DiskChunks):
-            (result,) = chunks.guest.scan([(chunks.path, name)])
+            (result,) = chunks.guest.scan([(chunks.path, name, owner)])
             if isinstance(result, BaseException):
                 raise result
             return result
@@ -346,12 +346,12 @@ class RemoteDiskSession:
     def scan_batch(self, streams: Sequence[Stream]) -> list[Any]:
         """Files of one :class:`RemoteDiskGuest` in one appliance call (``Transfers``);
         one result per stream, in order (``scan.sources.guest.BatchScanner``)."""
-        files: list[tuple[str, str | None]] = []
+        files: list[tuple[str, str | None, str]] = []
         guests: set[RemoteDiskGuest] = set()
         for s in streams:
             if not isinstance(s.chunks, DiskChunks):
                 raise TypeError(f"a batch holds the files of one disk scan: {s.chunks!r}")
-            files.append((s.chunks.path, s.name))
+            files.append((s.chunks.path, s.name, s.owner))
             guests.add(s.chunks.guest)
         if len(guests) > 1:
             raise TypeError(f"a batch holds the files of one disk scan: {guests!r}")
