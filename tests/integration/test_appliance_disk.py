@@ -51,8 +51,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 _hooked: list[bool] = []
 
 
-def folder_requests(run: Any) -> tuple[Any, list[bytes]]:
-    """(run(), the /folder request lines this process sent meanwhile)."""
+def requests_sent(run: Any) -> tuple[Any, list[bytes]]:
+    """(run(), the HTTP request lines this process sent meanwhile, from any thread)."""
     if not _hooked:             # audit hooks stay for the process: one, added when first used
         sys.addaudithook(_audit)
         _hooked.append(True)
@@ -62,7 +62,18 @@ def folder_requests(run: Any) -> tuple[Any, list[bytes]]:
         out = run()
     finally:
         _recording.clear()
-    return out, [line for line in _sent if b" /folder/" in line]
+    return out, list(_sent)
+
+
+def folder_requests(run: Any) -> tuple[Any, list[bytes]]:
+    """(run(), the /folder request lines this process sent meanwhile)."""
+    out, sent = requests_sent(run)
+    return out, [line for line in sent if b" /folder/" in line]
+
+
+def scan_calls(sent: list[bytes]) -> int:
+    """How many ``/v1/disk/scan`` calls are among the request lines."""
+    return sum(1 for line in sent if line.startswith(b"POST /v1/disk/scan "))
 
 
 def files_of(result: ScanResult) -> tuple[Any, ...]:
@@ -229,8 +240,11 @@ def test_the_appliance_stopping_mid_scan_is_an_outage_never_protected(
     settings, serve = world
     url = serve()
     plant(sim, VM0, "/etc/fstab", b"LABEL=root / ext4 defaults 0 1\n")
-    for i in range(4):
-        plant(sim, VM0, f"/srv/blob{i}.bin", os.urandom(200_000))
+    # Enough files that the batch in flight when the appliance stops cannot be the last:
+    # a batch holds up to 4 MiB (scan.sources.guest.BATCH_BYTES); with four files of 200 KB
+    # the first two batches held the whole VM.
+    for i in range(32):
+        plant(sim, VM0, f"/srv/blob{i}.bin", os.urandom(400_000))
     si = connect(sim)
     wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
     stopped: list[str] = []
@@ -247,6 +261,8 @@ def test_the_appliance_stopping_mid_scan_is_an_outage_never_protected(
     assert stopped
     assert (r.via, r.status, r.outage) == ("disk", "error", True), r.reason
     assert "appliance" in r.reason
+    assert 1 <= r.scanned < 33              # the files booked before the outage stand
+    assert r.resume_point
     assert row is not None
     assert (row.state, row.reason) == ("unprotected", r.reason)
 
@@ -275,3 +291,192 @@ def test_an_appliance_whose_engine_cannot_read_disks_says_so_and_nothing_is_read
     assert not r.outage                     # not retried as an outage: it will not heal
     assert "upgrade the appliance" in r.reason
     assert (row["state"], row["reason"]) == ("unreachable", r.reason)   # never protected
+
+
+# --- batches: files handed to the appliance several per call (issue 12, point 8) -----------
+
+FSTAB = b"LABEL=root / ext4 defaults 0 1\n"
+
+
+def plant_many(sim: simulator.Simulator, count: int) -> None:
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    for i in range(count):
+        plant(sim, VM0, f"/srv/many/f{i:03}.txt", f"small file {i}\n".encode())
+
+
+def sessions_opened(url: str) -> int:
+    """Engine sessions the appliance's engine service has opened so far."""
+    client = EngineClient(url, token=TOKEN)
+    try:
+        return int(client.health()["sessions_total"])
+    finally:
+        client.close()
+
+
+def test_the_files_go_to_the_appliance_in_batches_each_scanned_in_one_engine_session(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    plant_many(sim, 150)
+    plant(sim, VM0, "/srv/many/eicar.com", EICAR)
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    local = config.load(env=env_for(sim, tmp_path / "local"))
+    with App(local, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        here = app.scan_one(vm, full=True, via="disk")
+
+    url = serve()
+    before = sessions_opened(url)
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        there, sent = requests_sent(lambda: app.scan_one(vm, full=True, via="disk"))
+    calls = scan_calls(sent)
+    assert files_of(there) == files_of(here)        # the same verdicts, counts and files
+    assert there.scanned == here.scanned >= 152
+    assert [f.path for f in there.found] == ["/srv/many/eicar.com"]
+    # Batches (up to 64 files) instead of one call per file; one engine session per call.
+    assert 1 <= calls <= there.scanned // 8, calls
+    assert sessions_opened(url) - before == calls
+
+
+def test_a_file_the_appliance_cannot_read_is_that_files_result_in_its_batch(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    settings, serve = world
+    plant_many(sim, 40)
+    si = connect(sim)
+    vm_ref = vm_named(si, VM0)
+    # A bare ext4 file system in a flat extent: its inodes can be damaged in place.
+    wait_task(vm_ref.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="vcsim.disk.layout", value="none"),
+        vim.option.OptionValue(key="vcsim.disk.format", value="monolithicFlat")])))
+    wait_task(vm_ref.PowerOffVM_Task(), timeout=120)
+    flat = Path(vm_ref.datastore[0].info.url) / VM0 / "disk1-flat.vmdk"
+    # The extent header of one file zeroed: that file cannot be read, the others can.
+    subprocess.run(["debugfs", "-w", "-R", "sif /srv/many/f007.txt block[0] 0", str(flat)],
+                   check=True, capture_output=True)
+    local = config.load(env=env_for(sim, tmp_path / "local"))
+    with App(local, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        here = app.scan_one(vm, full=True, via="disk")
+
+    serve()
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        there, sent = requests_sent(lambda: app.scan_one(vm, full=True, via="disk"))
+    assert files_of(there) == files_of(here)
+    assert (there.status, there.scanned, there.incomplete) == ("incomplete", 40, 1), \
+        there.reason
+    assert [(f["path"], f["kind"]) for f in there.files] == [("/srv/many/f007.txt",
+                                                              "incomplete")]
+    assert scan_calls(sent) < 41        # batches; the unreadable file alone is asked again
+
+
+def test_the_batch_protocol_answers_each_file_in_order_and_the_one_file_form_still_works(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    from vsphere_av import errors
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+    from vsphere_av.vsphere import disks
+
+    settings, serve = world
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/srv/a.txt", b"a\n")
+    plant(sim, VM0, "/srv/eicar.com", EICAR)
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    url = serve()
+    client = EngineClient(url, token=TOKEN)
+    with App(settings, actor="tester") as app, \
+            disks.DatastoreFiles(connection=app.connection) as files:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
+                                client=client, grant=files.grant, excludes=())
+        try:
+            walked = {f.path for f in guest.walk(["/"], prune=lambda _: False,
+                                                 on_error=lambda p, e: None)}
+            before = sessions_opened(url)
+            answers, sent = requests_sent(lambda: guest.scan([
+                ("/srv/a.txt", "a.txt", ""), ("/srv/not-walked", None, ""),
+                ("/srv/eicar.com", "eicar.com", "")]))
+            one = client.call("/v1/disk/scan", {"session": guest._session, "path": "/srv/a.txt",
+                                                "name": "a.txt", "owner": ""})
+            sessions = sessions_opened(url) - before
+        finally:
+            guest.close()
+            client.close()
+    assert {"/srv/a.txt", "/srv/eicar.com"} <= walked
+    assert scan_calls(sent) == 1
+    assert sessions == 2
+    clean, missing, infected = answers
+    assert (clean.path, clean.status) == ("/srv/a.txt", "clean")
+    assert isinstance(missing, errors.DiskFileError)        # that file's own error
+    assert "not met by the walk" in str(missing)
+    assert (infected.path, infected.status) == ("/srv/eicar.com", "infected")
+    # An older controller's one-file form: one answer, as before.
+    assert "results" not in one
+    assert (one["outcome"]["path"], one["outcome"]["status"]) == ("/srv/a.txt", "clean")
+
+
+def test_a_stop_asked_mid_batch_stops_at_that_file_and_the_next_run_resumes_after_it(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    from vsphere_av.controller.workers import ScanInterrupted
+
+    settings, serve = world
+    plant_many(sim, 150)
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    serve()
+    ticks: list[str] = []
+
+    def window_closes(tick: Any) -> None:
+        ticks.append(tick.path)
+        if len(ticks) == 70:                # inside the second batch
+            raise ScanInterrupted("scan interrupted: time window closed")
+
+    with App(settings, actor="tester") as app:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        stopped, sent = requests_sent(lambda: app.scan_one(vm, full=True, via="disk",
+                                                           on_progress=window_closes))
+        rest = app.scan_one(vm, full=True, via="disk", resume_after=stopped.resume_point)
+    assert (stopped.status, stopped.scanned) == ("error", 70), stopped.reason
+    assert "time window closed" in stopped.reason
+    assert stopped.resume_point == ticks[69]        # every file up to it booked, none after
+    assert scan_calls(sent) <= 10               # was one call per file: 70
+    assert (rest.status, rest.resumed_from) == ("clean", ticks[69])
+    assert stopped.scanned + rest.scanned == 151
+
+
+def test_an_outage_mid_batch_answers_the_files_before_it_and_fails_the_rest(
+        sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
+    from vsphere_av import errors
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+    from vsphere_av.vsphere import disks
+
+    settings, serve = world
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/srv/a.txt", b"a\n")
+    plant(sim, VM0, "/srv/big.bin", os.urandom(24 << 20))    # not all in the reader's cache
+    plant(sim, VM0, "/srv/c.txt", b"c\n")
+    si = connect(sim)
+    wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
+    client = EngineClient(serve(), token=TOKEN)
+    with App(settings, actor="tester") as app, \
+            disks.DatastoreFiles(connection=app.connection) as files:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
+                                client=client, grant=files.grant, excludes=())
+        try:
+            list(guest.walk(["/"], prune=lambda _: False, on_error=lambda p, e: None))
+            (first,) = guest.scan([("/srv/a.txt", "a.txt", "")])     # its blocks now cached there
+            sim.stop()              # vCenter and the host's /folder gone: the next read fails
+            answers, sent = requests_sent(lambda: guest.scan([
+                ("/srv/a.txt", "a.txt", ""), ("/srv/big.bin", "big.bin", ""),
+                ("/srv/c.txt", "c.txt", "")]))
+        finally:
+            guest.close()
+            client.close()
+    assert (first.path, first.status) == ("/srv/a.txt", "clean")
+    assert scan_calls(sent) == 1
+    answered, big, after = answers
+    assert (answered.path, answered.status) == ("/srv/a.txt", "clean")    # before the outage
+    assert isinstance(big, errors.ConnectionLost), big                     # the outage
+    assert isinstance(after, errors.ConnectionLost)        # and every file after it

@@ -8,6 +8,7 @@ reader that only records what it was asked (no host is read here; the simulator 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -88,7 +89,7 @@ def test_closing_a_session_fails_its_waiting_reads_and_forgets_it() -> None:
         def close(self) -> None:
             self.closed = True
 
-    service = DiskService(scan=lambda *a, **k: {}, reader=Reader, grant_timeout=30)
+    service = DiskService(scanning=contextlib.nullcontext, reader=Reader, grant_timeout=30)
     vm = {"moref": "vm-1", "name": "vm", "guest_id": "otherLinux64Guest",
           "power_state": "poweredOff"}
     disk = {"vm": "vm-1", "key": 2000, "label": "Hard disk 1", "capacity": 1 << 20,
@@ -159,7 +160,7 @@ def test_the_disk_routes_need_the_token_and_a_well_formed_request() -> None:
 
     token = "disk-routes-token-0123456789"
     service = EngineService(engine=None, token=token, listen=("127.0.0.1", 0))
-    service.routes.update(DiskService(scan=lambda *a, **k: {}, reader=lambda **_: None)
+    service.routes.update(DiskService(scanning=contextlib.nullcontext, reader=lambda **_: None)
                           .routes())
     service.start()
     try:

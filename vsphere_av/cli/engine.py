@@ -48,7 +48,7 @@ def engine_serve(ctx: click.Context, listen: str, token_file: str | None, max_co
                             max_concurrent=max_concurrent, tls_cert=tls_cert, tls_key=tls_key,
                             allow_plaintext=allow_plaintext)
     # Disk scans of this host's VMs: read here, with tickets the controller grants.
-    service.routes.update(DiskService(scan=service.scan, reader=GrantedFiles).routes())
+    service.routes.update(DiskService(scanning=service.scanning, reader=GrantedFiles).routes())
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt

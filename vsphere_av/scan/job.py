@@ -11,8 +11,11 @@ infected file). It never raises for one VM's trouble: the result says what happe
 
 Pipeline: each job starts one transfer thread (joined before ``scan_vm`` returns) that
 receives the next files into the engine, at most ``PREFETCH_AHEAD`` files ahead, while the
-calling thread matches the previous one (``scan.sources.guest``). Everything else (filters,
-index, counters, remediation, audit, progress) stays in the calling thread.
+calling thread matches the previous one (``scan.sources.guest``). A session that scans files
+where they are read (``BatchScanner``: a disk read by the host's appliance) gets them in
+batches instead, up to ``BATCH_AHEAD`` files ahead, so one batch is scanned there while the
+calling thread books the verdicts of the previous one, in walk order. Everything else
+(filters, index, counters, remediation, audit, progress) stays in the calling thread.
 
 Crash safety (write-ahead): a detection's audit entry and its store row (action
 ``pending``) are durable before the guest is changed (:meth:`_Job._infected`); the outcome
@@ -77,6 +80,8 @@ from vsphere_av.models import (
 from vsphere_av.scan.filters import Filters
 from vsphere_av.scan.remediate import Remediation, VmAudit
 from vsphere_av.scan.sources.guest import (
+    BATCH_FILES,
+    BatchScanner,
     Fetched,
     GuestAccess,
     Receiver,
@@ -90,6 +95,8 @@ log = logging.getLogger(__name__)
 INDEX_BATCH = 200
 FILES_KEPT = 1000                    # incomplete / skipped paths a result holds (all are stored)
 PREFETCH_AHEAD = 2                   # files downloaded ahead of the one being matched
+BATCH_AHEAD = 2 * BATCH_FILES        # files handed to a batch scanner ahead of the one booked:
+                                     # one batch in flight, the next one queued
 
 # Scan statuses (per VM, in results and the scans table).
 CLEAN = "clean"
@@ -272,10 +279,13 @@ class _Job:
         self._inflight: collections.deque[list[Any]] = collections.deque()
         self._inflight_by_path: dict[str, list[Any]] = {}
         self.receiver = session if isinstance(session, ReceivingSession) else None
+        batcher = session if isinstance(session, BatchScanner) else None
         self.transfers = Transfers(
-            guest, self.receiver, name=vm.name,
-            enabled=(self.receiver is not None
-                     and bool(getattr(type(guest), "local_downloads", False))))
+            guest, self.receiver, name=vm.name, batcher=batcher,
+            enabled=batcher is not None or (
+                self.receiver is not None
+                and bool(getattr(type(guest), "local_downloads", False))))
+        self.ahead = BATCH_AHEAD if batcher is not None else PREFETCH_AHEAD
         # Who changes files in the guest: the source itself, unless it says otherwise (a disk
         # reader never writes; it names the guest access to use, or None for "not now").
         self.remedies = Remediation(vm=vm, source=guest, policy=policy, store=store,
@@ -504,7 +514,7 @@ class _Job:
                         self._finish(entry, None)
                         continue
                     transfers.submit(entry)
-                    while transfers.pending > PREFETCH_AHEAD:
+                    while transfers.pending > self.ahead:
                         fetched = transfers.take()
                         self._finish(fetched.entry, fetched)
             except errors.VsphereAvError:
@@ -641,6 +651,8 @@ class _Job:
                 if attempt == 1 and fetched is not None and not fetched.deferred:
                     if fetched.error is not None:
                         raise fetched.error
+                    if fetched.outcome is not None:
+                        return fetched.outcome        # scanned where it was read (a batch)
                     receiver = self.receiver
                     assert receiver is not None     # only a receiving session fetches ahead
                     return receiver.scan_received(fetched.take(), path=entry.path,

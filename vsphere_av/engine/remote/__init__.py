@@ -14,6 +14,7 @@ from vsphere_av.engine.remote.client import (
     outcome_from_json,
 )
 from vsphere_av.engine.remote.server import (
+    MAX_JSON_BODY,
     EngineService,
     check_transfer_url,
     fetch_transfer_url,
@@ -21,6 +22,6 @@ from vsphere_av.engine.remote.server import (
     parse_listen,
 )
 
-__all__ = ["EngineClient", "EngineService", "RemoteEngine", "RemoteSession",
+__all__ = ["MAX_JSON_BODY", "EngineClient", "EngineService", "RemoteEngine", "RemoteSession",
            "check_transfer_url", "fetch_transfer_url", "load_token", "outcome_from_json",
            "parse_listen"]

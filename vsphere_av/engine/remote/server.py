@@ -16,7 +16,8 @@ compared in constant time):
 
     GET  /health          no token: {"status": "ok"}; with the token: + signature_version,
                           uptime_seconds, active_scans, max_concurrent, load (0..1),
-                          loadavg, scans_total
+                          loadavg, scans_total, pulls_total, sessions_total (engine
+                          sessions opened: one per scan call, however many files it scans)
     POST /v1/scan         body = the file (Content-Length or chunked); query: path, name,
                           owner -> FileOutcome JSON + signature_version
     POST /v1/scan-url     {"url", "path", "thumbprint", "owner", "size"}: the appliance pulls a
@@ -59,6 +60,8 @@ GUEST_FILE_PATH = "/guestFile"
 
 # An added route of the service: the request's JSON object -> the answer's (EngineError: 400).
 JsonRoute = Callable[[dict[str, Any]], dict[str, Any]]
+# One stream into an open engine session (``EngineService.scanning``): FileOutcome JSON.
+StreamScan = Callable[..., dict[str, Any]]
 
 
 def load_token(*, token_file: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -101,6 +104,7 @@ class _Stats:
     active: int = 0
     total: int = 0
     pulls: int = 0      # scans whose bytes the service pulled itself (/v1/scan-url)
+    sessions: int = 0   # engine sessions opened (one per scan call, however many files)
 
 
 class _Body:
@@ -235,7 +239,7 @@ class EngineService:
                        active_scans=active, max_concurrent=self.max_concurrent,
                        load=round(active / self.max_concurrent, 3),
                        loadavg=list(os.getloadavg()), scans_total=total,
-                       pulls_total=self._stats.pulls)
+                       pulls_total=self._stats.pulls, sessions_total=self._stats.sessions)
         return out
 
     @contextlib.contextmanager
@@ -254,13 +258,27 @@ class EngineService:
                     self._stats.total += 1
                 self._slots.release()
 
+    @contextlib.contextmanager
+    def scanning(self) -> Iterator[StreamScan]:
+        """One engine session (the active signatures, loaded once; the verdict cache flushed
+        when it ends) for several streams: yields ``scan(chunks, *, path, name, owner,
+        size_hint)`` -> FileOutcome JSON + signature_version."""
+        with self._lock:
+            self._stats.sessions += 1
+        with self.engine.session() as session:
+            def scan(chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
+                     size_hint: int | None) -> dict[str, Any]:
+                outcome = session.scan_stream(chunks, path=path, name=name, owner=owner,
+                                              size_hint=size_hint)
+                return {**outcome.as_dict(), "signature_version": session.version}
+
+            yield scan
+
     def scan(self, chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
              size_hint: int | None) -> dict[str, Any]:
         """Scan one stream with the active signatures; FileOutcome JSON + signature_version."""
-        with self.engine.session() as session:
-            outcome = session.scan_stream(chunks, path=path, name=name, owner=owner,
-                                          size_hint=size_hint)
-            return {**outcome.as_dict(), "signature_version": session.version}
+        with self.scanning() as scan:
+            return scan(chunks, path=path, name=name, owner=owner, size_hint=size_hint)
 
     def fetch(self, url: str, *, thumbprint: str) -> Iterable[bytes]:
         """Open a guest transfer URL (see :func:`fetch_transfer_url`)."""

@@ -4,7 +4,8 @@ Called by the engine service of the host's appliance (``vsphere-av engine serve`
 adds :meth:`DiskService.routes` to ``engine.remote.EngineService``); its client is the
 controller's ``scan.sources.remote_disk.RemoteDiskGuest``. Calls ``scan.sources.disk``
 (``DiskGuest``: the VMDK chains, volumes and file systems, exactly as the controller would
-read them), the engine service's scan (one file's bytes into the appliance's engine) and a
+read them), the engine service's sessions (``EngineService.scanning``: one engine session
+per scan call, the files' bytes into the appliance's engine) and a
 ``DatastoreReader`` factory given by the caller (``vsphere.disks.GrantedFiles``: range reads
 of ``/folder`` URLs with the host certificate pinned).
 
@@ -35,7 +36,14 @@ id ``open`` returned):
     /v1/disk/walk    {"session", "roots", "excludes", "restart", "max"} -> {"items": [
                      {"file": {...}} | {"error": {"path", "kind", "message"}}], "done",
                      "raise"?}: the next entries of the walk, with the walk's errors in order
-    /v1/disk/scan    {"session", "path", "name", "owner"} -> {"outcome"} | {"raise"}
+    /v1/disk/scan    {"session", "files": [{"path", "name", "owner"}...]} -> {"results": [
+                     {"outcome"} | {"raise"}...], "raise"?}: the files read and scanned in
+                     one engine session, one result per file in order (a file's own error
+                     is its result); an outage (``ConnectionLost``: a ticket that never
+                     came, the session closed) ends the call: the results before it, then
+                     "raise". The one-file form of an older controller, {"session", "path",
+                     "name", "owner"} -> {"outcome"} | {"raise"}, is the same call with one
+                     file.
     /v1/disk/grants  {"session", "answers": [{"id", "grant"|"error"}], "wait"} -> {"needs":
                      [{"id", "datastore", "path", "tickets"}], "closed"}
     /v1/disk/close   {"session"} -> {"bytes_read"}
@@ -53,6 +61,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from vsphere_av import errors
@@ -80,6 +89,7 @@ MAX_SESSIONS = 64
 MAX_POLL_WAIT = 30.0
 
 GrantFn = Callable[..., FolderGrant]     # (datastore, path, *, tickets=1) -> FolderGrant
+Scan = Callable[..., dict[str, Any]]     # (chunks, *, path, name, owner, size_hint) -> outcome
 
 
 class ReaderFactory(Protocol):
@@ -252,14 +262,16 @@ class _Session:
 class DiskService:
     """The ``/v1/disk/*`` routes of one engine service (see the module docstring).
 
-    ``scan``: the service's scan of one stream (``EngineService.scan``: FileOutcome JSON);
-    ``reader``: builds a ``DatastoreReader`` over a grant source.
+    ``scanning``: opens one engine session for the files of one scan call
+    (``EngineService.scanning``: a context manager giving a scan of one stream, FileOutcome
+    JSON); ``reader``: builds a ``DatastoreReader`` over a grant source.
     """
 
-    def __init__(self, *, scan: Callable[..., dict[str, Any]], reader: ReaderFactory,
+    def __init__(self, *, scanning: Callable[[], AbstractContextManager[Scan]],
+                 reader: ReaderFactory,
                  grant_timeout: float = GRANT_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._scan = scan
+        self._scanning = scanning
         self._reader = reader
         self._grant_timeout = grant_timeout
         self._idle = idle_timeout
@@ -361,26 +373,49 @@ class DiskService:
             return answer
 
     def scan(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Read one walked file on this host and scan it: its verdict, never its bytes."""
+        """Read walked files on this host and scan them in one engine session: one verdict
+        per file, in order, never their bytes (``{"path", "name", "owner"}`` alone: the
+        one-file form of an older controller, answered as one result)."""
         session = self._session(request)
-        path = str(request.get("path", ""))
-        name = request.get("name")
-        with session.lock:
+        single = "files" not in request
+        files = [request] if single else request["files"]
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise EngineError("files must be a list of {path, name, owner}")
+        results: list[dict[str, Any]] = []
+        failure: dict[str, str] | None = None
+        with session.lock, self._scanning() as scan:
             guest = session.guest
-            try:
-                download = guest.open_download(path)
-            except errors.VsphereAvError as exc:
-                return {"raise": error_json(exc), "bytes_read": guest.bytes_read()}
-            feed = Feed(download.chunks())
-            try:
-                outcome = self._scan(feed, path=path, name=str(name) if name else None,
-                                     owner=str(request.get("owner") or ""),
-                                     size_hint=download.size)
-            finally:
-                download.close()
-            if feed.error is not None:
-                return {"raise": error_json(feed.error), "bytes_read": guest.bytes_read()}
-            return {"outcome": outcome, "bytes_read": guest.bytes_read()}
+            for f in files:
+                try:
+                    results.append({"outcome": self._scan_file(guest, scan, f)})
+                except errors.ConnectionLost as exc:
+                    failure = error_json(exc)       # an outage: no file after it is read
+                    break
+                except errors.VsphereAvError as exc:
+                    results.append({"raise": error_json(exc)})     # this file's own error
+            read = guest.bytes_read()
+        if single:
+            return {**(results[0] if results else {"raise": failure}), "bytes_read": read}
+        answer: dict[str, Any] = {"results": results, "bytes_read": read}
+        if failure is not None:
+            answer["raise"] = failure
+        return answer
+
+    @staticmethod
+    def _scan_file(guest: DiskGuest, scan: Scan,
+                   f: dict[str, Any]) -> dict[str, Any]:
+        """One file read and scanned: its FileOutcome JSON; raises what broke the read."""
+        path = str(f.get("path", ""))
+        name = f.get("name")
+        download = guest.open_download(path)
+        feed = Feed(download.chunks())
+        try:
+            outcome = scan(feed, path=path, name=str(name) if name else None,
+                           owner=str(f.get("owner") or ""), size_hint=download.size)
+        finally:
+            download.close()
+        feed.check()
+        return outcome
 
     def grants(self, request: dict[str, Any]) -> dict[str, Any]:
         """The controller's long poll: grants in, the readers' needs out."""

@@ -5,7 +5,7 @@ copies take the job's transfer slot). :class:`GuestAccess` is what the job reads
 files through: ``vsphere.guest.GuestFiles`` (Guest Operations, InitiateFileTransferFromGuest
 + GET), its appliance wrapper ``vsphere.appliances.ApplianceGuestFiles`` and the disk
 source ``scan.sources.disk.DiskGuest`` all have that shape. Calls only what it is given: the
-guest access and the engine session's ``receive`` / ``scan_stream``.
+guest access and the engine session's ``receive`` / ``scan_stream`` / ``scan_batch``.
 
 Pipeline: a job's :class:`Transfers` owns one transfer slot (one transfer per VM at a time:
 read-ahead, retries and quarantine copies all take it) and one thread, started on first use
@@ -14,8 +14,11 @@ and joined by :meth:`Transfers.close`, that receives the next files into the eng
 beyond) while the job matches the previous one. A file is read ahead only when its bytes
 come through this process (``GuestAccess.local_downloads`` on the type and ``local`` on the
 download); others are handed back ``deferred`` and streamed by the job
-(:meth:`Transfers.stream`). The thread holds the slot only while it reads (never while a
-file waits in the queue), so the job can always get it.
+(:meth:`Transfers.stream`), unless the session scans files where they are read
+(:class:`BatchScanner`: a disk read by the host's appliance): then the thread hands the
+queued files over several per call, and the job books one batch's verdicts while the next
+is scanned. The thread holds the slot only while it reads or waits for a batch (never while
+a file waits in the queue), so the job can always get it.
 
 What breaks a download off (``errors.TransientError``, ``errors.ConnectionLost``) is kept
 (:class:`Feed`) and handed to the job with the file, which retries it once or ends the scan
@@ -24,17 +27,21 @@ as an outage; the engine alone would turn it into one file's "error" verdict.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from vsphere_av import errors
 from vsphere_av.models import GuestFile
 
 log = logging.getLogger(__name__)
+
+BATCH_FILES = 64                  # files handed to a batch scanner in one call, at most
+BATCH_BYTES = 4 * 1024 * 1024     # their bytes, at most (a larger file goes alone)
 
 
 # --- what a file source and the engine give the scan ------------------------------------------
@@ -84,6 +91,28 @@ class Receiver(Protocol):
     def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One file handed to a :class:`BatchScanner`: what ``scan_stream`` would be given."""
+
+    chunks: Iterable[bytes]
+    path: str
+    name: str | None
+    size_hint: int | None
+    owner: str = ""
+
+
+@runtime_checkable
+class BatchScanner(StreamScanner, Protocol):
+    """The engine half that reads and matches files where they are, several per call
+    (``scan.sources.remote_disk.RemoteDiskSession``: the host's appliance)."""
+
+    def scan_batch(self, streams: Sequence[Stream]) -> list[Any]:
+        """One result per stream, in order: its outcome, or the ``errors.VsphereAvError``
+        it met (an outage, ``ConnectionLost``: for that file and every one after it)."""
+        ...
+
+
 # --- the transfer pipeline -------------------------------------------------------------------
 
 @dataclass
@@ -94,6 +123,7 @@ class Fetched:
     received: Any = None        # engine.Received: owned here until taken
     error: BaseException | None = None
     deferred: bool = False      # not read ahead (the bytes never come here, or stopping)
+    outcome: Any = None         # already scanned where it was read (a batch)
 
     def take(self) -> Any:
         """The received file, handed over (whoever takes it frees it)."""
@@ -160,24 +190,36 @@ class SlotStream:
 
 
 class Transfers:
-    """One VM's transfer slot and the thread that receives the next files ahead.
+    """One VM's transfer slot and the thread that receives the next files ahead, or hands
+    them, several per call, to a session that scans them where they are read.
 
     The slot is held for every transfer of the job, whoever makes it; the thread holds it
-    only while it is reading a file (never while the file waits in the queue), so the
-    calling thread can always get it for a retry or a quarantine copy.
+    only while it is reading a file or waiting for a batch (never while a file waits in the
+    queue), so the calling thread can always get it for a retry or a quarantine copy.
+
+    ``batcher`` (a :class:`BatchScanner`, the job's session when it is one): the thread
+    takes what is queued, up to ``BATCH_FILES`` files and ``BATCH_BYTES`` (a larger file
+    goes alone), and hands it over in one ``scan_batch`` call while the job books the
+    results of the previous one; a download whose bytes would come here is handed back
+    ``deferred``. Without one, the thread receives one file at a time into ``receiver``.
+    An outage (``errors.ConnectionLost``) is the connection's, never one file's: once the
+    thread met one, every later file is answered with it, nothing more is read.
     """
 
     def __init__(self, guest: GuestAccess, receiver: Receiver | None, *, name: str,
-                 enabled: bool) -> None:
+                 enabled: bool, batcher: BatchScanner | None = None) -> None:
         self.guest = guest
         self.receiver = receiver
+        self.batcher = batcher
         self.enabled = enabled
         self.slot = threading.Lock()
         self.pending = 0
         self._name = name
-        self._todo: queue.SimpleQueue[GuestFile | None] = queue.SimpleQueue()
+        self._todo: collections.deque[GuestFile | None] = collections.deque()
+        self._queued = threading.Condition()
         self._done: queue.SimpleQueue[Fetched] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._lost: BaseException | None = None     # the outage the thread met, if any
         self._thread: threading.Thread | None = None
 
     def submit(self, entry: GuestFile) -> None:
@@ -187,7 +229,9 @@ class Transfers:
                                             daemon=True)
             self._thread.start()
         self.pending += 1
-        self._todo.put(entry)
+        with self._queued:
+            self._todo.append(entry)
+            self._queued.notify()
 
     def take(self) -> Fetched:
         """The next fetched file, in submission order (waits for it)."""
@@ -232,7 +276,9 @@ class Transfers:
         self._stop.set()
         if self._thread is None:
             return
-        self._todo.put(None)
+        with self._queued:
+            self._todo.append(None)
+            self._queued.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("%s: transfer thread still reading after %.0f s", self._name, timeout)
@@ -244,14 +290,78 @@ class Transfers:
 
     def _run(self) -> None:
         while True:
-            entry = self._todo.get()
-            if entry is None:
+            entries = self._next()
+            if not entries:
                 return
+            if self._lost is not None:
+                fetched = [Fetched(entry=e, error=self._lost) for e in entries]
+            else:
+                try:
+                    fetched = (self._scan_batch(entries) if self.batcher is not None
+                               else [self._fetch(entries[0])])
+                except BaseException as exc:      # never leave the scan thread waiting
+                    fetched = [Fetched(entry=e, error=exc) for e in entries]
+            for f in fetched:
+                if isinstance(f.error, errors.ConnectionLost) and self._lost is None:
+                    self._lost = f.error
+                self._done.put(f)
+
+    def _next(self) -> list[GuestFile]:
+        """The next queued files (waits for one; none: closing): one at a time, or for a
+        batch scanner what is queued, up to ``BATCH_FILES`` files and ``BATCH_BYTES``."""
+        with self._queued:
+            while not self._todo:
+                self._queued.wait()
+            first = self._todo[0]
+            if first is None:
+                return []
+            self._todo.popleft()
+            entries, size = [first], first.size
+            most = BATCH_FILES if self.batcher is not None else 1
+            while self._todo and len(entries) < most:
+                following = self._todo[0]
+                if following is None or size + following.size > BATCH_BYTES:
+                    break
+                entries.append(following)
+                size += following.size
+                self._todo.popleft()
+            return entries
+
+    def _scan_batch(self, entries: list[GuestFile]) -> list[Fetched]:
+        """Hand files to the batch scanner in one call, holding the slot; one Fetched each."""
+        assert self.batcher is not None
+        if self._stop.is_set():
+            return [Fetched(entry=e, error=_Stopped("scan stopped")) for e in entries]
+        fetched: list[Fetched] = []
+        handed: list[tuple[int, Stream]] = []      # (index in fetched, the file handed over)
+        downloads: list[DownloadLike] = []
+        with self.slot:
             try:
-                fetched = self._fetch(entry)
-            except BaseException as exc:      # never leave the scan thread waiting
-                fetched = Fetched(entry=entry, error=exc)
-            self._done.put(fetched)
+                for entry in entries:
+                    try:
+                        download = self.guest.open_download(entry.path)
+                    except BaseException as exc:   # handed to the scan thread, which decides
+                        fetched.append(Fetched(entry=entry, error=exc))
+                        continue
+                    downloads.append(download)
+                    # Bytes that would come through here: the job streams them itself.
+                    fetched.append(Fetched(entry=entry,
+                                           deferred=bool(getattr(download, "local", False))))
+                    if not fetched[-1].deferred:
+                        handed.append((len(fetched) - 1, Stream(
+                            chunks=download.chunks(), path=entry.path, name=entry.name,
+                            size_hint=download.size)))
+                if handed:
+                    answers = self.batcher.scan_batch([stream for _, stream in handed])
+                    for (i, _), answer in zip(handed, answers, strict=True):
+                        if isinstance(answer, BaseException):
+                            fetched[i].error = answer
+                        else:
+                            fetched[i].outcome = answer
+            finally:
+                for download in downloads:
+                    download.close()
+        return fetched
 
     def _fetch(self, entry: GuestFile) -> Fetched:
         if self._stop.is_set():

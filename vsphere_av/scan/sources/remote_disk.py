@@ -14,7 +14,13 @@ page by page, its errors given to ``on_error`` in order), says each file's incre
 index row (computed on the appliance from the disk, volume and file id, as ``DiskGuest``
 does) and opens "downloads" that are not local: their chunks are a :class:`DiskChunks`
 handle that :class:`RemoteDiskSession` sends to the appliance, which reads and matches the
-file there and answers a ``FileOutcome``. So include globs, the size limit, the index,
+file there and answers a ``FileOutcome``. The session is a ``BatchScanner``: the job's
+transfer thread (``scan.sources.guest.Transfers``) hands it the queued files several per
+``/v1/disk/scan`` call (:meth:`RemoteDiskGuest.scan`: one engine session on the appliance
+per call), one call in flight while the job books the previous one's verdicts; the walk
+(the job's thread) and the scans (the transfer thread) share the client, one call at a
+time (the appliance serves one session's calls one at a time anyway). So include globs,
+the size limit, the index,
 archives (the engine's, on the appliance), the verdict cache (the appliance engine's,
 content SHA-256 x signature version) and incomplete accounting are the job's own.
 
@@ -29,6 +35,7 @@ controller retries).
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import threading
@@ -37,6 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from vsphere_av import errors
+from vsphere_av.engine.remote import MAX_JSON_BODY, outcome_from_json
 from vsphere_av.models import (
     DatastoreInfo,
     FolderGrant,
@@ -54,6 +62,7 @@ from vsphere_av.scan.sources.disk_service import (
     error_json,
     vm_json,
 )
+from vsphere_av.scan.sources.guest import Stream
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,7 @@ class RemoteDiskGuest:
         self._folders = {(f.datastore.name, posixpath.dirname(f.path))
                          for d in self.disks for unit in d.chain for f in unit.files}
         self._sizes: dict[str, int] = {}
+        self._calls = threading.Lock()
         self._bytes_read = 0
         self._walks = 0
         self._stop = threading.Event()
@@ -139,7 +149,8 @@ class RemoteDiskGuest:
         from vsphere_av.errors import EngineError
 
         try:
-            answer: dict[str, Any] = self._client.call(route, document)
+            with self._calls:       # the job's thread walks, its transfer thread scans
+                answer: dict[str, Any] = self._client.call(route, document)
         except EngineError as exc:
             if route == "/v1/disk/open" and "HTTP 404" in str(exc):
                 raise errors.ApplianceError(
@@ -250,15 +261,29 @@ class RemoteDiskGuest:
             raise errors.DiskFileError(f"{path}: not met by the walk")
         return _RemoteDownload(DiskChunks(self, path), self._sizes[path])
 
-    def scan(self, path: str, *, name: str | None, owner: str) -> Any:
-        """Have the appliance read and scan one walked file; its ``engine.FileOutcome``."""
-        from vsphere_av.engine.remote import outcome_from_json
-
-        answer = self._call("/v1/disk/scan", {"session": self._open(), "path": path,
-                                              "name": name, "owner": owner})
-        if answer.get("raise"):
-            raise error_from(answer["raise"])
-        return outcome_from_json(answer["outcome"])
+    def scan(self, files: Sequence[tuple[str, str | None, str]]) -> list[Any]:
+        """Have the appliance read and scan walked files ``(path, name, owner)`` in one call
+        (more only when the request would pass the service's body limit): one result per
+        file, in order, its ``engine.FileOutcome`` or the ``errors.VsphereAvError`` it met.
+        An outage ends the call where it happened: the files answered before it keep their
+        verdicts, it and every file after it get the outage."""
+        results: list[Any] = []
+        for part in _parts([{"path": path, "name": name, "owner": owner}
+                            for path, name, owner in files]):
+            answer = self._call("/v1/disk/scan", {"session": self._open(), "files": part})
+            answered = answer.get("results")
+            if not isinstance(answered, list):
+                raise errors.ApplianceError(
+                    "the host's appliance scans one disk file per call (an older engine "
+                    "service): upgrade the appliance")
+            results.extend(error_from(r["raise"]) if "raise" in r
+                           else outcome_from_json(r["outcome"]) for r in answered[:len(part)])
+            if len(answered) < len(part):           # an outage ended the call there
+                raised = answer.get("raise")
+                outage = error_from(raised) if raised else errors.ConnectionLost(
+                    "the host's appliance answered for fewer disk files than it was sent")
+                return results + [outage] * (len(files) - len(results))
+        return results
 
     def delete_file(self, path: str) -> None:
         """Never: a disk scan does not write to a disk (remediation goes through the guest)."""
@@ -283,6 +308,23 @@ class RemoteDiskGuest:
             self._poller.join(timeout=self._poll_wait + 35.0)
 
 
+def _parts(files: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """The files in order, in runs whose request body stays within the engine service's
+    JSON limit (a run holds one file at least)."""
+    budget = MAX_JSON_BODY - 1024          # the session id, brackets and separators
+    part: list[dict[str, Any]] = []
+    size = 0
+    for f in files:
+        cost = len(json.dumps(f)) + 2
+        if part and size + cost > budget:
+            yield part
+            part, size = [], 0
+        part.append(f)
+        size += cost
+    if part:
+        yield part
+
+
 class RemoteDiskSession:
     """The appliance's engine session for a disk scan: files of a :class:`RemoteDiskGuest`
     are scanned where they are read; anything else goes to the wrapped session."""
@@ -294,9 +336,26 @@ class RemoteDiskSession:
     def scan_stream(self, chunks: Iterable[bytes], *, path: str, name: str | None = None,
                     owner: str = "", size_hint: int | None = None) -> Any:
         if isinstance(chunks, DiskChunks):
-            return chunks.guest.scan(chunks.path, name=name, owner=owner)
+            (result,) = chunks.guest.scan([(chunks.path, name, owner)])
+            if isinstance(result, BaseException):
+                raise result
+            return result
         return self._session.scan_stream(chunks, path=path, name=name, owner=owner,
                                          size_hint=size_hint)
+
+    def scan_batch(self, streams: Sequence[Stream]) -> list[Any]:
+        """Files of one :class:`RemoteDiskGuest` in one appliance call (``Transfers``);
+        one result per stream, in order (``scan.sources.guest.BatchScanner``)."""
+        files: list[tuple[str, str | None, str]] = []
+        guests: set[RemoteDiskGuest] = set()
+        for s in streams:
+            if not isinstance(s.chunks, DiskChunks):
+                raise TypeError(f"a batch holds the files of one disk scan: {s.chunks!r}")
+            files.append((s.chunks.path, s.name, s.owner))
+            guests.add(s.chunks.guest)
+        if len(guests) > 1:
+            raise TypeError(f"a batch holds the files of one disk scan: {guests!r}")
+        return guests.pop().scan(files) if guests else []
 
     def lookup(self, sha256: str, *, path: str) -> Any:
         return self._session.lookup(sha256, path=path)
