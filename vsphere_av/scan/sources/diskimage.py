@@ -592,7 +592,8 @@ class _LibyalIO:
         data = self._blocks.get(block)
         if data is None:
             self._fh.seek(block * METADATA_BLOCK)
-            data = bytes(self._fh.read(min(METADATA_BLOCK, self._size - block * METADATA_BLOCK)))
+            data = bytes(self._fh.read(max(0, min(METADATA_BLOCK,
+                                                  self._size - block * METADATA_BLOCK))))
             self._blocks[block] = data
             if len(self._blocks) > METADATA_BLOCKS:
                 self._blocks.popitem(last=False)
