@@ -655,3 +655,34 @@ def test_ext4_features_one_of_the_libraries_reads(trees: dict[str, Path], images
         got = read_all(files, ["/"])
         assert {p: got[p] for p in LINUX_FILES} == LINUX_FILES
         assert all(f.mtime_ns > 0 for f in files.walk(["/"]))
+
+
+def test_an_outage_while_the_library_opens_the_volume_is_no_damaged_volume(
+        trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "openfail.vmdk", "--fs", "ext4", "--size-mib", "300",
+                  "--format", "monolithicFlat")
+    flat = images / "openfail-flat.vmdk"
+    # Only libfsext reads group 1's superblock backup (128 MiB into the volume, which
+    # starts at 1 MiB): dissect reads none, so this read fails inside the C library alone.
+    backup = (1 + 128) * 1024 * 1024
+    local = flat.open("rb")
+
+    def read_range(offset: int, length: int) -> bytes:
+        if offset < backup + 4096 and backup < offset + length:
+            raise errors.ConnectionLost("datastore read: host unreachable")
+        local.seek(offset)
+        return local.read(length)
+
+    def open_file(name: str) -> BinaryIO:
+        if name != flat.name:
+            return (images / name).open("rb")
+        rf = RangeFile(read_range, flat.stat().st_size, block_size=4096, cache_blocks=4,
+                       name=name)
+        return rf  # type: ignore[return-value]
+
+    try:
+        with pytest.raises(errors.ConnectionLost, match="host unreachable") as caught:
+            DiskFiles.mount([open_virtual_disk(path.name, open_file=open_file)])
+        assert str(caught.value.__context__).startswith("pyfsext_volume_open")
+    finally:
+        local.close()
