@@ -302,8 +302,9 @@ def test_one_small_file_from_a_1_gib_disk_reads_a_few_hundred_kib(trees: dict[st
             local.close()
     [rf] = files_opened
     stats = rf.statistics()
-    # Metadata read in neighbouring blocks grows a readahead window (RangeFile): < 1 MiB.
-    assert stats.bytes_fetched <= 1024 * 1024, stats
+    # Metadata read in neighbouring blocks grows a readahead window (RangeFile), and libfsext
+    # checks the superblock backups (groups 1, 3, 5 and 7 on 1 GiB, a 64 KiB block each).
+    assert stats.bytes_fetched <= 1280 * 1024, stats
     assert stats.calls <= 16, stats
 
 
@@ -497,3 +498,191 @@ def test_damaged_fat_is_a_volume_problem_and_the_rest_is_read(
         assert esp.problem.startswith("damaged FAT file system: ")
         assert files.problems == (esp,)
         assert read_all(files, ["/etc/cron.d"]) == {"/etc/cron.d/x": CRON}
+
+
+MTIME_S = 1_614_834_367            # 2021-03-04 05:06:07 UTC
+
+
+def ext_vmdk(tree: Path, path: Path, *mke2fs: str, debugfs: str = "") -> Path:
+    """An ext file system over a whole disk made with mke2fs options mkdisk.sh does not
+    give (ext2, ext3, features), changed by one debugfs request, then made a VMDK."""
+    raw = path.with_suffix(".raw")
+    with raw.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["mke2fs", "-q", "-F", "-b", "4096", "-L", "root", *mke2fs, "-d", str(tree),
+                    str(raw)], check=True, capture_output=True)
+    if debugfs:
+        subprocess.run(["debugfs", "-w", "-R", debugfs, str(raw)], check=True,
+                       capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(path)],
+                   check=True, capture_output=True)
+    raw.unlink()
+    return path
+
+
+@pytest.mark.parametrize(("fs", "mtime_extra", "expected_ns"), [
+    ("ext2", None, MTIME_S * 10**9),               # 128-byte inodes: whole seconds only
+    ("ext3", None, MTIME_S * 10**9),
+    ("ext4", 123_456_789 << 2, MTIME_S * 10**9 + 123_456_789),
+    ("ext4", (123_456_789 << 2) | 1, (MTIME_S + 2**32) * 10**9 + 123_456_789),  # 2157
+])
+def test_ext_mtimes_are_nanoseconds_since_1970(images: Path, tmp_path: Path, fs: str,
+                                               mtime_extra: int | None,
+                                               expected_ns: int) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_bytes(b"LABEL=root / ext4 defaults 0 1\n")
+    os.utime(tree / "etc" / "fstab", ns=(MTIME_S * 10**9, MTIME_S * 10**9))
+    # mke2fs -d keeps whole seconds; the extra field holds ns << 2 and two more bits of seconds
+    path = ext_vmdk(tree, images / f"{fs}-mtime-{mtime_extra}.vmdk", "-t", fs, "-I",
+                    "128" if mtime_extra is None else "256", debugfs=(
+                        f"sif /etc/fstab mtime_extra {mtime_extra}" if mtime_extra else ""))
+    with DiskFiles.mount([open_local(path)]) as files:
+        [volume] = files.volumes
+        assert (volume.filesystem, volume.mount, volume.problem) == (fs, "/", "")
+        [f] = files.walk(["/"])
+        assert (f.path, f.mtime_ns) == ("/etc/fstab", expected_ns)
+        with files.open(f) as stream:
+            assert b"".join(stream.chunks()) == b"LABEL=root / ext4 defaults 0 1\n"
+
+
+@pytest.mark.parametrize(("fs", "library"), [("ext4", "pyfsext"), ("xfs", "pyfsxfs")])
+def test_an_outage_inside_the_file_system_library_stays_an_outage(
+        trees: dict[str, Path], images: Path, fs: str, library: str) -> None:
+    path = mkdisk(trees["linux"], images / f"outage-{fs}.vmdk", "--fs", fs)
+    local = path.open("rb")
+    failing = False
+
+    def read_range(offset: int, length: int) -> bytes:
+        if failing:
+            raise errors.ConnectionLost("datastore read: host unreachable")
+        local.seek(offset)
+        return local.read(length)
+
+    def open_range(name: str) -> BinaryIO:
+        rf = RangeFile(read_range, path.stat().st_size, block_size=4096, cache_blocks=4,
+                       name=name)
+        return rf  # type: ignore[return-value]
+
+    try:
+        disk = open_virtual_disk(path.name, open_file=open_range)
+        with DiskFiles.mount([disk]) as files:
+            problems: list[tuple[str, str]] = []
+            entries = {f.path: f for f in files.walk(["/"], on_error=lambda p, e: problems.append(
+                (p, str(e))))}
+            stream = files.open(entries["/home/u/big.bin"])
+            failing = True          # the file's data is read by the C library
+            with pytest.raises(errors.ConnectionLost, match="host unreachable") as caught:
+                b"".join(stream.chunks())
+            # It crossed the library, which raised an IOError of its own in its place.
+            assert str(caught.value.__context__).startswith(f"{library}_file_entry_read")
+            assert problems == []
+            failing = False         # the connection is back: the same stream reads again
+            assert b"".join(stream.chunks()) == BIG
+    finally:
+        local.close()
+
+
+def test_a_disk_cut_short_under_the_library_still_names_itself(trees: dict[str, Path],
+                                                               images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "cutlater.vmdk", "--fs", "ext4", "--table", "none",
+                  "--format", "monolithicFlat")
+    flat = images / "cutlater-flat.vmdk"
+    first = subprocess.run(["debugfs", "-R", "bmap /home/u/big.bin 0", str(flat)], check=True,
+                           capture_output=True, text=True).stdout
+    with DiskFiles.mount([open_local(path)]) as files:
+        entries = {f.path: f for f in files.walk(["/"])}
+        stream = files.open(entries["/home/u/big.bin"])
+        os.truncate(flat, int(first) * 4096)        # cut where the file's data begins
+        with pytest.raises(errors.DiskImageError,
+                           match=r"^cutlater-flat\.vmdk: truncated") as caught:
+            b"".join(stream.chunks())
+        assert str(caught.value.__context__).startswith("pyfsext_file_entry_read")
+
+
+def test_ext4_whose_root_cannot_be_listed_is_a_damaged_volume(trees: dict[str, Path],
+                                                             images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "badroot.vmdk", "--fs", "ext4", "--table", "none",
+                  "--format", "monolithicFlat")
+    subprocess.run(["debugfs", "-w", "-R", "sif / block[0] 0",
+                    str(images / "badroot-flat.vmdk")], check=True, capture_output=True)
+    with DiskFiles.mount([open_local(path)]) as files:
+        [volume] = files.volumes
+        assert volume.filesystem == "ext4"
+        assert volume.problem.startswith("damaged ext4 file system: ")
+        assert "\n" not in volume.problem
+        assert files.problems == (volume,)
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_a_name_that_is_not_utf8_is_read_as_its_bytes(images: Path, tmp_path: Path,
+                                                     fs: str) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_bytes(b"LABEL=root / ext4 defaults 0 1\n")
+    (tree / "etc" / os.fsdecode(b"bad\xff.sh")).write_bytes(b"evil\n")
+    (tree / "etc" / "z").write_bytes(b"after\n")
+    path = mkdisk(tree, images / f"names-{fs}.vmdk", "--fs", fs)
+    with DiskFiles.mount([open_local(path)]) as files:
+        assert read_all(files, ["/"]) == {"/etc/fstab": b"LABEL=root / ext4 defaults 0 1\n",
+                                          "/etc/bad\udcff.sh": b"evil\n", "/etc/z": b"after\n"}
+
+
+def test_xfs_mtimes_are_nanoseconds_since_1970(images: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_bytes(b"LABEL=root / xfs defaults 0 1\n")
+    mtime_ns = MTIME_S * 10**9 + 123_456_789
+    os.utime(tree / "etc" / "fstab", ns=(mtime_ns, mtime_ns))      # cp -a keeps them
+    path = mkdisk(tree, images / "xfs-mtime.vmdk", "--fs", "xfs")
+    with DiskFiles.mount([open_local(path)]) as files:
+        [f] = files.walk(["/"])
+        assert (f.path, f.mtime_ns) == ("/etc/fstab", mtime_ns)
+
+
+@pytest.mark.parametrize("feature", [
+    "large_dir", "stable_inodes",     # libfsext refuses the volume: dissect reads it
+    "inline_data",                    # dissect finds no inline directory: libfsext reads it
+])
+def test_ext4_features_one_of_the_libraries_reads(trees: dict[str, Path], images: Path,
+                                                  feature: str) -> None:
+    path = ext_vmdk(trees["linux"], images / f"feature-{feature}.vmdk", "-t", "ext4", "-O",
+                    feature)
+    with DiskFiles.mount([open_local(path)]) as files:
+        [volume] = files.volumes
+        assert (volume.filesystem, volume.mount, volume.label, volume.problem) == (
+            "ext4", "/", "root", "")
+        got = read_all(files, ["/"])
+        assert {p: got[p] for p in LINUX_FILES} == LINUX_FILES
+        assert all(f.mtime_ns > 0 for f in files.walk(["/"]))
+
+
+def test_an_outage_while_the_library_opens_the_volume_is_no_damaged_volume(
+        trees: dict[str, Path], images: Path) -> None:
+    path = mkdisk(trees["linux"], images / "openfail.vmdk", "--fs", "ext4", "--size-mib", "300",
+                  "--format", "monolithicFlat")
+    flat = images / "openfail-flat.vmdk"
+    # Only libfsext reads group 1's superblock backup (128 MiB into the volume, which
+    # starts at 1 MiB): dissect reads none, so this read fails inside the C library alone.
+    backup = (1 + 128) * 1024 * 1024
+    local = flat.open("rb")
+
+    def read_range(offset: int, length: int) -> bytes:
+        if offset < backup + 4096 and backup < offset + length:
+            raise errors.ConnectionLost("datastore read: host unreachable")
+        local.seek(offset)
+        return local.read(length)
+
+    def open_file(name: str) -> BinaryIO:
+        if name != flat.name:
+            return (images / name).open("rb")
+        rf = RangeFile(read_range, flat.stat().st_size, block_size=4096, cache_blocks=4,
+                       name=name)
+        return rf  # type: ignore[return-value]
+
+    try:
+        with pytest.raises(errors.ConnectionLost, match="host unreachable") as caught:
+            DiskFiles.mount([open_virtual_disk(path.name, open_file=open_file)])
+        assert str(caught.value.__context__).startswith("pyfsext_volume_open")
+    finally:
+        local.close()

@@ -5,12 +5,15 @@ descriptor name plus an opener ``open_file(name) -> BinaryIO`` (seekable, read-o
 the descriptors give them, relative to the disk's directory: extents ``x-flat.vmdk``,
 parents through ``parentFileNameHint``). The production opener wraps datastore HTTP
 ``Range`` reads in a ``rangefile.RangeFile``; tests open local files. This module calls the
-Dissect libraries and nothing else: ``dissect.hypervisor`` (VMDK sparse, flat,
-streamOptimized extents and parent chains), ``dissect.volume`` (MBR, GPT, LVM2),
-``dissect.extfs``, ``dissect.xfs``, ``dissect.ntfs``, ``dissect.fat`` (FAT12/16/32: the EFI
-system partition) and ``dissect.fve`` (LUKS and BitLocker, detected and named only). No
-vSphere, HTTP or store here. Dissect has no type hints: its objects stay ``Any`` inside the
-``_Ext``/``_Xfs``/``_Ntfs``/``_Fat`` adapters and the chain opener.
+Dissect libraries and libyal's file system libraries and nothing else: ``dissect.hypervisor``
+(VMDK sparse, flat, streamOptimized extents and parent chains), ``dissect.volume`` (MBR,
+GPT, LVM2), ``pyfsext`` and ``pyfsxfs`` (libyal's libfsext and libfsxfs, C: ext2/3/4 and XFS
+directories and file data, read through ``_LibyalIO``), ``dissect.extfs`` and
+``dissect.xfs`` (their superblocks' identity, and what the libyal libraries refuse),
+``dissect.ntfs``, ``dissect.fat`` (FAT12/16/32: the EFI system partition) and
+``dissect.fve`` (LUKS and BitLocker, detected and named only). No vSphere, HTTP or store
+here. Neither library family has type hints: their objects stay ``Any`` inside the
+``_Unix``/``_Ntfs``/``_Fat`` adapters and the chain opener.
 
     disks = [open_virtual_disk("vm.vmdk", open_file=opener)]
     with DiskFiles.mount(disks) as files:        # volumes found, guest mount table built
@@ -86,6 +89,8 @@ UNMOUNTED_ROOT = "/[unmounted]"
 FIRST_NTFS_USER_RECORD = 24          # MFT records below this are NTFS metadata files ($MFT...)
 PROBE_BYTES = 64 * 1024              # read from each volume to tell what it holds
 WALKED_NODES = 1024                  # file nodes the walk parsed, kept for open (per volume)
+METADATA_BLOCK = 64 * 1024           # small reads of ext/XFS metadata served from blocks this
+METADATA_BLOCKS = 64                 # big, this many kept (4 MiB per volume)
 
 # File systems and other contents a volume can hold (Volume.filesystem).
 EXT4, EXT3, EXT2, XFS, NTFS = "ext4", "ext3", "ext2", "xfs", "ntfs"
@@ -409,15 +414,22 @@ class Volume:
         return self.partition_type.lower() == ESP_TYPE
 
 
+class _Readable(Protocol):
+    """One file's data as an adapter opens it (a dissect stream or a _LibyalFile)."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
 class _Fs(Protocol):
-    """What the walk needs from one file system (an adapter over a dissect object)."""
+    """What the walk needs from one file system (an adapter over a dissect or libyal one)."""
 
     windows: bool
 
     def root(self) -> Any: ...
     def children(self, node: Any, *, limit: int) -> list[_Entry]: ...
     def lookup(self, node: Any, name: str) -> _Entry | None: ...
-    def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]: ...
+    def open(self, file_id: int, stream: str) -> tuple[_Readable, int]: ...
 
 
 @dataclass(frozen=True)
@@ -464,46 +476,185 @@ class _Walked:
         return self._nodes.get(file_id)
 
 
-class _Ext:
+class _Unix:
+    """ext2/3/4 and XFS. A libyal library (``pyfsext``, ``pyfsxfs``: C; a walk costs a
+    quarter of dissect's cstruct parsing) lists directories and reads files; the dissect file
+    system reads the superblock's identity (type, UUID, label: the libyal bindings give no
+    UUID) and takes over a directory, a file or the whole volume the library refuses (an
+    inode it will not parse, a name that is not UTF-8, a feature it does not know), so
+    nothing dissect reads is lost. Directory nodes are inode numbers; file nodes are the
+    library's file entries. Callers hold the DiskFiles lock (libyal objects are not
+    thread-safe)."""
+
     windows = False
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, *, fh: Any, library: Any, mode: Callable[[Any], int]) -> None:
         self.fs = fs
+        self._mode = mode                  # a dissect inode's mode (i_mode, di_mode)
         self._walked = _Walked()
+        self._io = _LibyalIO(fh)
+        self._volume: Any = None          # None: the library refused the volume
+        volume = library.volume()
+        with contextlib.suppress(_Refused), self._io.calls():
+            volume.open_file_object(self._io)
+            self._volume = volume
 
     def root(self) -> Any:
-        return self.fs.root
+        return int(self.fs.root.inum)
 
     def children(self, node: Any, *, limit: int) -> list[_Entry]:
+        if self._volume is not None:
+            with contextlib.suppress(_Refused), self._io.calls():
+                return self._walked.keep(self._list(node, limit))
         out: list[_Entry] = []
-        for inode in node.iterdir():
+        for inode in self.fs.get_inode(node).iterdir():
             if inode.filename in (".", ".."):
                 continue
             if len(out) >= limit:
                 raise _TooMany(limit)
-            out.append(self._entry(inode))
-        return self._walked.keep(out)
+            mode = int(self._mode(inode.inode))
+            kind = _unix_kind(mode)
+            out.append(_Entry(name=str(inode.filename), kind=kind, file_id=int(inode.inum),
+                              node=int(inode.inum) if kind == "dir" else None,
+                              size=int(inode.size), mtime_ns=int(inode.mtime_ns),
+                              mode=stat.S_IMODE(mode)))
+        return out
 
-    def _entry(self, inode: Any) -> _Entry:
-        mode = int(inode.inode.i_mode)
-        return _Entry(name=str(inode.filename), kind=_unix_kind(mode), file_id=int(inode.inum),
-                      node=inode, size=int(inode.size), mtime_ns=int(inode.mtime_ns),
-                      mode=stat.S_IMODE(mode))
+    def _list(self, node: int, limit: int) -> list[_Entry]:
+        directory = self._volume.get_file_entry_by_inode(node)
+        count = directory.number_of_sub_file_entries
+        if count > limit:
+            raise _TooMany(limit)
+        out: list[_Entry] = []
+        for i in range(count):
+            entry = directory.get_sub_file_entry(i)
+            mode = entry.file_mode
+            kind = _unix_kind(mode)
+            inode = entry.inode_number
+            out.append(_Entry(name=entry.name, kind=kind, file_id=inode,
+                              node=inode if kind == "dir" else entry, size=entry.size,
+                              # ns since 1970 (seconds x 10^9 where the inode keeps no ns)
+                              mtime_ns=entry.get_modification_time_as_integer(),
+                              mode=stat.S_IMODE(mode)))
+        return out
 
     def lookup(self, node: Any, name: str) -> _Entry | None:
         return next((e for e in self.children(node, limit=_LOOKUP_LIMIT) if e.name == name), None)
 
-    def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
-        inode = self._walked.node(file_id) or self.fs.get_inode(file_id)
+    def open(self, file_id: int, stream: str) -> tuple[_Readable, int]:
+        if self._volume is not None:
+            with contextlib.suppress(_Refused), self._io.calls():
+                entry = self._walked.node(file_id) or self._volume.get_file_entry_by_inode(
+                    file_id)
+                return _LibyalFile(entry, source=self._io), int(entry.size)
+        inode = self.fs.get_inode(file_id)
         return inode.open(), int(inode.size)
 
 
-class _Xfs(_Ext):
-    def _entry(self, inode: Any) -> _Entry:
-        mode = int(inode.inode.di_mode)
-        return _Entry(name=str(inode.filename), kind=_unix_kind(mode), file_id=int(inode.inum),
-                      node=inode, size=int(inode.size), mtime_ns=int(inode.mtime_ns),
-                      mode=stat.S_IMODE(mode))
+class _Refused(Exception):
+    """The libyal library would not read something (its own error, no read failed under it)."""
+
+
+class _LibyalIO:
+    """A volume's stream in the shape libyal's Python bindings read a file object through
+    (read, seek, tell, get_offset, get_size). What the stream raises inside a library call
+    (``errors.ConnectionLost``, a truncated disk's ``DiskImageError``) comes out of the
+    library as a bare IOError: it is kept here and ``calls`` raises it in that one's place,
+    so an outage stays an outage and a truncated disk still names itself."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._size = int(fh.seek(0, io.SEEK_END))
+        self._pos = 0
+        self._failure: BaseException | None = None
+        self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            if size is None or size < 0:
+                size = self._size - self._pos
+            start = self._pos
+            block, offset = divmod(start, METADATA_BLOCK)
+            if offset + size <= METADATA_BLOCK:      # an inode, a directory block: cached
+                data = self._block(block)[offset:offset + size]
+            else:
+                self._fh.seek(start)
+                data = bytes(self._fh.read(size))
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        self._pos += len(data)
+        return data
+
+    def _block(self, block: int) -> bytes:
+        """One METADATA_BLOCK of the volume: the library reads inodes 256 bytes at a time,
+        and each read down the VMDK chain costs more than reading their whole table."""
+        data = self._blocks.get(block)
+        if data is None:
+            self._fh.seek(block * METADATA_BLOCK)
+            data = bytes(self._fh.read(max(0, min(METADATA_BLOCK,
+                                                  self._size - block * METADATA_BLOCK))))
+            self._blocks[block] = data
+            if len(self._blocks) > METADATA_BLOCKS:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def get_offset(self) -> int:
+        return self._pos
+
+    def get_size(self) -> int:
+        return self._size
+
+    @contextlib.contextmanager
+    def calls(self) -> Iterator[None]:
+        """Around library calls: a read that failed under one raises its own exception
+        (even when the library went on regardless); the library's own error is _Refused."""
+        self._failure = None
+        try:
+            yield
+        except Exception as exc:
+            failure, self._failure = self._failure, None
+            if failure is not None:
+                raise failure from None
+            if isinstance(exc, OSError):
+                raise _Refused(_reason(exc)) from exc
+            raise
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+
+class _LibyalFile:
+    """One file's data read through the library (the seek and read FileStream uses)."""
+
+    def __init__(self, entry: Any, *, source: _LibyalIO) -> None:
+        self._entry = entry
+        self._source = source
+        self._pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != io.SEEK_SET:
+            raise ValueError("only absolute seeks")
+        self._pos = offset
+        return offset
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, int(self._entry.size) - self._pos)
+        with self._source.calls():
+            data = bytes(self._entry.read_buffer_at_offset(size, self._pos))
+        self._pos += len(data)
+        return data
 
 
 class _Ntfs:
@@ -563,7 +714,7 @@ class _Ntfs:
         return next((e for e in self.children(node, limit=_LOOKUP_LIMIT) if e.name.lower() == want),
                     None)
 
-    def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
+    def open(self, file_id: int, stream: str) -> tuple[_Readable, int]:
         record = self._walked.node(file_id) or self.fs.mft.get(file_id)
         return record.open(stream), int(record.size(stream))
 
@@ -611,7 +762,7 @@ class _Fat:
         return next((e for e in self.children(node, limit=_LOOKUP_LIMIT)
                      if e.name.lower() == want), None)
 
-    def open(self, file_id: int, stream: str) -> tuple[BinaryIO, int]:
+    def open(self, file_id: int, stream: str) -> tuple[_Readable, int]:
         dirent = self._walked.node(file_id)
         if dirent is None:      # its directory was listed: find the entry in its slot again
             directory = self._dirs[file_id >> 16]
@@ -652,7 +803,7 @@ class DiskFile(GuestFile):
 class FileStream:
     """One file's bytes in chunks (the ``DownloadLike`` shape of the guest source)."""
 
-    def __init__(self, fh: BinaryIO, *, size: int, path: str, chunk_size: int,
+    def __init__(self, fh: _Readable, *, size: int, path: str, chunk_size: int,
                  lock: threading.RLock | None = None) -> None:
         self.size = size
         self.path = path
@@ -1240,11 +1391,13 @@ def _magic(head: bytes) -> str:
 
 def _open_fs(kind: str, fh: Any) -> _Fs:
     if kind == EXT4:
+        import pyfsext
         from dissect.extfs import ExtFS
-        return _Ext(ExtFS(fh))
+        return _Unix(ExtFS(fh), fh=fh, library=pyfsext, mode=lambda inode: inode.i_mode)
     if kind == XFS:
+        import pyfsxfs
         from dissect.xfs import XFS as DissectXFS
-        return _Xfs(DissectXFS(fh))
+        return _Unix(DissectXFS(fh), fh=fh, library=pyfsxfs, mode=lambda inode: inode.di_mode)
     if kind == FAT:
         from dissect.fat.fat import FATFS
         return _Fat(FATFS(fh))
@@ -1258,7 +1411,7 @@ def _identity(kind: str, fs: _Fs) -> dict[str, Any]:
         serial = raw.serial
         return {"filesystem": NTFS, "label": str(raw.volume_name or ""),
                 "uuid": f"{int(serial):016X}" if serial is not None else ""}
-    if isinstance(fs, _Xfs):
+    if kind == XFS:
         return {"filesystem": XFS, "label": str(raw.name), "uuid": str(raw.uuid)}
     if isinstance(fs, _Fat):
         serial = int(raw.bpb_ext.BS_VolID)
