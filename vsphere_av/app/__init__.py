@@ -307,7 +307,8 @@ class App:
         any snapshot.
         """
         from vsphere_av.scan.filters import Filters
-        from vsphere_av.scan.sources.disk import DEFERRED, DiskGuest
+        from vsphere_av.scan.sources.disk import DiskGuest
+        from vsphere_av.scan.sources.guest import DEFERRED
         from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest, RemoteDiskSession
         from vsphere_av.vsphere import disks
         from vsphere_av.vsphere.guest import GuestFiles

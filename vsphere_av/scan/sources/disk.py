@@ -46,13 +46,16 @@ from vsphere_av.scan.sources.diskimage import (
     Volume,
     open_virtual_disk,
 )
+from vsphere_av.scan.sources.guest import DEFERRED
 from vsphere_av.scan.sources.rangefile import RangeFile
 
 # Index rows of disk scans live under "<VM moref>@disk", never a moref: guest-path rows
 # (under the moref itself) and disk rows cannot meet.
 INDEX_OWNER_SUFFIX = "@disk"
-RECENT_FILES = 256      # walked files kept for open_download (prefetch and one retry need few)
-DEFERRED = "will be quarantined at the next power-on through guest operations"
+# Walked files kept for open_download: the files a scan has been told of but not yet read,
+# at most one walk page of the appliance service plus the job's files ahead (disk_service
+# WALK_PAGE + job.BATCH_AHEAD), with room to spare.
+RECENT_FILES = 2048
 
 
 class RangeReadable(Protocol):

@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vsphere_av import errors
 from vsphere_av.errors import EngineError
@@ -79,10 +79,12 @@ from vsphere_av.models import (
     VmInfo,
 )
 from vsphere_av.scan.filters import Filters
-from vsphere_av.scan.sources.disk import DatastoreReader, DiskGuest
 from vsphere_av.scan.sources.guest import Feed
 
-WALK_PAGE = 64            # entries per walk call: well below DiskGuest.RECENT_FILES
+if TYPE_CHECKING:     # the reader loads Dissect and libyal: imported when a session opens
+    from vsphere_av.scan.sources.disk import DatastoreReader, DiskGuest
+
+WALK_PAGE = 512           # entries per walk call: well below disk.RECENT_FILES
 GRANT_TIMEOUT = 120.0     # seconds a read waits for the controller's grant
 IDLE_TIMEOUT = 900.0      # a session nobody asked anything of for this long is closed
 MAX_SESSIONS = 64
@@ -318,6 +320,8 @@ class DiskService:
             return broker.grant(datastore, path, tickets=tickets)
 
         reader = self._reader(grant=grant)
+        from vsphere_av.scan.sources.disk import DiskGuest
+
         files: DatastoreReader = reader
         session = _Session(guest=DiskGuest(vm=vm, disks=disks, files=files), broker=broker,
                            reader=reader, now=self._clock())

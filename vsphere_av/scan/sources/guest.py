@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 BATCH_FILES = 64                  # files handed to a batch scanner in one call, at most
 BATCH_BYTES = 4 * 1024 * 1024     # their bytes, at most (a larger file goes alone)
+# What a detection found by reading a VM's disks waits for when no guest access can
+# remediate it now (the disk sources' default ``remediation_pending``).
+DEFERRED = "will be quarantined at the next power-on through guest operations"
 
 
 # --- what a file source and the engine give the scan ------------------------------------------

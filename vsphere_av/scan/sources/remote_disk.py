@@ -53,7 +53,6 @@ from vsphere_av.models import (
     VirtualDiskInfo,
     VmInfo,
 )
-from vsphere_av.scan.sources.disk import DEFERRED
 from vsphere_av.scan.sources.disk_service import (
     MAX_POLL_WAIT,
     WALK_PAGE,
@@ -62,7 +61,7 @@ from vsphere_av.scan.sources.disk_service import (
     error_json,
     vm_json,
 )
-from vsphere_av.scan.sources.guest import Stream
+from vsphere_av.scan.sources.guest import DEFERRED, Stream
 
 log = logging.getLogger(__name__)
 
