@@ -215,6 +215,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 
 ACTIONS = ("report", "quarantine", "delete")
 SCAN_VIA = ("auto", "disk", "guest")
+DEFAULT_DISK_WORKERS = os.cpu_count() or 1
 
 
 @with_config(_TABLE)
@@ -245,6 +246,9 @@ class ScanPolicy:
     via: Annotated[Str, _rule(lambda v: v in SCAN_VIA, "must be one of auto, disk, guest")] = "auto"
     # Quiesce the guest (VMware Tools flush its file systems) for the scan snapshot.
     disk_quiesce: Bool = False
+    # Disk scans of VMs no appliance serves run in up to this many local worker processes
+    # (one VM each while they last: app/disk_workers.py); 0 reads them in this process.
+    disk_workers: Annotated[int, Strict(), Field(ge=0, le=256)] = DEFAULT_DISK_WORKERS
 
 
 RELEASE_RULES = ("operator", "clean_rescan")
