@@ -329,10 +329,11 @@ class App:
             if self._disk_workers is None:
                 from vsphere_av.app.disk_workers import DiskWorkers
 
-                _ = self.engine     # the built-in signatures imported before a worker reads
                 self._disk_workers = DiskWorkers(settings=self.settings,
                                                  count=self.settings.scan.disk_workers)
-        with self._disk_workers.engine() as worker:
+        # The worker scans under this process's active version (the built-in signatures
+        # imported by this process's engine before any worker reads the store).
+        with self._disk_workers.engine(version=self.engine.active_version()) as worker:
             yield worker
 
     def _scan_disks_with(self, vm: VmInfo, remote: Any, *, full: bool,

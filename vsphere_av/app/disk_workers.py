@@ -9,16 +9,37 @@ instead, through the very mechanism an appliance uses: each worker is an engine 
 ``scan.sources.disk_service`` (reading with ``vsphere.disks.GrantedFiles``), and the
 controller talks to it with ``scan.sources.remote_disk.RemoteDiskGuest`` exactly as to a
 host's appliance (it grants the ``/folder`` tickets; the job, its filters, size limit,
-index and accounting stay here). The worker's engine is this state directory's (same
-signatures, same verdict cache), opened read-only.
+index and accounting stay here). The worker's engine is this state directory's: the same
+signature store (read-only: no audit log, never activates) and the same verdict cache
+(SQLite in WAL mode, shared by every scanning process).
 
-Processes: started lazily, one more each time a scan finds every running worker busy, up
-to ``count`` (then the least busy one takes the scan); ``multiprocessing`` "spawn" (no fork
-of a threaded controller). Each listens on 127.0.0.1 on a port of its own choosing, behind
-a random bearer token handed over the spawn pipe (never on a command line, never logged).
-Each holds one end of a pipe whose other end only this process holds: when this process
-ends, however it ends (``close``, a crash, ``kill -9``), the worker reads end-of-file and
-exits, so no worker outlives its controller. A worker found dead is started again.
+The pool. :class:`DiskWorkers` keeps up to ``count`` workers and reuses them from one VM
+scan to the next (a worker is started the first time a scan finds none idle, then stays).
+A worker scans one VM at a time; a VM that finds every worker busy waits for one (the
+scheduler's per-host and global caps already bound how many VMs scan at once).
+
+Signature version. The controller pins the version a VM is scanned under: before each VM
+the worker is told the controller's active version over its control pipe and opens one
+engine session for it (the rules loaded and compiled once per version, in the worker);
+its service then scans every file, and reports in ``/health``, under exactly that version
+until the next pin. So a ``signatures activate`` applies from the next VM on, as in this
+process (one version per scan), and the version a scan is recorded under is the version
+its files were matched with. A version the worker cannot load fails that VM's scan.
+
+Processes. ``multiprocessing`` "forkserver" with the worker's modules preloaded: the
+controller has threads (scan workers, grant pollers, the console), and a plain ``fork`` of
+a threaded process copies locks other threads hold (a child may deadlock on them), so no
+worker is forked from this process. The fork server is a fresh interpreter (started once,
+single-threaded) that imports Dissect, YARA, pyVmomi and the engine once; each worker is a
+fork of it, so a worker costs no import time (the first one pays the server's start).
+Each worker listens on 127.0.0.1 on a port of its own choosing, behind a random bearer
+token of its own handed over the pipe (never on a command line, never logged). The control
+pipe's other end only this process holds: when this process ends, however it ends
+(``close``, a crash, ``kill -9``), the worker reads end-of-file and exits, so no worker
+outlives its controller (the fork server also ends on its own parent's end). A worker that
+dies mid-scan makes that VM's scan an outage (``errors.ConnectionLost``, from
+``RemoteDiskGuest``: the scan fails and is retried); the dead worker leaves the pool and
+the next VM that needs one starts a fresh one.
 """
 
 from __future__ import annotations
@@ -36,12 +57,91 @@ from vsphere_av import errors
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 120.0     # seconds a worker may take to import, open its engine and listen
+START_TIMEOUT = 120.0     # seconds a worker may take to open its engine and listen
+PIN_TIMEOUT = 300.0       # seconds a worker may take to load and compile a version's rules
 STOP_TIMEOUT = 10.0
+# What the fork server imports once, so that no worker imports anything ("__main__": the
+# program's main module, which multiprocessing would otherwise import again in each child).
+PRELOAD = ["__main__", "vsphere_av.app.disk_workers", "vsphere_av.engine",
+           "vsphere_av.engine.remote", "vsphere_av.scan.sources.disk_service",
+           "vsphere_av.vsphere.disks"]
+
+_server_lock = threading.Lock()
+_server_users = 0           # pools that started a worker and are not closed
+
+
+def _forkserver() -> Any:
+    """The forkserver context (its preload set before its server first starts); the caller
+    uses its server until :func:`_release_forkserver`."""
+    global _server_users
+    with _server_lock:
+        context = multiprocessing.get_context("forkserver")
+        if not _server_users:
+            context.set_forkserver_preload(PRELOAD)
+        _server_users += 1
+        return context
+
+
+def _release_forkserver() -> None:
+    """The last pool closed: end the fork server and wait for it, so that no process of ours
+    outlives ``App.close`` and its CPU time (and that of the workers it reaped) is accounted
+    to this process, as a child's. While any pool is open it stays: a worker's exit status
+    comes through it."""
+    global _server_users
+    with _server_lock:
+        _server_users -= 1
+        if _server_users:
+            return
+        from multiprocessing import forkserver
+
+        stop = getattr(forkserver._forkserver, "_stop", None)   # CPython 3.11-3.13
+        if callable(stop):
+            stop()
+
+
+class _Pinned:
+    """The worker's engine as its service sees it: one signature version, pinned by the
+    controller before each VM (``engine.Engine``'s ``session`` / ``active_version`` shape)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._open = contextlib.ExitStack()
+        self._session: Any = None
+
+    def pin(self, version: int) -> int:
+        """Scan under ``version`` from now on (its rules loaded now: a broken one fails here)."""
+        if self._session is None or self._session.version != version:
+            self.unpin()
+            self._session = self._open.enter_context(self._engine.session(version=version))
+        return int(self._session.version)
+
+    def unpin(self) -> None:
+        """End the session (its verdict-cache writes committed); nothing scans until a pin."""
+        self._session = None
+        self._open.close()
+
+    def flush(self) -> None:
+        """Commit the verdict-cache writes of the VM just scanned."""
+        if self._engine.cache is not None:
+            self._engine.cache.flush()
+
+    def active_version(self) -> int:
+        """The pinned version (what ``/health`` reports and every scan uses)."""
+        if self._session is None:
+            raise errors.EngineError("no signature version pinned")
+        return int(self._session.version)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Any]:
+        """The pinned session (for each file the service scans)."""
+        if self._session is None:
+            raise errors.EngineError("no signature version pinned")
+        yield self._session
 
 
 def _serve(settings: Any, token: str, pipe: Any) -> None:
-    """The worker process: an engine service with the disk routes until the pipe closes."""
+    """The worker process: an engine service with the disk routes; pins versions on request
+    until the pipe closes."""
     from vsphere_av.engine import Engine
     from vsphere_av.engine.remote import EngineService
     from vsphere_av.scan.sources.disk_service import DiskService
@@ -49,7 +149,8 @@ def _serve(settings: Any, token: str, pipe: Any) -> None:
 
     try:
         engine = Engine.open(settings)      # no audit: the signature store read-only
-        service = EngineService(engine=engine, token=token, listen=("127.0.0.1", 0))
+        pinned = _Pinned(engine)
+        service = EngineService(engine=pinned, token=token, listen=("127.0.0.1", 0))
     except Exception as exc:
         pipe.send({"error": f"{type(exc).__name__}: {exc}"})
         return
@@ -57,11 +158,21 @@ def _serve(settings: Any, token: str, pipe: Any) -> None:
     service.start()
     pipe.send({"url": service.url})
     try:
-        pipe.recv()             # nothing is ever sent: end-of-file when the controller ends
+        while True:
+            request = pipe.recv()       # end-of-file when the controller ends
+            try:
+                if "pin" in request:
+                    pipe.send({"pinned": pinned.pin(int(request["pin"]))})
+                else:
+                    pinned.flush()
+                    pipe.send({"released": True})
+            except errors.VsphereAvError as exc:
+                pipe.send({"error": f"{type(exc).__name__}: {exc}"})
     except (EOFError, OSError):
         pass
     finally:
         service.shutdown()
+        pinned.unpin()
         engine.close()
 
 
@@ -70,69 +181,177 @@ class _Worker:
     process: Any
     pipe: Any
     url: str
-    busy: int = 0
+    token: str
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def ask(self, request: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """One request over the control pipe; ConnectionLost when the worker is gone."""
+        try:
+            self.pipe.send(request)
+            if not self.pipe.poll(timeout):
+                raise errors.ConnectionLost(f"disk-scan worker {self.pid} did not answer in "
+                                            f"{timeout:.0f} s")
+            answer: dict[str, Any] = self.pipe.recv()
+        except (EOFError, OSError) as exc:
+            raise errors.ConnectionLost(f"disk-scan worker {self.pid} ended (exit code "
+                                        f"{self.process.exitcode})") from exc
+        if "error" in answer:
+            raise errors.EngineError(f"disk-scan worker {self.pid}: {answer['error']}")
+        return answer
+
+    def stop(self) -> None:
+        """Close its pipe (it exits on end-of-file); kill it if it lingers."""
+        self.pipe.close()
+        self.process.join(STOP_TIMEOUT)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(STOP_TIMEOUT)
 
 
 class DiskWorkers:
-    """Up to ``count`` local engine-service processes that read and scan VM disks."""
+    """A pool of up to ``count`` local engine-service processes that read and scan VM disks,
+    one VM each at a time (see module)."""
 
     def __init__(self, *, settings: Any, count: int) -> None:
-        self._settings = settings
+        from vsphere_av.config import Settings
+
+        if count < 1:
+            raise ValueError("a disk-worker pool needs at least one worker")
+        # What a worker needs: the state directory and the engine's limits. No vCenter or
+        # guest credentials (like an appliance, it reads with the tickets it is granted).
+        self._settings = Settings(state_dir=settings.state_dir, engine=settings.engine)
         self._count = count
-        self._token = secrets.token_urlsafe(32)
-        self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []      # running: idle or busy
+        self._idle: list[_Worker] = []
+        self._starting = 0
+        self._cond = threading.Condition()
         self._closed = False
+        self._context: Any = None           # the fork server's, from the first start on
 
     def __repr__(self) -> str:
         return f"<DiskWorkers {len(self._workers)}/{self._count}>"
 
     def pids(self) -> list[int]:
         """The running workers' process ids."""
-        with self._lock:
-            return [int(w.process.pid) for w in self._workers]
+        with self._cond:
+            return [w.pid for w in self._workers]
 
     @contextlib.contextmanager
-    def engine(self) -> Iterator[Any]:
-        """A worker's engine (``engine.remote.RemoteEngine``) for one VM's disk scan."""
+    def engine(self, *, version: int) -> Iterator[Any]:
+        """A worker's engine (``engine.remote.RemoteEngine``) for one VM's disk scan under
+        signature ``version``; waits while every worker is busy."""
         from vsphere_av.engine.remote import EngineClient, RemoteEngine
 
-        worker = self._take()
+        worker = self._pinned(version)
         try:
-            yield RemoteEngine(EngineClient(worker.url, token=self._token))
+            client = EngineClient(worker.url, token=worker.token)
+            try:
+                yield RemoteEngine(client)
+            finally:
+                client.close()
         finally:
-            with self._lock:
-                worker.busy -= 1
+            self._give_back(worker)
+
+    def _pinned(self, version: int) -> _Worker:
+        """A worker of this scan's, pinned to ``version``; one found dead at the pin (it
+        died idle: no VM's outage) is replaced once."""
+        for attempt in (1, 2):
+            worker = self._take()
+            try:
+                worker.ask({"pin": version}, timeout=PIN_TIMEOUT)
+                return worker
+            except errors.ConnectionLost:
+                self._give_back(worker)
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self._give_back(worker)
+                raise
+        raise AssertionError("unreachable")
 
     def _take(self) -> _Worker:
-        with self._lock:
-            if self._closed:
-                raise errors.EngineError("the disk-scan workers are closed")
-            for dead in [w for w in self._workers if not w.process.is_alive()]:
-                log.warning("disk-scan worker %s ended (exit code %s): starting another",
-                            dead.process.pid, dead.process.exitcode)
-                self._workers.remove(dead)
-                dead.pipe.close()
-            idle = [w for w in self._workers if w.busy == 0]
-            if idle or len(self._workers) >= self._count:
-                worker = min(idle or self._workers, key=lambda w: w.busy)
-            else:
-                worker = self._start()
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise errors.EngineError("the disk-scan workers are closed")
+                self._drop_dead()
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._workers) + self._starting < self._count:
+                    self._starting += 1
+                    break
+                self._cond.wait()
+        try:
+            worker = self._start()
+        except BaseException:
+            with self._cond:
+                self._starting -= 1
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._starting -= 1
+            closed = self._closed
+            if not closed:
                 self._workers.append(worker)
-            worker.busy += 1
-            return worker
+            self._cond.notify_all()
+        if closed:
+            worker.stop()
+            raise errors.EngineError("the disk-scan workers are closed")
+        return worker
+
+    def _drop_dead(self) -> None:
+        """Forget idle workers that ended (under the lock)."""
+        for dead in [w for w in self._idle if not w.process.is_alive()]:
+            self._forget(dead)
+
+    def _forget(self, worker: _Worker) -> None:
+        log.warning("disk-scan worker %s ended (exit code %s): the next scan starts another",
+                    worker.pid, worker.process.exitcode)
+        if worker in self._idle:
+            self._idle.remove(worker)
+        if worker in self._workers:
+            self._workers.remove(worker)
+        worker.pipe.close()
+
+    def _give_back(self, worker: _Worker) -> None:
+        """A VM's scan is over: the worker commits its cache writes and waits idle, or, gone
+        (or no longer answering), leaves the pool."""
+        healthy = worker.process.is_alive()
+        if healthy:
+            try:
+                worker.ask({"release": True}, timeout=STOP_TIMEOUT)
+            except errors.VsphereAvError as exc:
+                log.warning("disk-scan worker %s: %s: stopped", worker.pid, exc)
+                healthy = False
+        with self._cond:
+            if self._closed:
+                return
+            if healthy:
+                self._idle.append(worker)
+            else:
+                self._forget(worker)
+            self._cond.notify_all()
+        if not healthy:
+            worker.stop()
 
     def _start(self) -> _Worker:
-        context = multiprocessing.get_context("spawn")
+        with self._cond:
+            if self._context is None:
+                self._context = _forkserver()
+            context = self._context
+        token = secrets.token_urlsafe(32)
         mine, theirs = context.Pipe()
-        process = context.Process(target=_serve, args=(self._settings, self._token, theirs),
+        process = context.Process(target=_serve, args=(self._settings, token, theirs),
                                   name="vsphere-av-disk-worker", daemon=True)
         process.start()
         theirs.close()          # only the worker holds its end: its EOF is our end
         try:
             if not mine.poll(START_TIMEOUT):
                 raise errors.EngineError("a disk-scan worker did not start in "
-                                       f"{START_TIMEOUT:.0f} s")
+                                         f"{START_TIMEOUT:.0f} s")
             hello = mine.recv()
         except (EOFError, OSError, errors.EngineError) as exc:
             mine.close()
@@ -141,23 +360,27 @@ class DiskWorkers:
             if isinstance(exc, errors.EngineError):
                 raise
             raise errors.EngineError(f"a disk-scan worker ended at start (exit code "
-                                   f"{process.exitcode})") from exc
+                                     f"{process.exitcode})") from exc
         if "error" in hello:
             mine.close()
             process.join(STOP_TIMEOUT)
             raise errors.EngineError(f"a disk-scan worker cannot start: {hello['error']}")
         log.info("disk-scan worker %s serves %s", process.pid, hello["url"])
-        return _Worker(process=process, pipe=mine, url=str(hello["url"]))
+        return _Worker(process=process, pipe=mine, url=str(hello["url"]), token=token)
 
     def close(self) -> None:
-        """End every worker (each sees its pipe close) and wait for them."""
-        with self._lock:
+        """End every worker (each sees its pipe close) and wait for them; a scan still
+        running in one fails as an outage."""
+        with self._cond:
+            if self._closed:
+                return
             self._closed = True
-            workers, self._workers = self._workers, []
+            workers, self._workers, self._idle = self._workers, [], []
+            used_server, self._context = self._context is not None, None
+            self._cond.notify_all()
         for w in workers:
             w.pipe.close()
         for w in workers:
-            w.process.join(STOP_TIMEOUT)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(STOP_TIMEOUT)
+            w.stop()
+        if used_server:
+            _release_forkserver()
