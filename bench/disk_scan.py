@@ -21,7 +21,8 @@ What is compared, and how it is kept fair:
   * Same cores: the local side runs JOBS worker processes; the guest and disk sides scan
     JOBS VMs at once (per-host limit JOBS, all VMs on one host); the disk side reads and
     matches each VM in the scanning process, or in a disk-scan worker process with
-    ``--disk-workers N`` (``scan.disk_workers``, 0 by default). The simulator that plays
+    ``--disk-workers N`` (``scan.disk_workers``: a pool of N worker processes, reused
+    from VM to VM, their CPU time counted with the scan's). The simulator that plays
     vCenter and the ESXi host (Guest Operations transfers, datastore ``/folder`` range
     reads) runs on the same cores and its CPU time is reported.
   * Page cache warm for all (the corpus is read once before the first run; the disk images
@@ -61,6 +62,7 @@ sys.path.insert(0, str(HERE))
 import engine as engine_bench  # noqa: E402  (bench/engine.py: corpus builder, sampler)
 import guest_scan  # noqa: E402  (bench/guest_scan.py: tree, split, rules, measured runs)
 
+from vsphere_av.config import ScanPolicy  # noqa: E402
 from vsphere_av.lab import simulator  # noqa: E402
 
 GOAL_LOCAL = 0.8
@@ -140,6 +142,8 @@ def main() -> None:
     parser.add_argument("--reads-only", metavar="VM", nargs="+",
                         help=argparse.SUPPRESS)     # internal: the ceiling run, as a child
     args = parser.parse_args()
+    if args.disk_workers is not None and args.disk_workers < 0:
+        parser.error("--disk-workers must be 0 or more")
     if args.reads_only:
         disk_reads_only(args.reads_only)
         return
@@ -184,7 +188,8 @@ def main() -> None:
                 f"max_file_size = {64 * 1024 * 1024}\n"
                 + ("" if args.disk_workers is None else
                    f"disk_workers = {args.disk_workers}\n"))
-            workers = args.disk_workers or 0
+            workers = (ScanPolicy().disk_workers if args.disk_workers is None
+                       else args.disk_workers)
             sim_env = {"VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
                        "VSPHERE_AV_GUEST_USER": sim.guest_user,
                        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password,
