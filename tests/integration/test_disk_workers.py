@@ -310,6 +310,14 @@ def test_workers_listen_on_loopback_only_each_behind_its_own_token(
                 stolen = {"Authorization": f"Bearer {other.client._token}"}
                 assert requests.post(url + "/v1/disk/open", json={}, headers=stolen,
                                      timeout=10).status_code == 401
+            # Ctrl-C in a terminal reaches the whole process group: the controller's to
+            # handle, the workers go on (and end with it).
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+        assert sorted(pool.pids()) == sorted(pids)     # both answered their release
+        assert all(alive(pid) for pid in pids)
+        with pool.engine(version=version) as again:
+            assert again.active_version() == version
     finally:
         pool.close()
     assert not any(alive(pid) for pid in pids)

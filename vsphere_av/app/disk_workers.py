@@ -36,7 +36,9 @@ Each worker listens on 127.0.0.1 on a port of its own choosing, behind a random 
 token of its own handed over the pipe (never on a command line, never logged). The control
 pipe's other end only this process holds: when this process ends, however it ends
 (``close``, a crash, ``kill -9``), the worker reads end-of-file and exits, so no worker
-outlives its controller (the fork server also ends on its own parent's end). A worker that
+outlives its controller (the fork server also ends on its own parent's end). A worker
+ignores SIGINT and SIGTERM (sent to the whole process group by a terminal's Ctrl-C or a
+service manager): stopping is the controller's, whose running scans finish. A worker that
 dies mid-scan makes that VM's scan an outage (``errors.ConnectionLost``, from
 ``RemoteDiskGuest``: the scan fails and is retried); the dead worker leaves the pool and
 the next VM that needs one starts a fresh one.
@@ -48,6 +50,7 @@ import contextlib
 import logging
 import multiprocessing
 import secrets
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,6 +150,11 @@ def _serve(settings: Any, token: str, pipe: Any) -> None:
     from vsphere_av.scan.sources.disk_service import DiskService
     from vsphere_av.vsphere.disks import GrantedFiles
 
+    # The terminal's Ctrl-C and a service manager's SIGTERM reach the whole process group:
+    # they are the controller's to handle (its running scans finish), and the worker ends
+    # when the controller does (end-of-file on the pipe).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     try:
         engine = Engine.open(settings)      # no audit: the signature store read-only
         pinned = _Pinned(engine)
