@@ -281,7 +281,10 @@ def test_a_scan_runs_and_is_recorded_under_one_version_and_follows_activation(
         assert during.scanned == CLEAN_FILES
 
         (after,) = app.scan(names=[VM1], full=True).results
-        assert worker_pids(app) == {pid}               # the same worker, reloaded
+        (fresh,) = worker_pids(app)      # the worker of v1 replaced by one of the new version
+        assert fresh != pid
+        wait_gone({pid})
+        assert not alive(pid)
         assert after.signature_version == activated[0]
         assert after.status == "infected"
         assert len(after.found) == CLEAN_FILES

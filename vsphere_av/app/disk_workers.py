@@ -20,11 +20,12 @@ scheduler's per-host and global caps already bound how many VMs scan at once).
 
 Signature version. The controller pins the version a VM is scanned under: before each VM
 the worker is told the controller's active version over its control pipe and opens one
-engine session for it (the rules loaded and compiled once per version, in the worker);
-its service then scans every file, and reports in ``/health``, under exactly that version
-until the next pin. So a ``signatures activate`` applies from the next VM on, as in this
-process (one version per scan), and the version a scan is recorded under is the version
-its files were matched with. A version the worker cannot load fails that VM's scan.
+engine session for it (the rules loaded once, in the worker); its service then scans
+every file, and reports in ``/health``, under exactly that version until the VM is done.
+So a ``signatures activate`` applies from the next VM on, as in this process (one version
+per scan), and the version a scan is recorded under is the version its files were
+matched with. A worker pinned to another version before is replaced by a fresh one (the
+old rules leave memory with it). A version the worker cannot load fails that VM's scan.
 
 Processes. ``multiprocessing`` "forkserver" with the worker's modules preloaded: the
 controller has threads (scan workers, grant pollers, the console), and a plain ``fork`` of
@@ -190,6 +191,7 @@ class _Worker:
     pipe: Any
     url: str
     token: str
+    version: int = 0        # the signature version it is pinned to (0: none yet)
 
     @property
     def pid(self) -> int:
@@ -264,21 +266,39 @@ class DiskWorkers:
             self._give_back(worker)
 
     def _pinned(self, version: int) -> _Worker:
-        """A worker of this scan's, pinned to ``version``; one found dead at the pin (it
-        died idle: no VM's outage) is replaced once."""
-        for attempt in (1, 2):
+        """A worker for this scan, pinned to ``version``. One pinned to another version
+        before is replaced by a fresh one (so no worker holds the rules of versions no
+        longer scanned with); one found dead at the pin (it died idle: no VM's outage) is
+        replaced once."""
+        lost = False
+        while True:
             worker = self._take()
+            if worker.version not in (0, version):
+                log.info("disk-scan worker %s scanned with signature version %s, now %s: "
+                         "replaced", worker.pid, worker.version, version)
+                self._retire(worker)
+                continue
             try:
                 worker.ask({"pin": version}, timeout=PIN_TIMEOUT)
-                return worker
             except errors.ConnectionLost:
                 self._give_back(worker)
-                if attempt == 2:
+                if lost:
                     raise
+                lost = True
+                continue
             except BaseException:
                 self._give_back(worker)
                 raise
-        raise AssertionError("unreachable")
+            worker.version = version
+            return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """Take a worker out of the pool and end it."""
+        with self._cond:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            self._cond.notify_all()
+        worker.stop()
 
     def _take(self) -> _Worker:
         with self._cond:
