@@ -113,14 +113,17 @@ class _Pinned:
         self._session: Any = None
 
     def pin(self, version: int) -> int:
-        """Scan under ``version`` from now on (its rules loaded now: a broken one fails here)."""
-        if self._session is None or self._session.version != version:
-            self.unpin()
+        """Scan under ``version`` from now on (its rules loaded now: a broken one fails here);
+        a worker serves one version in its life (the pool replaces it for another)."""
+        if self._session is None:
             self._session = self._open.enter_context(self._engine.session(version=version))
+        elif self._session.version != version:
+            raise errors.EngineError(f"pinned to signature version {self._session.version}, "
+                                     f"not {version}")
         return int(self._session.version)
 
-    def unpin(self) -> None:
-        """End the session (its verdict-cache writes committed); nothing scans until a pin."""
+    def close(self) -> None:
+        """End the session (its verdict-cache writes committed)."""
         self._session = None
         self._open.close()
 
@@ -181,7 +184,7 @@ def _serve(settings: Any, token: str, pipe: Any) -> None:
         pass
     finally:
         service.shutdown()
-        pinned.unpin()
+        pinned.close()
         engine.close()
 
 
