@@ -87,10 +87,11 @@ def _forkserver() -> Any:
 
 
 def _release_forkserver() -> None:
-    """The last pool closed: end the fork server and wait for it, so that no process of ours
-    outlives ``App.close`` and its CPU time (and that of the workers it reaped) is accounted
-    to this process, as a child's. While any pool is open it stays: a worker's exit status
-    comes through it."""
+    """The last pool closed: end the fork server and wait for it, so that it does not
+    outlive ``App.close`` and its CPU time (and that of the workers it reaped) is accounted
+    to this process, as a child's (multiprocessing's resource tracker, which it started,
+    stays until this process ends, as it does for any use of multiprocessing). While any
+    pool is open it stays: a worker's exit status comes through it."""
     global _server_users
     with _server_lock:
         _server_users -= 1
