@@ -142,7 +142,7 @@ class _Pinned:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Any]:
-        """The pinned session (for each file the service scans)."""
+        """The pinned session (for each batch of files the service scans)."""
         if self._session is None:
             raise errors.EngineError("no signature version pinned")
         yield self._session
