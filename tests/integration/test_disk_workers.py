@@ -389,3 +389,22 @@ def test_the_pool_never_starts_more_than_its_size(tmp_path: Path) -> None:
         assert len(pool.pids()) == 1
     finally:
         pool.close()
+
+
+def test_warm_starts_the_fork_server_before_any_worker_and_close_ends_it(
+        tmp_path: Path) -> None:
+    s = config.load(env={"VSPHERE_AV_STATE_DIR": str(tmp_path / "state")})
+    assert fork_servers() == set()
+    pool = DiskWorkers(settings=s, count=1)
+    try:
+        pool.warm()
+        deadline = time.monotonic() + 60
+        while not fork_servers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (server,) = fork_servers()
+        assert pool.pids() == []                 # the server only: no worker yet
+    finally:
+        pool.close()
+    wait_gone({server})
+    assert fork_servers() == set()
+

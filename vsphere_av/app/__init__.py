@@ -325,16 +325,21 @@ class App:
         if remote is not None or not self.settings.scan.disk_workers:
             yield remote
             return
+        # The worker scans under this process's active version (the built-in signatures
+        # imported by this process's engine before any worker reads the store).
+        version = self.engine.active_version()
+        with self._disk_pool().engine(version=version) as worker:
+            yield worker
+
+    def _disk_pool(self) -> Any:
+        """The local disk-scan workers (``app.disk_workers.DiskWorkers``), made on first use."""
         with self._disk_workers_lock:
             if self._disk_workers is None:
                 from vsphere_av.app.disk_workers import DiskWorkers
 
                 self._disk_workers = DiskWorkers(settings=self.settings,
                                                  count=self.settings.scan.disk_workers)
-        # The worker scans under this process's active version (the built-in signatures
-        # imported by this process's engine before any worker reads the store).
-        with self._disk_workers.engine(version=self.engine.active_version()) as worker:
-            yield worker
+            return self._disk_workers
 
     def _scan_disks_with(self, vm: VmInfo, remote: Any, *, full: bool,
                          on_progress: Callable[[Progress], None] | None,
@@ -490,6 +495,9 @@ class App:
         Scan snapshots an earlier run left behind are removed first.
         """
         started = time.monotonic()
+        if self.settings.scan.disk_workers and not self.settings.appliances.enabled and \
+                (via or self.settings.scan.via) != "guest":
+            self._disk_pool().warm()       # its imports while vCenter logs in and lists
         vms = self.select_vms(names=names, all_vms=all_vms)
         version = self.engine.active_version()
         self.remove_leftover_snapshots()

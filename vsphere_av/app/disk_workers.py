@@ -105,6 +105,15 @@ def _release_forkserver() -> None:
             stop()
 
 
+def _ensure_forkserver() -> None:
+    from multiprocessing import forkserver
+
+    try:
+        forkserver.ensure_running()
+    except Exception as exc:    # the first worker's start will try again and say why
+        log.warning("the disk workers' fork server did not start: %s", exc)
+
+
 class _Pinned:
     """The worker's engine as its service sees it: one signature version, pinned by the
     controller before each VM (``engine.Engine``'s ``session`` / ``active_version`` shape)."""
@@ -245,9 +254,21 @@ class DiskWorkers:
         self._cond = threading.Condition()
         self._closed = False
         self._context: Any = None           # the fork server's, from the first start on
+        self._warming: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"<DiskWorkers {len(self._workers)}/{self._count}>"
+
+    def warm(self) -> None:
+        """Start the fork server now, in the background (its imports take about a second),
+        so that the first worker a scan asks for is already a plain fork."""
+        with self._cond:
+            if self._closed or self._context is not None:
+                return
+            self._context = _forkserver()
+            self._warming = threading.Thread(target=_ensure_forkserver, daemon=True,
+                                             name="disk-workers-warm")
+            self._warming.start()
 
     def pids(self) -> list[int]:
         """The running workers' process ids."""
@@ -415,5 +436,7 @@ class DiskWorkers:
             w.pipe.close()
         for w in workers:
             w.stop()
+        if self._warming is not None:       # a server it starts is the one stopped here
+            self._warming.join(START_TIMEOUT)
         if used_server:
             _release_forkserver()
