@@ -334,7 +334,9 @@ from vsphere_av.app import App
 app = App(config.load(config_file=Path(sys.argv[1])))
 report = app.scan(names=[sys.argv[2]], full=True)
 print(report.results[0].status, *app._disk_workers.pids(), flush=True)
-time.sleep(600)
+if sys.argv[3] == "sleep":
+    time.sleep(600)
+# "exit": the interpreter ends with the App never closed (still referenced here)
 """
 
 
@@ -343,7 +345,8 @@ def test_a_killed_controller_leaves_no_worker_behind(
     state = tmp_path / "state"
     settings(sim, state, workers=2)
     env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "state.toml"), VM0],
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "state.toml"), VM0,
+                             "sleep"],
                             env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -364,6 +367,22 @@ def test_a_killed_controller_leaves_no_worker_behind(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_controller_that_exits_without_closing_its_app_ends_its_workers(
+        sim: simulator.Simulator, tmp_path: Path, dormant_vms: None) -> None:
+    state = tmp_path / "state"
+    settings(sim, state, workers=1)
+    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "state.toml"), VM0,
+                           "exit"], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, *pids = proc.stdout.split()
+    assert status == "infected"
+    (worker,) = (int(p) for p in pids)
+    wait_gone({worker})
+    assert not alive(worker)
 
 
 def test_the_pool_never_starts_more_than_its_size(tmp_path: Path) -> None:

@@ -47,12 +47,15 @@ the next VM that needs one starts a fresh one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.util
 import secrets
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +76,18 @@ PRELOAD = ["vsphere_av.app.disk_workers", "vsphere_av.engine", "vsphere_av.engin
 
 _server_lock = threading.Lock()
 _server_users = 0           # pools that started a worker and are not closed
+_open_pools: weakref.WeakSet[DiskWorkers] = weakref.WeakSet()
+
+
+def _close_open_pools() -> None:
+    """At exit, the pools nobody closed: their workers end before multiprocessing's own
+    exit handler (registered before this one, so run after it) terminates and joins them,
+    which would wait forever on a worker that ignores SIGTERM and still has its pipe."""
+    for pool in list(_open_pools):
+        pool.close()
+
+
+atexit.register(_close_open_pools)
 
 
 def _forkserver() -> Any:
@@ -255,6 +270,7 @@ class DiskWorkers:
         self._closed = False
         self._context: Any = None           # the fork server's, from the first start on
         self._warming: threading.Thread | None = None
+        _open_pools.add(self)
 
     def __repr__(self) -> str:
         return f"<DiskWorkers {len(self._workers)}/{self._count}>"
