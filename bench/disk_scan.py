@@ -19,7 +19,10 @@ What is compared, and how it is kept fair:
     (cold verdict cache, empty file index and disk index: every side reads and matches
     every byte; ``--full`` on both scans).
   * Same cores: the local side runs JOBS worker processes; the guest and disk sides scan
-    JOBS VMs at once (per-host limit JOBS, all VMs on one host). The simulator that plays
+    JOBS VMs at once (per-host limit JOBS, all VMs on one host); the disk side reads and
+    matches each VM in the scanning process, or in a disk-scan worker process with
+    ``--disk-workers N`` (``scan.disk_workers``: a pool of N worker processes, reused
+    from VM to VM, their CPU time counted with the scan's). The simulator that plays
     vCenter and the ESXi host (Guest Operations transfers, datastore ``/folder`` range
     reads) runs on the same cores and its CPU time is reported.
   * Page cache warm for all (the corpus is read once before the first run; the disk images
@@ -59,6 +62,7 @@ sys.path.insert(0, str(HERE))
 import engine as engine_bench  # noqa: E402  (bench/engine.py: corpus builder, sampler)
 import guest_scan  # noqa: E402  (bench/guest_scan.py: tree, split, rules, measured runs)
 
+from vsphere_av.config import ScanPolicy  # noqa: E402
 from vsphere_av.lab import simulator  # noqa: E402
 
 GOAL_LOCAL = 0.8
@@ -132,9 +136,14 @@ def main() -> None:
     parser.add_argument("--no-guest", action="store_true",
                         help="leave the Guest Operations side out (no disk/guest ratio)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--disk-workers", type=int, default=None,
+                        help="scan.disk_workers for the disk side (default: the product's, "
+                        "0: read in the scanning process)")
     parser.add_argument("--reads-only", metavar="VM", nargs="+",
                         help=argparse.SUPPRESS)     # internal: the ceiling run, as a child
     args = parser.parse_args()
+    if args.disk_workers is not None and args.disk_workers < 0:
+        parser.error("--disk-workers must be 0 or more")
     if args.reads_only:
         disk_reads_only(args.reads_only)
         return
@@ -176,7 +185,11 @@ def main() -> None:
             config.write_text(
                 f'[scan]\nlinux_roots = {json.dumps(ROOTS)}\naction = "report"\n'
                 f'fallback_action = ""\nper_host_limit = {args.jobs}\n'
-                f"max_file_size = {64 * 1024 * 1024}\n")
+                f"max_file_size = {64 * 1024 * 1024}\n"
+                + ("" if args.disk_workers is None else
+                   f"disk_workers = {args.disk_workers}\n"))
+            workers = (ScanPolicy().disk_workers if args.disk_workers is None
+                       else args.disk_workers)
             sim_env = {"VSPHERE_AV_SERVER": sim.url, "VSPHERE_AV_THUMBPRINT": sim.thumbprint,
                        "VSPHERE_AV_GUEST_USER": sim.guest_user,
                        "VSPHERE_AV_GUEST_PASSWORD": sim.guest_password,
@@ -187,7 +200,8 @@ def main() -> None:
                   f"VMs, disk: {vms} powered-off VMs (ext4 on GPT in monolithicSparse VMDKs, "
                   f"built in {built:.1f} s), all on 1 host, {args.jobs} VMs scanned at once; "
                   f"files per VM {', '.join(f'{n}/{b / 1e6:.0f} MB' for n, b in per_vm)}; "
-                  f"1 process + the simulator on the same {os.cpu_count()} cores\n"
+                  f"disk side: {workers or 'no'} disk-scan worker processes; all with the "
+                  f"simulator on the same {os.cpu_count()} cores\n"
                   f"verdict cache on and empty, file and disk index empty, page cache warm; "
                   f"{args.repeat} interleaved rounds", flush=True)
             sides = ["local", "disk", "reads"] + ([] if args.no_guest else ["guest"])

@@ -245,6 +245,10 @@ class ScanPolicy:
     via: Annotated[Str, _rule(lambda v: v in SCAN_VIA, "must be one of auto, disk, guest")] = "auto"
     # Quiesce the guest (VMware Tools flush its file systems) for the scan snapshot.
     disk_quiesce: Bool = False
+    # Disk scans of VMs no appliance serves run in a pool of this many local worker
+    # processes, reused across scans, one VM each at a time (app/disk_workers.py); 0 reads
+    # and matches them in this process.
+    disk_workers: Annotated[int, Strict(), Field(ge=0, le=256)] = 0
 
 
 RELEASE_RULES = ("operator", "clean_rescan")

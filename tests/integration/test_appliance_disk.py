@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,10 @@ def test_the_appliance_reads_the_disks_on_its_host_and_finds_what_the_controller
     add_disk(si, VM0)
     wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
 
-    # The controller reading the disk itself (no appliances): its /folder requests show.
+    # The controller reading the disk itself (no appliances, no disk-scan worker process):
+    # its /folder requests show.
     local = config.load(env=env_for(sim, tmp_path / "local"))
+    local = replace(local, scan=replace(local.scan, disk_workers=0))
     with App(local, actor="tester") as app:
         vm = next(v for v in app.select_vms(names=[VM0]))
         here, sent_here = folder_requests(lambda: app.scan_one(vm, full=True, via="disk"))

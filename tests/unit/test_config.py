@@ -119,6 +119,9 @@ def test_insecure_only_when_asked(value: str, expected: bool) -> None:
         ("[siem]\ninterval = 0\n", "siem.interval must be more than 0 seconds"),
         ("[controller]\nevent_poll = 0\n", "controller.event_poll must be more than 0"),
         ("[controller]\ncontainment_threads = 0\n", "containment_threads must be at least 1"),
+        ("[scan]\ndisk_workers = -1\n", "^config: scan.disk_workers must be at least 0$"),
+        ('[scan]\ndisk_workers = "2"\n', "scan.disk_workers must be a whole number"),
+        ("[scan]\ndisk_workers = 1000\n", "scan.disk_workers must be at most 256"),
         ('[siem]\ntarget = "tcp://h:99999"\n', "siem.target"),
         # Roles name people: never everyone.
         ('[access]\nauditors = ["ALL"]\n', "access.auditors: 'ALL' is refused"),

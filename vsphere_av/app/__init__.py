@@ -13,13 +13,14 @@ included when the CLI hands one in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -152,9 +153,13 @@ class App:
         self._tag_failures = remediate.TagFailures()
         self._fleet: Any = None
         self._fleet_lock = threading.Lock()
+        self._disk_workers: Any = None
+        self._disk_workers_lock = threading.Lock()
 
     def close(self) -> None:
         """Log out and close files."""
+        if self._disk_workers is not None:
+            self._disk_workers.close()
         if self._tagging is not None:
             self._tagging.close()
         if self._conn is not None:
@@ -304,8 +309,41 @@ class App:
         vNICs cut before it boots (:meth:`isolate_infected`). With appliances enabled the
         VM's host appliance reads and matches the bytes (``scan.sources.remote_disk``; this
         process grants it the service tickets); its appliance down: ApplianceError before
-        any snapshot.
+        any snapshot. Without one, the bytes are read and matched by a local worker process
+        (``app.disk_workers``, the same routes an appliance serves) unless
+        ``scan.disk_workers`` is 0: then by this process.
         """
+        with self._disk_engine(vm) as remote:
+            return self._scan_disks_with(vm, remote, full=full, on_progress=on_progress,
+                                         resume_after=resume_after)
+
+    @contextlib.contextmanager
+    def _disk_engine(self, vm: VmInfo) -> Iterator[Any]:
+        """Who reads a VM's disks: its host's appliance, a local worker process, or None
+        (this process)."""
+        remote = self.appliance_engine(vm)
+        if remote is not None or not self.settings.scan.disk_workers:
+            yield remote
+            return
+        # The worker scans under this process's active version (the built-in signatures
+        # imported by this process's engine before any worker reads the store).
+        version = self.engine.active_version()
+        with self._disk_pool().engine(version=version) as worker:
+            yield worker
+
+    def _disk_pool(self) -> Any:
+        """The local disk-scan workers (``app.disk_workers.DiskWorkers``), made on first use."""
+        with self._disk_workers_lock:
+            if self._disk_workers is None:
+                from vsphere_av.app.disk_workers import DiskWorkers
+
+                self._disk_workers = DiskWorkers(settings=self.settings,
+                                                 count=self.settings.scan.disk_workers)
+            return self._disk_workers
+
+    def _scan_disks_with(self, vm: VmInfo, remote: Any, *, full: bool,
+                         on_progress: Callable[[Progress], None] | None,
+                         resume_after: str) -> ScanResult:
         from vsphere_av.scan.filters import Filters
         from vsphere_av.scan.sources.disk import DiskGuest
         from vsphere_av.scan.sources.guest import DEFERRED
@@ -313,7 +351,6 @@ class App:
         from vsphere_av.vsphere import disks
         from vsphere_av.vsphere.guest import GuestFiles
 
-        remote = self.appliance_engine(vm)
         conn = self.connection
         user, password = self.settings.guest.for_vm(vm_name=vm.name, folder_path=vm.folder_path)
         remediation: Any = None
@@ -459,6 +496,9 @@ class App:
         Scan snapshots an earlier run left behind are removed first.
         """
         started = time.monotonic()
+        if self.settings.scan.disk_workers and not self.settings.appliances.enabled and \
+                (via or self.settings.scan.via) != "guest":
+            self._disk_pool().warm()       # its imports while vCenter logs in and lists
         vms = self.select_vms(names=names, all_vms=all_vms)
         version = self.engine.active_version()
         self.remove_leftover_snapshots()
