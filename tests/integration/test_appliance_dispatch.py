@@ -166,3 +166,37 @@ def test_a_remembered_route_whose_appliance_stopped_gives_appliance_down(world: 
         waiting = app.scan_one(vm)
         assert (waiting.status, waiting.reason) == ("error", "appliance down")
         assert app.fleet.adapter.observes == 2
+
+
+def test_an_appliance_behind_the_active_signature_version_is_waited_for(
+        world: World, tmp_path: Path) -> None:
+    """A version activated on the controller and not yet pushed to the host's appliance:
+    the scan is refused as "appliance unhealthy" (the job waits for the health loop's push)
+    rather than matched under the appliance's old version and recorded as if under the new
+    one; once the appliance has the version, the scan runs and is recorded under it."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "marker.yar").write_text(
+        'rule BehindMarker { strings: $m = "behind-marker-7f3a" condition: $m }\n')
+    with world.app() as app:
+        vms = {v.name: v for v in inventory.list_vms(app.connection)}
+        vm = vms["DC0_C0_RP0_VM1"]
+        assert vm.host is not None
+        assert app.scan_one(vm).status == "clean"
+        old = app.engine.active_version()
+        new = app.engine.store.import_bundle(bundle).info.version
+        assert new > old
+        plant(world.sim, vm.name, "/home/bob/marker.txt", b"behind-marker-7f3a\n")
+        waiting = app.scan_one(vm)
+        assert waiting.status == "error"
+        assert waiting.reason == (f"appliance unhealthy: signature version {old}, "
+                                  f"expected {new}")
+        # The push: the appliance's engine gets the same bundle (as `appliances
+        # push-signatures` lands it), and the scan goes through under the new version.
+        service = world.services[vm.host.name]
+        pushed = service.engine.store.import_bundle(bundle).info.version
+        assert pushed == new
+        found = app.scan_one(vm)
+        assert found.status == "infected", found.reason
+        assert found.signature_version == new
+        assert {f.path for f in found.found} == {"/home/bob/marker.txt"}

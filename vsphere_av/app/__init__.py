@@ -278,7 +278,7 @@ class App:
                                   reason="no guest credentials configured", full=full)
             guest = GuestFiles(connection=self.connection, vm=vm, user=user, password=password)
             guest, engine = self.appliance_route(vm, guest)
-            with engine.session() as session:
+            with engine.session(version=self.engine.active_version()) as session:
                 result = scan_vm(vm=vm, guest=guest, session=session, store=self.store,
                                  audit=self.audit, quarantine=self.quarantine,
                                  policy=self.settings.scan, full=full, actor=self.actor,
@@ -389,7 +389,8 @@ class App:
                                              remediation=remediation,
                                              remediation_pending=pending)
                 try:
-                    with (remote or self.engine).session() as opened:
+                    with (remote or self.engine).session(
+                            version=self.engine.active_version()) as opened:
                         session = opened if remote is None else RemoteDiskSession(opened)
                         result = scan_vm(vm=vm, guest=source, session=session, store=self.store,
                                          audit=self.audit, quarantine=self.quarantine,

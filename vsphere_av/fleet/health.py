@@ -61,12 +61,17 @@ def engine_check(app: ApplianceAddress, client: Any, *,
     if health.get("status") != "ok":
         reason = f"appliance unhealthy: engine status {health.get('status')}"
     elif expected_version is not None and version != expected_version:
-        reason = (f"appliance unhealthy: signature version {version}, "
-                  f"expected {expected_version}")
+        reason = version_reason(version, expected=expected_version)
     else:
         reason = ""
     return ApplianceCheck(app.host_id, app.host, app.vm, app.address, ok=not reason,
                           reason=reason, signature_version=version)
+
+
+def version_reason(version: Any, *, expected: int) -> str:
+    """Why an appliance on another signature version than the controller's active one may
+    not scan (the push from the health loop brings it up to date; scans wait for it)."""
+    return f"appliance unhealthy: signature version {version}, expected {expected}"
 
 
 def unhealthy_hosts(checks: Iterable[ApplianceCheck]) -> dict[str, str]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vsphere_av.errors import ApplianceError, EngineError
+from vsphere_av.fleet.health import version_reason
 from vsphere_av.fleet.plan import APPLIANCE_DOWN
 from vsphere_av.models import ApplianceAddress
 
@@ -140,8 +141,11 @@ class RoutedEngine:
         return int(self.engine.active_version())
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Any]:
-        """A session of the host's appliance (``RemoteEngine.session``)."""
+    def session(self, *, version: int | None = None) -> Iterator[Any]:
+        """A session of the host's appliance (``RemoteEngine.session``); with ``version``
+        (the controller's active one), an appliance on another version is refused as
+        unhealthy (ApplianceError), so a scan is never recorded under a version its files
+        were not matched with: the job waits for the health loop's push."""
         with contextlib.ExitStack() as stack:
             try:
                 session = stack.enter_context(self.engine.session())
@@ -153,4 +157,6 @@ class RoutedEngine:
                     raise
                 self.address, self.engine = address, self.routes.connect(address)
                 session = stack.enter_context(self.engine.session())
+            if version is not None and session.version != version:
+                raise ApplianceError(version_reason(session.version, expected=version))
             yield session

@@ -151,9 +151,15 @@ class RemoteEngine:
         return version
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[RemoteSession]:
-        """A session bound to the appliance's active version at the time of the call."""
+    def session(self, *, version: int | None = None) -> Iterator[RemoteSession]:
+        """A session bound to the appliance's active version at the time of the call; with
+        ``version``, EngineError when that is another one (``engine.Engine.session`` pins
+        ``version``; a service cannot be made to)."""
         try:
-            yield RemoteSession(self.client, self.active_version())
+            active = self.active_version()
+            if version is not None and active != version:
+                raise EngineError(f"{self.client.base_url}: scans with signature version "
+                                  f"{active}, not {version}")
+            yield RemoteSession(self.client, active)
         finally:
             self.client.close()   # pooled connections only; the client opens new ones later
