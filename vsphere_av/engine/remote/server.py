@@ -60,8 +60,6 @@ GUEST_FILE_PATH = "/guestFile"
 
 # An added route of the service: the request's JSON object -> the answer's (EngineError: 400).
 JsonRoute = Callable[[dict[str, Any]], dict[str, Any]]
-# One stream into an open engine session (``EngineService.scanning``): FileOutcome JSON.
-StreamScan = Callable[..., dict[str, Any]]
 
 
 def load_token(*, token_file: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -259,20 +257,16 @@ class EngineService:
                 self._slots.release()
 
     @contextlib.contextmanager
-    def scanning(self) -> Iterator[StreamScan]:
+    def scanning(self) -> Iterator[ServiceSession]:
         """One engine session (the active signatures, loaded once; the verdict cache flushed
-        when it ends) for several streams: yields ``scan(chunks, *, path, name, owner,
-        size_hint)`` -> FileOutcome JSON + signature_version."""
+        when it ends) for several streams: yields a :class:`ServiceSession`, called as
+        ``scan(chunks, *, path, name, owner, size_hint)`` -> FileOutcome JSON +
+        signature_version, or in two halves (``receive``, then ``scan_received``) so that
+        one thread reads the next file while another matches this one."""
         with self._lock:
             self._stats.sessions += 1
         with self.engine.session() as session:
-            def scan(chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
-                     size_hint: int | None) -> dict[str, Any]:
-                outcome = session.scan_stream(chunks, path=path, name=name, owner=owner,
-                                              size_hint=size_hint)
-                return {**outcome.as_dict(), "signature_version": session.version}
-
-            yield scan
+            yield ServiceSession(session)
 
     def scan(self, chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
              size_hint: int | None) -> dict[str, Any]:
@@ -285,6 +279,32 @@ class EngineService:
         with self._lock:
             self._stats.pulls += 1
         return self._fetch(url, thumbprint=thumbprint)
+
+
+class ServiceSession:
+    """One engine session of the service (:meth:`EngineService.scanning`): outcomes as the
+    wire carries them (FileOutcome JSON + signature_version)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def __call__(self, chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
+                 size_hint: int | None) -> dict[str, Any]:
+        return self._json(self._session.scan_stream(chunks, path=path, name=name,
+                                                    owner=owner, size_hint=size_hint))
+
+    def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any:
+        """A file's bytes taken in (hashed, held) to be matched later (``Session.receive``)."""
+        return self._session.receive(chunks, size_hint=size_hint)
+
+    def scan_received(self, received: Any, *, path: str, name: str | None,
+                      owner: str) -> dict[str, Any]:
+        """The verdict on a file from :meth:`receive` (``Session.scan_received``)."""
+        return self._json(self._session.scan_received(received, path=path, name=name,
+                                                      owner=owner))
+
+    def _json(self, outcome: Any) -> dict[str, Any]:
+        return {**outcome.as_dict(), "signature_version": self._session.version}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

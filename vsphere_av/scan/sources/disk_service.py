@@ -60,7 +60,7 @@ import dataclasses
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -79,7 +79,7 @@ from vsphere_av.models import (
     VmInfo,
 )
 from vsphere_av.scan.filters import Filters
-from vsphere_av.scan.sources.guest import Feed
+from vsphere_av.scan.sources.guest import Fetched, Transfers
 
 if TYPE_CHECKING:     # the reader loads Dissect and libyal: imported when a session opens
     from vsphere_av.scan.sources.disk import DatastoreReader, DiskGuest
@@ -91,7 +91,17 @@ MAX_SESSIONS = 64
 MAX_POLL_WAIT = 30.0
 
 GrantFn = Callable[..., FolderGrant]     # (datastore, path, *, tickets=1) -> FolderGrant
-Scan = Callable[..., dict[str, Any]]     # (chunks, *, path, name, owner, size_hint) -> outcome
+
+
+class Scan(Protocol):
+    """One engine session of the service (``engine.remote.ServiceSession``): outcomes as
+    FileOutcome JSON, for a stream or for a file received ahead."""
+
+    def __call__(self, chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
+                 size_hint: int | None) -> dict[str, Any]: ...
+    def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
+    def scan_received(self, received: Any, *, path: str, name: str | None,
+                      owner: str) -> dict[str, Any]: ...
 
 
 class ReaderFactory(Protocol):
@@ -389,14 +399,24 @@ class DiskService:
         failure: dict[str, str] | None = None
         with session.lock, self._scanning() as scan:
             guest = session.guest
-            for f in files:
-                try:
-                    results.append({"outcome": self._scan_file(guest, scan, f)})
-                except errors.ConnectionLost as exc:
-                    failure = error_json(exc)       # an outage: no file after it is read
-                    break
-                except errors.VsphereAvError as exc:
-                    results.append({"raise": error_json(exc)})     # this file's own error
+            # The call's files are read ahead (the transfer pipeline's thread: reading the
+            # next file, Python parsing, while this thread matches one, YARA without the
+            # interpreter lock); what is read ahead is at most one batch.
+            ahead = Transfers(guest, scan, name=f"disk-{guest.vm.name}", enabled=True)
+            try:
+                for f in files:
+                    ahead.submit(GuestFile(path=str(f.get("path", "")), type="file", size=0,
+                                           name=str(f.get("name") or "")))
+                for f in files:
+                    try:
+                        results.append({"outcome": self._verdict(scan, ahead.take(), f)})
+                    except errors.ConnectionLost as exc:
+                        failure = error_json(exc)   # an outage: no file after it is read
+                        break
+                    except errors.VsphereAvError as exc:
+                        results.append({"raise": error_json(exc)})     # this file's own error
+            finally:
+                ahead.close()
             read = guest.bytes_read()
         if single:
             return {**(results[0] if results else {"raise": failure}), "bytes_read": read}
@@ -406,20 +426,17 @@ class DiskService:
         return answer
 
     @staticmethod
-    def _scan_file(guest: DiskGuest, scan: Scan,
-                   f: dict[str, Any]) -> dict[str, Any]:
-        """One file read and scanned: its FileOutcome JSON; raises what broke the read."""
-        path = str(f.get("path", ""))
+    def _verdict(scan: Scan, fetched: Fetched, f: dict[str, Any]) -> dict[str, Any]:
+        """One file read ahead, matched: its FileOutcome JSON; raises what broke the read."""
+        if fetched.error is not None:
+            raise fetched.error
+        received = fetched.take()
+        if received is None:
+            raise errors.ConnectionLost(f"{fetched.entry.path}: not read (the scan stopped)")
         name = f.get("name")
-        download = guest.open_download(path)
-        feed = Feed(download.chunks())
-        try:
-            outcome = scan(feed, path=path, name=str(name) if name else None,
-                           owner=str(f.get("owner") or ""), size_hint=download.size)
-        finally:
-            download.close()
-        feed.check()
-        return outcome
+        return scan.scan_received(received, path=fetched.entry.path,
+                                  name=str(name) if name else None,
+                                  owner=str(f.get("owner") or ""))
 
     def grants(self, request: dict[str, Any]) -> dict[str, Any]:
         """The controller's long poll: grants in, the readers' needs out."""
