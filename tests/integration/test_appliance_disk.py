@@ -10,6 +10,7 @@ HTTP request this process writes), so a request the controller made cannot hide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,27 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 
 
 _hooked: list[bool] = []
+
+
+@contextlib.contextmanager
+def remote_guest(settings: config.Settings,
+                 url: str) -> Iterator[tuple[Any, EngineClient]]:
+    """VM0's disks as the engine service at ``url`` reads them (its grants from this
+    process's vCenter session), walked and scanned by the test; closed afterwards."""
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+    from vsphere_av.vsphere import disks
+
+    client = EngineClient(url, token=TOKEN)
+    with App(settings, actor="tester") as app, \
+            disks.DatastoreFiles(connection=app.connection) as files:
+        vm = next(v for v in app.select_vms(names=[VM0]))
+        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
+                                client=client, grant=files.grant, excludes=())
+        try:
+            yield guest, client
+        finally:
+            guest.close()
+            client.close()
 
 
 def requests_sent(run: Any) -> tuple[Any, list[bytes]]:
@@ -377,8 +399,6 @@ def test_a_file_the_appliance_cannot_read_is_that_files_result_in_its_batch(
 def test_the_batch_protocol_answers_each_file_in_order_and_the_one_file_form_still_works(
         sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
     from vsphere_av import errors
-    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
-    from vsphere_av.vsphere import disks
 
     settings, serve = world
     plant(sim, VM0, "/etc/fstab", FSTAB)
@@ -387,25 +407,16 @@ def test_the_batch_protocol_answers_each_file_in_order_and_the_one_file_form_sti
     si = connect(sim)
     wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
     url = serve()
-    client = EngineClient(url, token=TOKEN)
-    with App(settings, actor="tester") as app, \
-            disks.DatastoreFiles(connection=app.connection) as files:
-        vm = next(v for v in app.select_vms(names=[VM0]))
-        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
-                                client=client, grant=files.grant, excludes=())
-        try:
-            walked = {f.path for f in guest.walk(["/"], prune=lambda _: False,
-                                                 on_error=lambda p, e: None)}
-            before = sessions_opened(url)
-            answers, sent = requests_sent(lambda: guest.scan([
-                ("/srv/a.txt", "a.txt", ""), ("/srv/not-walked", None, ""),
-                ("/srv/eicar.com", "eicar.com", "")]))
-            one = client.call("/v1/disk/scan", {"session": guest._session, "path": "/srv/a.txt",
-                                                "name": "a.txt", "owner": ""})
-            sessions = sessions_opened(url) - before
-        finally:
-            guest.close()
-            client.close()
+    with remote_guest(settings, url) as (guest, client):
+        walked = {f.path for f in guest.walk(["/"], prune=lambda _: False,
+                                             on_error=lambda p, e: None)}
+        before = sessions_opened(url)
+        answers, sent = requests_sent(lambda: guest.scan([
+            ("/srv/a.txt", "a.txt", ""), ("/srv/not-walked", None, ""),
+            ("/srv/eicar.com", "eicar.com", "")]))
+        one = client.call("/v1/disk/scan", {"session": guest._session, "path": "/srv/a.txt",
+                                            "name": "a.txt", "owner": ""})
+        sessions = sessions_opened(url) - before
     assert {"/srv/a.txt", "/srv/eicar.com"} <= walked
     assert scan_calls(sent) == 1
     assert sessions == 2
@@ -451,8 +462,6 @@ def test_a_stop_asked_mid_batch_stops_at_that_file_and_the_next_run_resumes_afte
 def test_an_outage_mid_batch_answers_the_files_before_it_and_fails_the_rest(
         sim: simulator.Simulator, world: tuple[config.Settings, Any]) -> None:
     from vsphere_av import errors
-    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
-    from vsphere_av.vsphere import disks
 
     settings, serve = world
     plant(sim, VM0, "/etc/fstab", FSTAB)
@@ -461,22 +470,13 @@ def test_an_outage_mid_batch_answers_the_files_before_it_and_fails_the_rest(
     plant(sim, VM0, "/srv/c.txt", b"c\n")
     si = connect(sim)
     wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
-    client = EngineClient(serve(), token=TOKEN)
-    with App(settings, actor="tester") as app, \
-            disks.DatastoreFiles(connection=app.connection) as files:
-        vm = next(v for v in app.select_vms(names=[VM0]))
-        guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
-                                client=client, grant=files.grant, excludes=())
-        try:
-            list(guest.walk(["/"], prune=lambda _: False, on_error=lambda p, e: None))
-            (first,) = guest.scan([("/srv/a.txt", "a.txt", "")])     # its blocks now cached there
-            sim.stop()              # vCenter and the host's /folder gone: the next read fails
-            answers, sent = requests_sent(lambda: guest.scan([
-                ("/srv/a.txt", "a.txt", ""), ("/srv/big.bin", "big.bin", ""),
-                ("/srv/c.txt", "c.txt", "")]))
-        finally:
-            guest.close()
-            client.close()
+    with remote_guest(settings, serve()) as (guest, _client):
+        list(guest.walk(["/"], prune=lambda _: False, on_error=lambda p, e: None))
+        (first,) = guest.scan([("/srv/a.txt", "a.txt", "")])     # its blocks now cached there
+        sim.stop()              # vCenter and the host's /folder gone: the next read fails
+        answers, sent = requests_sent(lambda: guest.scan([
+            ("/srv/a.txt", "a.txt", ""), ("/srv/big.bin", "big.bin", ""),
+            ("/srv/c.txt", "c.txt", "")]))
     assert (first.path, first.status) == ("/srv/a.txt", "clean")
     assert scan_calls(sent) == 1
     answered, big, after = answers

@@ -404,33 +404,44 @@ def test_files_read_in_another_thread_while_the_walk_goes_on(images: Path,
     assert got == expected
 
 
+class FailingReads:
+    """A local disk image read through small-cached ``RangeFile`` s whose reads raise
+    ``error`` while ``failing`` is set (a transport that breaks and comes back)."""
+
+    def __init__(self, path: Path, error: errors.VsphereAvError) -> None:
+        self.local = path.open("rb")
+        self.size = path.stat().st_size
+        self.error = error
+        self.failing = False
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        if self.failing:
+            raise self.error
+        self.local.seek(offset)
+        return self.local.read(length)
+
+    def open(self, name: str) -> BinaryIO:
+        rf = RangeFile(self.read_range, self.size, block_size=4096, cache_blocks=4, name=name)
+        return rf  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.local.close()
+
+
 def test_a_transport_error_passes_through_unchanged(trees: dict[str, Path],
                                                     images: Path) -> None:
     path = mkdisk(trees["linux"], images / "transport.vmdk", "--fs", "ext4")
-    local = path.open("rb")
-    failing = False
-
-    def read_range(offset: int, length: int) -> bytes:
-        if failing:
-            raise errors.TransientError("datastore read: connection reset")
-        local.seek(offset)
-        return local.read(length)
-
-    def open_range(name: str) -> BinaryIO:
-        rf = RangeFile(read_range, path.stat().st_size, block_size=4096, cache_blocks=4,
-                       name=name)
-        return rf  # type: ignore[return-value]
-
+    reads = FailingReads(path, errors.TransientError("datastore read: connection reset"))
     try:
-        disk = open_virtual_disk(path.name, open_file=open_range)
+        disk = open_virtual_disk(path.name, open_file=reads.open)
         with DiskFiles.mount([disk]) as files:
-            failing = True          # the walk's reads, not the mount's, meet the failure
+            reads.failing = True    # the walk's reads, not the mount's, meet the failure
             problems: list[tuple[str, str]] = []
             with pytest.raises(errors.TransientError, match="connection reset"):
                 read_all(files, ["/"], problems)
             assert problems == []   # not taken for an unreadable directory or file
     finally:
-        local.close()
+        reads.close()
 
 
 def esp_tree(base: Path) -> Path:
@@ -550,37 +561,24 @@ def test_ext_mtimes_are_nanoseconds_since_1970(images: Path, tmp_path: Path, fs:
 def test_an_outage_inside_the_file_system_library_stays_an_outage(
         trees: dict[str, Path], images: Path, fs: str, library: str) -> None:
     path = mkdisk(trees["linux"], images / f"outage-{fs}.vmdk", "--fs", fs)
-    local = path.open("rb")
-    failing = False
-
-    def read_range(offset: int, length: int) -> bytes:
-        if failing:
-            raise errors.ConnectionLost("datastore read: host unreachable")
-        local.seek(offset)
-        return local.read(length)
-
-    def open_range(name: str) -> BinaryIO:
-        rf = RangeFile(read_range, path.stat().st_size, block_size=4096, cache_blocks=4,
-                       name=name)
-        return rf  # type: ignore[return-value]
-
+    reads = FailingReads(path, errors.ConnectionLost("datastore read: host unreachable"))
     try:
-        disk = open_virtual_disk(path.name, open_file=open_range)
+        disk = open_virtual_disk(path.name, open_file=reads.open)
         with DiskFiles.mount([disk]) as files:
             problems: list[tuple[str, str]] = []
             entries = {f.path: f for f in files.walk(["/"], on_error=lambda p, e: problems.append(
                 (p, str(e))))}
             stream = files.open(entries["/home/u/big.bin"])
-            failing = True          # the file's data is read by the C library
+            reads.failing = True    # the file's data is read by the C library
             with pytest.raises(errors.ConnectionLost, match="host unreachable") as caught:
                 b"".join(stream.chunks())
             # It crossed the library, which raised an IOError of its own in its place.
             assert str(caught.value.__context__).startswith(f"{library}_file_entry_read")
             assert problems == []
-            failing = False         # the connection is back: the same stream reads again
+            reads.failing = False   # the connection is back: the same stream reads again
             assert b"".join(stream.chunks()) == BIG
     finally:
-        local.close()
+        reads.close()
 
 
 def test_a_disk_cut_short_under_the_library_still_names_itself(trees: dict[str, Path],
