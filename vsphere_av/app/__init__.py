@@ -497,14 +497,11 @@ class App:
         Scan snapshots an earlier run left behind are removed first.
         """
         started = time.monotonic()
-        version = self.engine.active_version()
         if self.settings.scan.disk_workers and not self.settings.appliances.enabled and \
                 (via or self.settings.scan.via) != "guest":
-            # The workers start and load this version's rules while vCenter logs in and
-            # lists: as many as can scan at once (no more than the VMs named).
-            self._disk_pool().warm(version=version, workers=min(
-                self.settings.scan.disk_workers, len(names) or self.settings.scan.disk_workers))
+            self._disk_pool().warm()       # its imports while vCenter logs in and lists
         vms = self.select_vms(names=names, all_vms=all_vms)
+        version = self.engine.active_version()
         self.remove_leftover_snapshots()
         if on_start:
             on_start(vms)

@@ -276,46 +276,16 @@ class DiskWorkers:
     def __repr__(self) -> str:
         return f"<DiskWorkers {len(self._workers)}/{self._count}>"
 
-    def warm(self, *, version: int = 0, workers: int = 0) -> None:
+    def warm(self) -> None:
         """Start the fork server now, in the background (its imports take about a second),
-        so that the first worker a scan asks for is already a plain fork; with ``version``,
-        then start up to ``workers`` workers pinned to it (their rules loaded), so that the
-        first VMs find them ready instead of waiting for a start and a pin each."""
+        so that the first worker a scan asks for is already a plain fork."""
         with self._cond:
             if self._closed or self._context is not None:
                 return
             self._context = _forkserver()
-            self._warming = threading.Thread(target=self._warm, daemon=True,
-                                             args=(version, min(workers, self._count)),
+            self._warming = threading.Thread(target=_ensure_forkserver, daemon=True,
                                              name="disk-workers-warm")
             self._warming.start()
-
-    def _warm(self, version: int, workers: int) -> None:
-        _ensure_forkserver()
-        if not version or workers < 1:
-            return
-        ready: list[_Worker] = []
-        lock = threading.Lock()
-
-        def start() -> None:
-            try:
-                worker = self._pinned(version)
-            except errors.VsphereAvError as exc:   # the scan's own start will say why
-                log.warning("a disk-scan worker did not start ahead: %s", exc)
-                return
-            with lock:
-                ready.append(worker)
-
-        # Each held until all are pinned (a worker given back at once would be taken again
-        # by the next start), their rules loaded side by side.
-        starts = [threading.Thread(target=start, name=f"disk-workers-warm-{n}", daemon=True)
-                  for n in range(workers)]
-        for thread in starts:
-            thread.start()
-        for thread in starts:
-            thread.join()
-        for worker in ready:
-            self._give_back(worker)
 
     def pids(self) -> list[int]:
         """The running workers' process ids."""
