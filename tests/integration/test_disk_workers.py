@@ -427,3 +427,25 @@ def test_warm_starts_the_fork_server_before_any_worker_and_close_ends_it(
     wait_gone({server})
     assert fork_servers() == set()
 
+
+
+def test_a_controller_whose_disks_a_worker_reads_never_loads_the_disk_reader(
+        sim: simulator.Simulator, tmp_path: Path, dormant_vms: None) -> None:
+    # Dissect and libyal (imports and cstruct compiling: about half a second of CPU) are the
+    # worker's; the controller process only walks through the protocol.
+    state = tmp_path / "state"
+    settings(sim, state, workers=1)
+    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom vsphere_av import config\n"
+        "from vsphere_av.app import App\n"
+        "with App(config.load(config_file=Path(sys.argv[1]))) as app:\n"
+        "    (result,) = app.scan(names=[sys.argv[2]], full=True).results\n"
+        "    workers = app._disk_workers.pids()\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('dissect', 'pyfs')))\n"
+        "print(result.status, len(workers), *loaded)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "state.toml"), VM0],
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["infected", "1"], proc.stdout

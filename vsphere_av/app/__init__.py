@@ -345,7 +345,6 @@ class App:
                          on_progress: Callable[[Progress], None] | None,
                          resume_after: str) -> ScanResult:
         from vsphere_av.scan.filters import Filters
-        from vsphere_av.scan.sources.disk import DiskGuest
         from vsphere_av.scan.sources.guest import DEFERRED
         from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest, RemoteDiskSession
         from vsphere_av.vsphere import disks
@@ -377,8 +376,11 @@ class App:
             else:
                 chains = disks.disks_of(conn, vm.moref)
             with disks.DatastoreFiles(connection=conn) as files:
-                source: DiskGuest | RemoteDiskGuest
+                source: Any
                 if remote is None:
+                    # The disk reader (Dissect, libyal) is loaded only where it reads.
+                    from vsphere_av.scan.sources.disk import DiskGuest
+
                     source = DiskGuest(vm=vm, disks=chains, files=files,
                                        remediation=remediation, remediation_pending=pending)
                 else:
