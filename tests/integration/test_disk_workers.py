@@ -326,6 +326,15 @@ def test_workers_listen_on_loopback_only_each_behind_its_own_token(
     assert not any(alive(pid) for pid in pids)
 
 
+def controller_env(sim: simulator.Simulator, tmp_path: Path, *, workers: int) -> dict[str, str]:
+    """The environment of a controller run as a child process (``tmp_path / "state.toml"``
+    its settings, ``workers`` disk workers): the simulator's vCenter, no guest login."""
+    state = tmp_path / "state"
+    settings(sim, state, workers=workers)
+    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    return {**os.environ, **env}
+
+
 SCRIPT = """
 import os, sys, time
 from pathlib import Path
@@ -342,12 +351,10 @@ if sys.argv[3] == "sleep":
 
 def test_a_killed_controller_leaves_no_worker_behind(
         sim: simulator.Simulator, tmp_path: Path, dormant_vms: None) -> None:
-    state = tmp_path / "state"
-    settings(sim, state, workers=2)
-    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    env = controller_env(sim, tmp_path, workers=2)
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "state.toml"), VM0,
                              "sleep"],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         status, *pids = proc.stdout.readline().split()
@@ -371,11 +378,9 @@ def test_a_killed_controller_leaves_no_worker_behind(
 
 def test_a_controller_that_exits_without_closing_its_app_ends_its_workers(
         sim: simulator.Simulator, tmp_path: Path, dormant_vms: None) -> None:
-    state = tmp_path / "state"
-    settings(sim, state, workers=1)
-    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    env = controller_env(sim, tmp_path, workers=1)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "state.toml"), VM0,
-                           "exit"], env={**os.environ, **env}, capture_output=True, text=True,
+                           "exit"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, *pids = proc.stdout.split()
@@ -433,9 +438,7 @@ def test_a_controller_whose_disks_a_worker_reads_never_loads_the_disk_reader(
         sim: simulator.Simulator, tmp_path: Path, dormant_vms: None) -> None:
     # Dissect and libyal (imports and cstruct compiling: about half a second of CPU) are the
     # worker's; the controller process only walks through the protocol.
-    state = tmp_path / "state"
-    settings(sim, state, workers=1)
-    env = {k: v for k, v in env_for(sim, state).items() if not k.startswith("VSPHERE_AV_GUEST")}
+    env = controller_env(sim, tmp_path, workers=1)
     script = (
         "import sys\nfrom pathlib import Path\nfrom vsphere_av import config\n"
         "from vsphere_av.app import App\n"
@@ -445,7 +448,7 @@ def test_a_controller_whose_disks_a_worker_reads_never_loads_the_disk_reader(
         "loaded = sorted(m for m in sys.modules if m.startswith(('dissect', 'pyfs')))\n"
         "print(result.status, len(workers), *loaded)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "state.toml"), VM0],
-                          env={**os.environ, **env}, capture_output=True, text=True,
+                          env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["infected", "1"], proc.stdout
