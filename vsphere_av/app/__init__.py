@@ -313,21 +313,23 @@ class App:
         (``app.disk_workers``, the same routes an appliance serves) unless
         ``scan.disk_workers`` is 0: then by this process.
         """
-        with self._disk_engine(vm) as remote:
-            return self._scan_disks_with(vm, remote, full=full, on_progress=on_progress,
-                                         resume_after=resume_after)
+        # One version for the whole scan: the worker is pinned to it, and the session that
+        # matches and records the files is opened for it.
+        version = self.engine.active_version()
+        with self._disk_engine(vm, version=version) as remote:
+            return self._scan_disks_with(vm, remote, version=version, full=full,
+                                         on_progress=on_progress, resume_after=resume_after)
 
     @contextlib.contextmanager
-    def _disk_engine(self, vm: VmInfo) -> Iterator[Any]:
-        """Who reads a VM's disks: its host's appliance, a local worker process, or None
-        (this process)."""
+    def _disk_engine(self, vm: VmInfo, *, version: int) -> Iterator[Any]:
+        """Who reads a VM's disks: its host's appliance, a local worker process pinned to
+        ``version``, or None (this process)."""
         remote = self.appliance_engine(vm)
         if remote is not None or not self.settings.scan.disk_workers:
             yield remote
             return
         # The worker scans under this process's active version (the built-in signatures
         # imported by this process's engine before any worker reads the store).
-        version = self.engine.active_version()
         with self._disk_pool().engine(version=version) as worker:
             yield worker
 
@@ -341,7 +343,7 @@ class App:
                                                  count=self.settings.scan.disk_workers)
             return self._disk_workers
 
-    def _scan_disks_with(self, vm: VmInfo, remote: Any, *, full: bool,
+    def _scan_disks_with(self, vm: VmInfo, remote: Any, *, version: int, full: bool,
                          on_progress: Callable[[Progress], None] | None,
                          resume_after: str) -> ScanResult:
         from vsphere_av.scan.filters import Filters
@@ -391,8 +393,7 @@ class App:
                                              remediation=remediation,
                                              remediation_pending=pending)
                 try:
-                    with (remote or self.engine).session(
-                            version=self.engine.active_version()) as opened:
+                    with (remote or self.engine).session(version=version) as opened:
                         session = opened if remote is None else RemoteDiskSession(opened)
                         result = scan_vm(vm=vm, guest=source, session=session, store=self.store,
                                          audit=self.audit, quarantine=self.quarantine,
