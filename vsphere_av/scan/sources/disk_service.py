@@ -94,11 +94,9 @@ GrantFn = Callable[..., FolderGrant]     # (datastore, path, *, tickets=1) -> Fo
 
 
 class Scan(Protocol):
-    """One engine session of the service (``engine.remote.ServiceSession``): outcomes as
-    FileOutcome JSON, for a stream or for a file received ahead."""
+    """One engine session of the service (``engine.remote.ServiceSession``): a file taken in
+    ahead, then its verdict as FileOutcome JSON."""
 
-    def __call__(self, chunks: Iterable[bytes], *, path: str, name: str | None, owner: str,
-                 size_hint: int | None) -> dict[str, Any]: ...
     def receive(self, chunks: Iterable[bytes], *, size_hint: int | None = None) -> Any: ...
     def scan_received(self, received: Any, *, path: str, name: str | None,
                       owner: str) -> dict[str, Any]: ...
@@ -275,8 +273,8 @@ class DiskService:
     """The ``/v1/disk/*`` routes of one engine service (see the module docstring).
 
     ``scanning``: opens one engine session for the files of one scan call
-    (``EngineService.scanning``: a context manager giving a scan of one stream, FileOutcome
-    JSON); ``reader``: builds a ``DatastoreReader`` over a grant source.
+    (``EngineService.scanning``: a context manager giving a :class:`Scan`); ``reader``:
+    builds a ``DatastoreReader`` over a grant source.
     """
 
     def __init__(self, *, scanning: Callable[[], AbstractContextManager[Scan]],
