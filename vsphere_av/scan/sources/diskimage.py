@@ -80,6 +80,7 @@ from dissect.volume.lvm.physical import LVM2Device
 
 from vsphere_av import errors
 from vsphere_av.models import GuestFile
+from vsphere_av.scan.sources.rangefile import RangeFile
 
 Opener = Callable[[str], BinaryIO]
 
@@ -567,39 +568,31 @@ class _LibyalIO:
         self._size = int(fh.seek(0, io.SEEK_END))
         self._pos = 0
         self._failure: BaseException | None = None
-        self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        # The library reads inodes 256 bytes at a time, and each read down the VMDK chain
+        # costs more than reading their whole table: small reads come from whole blocks.
+        self._metadata = RangeFile(self._read_at, self._size, block_size=METADATA_BLOCK,
+                                   cache_blocks=METADATA_BLOCKS, max_fetch_blocks=1,
+                                   readahead_blocks=0, name="volume metadata")
 
     def read(self, size: int = -1) -> bytes:
         try:
             if size is None or size < 0:
                 size = self._size - self._pos
             start = self._pos
-            block, offset = divmod(start, METADATA_BLOCK)
-            if offset + size <= METADATA_BLOCK:      # an inode, a directory block: cached
-                data = self._block(block)[offset:offset + size]
+            if start % METADATA_BLOCK + size <= METADATA_BLOCK:   # an inode, a directory block
+                self._metadata.seek(start)
+                data = self._metadata.read(size)
             else:
-                self._fh.seek(start)
-                data = bytes(self._fh.read(size))
+                data = self._read_at(start, size)
         except BaseException as exc:
             self._failure = exc
             raise
         self._pos += len(data)
         return data
 
-    def _block(self, block: int) -> bytes:
-        """One METADATA_BLOCK of the volume: the library reads inodes 256 bytes at a time,
-        and each read down the VMDK chain costs more than reading their whole table."""
-        data = self._blocks.get(block)
-        if data is None:
-            self._fh.seek(block * METADATA_BLOCK)
-            data = bytes(self._fh.read(max(0, min(METADATA_BLOCK,
-                                                  self._size - block * METADATA_BLOCK))))
-            self._blocks[block] = data
-            if len(self._blocks) > METADATA_BLOCKS:
-                self._blocks.popitem(last=False)
-        else:
-            self._blocks.move_to_end(block)
-        return data
+    def _read_at(self, offset: int, size: int) -> bytes:
+        self._fh.seek(offset)
+        return bytes(self._fh.read(size))
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
