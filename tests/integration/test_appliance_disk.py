@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,8 @@ def remote_guest(settings: config.Settings,
             disks.DatastoreFiles(connection=app.connection) as files:
         vm = next(v for v in app.select_vms(names=[VM0]))
         guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(app.connection, vm.moref),
-                                client=client, grant=files.grant, excludes=())
+                                client=client, reader="the host's appliance",
+                                grant=files.grant, excludes=())
         try:
             yield guest, client
         finally:
@@ -285,37 +286,80 @@ def test_the_appliance_stopping_mid_scan_is_an_outage_never_protected(
         row = app.store.vm_state(vm.moref)
     assert stopped
     assert (r.via, r.status, r.outage) == ("disk", "error", True), r.reason
-    assert "appliance" in r.reason
+    assert "the host's appliance stopped reading the disks: " in r.reason   # who to look at
+    assert "\n" not in r.reason
     assert 1 <= r.scanned < 33              # the files booked before the outage stand
     assert r.resume_point
     assert row is not None
     assert (row.state, row.reason) == ("unprotected", r.reason)
 
 
-def test_an_appliance_whose_engine_cannot_read_disks_says_so_and_nothing_is_read(
-        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+def scan_with_old_appliance(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any],
+        routes: Callable[[EngineService], dict[str, Any]],
+) -> tuple[ScanResult, list[bytes], dict[str, Any]]:
+    """VM0 (off) scanned through its disks by its appliance, whose engine service (run in this
+    process, as ``engine serve`` would) has only the added ``routes(service)``: an appliance
+    not yet upgraded. (The result, the /folder requests this process sent, VM0's status.)"""
     settings, appliances = world
-    # An engine service without the disk routes (an appliance not yet upgraded).
     own = tmp_path / "old-appliance"
     engine = Engine.open(config.Settings(state_dir=own), audit=AuditOnUse(own), actor="tester")
     old = EngineService(engine=engine, token=TOKEN, listen=(appliances.address(),
                                                             appliances.port))
+    old.routes.update(routes(old))
     old.start()
     try:
         si = connect(sim)
         wait_task(vm_named(si, VM0).PowerOffVM_Task(), timeout=120)
         with App(settings, actor="tester") as app:
             vm = next(v for v in app.select_vms(names=[VM0]))
-            r, sent = folder_requests(lambda: app.scan_one(vm, via="disk"))
+            r, sent = folder_requests(lambda: app.scan_one(vm, full=True, via="disk"))
             row = next(s for s in app.status(refresh=False) if s["name"] == VM0)
     finally:
         old.shutdown()
         engine.close()
-    assert sent == []
-    assert r.status == "error", r.reason
+    return r, sent, row
+
+
+def assert_upgrade_asked(r: ScanResult, row: dict[str, Any], problem: str) -> None:
+    """Nothing clean, nothing read here, the VM unprotected: upgrade the appliance."""
+    assert (r.status, r.scanned, r.found) == ("incomplete", 0, []), r.reason
     assert not r.outage                     # not retried as an outage: it will not heal
-    assert "upgrade the appliance" in r.reason
-    assert (row["state"], row["reason"]) == ("unreachable", r.reason)   # never protected
+    assert r.reason == f"the host's appliance {problem}: upgrade the appliance"
+    assert (row["state"], row["reason"]) == ("unprotected", r.reason)
+
+
+def test_an_appliance_whose_engine_cannot_read_disks_says_so_and_nothing_is_read(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    # An engine service without the disk routes (older than disk scans).
+    r, sent, row = scan_with_old_appliance(sim, tmp_path, world, lambda service: {})
+    assert sent == []
+    assert_upgrade_asked(r, row, "cannot read disks (its engine service has no /v1/disk "
+                                 "routes)")
+
+
+def test_an_appliance_that_scans_one_disk_file_per_call_is_asked_to_upgrade(
+        sim: simulator.Simulator, tmp_path: Path, world: tuple[config.Settings, Any]) -> None:
+    from vsphere_av.scan.sources.disk_service import DiskService
+    from vsphere_av.vsphere.disks import GrantedFiles
+
+    plant(sim, VM0, "/etc/fstab", FSTAB)
+    plant(sim, VM0, "/srv/a.txt", b"a\n")
+    plant(sim, VM0, "/srv/eicar.com", EICAR)
+
+    def one_file_form(service: EngineService) -> dict[str, Any]:
+        # The disk routes of an engine service older than batches: its /v1/disk/scan knew
+        # only {"session", "path", "name", "owner"}, so a batch's "files" meant nothing to
+        # it (this service's one-file form is that request, answered as it was).
+        disk = DiskService(scanning=service.scanning, reader=GrantedFiles)
+        routes: dict[str, Any] = disk.routes()
+        routes["/v1/disk/scan"] = lambda request: disk.scan(
+            {k: v for k, v in request.items() if k != "files"})
+        return routes
+
+    # (The appliance's service runs in this process: its own /folder reads show in ``sent``.)
+    r, _sent, row = scan_with_old_appliance(sim, tmp_path, world, one_file_form)
+    assert_upgrade_asked(r, row, "scans one disk file per call (an older engine service)")
 
 
 # --- batches: files handed to the appliance several per call (issue 12, point 8) -----------

@@ -234,6 +234,9 @@ def test_a_worker_killed_mid_scan_is_an_outage_and_is_replaced(
         assert not alive(killed[0])
         assert broken.outage, broken.reason
         assert broken.status == "error"
+        # The reason names the process that stopped: no appliance to go looking for.
+        assert "the disk-scan worker stopped reading the disks: " in broken.reason
+        assert "appliance" not in broken.reason
         state = app.store.vm_state(broken.moref)
         assert state is not None
         assert state.state == UNPROTECTED, state

@@ -139,7 +139,8 @@ def test_the_controller_grants_tickets_only_for_the_folders_of_the_vms_disks() -
         granted.append((host_id, datastore.name, path, tickets))
         return GRANT
 
-    guest = RemoteDiskGuest(vm=vm, disks=[disk], client=None, grant=grant, excludes=())
+    guest = RemoteDiskGuest(vm=vm, disks=[disk], client=None, reader="the host's appliance",
+                            grant=grant, excludes=())
     guest._host = host.moref
     where = {"moref": "datastore-1", "name": "LocalDS_0", "datacenter_path": "DC0"}
     ok = guest._answer({"id": 1, "datastore": where, "path": "vm/disk-flat.vmdk",

@@ -316,22 +316,25 @@ class App:
         # One version for the whole scan: the worker is pinned to it, and the session that
         # matches and records the files is opened for it.
         version = self.engine.active_version()
-        with self._disk_engine(vm, version=version) as remote:
-            return self._scan_disks_with(vm, remote, version=version, full=full,
+        with self._disk_engine(vm, version=version) as (remote, reader):
+            return self._scan_disks_with(vm, remote, reader=reader, version=version, full=full,
                                          on_progress=on_progress, resume_after=resume_after)
 
     @contextlib.contextmanager
-    def _disk_engine(self, vm: VmInfo, *, version: int) -> Iterator[Any]:
-        """Who reads a VM's disks: its host's appliance, a local worker process pinned to
-        ``version``, or None (this process)."""
+    def _disk_engine(self, vm: VmInfo, *, version: int) -> Iterator[tuple[Any, str]]:
+        """Who reads a VM's disks, and its name in the scan's messages: its host's appliance,
+        a local worker process pinned to ``version``, or None (this process)."""
         remote = self.appliance_engine(vm)
-        if remote is not None or not self.settings.scan.disk_workers:
-            yield remote
+        if remote is not None:
+            yield remote, "the host's appliance"
+            return
+        if not self.settings.scan.disk_workers:
+            yield None, "this process"
             return
         # The worker scans under this process's active version (the built-in signatures
         # imported by this process's engine before any worker reads the store).
         with self._disk_pool().engine(version=version) as worker:
-            yield worker
+            yield worker, "the disk-scan worker"
 
     def _disk_pool(self) -> Any:
         """The local disk-scan workers (``app.disk_workers.DiskWorkers``), made on first use."""
@@ -343,8 +346,8 @@ class App:
                                                  count=self.settings.scan.disk_workers)
             return self._disk_workers
 
-    def _scan_disks_with(self, vm: VmInfo, remote: Any, *, version: int, full: bool,
-                         on_progress: Callable[[Progress], None] | None,
+    def _scan_disks_with(self, vm: VmInfo, remote: Any, *, reader: str, version: int,
+                         full: bool, on_progress: Callable[[Progress], None] | None,
                          resume_after: str) -> ScanResult:
         from vsphere_av.scan.filters import Filters
         from vsphere_av.scan.sources.guest import DEFERRED
@@ -389,7 +392,8 @@ class App:
                     excludes = Filters.from_policy(self.settings.scan,
                                                    windows=vm.is_windows).excludes
                     source = RemoteDiskGuest(vm=vm, disks=chains, client=remote.client,
-                                             grant=files.grant, excludes=excludes,
+                                             reader=reader, grant=files.grant,
+                                             excludes=excludes,
                                              remediation=remediation,
                                              remediation_pending=pending)
                 try:

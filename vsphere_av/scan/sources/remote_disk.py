@@ -1,8 +1,12 @@
 """The controller's side of a disk scan read by the VM's host appliance.
 
-Called by ``app.App._scan_disks`` when the VM's host has a healthy appliance: it hands
-:class:`RemoteDiskGuest` to ``scan.job.scan_vm`` in place of ``scan.sources.disk.DiskGuest``,
-and the appliance's engine session wrapped in :class:`RemoteDiskSession`. Calls the
+Called by ``app.App._scan_disks`` when the VM's host has a healthy appliance, or a local
+disk-scan worker process (``app.disk_workers``, the same routes) reads in its place: it
+hands :class:`RemoteDiskGuest` to ``scan.job.scan_vm`` in place of
+``scan.sources.disk.DiskGuest``, and the reader's engine session wrapped in
+:class:`RemoteDiskSession`. Below, "the appliance" is whichever reads; the caller names it
+(``reader``: "the host's appliance", "the disk-scan worker"), and every error and log line
+says that name, so that an admin looks for the process that actually stopped. Calls the
 appliance's engine service (``engine.remote.EngineClient.call``: the ``/v1/disk/*`` routes of
 ``scan.sources.disk_service``, whose docstring has the design and the protocol) and a
 ``grant(host, datastore, path)`` collaborator (``vsphere.disks.DatastoreFiles.grant``: a
@@ -30,7 +34,9 @@ files (a descriptor names its extents relative to itself), whatever the applianc
 Errors: what the appliance raises is raised here again (same
 class and message); the appliance itself unreachable or failing mid-scan is
 ``errors.ConnectionLost`` (an outage: the scan fails, the VM stays unprotected, the
-controller retries).
+controller retries); an appliance whose engine service cannot read disks, or only one file
+per call (an older one), is ``errors.DiskError`` ending "upgrade the appliance" (the VM
+unprotected with that reason; not an outage: retrying will not heal it).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ class DiskChunks(Iterator[bytes]):
         return f"DiskChunks({self.path!r})"
 
     def __next__(self) -> bytes:
-        raise errors.DiskError(f"{self.path}: read by the host's appliance, not here")
+        raise errors.DiskError(f"{self.path}: read by {self.guest.reader}, not here")
 
 
 class _RemoteDownload:
@@ -109,15 +115,17 @@ class _RemoteDownload:
 
 
 class RemoteDiskGuest:
-    """A VM's files on its virtual disks as its host's appliance reads them (see module)."""
+    """A VM's files on its virtual disks as another process reads them (see module):
+    ``reader`` names it in every message ("the host's appliance", "the disk-scan worker")."""
 
     local_downloads: ClassVar[bool] = False    # the bytes stay on the appliance
     reads_disks: ClassVar[bool] = True
 
     def __init__(self, *, vm: VmInfo, disks: Sequence[VirtualDiskInfo], client: Any,
-                 grant: Grant, excludes: Sequence[str], remediation: Any = None,
+                 reader: str, grant: Grant, excludes: Sequence[str], remediation: Any = None,
                  remediation_pending: str = DEFERRED, poll_wait: float = 20.0) -> None:
         self.vm = vm
+        self.reader = reader
         self.windows = vm.is_windows
         self.disks = tuple(disks)
         self.remediation = remediation
@@ -140,7 +148,7 @@ class RemoteDiskGuest:
         self._poll_error: BaseException | None = None
 
     def __repr__(self) -> str:
-        return f"<RemoteDiskGuest {self.vm.name} via {self._client!r}>"
+        return f"<RemoteDiskGuest {self.vm.name} read by {self.reader} via {self._client!r}>"
 
     # --- the appliance ----------------------------------------------------------------------
 
@@ -152,10 +160,9 @@ class RemoteDiskGuest:
                 answer: dict[str, Any] = self._client.call(route, document)
         except EngineError as exc:
             if route == "/v1/disk/open" and "HTTP 404" in str(exc):
-                raise errors.ApplianceError(
-                    "the host's appliance cannot read disks (its engine service has no "
-                    "/v1/disk routes): upgrade the appliance") from exc
-            raise errors.ConnectionLost(f"the host's appliance stopped reading the disks: "
+                raise errors.DiskError(f"{self.reader} cannot read disks (its engine service "
+                                       "has no /v1/disk routes): upgrade the appliance") from exc
+            raise errors.ConnectionLost(f"{self.reader} stopped reading the disks: "
                                         f"{exc}") from exc
         if "bytes_read" in answer:
             self._bytes_read = int(answer["bytes_read"])
@@ -192,7 +199,7 @@ class RemoteDiskGuest:
                     answers.append(self._answer(need))
         except Exception as exc:    # the appliance gone: its readers time out, the job sees it
             self._poll_error = exc
-            log.warning("%s: disk grants to the appliance stopped: %s", self.vm.name, exc)
+            log.warning("%s: disk grants to %s stopped: %s", self.vm.name, self.reader, exc)
         finally:
             client.close()
 
@@ -214,7 +221,7 @@ class RemoteDiskGuest:
             return {"id": ident, "error": error_json(exc)}
         except (KeyError, TypeError) as exc:
             return {"id": ident, "error": error_json(errors.VsphereAvError(
-                f"malformed grant request from the appliance: {exc!r}"))}
+                f"malformed grant request from {self.reader}: {exc!r}"))}
         return {"id": ident, "grant": asdict(grant)}
 
     # --- the scan job's source -----------------------------------------------------------
@@ -272,15 +279,14 @@ class RemoteDiskGuest:
             answer = self._call("/v1/disk/scan", {"session": self._open(), "files": part})
             answered = answer.get("results")
             if not isinstance(answered, list):
-                raise errors.ApplianceError(
-                    "the host's appliance scans one disk file per call (an older engine "
-                    "service): upgrade the appliance")
+                raise errors.DiskError(f"{self.reader} scans one disk file per call (an "
+                                       "older engine service): upgrade the appliance")
             results.extend(error_from(r["raise"]) if "raise" in r
                            else outcome_from_json(r["outcome"]) for r in answered[:len(part)])
             if len(answered) < len(part):           # an outage ended the call there
                 raised = answer.get("raise")
                 outage = error_from(raised) if raised else errors.ConnectionLost(
-                    "the host's appliance answered for fewer disk files than it was sent")
+                    f"{self.reader} answered for fewer disk files than it was sent")
                 return results + [outage] * (len(files) - len(results))
         return results
 
@@ -301,8 +307,8 @@ class RemoteDiskGuest:
             try:
                 self._call("/v1/disk/close", {"session": self._session})
             except errors.ConnectionLost as exc:
-                log.warning("%s: closing the disk session on the appliance: %s",
-                            self.vm.name, exc)
+                log.warning("%s: closing the disk session on %s: %s", self.vm.name,
+                            self.reader, exc)
         if self._poller is not None:
             self._poller.join(timeout=self._poll_wait + 35.0)
 
