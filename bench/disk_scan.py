@@ -39,6 +39,13 @@ opens the VM's disks through the product's ``DatastoreFiles`` (service ticket, H
 GETs on the host), ``RangeFile``, ``open_virtual_disk`` and ``DiskFiles``, walks ``/data``
 and reads every file, the bytes thrown away: no engine, no state. A disk scan cannot beat it.
 
+A fifth run, "disk floor", is that reader with the engine and nothing else: the same
+processes also open the engine (rule loading included, as the local side's time includes
+it) and match every file as it is read (``Session.scan_stream``), with no controller, no
+scan job, no index, audit or state bookkeeping, no worker pool. It is what the product's
+reader and engine cost before the controller adds anything, so ``floor/local`` is the
+ceiling of ``disk/local`` on this machine for this reader.
+
 The last line is exactly ``disk/local ratio X.XX; disk/guest ratio Y.YY`` (medians; higher
 is better for the disk path; goals disk/local >= 0.8, disk/guest >= 3).
 """
@@ -46,6 +53,7 @@ is better for the disk path; goals disk/local >= 0.8, disk/guest >= 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -73,9 +81,11 @@ ROOTS = ["/data"]
 FSTAB = "# <file system> <mount point> <type> <options> <dump> <pass>\n"
 
 
-def _read_disk_vm(name: str) -> tuple[int, int]:
-    """Walk one VM's scan roots on its disks and read every file; (files, bytes)."""
+def _read_disk_vm(name: str, *, match: bool = False) -> tuple[int, int]:
+    """Walk one VM's scan roots on its disks and read every file, matching each with the
+    engine when ``match``; (files, bytes)."""
     from vsphere_av import config
+    from vsphere_av.engine import Engine
     from vsphere_av.scan.sources import DiskFiles, RangeFile, open_virtual_disk
     from vsphere_av.vsphere import connection, disks, inventory
 
@@ -95,23 +105,41 @@ def _read_disk_vm(name: str) -> tuple[int, int]:
 
                 opened.append(open_virtual_disk(top.path, open_file=open_file))
             files = size = 0
-            with DiskFiles.mount(opened, windows=vm.guest_id.startswith("win")) as found:
+            with contextlib.ExitStack() as stack:
+                session = (stack.enter_context(Engine.open(settings).session()) if match
+                           else None)
+                found = stack.enter_context(
+                    DiskFiles.mount(opened, windows=vm.guest_id.startswith("win")))
                 for entry in found.walk(ROOTS):
                     with found.open(entry) as stream:
-                        for chunk in stream.chunks():
-                            size += len(chunk)
+                        if session is None:
+                            for chunk in stream.chunks():
+                                size += len(chunk)
+                        else:
+                            outcome = session.scan_stream(stream.chunks(), path=entry.path,
+                                                          size_hint=entry.size)
+                            if outcome.status not in ("clean", "infected"):
+                                raise RuntimeError(f"{name}: {entry.path}: {outcome.status} "
+                                                 f"({outcome.reason})")
+                            size += entry.size
                     files += 1
             return files, size
     finally:
         conn.close()
 
 
-def disk_reads_only(names: list[str]) -> None:
-    """The "disk reads only" side (run as a child): one process per VM, JSON on stdout."""
-    from vsphere_av import config  # noqa: F401
+def _scan_disk_vm(name: str) -> tuple[int, int]:
+    """``_read_disk_vm`` with the engine: the "disk floor" side's work for one VM."""
+    return _read_disk_vm(name, match=True)
+
+
+def disk_reads_only(names: list[str], *, match: bool = False) -> None:
+    """The "disk reads only" side, or with ``match`` the "disk floor" side (run as a
+    child): one process per VM, JSON on stdout."""
+    from vsphere_av import config, engine  # noqa: F401
     from vsphere_av.scan import sources  # noqa: F401
     from vsphere_av.vsphere import connection, disks, inventory  # noqa: F401
-    guest_scan.read_in_processes(names, _read_disk_vm)
+    guest_scan.read_in_processes(names, _scan_disk_vm if match else _read_disk_vm)
 
 
 def power_off(sim: simulator.Simulator, names: list[str]) -> None:
@@ -140,12 +168,14 @@ def main() -> None:
                         help="scan.disk_workers for the disk side (default: the product's, "
                         "0: read in the scanning process)")
     parser.add_argument("--reads-only", metavar="VM", nargs="+",
-                        help=argparse.SUPPRESS)     # internal: the ceiling run, as a child
+                        help=argparse.SUPPRESS)     # internal: the reads-only run, as a child
+    parser.add_argument("--floor", metavar="VM", nargs="+",
+                        help=argparse.SUPPRESS)     # internal: the floor run, as a child
     args = parser.parse_args()
     if args.disk_workers is not None and args.disk_workers < 0:
         parser.error("--disk-workers must be 0 or more")
-    if args.reads_only:
-        disk_reads_only(args.reads_only)
+    if args.reads_only or args.floor:
+        disk_reads_only(args.reads_only or args.floor, match=bool(args.floor))
         return
     vms = args.vms or args.jobs
     cli = str(Path(sys.executable).parent / "vsphere-av")
@@ -204,7 +234,7 @@ def main() -> None:
                   f"simulator on the same {os.cpu_count()} cores\n"
                   f"verdict cache on and empty, file and disk index empty, page cache warm; "
                   f"{args.repeat} interleaved rounds", flush=True)
-            sides = ["local", "disk", "reads"] + ([] if args.no_guest else ["guest"])
+            sides = ["local", "disk", "reads", "floor"] + ([] if args.no_guest else ["guest"])
             rounds = []
             for n in range(args.repeat):
                 got: dict[str, dict] = {}
@@ -212,8 +242,9 @@ def main() -> None:
                     env = guest_scan.fresh_state(template, work / side, base_env)
                     if side == "local":
                         got[side] = guest_scan.measure_local(cli, tree, args.jobs, env)
-                    elif side == "reads":
-                        got[side] = _measure_reads(disk_names, {**env, **sim_env}, sim)
+                    elif side in ("reads", "floor"):
+                        got[side] = _measure_reads(disk_names, {**env, **sim_env}, sim,
+                                                   floor=side == "floor")
                     else:
                         names = disk_names if side == "disk" else guest_names
                         got[side] = guest_scan.measure_scan(
@@ -229,6 +260,7 @@ def main() -> None:
                     side["mb_per_s"] = side["bytes"] / 1e6 / side["seconds"]
                 got["disk/local"] = got["disk"]["mb_per_s"] / got["local"]["mb_per_s"]
                 got["reads/local"] = got["reads"]["mb_per_s"] / got["local"]["mb_per_s"]
+                got["floor/local"] = got["floor"]["mb_per_s"] / got["local"]["mb_per_s"]
                 if "guest" in got:
                     got["disk/guest"] = got["disk"]["mb_per_s"] / got["guest"]["mb_per_s"]
                 got["load"] = [round(x, 2) for x in os.getloadavg()]
@@ -243,7 +275,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(figures, indent=2))
         return
-    for name in ("local", "guest", "disk", "reads"):
+    for name in ("local", "guest", "disk", "reads", "floor"):
         for r in rounds:
             side = r.get(name)
             if side is None:
@@ -259,10 +291,13 @@ def main() -> None:
     med = figures["median"]
     guest_part = (f", guest {best['guest']['mb_per_s']:.1f}" if "guest" in best else "")
     print(f"best MB/s: local {best['local']['mb_per_s']:.1f}{guest_part}, disk "
-          f"{best['disk']['mb_per_s']:.1f}, disk reads only {best['reads']['mb_per_s']:.1f}\n"
+          f"{best['disk']['mb_per_s']:.1f}, disk reads only {best['reads']['mb_per_s']:.1f}, "
+          f"disk floor {best['floor']['mb_per_s']:.1f}\n"
           f"disk/local per round {_span(rounds, 'disk/local')}, median {med['disk/local']:.2f} "
           f"(goal >= {GOAL_LOCAL}: {_met(med['disk/local'] >= GOAL_LOCAL)}); disk reads only "
-          f"/ local median {med['reads/local']:.2f} (the reader's ceiling)")
+          f"/ local median {med['reads/local']:.2f} (the reader's ceiling); disk floor / local "
+          f"per round {_span(rounds, 'floor/local')}, median {med['floor/local']:.2f} (the "
+          f"ceiling of disk/local on this machine)")
     if "disk/guest" in med:
         print(f"disk/guest per round {_span(rounds, 'disk/guest')}, median "
               f"{med['disk/guest']:.2f} (goal >= {GOAL_GUEST}: "
@@ -271,10 +306,11 @@ def main() -> None:
     print(f"disk/local ratio {med['disk/local']:.2f}; disk/guest ratio {guest_ratio}")
 
 
-def _measure_reads(names: list[str], env: dict[str, str], sim: simulator.Simulator) -> dict:
+def _measure_reads(names: list[str], env: dict[str, str], sim: simulator.Simulator, *,
+                   floor: bool = False) -> dict:
     sim_cpu = guest_scan._cpu_seconds(sim.process.pid)
     wall, peak, cpu, rep = guest_scan._measure(
-        [sys.executable, __file__, "--reads-only", *names], env)
+        [sys.executable, __file__, "--floor" if floor else "--reads-only", *names], env)
     return {"seconds": float(rep["seconds"]), "wall": wall, "cpu": cpu, "peak_rss": peak,
             "files": rep["files"], "bytes": rep["bytes"], "errors": 0, "skipped": 0,
             "simulator_cpu": guest_scan._cpu_seconds(sim.process.pid) - sim_cpu}
@@ -283,8 +319,9 @@ def _measure_reads(names: list[str], env: dict[str, str], sim: simulator.Simulat
 def _figures(rounds: list[dict], *, files: int, size: int, dups: int,
              per_vm: list[tuple[int, int]], rules: str, jobs: int, vms: int,
              min_kb: int) -> dict:
-    names = [k for k in ("local", "guest", "disk", "reads") if k in rounds[0]]
-    ratios = [k for k in ("disk/local", "disk/guest", "reads/local") if k in rounds[0]]
+    names = [k for k in ("local", "guest", "disk", "reads", "floor") if k in rounds[0]]
+    ratios = [k for k in ("disk/local", "disk/guest", "reads/local", "floor/local")
+              if k in rounds[0]]
     median = {k: round(statistics.median(r[k] for r in rounds), 3) for k in ratios}
     figures = {
         "tree": {"files": files, "mb": round(size / 1e6, 1), "min_kb": min_kb,
@@ -317,9 +354,10 @@ def _round_line(n: int, got: dict) -> str:
                 f"cpu {s['cpu']:5.1f} s{sim} peak {s['peak_rss'] / 2**20:4.0f} MiB")
 
     lines = [f"round {n}: {side('local')}"]
-    lines += [f"         {side(name)}" for name in ("guest", "disk", "reads") if name in got]
-    ratios = [f"{k} {got[k]:.2f}" for k in ("disk/local", "disk/guest", "reads/local")
-              if k in got]
+    lines += [f"         {side(name)}" for name in ("guest", "disk", "reads", "floor")
+              if name in got]
+    ratios = [f"{k} {got[k]:.2f}" for k in ("disk/local", "disk/guest", "reads/local",
+                                            "floor/local") if k in got]
     load = "/".join(f"{x:.1f}" for x in got["load"])
     lines.append(f"         {'; '.join(ratios)}; load average {load} (1/5/15 min)")
     return "\n".join(lines)
