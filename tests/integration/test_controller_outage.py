@@ -56,7 +56,7 @@ def test_scan_cut_by_an_outage_fails_and_unprotects_a_protected_vm(
         result = app.scan_one(vm, full=True, on_progress=outage_after_ten)
         assert (result.status, result.outage, result.errors) == ("error", True, 0), result
         assert 10 <= result.scanned < 40
-        assert result.reason.startswith("scan interrupted: vCenter/host unreachable ("), result
+        assert result.reason.startswith("scan interrupted: connection lost ("), result
         record = app.store.vm_state(vm.moref)
         assert (record.state, record.reason) == (UNPROTECTED, result.reason)
         (cut, first) = app.store.scans(vm_moref=vm.moref)
@@ -154,7 +154,7 @@ def test_outage_mid_scan_fails_the_scan_and_the_retry_protects(
         for s in cut:
             vm_state = store.vm_state(s["vm_moref"])
             assert vm_state.state == UNPROTECTED, vm_state
-            assert "scan interrupted: vCenter/host unreachable" in vm_state.reason
+            assert "scan interrupted: connection lost" in vm_state.reason
         # The jobs go on being retried while vCenter is down (more than max_attempts).
         wait_for(lambda: rt.controller.stats.retries >= 6, timeout=60,
                  what="retries during the outage")

@@ -391,7 +391,7 @@ class _Job:
         r = self.result
         self._flush_index()
         r.outage = isinstance(cause, errors.ConnectionLost)
-        r.reason = (f"scan interrupted: vCenter/host unreachable ({cause})" if r.outage
+        r.reason = (f"scan interrupted: connection lost ({cause})" if r.outage
                     else f"interrupted: {cause}")
         r.status = ERROR
         if r.found:
