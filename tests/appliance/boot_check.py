@@ -17,6 +17,13 @@ the forwarded loopback ports only:
 - a signature push and activation through ApplianceSsh.push_signatures, seen in /health
   and in a scan that only the new version detects;
 - EICAR detected through the engine client;
+- a powered-off VM's disk read by the appliance itself: the bundled simulator (started with
+  real disk images) plays vCenter and the ESXi host, the controller's ``RemoteDiskGuest``
+  grants the appliance service tickets for the VM's ``/folder`` URLs, and the appliance
+  walks the VMDK (GPT, ext4: Dissect and libyal in the image), reads and matches there,
+  finding EICAR where it was planted (the guest reaches the host's loopback through QEMU's
+  user network as 10.0.2.2, so the grants name that address; the host certificate is
+  pinned by its SHA-256 as always);
 - only TCP 22 and 8443 listen, / is read-only, no compiler, the engine runs sandboxed as its
   own account, and the controller's restart command works through sudo (and nothing else).
 
@@ -62,6 +69,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 BOOT_TIMEOUT = float(os.environ.get("APPLIANCE_BOOT_TIMEOUT", "900"))
 REMOTE_STATE = "/var/lib/vsphere-av"
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
+HOST_FROM_GUEST = "10.0.2.2"     # QEMU's user network: the host's loopback, seen from the guest
 BUILTIN = Path(__file__).resolve().parents[2] / "vsphere_av" / "engine" / "builtin"
 MARKER = b"vsphere-av appliance boot test marker 4f1c9a"
 
@@ -360,6 +368,69 @@ def deploy_on_simulator(unpacked: Path, work: Path, key_file: Path, token: str,
         sim.stop()
 
 
+def disk_scan_by_appliance(client: EngineClient, work: Path, run: Run) -> None:
+    """A powered-off Linux VM of the simulator (disks built from its guest tree: GPT, ext4,
+    monolithicSparse) read by the booted appliance through the controller's grants."""
+    from dataclasses import replace
+    from urllib.parse import urlsplit, urlunsplit
+
+    from vsphere_av.config import Secret, VcenterSettings
+    from vsphere_av.lab import simulator
+    from vsphere_av.scan.sources.remote_disk import RemoteDiskGuest
+    from vsphere_av.vsphere import disks, inventory, lab
+    from vsphere_av.vsphere.connection import connect
+
+    name = "DC0_C0_RP0_VM0"
+    tree = work / "disk-guests" / name
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_text("LABEL=root / ext4 defaults 0 1\n", encoding="utf-8")
+    (tree / "srv").mkdir()
+    # Not the EICAR step's bytes (trailing whitespace is allowed): a content the
+    # appliance's verdict cache has not seen, so it is matched there, not looked up.
+    (tree / "srv" / "eicar.com").write_bytes(EICAR + b"\r\n")
+    (tree / "srv" / "motd").write_bytes(b"welcome\n")
+    sim = simulator.start(hosts=1, vms=1, guest_root=work / "disk-guests", disks=True,
+                          timeout=300.0)
+    conn = guest = None
+    try:
+        conn = connect(VcenterSettings(server=sim.host, port=sim.port, user=sim.username,
+                                       password=Secret(sim.password),
+                                       thumbprint=sim.thumbprint))
+        (vm,) = inventory.find_vms(conn, [name])
+        lab.power_off(conn, vm.moref)       # the simulator brings the disk up to date
+        with disks.DatastoreFiles(connection=conn) as files:
+            def grant(*args: Any, **kwargs: Any) -> Any:
+                given = files.grant(*args, **kwargs)
+                parts = urlsplit(given.url)
+                return replace(given, url=urlunsplit(parts._replace(
+                    netloc=f"{HOST_FROM_GUEST}:{parts.port}")))
+
+            guest = RemoteDiskGuest(vm=vm, disks=disks.disks_of(conn, vm.moref),
+                                    client=client, reader="the host's appliance",
+                                    grant=grant, excludes=())
+            walked = sorted(f.path for f in guest.walk(
+                ["/"], prune=lambda _: False, on_error=lambda p, e: None))
+            run.check("disk: the appliance walked the VM's ext4 disk",
+                      {"/etc/fstab", "/srv/eicar.com", "/srv/motd"} <= set(walked),
+                      str(walked[:10]))
+            clean, infected = guest.scan([("/srv/motd", "motd", ""),
+                                          ("/srv/eicar.com", "eicar.com", "")])
+            run.check("disk: the appliance read and matched the files there",
+                      getattr(clean, "status", clean) == "clean"
+                      and getattr(infected, "status", infected) == "infected"
+                      and "EICAR-Test-File" in [d.threat for d in infected.detections]
+                      and not clean.cached and not infected.cached,
+                      f"{clean!r} {infected!r}")
+            run.check("disk: the bytes were read by the appliance, from the host's datastore",
+                      guest.bytes_read() > 0, str(guest.bytes_read()))
+    finally:
+        if guest is not None:
+            guest.close()
+        if conn is not None:
+            conn.close()
+        sim.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ova", type=Path)
@@ -546,6 +617,8 @@ def main() -> int:
                       f"{outcome.status} {[d.threat for d in outcome.detections]}")
 
         run.step("EICAR scan through the engine", eicar)
+        run.step("a powered-off VM's disk read and scanned by the appliance",
+                 lambda: disk_scan_by_appliance(client, work, run))
 
         def hardening() -> None:
             with conn() as ssh:
