@@ -440,7 +440,7 @@ def test_an_outage_mid_disk_scan_fails_the_scan_for_a_retry(
     assert stopped
     # An outage: the scan failed (the controller retries it), the VM is not protected.
     assert (r.via, r.status, r.outage) == ("disk", "error", True), r.reason
-    assert "unreachable" in r.reason
+    assert r.reason.startswith("scan interrupted: connection lost ("), r.reason
     assert "\n" not in r.reason
     assert row is not None
     assert (row.state, row.reason) == ("unprotected", r.reason)
