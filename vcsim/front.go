@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -174,6 +175,10 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rec = f.passWithFixup(c, method, r)
 	case *types.RewindCollector:
 		rec = f.scroll(c, req.This)
+	case *types.AcquireGenericServiceTicket:
+		// A real vCenter's round trip (-ticket-delay, folder.go); no lock is held here.
+		time.Sleep(ticketDelay)
+		rec = f.passWithFixup(c, method, r)
 	default:
 		rec = f.passWithFixup(c, method, r)
 		if login, ok := method.Body.(*types.Login); ok && rec.Code == http.StatusOK {

@@ -75,6 +75,7 @@ func run() error {
 	verbose := flag.Bool("verbose", false, "keep the library's per-update property collector log lines")
 	disks := flag.Bool("disks", false, "give every VM a real disk image built from its guest tree (disks.go)")
 	mkdisk := flag.String("mkdisk", "", "the disk build script (default: vcsim/mkdisk.sh beside build/)")
+	flag.DurationVar(&ticketDelay, "ticket-delay", 0, "delay each AcquireGenericServiceTicket answer by this long (a real vCenter's round trip, e.g. 20ms)")
 	flag.Parse()
 	if !*verbose {
 		log.SetOutput(&quietLog{out: os.Stderr})
@@ -96,6 +97,9 @@ func run() error {
 	}
 	if *clusters > 0 && *hosts < 1 {
 		return fmt.Errorf("-hosts must be at least 1 when there are clusters")
+	}
+	if ticketDelay < 0 || ticketDelay > time.Minute {
+		return fmt.Errorf("-ticket-delay must be between 0 and 1m, got %s", ticketDelay)
 	}
 	if *username == "" || *password == "" {
 		return fmt.Errorf("-username and -password must not be empty")

@@ -55,6 +55,7 @@ def command_line(
     cert_file: Path | None = None,
     identity: Path | None = None,
     disks: bool = False,
+    ticket_delay: float = 0.0,
 ) -> list[str]:
     """The argv that starts the simulator with these settings (validated)."""
     counts = {"datacenters": datacenters, "clusters": clusters, "hosts": hosts, "vms": vms}
@@ -63,6 +64,8 @@ def command_line(
             raise errors.ConfigError(f"--{name} must be between 0 and 1000, got {value}")
     if datacenters < 1:
         raise errors.ConfigError("--datacenters must be at least 1")
+    if not 0.0 <= ticket_delay <= 60.0:
+        raise errors.ConfigError(f"the ticket delay must be 0 to 60 seconds, got {ticket_delay}")
     if not username or not password:
         raise errors.ConfigError("the simulator needs a non-empty username and password")
     host, sep, port = listen.rpartition(":")
@@ -88,6 +91,8 @@ def command_line(
         argv.append(f"-identity={identity}")
     if disks:
         argv.append("-disks")
+    if ticket_delay:
+        argv.append(f"-ticket-delay={round(ticket_delay * 1000)}ms")
     return argv
 
 
@@ -163,10 +168,13 @@ def start(
     identity: Path | None = None,
     timeout: float = 60.0,
     disks: bool = False,
+    ticket_delay: float = 0.0,
 ) -> Simulator:
     """Start the simulator and return once it accepts TLS connections.
 
     ``disks``: every VM gets a real disk image built from its guest tree (vcsim/README.md).
+    ``ticket_delay``: seconds each ``AcquireGenericServiceTicket`` answer waits, standing for
+    a real vCenter's round trip (the simulator answers in about a millisecond).
 
     ``identity``: a PEM file for the TLS key and certificate, created on first use; a
     simulator started again with the same file, ``listen`` address and ``guest_root`` is
@@ -182,7 +190,7 @@ def start(
         listen=listen, datacenters=datacenters, clusters=clusters, hosts=hosts, vms=vms,
         username=username, password=password, guest_root=guest_root, guest_user=guest_user,
         guest_password=guest_password, cert_file=cert_file, identity=identity,
-        disks=disks,
+        disks=disks, ticket_delay=ticket_delay,
     )
     deadline = time.monotonic() + timeout
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
