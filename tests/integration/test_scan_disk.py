@@ -217,6 +217,31 @@ def test_unchanged_files_are_not_read_again_and_full_reads_everything(
     assert guest_rows[0]["n"] == 0
 
 
+def test_a_slow_vcenter_ticket_changes_nothing_in_what_a_disk_scan_finds(
+        vcsim_factory: Any, tmp_path: Path) -> None:
+    # The same guest on a simulator that answers tickets at once and on one that takes
+    # 30 ms a ticket (a real vCenter), read in this process (tickets fetched ahead there).
+    found = []
+    for delay in (0.0, 0.03):
+        sim = vcsim_factory(hosts=1, vms=1, disks=True, ticket_delay=delay)
+        plant(sim, VM0, "/etc/fstab", FSTAB)
+        for i in range(60):
+            plant(sim, VM0, f"/srv/small/f{i}.txt", b"%d\n" % i * (50 + i))
+        plant(sim, VM0, "/srv/big.bin", bytes(range(256)) * 12_000)
+        plant(sim, VM0, "/opt/app/dropper.bin", EICAR)
+        power_off(connect(sim), VM0)
+        state = tmp_path / f"state-{delay}"
+        with App(settings(sim, state, toml="[scan]\ndisk_workers = 0\n")) as app:
+            r = app.scan(names=[VM0], full=True, via="disk").results[0]
+        found.append((r.via, r.status, r.reason, r.scanned, r.incomplete,
+                      [(f.path, f.threat) for f in r.found]))
+    assert found[0] == found[1]
+    assert found[0][:2] == ("disk", "infected")
+    assert found[0][3] >= 63
+    assert found[0][4] == 0
+    assert found[0][5] == [("/opt/app/dropper.bin", "EICAR-Test-File")]
+
+
 # --- running VMs: a temporary snapshot ----------------------------------------------------
 
 def test_a_running_vm_is_read_under_a_snapshot_that_is_removed_and_remediated_at_once(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -335,13 +337,16 @@ def test_every_request_carries_a_ticket_the_host_accepts_on_one_kept_connection(
             for i in range(4):
                 assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
         # The size probe took a ticket; the first read found it used up (one refusal) and
-        # took a fresh one; from then on every request to that host brings a fresh ticket.
-        assert files.statistics() == disks.ReadStatistics(hosts=1, connections=1,
-                                                          requests=1 + 1 + 4, tickets=1 + 4)
+        # took a fresh one; from then on every request to that host brings a fresh ticket,
+        # a few fetched ahead while the last one is in use.
+        got = files.statistics()
+        assert (got.hosts, got.connections, got.requests, got.tickets_used) == (1, 1, 6, 5)
+        assert 5 <= got.tickets <= 5 + disks.MAX_AHEAD
         with files.open(host, ds, _plant(vm, "b.bin", data)) as f:
             assert f.read_range(5000, 10) == data[5000:5010]
-        assert files.statistics() == disks.ReadStatistics(hosts=1, connections=1,
-                                                          requests=6 + 2, tickets=5 + 2)
+        got = files.statistics()
+        assert (got.hosts, got.connections, got.requests, got.tickets_used) == (1, 1, 8, 7)
+        assert 7 <= got.tickets <= 7 + 2 * disks.MAX_AHEAD
 
 
 def test_threads_reading_one_file_through_a_small_pool_each_get_their_bytes(
@@ -441,15 +446,18 @@ def test_granted_files_read_on_leave_with_the_host_pinned_and_refuse_bad_grants(
             assert f.size == len(data)
             for offset in range(0, len(data), 32_768):
                 assert f.read_range(offset, 32_768) == data[offset:offset + 32_768]
-            # The simulator takes each ticket once: after the size probe and the refused
-            # reuse, each grant brings twice the tickets of the last, up to 1 + MAX_SPARE.
-            requests = 1 + 1 + len(range(0, len(data), 32_768))
-            assert [n for _, _, n in asked] == [1, 2, 4, 8, 16, 16]    # 6 grants for 34 tickets
-            assert {(d, p) for d, p, _ in asked} == {(ds.name, path)}
-            assert sum(n for _, _, n in asked) >= requests - 1
-            assert files.statistics().tickets == sum(n for _, _, n in asked)
         finally:
-            reader.close()
+            reader.close()      # waits for grants still coming
+        # The simulator takes each ticket once: after the size probe and the refused reuse,
+        # grants come ahead of need, each for more tickets as the file is read (at most
+        # 1 + MAX_SPARE), so far fewer grants than requests and few tickets to spare.
+        requests = 1 + 1 + len(range(0, len(data), 32_768))
+        assert asked[0][2] == 1
+        assert {(d, p) for d, p, _ in asked} == {(ds.name, path)}
+        assert len(asked) <= requests // 3
+        assert max(n for _, _, n in asked) <= 1 + disks.MAX_SPARE
+        assert requests - 1 <= sum(n for _, _, n in asked) <= requests + 2 * (1 + disks.MAX_SPARE)
+        assert files.statistics().tickets == sum(n for _, _, n in asked)
 
         good = files.grant(host, ds, path)
         wrong_pin = FolderGrant(url=good.url, ticket=good.ticket, thumbprint="AB" * 32)
@@ -470,3 +478,65 @@ def test_granted_files_read_on_leave_with_the_host_pinned_and_refuse_bad_grants(
                     reader.open(host, ds, path)
             finally:
                 reader.close()
+
+
+def _ticket_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("datastore-tickets")]
+
+
+@pytest.mark.vcsim(hosts=1, vms=1, ticket_delay=0.05)
+def test_on_a_slow_vcenter_tickets_come_ahead_of_the_reads_and_stop_with_the_reader(
+        sim: simulator.Simulator, conn: Connection) -> None:
+    # Each ticket takes the simulator 50 ms (a real vCenter's round trip) and the host takes
+    # each once: one after another, 40 reads would wait 2 s for their tickets.
+    vm = _vm(sim)
+    data = os.urandom(40_000)
+    host, ds = _where(vm)
+    files = disks.DatastoreFiles(connection=conn)
+    try:
+        with files.open(host, ds, _plant(vm, "first.bin", b"0123456789")) as f:
+            assert f.read_range(0, 10) == b"0123456789"    # learns: one ticket, one request
+        assert files.statistics().requests == 3             # probe, refused reuse, read
+        with files.open(host, ds, _plant(vm, "slow.bin", data)) as f:
+            started = time.monotonic()
+            for i in range(40):
+                assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
+            took = time.monotonic() - started
+        assert took < 0.6 * 40 * 0.05, f"{took:.2f} s: the reads waited for their tickets"
+        got = files.statistics()
+        # No ticket was used twice: not one request more than the reads (no 403, no retry).
+        assert (got.requests, got.tickets_used) == (3 + 1 + 40, 2 + 1 + 40)
+        assert got.tickets <= got.tickets_used + 2 * disks.MAX_AHEAD
+        assert _ticket_threads()
+    finally:
+        files.close()
+    # Closing waits for the fetches under way: none runs on, each ticket is counted.
+    assert _ticket_threads() == []
+    got = files.statistics()
+    assert got.tickets == got.tickets_used + got.tickets_unused
+    time.sleep(0.2)
+    assert files.statistics().tickets == got.tickets
+
+
+def test_tickets_fetched_ahead_and_left_unused_are_dropped_after_spare_ttl(
+        sim: simulator.Simulator, conn: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disks, "SPARE_TTL", 0.3)
+    vm = _vm(sim)
+    data = os.urandom(10_000)
+    host, ds = _where(vm)
+    with disks.DatastoreFiles(connection=conn) as files:
+        with files.open(host, ds, _plant(vm, "spare.bin", data)) as f:
+            for i in range(8):
+                assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
+            time.sleep(0.1)                 # the stock fills
+            before = files.statistics()
+            assert before.tickets > before.tickets_used
+            assert before.tickets_unused == 0
+            time.sleep(0.4)                 # ... and goes stale
+            assert f.read_range(9000, 1000) == data[9000:]
+            after = files.statistics()
+            assert after.tickets_unused >= 1
+            assert after.requests == before.requests + 1     # the stale ones were not tried
+        got = files.statistics()
+        assert got.tickets_used == 1 + 9            # the probe, the reads
+        assert got.tickets - got.tickets_used - got.tickets_unused <= disks.MAX_AHEAD

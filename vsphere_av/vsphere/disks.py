@@ -29,7 +29,12 @@ Datastore reads (``GET https://<host>/folder/<path>?dcPath=<dc>&dsName=<ds>`` wi
 host's network when the host's appliance reads them. Authentication is a generic service
 ticket from vCenter bound to that URL and method (cookie ``vmware_cgi_ticket``): one ticket
 per file, replaced once when the host answers 401/403; when a host turns out to accept each
-ticket only once, every request to it gets a fresh one. The host certificate is pinned
+ticket only once, every request to it gets a fresh one, taken from a small stock per file
+that background threads keep filled while the reader uses the last one (``_TicketStock``:
+a SOAP round trip to vCenter costs tens of milliseconds; a few tickets ahead at most, dropped
+unused after ``SPARE_TTL``, nothing fetched once the file is closed or no longer read). The
+pyVmomi connection is already shared by threads (its SOAP adapter pools its HTTP
+connections). Tickets are never logged. The host certificate is pinned
 exactly as for guest transfers (``guest._http_session``). Each host gets one keep-alive
 session with at most ``pool_size`` connections (requests wait for a free one); at most
 ``max_hosts`` sessions are kept, the least recently used closed first.
@@ -37,8 +42,10 @@ session with at most ``pool_size`` connections (requests wait for a free one); a
 When the host's appliance reads instead (``scan.sources.remote_disk``), the controller only
 grants: :meth:`DatastoreFiles.grant` gives the URL, a fresh ticket and the host pin as a
 ``models.FolderGrant``, and the appliance's :class:`GrantedFiles` reads with the same
-:class:`DatastoreFile` (same ticket rules, same errors), asking for a new grant wherever
-this side would acquire a new ticket. It holds no vCenter connection and reads only https
+:class:`DatastoreFile` (same ticket rules, same errors), its stock filled by grants (each a
+round trip to the controller carrying up to ``1 + MAX_SPARE`` tickets, asked for ahead of
+need as above); the controller issues a grant's tickets side by side, not one SOAP call
+after another. It holds no vCenter connection and reads only https
 ``/folder`` URLs with a SHA-256 pin (never unverified).
 """
 
@@ -50,9 +57,11 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from functools import partial
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import requests
@@ -86,7 +95,9 @@ SNAPSHOT_DESCRIPTION = "vsphere-av disk scan: temporary, removed when the scan e
 SNAPSHOT_TIMEOUT = 900.0        # create (quiesced: the guest flushes first) or remove+consolidate
 HTTP_TIMEOUT = (15.0, 120.0)
 MAX_SPARE = 15                  # spare tickets one grant carries at most (GrantedFiles)
-SPARE_TTL = 60.0                # seconds a spare ticket is offered before it is dropped
+SPARE_TTL = 60.0                # seconds a ticket fetched ahead is kept before it is dropped
+MAX_AHEAD = 4                   # tickets kept ahead per file read in this process
+TICKET_THREADS = 4              # background ticket fetches at once (one DatastoreFiles)
 MAX_RANGE = 64 * 1024 * 1024    # one read_range call; callers read in blocks far below this
 ESXI_HTTPS_PORT = 443
 DISK_FILE_TYPES = ("diskDescriptor", "diskExtent")
@@ -523,12 +534,16 @@ def folder_url(address: str, port: int, datastore: DatastoreInfo, path: str) -> 
 @dataclass(frozen=True)
 class ReadStatistics:
     """What a DatastoreFiles has done: host sessions open, connections made, requests sent,
-    service tickets acquired (connections far below requests: keep-alive works)."""
+    service tickets acquired, of those the ones a request took and the ones dropped unused
+    (fetched ahead of a read that never came: at most ``MAX_AHEAD`` a file; one still
+    coming is counted when it lands). Connections far below requests: keep-alive works."""
 
     hosts: int
     connections: int
     requests: int
     tickets: int
+    tickets_used: int = 0
+    tickets_unused: int = 0
 
 
 class _HostSession:
@@ -550,6 +565,179 @@ def _close_sessions(lock: threading.Lock, sessions: MutableMapping[Any, _HostSes
         s.session.close()
 
 
+class _Fetcher:
+    """Background threads for ticket fetches (at most ``TICKET_THREADS`` at once), started
+    on first use; :meth:`close` cancels what has not started, waits for what has and
+    leaves no thread behind."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def submit(self, job: Callable[[], list[str]],
+               done: Callable[[Future[list[str]]], None]) -> bool:
+        """Run ``job`` in the background, then ``done`` with its future (also when it is
+        cancelled by close); False, and nothing run, once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=TICKET_THREADS,
+                                                thread_name_prefix=self._name)
+            future = self._pool.submit(job)
+        future.add_done_callback(done)
+        return True
+
+    def all(self, fetch: Callable[[], str], n: int) -> list[str]:
+        """``n`` results of ``fetch``, run side by side (in the caller when n is 1 or after
+        close); the first error is raised once all have ended."""
+        if n == 1:
+            return [fetch()]
+        futures: list[Future[str]] = []
+        with self._lock:
+            if self._pool is None and not self._closed:
+                self._pool = ThreadPoolExecutor(max_workers=TICKET_THREADS,
+                                                thread_name_prefix=self._name)
+            pool = None if self._closed else self._pool
+            if pool is not None:
+                futures = [pool.submit(fetch) for _ in range(n)]
+        if pool is None:
+            return [fetch() for _ in range(n)]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, pool, self._pool = True, self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _TicketStock:
+    """Fresh service tickets for one file's URL, for the :class:`DatastoreFile` reading it;
+    the one mechanism of both readers (this process's and the appliance's).
+
+    ``take(ahead=False)`` (a host that lets a ticket be used again: one ticket a file) hands
+    out one in stock or fetches one. ``take(ahead=True)`` (a host that takes each ticket
+    once: one a read) also keeps tickets coming in the background (``fetcher``) while the
+    reader uses this one, so the read does not wait for vCenter's round trip: when the
+    stock is half gone it is filled up to a depth that grows with use (the tickets taken so
+    far, at most ``most``), so a short file wastes little. Tickets older than ``SPARE_TTL``
+    are dropped unused, as are those in stock at close and fetches that end after it;
+    nothing is fetched but from ``take``, so a file no longer read costs nothing more.
+
+    ``fetch(n)`` returns up to ``n`` tickets (at least one) in one round trip: ``per_call``
+    is 1 for vCenter (one SOAP call a ticket, several in flight), more for a grant from
+    the controller. ``counted(used, unused)`` counts tickets handed out and dropped unused.
+    Tickets are never logged.
+    """
+
+    def __init__(self, *, url: str, fetch: Callable[[int], list[str]], per_call: int,
+                 most: int, fetcher: _Fetcher, counted: Callable[[int, int], None] | None = None,
+                 first: Sequence[str] = ()) -> None:
+        self.url = url
+        self._fetch = fetch
+        self._per_call = per_call
+        self._most = most
+        self._fetcher = fetcher
+        self._counted = counted
+        self._cond = threading.Condition()
+        now = time.monotonic()
+        self._stock: deque[tuple[float, str]] = deque((now, t) for t in first)
+        self._coming = 0
+        self._taken = 0
+        self._closed = False
+
+    def _want(self) -> int:
+        return min(self._most, max(1, self._taken))
+
+    def take(self, *, ahead: bool) -> str:
+        """A ticket for the next request (see the class)."""
+        stale = 0
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._stock and now - self._stock[0][0] >= SPARE_TTL:
+                    self._stock.popleft()
+                    stale += 1
+                if self._stock or not (ahead and self._coming):
+                    break
+                self._cond.wait()       # one is on its way: sooner than a fetch of our own
+            ticket = self._stock.popleft()[1] if self._stock else ""
+            self._taken += 1
+            if ahead:
+                self._refill()
+        self._drop(stale)
+        if not ticket:
+            got = self._fetch(min(self._per_call, self._want()) if ahead else 1)
+            if not got:
+                raise errors.VsphereError("no service ticket came with the grant")
+            self._keep(got[1:])
+            ticket = got[0]
+        if self._counted is not None:
+            self._counted(1, 0)
+        return ticket
+
+    def _refill(self) -> None:
+        """With the lock held: fetch in the background up to the depth, when half gone."""
+        want = self._want()
+        have = len(self._stock) + self._coming
+        if self._closed or have > want // 2:
+            return
+        need = want - have
+        while need > 0:
+            n = min(need, self._per_call)
+            self._coming += n
+            if not self._fetcher.submit(partial(self._fetch, n), partial(self._landed, n=n)):
+                self._coming -= n
+                return
+            need -= n
+
+    def _landed(self, future: Future[list[str]], n: int) -> None:
+        got: list[str] = []
+        if not future.cancelled():
+            failed = future.exception()
+            if failed is None:
+                got = future.result()
+            else:   # the reader's own fetch reports it, when it needs one
+                log.debug("fetching a ticket ahead for %s failed: %s",
+                          self.url.split("?", 1)[0], failed)
+        with self._cond:
+            self._coming -= n
+            closed = self._closed
+            if not closed:
+                now = time.monotonic()
+                self._stock.extend((now, t) for t in got)
+            self._cond.notify_all()
+        if closed:
+            self._drop(len(got))
+
+    def _keep(self, tickets: Sequence[str]) -> None:
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                now = time.monotonic()
+                self._stock.extend((now, t) for t in tickets)
+                self._cond.notify_all()
+        if closed:
+            self._drop(len(tickets))
+
+    def _drop(self, n: int) -> None:
+        if n and self._counted is not None:
+            self._counted(0, n)
+
+    def close(self) -> None:
+        """Drop the stock; what is still coming is dropped when it lands."""
+        with self._cond:
+            self._closed = True
+            n = len(self._stock)
+            self._stock.clear()
+            self._cond.notify_all()
+        self._drop(n)
+
+
 class DatastoreFiles:
     """Range reads of datastore files on ESXi hosts, for one vCenter session (thread-safe)."""
 
@@ -562,7 +750,9 @@ class DatastoreFiles:
         self._sessions: OrderedDict[tuple[str, str, str, bool], _HostSession] = OrderedDict()
         self._lock = threading.Lock()
         self._tickets = 0
+        self._used = self._unused = 0
         self._granting: dict[HostId, HostInfo] = {}     # hosts read once for grant()
+        self._fetcher = _Fetcher("datastore-tickets")
 
     def __repr__(self) -> str:
         return f"DatastoreFiles(hosts={len(self._sessions)}, pool_size={self._pool_size})"
@@ -571,7 +761,7 @@ class DatastoreFiles:
         """Counts over the open host sessions (and every ticket so far)."""
         with self._lock:
             links = list(self._sessions.values())
-            tickets = self._tickets
+            tickets, used, unused = self._tickets, self._used, self._unused
         connections = requests_sent = 0
         for link in links:
             for adapter in link.session.adapters.values():
@@ -581,7 +771,8 @@ class DatastoreFiles:
                     connections += getattr(pool, "num_connections", 0)
                     requests_sent += getattr(pool, "num_requests", 0)
         return ReadStatistics(hosts=len(links), connections=connections,
-                              requests=requests_sent, tickets=tickets)
+                              requests=requests_sent, tickets=tickets, tickets_used=used,
+                              tickets_unused=unused)
 
     def port_for(self, host: HostInfo) -> int:
         """The host's HTTPS port: 443 (ESXi's reverse proxy), unless given.
@@ -644,8 +835,16 @@ class DatastoreFiles:
                 f"host {host.name}: no certificate thumbprint to pin, so its datastore files "
                 "cannot be read by its appliance")
         url = folder_url(host.address, self.port_for(host), datastore, path)
-        issued = [self.ticket(url) for _ in range(max(1, min(tickets, MAX_SPARE + 1)))]
+        # The tickets at once (TICKET_THREADS SOAP calls in flight), not one after another:
+        # the appliance's read waits for this answer.
+        issued = self._fetcher.all(lambda: self.ticket(url),
+                                   max(1, min(tickets, MAX_SPARE + 1)))
         return FolderGrant(url=url, ticket=issued[0], thumbprint=pin, spare=tuple(issued[1:]))
+
+    def _count(self, used: int, unused: int) -> None:
+        with self._lock:
+            self._used += used
+            self._unused += unused
 
     def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
         """Open ``[datastore] path`` for range reads on that host; its size is known after."""
@@ -653,13 +852,21 @@ class DatastoreFiles:
         if not host.address:
             raise errors.VsphereError(f"host {host.name} reports no management address")
         url = folder_url(host.address, self.port_for(host), datastore, path)
-        handle = DatastoreFile(owner=self, link=self._session(host), url=url,
+        stock = _TicketStock(url=url, fetch=lambda n: [self.ticket(url)], per_call=1,
+                             most=MAX_AHEAD, fetcher=self._fetcher, counted=self._count)
+        handle = DatastoreFile(tickets=stock, link=self._session(host), url=url,
                                name=f"[{datastore.name}] {path}")
-        handle.size = handle.probe_size()
+        try:
+            handle.size = handle.probe_size()
+        except BaseException:
+            handle.close()
+            raise
         return handle
 
     def close(self) -> None:
-        """Close every host session (open files cannot read afterwards)."""
+        """Stop fetching tickets ahead and close every host session (open files cannot read
+        afterwards)."""
+        self._fetcher.close()
         _close_sessions(self._lock, self._sessions)
 
     def __enter__(self) -> DatastoreFiles:
@@ -669,20 +876,14 @@ class DatastoreFiles:
         self.close()
 
 
-class _TicketSource(Protocol):
-    """Where a DatastoreFile gets a service ticket for its URL (DatastoreFiles, _Grants)."""
-
-    def ticket(self, url: str) -> str: ...
-
-
 class DatastoreFile:
     """One datastore file on one host: :meth:`read_range` reads exactly the bytes asked for."""
 
     size: int = -1
 
-    def __init__(self, *, owner: _TicketSource, link: _HostSession, url: str,
+    def __init__(self, *, tickets: _TicketStock, link: _HostSession, url: str,
                  name: str) -> None:
-        self._owner = owner
+        self._tickets = tickets
         self._link = link
         self.url = url
         self.name = name
@@ -702,7 +903,8 @@ class DatastoreFile:
             with self._lock:
                 ticket, reused = self._ticket, bool(self._ticket)
             if not ticket or self._link.single_use_tickets:
-                ticket, reused = self._owner.ticket(self.url), False
+                ticket = self._tickets.take(ahead=self._link.single_use_tickets)
+                reused = False
             try:
                 response = self._link.session.get(
                     self.url, stream=True, allow_redirects=False, verify=self._link.verify,
@@ -802,9 +1004,11 @@ class DatastoreFile:
         return data
 
     def close(self) -> None:
-        """Forget the ticket (the host session stays open for other files)."""
+        """Forget the ticket and drop those fetched ahead (the host session stays open for
+        other files)."""
         with self._lock:
             self._ticket = ""
+        self._tickets.close()
 
     def __enter__(self) -> DatastoreFile:
         return self
@@ -814,39 +1018,6 @@ class DatastoreFile:
 
 
 # --- Datastore files granted by the controller (the appliance's side) -----------------------
-
-class _Grants:
-    """The tickets of one granted file: the grant's, then its spares, then fresh grants.
-
-    Each grant is a round trip to the controller; on a host that takes each ticket once
-    every read needs one, so each fresh grant asks for twice the tickets of the last (up to
-    ``MAX_SPARE`` spares), and spares older than ``SPARE_TTL`` are dropped unused.
-    """
-
-    def __init__(self, first: FolderGrant, again: Callable[[int], FolderGrant]) -> None:
-        self._again = again
-        self._url = first.url
-        self._lock = threading.Lock()
-        self._want = 1
-        self._tickets: deque[str] = deque([first.ticket, *first.spare])
-        self._since = time.monotonic()
-
-    def ticket(self, url: str) -> str:
-        if url != self._url:
-            raise errors.VsphereError("a service ticket was asked for another file")
-        with self._lock:
-            if self._tickets and time.monotonic() - self._since < SPARE_TTL:
-                return self._tickets.popleft()
-            self._want = min(self._want * 2, MAX_SPARE + 1)
-            want = self._want
-        grant = self._again(want)
-        if grant.url != self._url:
-            raise errors.VsphereError("a service ticket was granted for another file")
-        with self._lock:
-            self._tickets = deque(grant.spare)
-            self._since = time.monotonic()
-        return grant.ticket
-
 
 def check_grant(grant: FolderGrant) -> HostInfo:
     """The host a grant sends us to; VsphereError / TlsVerificationError for a grant that is
@@ -880,6 +1051,7 @@ class GrantedFiles:
         self._pool_size = pool_size
         self._sessions: dict[tuple[str, str], _HostSession] = {}
         self._lock = threading.Lock()
+        self._fetcher = _Fetcher("granted-tickets")
 
     def open(self, host_id: HostId, datastore: DatastoreInfo, path: str) -> DatastoreFile:
         """Open ``[datastore] path`` (on the host the controller names in the grant)."""
@@ -892,12 +1064,25 @@ class GrantedFiles:
                 session, verify = _http_session(host, TlsTrust(), keep_alive=True,
                                                 pool_maxsize=self._pool_size)
                 link = self._sessions[key] = _HostSession(host, session, verify)
-        handle = DatastoreFile(owner=_Grants(first, lambda n: self._grant(datastore, path,
-                                                                          tickets=n)),
-                               link=link, url=first.url, name=f"[{datastore.name}] {path}")
-        handle.size = handle.probe_size()
+        def fetch(n: int) -> list[str]:
+            grant = self._grant(datastore, path, tickets=n)
+            if grant.url != first.url:
+                raise errors.VsphereError("a service ticket was granted for another file")
+            return [grant.ticket, *grant.spare]
+
+        stock = _TicketStock(url=first.url, fetch=fetch, per_call=MAX_SPARE + 1,
+                             most=MAX_SPARE + 1, fetcher=self._fetcher,
+                             first=[first.ticket, *first.spare])
+        handle = DatastoreFile(tickets=stock, link=link, url=first.url,
+                               name=f"[{datastore.name}] {path}")
+        try:
+            handle.size = handle.probe_size()
+        except BaseException:
+            handle.close()
+            raise
         return handle
 
     def close(self) -> None:
-        """Close the host sessions."""
+        """Stop fetching grants ahead and close the host sessions."""
+        self._fetcher.close()
         _close_sessions(self._lock, self._sessions)

@@ -22,8 +22,9 @@ range read that needs a ticket (the first read of a file, or each read on a host
 each ticket once) posts a *need* (datastore, path) and waits; the controller keeps one
 long-poll request open (``/v1/disk/grants``) that returns the needs as they come and
 carries the grants back (URL, ticket, host pin: ``models.FolderGrant``) with the next
-poll; a reader on a host that takes each ticket once asks for more at a time (spares,
-doubling up to ``vsphere.disks.MAX_SPARE``), so most reads need no round trip. The
+poll; a reader on a host that takes each ticket once asks for more at a time and ahead of
+need (spares, up to ``vsphere.disks.MAX_SPARE``, ``vsphere.disks._TicketStock``), so most
+reads need no round trip. The
 controller computes the URL, so the appliance builds none and trusts none it was
 not handed for its session's files; a grant that does not come in time (controller gone)
 or comes back as an error fails the read with that error, so the scan fails as it would
