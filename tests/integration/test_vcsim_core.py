@@ -193,10 +193,35 @@ def test_missing_binary_says_run_make_vcsim(monkeypatch: pytest.MonkeyPatch,
     ({"hosts": -1}, "--hosts must be between"),
     ({"datacenters": 0}, "--datacenters must be at least 1"),
     ({"listen": "nonsense"}, "want HOST:PORT"),
+    ({"ticket_delay": -0.5}, "ticket delay must be 0 to 60 seconds"),
 ])
 def test_bad_options_are_one_line_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(errors.ConfigError, match=message):
         simulator.command_line(**kwargs)
+
+
+def test_a_ticket_delay_out_of_range_is_refused_by_the_simulator_in_one_line() -> None:
+    argv = [str(simulator.binary_path()), "-ticket-delay=-5ms"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode != 0
+    assert "-ticket-delay must be between 0 and 1m" in done.stderr
+    assert done.stdout == ""
+
+
+def test_the_ticket_delay_holds_back_service_tickets_and_nothing_else(
+        vcsim_factory: Factory) -> None:
+    sim = vcsim_factory(hosts=1, vms=1, ticket_delay=0.2)
+    si = connect(sim)
+    spec = vim.SessionManager.HttpServiceRequestSpec(
+        method="httpGet", url=f"https://{sim.host}:{sim.port}/folder/x?dsName=LocalDS_0")
+    started = time.monotonic()
+    tickets = [si.content.sessionManager.AcquireGenericServiceTicket(spec=spec).id
+               for _ in range(2)]
+    assert time.monotonic() - started >= 2 * 0.2
+    assert len(set(tickets)) == 2
+    started = time.monotonic()
+    si.CurrentTime()
+    assert time.monotonic() - started < 0.2
 
 
 def test_inventory_sizes_follow_the_flags(vcsim_factory: Factory) -> None:
