@@ -498,11 +498,9 @@ def test_on_a_slow_vcenter_tickets_come_ahead_of_the_reads_and_stop_with_the_rea
             assert f.read_range(0, 10) == b"0123456789"    # learns: one ticket, one request
         assert files.statistics().requests == 3             # probe, refused reuse, read
         with files.open(host, ds, _plant(vm, "slow.bin", data)) as f:
-            started = time.monotonic()
             for i in range(40):
                 assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
-            took = time.monotonic() - started
-        assert took < 0.6 * 40 * 0.05, f"{took:.2f} s: the reads waited for their tickets"
+        # (What it saves in time is bench/tickets.py's business, not a test's.)
         got = files.statistics()
         # No ticket was used twice: not one request more than the reads (no 403, no retry).
         assert (got.requests, got.tickets_used) == (3 + 1 + 40, 2 + 1 + 40)
@@ -528,11 +526,14 @@ def test_tickets_fetched_ahead_and_left_unused_are_dropped_after_spare_ttl(
         with files.open(host, ds, _plant(vm, "spare.bin", data)) as f:
             for i in range(8):
                 assert f.read_range(i * 1000, 1000) == data[i * 1000:(i + 1) * 1000]
-            time.sleep(0.1)                 # the stock fills
+            deadline = time.monotonic() + 30        # the stock fills in the background
+            while files.statistics().tickets <= files.statistics().tickets_used:
+                assert time.monotonic() < deadline, "no ticket was fetched ahead"
+                time.sleep(0.02)
             before = files.statistics()
             assert before.tickets > before.tickets_used
             assert before.tickets_unused == 0
-            time.sleep(0.4)                 # ... and goes stale
+            time.sleep(0.4)                 # ... and goes stale (SPARE_TTL is 0.3 s here)
             assert f.read_range(9000, 1000) == data[9000:]
             after = files.statistics()
             assert after.tickets_unused >= 1
@@ -543,18 +544,16 @@ def test_tickets_fetched_ahead_and_left_unused_are_dropped_after_spare_ttl(
 
 
 @pytest.mark.vcsim(hosts=1, vms=1, ticket_delay=0.05)
-def test_a_grant_of_many_tickets_on_a_slow_vcenter_is_issued_side_by_side(
+def test_a_grant_of_many_tickets_on_a_slow_vcenter_brings_them_all_and_no_thread_stays(
         sim: simulator.Simulator, conn: Connection) -> None:
-    # The appliance's long-poll waits for the whole grant: 8 tickets one after another
-    # would take 0.4 s of vCenter round trips.
+    # The appliance's long-poll waits for the whole grant: its tickets are fetched side by
+    # side (what that saves is bench/tickets.py's business); all distinct, all counted.
     vm = _vm(sim)
     host, ds = _where(vm)
     path = _plant(vm, "granted.bin", b"x" * 100)
     with disks.DatastoreFiles(connection=conn) as files:
         files.grant(host, ds, path)         # the host is read once per DatastoreFiles
-        started = time.monotonic()
         grant = files.grant(host, ds, path, tickets=8)
-        took = time.monotonic() - started
         assert len({grant.ticket, *grant.spare}) == 8
-        assert took < 0.6 * 8 * 0.05, f"{took:.2f} s: the tickets came one after another"
         assert files.statistics().tickets == 1 + 8
+    assert _ticket_threads() == []
