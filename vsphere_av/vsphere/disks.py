@@ -704,23 +704,18 @@ class _TicketStock:
             else:   # the reader's own fetch reports it, when it needs one
                 log.debug("fetching a ticket ahead for %s failed: %s",
                           self.url.split("?", 1)[0], failed)
-        with self._cond:
-            self._coming -= n
-            closed = self._closed
-            if not closed:
-                now = time.monotonic()
-                self._stock.extend((now, t) for t in got)
-            self._cond.notify_all()
-        if closed:
-            self._drop(len(got))
+        self._keep(got, landed=n)
 
-    def _keep(self, tickets: Sequence[str]) -> None:
+    def _keep(self, tickets: Sequence[str], *, landed: int = 0) -> None:
+        """Stock fetched tickets (``landed``: how many of those counted as coming this
+        fetch was for); once closed they are dropped unused."""
         with self._cond:
+            self._coming -= landed
             closed = self._closed
             if not closed:
                 now = time.monotonic()
                 self._stock.extend((now, t) for t in tickets)
-                self._cond.notify_all()
+            self._cond.notify_all()
         if closed:
             self._drop(len(tickets))
 
@@ -854,14 +849,8 @@ class DatastoreFiles:
         url = folder_url(host.address, self.port_for(host), datastore, path)
         stock = _TicketStock(url=url, fetch=lambda n: [self.ticket(url)], per_call=1,
                              most=MAX_AHEAD, fetcher=self._fetcher, counted=self._count)
-        handle = DatastoreFile(tickets=stock, link=self._session(host), url=url,
-                               name=f"[{datastore.name}] {path}")
-        try:
-            handle.size = handle.probe_size()
-        except BaseException:
-            handle.close()
-            raise
-        return handle
+        return _probed(DatastoreFile(tickets=stock, link=self._session(host), url=url,
+                                     name=f"[{datastore.name}] {path}"))
 
     def close(self) -> None:
         """Stop fetching tickets ahead and close every host session (open files cannot read
@@ -1017,6 +1006,16 @@ class DatastoreFile:
         self.close()
 
 
+def _probed(handle: DatastoreFile) -> DatastoreFile:
+    """``handle`` with its size known; closed (its tickets dropped) when the probe fails."""
+    try:
+        handle.size = handle.probe_size()
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 # --- Datastore files granted by the controller (the appliance's side) -----------------------
 
 def check_grant(grant: FolderGrant) -> HostInfo:
@@ -1073,14 +1072,8 @@ class GrantedFiles:
         stock = _TicketStock(url=first.url, fetch=fetch, per_call=MAX_SPARE + 1,
                              most=MAX_SPARE + 1, fetcher=self._fetcher,
                              first=[first.ticket, *first.spare])
-        handle = DatastoreFile(tickets=stock, link=link, url=first.url,
-                               name=f"[{datastore.name}] {path}")
-        try:
-            handle.size = handle.probe_size()
-        except BaseException:
-            handle.close()
-            raise
-        return handle
+        return _probed(DatastoreFile(tickets=stock, link=link, url=first.url,
+                                     name=f"[{datastore.name}] {path}"))
 
     def close(self) -> None:
         """Stop fetching grants ahead and close the host sessions."""
