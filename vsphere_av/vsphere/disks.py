@@ -576,17 +576,24 @@ class _Fetcher:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
 
+    def _running(self) -> ThreadPoolExecutor | None:
+        """With the lock held: the threads, started on first use; None once closed."""
+        if self._closed:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=TICKET_THREADS,
+                                            thread_name_prefix=self._name)
+        return self._pool
+
     def submit(self, job: Callable[[], list[str]],
                done: Callable[[Future[list[str]]], None]) -> bool:
         """Run ``job`` in the background, then ``done`` with its future (also when it is
         cancelled by close); False, and nothing run, once closed."""
         with self._lock:
-            if self._closed:
+            pool = self._running()
+            if pool is None:
                 return False
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=TICKET_THREADS,
-                                                thread_name_prefix=self._name)
-            future = self._pool.submit(job)
+            future = pool.submit(job)
         future.add_done_callback(done)
         return True
 
@@ -595,14 +602,9 @@ class _Fetcher:
         close); the first error is raised once all have ended."""
         if n == 1:
             return [fetch()]
-        futures: list[Future[str]] = []
         with self._lock:
-            if self._pool is None and not self._closed:
-                self._pool = ThreadPoolExecutor(max_workers=TICKET_THREADS,
-                                                thread_name_prefix=self._name)
-            pool = None if self._closed else self._pool
-            if pool is not None:
-                futures = [pool.submit(fetch) for _ in range(n)]
+            pool = self._running()
+            futures = [pool.submit(fetch) for _ in range(n)] if pool is not None else []
         if pool is None:
             return [fetch() for _ in range(n)]
         wait(futures)
